@@ -1,0 +1,3 @@
+from matrixjobs.cli import main
+
+raise SystemExit(main())

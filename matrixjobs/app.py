@@ -1,0 +1,197 @@
+"""The service: wires config → store → queue and workers → monitor, then the interfaces.
+
+`App` is also the core's public face. Interfaces (Matrix, HTTP API, MCP) get
+the App and call `submit`, `submit_batch`, `cancel`, `status`, `watch`, `jobs`
+and `batches`; they never reach into the store or queue themselves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from collections.abc import AsyncIterator, Sequence
+from types import TracebackType
+from typing import Protocol
+
+from matrixjobs.config import Config
+from matrixjobs.errors import NotFoundError
+from matrixjobs.models import BATCH_PREFIX, Batch, Job, Status, parse_id
+from matrixjobs.progress.events import JobProgressEvent, batch_event, job_event
+from matrixjobs.progress.monitor import ProgressMonitor
+from matrixjobs.queue.command import CommandHandler
+from matrixjobs.queue.handlers import HandlerRegistry, load_user_handlers
+from matrixjobs.queue.queue import JobQueue
+from matrixjobs.store import Store, create_store
+from matrixjobs.supervisor import Supervisor
+from matrixjobs.targets import COMMAND_TYPE, Targets
+
+log = logging.getLogger(__name__)
+
+RETENTION_SWEEP_S = 3600.0
+
+
+class Component(Protocol):
+    """An interface plugged into the service (Matrix bot, HTTP server, …)."""
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+class App:
+    def __init__(
+        self,
+        config: Config,
+        handlers: HandlerRegistry | None = None,
+        store: Store | None = None,
+    ) -> None:
+        self.config = config
+        self.targets = Targets(config.targets)
+        self.handlers = handlers or HandlerRegistry()
+        self.handlers.register(
+            COMMAND_TYPE, CommandHandler(self.targets, config.queue.kill_grace_s)
+        )
+        load_user_handlers(config, self.handlers)
+        self.store = store or create_store(config.store)
+        self.monitor = ProgressMonitor(config.progress.interval_ms)
+        self.queue = JobQueue(self.store, self.monitor, self.handlers, config.queue)
+        self.components: list[Component] = []
+        self._supervisor = Supervisor()
+        self._started = False
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.store.open()
+        try:
+            await self.queue.start()
+        except BaseException:
+            await self.store.close()
+            raise
+        self._started = True
+        self._supervisor.keep("progress-monitor", self.monitor.run)
+        self._supervisor.every("lease-heartbeat", self.config.queue.lease_s / 3,
+                               self.queue.heartbeat)
+        self._supervisor.every("retention", RETENTION_SWEEP_S, self.purge)
+        await self.purge()
+        for component in self.components:
+            await component.start()
+        log.info("matrixjobs started: store %s, %d workers, targets: %s",
+                 self.config.store.path, self.config.queue.workers,
+                 ", ".join(self.targets.names()) or "none")
+
+    async def stop(self, grace_s: float = 0.0) -> None:
+        if not self._started:
+            return
+        self._started = False
+        for component in reversed(self.components):
+            try:
+                await component.stop()
+            except Exception:
+                log.exception("stopping %r failed", component)
+        await self.queue.stop(grace_s)
+        self.monitor.tick()  # flush the latest progress to subscribers
+        await self._supervisor.stop()
+        await self.store.close()
+        log.info("matrixjobs stopped")
+
+    async def __aenter__(self) -> App:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    async def run_until_signal(self) -> None:
+        """Run until SIGTERM or SIGINT; a second signal stops at once."""
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+
+        def on_signal(signum: int) -> None:
+            if stop.is_set():
+                log.warning("second %s: exiting now", signal.Signals(signum).name)
+                raise SystemExit(1)  # SQLite's journal keeps the store consistent
+            log.info("%s: shutting down", signal.Signals(signum).name)
+            stop.set()
+
+        await self.start()
+        try:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, on_signal, sig)
+            await stop.wait()
+        finally:
+            await self.stop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+
+    async def purge(self) -> None:
+        cutoff = time.time() - self.config.store.retention_days * 86400
+        removed = await self.store.purge_finished(cutoff)
+        if removed:
+            log.info("retention: removed %d finished jobs/batches", removed)
+
+    # -- the core's public API -------------------------------------------------------------------
+
+    async def submit(self, target: str, args: Sequence[str] = ()) -> Job:
+        return await self.queue.enqueue(self.targets.spec(target, list(args)))
+
+    async def submit_batch(self, targets: Sequence[str], name: str | None = None) -> Batch:
+        specs = [self.targets.spec(target) for target in targets]
+        batch, _ = await self.queue.enqueue_batch(name or " ".join(targets), specs)
+        return batch
+
+    async def cancel(self, subject: str) -> Job | Batch:
+        return await self.queue.cancel(subject)
+
+    async def status(self, subject: str) -> JobProgressEvent:
+        """The current state of a job or batch, live if it is running."""
+        subject = _canonical(subject)
+        live = self.monitor.current(subject)
+        if live is not None:
+            return live
+        if subject.startswith(BATCH_PREFIX):
+            batch = await self.store.get_batch(subject)
+            if batch is None:
+                raise NotFoundError(f"no batch {subject}")
+            return batch_event(batch, time.time())
+        job = await self.store.get_job(subject)
+        if job is None:
+            raise NotFoundError(f"no job {subject}")
+        return job_event(job, time.time())
+
+    async def watch(self, subject: str) -> AsyncIterator[JobProgressEvent]:
+        """The current state, then every (throttled) update, ending with the terminal one."""
+        subject = _canonical(subject)
+        with_updates = self.monitor.subscribe(subject)
+        try:
+            first = await self.status(subject)
+            yield first
+            if first.terminal:
+                return
+            async for event in with_updates:
+                if event.updated_at >= first.updated_at:
+                    yield event
+        finally:
+            with_updates.close()
+
+    async def jobs(self, statuses: Sequence[Status] | None = None, limit: int = 50) -> list[Job]:
+        return await self.store.list_jobs(statuses, limit=limit)
+
+    async def batches(
+        self, statuses: Sequence[Status] | None = None, limit: int = 50
+    ) -> list[Batch]:
+        return await self.store.list_batches(statuses, limit=limit)
+
+
+def _canonical(subject: str) -> str:
+    parsed = parse_id(subject)
+    if parsed is None:
+        raise NotFoundError(f"'{subject}' is not a job or batch id (like j12 or b3)")
+    return f"{parsed[0]}{parsed[1]}"

@@ -1,0 +1,99 @@
+"""The `matrixjobs` command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from matrixjobs import __version__
+from matrixjobs.app import App
+from matrixjobs.config import Config, load_config
+from matrixjobs.errors import ConfigError, MatrixJobsError
+from matrixjobs.queue.handlers import HandlerRegistry, load_user_handlers
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="matrixjobs",
+        description="Run long jobs from a Matrix room and watch them progress live.",
+    )
+    parser.add_argument("--version", action="version", version=f"matrixjobs {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    default_config = os.environ.get("MATRIXJOBS_CONFIG", "config.toml")
+
+    run = commands.add_parser("run", help="start the service (until SIGTERM/SIGINT)")
+    run.add_argument("--config", default=default_config, help="TOML config file")
+    run.add_argument("--log-level", default="info",
+                     choices=["debug", "info", "warning", "error"])
+    run.set_defaults(handler=cmd_run)
+
+    check = commands.add_parser("check-config", help="validate a config file and exit")
+    check.add_argument("--config", default=default_config, help="TOML config file")
+    check.set_defaults(handler=cmd_check_config)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.handler(args))
+    except KeyboardInterrupt:
+        return EXIT_ERROR
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.config)
+        load_user_handlers(config, HandlerRegistry())
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    for warning in config.warnings():
+        print(f"warning: {warning}", file=sys.stderr)
+    print(describe(config))
+    return EXIT_OK
+
+
+def describe(config: Config) -> str:
+    targets = ", ".join(sorted(config.targets)) or "none"
+    matrix = config.matrix.user_id if config.matrix else "off (no [matrix] section)"
+    return (
+        f"config OK\n  store: {config.store.path}\n  workers: {config.queue.workers}\n"
+        f"  targets: {targets}\n  matrix: {matrix}"
+    )
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    setup_logging(args.log_level)
+    try:
+        config = load_config(args.config)
+        app = App(config)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    for warning in config.warnings():
+        logging.getLogger("matrixjobs").warning("%s", warning)
+    try:
+        asyncio.run(app.run_until_signal())
+    except MatrixJobsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    return EXIT_OK
+
+
+def setup_logging(level: str) -> None:
+    # journald stamps every line itself; elsewhere, stamp them here.
+    stamp = "" if os.environ.get("JOURNAL_STREAM") else "%(asctime)s "
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format=f"{stamp}%(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger("aiosqlite").setLevel(logging.WARNING)

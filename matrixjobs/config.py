@@ -1,0 +1,288 @@
+"""Configuration: a TOML file validated by pydantic, secrets from the environment or `.env`.
+
+Relative paths in the file (store path, target cwd) are resolved against the
+directory of the config file, so a config works no matter where the service is
+started from.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import re
+import shutil
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from dotenv import dotenv_values
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from matrixjobs.errors import ConfigError
+
+SECRET_ENV = ("MATRIXJOBS_PASSWORD", "MATRIXJOBS_ACCESS_TOKEN", "MATRIXJOBS_API_TOKEN")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+USER_RE = re.compile(r"^@[^:\s]+:[^\s]+$")
+HANDLER_REF_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class MatrixConfig(Section):
+    homeserver: str
+    user_id: str
+    password: SecretStr | None = None
+    access_token: SecretStr | None = None
+    device_name: str = "matrixjobs"
+    command_prefix: str = Field(default="!", min_length=1, max_length=8)
+
+    @field_validator("user_id")
+    @classmethod
+    def _user_id(cls, value: str) -> str:
+        if not USER_RE.match(value):
+            raise ValueError("expected a Matrix user id like @bot:example.org")
+        return value
+
+
+class AccessConfig(Section):
+    allowed_users: list[str] = Field(default_factory=list)
+
+    @field_validator("allowed_users")
+    @classmethod
+    def _patterns(cls, value: list[str]) -> list[str]:
+        for pattern in value:
+            if not USER_RE.match(pattern):
+                raise ValueError(
+                    f"'{pattern}' is not a Matrix user id or glob like @*:example.org"
+                )
+        return value
+
+    def allows(self, user_id: str) -> bool:
+        return any(fnmatch.fnmatchcase(user_id, pattern) for pattern in self.allowed_users)
+
+
+class StoreConfig(Section):
+    backend: Literal["sqlite"] = "sqlite"
+    path: Path = Path("matrixjobs.db")
+    # FULL fsyncs every commit: a finished job survives power loss, not only a crash.
+    synchronous: Literal["full", "normal"] = "full"
+    retention_days: float = Field(default=7.0, gt=0)
+
+
+class QueueConfig(Section):
+    workers: int = Field(default=4, ge=1, le=256)
+    max_retries: int = Field(default=2, ge=0, le=100)
+    retry_backoff_s: float = Field(default=5.0, ge=0)
+    default_timeout_s: float = Field(default=3600.0, gt=0)
+    lease_s: float = Field(default=60.0, ge=1)
+    kill_grace_s: float = Field(default=10.0, ge=0)
+    max_batch_size: int = Field(default=50, ge=1, le=10_000)
+
+
+class ProgressConfig(Section):
+    interval_ms: int = Field(default=500, ge=10, le=600_000)
+
+
+class TargetConfig(Section):
+    description: str = ""
+    command: list[str] | None = None
+    handler: str | None = None
+    params: dict[str, Any] = Field(default_factory=dict)
+    cwd: Path | None = None
+    env: dict[str, str] = Field(default_factory=dict)
+    timeout_s: float | None = Field(default=None, gt=0)
+    max_retries: int | None = Field(default=None, ge=0, le=100)
+    priority: int = 0
+    progress_regex: str | None = None
+    args_pattern: str | None = None
+
+    @field_validator("command")
+    @classmethod
+    def _command(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and (not value or not value[0]):
+            raise ValueError("must be a non-empty list of strings, the program first")
+        return value
+
+    @field_validator("progress_regex")
+    @classmethod
+    def _progress_regex(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        compiled = _compile(value)
+        missing = {"current", "total"} - set(compiled.groupindex)
+        if missing:
+            raise ValueError(f"needs named groups (?P<current>…) and (?P<total>…); "
+                             f"missing: {', '.join(sorted(missing))}")
+        return value
+
+    @field_validator("args_pattern")
+    @classmethod
+    def _args_pattern(cls, value: str | None) -> str | None:
+        if value is not None:
+            _compile(value)
+        return value
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> TargetConfig:
+        if (self.command is None) == (self.handler is None):
+            raise ValueError("set exactly one of 'command' (argv list) or 'handler' (name)")
+        return self
+
+
+class Config(Section):
+    matrix: MatrixConfig | None = None
+    access: AccessConfig = AccessConfig()
+    store: StoreConfig = StoreConfig()
+    queue: QueueConfig = QueueConfig()
+    progress: ProgressConfig = ProgressConfig()
+    targets: dict[str, TargetConfig] = Field(default_factory=dict)
+    handlers: dict[str, str] = Field(default_factory=dict)
+
+    _api_token: SecretStr | None = PrivateAttr(default=None)
+
+    @field_validator("targets")
+    @classmethod
+    def _target_names(cls, value: dict[str, TargetConfig]) -> dict[str, TargetConfig]:
+        for name in value:
+            if not NAME_RE.match(name):
+                raise ValueError(f"target name '{name}' must be letters, digits, '_', '.', '-'")
+        return value
+
+    @field_validator("handlers")
+    @classmethod
+    def _handler_refs(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, ref in value.items():
+            if not HANDLER_REF_RE.match(ref):
+                raise ValueError(f"handlers.{name}: expected 'package.module:Class', got '{ref}'")
+        return value
+
+    @property
+    def api_token(self) -> SecretStr | None:
+        return self._api_token
+
+    def warnings(self) -> list[str]:
+        """Problems that do not stop the service but will fail jobs."""
+        found = []
+        for name, target in self.targets.items():
+            if target.command is None:
+                continue
+            program = target.command[0]
+            cwd = target.cwd or Path.cwd()
+            path = target.env.get("PATH", os.environ.get("PATH"))
+            if os.sep in program:
+                exists = (cwd / program).is_file()
+            else:
+                exists = shutil.which(program, path=path) is not None
+            if not exists:
+                found.append(f"targets.{name}: executable '{program}' not found")
+            if target.cwd is not None and not target.cwd.is_dir():
+                found.append(f"targets.{name}: cwd '{target.cwd}' is not a directory")
+        return found
+
+
+def _compile(pattern: str) -> re.Pattern[str]:
+    try:
+        return re.compile(pattern)
+    except re.error as exc:
+        raise ValueError(f"invalid regular expression: {exc}") from None
+
+
+def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> Config:
+    """Read, validate and complete the config; raise ConfigError with a readable message."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read config file: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: TOML syntax error: {exc}") from None
+    secrets = _secrets(path.parent, environ)
+    try:
+        config = Config.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(f"{path}: invalid configuration:\n{format_errors(exc)}") from None
+    return _complete(config, path.parent.resolve(), secrets)
+
+
+def _secrets(directory: Path, environ: Mapping[str, str] | None) -> dict[str, str]:
+    """Secrets from `.env` beside the config (or in the cwd); real environment wins."""
+    values: dict[str, str] = {}
+    for dotenv in dict.fromkeys([Path.cwd() / ".env", directory / ".env"]):
+        if dotenv.is_file():
+            values.update({k: v for k, v in dotenv_values(dotenv).items() if v is not None})
+    env = os.environ if environ is None else environ
+    values.update({k: env[k] for k in SECRET_ENV if env.get(k)})
+    return {k: v for k, v in values.items() if k in SECRET_ENV}
+
+
+def _complete(config: Config, base: Path, secrets: dict[str, str]) -> Config:
+    store_path = config.store.path
+    if not store_path.is_absolute():
+        state_dir = os.environ.get("STATE_DIRECTORY")  # set by systemd's StateDirectory=
+        store_path = (Path(state_dir) if state_dir else base) / store_path
+    targets = {
+        name: t.model_copy(update={"cwd": base / t.cwd}) if t.cwd and not t.cwd.is_absolute()
+        else t
+        for name, t in config.targets.items()
+    }
+    matrix = config.matrix
+    if matrix is not None:
+        overrides: dict[str, Any] = {}
+        if "MATRIXJOBS_PASSWORD" in secrets:
+            overrides["password"] = SecretStr(secrets["MATRIXJOBS_PASSWORD"])
+        if "MATRIXJOBS_ACCESS_TOKEN" in secrets:
+            overrides["access_token"] = SecretStr(secrets["MATRIXJOBS_ACCESS_TOKEN"])
+        matrix = matrix.model_copy(update=overrides)
+    completed = config.model_copy(update={
+        "store": config.store.model_copy(update={"path": store_path}),
+        "targets": targets,
+        "matrix": matrix,
+    })
+    if "MATRIXJOBS_API_TOKEN" in secrets:
+        completed._api_token = SecretStr(secrets["MATRIXJOBS_API_TOKEN"])
+    return completed
+
+
+_EXPECTED = {
+    "int_type": "an integer",
+    "int_parsing": "an integer",
+    "float_type": "a number",
+    "float_parsing": "a number",
+    "string_type": "a string",
+    "bool_type": "true or false",
+    "bool_parsing": "true or false",
+    "list_type": "a list",
+    "dict_type": "a table",
+    "model_type": "a table",
+}
+
+
+def format_errors(exc: ValidationError) -> str:
+    lines = []
+    for error in exc.errors():
+        key = ".".join(str(part) for part in error["loc"]) or "(top level)"
+        kind = error["type"]
+        if kind == "extra_forbidden":
+            text = "unknown key"
+        elif kind == "missing":
+            text = "missing required key"
+        elif kind in _EXPECTED:
+            text = f"expected {_EXPECTED[kind]}, got {error['input']!r}"
+        else:
+            text = error["msg"].removeprefix("Value error, ")
+        lines.append(f"  {key}: {text}")
+    return "\n".join(lines)

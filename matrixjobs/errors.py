@@ -1,0 +1,55 @@
+"""Exceptions shared by the core and the interfaces.
+
+Every error a user can cause carries a short message meant to be shown as is
+(in the room, the CLI or the API).
+"""
+
+
+class MatrixJobsError(Exception):
+    """Base class: the message is safe and meant for people."""
+
+
+class ConfigError(MatrixJobsError):
+    """The configuration file is missing, malformed or invalid."""
+
+
+class StoreError(MatrixJobsError):
+    """The store cannot be opened or used (corrupt, locked, unwritable)."""
+
+
+class UnknownTargetError(MatrixJobsError):
+    def __init__(self, name: str, available: list[str]) -> None:
+        listed = ", ".join(available) if available else "none configured"
+        super().__init__(f"unknown target '{name}' (available: {listed})")
+        self.name = name
+        self.available = available
+
+
+class BadArgumentsError(MatrixJobsError):
+    """Arguments given for a target are not allowed."""
+
+
+class BadBatchError(MatrixJobsError):
+    """A batch is empty or too large."""
+
+
+class UnknownJobTypeError(MatrixJobsError):
+    def __init__(self, job_type: str) -> None:
+        super().__init__(f"no handler registered for job type '{job_type}'")
+        self.job_type = job_type
+
+
+class NotFoundError(MatrixJobsError):
+    """No job or batch with that id."""
+
+
+class AlreadyFinishedError(MatrixJobsError):
+    """The job or batch is already in a terminal state."""
+
+
+class PermanentJobError(MatrixJobsError):
+    """A job failure that retrying cannot fix (bad target, missing executable)."""
+
+
+class JobFailedError(MatrixJobsError):
+    """A run failed in an expected way; the message says why (retried while retries remain)."""

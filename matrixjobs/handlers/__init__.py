@@ -1,0 +1,1 @@
+"""Handlers shipped with matrixjobs, usable from `[targets.X] handler = "NAME"`."""

@@ -1,0 +1,119 @@
+"""Plain data the core passes around: job and batch records, specs and outcomes."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class Status(enum.StrEnum):
+    PENDING = "pending"
+    PROCESSING = "processing"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL
+
+
+TERMINAL = frozenset({Status.COMPLETED, Status.FAILED, Status.CANCELLED})
+
+JOB_PREFIX = "j"
+BATCH_PREFIX = "b"
+
+
+def job_id(number: int) -> str:
+    return f"{JOB_PREFIX}{number}"
+
+
+def batch_id(number: int) -> str:
+    return f"{BATCH_PREFIX}{number}"
+
+
+def parse_id(text: str) -> tuple[str, int] | None:
+    """Split 'j42' / 'b7' into ('j', 42); None when it is not an id we issue."""
+    text = text.strip().lower()
+    if len(text) < 2 or text[0] not in (JOB_PREFIX, BATCH_PREFIX) or not text[1:].isdigit():
+        return None
+    return text[0], int(text[1:])
+
+
+@dataclass(slots=True)
+class JobSpec:
+    """What to run: enqueued as one job (or one operation of a batch)."""
+
+    type: str
+    data: dict[str, Any]
+    name: str
+    priority: int = 0
+    max_retries: int | None = None
+    timeout_s: float | None = None
+
+
+@dataclass(slots=True)
+class Progress:
+    current: float
+    total: float | None
+    message: str | None = None
+
+
+@dataclass(slots=True)
+class Job:
+    id: str
+    type: str
+    name: str
+    data: dict[str, Any]
+    status: Status
+    priority: int
+    retry_count: int
+    max_retries: int
+    timeout_s: float
+    created_at: float
+    batch_id: str | None = None
+    run_after: float = 0.0
+    started_at: float | None = None
+    finished_at: float | None = None
+    progress: Progress | None = None
+    error: str | None = None
+    result: Any = None
+
+
+@dataclass(slots=True)
+class Batch:
+    id: str
+    name: str
+    status: Status
+    total: int
+    created_at: float
+    completed: int = 0
+    failed: int = 0
+    cancelled: int = 0
+    cancel_requested: bool = False
+    started_at: float | None = None
+    finished_at: float | None = None
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def finished(self) -> int:
+        return self.completed + self.failed + self.cancelled
+
+
+@dataclass(slots=True)
+class Outcome:
+    """How one run of a job ended, as the queue hands it to the store.
+
+    `retry_at` set means: back to pending, to run again at that time.
+    """
+
+    job_id: str
+    status: Status
+    finished_at: float
+    error: str | None = None
+    result: Any = None
+    progress: Progress | None = None
+    retry_at: float | None = None
+    # False when the run was stopped by a shutdown, which is no fault of the job's.
+    count_retry: bool = True

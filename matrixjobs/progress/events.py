@@ -1,0 +1,159 @@
+"""The unified `job-progress` event, as every interface sees it (JSON in camelCase)."""
+
+from __future__ import annotations
+
+import math
+from datetime import UTC, datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+from pydantic.alias_generators import to_camel
+
+from matrixjobs.models import Batch, Job, Status
+
+MESSAGE_LIMIT = 500
+
+
+class CamelModel(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, frozen=True)
+
+    def to_json(self) -> str:
+        return self.model_dump_json(by_alias=True, exclude_none=True)
+
+
+class ProgressInfo(CamelModel):
+    current: float
+    total: float | None = None
+    percentage: float | None = None
+
+
+class BatchDetails(CamelModel):
+    total_operations: int
+    completed_operations: int
+    failed_operations: int
+    cancelled_operations: int = 0
+    current_operation: str | None = None
+    errors: list[str] = []
+
+
+class JobDetails(CamelModel):
+    job_type: str
+    priority: int
+    retry_count: int
+    max_retries: int
+    batch_id: str | None = None
+
+
+class JobProgressEvent(CamelModel):
+    id: str
+    type: Literal["job", "batch"]
+    name: str
+    status: Status
+    message: str | None = None
+    progress: ProgressInfo | None = None
+    batch_details: BatchDetails | None = None
+    job_details: JobDetails | None = None
+    error: str | None = None
+    created_at: datetime
+    started_at: datetime | None = None
+    updated_at: datetime
+    finished_at: datetime | None = None
+    eta_seconds: float | None = None
+
+    @property
+    def terminal(self) -> bool:
+        return self.status.terminal
+
+
+def timestamp(value: float | None) -> datetime | None:
+    return None if value is None else datetime.fromtimestamp(value, UTC)
+
+
+def clean_progress(
+    current: object, total: object, message: object = None
+) -> tuple[ProgressInfo, str | None] | None:
+    """Turn whatever a handler reported into sane numbers, or None if it is garbage.
+
+    total = 0 (or missing) means "amount unknown": no percentage, no ETA.
+    """
+    cur = _number(current)
+    if cur is None:
+        return None
+    cur = max(cur, 0.0)
+    tot = _number(total)
+    if tot is not None and tot <= 0:
+        tot = None
+    percentage = None if tot is None else round(min(cur / tot, 1.0) * 100, 1)
+    text = None if message is None else str(message)[:MESSAGE_LIMIT]
+    return ProgressInfo(current=cur, total=tot, percentage=percentage), text
+
+
+def _number(value: object) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    number = float(value)
+    return number if math.isfinite(number) else None
+
+
+def job_event(
+    job: Job,
+    now: float,
+    progress: ProgressInfo | None = None,
+    message: str | None = None,
+    eta_seconds: float | None = None,
+) -> JobProgressEvent:
+    if progress is None and job.progress is not None:
+        cleaned = clean_progress(job.progress.current, job.progress.total, job.progress.message)
+        if cleaned is not None:
+            progress, stored_message = cleaned
+            message = message or stored_message
+    return JobProgressEvent(
+        id=job.id,
+        type="job",
+        name=job.name,
+        status=job.status,
+        message=message,
+        progress=progress,
+        job_details=JobDetails(
+            job_type=job.type, priority=job.priority, retry_count=job.retry_count,
+            max_retries=job.max_retries, batch_id=job.batch_id,
+        ),
+        error=job.error if job.status in (Status.FAILED, Status.PENDING) else None,
+        created_at=timestamp(job.created_at),
+        started_at=timestamp(job.started_at),
+        updated_at=timestamp(now),
+        finished_at=timestamp(job.finished_at),
+        eta_seconds=None if job.status.terminal else eta_seconds,
+    )
+
+
+def batch_event(
+    batch: Batch,
+    now: float,
+    current_operation: str | None = None,
+    message: str | None = None,
+    eta_seconds: float | None = None,
+) -> JobProgressEvent:
+    finished = batch.finished
+    return JobProgressEvent(
+        id=batch.id,
+        type="batch",
+        name=batch.name,
+        status=batch.status,
+        message=message,
+        progress=ProgressInfo(
+            current=finished, total=batch.total,
+            percentage=round(finished / batch.total * 100, 1) if batch.total else None,
+        ),
+        batch_details=BatchDetails(
+            total_operations=batch.total, completed_operations=batch.completed,
+            failed_operations=batch.failed, cancelled_operations=batch.cancelled,
+            current_operation=None if batch.status.terminal else current_operation,
+            errors=list(batch.errors),
+        ),
+        created_at=timestamp(batch.created_at),
+        started_at=timestamp(batch.started_at),
+        updated_at=timestamp(now),
+        finished_at=timestamp(batch.finished_at),
+        eta_seconds=None if batch.status.terminal else eta_seconds,
+    )

@@ -1,0 +1,411 @@
+"""The durable job queue: enqueue, N concurrent workers, retries, timeouts, cancel.
+
+One dispatcher task is the only writer of run state. Each cycle it commits the
+outcomes of every run that ended since the last cycle and claims as many due
+jobs as there are free workers, in a single transaction. Under load that
+batches many jobs into one commit, and a job's outcome is always durable
+before anyone is told about it.
+
+Guarantee (at least once): a job is `processing` in the store from the moment
+it is claimed until its outcome is committed. If the service dies in between,
+the next start finds it and requeues it (counting a retry) or, with no retries
+left, fails it with the error "interrupted". A handler may therefore run more
+than once for the same job; make handlers idempotent where that matters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import secrets
+import socket
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+from matrixjobs.config import QueueConfig
+from matrixjobs.errors import (
+    AlreadyFinishedError,
+    BadBatchError,
+    MatrixJobsError,
+    NotFoundError,
+    PermanentJobError,
+    UnknownJobTypeError,
+)
+from matrixjobs.models import (
+    BATCH_PREFIX,
+    Batch,
+    Job,
+    JobSpec,
+    Outcome,
+    Progress,
+    Status,
+    parse_id,
+)
+from matrixjobs.progress.events import clean_progress
+from matrixjobs.progress.monitor import ProgressMonitor
+from matrixjobs.progress.reporter import ProgressReporter
+from matrixjobs.queue.handlers import HandlerRegistry
+from matrixjobs.store.base import Store
+
+log = logging.getLogger(__name__)
+
+IDLE_POLL_S = 1.0
+MAX_BACKOFF_S = 3600.0
+STORE_RETRY_S = 1.0
+
+
+@dataclass(slots=True)
+class Running:
+    job: Job
+    reporter: ProgressReporter
+    task: asyncio.Task[None]
+
+
+class JobQueue:
+    def __init__(
+        self,
+        store: Store,
+        monitor: ProgressMonitor,
+        handlers: HandlerRegistry,
+        config: QueueConfig,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.monitor = monitor
+        self.handlers = handlers
+        self.config = config
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        self._clock = clock
+        self._running: dict[str, Running] = {}
+        self._outcomes: list[tuple[Job, Outcome]] = []
+        self._cancel_requested: set[str] = set()
+        self._settle_waiters: dict[str, list[asyncio.Future[None]]] = {}
+        self._wakeup = asyncio.Event()
+        self._maybe_due = True
+        self._accepting = False
+        self._closing = False
+        self._dispatcher: asyncio.Task[None] | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        recovery = await self.store.recover_interrupted(self.owner, self._clock())
+        for job in recovery.requeued:
+            log.warning("job %s (%s) was interrupted; retrying (%d/%d)",
+                        job.id, job.name, job.retry_count, job.max_retries)
+            self.monitor.job_settled(job)
+        for job in recovery.failed:
+            log.warning("job %s (%s) was interrupted with no retries left; failed",
+                        job.id, job.name)
+            self.monitor.job_settled(job)
+        for batch in recovery.batches:
+            self.monitor.batch_updated(batch)
+        self._accepting = True
+        self._dispatcher = asyncio.create_task(self._dispatch(), name="matrixjobs-dispatcher")
+
+    async def stop(self, grace_s: float = 0.0) -> None:
+        """Stop taking work; give running jobs `grace_s`, then requeue the rest."""
+        self._accepting = False
+        tasks = [r.task for r in self._running.values()]
+        if tasks and grace_s > 0:
+            await asyncio.wait(tasks, timeout=grace_s)
+        for running in list(self._running.values()):
+            running.task.cancel()
+        if tasks:
+            await asyncio.wait(tasks)
+        self._closing = True
+        self._wakeup.set()
+        if self._dispatcher is not None:
+            await self._dispatcher
+            self._dispatcher = None
+
+    @property
+    def running_count(self) -> int:
+        return len(self._running)
+
+    # -- adding work ---------------------------------------------------------------------------
+
+    async def enqueue(self, spec: JobSpec) -> Job:
+        return (await self.enqueue_many([spec]))[0]
+
+    async def enqueue_many(self, specs: Sequence[JobSpec]) -> list[Job]:
+        """Add jobs in one transaction (one commit for all of them)."""
+        resolved = [self._resolve(spec) for spec in specs]
+        jobs = await self.store.add_jobs(resolved, self._clock())
+        for job in jobs:
+            self.monitor.job_queued(job)
+        self._poke()
+        return jobs
+
+    async def enqueue_batch(self, name: str, specs: Sequence[JobSpec]) -> tuple[Batch, list[Job]]:
+        if not specs:
+            raise BadBatchError("a batch needs at least one operation")
+        if len(specs) > self.config.max_batch_size:
+            raise BadBatchError(
+                f"batch too large: {len(specs)} operations (at most {self.config.max_batch_size})"
+            )
+        resolved = [self._resolve(spec) for spec in specs]
+        batch, jobs = await self.store.add_batch(name, resolved, self._clock())
+        self.monitor.batch_updated(batch)
+        for job in jobs:
+            self.monitor.job_queued(job)
+        self._poke()
+        return batch, jobs
+
+    def _resolve(self, spec: JobSpec) -> JobSpec:
+        if not self._accepting:
+            raise MatrixJobsError("the service is shutting down; try again in a moment")
+        if spec.type not in self.handlers:
+            raise UnknownJobTypeError(spec.type)
+        return replace(
+            spec,
+            max_retries=self.config.max_retries if spec.max_retries is None else spec.max_retries,
+            timeout_s=self.config.default_timeout_s if spec.timeout_s is None else spec.timeout_s,
+        )
+
+    def _poke(self) -> None:
+        self._maybe_due = True
+        self._wakeup.set()
+
+    # -- the dispatcher --------------------------------------------------------------------------
+
+    async def _dispatch(self) -> None:
+        while True:
+            try:
+                progressed = await self._cycle()
+            except Exception:
+                log.exception("store cycle failed; retrying in %.0fs", STORE_RETRY_S)
+                await asyncio.sleep(STORE_RETRY_S)
+                continue
+            if progressed:
+                continue
+            if self._closing:
+                return
+            await self._idle()
+
+    async def _cycle(self) -> bool:
+        outcomes, self._outcomes = self._outcomes, []
+        free = self.config.workers - len(self._running) if self._accepting else 0
+        want = free if self._maybe_due else 0
+        if not outcomes and want <= 0:
+            return False
+        try:
+            cycle = await self.store.settle_and_claim(
+                [outcome for _, outcome in outcomes], self.owner, want, self._clock(),
+                self.config.lease_s,
+            )
+        except BaseException:
+            self._outcomes[:0] = outcomes  # nothing was committed: keep them for the next try
+            raise
+        for job, outcome in outcomes:
+            _apply(job, outcome)
+            self.monitor.job_settled(job)
+            for waiter in self._settle_waiters.pop(job.id, ()):
+                if not waiter.done():
+                    waiter.set_result(None)
+        for batch in cycle.batches:
+            self.monitor.batch_updated(batch)
+        for job in cycle.claimed:
+            self._start(job)
+        if want > 0 and len(cycle.claimed) < want:
+            self._maybe_due = False
+        return True
+
+    async def _idle(self) -> None:
+        timeout = IDLE_POLL_S
+        if not self._maybe_due and self._accepting:
+            due = await self.store.next_due()
+            if due is not None:
+                timeout = min(max(due - self._clock(), 0.0), IDLE_POLL_S)
+        if timeout > 0:
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), timeout)
+            except TimeoutError:
+                self._maybe_due = True
+        else:
+            self._maybe_due = True
+        self._wakeup.clear()
+
+    # -- running one job ---------------------------------------------------------------------------
+
+    def _start(self, job: Job) -> None:
+        if job.id in self._cancel_requested:
+            self._finish(job, Outcome(job.id, Status.CANCELLED, self._clock(), error="cancelled"))
+            return
+        reporter = ProgressReporter()
+        task = asyncio.create_task(self._execute(job, reporter), name=f"job-{job.id}")
+        self._running[job.id] = Running(job, reporter, task)
+        self.monitor.job_started(job, reporter)
+
+    async def _execute(self, job: Job, reporter: ProgressReporter) -> None:
+        deadline = asyncio.timeout(job.timeout_s)
+        try:
+            handler = self.handlers.get(job.type)
+            async with deadline:
+                result = await handler.run(job, reporter)
+            outcome = Outcome(job.id, Status.COMPLETED, self._clock(), result=_jsonable(result))
+        except asyncio.CancelledError:
+            outcome = self._interrupted(job)
+        except TimeoutError as exc:
+            if not deadline.expired():
+                outcome = self._failure(job, f"TimeoutError: {exc}", retryable=True)
+            else:
+                outcome = self._failure(job, f"timed out after {job.timeout_s:g}s", retryable=True)
+        except (PermanentJobError, UnknownJobTypeError) as exc:
+            outcome = self._failure(job, str(exc), retryable=False)
+        except Exception as exc:
+            log.info("job %s (%s) failed: %s", job.id, job.name, exc, exc_info=exc)
+            outcome = self._failure(job, _describe(exc), retryable=True)
+        outcome.progress = _progress(reporter)
+        self._running.pop(job.id, None)
+        self._finish(job, outcome)
+
+    def _interrupted(self, job: Job) -> Outcome:
+        now = self._clock()
+        if job.id in self._cancel_requested:
+            return Outcome(job.id, Status.CANCELLED, now, error="cancelled")
+        # Shutdown: back to pending without spending a retry; it runs again after restart.
+        return Outcome(job.id, Status.PENDING, now, error="service stopped",
+                       retry_at=now, count_retry=False)
+
+    def _failure(self, job: Job, error: str, retryable: bool) -> Outcome:
+        now = self._clock()
+        if retryable and job.retry_count < job.max_retries:
+            delay = min(self.config.retry_backoff_s * 2**job.retry_count, MAX_BACKOFF_S)
+            return Outcome(job.id, Status.PENDING, now, error=error, retry_at=now + delay)
+        return Outcome(job.id, Status.FAILED, now, error=error)
+
+    def _finish(self, job: Job, outcome: Outcome) -> None:
+        self._outcomes.append((job, outcome))
+        self._wakeup.set()
+
+    # -- leases ---------------------------------------------------------------------------------
+
+    async def heartbeat(self) -> None:
+        """Extend our leases and save each running job's latest progress."""
+        snapshots = {}
+        for job_id, running in self._running.items():
+            progress = _progress(running.reporter)
+            if progress is not None:
+                snapshots[job_id] = progress
+        await self.store.heartbeat(self.owner, snapshots, self._clock(), self.config.lease_s)
+
+    # -- cancelling -------------------------------------------------------------------------------
+
+    async def cancel(self, subject: str) -> Job | Batch:
+        """Cancel a job or batch; return it in the state it ended in."""
+        parsed = parse_id(subject)
+        if parsed is None:
+            raise NotFoundError(f"'{subject}' is not a job or batch id (like j12 or b3)")
+        subject = f"{parsed[0]}{parsed[1]}"
+        if parsed[0] == BATCH_PREFIX:
+            return await self._cancel_batch(subject)
+        return await self._cancel_job(subject)
+
+    async def _cancel_job(self, job_id: str) -> Job:
+        job = await self.store.get_job(job_id)
+        if job is None:
+            raise NotFoundError(f"no job {job_id}")
+        if job.status.terminal:
+            raise AlreadyFinishedError(f"job {job_id} already {job.status}")
+        self._cancel_requested.add(job_id)
+        try:
+            while not job.status.terminal:
+                if job.status == Status.PENDING:
+                    cancelled = await self.store.cancel_pending(job_id, self._clock())
+                    if cancelled is not None:
+                        job, batch = cancelled
+                        self.monitor.job_settled(job)
+                        if batch is not None:
+                            self.monitor.batch_updated(batch)
+                        return job
+                else:
+                    running = self._running.get(job_id)
+                    if running is not None:
+                        running.task.cancel()
+                    await self._settled(job_id)
+                found = await self.store.get_job(job_id)
+                if found is None:
+                    raise NotFoundError(f"no job {job_id}")
+                job = found
+            return job
+        finally:
+            self._cancel_requested.discard(job_id)
+
+    async def _cancel_batch(self, batch_id: str) -> Batch:
+        batch = await self.store.get_batch(batch_id)
+        if batch is None:
+            raise NotFoundError(f"no batch {batch_id}")
+        if batch.status.terminal:
+            raise AlreadyFinishedError(f"batch {batch_id} already {batch.status}")
+        result = await self.store.cancel_batch(batch_id, self._clock())
+        if result is None:
+            raise NotFoundError(f"no batch {batch_id}")
+        for job in result.cancelled:
+            self.monitor.job_settled(job)
+        self.monitor.batch_updated(result.batch)
+        self._cancel_requested.update(result.running)
+        try:
+            for job_id in result.running:
+                running = self._running.get(job_id)
+                if running is not None:
+                    running.task.cancel()
+            await asyncio.gather(*(self._settled(job_id) for job_id in result.running))
+        finally:
+            self._cancel_requested.difference_update(result.running)
+        return await self.store.get_batch(batch_id) or result.batch
+
+    async def _settled(self, job_id: str) -> None:
+        """Wait until the current run of `job_id` has its outcome committed."""
+        waiter = asyncio.get_running_loop().create_future()
+        self._settle_waiters.setdefault(job_id, []).append(waiter)
+        try:
+            await asyncio.wait_for(waiter, self.config.kill_grace_s + 30)
+        except TimeoutError:
+            log.warning("job %s did not stop in time after cancel", job_id)
+        finally:
+            waiters = self._settle_waiters.get(job_id)
+            if waiters is not None and waiter in waiters:
+                waiters.remove(waiter)
+                if not waiters:
+                    del self._settle_waiters[job_id]
+
+
+def _apply(job: Job, outcome: Outcome) -> None:
+    job.error = outcome.error
+    job.progress = outcome.progress
+    if outcome.retry_at is not None:
+        job.status = Status.PENDING
+        job.run_after = outcome.retry_at
+        job.retry_count += int(outcome.count_retry)
+    else:
+        job.status = outcome.status
+        job.finished_at = outcome.finished_at
+        job.result = outcome.result
+
+
+def _progress(reporter: ProgressReporter) -> Progress | None:
+    state = reporter.state
+    cleaned = clean_progress(*state) if isinstance(state, tuple) and len(state) == 3 else None
+    if cleaned is None:
+        return None
+    info, message = cleaned
+    return Progress(info.current, info.total, message)
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, MatrixJobsError):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def _jsonable(result: Any) -> Any:
+    try:
+        json.dumps(result)
+    except (TypeError, ValueError):
+        return repr(result)[:2000]
+    return result

@@ -1,0 +1,113 @@
+"""The store interface the core depends on.
+
+The queue, batches and monitor talk only to this class, so another backend
+(PostgreSQL for workers on several machines) is one more module beside
+`sqlite.py`. Every method is one transaction.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from matrixjobs.models import Batch, Job, JobSpec, Outcome, Progress, Status
+
+
+@dataclass(slots=True)
+class Cycle:
+    """What one settle-and-claim transaction did."""
+
+    claimed: list[Job] = field(default_factory=list)
+    batches: list[Batch] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class Recovery:
+    """Jobs found `processing` whose worker is gone, and what became of them."""
+
+    requeued: list[Job] = field(default_factory=list)
+    failed: list[Job] = field(default_factory=list)
+    batches: list[Batch] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class BatchCancel:
+    batch: Batch
+    cancelled: list[Job]
+    running: list[str]
+
+
+class Store(abc.ABC):
+    """Durable jobs and batches. Specs passed in have max_retries and timeout_s resolved."""
+
+    @abc.abstractmethod
+    async def open(self) -> None:
+        """Create or migrate the schema; raise StoreError when that is impossible."""
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+    @abc.abstractmethod
+    async def add_jobs(self, specs: Sequence[JobSpec], now: float) -> list[Job]: ...
+
+    @abc.abstractmethod
+    async def add_batch(
+        self, name: str, specs: Sequence[JobSpec], now: float
+    ) -> tuple[Batch, list[Job]]: ...
+
+    @abc.abstractmethod
+    async def settle_and_claim(
+        self, outcomes: Sequence[Outcome], owner: str, limit: int, now: float, lease_s: float
+    ) -> Cycle:
+        """Record finished runs, then claim up to `limit` due pending jobs for `owner`.
+
+        Outcomes apply only to jobs still `processing` for `owner`.
+        """
+
+    @abc.abstractmethod
+    async def heartbeat(
+        self, owner: str, progress: dict[str, Progress], now: float, lease_s: float
+    ) -> None:
+        """Extend the leases of `owner`'s running jobs and save their progress snapshots."""
+
+    @abc.abstractmethod
+    async def recover_interrupted(self, owner: str, now: float) -> Recovery:
+        """Requeue (retry_count < max_retries) or fail ("interrupted") jobs whose worker died."""
+
+    @abc.abstractmethod
+    async def cancel_pending(self, job_id: str, now: float) -> tuple[Job, Batch | None] | None:
+        """Cancel a job if it is still pending; None when it is not."""
+
+    @abc.abstractmethod
+    async def cancel_batch(self, batch_id: str, now: float) -> BatchCancel | None:
+        """Mark a batch cancelled-on-request and cancel its pending jobs; None if unknown."""
+
+    @abc.abstractmethod
+    async def next_due(self) -> float | None:
+        """The earliest `run_after` among pending jobs."""
+
+    @abc.abstractmethod
+    async def get_job(self, job_id: str) -> Job | None: ...
+
+    @abc.abstractmethod
+    async def get_batch(self, batch_id: str) -> Batch | None: ...
+
+    @abc.abstractmethod
+    async def list_jobs(
+        self,
+        statuses: Sequence[Status] | None = None,
+        batch_id: str | None = None,
+        limit: int = 50,
+    ) -> list[Job]:
+        """Newest first."""
+
+    @abc.abstractmethod
+    async def list_batches(
+        self, statuses: Sequence[Status] | None = None, limit: int = 50
+    ) -> list[Batch]:
+        """Newest first."""
+
+    @abc.abstractmethod
+    async def purge_finished(self, before: float) -> int:
+        """Delete jobs and batches that finished before `before`; return how many rows."""

@@ -1,0 +1,582 @@
+"""The embedded store: one SQLite file in WAL mode, through aiosqlite.
+
+One service owns a database file at a time (an advisory lock on `<db>.lock`),
+which is what lets `recover_interrupted` treat every job another owner left in
+`processing` as interrupted without waiting for its lease to run out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import json
+import os
+import sqlite3
+from collections.abc import AsyncIterator, Iterable, Sequence
+from pathlib import Path
+from typing import IO, Any
+
+import aiosqlite
+
+from matrixjobs.errors import StoreError
+from matrixjobs.models import (
+    Batch,
+    Job,
+    JobSpec,
+    Outcome,
+    Progress,
+    Status,
+    batch_id,
+    job_id,
+    parse_id,
+)
+from matrixjobs.store.base import BatchCancel, Cycle, Recovery, Store
+
+# Each entry migrates from version N to N+1; PRAGMA user_version records N+1.
+MIGRATIONS: list[str] = [
+    """
+    CREATE TABLE batches (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        name TEXT NOT NULL,
+        status TEXT NOT NULL,
+        total INTEGER NOT NULL,
+        completed INTEGER NOT NULL DEFAULT 0,
+        failed INTEGER NOT NULL DEFAULT 0,
+        cancelled INTEGER NOT NULL DEFAULT 0,
+        cancel_requested INTEGER NOT NULL DEFAULT 0,
+        created_at REAL NOT NULL,
+        started_at REAL,
+        finished_at REAL
+    );
+    CREATE TABLE jobs (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        type TEXT NOT NULL,
+        name TEXT NOT NULL,
+        data TEXT NOT NULL,
+        status TEXT NOT NULL,
+        priority INTEGER NOT NULL DEFAULT 0,
+        retry_count INTEGER NOT NULL DEFAULT 0,
+        max_retries INTEGER NOT NULL,
+        timeout_s REAL NOT NULL,
+        batch_id INTEGER REFERENCES batches(id) ON DELETE CASCADE,
+        run_after REAL NOT NULL DEFAULT 0,
+        owner TEXT,
+        lease_expires_at REAL,
+        created_at REAL NOT NULL,
+        started_at REAL,
+        finished_at REAL,
+        progress_current REAL,
+        progress_total REAL,
+        progress_message TEXT,
+        error TEXT,
+        result TEXT
+    );
+    CREATE INDEX jobs_pending ON jobs(priority DESC, id) WHERE status = 'pending';
+    CREATE INDEX jobs_processing ON jobs(owner) WHERE status = 'processing';
+    CREATE INDEX jobs_batch ON jobs(batch_id) WHERE batch_id IS NOT NULL;
+    CREATE INDEX jobs_finished ON jobs(finished_at) WHERE finished_at IS NOT NULL;
+    CREATE INDEX batches_finished ON batches(finished_at) WHERE finished_at IS NOT NULL;
+    -- job/batch id -> the Matrix message that shows its progress (edits target event_id)
+    CREATE TABLE progress_messages (
+        subject_id TEXT PRIMARY KEY,
+        room_id TEXT NOT NULL,
+        event_id TEXT NOT NULL,
+        created_at REAL NOT NULL
+    );
+    -- command events already acted on, so a replayed event never starts a second job
+    CREATE TABLE processed_events (
+        event_id TEXT PRIMARY KEY,
+        subject_id TEXT,
+        processed_at REAL NOT NULL
+    );
+    CREATE INDEX processed_events_at ON processed_events(processed_at);
+    """,
+]
+
+JOB_COLUMNS = (
+    "id, type, name, data, status, priority, retry_count, max_retries, timeout_s, batch_id, "
+    "run_after, created_at, started_at, finished_at, progress_current, progress_total, "
+    "progress_message, error, result"
+)
+BATCH_COLUMNS = (
+    "id, name, status, total, completed, failed, cancelled, cancel_requested, "
+    "created_at, started_at, finished_at"
+)
+ERRORS_PER_BATCH = 20
+
+
+class SqliteStore(Store):
+    def __init__(self, path: Path, synchronous: str = "full") -> None:
+        self.path = Path(path)
+        self.synchronous = synchronous
+        self._db: aiosqlite.Connection | None = None
+        self._lock_file: IO[str] | None = None
+        self._lock = asyncio.Lock()
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"cannot create store directory {self.path.parent}: {exc}") from None
+        self._hold_file_lock()
+        try:
+            self._db = await aiosqlite.connect(self.path, isolation_level=None, timeout=5.0)
+            await self._db.execute("PRAGMA busy_timeout = 5000")
+            mode = await self._scalar("PRAGMA journal_mode = WAL")
+            if mode != "wal":
+                raise StoreError(f"{self.path}: cannot switch to WAL mode (got {mode})")
+            await self._db.execute(f"PRAGMA synchronous = {self.synchronous.upper()}")
+            await self._db.execute("PRAGMA foreign_keys = ON")
+            await self._migrate()
+        except sqlite3.DatabaseError as exc:
+            await self.close()
+            raise StoreError(f"cannot open store {self.path}: {_explain(exc)}") from None
+        except StoreError:
+            await self.close()
+            raise
+
+    def _hold_file_lock(self) -> None:
+        lock_path = self.path.with_name(self.path.name + ".lock")
+        try:
+            handle = open(lock_path, "a+")  # noqa: SIM115 - held open for the store's lifetime
+        except OSError as exc:
+            raise StoreError(f"cannot create lock file {lock_path}: {exc}") from None
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            handle.close()
+            raise StoreError(
+                f"store {self.path} is in use by another matrixjobs process (pid {holder})"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        self._lock_file = handle
+
+    async def _migrate(self) -> None:
+        version = int(await self._scalar("PRAGMA user_version"))
+        if version > len(MIGRATIONS):
+            raise StoreError(
+                f"{self.path}: schema version {version} is newer than this matrixjobs "
+                f"understands ({len(MIGRATIONS)}); upgrade matrixjobs"
+            )
+        for number in range(version, len(MIGRATIONS)):
+            # executescript commits any open transaction first, so wrap each step ourselves.
+            step = MIGRATIONS[number]
+            await self.db.executescript(
+                f"BEGIN IMMEDIATE; {step}; PRAGMA user_version = {number + 1}; COMMIT;"
+            )
+
+    async def close(self) -> None:
+        if self._db is not None:
+            db, self._db = self._db, None
+            await db.close()
+        if self._lock_file is not None:
+            self._lock_file.close()
+            self._lock_file = None
+
+    @property
+    def db(self) -> aiosqlite.Connection:
+        """The one connection; every use outside `open` holds `_lock`."""
+        if self._db is None:
+            raise StoreError("store is not open")
+        return self._db
+
+    async def _scalar(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        async with self.db.execute(sql, params) as cursor:
+            row = await cursor.fetchone()
+        return None if row is None else row[0]
+
+    @contextlib.asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[None]:
+        """One write transaction at a time on the shared connection."""
+        async with self._lock:
+            await self.db.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+            except BaseException:
+                await self.db.execute("ROLLBACK")
+                raise
+            await self.db.execute("COMMIT")
+
+    # -- adding work -----------------------------------------------------------------------
+
+    async def add_jobs(self, specs: Sequence[JobSpec], now: float) -> list[Job]:
+        async with self._transaction():
+            jobs = [await self._insert_job(spec, None, now) for spec in specs]
+        return jobs
+
+    async def add_batch(
+        self, name: str, specs: Sequence[JobSpec], now: float
+    ) -> tuple[Batch, list[Job]]:
+        async with self._transaction():
+            cursor = await self.db.execute(
+                "INSERT INTO batches (name, status, total, created_at) VALUES (?, ?, ?, ?)",
+                (name, Status.PENDING, len(specs), now),
+            )
+            number = cursor.lastrowid
+            assert number is not None
+            jobs = [await self._insert_job(spec, number, now) for spec in specs]
+        batch = Batch(id=batch_id(number), name=name, status=Status.PENDING,
+                      total=len(specs), created_at=now)
+        return batch, jobs
+
+    async def _insert_job(self, spec: JobSpec, batch_number: int | None, now: float) -> Job:
+        assert spec.max_retries is not None and spec.timeout_s is not None
+        cursor = await self.db.execute(
+            "INSERT INTO jobs (type, name, data, status, priority, max_retries, timeout_s, "
+            "batch_id, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (spec.type, spec.name, json.dumps(spec.data), Status.PENDING, spec.priority,
+             spec.max_retries, spec.timeout_s, batch_number, now),
+        )
+        assert cursor.lastrowid is not None
+        return Job(
+            id=job_id(cursor.lastrowid), type=spec.type, name=spec.name, data=spec.data,
+            status=Status.PENDING, priority=spec.priority, retry_count=0,
+            max_retries=spec.max_retries, timeout_s=spec.timeout_s, created_at=now,
+            batch_id=None if batch_number is None else batch_id(batch_number),
+        )
+
+    # -- running work ----------------------------------------------------------------------
+
+    async def settle_and_claim(
+        self, outcomes: Sequence[Outcome], owner: str, limit: int, now: float, lease_s: float
+    ) -> Cycle:
+        cycle = Cycle()
+        async with self._transaction():
+            touched = await self._settle(outcomes, owner)
+            if limit > 0:
+                cycle.claimed = await self._claim(owner, limit, now, now + lease_s)
+                touched.update(j.batch_id for j in cycle.claimed if j.batch_id)
+            cycle.batches = await self._refresh_batches(touched, now)
+        return cycle
+
+    async def _settle(self, outcomes: Sequence[Outcome], owner: str) -> set[str]:
+        touched: set[str] = set()
+        for outcome in outcomes:
+            progress = outcome.progress
+            current = total = message = None
+            if progress is not None:
+                current, total, message = progress.current, progress.total, progress.message
+            if outcome.retry_at is not None:
+                sql = (
+                    "UPDATE jobs SET status = 'pending', retry_count = retry_count + ?, "
+                    "run_after = ?, error = ?, progress_current = ?, progress_total = ?, "
+                    "progress_message = ?, owner = NULL, lease_expires_at = NULL "
+                    "WHERE id = ? AND status = 'processing' AND owner = ? RETURNING batch_id"
+                )
+                params: tuple[Any, ...] = (int(outcome.count_retry), outcome.retry_at,
+                                           outcome.error, current, total, message,
+                                           _number(outcome.job_id), owner)
+            else:
+                sql = (
+                    "UPDATE jobs SET status = ?, finished_at = ?, error = ?, result = ?, "
+                    "progress_current = ?, progress_total = ?, progress_message = ?, "
+                    "owner = NULL, lease_expires_at = NULL "
+                    "WHERE id = ? AND status = 'processing' AND owner = ? RETURNING batch_id"
+                )
+                params = (outcome.status, outcome.finished_at, outcome.error,
+                          _dumps(outcome.result), current, total, message,
+                          _number(outcome.job_id), owner)
+            async with self.db.execute(sql, params) as cursor:
+                row = await cursor.fetchone()
+            if row is not None and row[0] is not None:
+                touched.add(batch_id(row[0]))
+        return touched
+
+    async def _claim(self, owner: str, limit: int, now: float, lease_until: float) -> list[Job]:
+        sql = (
+            "UPDATE jobs SET status = 'processing', owner = ?, lease_expires_at = ?, "
+            "started_at = COALESCE(started_at, ?) "
+            "WHERE id IN (SELECT id FROM jobs WHERE status = 'pending' AND run_after <= ? "
+            "ORDER BY priority DESC, id LIMIT ?) "
+            f"RETURNING {JOB_COLUMNS}"
+        )
+        async with self.db.execute(sql, (owner, lease_until, now, now, limit)) as cursor:
+            rows = await cursor.fetchall()
+        jobs = [_job(row) for row in rows]
+        jobs.sort(key=lambda j: (-j.priority, _number(j.id)))
+        return jobs
+
+    async def heartbeat(
+        self, owner: str, progress: dict[str, Progress], now: float, lease_s: float
+    ) -> None:
+        async with self._transaction():
+            await self.db.execute(
+                "UPDATE jobs SET lease_expires_at = ? WHERE status = 'processing' AND owner = ?",
+                (now + lease_s, owner),
+            )
+            await self.db.executemany(
+                "UPDATE jobs SET progress_current = ?, progress_total = ?, progress_message = ? "
+                "WHERE id = ? AND status = 'processing'",
+                [(p.current, p.total, p.message, _number(jid)) for jid, p in progress.items()],
+            )
+
+    async def recover_interrupted(self, owner: str, now: float) -> Recovery:
+        recovery = Recovery()
+        # Single-owner database (see module doc): any other owner's running job is orphaned.
+        stale = "status = 'processing' AND (owner IS NULL OR owner != ?)"
+        async with self._transaction():
+            async with self.db.execute(
+                "UPDATE jobs SET status = 'pending', retry_count = retry_count + 1, "
+                "run_after = ?, error = 'interrupted', owner = NULL, lease_expires_at = NULL "
+                f"WHERE {stale} AND retry_count < max_retries RETURNING {JOB_COLUMNS}",
+                (now, owner),
+            ) as cursor:
+                recovery.requeued = [_job(row) for row in await cursor.fetchall()]
+            async with self.db.execute(
+                "UPDATE jobs SET status = 'failed', finished_at = ?, error = 'interrupted', "
+                f"owner = NULL, lease_expires_at = NULL WHERE {stale} RETURNING {JOB_COLUMNS}",
+                (now, owner),
+            ) as cursor:
+                recovery.failed = [_job(row) for row in await cursor.fetchall()]
+            touched = {j.batch_id for j in recovery.requeued + recovery.failed if j.batch_id}
+            recovery.batches = await self._refresh_batches(touched, now)
+        return recovery
+
+    # -- cancelling ------------------------------------------------------------------------
+
+    async def cancel_pending(self, job_id: str, now: float) -> tuple[Job, Batch | None] | None:
+        async with self._transaction():
+            async with self.db.execute(
+                "UPDATE jobs SET status = 'cancelled', finished_at = ?, error = 'cancelled' "
+                f"WHERE id = ? AND status = 'pending' RETURNING {JOB_COLUMNS}",
+                (now, _number(job_id)),
+            ) as cursor:
+                row = await cursor.fetchone()
+            batches = []
+            if row is not None and row[9] is not None:
+                batches = await self._refresh_batches({batch_id(row[9])}, now)
+        if row is None:
+            return None
+        return _job(row), (batches[0] if batches else None)
+
+    async def cancel_batch(self, batch_id_: str, now: float) -> BatchCancel | None:
+        number = _number(batch_id_)
+        async with self._transaction():
+            await self.db.execute(
+                "UPDATE batches SET cancel_requested = 1 WHERE id = ? AND finished_at IS NULL",
+                (number,),
+            )
+            async with self.db.execute(
+                "UPDATE jobs SET status = 'cancelled', finished_at = ?, error = 'cancelled' "
+                f"WHERE batch_id = ? AND status = 'pending' RETURNING {JOB_COLUMNS}",
+                (now, number),
+            ) as cursor:
+                cancelled = [_job(row) for row in await cursor.fetchall()]
+            async with self.db.execute(
+                "SELECT id FROM jobs WHERE batch_id = ? AND status = 'processing'", (number,)
+            ) as cursor:
+                running = [job_id(row[0]) for row in await cursor.fetchall()]
+            batches = await self._refresh_batches({batch_id_}, now)
+        if not batches:
+            return None
+        return BatchCancel(batch=batches[0], cancelled=cancelled, running=running)
+
+    # -- batches ---------------------------------------------------------------------------
+
+    async def _refresh_batches(self, ids: Iterable[str], now: float) -> list[Batch]:
+        """Recount each batch from its jobs, settle its status, and return it."""
+        batches = []
+        for bid in sorted(ids):
+            number = _number(bid)
+            counts = {status: 0 for status in Status}
+            async with self.db.execute(
+                "SELECT status, count(*) FROM jobs WHERE batch_id = ? GROUP BY status", (number,)
+            ) as cursor:
+                for status, count in await cursor.fetchall():
+                    counts[Status(status)] = count
+            async with self.db.execute(
+                f"SELECT {BATCH_COLUMNS} FROM batches WHERE id = ?", (number,)
+            ) as cursor:
+                row = await cursor.fetchone()
+            if row is None:
+                continue
+            batch = _batch(row)
+            batch.completed = counts[Status.COMPLETED]
+            batch.failed = counts[Status.FAILED]
+            batch.cancelled = counts[Status.CANCELLED]
+            batch.status = _batch_status(batch, counts)
+            if batch.status != Status.PENDING and batch.started_at is None:
+                batch.started_at = now
+            if batch.status.terminal and batch.finished_at is None:
+                batch.finished_at = now
+            await self.db.execute(
+                "UPDATE batches SET status = ?, completed = ?, failed = ?, cancelled = ?, "
+                "started_at = ?, finished_at = ? WHERE id = ?",
+                (batch.status, batch.completed, batch.failed, batch.cancelled,
+                 batch.started_at, batch.finished_at, number),
+            )
+            batch.errors = await self._batch_errors(number)
+            batches.append(batch)
+        return batches
+
+    async def _batch_errors(self, number: int) -> list[str]:
+        async with self.db.execute(
+            "SELECT id, name, error FROM jobs WHERE batch_id = ? AND status IN "
+            "('failed', 'cancelled') ORDER BY id LIMIT ?",
+            (number, ERRORS_PER_BATCH),
+        ) as cursor:
+            rows = await cursor.fetchall()
+        return [f"{job_id(jid)} {name}: {_first_line(error)}" for jid, name, error in rows]
+
+    # -- reading ---------------------------------------------------------------------------
+
+    async def next_due(self) -> float | None:
+        async with self._lock:
+            value = await self._scalar("SELECT min(run_after) FROM jobs WHERE status = 'pending'")
+        return None if value is None else float(value)
+
+    async def get_job(self, job_id_: str) -> Job | None:
+        number = _checked_number(job_id_, "j")
+        if number is None:
+            return None
+        async with self._lock, self.db.execute(
+            f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?", (number,)
+        ) as cursor:
+            row = await cursor.fetchone()
+        return None if row is None else _job(row)
+
+    async def get_batch(self, batch_id_: str) -> Batch | None:
+        number = _checked_number(batch_id_, "b")
+        if number is None:
+            return None
+        async with self._lock:
+            async with self.db.execute(
+                f"SELECT {BATCH_COLUMNS} FROM batches WHERE id = ?", (number,)
+            ) as cursor:
+                row = await cursor.fetchone()
+            if row is None:
+                return None
+            batch = _batch(row)
+            batch.errors = await self._batch_errors(number)
+        return batch
+
+    async def list_jobs(
+        self,
+        statuses: Sequence[Status] | None = None,
+        batch_id: str | None = None,
+        limit: int = 50,
+    ) -> list[Job]:
+        where, params = _status_filter(statuses)
+        if batch_id is not None:
+            where.append("batch_id = ?")
+            params.append(_number(batch_id))
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        async with self._lock, self.db.execute(
+            f"SELECT {JOB_COLUMNS} FROM jobs {clause} ORDER BY id DESC LIMIT ?",
+            (*params, limit),
+        ) as cursor:
+            return [_job(row) for row in await cursor.fetchall()]
+
+    async def list_batches(
+        self, statuses: Sequence[Status] | None = None, limit: int = 50
+    ) -> list[Batch]:
+        where, params = _status_filter(statuses)
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        async with self._lock:
+            async with self.db.execute(
+                f"SELECT {BATCH_COLUMNS} FROM batches {clause} ORDER BY id DESC LIMIT ?",
+                (*params, limit),
+            ) as cursor:
+                batches = [_batch(row) for row in await cursor.fetchall()]
+            for batch in batches:
+                batch.errors = await self._batch_errors(_number(batch.id))
+        return batches
+
+    async def purge_finished(self, before: float) -> int:
+        async with self._transaction():
+            removed = 0
+            for sql in (
+                "DELETE FROM batches WHERE finished_at < ?",
+                "DELETE FROM jobs WHERE finished_at < ? AND batch_id IS NULL",
+                "DELETE FROM processed_events WHERE processed_at < ?",
+            ):
+                cursor = await self.db.execute(sql, (before,))
+                removed += max(cursor.rowcount, 0)
+            await self.db.execute(
+                "DELETE FROM progress_messages WHERE created_at < ? AND subject_id NOT IN "
+                "(SELECT 'j' || id FROM jobs UNION ALL SELECT 'b' || id FROM batches)",
+                (before,),
+            )
+        return removed
+
+
+def _batch_status(batch: Batch, counts: dict[Status, int]) -> Status:
+    if batch.finished < batch.total:
+        started = counts[Status.PROCESSING] or batch.finished or batch.started_at
+        return Status.PROCESSING if started else Status.PENDING
+    if batch.cancel_requested:
+        return Status.CANCELLED
+    if batch.failed or batch.cancelled:
+        return Status.FAILED
+    return Status.COMPLETED
+
+
+def _status_filter(statuses: Sequence[Status] | None) -> tuple[list[str], list[Any]]:
+    if not statuses:
+        return [], []
+    marks = ", ".join("?" for _ in statuses)
+    return [f"status IN ({marks})"], [str(s) for s in statuses]
+
+
+def _number(identifier: str) -> int:
+    return int(identifier[1:])
+
+
+def _checked_number(identifier: str, prefix: str) -> int | None:
+    parsed = parse_id(identifier)
+    return parsed[1] if parsed and parsed[0] == prefix else None
+
+
+def _dumps(value: Any) -> str | None:
+    return None if value is None else json.dumps(value, default=str)
+
+
+def _first_line(text: str | None) -> str:
+    lines = (text or "failed").strip().splitlines()
+    return (lines[-1] if lines else "failed")[:200]
+
+
+def _job(row: Sequence[Any]) -> Job:
+    (number, type_, name, data, status, priority, retry_count, max_retries, timeout_s,
+     batch_number, run_after, created_at, started_at, finished_at, p_current, p_total,
+     p_message, error, result) = row
+    progress = None
+    if p_current is not None:
+        progress = Progress(p_current, p_total, p_message)
+    return Job(
+        id=job_id(number), type=type_, name=name, data=json.loads(data), status=Status(status),
+        priority=priority, retry_count=retry_count, max_retries=max_retries,
+        timeout_s=timeout_s, created_at=created_at,
+        batch_id=None if batch_number is None else batch_id(batch_number),
+        run_after=run_after, started_at=started_at, finished_at=finished_at,
+        progress=progress, error=error, result=None if result is None else json.loads(result),
+    )
+
+
+def _batch(row: Sequence[Any]) -> Batch:
+    (number, name, status, total, completed, failed, cancelled, cancel_requested,
+     created_at, started_at, finished_at) = row
+    return Batch(
+        id=batch_id(number), name=name, status=Status(status), total=total,
+        completed=completed, failed=failed, cancelled=cancelled,
+        cancel_requested=bool(cancel_requested), created_at=created_at,
+        started_at=started_at, finished_at=finished_at,
+    )
+
+
+def _explain(exc: sqlite3.DatabaseError) -> str:
+    text = str(exc)
+    if "not a database" in text or "malformed" in text:
+        return f"{text} (the file is corrupt or not a matrixjobs database)"
+    if "locked" in text:
+        return f"{text} (another process holds a lock on it)"
+    return text
+
