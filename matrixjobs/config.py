@@ -234,9 +234,9 @@ def _complete(config: Config, base: Path, secrets: dict[str, str]) -> Config:
     if not store_path.is_absolute():
         state_dir = os.environ.get("STATE_DIRECTORY")  # set by systemd's StateDirectory=
         store_path = (Path(state_dir) if state_dir else base) / store_path
+    # A target runs in the config file's directory unless it says otherwise.
     targets = {
-        name: t.model_copy(update={"cwd": base / t.cwd}) if t.cwd and not t.cwd.is_absolute()
-        else t
+        name: t.model_copy(update={"cwd": base / (t.cwd or ".")})
         for name, t in config.targets.items()
     }
     matrix = config.matrix

@@ -59,6 +59,8 @@ class Targets:
         data: dict[str, object] = {"target": name, "args": checked}
         if target.handler is not None:
             data["params"] = target.params
+            if target.cwd is not None:
+                data["cwd"] = str(target.cwd)
         return JobSpec(
             type=target.handler or COMMAND_TYPE,
             data=data,

@@ -8,7 +8,9 @@ The model for user handlers (see docs/handlers.md). Target configuration:
 
 Every `*.md` / `*.txt` file under `source` becomes an HTML page under `output`
 (a `# ` line becomes a heading, blank lines split paragraphs), followed by an
-`index.html` linking them. Progress is one step per page plus the index.
+`index.html` linking them (`contents.html` if a source page is itself `index`).
+Progress is one step per page plus the listing.
+Relative paths are taken from the target's `cwd` (default: the config's folder).
 """
 
 from __future__ import annotations
@@ -28,9 +30,10 @@ PAGE_SUFFIXES = (".md", ".txt")
 class SiteBuildHandler:
     async def run(self, job: Job, progress: ProgressReporter) -> dict[str, Any]:
         params = job.data.get("params") or {}
+        base = Path(job.data.get("cwd") or ".")
         try:
-            source = Path(params["source"])
-            output = Path(params["output"])
+            source = base / params["source"]
+            output = base / params["output"]
         except KeyError as exc:
             raise PermanentJobError(f"sitebuild needs params.{exc.args[0]}") from None
         title = str(params.get("title", "Site"))
@@ -45,8 +48,10 @@ class SiteBuildHandler:
             # File I/O off the event loop: a large site must not stall other jobs' progress.
             await asyncio.to_thread(_build_page, page, output / relative, title)
             built.append(relative.as_posix())
-        progress.report(len(pages), total, "writing index")
-        await asyncio.to_thread(_write, output / "index.html", _index(built, title))
+        # A source page called index is the home page; the listing then goes beside it.
+        listing = "contents.html" if "index.html" in built else "index.html"
+        progress.report(len(pages), total, f"writing {listing}")
+        await asyncio.to_thread(_write, output / listing, _index(built, title))
         progress.report(total, total, "done")
         return {"pages": len(built), "output": str(output)}
 

@@ -78,6 +78,17 @@ class Subscription:
     async def __aenter__(self) -> Subscription:
         return self
 
+    def __enter__(self) -> Subscription:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
     async def __aexit__(
         self,
         exc_type: type[BaseException] | None,

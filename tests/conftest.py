@@ -1,0 +1,42 @@
+"""Shared fixtures: configs written to real files, and running Apps on a temp store."""
+
+from __future__ import annotations
+
+import textwrap
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers import make_config
+
+from matrixjobs.app import App
+from matrixjobs.config import Config
+
+
+@pytest.fixture
+def write_config(tmp_path: Path) -> Callable[..., Path]:
+    """Write TOML text (dedented) to tmp_path/config.toml and return its path."""
+
+    def write(text: str, name: str = "config.toml") -> Path:
+        path = tmp_path / name
+        path.write_text(textwrap.dedent(text), encoding="utf-8")
+        return path
+
+    return write
+
+
+@pytest.fixture
+async def running_app(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
+    """Factory: `app = await running_app(config_or_none, handlers=...)`; stopped at teardown."""
+    apps: list[App] = []
+
+    async def start(config: Config | None = None, **kwargs: Any) -> App:
+        app = App(config or make_config(tmp_path), **kwargs)
+        await app.start()
+        apps.append(app)
+        return app
+
+    yield start
+    for app in apps:
+        await app.stop()

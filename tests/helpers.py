@@ -1,0 +1,48 @@
+"""Helpers shared by the tests (import as `from helpers import ...`)."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+from matrixjobs.app import App
+from matrixjobs.config import Config
+from matrixjobs.progress.events import JobProgressEvent
+
+PYTHON = sys.executable
+
+
+def make_config(tmp_path: Path, **sections: Any) -> Config:
+    """A Config for tests: fast progress and retries, store in tmp_path."""
+    raw: dict[str, Any] = {
+        "store": {"path": str(tmp_path / "matrixjobs.db")},
+        "progress": {"interval_ms": 50},
+        "queue": {"retry_backoff_s": 0.05, "kill_grace_s": 1.0},
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(raw.get(key), dict):
+            raw[key] = {**raw[key], **value}
+        else:
+            raw[key] = value
+    return Config.model_validate(raw)
+
+
+async def final_state(app: App, subject: str, timeout: float = 20.0) -> JobProgressEvent:
+    """Follow a job or batch until it ends and return its terminal event."""
+
+    async def follow() -> JobProgressEvent:
+        last = None
+        async for event in app.watch(subject):
+            last = event
+        assert last is not None
+        return last
+
+    return await asyncio.wait_for(follow(), timeout)
+
+
+def python_target(code: str, **extra: Any) -> dict[str, Any]:
+    """A target that runs a Python snippet with this interpreter."""
+    return {"command": [PYTHON, "-c", textwrap.dedent(code)], **extra}

@@ -1,0 +1,134 @@
+"""The SQLite store: schema, locking, bad database files, recovery."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+
+import pytest
+
+from matrixjobs.errors import StoreError
+from matrixjobs.models import JobSpec, Outcome, Status
+from matrixjobs.store.sqlite import MIGRATIONS, SqliteStore
+
+
+def spec(name: str = "x", max_retries: int = 1) -> JobSpec:
+    return JobSpec(type="t", data={"n": name}, name=name, max_retries=max_retries, timeout_s=5)
+
+
+@pytest.fixture
+async def store(tmp_path):
+    store = SqliteStore(tmp_path / "s.db")
+    await store.open()
+    yield store
+    await store.close()
+
+
+async def test_new_store_is_wal_with_current_schema_and_reopens(tmp_path):
+    path = tmp_path / "nested" / "s.db"
+    store = SqliteStore(path)
+    await store.open()
+    await store.add_jobs([spec()], time.time())
+    await store.close()
+    with sqlite3.connect(path) as raw:
+        assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert raw.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+        tables = {r[0] for r in raw.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert {"jobs", "batches", "progress_messages", "processed_events"} <= tables
+    again = SqliteStore(path)
+    await again.open()
+    assert len(await again.list_jobs()) == 1
+    await again.close()
+
+
+async def test_corrupt_database_file_is_a_clear_error(tmp_path):
+    path = tmp_path / "s.db"
+    path.write_bytes(b"this is not sqlite at all" * 100)
+    with pytest.raises(StoreError, match="corrupt or not a matrixjobs database"):
+        await SqliteStore(path).open()
+
+
+async def test_second_owner_of_the_same_file_is_refused(tmp_path, store):
+    with pytest.raises(StoreError, match="in use by another matrixjobs process"):
+        await SqliteStore(store.path).open()
+
+
+async def test_locked_database_is_a_clear_error(tmp_path):
+    path = tmp_path / "s.db"
+    with sqlite3.connect(path, isolation_level=None) as raw:
+        raw.execute("PRAGMA journal_mode = DELETE")
+        raw.execute("CREATE TABLE hold (x)")
+        raw.execute("BEGIN EXCLUSIVE")
+        store = SqliteStore(path)
+        started = time.monotonic()
+        with pytest.raises(StoreError, match="locked"):
+            await store.open()
+        assert time.monotonic() - started < 15
+        raw.execute("ROLLBACK")
+
+
+async def test_schema_from_a_newer_version_is_refused(tmp_path):
+    path = tmp_path / "s.db"
+    with sqlite3.connect(path) as raw:
+        raw.execute(f"PRAGMA user_version = {len(MIGRATIONS) + 1}")
+    with pytest.raises(StoreError, match="newer than this matrixjobs understands"):
+        await SqliteStore(path).open()
+
+
+async def test_unwritable_location_is_a_clear_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(StoreError, match="cannot create store directory"):
+        await SqliteStore(blocker / "sub" / "s.db").open()
+
+
+async def test_claim_takes_due_jobs_by_priority_then_age(store):
+    now = time.time()
+    _low, high = await store.add_jobs(
+        [spec("low"), JobSpec("t", {}, "high", priority=9, max_retries=0, timeout_s=5)], now
+    )
+    cycle = await store.settle_and_claim([], "me", 1, now, 60)
+    assert [j.id for j in cycle.claimed] == [high.id]
+    assert cycle.claimed[0].status == Status.PROCESSING
+
+
+async def test_outcome_of_a_job_someone_else_owns_is_ignored(store):
+    now = time.time()
+    [job] = await store.add_jobs([spec()], now)
+    await store.settle_and_claim([], "me", 1, now, 60)
+    await store.settle_and_claim([Outcome(job.id, Status.COMPLETED, now)], "intruder", 0, now, 60)
+    assert (await store.get_job(job.id)).status == Status.PROCESSING
+
+
+async def test_recovery_requeues_or_fails_orphaned_jobs(store):
+    now = time.time()
+    retry, last = await store.add_jobs([spec("retry", 1), spec("last", 0)], now)
+    await store.settle_and_claim([], "dead-process", 2, now, 60)
+    recovery = await store.recover_interrupted("new-process", now)
+    assert [j.id for j in recovery.requeued] == [retry.id]
+    assert [j.id for j in recovery.failed] == [last.id]
+    retried = await store.get_job(retry.id)
+    assert retried.status == Status.PENDING and retried.retry_count == 1
+    failed = await store.get_job(last.id)
+    assert failed.status == Status.FAILED and failed.error == "interrupted"
+
+
+async def test_heartbeat_saves_progress_snapshots(store):
+    from matrixjobs.models import Progress
+
+    now = time.time()
+    [job] = await store.add_jobs([spec()], now)
+    await store.settle_and_claim([], "me", 1, now, 60)
+    await store.heartbeat("me", {job.id: Progress(3, 10, "three")}, now, 60)
+    stored = await store.get_job(job.id)
+    assert (stored.progress.current, stored.progress.total, stored.progress.message) == (
+        3, 10, "three")
+
+
+async def test_list_filters_by_status(store):
+    now = time.time()
+    a, b = await store.add_jobs([spec("a"), spec("b")], now)
+    await store.settle_and_claim([], "me", 1, now, 60)
+    pending = await store.list_jobs([Status.PENDING])
+    assert [j.id for j in pending] == [b.id]
+    assert [j.id for j in await store.list_jobs()] == [b.id, a.id]
