@@ -10,6 +10,7 @@ or the target's `progress_regex`.
 from __future__ import annotations
 
 import asyncio
+import codecs
 import contextlib
 import os
 import re
@@ -33,6 +34,7 @@ LINE_LIMIT = 500
 READ_CHUNK = 65536
 # After the main process exits, how long its leftover children may keep the pipe open.
 DRAIN_S = 2.0
+EXIT_POLL_S = 0.1
 PROGRESS_LINE = re.compile(
     r"^::progress\s+(?:(?P<percent>\d+(?:\.\d+)?)%|(?P<current>\S+?)\s*/\s*(?P<total>\S+))"
     r"(?:\s+(?P<message>.*))?$"
@@ -81,14 +83,20 @@ class OutputParser:
             return
         if line.startswith("::progress") and self._builtin(line):
             return
-        if self.pattern is not None:
-            match = self.pattern.search(line)
-            if match is not None:
-                groups = match.groupdict()
-                current, total = _number(groups.get("current")), _number(groups.get("total"))
-                if current is not None:
-                    self.progress.report(current, total, groups.get("message"))
+        if self.pattern is not None and self._custom(line):
+            return
         self.tail.append(line[:LINE_LIMIT])
+
+    def _custom(self, line: str) -> bool:
+        match = self.pattern.search(line) if self.pattern is not None else None
+        if match is None:
+            return False
+        groups = match.groupdict()
+        current, total = _number(groups.get("current")), _number(groups.get("total"))
+        if current is None:
+            return False
+        self.progress.report(current, total, groups.get("message"))
+        return True
 
     def _builtin(self, line: str) -> bool:
         match = PROGRESS_LINE.match(line.strip())
@@ -172,14 +180,20 @@ class CommandHandler:
         stdout = process.stdout
 
         async def read() -> None:
+            decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
             while chunk := await stdout.read(READ_CHUNK):
-                parser.feed(chunk.decode("utf-8", errors="replace"))
+                parser.feed(decoder.decode(chunk))
+            parser.feed(decoder.decode(b"", final=True))
             parser.close()
 
         reader = asyncio.create_task(read())
         try:
-            returncode = await process.wait()
-            # A background grandchild may hold the pipe open forever; don't wait on it.
+            # Process.wait() also waits for the pipe to close, which a background
+            # grandchild can hold open forever: watch the exit status instead.
+            while process.returncode is None and not reader.done():
+                await asyncio.wait({reader}, timeout=EXIT_POLL_S)
+            if reader.done():
+                return await process.wait()
             done, _ = await asyncio.wait({reader}, timeout=DRAIN_S)
             if not done:
                 _signal_group(process.pid, signal.SIGKILL)
@@ -188,7 +202,7 @@ class CommandHandler:
             if not reader.done():
                 reader.cancel()
         parser.close()
-        return returncode
+        return process.returncode
 
     async def _terminate(self, process: asyncio.subprocess.Process) -> None:
         """SIGTERM the whole process group, SIGKILL it after the grace period."""
