@@ -121,10 +121,11 @@ class App:
             log.info("%s: shutting down", signal.Signals(signum).name)
             stop.set()
 
-        await self.start()
+        # Handlers first: a signal that arrives while starting still means "stop cleanly".
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, on_signal, sig)
         try:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, on_signal, sig)
+            await self.start()
             await stop.wait()
         finally:
             await self.stop()

@@ -14,7 +14,7 @@ import shutil
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from dotenv import dotenv_values
 from pydantic import (
@@ -23,6 +23,7 @@ from pydantic import (
     Field,
     PrivateAttr,
     SecretStr,
+    Strict,
     ValidationError,
     field_validator,
     model_validator,
@@ -34,6 +35,11 @@ SECRET_ENV = ("MATRIXJOBS_PASSWORD", "MATRIXJOBS_ACCESS_TOKEN", "MATRIXJOBS_API_
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 USER_RE = re.compile(r"^@[^:\s]+:[^\s]+$")
 HANDLER_REF_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+SECRET_KEYS = frozenset({"password", "access_token", "token"})
+
+# Strict numbers: TOML has real numbers, so `workers = true` or `"4"` is a mistake to report.
+Int = Annotated[int, Strict()]
+Float = Annotated[float, Strict()]
 
 
 class Section(BaseModel):
@@ -70,7 +76,13 @@ class AccessConfig(Section):
         return value
 
     def allows(self, user_id: str) -> bool:
-        return any(fnmatch.fnmatchcase(user_id, pattern) for pattern in self.allowed_users)
+        # Match localpart and server separately so '*' cannot reach across the ':'.
+        local, _, server = user_id.partition(":")
+        for pattern in self.allowed_users:
+            local_glob, _, server_glob = pattern.partition(":")
+            if fnmatch.fnmatchcase(local, local_glob) and fnmatch.fnmatchcase(server, server_glob):
+                return True
+        return False
 
 
 class StoreConfig(Section):
@@ -78,21 +90,21 @@ class StoreConfig(Section):
     path: Path = Path("matrixjobs.db")
     # FULL fsyncs every commit: a finished job survives power loss, not only a crash.
     synchronous: Literal["full", "normal"] = "full"
-    retention_days: float = Field(default=7.0, gt=0)
+    retention_days: Float = Field(default=7.0, gt=0)
 
 
 class QueueConfig(Section):
-    workers: int = Field(default=4, ge=1, le=256)
-    max_retries: int = Field(default=2, ge=0, le=100)
-    retry_backoff_s: float = Field(default=5.0, ge=0)
-    default_timeout_s: float = Field(default=3600.0, gt=0)
-    lease_s: float = Field(default=60.0, ge=1)
-    kill_grace_s: float = Field(default=10.0, ge=0)
-    max_batch_size: int = Field(default=50, ge=1, le=10_000)
+    workers: Int = Field(default=4, ge=1, le=256)
+    max_retries: Int = Field(default=2, ge=0, le=100)
+    retry_backoff_s: Float = Field(default=5.0, ge=0)
+    default_timeout_s: Float = Field(default=3600.0, gt=0)
+    lease_s: Float = Field(default=60.0, ge=1)
+    kill_grace_s: Float = Field(default=10.0, ge=0)
+    max_batch_size: Int = Field(default=50, ge=1, le=10_000)
 
 
 class ProgressConfig(Section):
-    interval_ms: int = Field(default=500, ge=10, le=600_000)
+    interval_ms: Int = Field(default=500, ge=10, le=600_000)
 
 
 class TargetConfig(Section):
@@ -102,9 +114,9 @@ class TargetConfig(Section):
     params: dict[str, Any] = Field(default_factory=dict)
     cwd: Path | None = None
     env: dict[str, str] = Field(default_factory=dict)
-    timeout_s: float | None = Field(default=None, gt=0)
-    max_retries: int | None = Field(default=None, ge=0, le=100)
-    priority: int = 0
+    timeout_s: Float | None = Field(default=None, gt=0)
+    max_retries: Int | None = Field(default=None, ge=0, le=100)
+    priority: Int = 0
     progress_regex: str | None = None
     args_pattern: str | None = None
 
@@ -210,29 +222,31 @@ def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> C
         raise ConfigError(f"{path}: cannot read config file: {exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: TOML syntax error: {exc}") from None
-    secrets = _secrets(path.parent, environ)
+    env = os.environ if environ is None else environ
+    secrets = _secrets(path.parent, env)
     try:
         config = Config.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(f"{path}: invalid configuration:\n{format_errors(exc)}") from None
-    return _complete(config, path.parent.resolve(), secrets)
+    return _complete(config, path.parent.resolve(), secrets, env.get("STATE_DIRECTORY"))
 
 
-def _secrets(directory: Path, environ: Mapping[str, str] | None) -> dict[str, str]:
+def _secrets(directory: Path, env: Mapping[str, str]) -> dict[str, str]:
     """Secrets from `.env` beside the config (or in the cwd); real environment wins."""
     values: dict[str, str] = {}
     for dotenv in dict.fromkeys([Path.cwd() / ".env", directory / ".env"]):
         if dotenv.is_file():
             values.update({k: v for k, v in dotenv_values(dotenv).items() if v is not None})
-    env = os.environ if environ is None else environ
     values.update({k: env[k] for k in SECRET_ENV if env.get(k)})
     return {k: v for k, v in values.items() if k in SECRET_ENV}
 
 
-def _complete(config: Config, base: Path, secrets: dict[str, str]) -> Config:
+def _complete(
+    config: Config, base: Path, secrets: dict[str, str], state_dir: str | None
+) -> Config:
     store_path = config.store.path
     if not store_path.is_absolute():
-        state_dir = os.environ.get("STATE_DIRECTORY")  # set by systemd's StateDirectory=
+        # state_dir: systemd's StateDirectory= puts the service's state there.
         store_path = (Path(state_dir) if state_dir else base) / store_path
     # A target runs in the config file's directory unless it says otherwise.
     targets = {
@@ -280,6 +294,8 @@ def format_errors(exc: ValidationError) -> str:
             text = "unknown key"
         elif kind == "missing":
             text = "missing required key"
+        elif kind in _EXPECTED and SECRET_KEYS.intersection(map(str, error["loc"])):
+            text = f"expected {_EXPECTED[kind]}"  # never echo a secret
         elif kind in _EXPECTED:
             text = f"expected {_EXPECTED[kind]}, got {error['input']!r}"
         else:

@@ -1,0 +1,340 @@
+"""The `matrixjobs` command line, run as a real subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+PYTHON = json.dumps(sys.executable)  # a TOML string naming this interpreter
+STARTUP_TIMEOUT_S = 15.0
+EXIT_TIMEOUT_S = 10.0
+
+GOOD_CONFIG = f"""
+    [store]
+    path = "state/matrixjobs.db"
+
+    [queue]
+    workers = 2
+
+    [progress]
+    interval_ms = 50
+
+    [targets.hello]
+    command = [{PYTHON}, "-c", "print('hello')"]
+"""
+
+
+def child_env() -> dict[str, str]:
+    """The real environment without anything that would change the CLI's behaviour."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("MATRIXJOBS_") and k not in ("STATE_DIRECTORY", "JOURNAL_STREAM")}
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def cli(cwd: Path, *args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "matrixjobs", *args],
+        cwd=cwd, env=child_env(), capture_output=True, text=True, timeout=timeout,
+        check=False,
+    )
+
+
+def write(directory: Path, text: str, name: str = "config.toml") -> Path:
+    path = directory / name
+    path.write_text(textwrap.dedent(text), encoding="utf-8")
+    return path
+
+
+def assert_clean_error(result: subprocess.CompletedProcess[str]) -> None:
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.startswith("error:"), result.stderr
+    assert "Traceback" not in result.stderr
+
+
+class Service:
+    """A `matrixjobs run` child whose stderr goes to a file we can poll."""
+
+    def __init__(self, cwd: Path, config: Path, log_name: str = "service.log") -> None:
+        self.log_path = cwd / log_name
+        self._log = open(self.log_path, "w", encoding="utf-8")  # noqa: SIM115 - closed in stop
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "matrixjobs", "run", "--config", str(config)],
+            cwd=cwd, env=child_env(), stdout=subprocess.DEVNULL, stderr=self._log, text=True,
+        )
+
+    @property
+    def log(self) -> str:
+        return self.log_path.read_text(encoding="utf-8")
+
+    def wait_for_log(self, text: str, timeout: float = STARTUP_TIMEOUT_S) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if text in self.log:
+                return
+            if self.process.poll() is not None:
+                pytest.fail(f"exited with {self.process.returncode} before {text!r}:\n{self.log}")
+            time.sleep(0.02)
+        pytest.fail(f"no {text!r} within {timeout} s:\n{self.log}")
+
+    def wait_until_started(self) -> None:
+        self.wait_for_log("matrixjobs started")
+        # "matrixjobs started" is logged just before the signal handlers are installed.
+        time.sleep(0.2)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=EXIT_TIMEOUT_S)
+        self._log.close()
+
+
+@pytest.fixture
+def services(tmp_path: Path) -> Iterator[list[Service]]:
+    started: list[Service] = []
+    yield started
+    for service in started:
+        service.stop()
+
+
+@pytest.fixture
+def start_service(tmp_path: Path, services: list[Service]):
+    def start(config: Path, log_name: str = "service.log") -> Service:
+        service = Service(tmp_path, config, log_name)
+        services.append(service)
+        return service
+
+    return start
+
+
+# -- basics ------------------------------------------------------------------------------------
+
+
+def test_version_prints_the_package_version(tmp_path):
+    from matrixjobs import __version__
+
+    result = cli(tmp_path, "--version")
+    assert result.returncode == 0
+    assert result.stdout.strip() == f"matrixjobs {__version__}"
+
+
+def test_no_subcommand_is_a_usage_error(tmp_path):
+    result = cli(tmp_path)
+    assert result.returncode == 2
+    assert "usage: matrixjobs" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+# -- check-config ------------------------------------------------------------------------------
+
+
+def test_check_config_accepts_a_good_config(tmp_path):
+    config = write(tmp_path, GOOD_CONFIG)
+    result = cli(tmp_path, "check-config", "--config", str(config))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("config OK")
+    assert f"store: {tmp_path / 'state' / 'matrixjobs.db'}" in result.stdout
+    assert "workers: 2" in result.stdout
+    assert "targets: hello" in result.stdout
+    assert "warning:" not in result.stderr
+    # Checking must not create the store.
+    assert not (tmp_path / "state").exists()
+
+
+def test_check_config_accepts_the_example_config(tmp_path):
+    example = Path(__file__).resolve().parent.parent / "config.example.toml"
+    result = cli(tmp_path, "check-config", "--config", str(example))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("config OK")
+    assert "targets: deploy, docs, site" in result.stdout
+
+
+def test_check_config_reads_config_toml_in_the_cwd_by_default(tmp_path):
+    write(tmp_path, GOOD_CONFIG)
+    result = cli(tmp_path, "check-config")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("config OK")
+
+
+def test_check_config_rejects_a_bad_config_naming_the_keys(tmp_path):
+    config = write(tmp_path, """
+        [queue]
+        wokers = 4
+
+        [targets.docs]
+        command = "make docs"
+    """)
+    result = cli(tmp_path, "check-config", "--config", str(config))
+    assert_clean_error(result)
+    assert "queue.wokers: unknown key" in result.stderr
+    assert "targets.docs.command: expected a list" in result.stderr
+    assert "config OK" not in result.stdout
+
+
+def test_check_config_reports_a_toml_syntax_error_with_its_line(tmp_path):
+    config = write(tmp_path, "[queue]\nworkers = = 4\n")
+    result = cli(tmp_path, "check-config", "--config", str(config))
+    assert_clean_error(result)
+    assert "TOML syntax error" in result.stderr
+    assert "line 2" in result.stderr
+
+
+def test_check_config_reports_a_missing_file(tmp_path):
+    result = cli(tmp_path, "check-config", "--config", "nope.toml")
+    assert_clean_error(result)
+    assert "nope.toml: config file not found" in result.stderr
+
+
+def test_check_config_warns_about_a_missing_executable_but_succeeds(tmp_path):
+    config = write(tmp_path, """
+        [targets.ghost]
+        command = ["matrixjobs-no-such-program-xyz"]
+    """)
+    result = cli(tmp_path, "check-config", "--config", str(config))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("config OK")
+    assert ("warning: targets.ghost: executable 'matrixjobs-no-such-program-xyz' not found"
+            in result.stderr.splitlines())
+
+
+def test_check_config_rejects_an_unknown_handler(tmp_path):
+    config = write(tmp_path, """
+        [targets.site]
+        handler = "nope"
+    """)
+    result = cli(tmp_path, "check-config", "--config", str(config))
+    assert_clean_error(result)
+    assert "targets.site.handler: unknown handler 'nope'" in result.stderr
+
+
+# -- run ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_run_starts_and_stops_cleanly_on_signal(tmp_path, start_service, signum):
+    config = write(tmp_path, GOOD_CONFIG)
+    service = start_service(config)
+    service.wait_until_started()
+    store = tmp_path / "state" / "matrixjobs.db"
+    assert store.is_file()
+    assert f"store {store}" in service.log
+
+    service.process.send_signal(signum)
+    returncode = service.process.wait(timeout=EXIT_TIMEOUT_S)
+    log = service.log
+    assert returncode == 0, log
+    assert "matrixjobs stopped" in log
+    assert "Traceback" not in log
+
+
+def test_signal_sent_as_soon_as_started_is_logged_still_stops_cleanly(tmp_path):
+    """Once the service says it started, a signal must shut it down gracefully.
+
+    Six services are signalled the instant their "matrixjobs started" line appears
+    (three SIGTERM, three SIGINT), to catch a window where the signal is not handled yet.
+    """
+    signals = [signal.SIGTERM, signal.SIGINT] * 3
+    children: list[subprocess.Popen[str]] = []
+    logs: list[list[str]] = [[] for _ in signals]
+
+    def follow(child: subprocess.Popen[str], signum: int, lines: list[str]) -> None:
+        assert child.stderr is not None
+        for line in child.stderr:
+            lines.append(line)
+            if "matrixjobs started" in line:
+                child.send_signal(signum)
+
+    try:
+        threads = []
+        for number, signum in enumerate(signals):
+            directory = tmp_path / f"service{number}"
+            directory.mkdir()
+            config = write(directory, GOOD_CONFIG)
+            child = subprocess.Popen(
+                [sys.executable, "-m", "matrixjobs", "run", "--config", str(config)],
+                cwd=directory, env=child_env(), stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE, text=True,
+            )
+            children.append(child)
+            thread = threading.Thread(target=follow, args=(child, signum, logs[number]),
+                                      daemon=True)
+            thread.start()
+            threads.append(thread)
+        results = []
+        for child, signum, lines, thread in zip(children, signals, logs, threads, strict=True):
+            returncode = child.wait(timeout=STARTUP_TIMEOUT_S + EXIT_TIMEOUT_S)
+            thread.join(timeout=EXIT_TIMEOUT_S)
+            log = "".join(lines)
+            assert "matrixjobs started" in log, log
+            results.append((signal.Signals(signum).name, returncode,
+                            "matrixjobs stopped" in log))
+        assert all(code == 0 and stopped for _, code, stopped in results), results
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.kill()
+                child.wait(timeout=EXIT_TIMEOUT_S)
+
+
+def test_run_refuses_a_corrupt_database(tmp_path):
+    store = tmp_path / "state" / "matrixjobs.db"
+    store.parent.mkdir()
+    store.write_bytes(os.urandom(8192))
+    config = write(tmp_path, GOOD_CONFIG)
+    began = time.monotonic()
+    result = cli(tmp_path, "run", "--config", str(config), timeout=EXIT_TIMEOUT_S)
+    assert time.monotonic() - began < EXIT_TIMEOUT_S
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    error = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert error, result.stderr
+    assert "corrupt" in error[0] or "not a database" in error[0]
+    assert str(store) in error[0]
+
+
+def test_second_run_on_the_same_store_is_refused(tmp_path, start_service):
+    config = write(tmp_path, GOOD_CONFIG)
+    first = start_service(config)
+    first.wait_until_started()
+
+    result = cli(tmp_path, "run", "--config", str(config), timeout=EXIT_TIMEOUT_S)
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "in use by another matrixjobs process" in result.stderr
+    assert f"pid {first.process.pid}" in result.stderr
+    # The first service is unaffected.
+    assert first.process.poll() is None
+    first.process.send_signal(signal.SIGTERM)
+    assert first.process.wait(timeout=EXIT_TIMEOUT_S) == 0
+
+
+def test_run_refuses_an_unknown_handler(tmp_path):
+    config = write(tmp_path, GOOD_CONFIG + """
+        [targets.site]
+        handler = "nope"
+    """)
+    result = cli(tmp_path, "run", "--config", str(config), timeout=EXIT_TIMEOUT_S)
+    assert_clean_error(result)
+    assert "targets.site.handler: unknown handler 'nope'" in result.stderr
+    assert "matrixjobs started" not in result.stderr
+
+
+def test_run_reports_a_bad_config_without_traceback(tmp_path):
+    config = write(tmp_path, """
+        [queue]
+        workers = 0
+    """)
+    result = cli(tmp_path, "run", "--config", str(config), timeout=EXIT_TIMEOUT_S)
+    assert_clean_error(result)
+    assert "queue.workers" in result.stderr
+    assert not (tmp_path / "matrixjobs.db").exists()

@@ -1,0 +1,618 @@
+"""load_config and the config models: the example file, every error message, secrets, paths."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import textwrap
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from matrixjobs.config import (
+    AccessConfig,
+    Config,
+    MatrixConfig,
+    ProgressConfig,
+    QueueConfig,
+    StoreConfig,
+    TargetConfig,
+    load_config,
+)
+from matrixjobs.errors import ConfigError
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "config.example.toml"
+
+PYTHON = json.dumps(sys.executable)  # a TOML string naming this interpreter
+
+MATRIX = """
+    [matrix]
+    homeserver = "https://matrix.example.org"
+    user_id = "@jobs:example.org"
+"""
+
+
+@pytest.fixture(autouse=True)
+def hermetic(tmp_path, monkeypatch):
+    """No stray `.env` from the real cwd and no systemd state directory."""
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.delenv("STATE_DIRECTORY", raising=False)
+
+
+@pytest.fixture
+def conf_dir(tmp_path) -> Path:
+    """A directory for the config file, distinct from the process cwd."""
+    directory = tmp_path / "conf"
+    directory.mkdir()
+    return directory
+
+
+def write(directory: Path, text: str, name: str = "config.toml") -> Path:
+    path = directory / name
+    path.write_text(textwrap.dedent(text), encoding="utf-8")
+    return path
+
+
+def config_error(path: Path) -> str:
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, environ={})
+    return str(caught.value)
+
+
+def invalid(directory: Path, text: str) -> str:
+    """The message a user gets for this config text."""
+    return config_error(write(directory, text))
+
+
+# -- the example config ------------------------------------------------------------------------
+
+
+def test_example_config_loads_with_its_documented_defaults():
+    config = load_config(EXAMPLE, environ={})
+    assert config.queue == QueueConfig()
+    assert config.progress == ProgressConfig()
+    assert config.store.backend == StoreConfig().backend
+    assert config.store.synchronous == StoreConfig().synchronous
+    assert config.store.retention_days == StoreConfig().retention_days
+    assert config.store.path == EXAMPLE.parent / StoreConfig().path
+    assert config.matrix is None
+    assert sorted(config.targets) == ["deploy", "docs", "site"]
+    assert config.access.allowed_users == ["@alice:example.org", "@*:ops.example.org"]
+
+
+def test_example_config_values_equal_the_model_defaults():
+    raw = tomllib.loads(EXAMPLE.read_text(encoding="utf-8"))
+    for section, model in (("store", StoreConfig), ("queue", QueueConfig),
+                           ("progress", ProgressConfig)):
+        for key, value in raw[section].items():
+            default = model.model_fields[key].default
+            assert type(default)(value) == default, f"{section}.{key}"
+
+
+def test_example_config_documents_every_key():
+    text = EXAMPLE.read_text(encoding="utf-8")
+    keys = set(re.findall(r"^#?\s*([a-z_]+)\s*=", text, flags=re.MULTILINE))
+    for model in (MatrixConfig, AccessConfig, StoreConfig, QueueConfig, ProgressConfig,
+                  TargetConfig):
+        missing = set(model.model_fields) - keys
+        assert not missing, f"{model.__name__}: {missing} not in config.example.toml"
+    for section in Config.model_fields:
+        assert f"[{section}" in text or f"# [{section}" in text, section
+
+
+def test_example_targets_together_use_every_target_key():
+    raw = tomllib.loads(EXAMPLE.read_text(encoding="utf-8"))
+    used = {key for target in raw["targets"].values() for key in target}
+    assert used == set(TargetConfig.model_fields)
+
+
+def test_commented_matrix_section_of_the_example_validates(conf_dir):
+    lines = EXAMPLE.read_text(encoding="utf-8").splitlines()
+    start = lines.index("# [matrix]")
+    block = []
+    for line in lines[start:]:
+        if not line.startswith("# "):
+            break
+        block.append(line.removeprefix("# "))
+    path = write(conf_dir, "\n".join(block) + "\n")
+    config = load_config(path, environ={})
+    assert config.matrix is not None
+    assert config.matrix.user_id == "@jobs:example.org"
+    assert config.matrix.command_prefix == "!"
+    assert config.matrix.device_name == "matrixjobs"
+    raw_keys = set(tomllib.loads("\n".join(block))["matrix"])
+    assert raw_keys == set(MatrixConfig.model_fields)
+
+
+def test_empty_config_is_valid_and_uses_defaults(conf_dir):
+    config = load_config(write(conf_dir, ""), environ={})
+    assert config.queue.workers == 4
+    assert config.matrix is None
+    assert config.targets == {}
+    assert config.store.path == conf_dir / "matrixjobs.db"
+
+
+# -- bad input, and the message the user gets --------------------------------------------------
+
+
+def test_missing_file_says_config_file_not_found(tmp_path):
+    message = config_error(tmp_path / "nope.toml")
+    assert "nope.toml" in message
+    assert "config file not found" in message
+
+
+def test_toml_syntax_error_gives_the_line(conf_dir):
+    message = invalid(conf_dir, """
+        [queue]
+        workers = 4
+        max_retries =
+    """)
+    assert "TOML syntax error" in message
+    assert "line 4" in message
+
+
+def test_unknown_key_is_named_in_the_error(conf_dir):
+    message = invalid(conf_dir, """
+        [queue]
+        wokers = 4
+    """)
+    assert "queue.wokers: unknown key" in message
+
+
+def test_unknown_section_is_named_in_the_error(conf_dir):
+    message = invalid(conf_dir, """
+        [qeueu]
+        workers = 4
+    """)
+    assert "qeueu: unknown key" in message
+
+
+def test_unknown_key_in_a_target_names_the_target(conf_dir):
+    message = invalid(conf_dir, f"""
+        [targets.docs]
+        comand = [{PYTHON}]
+    """)
+    assert "targets.docs.comand: unknown key" in message
+
+
+def test_wrong_type_names_the_key_and_the_expected_type(conf_dir):
+    message = invalid(conf_dir, """
+        [queue]
+        workers = "four"
+    """)
+    assert "queue.workers: expected an integer" in message
+    assert "'four'" in message
+
+
+def test_boolean_is_not_accepted_as_an_integer(conf_dir):
+    message = invalid(conf_dir, """
+        [queue]
+        workers = true
+    """)
+    assert "queue.workers: expected an integer" in message
+
+
+def test_command_given_as_a_string_names_the_target_command(conf_dir):
+    message = invalid(conf_dir, """
+        [targets.docs]
+        command = "make docs"
+    """)
+    assert "targets.docs.command: expected a list" in message
+
+
+def test_empty_command_is_rejected(conf_dir):
+    message = invalid(conf_dir, """
+        [targets.docs]
+        command = []
+    """)
+    assert "targets.docs.command: must be a non-empty list" in message
+
+
+def test_target_with_command_and_handler_is_rejected(conf_dir):
+    message = invalid(conf_dir, f"""
+        [targets.docs]
+        command = [{PYTHON}]
+        handler = "sitebuild"
+    """)
+    assert "targets.docs: set exactly one of 'command'" in message
+
+
+def test_target_with_neither_command_nor_handler_is_rejected(conf_dir):
+    message = invalid(conf_dir, """
+        [targets.docs]
+        description = "nothing to run"
+    """)
+    assert "targets.docs: set exactly one of 'command'" in message
+
+
+def test_invalid_progress_regex_is_rejected(conf_dir):
+    message = invalid(conf_dir, f"""
+        [targets.docs]
+        command = [{PYTHON}]
+        progress_regex = '(?P<current>\\d+'
+    """)
+    assert "targets.docs.progress_regex: invalid regular expression" in message
+
+
+def test_progress_regex_must_have_current_and_total_groups(conf_dir):
+    message = invalid(conf_dir, f"""
+        [targets.docs]
+        command = [{PYTHON}]
+        progress_regex = '^(?P<current>\\d+) of (\\d+)$'
+    """)
+    assert "targets.docs.progress_regex: needs named groups" in message
+    assert "missing: total" in message
+
+
+def test_progress_regex_missing_both_groups_lists_both(conf_dir):
+    message = invalid(conf_dir, f"""
+        [targets.docs]
+        command = [{PYTHON}]
+        progress_regex = '^(\\d+)/(\\d+)$'
+    """)
+    assert "missing: current, total" in message
+
+
+def test_invalid_args_pattern_is_rejected(conf_dir):
+    message = invalid(conf_dir, f"""
+        [targets.deploy]
+        command = [{PYTHON}]
+        args_pattern = '[a-z'
+    """)
+    assert "targets.deploy.args_pattern: invalid regular expression" in message
+
+
+def test_allowed_user_that_is_not_a_matrix_id_is_rejected(conf_dir):
+    message = invalid(conf_dir, """
+        [access]
+        allowed_users = ["@alice:example.org", "alice"]
+    """)
+    assert "access.allowed_users" in message
+    assert "'alice' is not a Matrix user id" in message
+
+
+def test_bad_matrix_user_id_is_rejected(conf_dir):
+    message = invalid(conf_dir, """
+        [matrix]
+        homeserver = "https://matrix.example.org"
+        user_id = "jobs"
+    """)
+    assert "matrix.user_id: expected a Matrix user id" in message
+
+
+def test_matrix_section_without_required_keys_names_them(conf_dir):
+    message = invalid(conf_dir, """
+        [matrix]
+        device_name = "bot"
+    """)
+    assert "matrix.homeserver: missing required key" in message
+    assert "matrix.user_id: missing required key" in message
+
+
+def test_bad_handler_reference_is_rejected(conf_dir):
+    message = invalid(conf_dir, """
+        [handlers]
+        mybuild = "mypackage.handlers.MyBuildHandler"
+    """)
+    assert "handlers.mybuild: expected 'package.module:Class'" in message
+    assert "mypackage.handlers.MyBuildHandler" in message
+
+
+def test_bad_target_name_is_rejected(conf_dir):
+    message = invalid(conf_dir, f"""
+        [targets."build docs"]
+        command = [{PYTHON}]
+    """)
+    assert "target name 'build docs' must be letters, digits" in message
+
+
+@pytest.mark.parametrize(("section", "key", "value"), [
+    ("queue", "workers", "0"),
+    ("queue", "workers", "257"),
+    ("queue", "max_retries", "-1"),
+    ("queue", "lease_s", "0.5"),
+    ("store", "retention_days", "0"),
+    ("progress", "interval_ms", "1"),
+])
+def test_out_of_range_number_names_the_key(conf_dir, section, key, value):
+    message = invalid(conf_dir, f"""
+        [{section}]
+        {key} = {value}
+    """)
+    assert f"{section}.{key}: Input should be" in message
+
+
+def test_out_of_range_target_timeout_names_the_target(conf_dir):
+    message = invalid(conf_dir, f"""
+        [targets.docs]
+        command = [{PYTHON}]
+        timeout_s = 0
+    """)
+    assert "targets.docs.timeout_s: Input should be greater than 0" in message
+
+
+def test_unknown_store_backend_is_rejected(conf_dir):
+    message = invalid(conf_dir, """
+        [store]
+        backend = "postgres"
+    """)
+    assert "store.backend" in message
+    assert "'sqlite'" in message
+
+
+def test_every_error_is_reported_at_once(conf_dir):
+    message = invalid(conf_dir, """
+        [queue]
+        wokers = 4
+        workers = "four"
+        [targets.docs]
+        command = "make docs"
+    """)
+    assert "queue.wokers: unknown key" in message
+    assert "queue.workers: expected an integer" in message
+    assert "targets.docs.command: expected a list" in message
+
+
+# -- secrets -----------------------------------------------------------------------------------
+
+
+def test_environment_secrets_override_the_file(conf_dir):
+    path = write(conf_dir, MATRIX + """
+        password = "from-file"
+        access_token = "token-from-file"
+    """)
+    config = load_config(path, environ={"MATRIXJOBS_PASSWORD": "from-env",
+                                        "MATRIXJOBS_ACCESS_TOKEN": "token-from-env"})
+    assert config.matrix is not None
+    assert config.matrix.password is not None
+    assert config.matrix.password.get_secret_value() == "from-env"
+    assert config.matrix.access_token is not None
+    assert config.matrix.access_token.get_secret_value() == "token-from-env"
+
+
+def test_file_secrets_are_used_without_environment(conf_dir):
+    path = write(conf_dir, MATRIX + """
+        password = "from-file"
+    """)
+    config = load_config(path, environ={})
+    assert config.matrix is not None and config.matrix.password is not None
+    assert config.matrix.password.get_secret_value() == "from-file"
+    assert config.matrix.access_token is None
+
+
+def test_dotenv_beside_the_config_provides_secrets(conf_dir):
+    path = write(conf_dir, MATRIX)
+    (conf_dir / ".env").write_text(
+        "MATRIXJOBS_PASSWORD=dotenv-password\n"
+        "MATRIXJOBS_ACCESS_TOKEN=dotenv-token\n"
+        "MATRIXJOBS_API_TOKEN=dotenv-api\n",
+        encoding="utf-8",
+    )
+    config = load_config(path, environ={})
+    assert config.matrix is not None
+    assert config.matrix.password is not None
+    assert config.matrix.password.get_secret_value() == "dotenv-password"
+    assert config.matrix.access_token is not None
+    assert config.matrix.access_token.get_secret_value() == "dotenv-token"
+    assert config.api_token is not None
+    assert config.api_token.get_secret_value() == "dotenv-api"
+
+
+def test_environment_wins_over_dotenv(conf_dir):
+    path = write(conf_dir, MATRIX + """
+        password = "from-file"
+    """)
+    (conf_dir / ".env").write_text(
+        "MATRIXJOBS_PASSWORD=from-dotenv\nMATRIXJOBS_API_TOKEN=api-from-dotenv\n",
+        encoding="utf-8",
+    )
+    config = load_config(path, environ={"MATRIXJOBS_PASSWORD": "from-env",
+                                        "MATRIXJOBS_API_TOKEN": "api-from-env"})
+    assert config.matrix is not None and config.matrix.password is not None
+    assert config.matrix.password.get_secret_value() == "from-env"
+    assert config.api_token is not None
+    assert config.api_token.get_secret_value() == "api-from-env"
+
+
+def test_dotenv_beside_the_config_wins_over_dotenv_in_the_cwd(conf_dir):
+    path = write(conf_dir, MATRIX)
+    Path(".env").write_text("MATRIXJOBS_PASSWORD=from-cwd\n", encoding="utf-8")
+    (conf_dir / ".env").write_text("MATRIXJOBS_PASSWORD=from-config-dir\n", encoding="utf-8")
+    config = load_config(path, environ={})
+    assert config.matrix is not None and config.matrix.password is not None
+    assert config.matrix.password.get_secret_value() == "from-config-dir"
+
+
+def test_dotenv_only_supplies_matrixjobs_secrets(conf_dir, monkeypatch):
+    monkeypatch.delenv("MATRIXJOBS_UNRELATED", raising=False)
+    path = write(conf_dir, "")
+    (conf_dir / ".env").write_text("MATRIXJOBS_UNRELATED=x\nHOME=/nowhere\n", encoding="utf-8")
+    config = load_config(path, environ={})
+    assert config.api_token is None
+    assert os.environ.get("HOME") != "/nowhere"
+    assert "MATRIXJOBS_UNRELATED" not in os.environ
+
+
+def test_api_token_comes_from_the_environment(conf_dir):
+    path = write(conf_dir, "")
+    assert load_config(path, environ={}).api_token is None
+    config = load_config(path, environ={"MATRIXJOBS_API_TOKEN": "s3cret-api"})
+    assert config.api_token is not None
+    assert config.api_token.get_secret_value() == "s3cret-api"
+
+
+def test_secrets_never_appear_in_repr_or_json(conf_dir):
+    path = write(conf_dir, MATRIX + """
+        access_token = "file-token-123"
+    """)
+    config = load_config(path, environ={"MATRIXJOBS_PASSWORD": "env-password-456",
+                                        "MATRIXJOBS_API_TOKEN": "env-api-789"})
+    shown = [repr(config), str(config), config.model_dump_json(), repr(config.matrix),
+             str(config.api_token), repr(config.api_token)]
+    for text in shown:
+        for secret in ("file-token-123", "env-password-456", "env-api-789"):
+            assert secret not in text
+
+
+def test_wrongly_typed_secret_is_not_echoed_in_the_error(conf_dir):
+    message = invalid(conf_dir, MATRIX + """
+        password = 31415926535
+    """)
+    assert "matrix.password" in message
+    assert "31415926535" not in message
+
+
+# -- paths -------------------------------------------------------------------------------------
+
+
+def test_relative_store_path_resolves_against_the_config_directory(conf_dir):
+    path = write(conf_dir, """
+        [store]
+        path = "data/jobs.db"
+    """)
+    assert load_config(path, environ={}).store.path == conf_dir / "data" / "jobs.db"
+
+
+def test_relative_config_path_still_resolves_to_an_absolute_store_path(tmp_path, conf_dir):
+    write(conf_dir, """
+        [store]
+        path = "jobs.db"
+    """)
+    config = load_config(Path("..") / "conf" / "config.toml", environ={})
+    assert config.store.path.is_absolute()
+    assert config.store.path == conf_dir.resolve() / "jobs.db"
+
+
+def test_store_path_goes_to_state_directory_when_set(conf_dir, tmp_path):
+    state = tmp_path / "state"
+    path = write(conf_dir, """
+        [store]
+        path = "jobs.db"
+    """)
+    environ = {"STATE_DIRECTORY": str(state)}
+    assert load_config(path, environ=environ).store.path == state / "jobs.db"
+
+
+def test_absolute_store_path_ignores_state_directory(conf_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("STATE_DIRECTORY", str(tmp_path / "state"))
+    absolute = tmp_path / "elsewhere" / "jobs.db"
+    path = write(conf_dir, f"""
+        [store]
+        path = {json.dumps(str(absolute))}
+    """)
+    assert load_config(path, environ={}).store.path == absolute
+
+
+def test_target_cwd_defaults_to_the_config_directory(conf_dir):
+    path = write(conf_dir, f"""
+        [targets.docs]
+        command = [{PYTHON}]
+        [targets.site]
+        handler = "sitebuild"
+    """)
+    config = load_config(path, environ={})
+    assert config.targets["docs"].cwd == conf_dir
+    assert config.targets["site"].cwd == conf_dir
+
+
+def test_relative_target_cwd_resolves_against_the_config_directory(conf_dir, tmp_path):
+    absolute = tmp_path / "abs"
+    path = write(conf_dir, f"""
+        [targets.docs]
+        command = [{PYTHON}]
+        cwd = "docs/src"
+        [targets.abs]
+        command = [{PYTHON}]
+        cwd = {json.dumps(str(absolute))}
+    """)
+    config = load_config(path, environ={})
+    assert config.targets["docs"].cwd == conf_dir / "docs" / "src"
+    assert config.targets["abs"].cwd == absolute
+
+
+# -- warnings ----------------------------------------------------------------------------------
+
+
+def test_missing_executable_is_warned_about(conf_dir):
+    path = write(conf_dir, """
+        [targets.ghost]
+        command = ["matrixjobs-no-such-program-xyz", "--flag"]
+        [targets.gone]
+        command = ["/nonexistent/dir/build.sh"]
+    """)
+    warnings = load_config(path, environ={}).warnings()
+    assert "targets.ghost: executable 'matrixjobs-no-such-program-xyz' not found" in warnings
+    assert "targets.gone: executable '/nonexistent/dir/build.sh' not found" in warnings
+
+
+def test_existing_executable_gives_no_warning(conf_dir):
+    path = write(conf_dir, f"""
+        [targets.py]
+        command = [{PYTHON}, "-c", "pass"]
+        [targets.site]
+        handler = "sitebuild"
+    """)
+    assert load_config(path, environ={}).warnings() == []
+
+
+def test_relative_program_is_looked_up_in_the_target_cwd(conf_dir):
+    tools = conf_dir / "tools"
+    tools.mkdir()
+    (tools / "build.sh").write_text("#!/bin/sh\n", encoding="utf-8")
+    path = write(conf_dir, """
+        [targets.build]
+        command = ["tools/build.sh"]
+    """)
+    # The process cwd is elsewhere; the program is found relative to the config directory.
+    assert load_config(path, environ={}).warnings() == []
+
+
+def test_missing_target_cwd_is_warned_about(conf_dir):
+    path = write(conf_dir, f"""
+        [targets.docs]
+        command = [{PYTHON}]
+        cwd = "not-there"
+    """)
+    warnings = load_config(path, environ={}).warnings()
+    assert any(w.startswith("targets.docs: cwd") and "is not a directory" in w
+               for w in warnings), warnings
+
+
+# -- access ------------------------------------------------------------------------------------
+
+
+def test_exact_user_id_allows_only_that_user():
+    access = AccessConfig(allowed_users=["@alice:example.org"])
+    assert access.allows("@alice:example.org")
+    assert not access.allows("@alice:example.org.evil.com")
+    assert not access.allows("@alice:example.or")
+    assert not access.allows("@alicex:example.org")
+    assert not access.allows("@Alice:example.org")  # case-sensitive, as documented
+    assert not access.allows("@bob:example.org")
+
+
+def test_server_glob_allows_every_user_on_that_server():
+    access = AccessConfig(allowed_users=["@*:example.org"])
+    assert access.allows("@alice:example.org")
+    assert access.allows("@bob:example.org")
+    assert not access.allows("@eve:example.org.evil.com")
+    assert not access.allows("@eve:evil-example.org")
+    assert not access.allows("@eve:sub.example.org")
+    assert not access.allows("@eve:EXAMPLE.ORG")
+
+
+def test_several_patterns_allow_the_union():
+    access = AccessConfig(allowed_users=["@alice:example.org", "@*:ops.example.org"])
+    assert access.allows("@alice:example.org")
+    assert access.allows("@carol:ops.example.org")
+    assert not access.allows("@bob:example.org")
+    assert not access.allows("@carol:ops.example.org.evil.com")
+
+
+def test_empty_allow_list_allows_nobody():
+    assert not AccessConfig().allows("@alice:example.org")
