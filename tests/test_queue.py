@@ -229,9 +229,41 @@ async def test_retention_deletes_old_finished_jobs_only(tmp_path, running_app, r
     done = await app.queue.enqueue(spec("done"))
     await final_state(app, done.id)
     held = await app.queue.enqueue(spec("held", action="wait"))
+    while (await app.store.get_job(held.id)).status != Status.PROCESSING:
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.1)  # held is now a long run: nothing gets claimed ahead behind it
     waiting = await app.queue.enqueue(spec("waiting"))
     removed = await app.store.purge_finished(time.time() + 1)
     assert removed == 1
     assert await app.store.get_job(done.id) is None
     assert (await app.store.get_job(held.id)).status == Status.PROCESSING
     assert (await app.store.get_job(waiting.id)).status == Status.PENDING
+
+
+async def test_queued_job_is_not_held_processing_behind_a_long_one(tmp_path, running_app,
+                                                                   registry, recorder):
+    app = await running_app(make_config(tmp_path, queue={"workers": 1}), handlers=registry)
+    quick = await app.queue.enqueue_many([spec(f"quick{i}") for i in range(20)])
+    for job in quick:
+        await final_state(app, job.id)  # short runs: the queue starts claiming ahead
+    held = await app.queue.enqueue(spec("held", action="wait"))
+    queued = await app.queue.enqueue(spec("queued"))
+    deadline = time.monotonic() + 3
+    while (await app.store.get_job(queued.id)).status != Status.PENDING:
+        assert time.monotonic() < deadline, "claimed-ahead job was never given back"
+        await asyncio.sleep(0.05)
+    assert (await app.store.get_job(held.id)).status == Status.PROCESSING
+    recorder.release.set()
+    assert (await final_state(app, queued.id)).status == Status.COMPLETED
+    assert (await app.store.get_job(queued.id)).retry_count == 0
+
+
+async def test_many_short_jobs_all_complete_exactly_once(tmp_path, running_app, registry,
+                                                         recorder):
+    app = await running_app(make_config(tmp_path, queue={"workers": 3}), handlers=registry)
+    jobs = await app.queue.enqueue_many([spec(f"n{i}") for i in range(600)])
+    while await app.store.list_jobs([Status.PENDING, Status.PROCESSING], limit=1):
+        await asyncio.sleep(0.02)
+    assert sorted(name for name, _ in recorder.calls) == sorted(f"n{i}" for i in range(600))
+    done = await app.store.list_jobs([Status.COMPLETED], limit=1000)
+    assert {job.id for job in done} == {job.id for job in jobs}

@@ -4,7 +4,9 @@ One dispatcher task is the only writer of run state. Each cycle it commits the
 outcomes of every run that ended since the last cycle and claims as many due
 jobs as there are free workers, in a single transaction. Under load that
 batches many jobs into one commit, and a job's outcome is always durable
-before anyone is told about it.
+before anyone is told about it. When jobs are so short that they finish
+faster than a commit, one more round of jobs is claimed ahead into a local
+ready list, so workers go on while the disk syncs.
 
 Guarantee (at least once): a job is `processing` in the store from the moment
 it is claimed until its outcome is committed. If the service dies in between,
@@ -22,6 +24,7 @@ import os
 import secrets
 import socket
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -54,6 +57,9 @@ from matrixjobs.store.base import Store
 log = logging.getLogger(__name__)
 
 IDLE_POLL_S = 1.0
+# Claim ahead only while runs average less than this: a long job must never sit
+# "processing" in the store while it waits for a worker.
+PREFETCH_MAX_RUN_S = 0.05
 MAX_BACKOFF_S = 3600.0
 STORE_RETRY_S = 1.0
 
@@ -63,6 +69,7 @@ class Running:
     job: Job
     reporter: ProgressReporter
     task: asyncio.Task[None]
+    started: float = 0.0
 
 
 class JobQueue:
@@ -81,11 +88,14 @@ class JobQueue:
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self._clock = clock
         self._running: dict[str, Running] = {}
+        self._ready: deque[Job] = deque()
+        self._average_run_s: float | None = None
         self._outcomes: list[tuple[Job, Outcome]] = []
         self._cancel_requested: set[str] = set()
         self._settle_waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._wakeup = asyncio.Event()
         self._maybe_due = True
+        self._pokes = 0
         self._accepting = False
         self._closing = False
         self._dispatcher: asyncio.Task[None] | None = None
@@ -110,6 +120,7 @@ class JobQueue:
     async def stop(self, grace_s: float = 0.0) -> None:
         """Stop taking work; give running jobs `grace_s`, then requeue the rest."""
         self._accepting = False
+        self._release_ready(keep=0)
         tasks = [r.task for r in self._running.values()]
         if tasks and grace_s > 0:
             await asyncio.wait(tasks, timeout=grace_s)
@@ -169,6 +180,7 @@ class JobQueue:
 
     def _poke(self) -> None:
         self._maybe_due = True
+        self._pokes += 1
         self._wakeup.set()
 
     # -- the dispatcher --------------------------------------------------------------------------
@@ -178,6 +190,12 @@ class JobQueue:
             try:
                 progressed = await self._cycle()
             except Exception:
+                if self._closing:
+                    # Uncommitted outcomes leave their jobs `processing`: the next
+                    # start recovers them, so stopping must not wait on a broken store.
+                    log.exception("store failed while stopping; %d outcomes not saved",
+                                  len(self._outcomes))
+                    return
                 log.exception("store cycle failed; retrying in %.0fs", STORE_RETRY_S)
                 await asyncio.sleep(STORE_RETRY_S)
                 continue
@@ -188,11 +206,14 @@ class JobQueue:
             await self._idle()
 
     async def _cycle(self) -> bool:
+        if not self._prefetch():  # no worker will take the extra ones soon
+            self._release_ready(keep=max(self.config.workers - len(self._running), 0))
         outcomes, self._outcomes = self._outcomes, []
-        free = self.config.workers - len(self._running) if self._accepting else 0
-        want = free if self._maybe_due else 0
+        capacity = self.config.workers + self._prefetch() if self._accepting else 0
+        want = capacity - len(self._running) - len(self._ready) if self._maybe_due else 0
         if not outcomes and want <= 0:
             return False
+        pokes = self._pokes
         try:
             cycle = await self.store.settle_and_claim(
                 [outcome for _, outcome in outcomes], self.owner, want, self._clock(),
@@ -209,10 +230,10 @@ class JobQueue:
                     waiter.set_result(None)
         for batch in cycle.batches:
             self.monitor.batch_updated(batch)
-        for job in cycle.claimed:
-            self._start(job)
-        if want > 0 and len(cycle.claimed) < want:
-            self._maybe_due = False
+        self._ready.extend(cycle.claimed)
+        self._fill()
+        if want > 0 and len(cycle.claimed) < want and pokes == self._pokes:
+            self._maybe_due = False  # drained, and nothing was enqueued meanwhile
         return True
 
     async def _idle(self) -> None:
@@ -232,16 +253,37 @@ class JobQueue:
 
     # -- running one job ---------------------------------------------------------------------------
 
+    def _prefetch(self) -> int:
+        average = self._average_run_s
+        if average is None or average >= PREFETCH_MAX_RUN_S:
+            return 0
+        oldest = time.monotonic() - PREFETCH_MAX_RUN_S
+        if any(running.started < oldest for running in self._running.values()):
+            return 0  # a long one is running: ahead-claimed jobs could wait for ages
+        return self.config.workers
+
+    def _release_ready(self, keep: int) -> None:
+        """Give ahead-claimed jobs back to pending, as they were, keeping the first `keep`."""
+        while len(self._ready) > keep:
+            job = self._ready.pop()
+            self._finish(job, Outcome(job.id, Status.PENDING, self._clock(),
+                                      retry_at=self._clock(), count_retry=False))
+
+    def _fill(self) -> None:
+        while self._ready and len(self._running) < self.config.workers and self._accepting:
+            self._start(self._ready.popleft())
+
     def _start(self, job: Job) -> None:
         if job.id in self._cancel_requested:
             self._finish(job, Outcome(job.id, Status.CANCELLED, self._clock(), error="cancelled"))
             return
         reporter = ProgressReporter()
         task = asyncio.create_task(self._execute(job, reporter), name=f"job-{job.id}")
-        self._running[job.id] = Running(job, reporter, task)
+        self._running[job.id] = Running(job, reporter, task, time.monotonic())
         self.monitor.job_started(job, reporter)
 
     async def _execute(self, job: Job, reporter: ProgressReporter) -> None:
+        started = time.monotonic()
         deadline = asyncio.timeout(job.timeout_s)
         try:
             handler = self.handlers.get(job.type)
@@ -263,6 +305,10 @@ class JobQueue:
         outcome.progress = _progress(reporter)
         self._running.pop(job.id, None)
         self._finish(job, outcome)
+        took = time.monotonic() - started
+        average = self._average_run_s
+        self._average_run_s = took if average is None else 0.8 * average + 0.2 * took
+        self._fill()
 
     def _interrupted(self, job: Job) -> Outcome:
         now = self._clock()
@@ -313,6 +359,11 @@ class JobQueue:
         if job.status.terminal:
             raise AlreadyFinishedError(f"job {job_id} already {job.status}")
         self._cancel_requested.add(job_id)
+        for ready in self._ready:
+            if ready.id == job_id:  # claimed ahead but not started: cancel it right here
+                self._ready.remove(ready)
+                self._start(ready)
+                break
         try:
             while not job.status.terminal:
                 if job.status == Status.PENDING:

@@ -104,6 +104,8 @@ BATCH_COLUMNS = (
     "created_at, started_at, finished_at"
 )
 ERRORS_PER_BATCH = 20
+# Rows per multi-row statement: well under SQLite's 32766 bound variables.
+ROWS_PER_STATEMENT = 500
 
 
 class SqliteStore(Store):
@@ -209,8 +211,7 @@ class SqliteStore(Store):
 
     async def add_jobs(self, specs: Sequence[JobSpec], now: float) -> list[Job]:
         async with self._transaction():
-            jobs = [await self._insert_job(spec, None, now) for spec in specs]
-        return jobs
+            return await self._insert_jobs(specs, None, now)
 
     async def add_batch(
         self, name: str, specs: Sequence[JobSpec], now: float
@@ -222,26 +223,42 @@ class SqliteStore(Store):
             )
             number = cursor.lastrowid
             assert number is not None
-            jobs = [await self._insert_job(spec, number, now) for spec in specs]
+            jobs = await self._insert_jobs(specs, number, now)
         batch = Batch(id=batch_id(number), name=name, status=Status.PENDING,
                       total=len(specs), created_at=now)
         return batch, jobs
 
-    async def _insert_job(self, spec: JobSpec, batch_number: int | None, now: float) -> Job:
-        assert spec.max_retries is not None and spec.timeout_s is not None
-        cursor = await self.db.execute(
-            "INSERT INTO jobs (type, name, data, status, priority, max_retries, timeout_s, "
-            "batch_id, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (spec.type, spec.name, json.dumps(spec.data), Status.PENDING, spec.priority,
-             spec.max_retries, spec.timeout_s, batch_number, now),
-        )
-        assert cursor.lastrowid is not None
-        return Job(
-            id=job_id(cursor.lastrowid), type=spec.type, name=spec.name, data=spec.data,
-            status=Status.PENDING, priority=spec.priority, retry_count=0,
-            max_retries=spec.max_retries, timeout_s=spec.timeout_s, created_at=now,
-            batch_id=None if batch_number is None else batch_id(batch_number),
-        )
+    async def _insert_jobs(
+        self, specs: Sequence[JobSpec], batch_number: int | None, now: float
+    ) -> list[Job]:
+        """Multi-row INSERTs: one round trip to the database thread per chunk, not per job."""
+        jobs = []
+        for start in range(0, len(specs), ROWS_PER_STATEMENT):
+            chunk = specs[start:start + ROWS_PER_STATEMENT]
+            params: list[Any] = []
+            for spec in chunk:
+                assert spec.max_retries is not None and spec.timeout_s is not None
+                params += (spec.type, spec.name, json.dumps(spec.data), Status.PENDING,
+                           spec.priority, spec.max_retries, spec.timeout_s, batch_number, now)
+            rows = await self.db.execute_fetchall(
+                "INSERT INTO jobs (type, name, data, status, priority, max_retries, timeout_s, "
+                f"batch_id, created_at) VALUES {_placeholders(len(chunk), 9)} RETURNING id",
+                params,
+            )
+            # Rows are inserted in VALUES order with increasing ids; RETURNING's order is not
+            # promised, so pair them up by sorting.
+            numbers = sorted(row[0] for row in rows)
+            jobs += [
+                Job(
+                    id=job_id(number), type=spec.type, name=spec.name, data=spec.data,
+                    status=Status.PENDING, priority=spec.priority, retry_count=0,
+                    max_retries=spec.max_retries or 0, timeout_s=spec.timeout_s or 0.0,
+                    created_at=now,
+                    batch_id=None if batch_number is None else batch_id(batch_number),
+                )
+                for number, spec in zip(numbers, chunk, strict=True)
+            ]
+        return jobs
 
     # -- running work ----------------------------------------------------------------------
 
@@ -258,36 +275,37 @@ class SqliteStore(Store):
         return cycle
 
     async def _settle(self, outcomes: Sequence[Outcome], owner: str) -> set[str]:
+        """Apply all outcomes with one UPDATE … FROM (VALUES …) per chunk."""
         touched: set[str] = set()
-        for outcome in outcomes:
-            progress = outcome.progress
-            current = total = message = None
-            if progress is not None:
-                current, total, message = progress.current, progress.total, progress.message
-            if outcome.retry_at is not None:
-                sql = (
-                    "UPDATE jobs SET status = 'pending', retry_count = retry_count + ?, "
-                    "run_after = ?, error = ?, progress_current = ?, progress_total = ?, "
-                    "progress_message = ?, owner = NULL, lease_expires_at = NULL "
-                    "WHERE id = ? AND status = 'processing' AND owner = ? RETURNING batch_id"
+        for start in range(0, len(outcomes), ROWS_PER_STATEMENT):
+            chunk = outcomes[start:start + ROWS_PER_STATEMENT]
+            params: list[Any] = []
+            for outcome in chunk:
+                p = outcome.progress
+                progress = (p.current, p.total, p.message) if p else (None, None, None)
+                retry = outcome.retry_at is not None
+                params += (
+                    _number(outcome.job_id),
+                    Status.PENDING if retry else outcome.status,
+                    int(retry and outcome.count_retry),
+                    outcome.retry_at,
+                    None if retry else outcome.finished_at,
+                    outcome.error,
+                    None if retry else _dumps(outcome.result),
+                    *progress,
                 )
-                params: tuple[Any, ...] = (int(outcome.count_retry), outcome.retry_at,
-                                           outcome.error, current, total, message,
-                                           _number(outcome.job_id), owner)
-            else:
-                sql = (
-                    "UPDATE jobs SET status = ?, finished_at = ?, error = ?, result = ?, "
-                    "progress_current = ?, progress_total = ?, progress_message = ?, "
-                    "owner = NULL, lease_expires_at = NULL "
-                    "WHERE id = ? AND status = 'processing' AND owner = ? RETURNING batch_id"
-                )
-                params = (outcome.status, outcome.finished_at, outcome.error,
-                          _dumps(outcome.result), current, total, message,
-                          _number(outcome.job_id), owner)
-            async with self.db.execute(sql, params) as cursor:
-                row = await cursor.fetchone()
-            if row is not None and row[0] is not None:
-                touched.add(batch_id(row[0]))
+            rows = await self.db.execute_fetchall(
+                "UPDATE jobs SET status = o.column2, retry_count = retry_count + o.column3, "
+                "run_after = COALESCE(o.column4, run_after), finished_at = o.column5, "
+                "error = o.column6, result = o.column7, progress_current = o.column8, "
+                "progress_total = o.column9, progress_message = o.column10, "
+                "owner = NULL, lease_expires_at = NULL "
+                f"FROM (VALUES {_placeholders(len(chunk), 10)}) AS o "
+                "WHERE jobs.id = o.column1 AND jobs.status = 'processing' AND jobs.owner = ? "
+                "RETURNING jobs.batch_id",
+                (*params, owner),
+            )
+            touched.update(batch_id(row[0]) for row in rows if row[0] is not None)
         return touched
 
     async def _claim(self, owner: str, limit: int, now: float, lease_until: float) -> list[Job]:
@@ -298,8 +316,7 @@ class SqliteStore(Store):
             "ORDER BY priority DESC, id LIMIT ?) "
             f"RETURNING {JOB_COLUMNS}"
         )
-        async with self.db.execute(sql, (owner, lease_until, now, now, limit)) as cursor:
-            rows = await cursor.fetchall()
+        rows = await self.db.execute_fetchall(sql, (owner, lease_until, now, now, limit))
         jobs = [_job(row) for row in rows]
         jobs.sort(key=lambda j: (-j.priority, _number(j.id)))
         return jobs
@@ -517,6 +534,11 @@ def _batch_status(batch: Batch, counts: dict[Status, int]) -> Status:
     if batch.failed or batch.cancelled:
         return Status.FAILED
     return Status.COMPLETED
+
+
+def _placeholders(rows: int, columns: int) -> str:
+    row = "(" + ", ".join("?" * columns) + ")"
+    return ", ".join([row] * rows)
 
 
 def _status_filter(statuses: Sequence[Status] | None) -> tuple[list[str], list[Any]]:
