@@ -60,6 +60,10 @@ IDLE_POLL_S = 1.0
 # Claim ahead only while runs average less than this: a long job must never sit
 # "processing" in the store while it waits for a worker.
 PREFETCH_MAX_RUN_S = 0.05
+# ...and only as many as the workers get through in this long (bounded below by one
+# round of workers and above by PREFETCH_MAX_JOBS).
+PREFETCH_WINDOW_S = 0.02
+PREFETCH_MAX_JOBS = 500
 MAX_BACKOFF_S = 3600.0
 STORE_RETRY_S = 1.0
 
@@ -260,7 +264,9 @@ class JobQueue:
         oldest = time.monotonic() - PREFETCH_MAX_RUN_S
         if any(running.started < oldest for running in self._running.values()):
             return 0  # a long one is running: ahead-claimed jobs could wait for ages
-        return self.config.workers
+        workers = self.config.workers
+        return min(max(workers, int(workers * PREFETCH_WINDOW_S / max(average, 1e-6))),
+                   PREFETCH_MAX_JOBS)
 
     def _release_ready(self, keep: int) -> None:
         """Give ahead-claimed jobs back to pending, as they were, keeping the first `keep`."""
