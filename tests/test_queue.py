@@ -267,3 +267,26 @@ async def test_many_short_jobs_all_complete_exactly_once(tmp_path, running_app, 
     assert sorted(name for name, _ in recorder.calls) == sorted(f"n{i}" for i in range(600))
     done = await app.store.list_jobs([Status.COMPLETED], limit=1000)
     assert {job.id for job in done} == {job.id for job in jobs}
+
+
+async def test_cancelling_a_batch_also_cancels_jobs_claimed_ahead(tmp_path, running_app,
+                                                                  registry, recorder):
+    app = await running_app(make_config(tmp_path, queue={"workers": 1}), handlers=registry)
+    for job in await app.queue.enqueue_many([spec(f"warm{i}") for i in range(20)]):
+        await final_state(app, job.id)  # short runs: the queue now claims ahead
+    recorder.calls.clear()
+    long = await app.queue.enqueue(spec("long", action="wait"))
+    while not recorder.calls:
+        await asyncio.sleep(0.001)
+    batch, jobs = await app.queue.enqueue_batch("later", [spec("second"), spec("third")])
+    while {j.status for j in await app.store.list_jobs(batch_id=batch.id)} != {
+            Status.PROCESSING}:
+        await asyncio.sleep(0.001)  # claimed ahead while the worker is busy with `long`
+    result = await app.cancel(batch.id)
+    assert result.status == Status.CANCELLED
+    for job in jobs:
+        assert (await app.store.get_job(job.id)).status == Status.CANCELLED
+    recorder.release.set()
+    await final_state(app, long.id)
+    await asyncio.sleep(0.2)
+    assert [name for name, _ in recorder.calls] == ["long"]

@@ -52,7 +52,7 @@ from matrixjobs.progress.events import clean_progress
 from matrixjobs.progress.monitor import ProgressMonitor
 from matrixjobs.progress.reporter import ProgressReporter
 from matrixjobs.queue.handlers import HandlerRegistry
-from matrixjobs.store.base import Store
+from matrixjobs.store.base import BatchCancel, Store
 
 log = logging.getLogger(__name__)
 
@@ -365,11 +365,6 @@ class JobQueue:
         if job.status.terminal:
             raise AlreadyFinishedError(f"job {job_id} already {job.status}")
         self._cancel_requested.add(job_id)
-        for ready in self._ready:
-            if ready.id == job_id:  # claimed ahead but not started: cancel it right here
-                self._ready.remove(ready)
-                self._start(ready)
-                break
         try:
             while not job.status.terminal:
                 if job.status == Status.PENDING:
@@ -381,9 +376,7 @@ class JobQueue:
                             self.monitor.batch_updated(batch)
                         return job
                 else:
-                    running = self._running.get(job_id)
-                    if running is not None:
-                        running.task.cancel()
+                    self._interrupt(job_id)
                     await self._settled(job_id)
                 found = await self.store.get_job(job_id)
                 if found is None:
@@ -402,19 +395,38 @@ class JobQueue:
         result = await self.store.cancel_batch(batch_id, self._clock())
         if result is None:
             raise NotFoundError(f"no batch {batch_id}")
-        for job in result.cancelled:
-            self.monitor.job_settled(job)
-        self.monitor.batch_updated(result.batch)
+        self._publish_cancel(result)
         self._cancel_requested.update(result.running)
         try:
             for job_id in result.running:
-                running = self._running.get(job_id)
-                if running is not None:
-                    running.task.cancel()
+                self._interrupt(job_id)
             await asyncio.gather(*(self._settled(job_id) for job_id in result.running))
         finally:
             self._cancel_requested.difference_update(result.running)
-        return await self.store.get_batch(batch_id) or result.batch
+        # A claimed-ahead job given back meanwhile is pending again: cancel it too.
+        again = await self.store.cancel_batch(batch_id, self._clock())
+        if again is None:
+            raise NotFoundError(f"no batch {batch_id}")
+        if again.cancelled:
+            self._publish_cancel(again)
+        return again.batch
+
+    def _publish_cancel(self, result: BatchCancel) -> None:
+        for job in result.cancelled:
+            self.monitor.job_settled(job)
+        self.monitor.batch_updated(result.batch)
+
+    def _interrupt(self, job_id: str) -> None:
+        """Stop a job this queue holds (its id must be in `_cancel_requested`)."""
+        running = self._running.get(job_id)
+        if running is not None:
+            running.task.cancel()
+            return
+        for ready in self._ready:
+            if ready.id == job_id:  # claimed ahead, not started: `_start` cancels it at once
+                self._ready.remove(ready)
+                self._start(ready)
+                return
 
     async def _settled(self, job_id: str) -> None:
         """Wait until the current run of `job_id` has its outcome committed."""
