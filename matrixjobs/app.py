@@ -177,7 +177,8 @@ class App:
             if first.terminal:
                 return
             async for event in with_updates:
-                if event.updated_at >= first.updated_at:
+                # Skip what was already stale when `first` was read; never the end.
+                if event.terminal or event.updated_at >= first.updated_at:
                     yield event
         finally:
             with_updates.close()
