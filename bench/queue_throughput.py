@@ -105,8 +105,7 @@ async def _ours(n: int, workers: int, chunk: int, directory: Path, wait: str) ->
                     terminal += 1
                     if terminal >= n:
                         return
-            raise RuntimeError("subscription ended early (overflowed: "
-                               f"{subscription.overflowed}) after {terminal} terminal events")
+            raise RuntimeError(f"subscription ended early after {terminal} terminal events")
 
         counter = asyncio.create_task(count_terminal()) if subscription else None
 

@@ -35,7 +35,8 @@ SECRET_ENV = ("MATRIXJOBS_PASSWORD", "MATRIXJOBS_ACCESS_TOKEN", "MATRIXJOBS_API_
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 USER_RE = re.compile(r"^@[^:\s]+:[^\s]+$")
 HANDLER_REF_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
-SECRET_KEYS = frozenset({"password", "access_token", "token"})
+# Values under these keys are never echoed in errors (target env values often hold tokens).
+SECRET_KEYS = frozenset({"password", "access_token", "token", "env"})
 
 # Strict numbers: TOML has real numbers, so `workers = true` or `"4"` is a mistake to report.
 Int = Annotated[int, Strict()]

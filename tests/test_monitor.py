@@ -31,11 +31,7 @@ def make_job(number: int, status: Status = Status.PENDING, batch_id: str | None 
 
 
 def drain(subscription) -> list:
-    events = []
-    while subscription._pending:
-        key = next(iter(subscription._pending))
-        events.append(subscription._pending.pop(key))
-    return events
+    return subscription.take_all()
 
 
 def run_job(monitor: ProgressMonitor, job: Job, reporter: ProgressReporter) -> None:
@@ -114,6 +110,22 @@ def test_slow_subscriber_buffer_is_bounded_and_keeps_terminals():
     events = drain(slow)
     assert len(events) <= 10
     assert {e.id for e in events if e.terminal} == {f"j{n}" for n in range(5)}
+    assert slow.missed == 0
+
+
+def test_subscriber_that_never_reads_stays_bounded_and_counts_what_it_missed():
+    clock = Clock()
+    monitor = ProgressMonitor(interval_ms=10, clock=clock, monotonic=clock, max_pending=10)
+    stalled = monitor.subscribe()
+    for number in range(250):
+        job = make_job(number)
+        run_job(monitor, job, ProgressReporter())
+        job.status = Status.COMPLETED
+        monitor.job_settled(job)
+    events = drain(stalled)
+    assert len(events) == 100  # 10 x max_pending terminal events, the newest
+    assert all(e.terminal for e in events) and events[-1].id == "j249"
+    assert stalled.missed == 150
 
 
 async def test_a_stalled_subscriber_does_not_block_the_queue(tmp_path, running_app):
@@ -130,7 +142,7 @@ async def test_a_stalled_subscriber_does_not_block_the_queue(tmp_path, running_a
     jobs = await app.queue.enqueue_many([JobSpec("quick", {}, f"q{i}") for i in range(200)])
     for job in jobs:
         assert (await final_state(app, job.id)).status == Status.COMPLETED
-    assert len(stalled._pending) <= 1000
+    assert len(stalled._pending) <= 10 * 1000
     stalled.close()
     assert app.monitor.subscriber_count == 0
 

@@ -13,13 +13,17 @@ class Subscription:
     """An async iterator of events, optionally for one id.
 
     The buffer keeps at most one pending event per id: a consumer that falls
-    behind skips intermediate states but still gets the latest, and terminal
-    events are only ever replaced by nothing. When more than `max_pending` ids
-    wait, the oldest non-terminal one is dropped; if even terminal events pile
-    up past `4 * max_pending`, the subscription ends with `overflowed = True`
-    so the consumer can re-read state instead of being fed an unbounded backlog.
-    A subscription to one id ends after delivering that id's terminal event.
+    behind skips intermediate states but still gets the latest. When more than
+    `max_pending` ids wait, the oldest non-terminal one is dropped, so terminal
+    events are kept before anything else. Only a consumer that stops reading
+    altogether can pile up more than `TERMINAL_FACTOR * max_pending` terminal
+    events; past that the oldest go and `missed` counts them (re-read state when
+    it is non-zero). Every operation is O(1): a stalled consumer costs the
+    publisher nothing more than a quick one. A subscription to one id ends after
+    delivering that id's terminal event.
     """
+
+    TERMINAL_FACTOR = 10
 
     def __init__(
         self,
@@ -29,8 +33,10 @@ class Subscription:
     ) -> None:
         self.subject = subject
         self.max_pending = max_pending
-        self.overflowed = False
+        self.missed = 0
         self._pending: dict[str, JobProgressEvent] = {}
+        # Ids in _pending whose event is not terminal, oldest first (a dict as ordered set).
+        self._droppable: dict[str, None] = {}
         self._wakeup = asyncio.Event()
         self._closed = False
         self._on_close = on_close
@@ -38,21 +44,35 @@ class Subscription:
     def offer(self, event: JobProgressEvent) -> None:
         if self._closed:
             return
+        key = event.id
         pending = self._pending
-        if event.id not in pending and len(pending) >= self.max_pending:
-            self._drop_oldest_progress()
-            if len(pending) >= 4 * self.max_pending:
-                self.overflowed = True
-                self.close()
-                return
-        pending[event.id] = event
+        if key not in pending:
+            if len(pending) >= self.max_pending and self._droppable:
+                del pending[self._drop_oldest(self._droppable)]
+            elif len(pending) >= self.TERMINAL_FACTOR * self.max_pending:
+                del pending[next(iter(pending))]
+                self.missed += 1
+        pending[key] = event
+        if event.terminal:
+            self._droppable.pop(key, None)
+        else:
+            self._droppable[key] = None
         self._wakeup.set()
 
-    def _drop_oldest_progress(self) -> None:
-        for key, queued in self._pending.items():
-            if not queued.terminal:
-                del self._pending[key]
-                return
+    @staticmethod
+    def _drop_oldest(droppable: dict[str, None]) -> str:
+        key = next(iter(droppable))
+        del droppable[key]
+        return key
+
+    def take_all(self) -> list[JobProgressEvent]:
+        """Everything waiting, oldest first, without blocking."""
+        events = list(self._pending.values())
+        self._pending.clear()
+        self._droppable.clear()
+        if self.subject is not None and any(event.terminal for event in events):
+            self.close()
+        return events
 
     def close(self) -> None:
         if not self._closed:
@@ -71,6 +91,7 @@ class Subscription:
             await self._wakeup.wait()
         key = next(iter(self._pending))
         event = self._pending.pop(key)
+        self._droppable.pop(key, None)
         if self.subject is not None and event.terminal:
             self.close()
         return event

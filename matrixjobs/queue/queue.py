@@ -72,7 +72,7 @@ STORE_RETRY_S = 1.0
 class Running:
     job: Job
     reporter: ProgressReporter
-    task: asyncio.Task[None]
+    task: asyncio.Task[Outcome]
     started: float = 0.0
 
 
@@ -108,6 +108,10 @@ class JobQueue:
 
     async def start(self) -> None:
         recovery = await self.store.recover_interrupted(self.owner, self._clock())
+        for job in recovery.cancelled:
+            log.info("job %s (%s) was being cancelled when the service stopped; cancelled",
+                     job.id, job.name)
+            self.monitor.job_settled(job)
         for job in recovery.requeued:
             log.warning("job %s (%s) was interrupted; retrying (%d/%d)",
                         job.id, job.name, job.retry_count, job.max_retries)
@@ -192,7 +196,11 @@ class JobQueue:
     async def _dispatch(self) -> None:
         while True:
             try:
-                progressed = await self._cycle()
+                if await self._cycle():
+                    continue
+                if self._closing:
+                    return
+                await self._idle()
             except Exception:
                 if self._closing:
                     # Uncommitted outcomes leave their jobs `processing`: the next
@@ -202,15 +210,11 @@ class JobQueue:
                     return
                 log.exception("store cycle failed; retrying in %.0fs", STORE_RETRY_S)
                 await asyncio.sleep(STORE_RETRY_S)
-                continue
-            if progressed:
-                continue
-            if self._closing:
-                return
-            await self._idle()
 
     async def _cycle(self) -> bool:
-        if not self._prefetch():  # no worker will take the extra ones soon
+        if not self._accepting:
+            self._release_ready(keep=0)
+        elif not self._prefetch():  # no worker will take the extra ones soon
             self._release_ready(keep=max(self.config.workers - len(self._running), 0))
         outcomes, self._outcomes = self._outcomes, []
         capacity = self.config.workers + self._prefetch() if self._accepting else 0
@@ -235,7 +239,10 @@ class JobQueue:
         for batch in cycle.batches:
             self.monitor.batch_updated(batch)
         self._ready.extend(cycle.claimed)
-        self._fill()
+        if self._accepting:
+            self._fill()
+        else:  # stop() began while we were claiming
+            self._release_ready(keep=0)
         if want > 0 and len(cycle.claimed) < want and pokes == self._pokes:
             self._maybe_due = False  # drained, and nothing was enqueued meanwhile
         return True
@@ -284,34 +291,48 @@ class JobQueue:
             self._finish(job, Outcome(job.id, Status.CANCELLED, self._clock(), error="cancelled"))
             return
         reporter = ProgressReporter()
-        task = asyncio.create_task(self._execute(job, reporter), name=f"job-{job.id}")
-        self._running[job.id] = Running(job, reporter, task, time.monotonic())
+        task = asyncio.create_task(self._run(job, reporter), name=f"job-{job.id}")
+        running = Running(job, reporter, task, time.monotonic())
+        self._running[job.id] = running
+        task.add_done_callback(lambda _: self._ended(running))
         self.monitor.job_started(job, reporter)
 
-    async def _execute(self, job: Job, reporter: ProgressReporter) -> None:
-        started = time.monotonic()
+    async def _run(self, job: Job, reporter: ProgressReporter) -> Outcome:
         deadline = asyncio.timeout(job.timeout_s)
         try:
             handler = self.handlers.get(job.type)
             async with deadline:
                 result = await handler.run(job, reporter)
-            outcome = Outcome(job.id, Status.COMPLETED, self._clock(), result=_jsonable(result))
+            return Outcome(job.id, Status.COMPLETED, self._clock(), result=_jsonable(result))
         except asyncio.CancelledError:
-            outcome = self._interrupted(job)
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                return self._interrupted(job)
+            # The handler's own CancelledError (e.g. from a library it uses): a failure.
+            return self._failure(job, "CancelledError raised by the handler", retryable=True)
         except TimeoutError as exc:
             if not deadline.expired():
-                outcome = self._failure(job, f"TimeoutError: {exc}", retryable=True)
-            else:
-                outcome = self._failure(job, f"timed out after {job.timeout_s:g}s", retryable=True)
+                return self._failure(job, f"TimeoutError: {exc}", retryable=True)
+            return self._failure(job, f"timed out after {job.timeout_s:g}s", retryable=True)
         except (PermanentJobError, UnknownJobTypeError) as exc:
-            outcome = self._failure(job, str(exc), retryable=False)
-        except Exception as exc:
-            log.info("job %s (%s) failed: %s", job.id, job.name, exc, exc_info=exc)
-            outcome = self._failure(job, _describe(exc), retryable=True)
-        outcome.progress = _progress(reporter)
+            return self._failure(job, str(exc), retryable=False)
+        except BaseException as exc:  # SystemExit from a handler must not stop the service
+            log.info("job %s (%s) failed: %r", job.id, job.name, exc, exc_info=exc)
+            return self._failure(job, _describe(exc), retryable=True)
+
+    def _ended(self, running: Running) -> None:
+        """The task's done callback: it runs even if the task was cancelled before it began."""
+        job, task = running.job, running.task
+        if task.cancelled():
+            outcome = self._interrupted(job)
+        elif (error := task.exception()) is not None:
+            outcome = self._failure(job, _describe(error), retryable=True)
+        else:
+            outcome = task.result()
+        outcome.progress = _progress(running.reporter)
         self._running.pop(job.id, None)
         self._finish(job, outcome)
-        took = time.monotonic() - started
+        took = time.monotonic() - running.started
         average = self._average_run_s
         self._average_run_s = took if average is None else 0.8 * average + 0.2 * took
         self._fill()
@@ -376,6 +397,7 @@ class JobQueue:
                             self.monitor.batch_updated(batch)
                         return job
                 else:
+                    await self.store.request_cancel(job_id)
                     self._interrupt(job_id)
                     await self._settled(job_id)
                 found = await self.store.get_job(job_id)

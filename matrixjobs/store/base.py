@@ -26,6 +26,7 @@ class Cycle:
 class Recovery:
     """Jobs found `processing` whose worker is gone, and what became of them."""
 
+    cancelled: list[Job] = field(default_factory=list)
     requeued: list[Job] = field(default_factory=list)
     failed: list[Job] = field(default_factory=list)
     batches: list[Batch] = field(default_factory=list)
@@ -73,7 +74,12 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def recover_interrupted(self, owner: str, now: float) -> Recovery:
-        """Requeue (retry_count < max_retries) or fail ("interrupted") jobs whose worker died."""
+        """Settle jobs whose worker died: cancel those whose cancel was requested, requeue
+        (retry_count < max_retries) or fail ("interrupted") the rest."""
+
+    @abc.abstractmethod
+    async def request_cancel(self, job_id: str) -> None:
+        """Record that a running job is to be cancelled, so a crash cannot undo it."""
 
     @abc.abstractmethod
     async def cancel_pending(self, job_id: str, now: float) -> tuple[Job, Batch | None] | None:

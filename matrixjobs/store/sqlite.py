@@ -59,6 +59,7 @@ MIGRATIONS: list[str] = [
         retry_count INTEGER NOT NULL DEFAULT 0,
         max_retries INTEGER NOT NULL,
         timeout_s REAL NOT NULL,
+        cancel_requested INTEGER NOT NULL DEFAULT 0,
         batch_id INTEGER REFERENCES batches(id) ON DELETE CASCADE,
         run_after REAL NOT NULL DEFAULT 0,
         owner TEXT,
@@ -104,6 +105,8 @@ BATCH_COLUMNS = (
     "created_at, started_at, finished_at"
 )
 ERRORS_PER_BATCH = 20
+MIN_SQLITE = (3, 35, 0)
+CANCELLED_BATCH = "coalesce(batch_id IN (SELECT id FROM batches WHERE cancel_requested = 1), 0)"
 # Rows per multi-row statement: well under SQLite's 32766 bound variables.
 ROWS_PER_STATEMENT = 500
 
@@ -115,10 +118,16 @@ class SqliteStore(Store):
         self._db: aiosqlite.Connection | None = None
         self._lock_file: IO[str] | None = None
         self._lock = asyncio.Lock()
+        self._unfinished = False
 
     # -- lifecycle -------------------------------------------------------------------------
 
     async def open(self) -> None:
+        if sqlite3.sqlite_version_info < MIN_SQLITE:
+            raise StoreError(
+                f"SQLite {sqlite3.sqlite_version} is too old: matrixjobs needs "
+                f"{'.'.join(map(str, MIN_SQLITE))} or newer (for RETURNING and UPDATE … FROM)"
+            )
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -197,15 +206,27 @@ class SqliteStore(Store):
 
     @contextlib.asynccontextmanager
     async def _transaction(self) -> AsyncIterator[None]:
-        """One write transaction at a time on the shared connection."""
+        """One write transaction at a time on the shared connection.
+
+        A caller cancelled during BEGIN, COMMIT or ROLLBACK does not stop that
+        statement on the database thread, and could leave a transaction open
+        that every later BEGIN trips over. `_unfinished` remembers that, and the
+        next transaction first rolls back whatever is left.
+        """
         async with self._lock:
+            if self._unfinished:
+                with contextlib.suppress(sqlite3.OperationalError):  # nothing was left open
+                    await self.db.execute("ROLLBACK")
+            self._unfinished = True
             await self.db.execute("BEGIN IMMEDIATE")
             try:
                 yield
             except BaseException:
                 await self.db.execute("ROLLBACK")
+                self._unfinished = False
                 raise
             await self.db.execute("COMMIT")
+            self._unfinished = False
 
     # -- adding work -----------------------------------------------------------------------
 
@@ -313,7 +334,7 @@ class SqliteStore(Store):
             "UPDATE jobs SET status = 'processing', owner = ?, lease_expires_at = ?, "
             "started_at = COALESCE(started_at, ?) "
             "WHERE id IN (SELECT id FROM jobs WHERE status = 'pending' AND run_after <= ? "
-            "ORDER BY priority DESC, id LIMIT ?) "
+            f"AND NOT {CANCELLED_BATCH} ORDER BY priority DESC, id LIMIT ?) "
             f"RETURNING {JOB_COLUMNS}"
         )
         rows = await self.db.execute_fetchall(sql, (owner, lease_until, now, now, limit))
@@ -340,6 +361,15 @@ class SqliteStore(Store):
         # Single-owner database (see module doc): any other owner's running job is orphaned.
         stale = "status = 'processing' AND (owner IS NULL OR owner != ?)"
         async with self._transaction():
+            # A cancel asked for before the crash still holds.
+            async with self.db.execute(
+                "UPDATE jobs SET status = 'cancelled', finished_at = ?, error = 'cancelled', "
+                "owner = NULL, lease_expires_at = NULL "
+                f"WHERE (status = 'pending' OR ({stale})) "
+                f"AND (cancel_requested = 1 OR {CANCELLED_BATCH}) RETURNING {JOB_COLUMNS}",
+                (now, owner),
+            ) as cursor:
+                recovery.cancelled = [_job(row) for row in await cursor.fetchall()]
             async with self.db.execute(
                 "UPDATE jobs SET status = 'pending', retry_count = retry_count + 1, "
                 "run_after = ?, error = 'interrupted', owner = NULL, lease_expires_at = NULL "
@@ -353,7 +383,8 @@ class SqliteStore(Store):
                 (now, owner),
             ) as cursor:
                 recovery.failed = [_job(row) for row in await cursor.fetchall()]
-            touched = {j.batch_id for j in recovery.requeued + recovery.failed if j.batch_id}
+            ended = recovery.cancelled + recovery.requeued + recovery.failed
+            touched = {j.batch_id for j in ended if j.batch_id}
             recovery.batches = await self._refresh_batches(touched, now)
         return recovery
 
@@ -373,6 +404,13 @@ class SqliteStore(Store):
         if row is None:
             return None
         return _job(row), (batches[0] if batches else None)
+
+    async def request_cancel(self, job_id: str) -> None:
+        async with self._transaction():
+            await self.db.execute(
+                "UPDATE jobs SET cancel_requested = 1 WHERE id = ? AND status = 'processing'",
+                (_number(job_id),),
+            )
 
     async def cancel_batch(self, batch_id_: str, now: float) -> BatchCancel | None:
         number = _number(batch_id_)
