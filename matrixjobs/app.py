@@ -140,12 +140,19 @@ class App:
 
     # -- the core's public API -------------------------------------------------------------------
 
-    async def submit(self, target: str, args: Sequence[str] = ()) -> Job:
-        return await self.queue.enqueue(self.targets.spec(target, list(args)))
+    async def submit(
+        self, target: str, args: Sequence[str] = (), dedupe_key: str | None = None
+    ) -> Job:
+        """Queue a configured target; `dedupe_key` makes a repeated request a no-op error."""
+        spec = self.targets.spec(target, list(args))
+        [job] = await self.queue.enqueue_many([spec], dedupe_key)
+        return job
 
-    async def submit_batch(self, targets: Sequence[str], name: str | None = None) -> Batch:
+    async def submit_batch(
+        self, targets: Sequence[str], name: str | None = None, dedupe_key: str | None = None
+    ) -> Batch:
         specs = [self.targets.spec(target) for target in targets]
-        batch, _ = await self.queue.enqueue_batch(name or " ".join(targets), specs)
+        batch, _ = await self.queue.enqueue_batch(name or " ".join(targets), specs, dedupe_key)
         return batch
 
     async def cancel(self, subject: str) -> Job | Batch:

@@ -53,3 +53,12 @@ class PermanentJobError(MatrixJobsError):
 
 class JobFailedError(MatrixJobsError):
     """A run failed in an expected way; the message says why (retried while retries remain)."""
+
+
+class AlreadySubmittedError(MatrixJobsError):
+    """The same request (e.g. one Matrix command event) was already turned into work."""
+
+    def __init__(self, key: str, subject_id: str | None) -> None:
+        super().__init__(f"already submitted as {subject_id or 'a job'}")
+        self.key = key
+        self.subject_id = subject_id

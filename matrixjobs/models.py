@@ -117,3 +117,16 @@ class Outcome:
     retry_at: float | None = None
     # False when the run was stopped by a shutdown, which is no fault of the job's.
     count_retry: bool = True
+
+
+@dataclass(slots=True)
+class ProgressMessage:
+    """Where an interface shows a job or batch: edits always target `event_id`."""
+
+    subject_id: str
+    room_id: str
+    event_id: str
+    requester: str
+    reply_to: str
+    edits: int = 0
+    final: bool = False

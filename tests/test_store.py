@@ -132,3 +132,32 @@ async def test_list_filters_by_status(store):
     pending = await store.list_jobs([Status.PENDING])
     assert [j.id for j in pending] == [b.id]
     assert [j.id for j in await store.list_jobs()] == [b.id, a.id]
+
+
+async def test_a_dedupe_key_adds_work_only_once(store):
+    from matrixjobs.errors import AlreadySubmittedError
+
+    now = time.time()
+    [job] = await store.add_jobs([spec()], now, dedupe_key="$event1")
+    with pytest.raises(AlreadySubmittedError) as raised:
+        await store.add_jobs([spec()], now, dedupe_key="$event1")
+    assert raised.value.subject_id == job.id
+    batch, _ = await store.add_batch("b", [spec(), spec()], now, dedupe_key="$event2")
+    with pytest.raises(AlreadySubmittedError) as raised:
+        await store.add_batch("b", [spec()], now, dedupe_key="$event2")
+    assert raised.value.subject_id == batch.id
+    assert len(await store.list_jobs()) == 3
+
+
+async def test_progress_messages_and_settings_round_trip(store):
+    from matrixjobs.models import ProgressMessage
+
+    message = ProgressMessage("j1", "!room:x", "$orig", "@alice:x", "$cmd")
+    await store.save_message(message, time.time())
+    assert await store.open_messages() == [message]
+    await store.update_message("j1", edits=5, final=True)
+    assert await store.open_messages() == []
+    assert await store.get_setting("device_id") is None
+    await store.set_setting("device_id", "ABC")
+    await store.set_setting("device_id", "DEF")
+    assert await store.get_setting("device_id") == "DEF"

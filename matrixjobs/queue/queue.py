@@ -151,16 +151,24 @@ class JobQueue:
     async def enqueue(self, spec: JobSpec) -> Job:
         return (await self.enqueue_many([spec]))[0]
 
-    async def enqueue_many(self, specs: Sequence[JobSpec]) -> list[Job]:
-        """Add jobs in one transaction (one commit for all of them)."""
+    async def enqueue_many(
+        self, specs: Sequence[JobSpec], dedupe_key: str | None = None
+    ) -> list[Job]:
+        """Add jobs in one transaction (one commit for all of them).
+
+        A `dedupe_key` (e.g. the chat message that asked) can add work only once:
+        a second call with it raises AlreadySubmittedError.
+        """
         resolved = [self._resolve(spec) for spec in specs]
-        jobs = await self.store.add_jobs(resolved, self._clock())
+        jobs = await self.store.add_jobs(resolved, self._clock(), dedupe_key)
         for job in jobs:
             self.monitor.job_queued(job)
         self._poke()
         return jobs
 
-    async def enqueue_batch(self, name: str, specs: Sequence[JobSpec]) -> tuple[Batch, list[Job]]:
+    async def enqueue_batch(
+        self, name: str, specs: Sequence[JobSpec], dedupe_key: str | None = None
+    ) -> tuple[Batch, list[Job]]:
         if not specs:
             raise BadBatchError("a batch needs at least one operation")
         if len(specs) > self.config.max_batch_size:
@@ -168,7 +176,7 @@ class JobQueue:
                 f"batch too large: {len(specs)} operations (at most {self.config.max_batch_size})"
             )
         resolved = [self._resolve(spec) for spec in specs]
-        batch, jobs = await self.store.add_batch(name, resolved, self._clock())
+        batch, jobs = await self.store.add_batch(name, resolved, self._clock(), dedupe_key)
         self.monitor.batch_updated(batch)
         for job in jobs:
             self.monitor.job_queued(job)

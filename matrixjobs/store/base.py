@@ -11,7 +11,7 @@ import abc
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from matrixjobs.models import Batch, Job, JobSpec, Outcome, Progress, Status
+from matrixjobs.models import Batch, Job, JobSpec, Outcome, Progress, ProgressMessage, Status
 
 
 @dataclass(slots=True)
@@ -50,12 +50,17 @@ class Store(abc.ABC):
     async def close(self) -> None: ...
 
     @abc.abstractmethod
-    async def add_jobs(self, specs: Sequence[JobSpec], now: float) -> list[Job]: ...
+    async def add_jobs(
+        self, specs: Sequence[JobSpec], now: float, dedupe_key: str | None = None
+    ) -> list[Job]:
+        """Add jobs. With `dedupe_key`, raise AlreadySubmittedError if that key was used
+        before; the key is recorded in the same transaction as the jobs."""
 
     @abc.abstractmethod
     async def add_batch(
-        self, name: str, specs: Sequence[JobSpec], now: float
-    ) -> tuple[Batch, list[Job]]: ...
+        self, name: str, specs: Sequence[JobSpec], now: float, dedupe_key: str | None = None
+    ) -> tuple[Batch, list[Job]]:
+        """Add a batch and its jobs; `dedupe_key` as for add_jobs."""
 
     @abc.abstractmethod
     async def settle_and_claim(
@@ -113,6 +118,22 @@ class Store(abc.ABC):
         self, statuses: Sequence[Status] | None = None, limit: int = 50
     ) -> list[Batch]:
         """Newest first."""
+
+    @abc.abstractmethod
+    async def save_message(self, message: ProgressMessage, now: float) -> None: ...
+
+    @abc.abstractmethod
+    async def update_message(self, subject_id: str, edits: int, final: bool) -> None: ...
+
+    @abc.abstractmethod
+    async def open_messages(self) -> list[ProgressMessage]:
+        """Progress messages whose final state has not been shown yet, oldest first."""
+
+    @abc.abstractmethod
+    async def get_setting(self, key: str) -> str | None: ...
+
+    @abc.abstractmethod
+    async def set_setting(self, key: str, value: str) -> None: ...
 
     @abc.abstractmethod
     async def purge_finished(self, before: float) -> int:

@@ -19,13 +19,14 @@ from typing import IO, Any
 
 import aiosqlite
 
-from matrixjobs.errors import StoreError
+from matrixjobs.errors import AlreadySubmittedError, StoreError
 from matrixjobs.models import (
     Batch,
     Job,
     JobSpec,
     Outcome,
     Progress,
+    ProgressMessage,
     Status,
     batch_id,
     job_id,
@@ -83,7 +84,17 @@ MIGRATIONS: list[str] = [
         subject_id TEXT PRIMARY KEY,
         room_id TEXT NOT NULL,
         event_id TEXT NOT NULL,
+        requester TEXT NOT NULL,
+        reply_to TEXT NOT NULL,
+        edits INTEGER NOT NULL DEFAULT 0,
+        final INTEGER NOT NULL DEFAULT 0,
         created_at REAL NOT NULL
+    );
+    CREATE INDEX progress_messages_open ON progress_messages(final) WHERE final = 0;
+    -- small durable settings of the interfaces (e.g. the bot's device id and token)
+    CREATE TABLE settings (
+        key TEXT PRIMARY KEY,
+        value TEXT NOT NULL
     );
     -- command events already acted on, so a replayed event never starts a second job
     CREATE TABLE processed_events (
@@ -230,14 +241,20 @@ class SqliteStore(Store):
 
     # -- adding work -----------------------------------------------------------------------
 
-    async def add_jobs(self, specs: Sequence[JobSpec], now: float) -> list[Job]:
+    async def add_jobs(
+        self, specs: Sequence[JobSpec], now: float, dedupe_key: str | None = None
+    ) -> list[Job]:
         async with self._transaction():
-            return await self._insert_jobs(specs, None, now)
+            await self._claim_key(dedupe_key, specs, now)
+            jobs = await self._insert_jobs(specs, None, now)
+            await self._record_key(dedupe_key, jobs[0].id if len(jobs) == 1 else None)
+        return jobs
 
     async def add_batch(
-        self, name: str, specs: Sequence[JobSpec], now: float
+        self, name: str, specs: Sequence[JobSpec], now: float, dedupe_key: str | None = None
     ) -> tuple[Batch, list[Job]]:
         async with self._transaction():
+            await self._claim_key(dedupe_key, specs, now)
             cursor = await self.db.execute(
                 "INSERT INTO batches (name, status, total, created_at) VALUES (?, ?, ?, ?)",
                 (name, Status.PENDING, len(specs), now),
@@ -245,9 +262,29 @@ class SqliteStore(Store):
             number = cursor.lastrowid
             assert number is not None
             jobs = await self._insert_jobs(specs, number, now)
+            await self._record_key(dedupe_key, batch_id(number))
         batch = Batch(id=batch_id(number), name=name, status=Status.PENDING,
                       total=len(specs), created_at=now)
         return batch, jobs
+
+    async def _claim_key(self, key: str | None, specs: Sequence[JobSpec], now: float) -> None:
+        """Inside the adding transaction: refuse a key seen before, else reserve it."""
+        if key is None:
+            return
+        rows = await self.db.execute_fetchall(
+            "SELECT subject_id FROM processed_events WHERE event_id = ?", (key,)
+        )
+        if rows:
+            raise AlreadySubmittedError(key, rows[0][0])
+        await self.db.execute(
+            "INSERT INTO processed_events (event_id, processed_at) VALUES (?, ?)", (key, now)
+        )
+
+    async def _record_key(self, key: str | None, subject: str | None) -> None:
+        if key is not None and subject is not None:
+            await self.db.execute(
+                "UPDATE processed_events SET subject_id = ? WHERE event_id = ?", (subject, key)
+            )
 
     async def _insert_jobs(
         self, specs: Sequence[JobSpec], batch_number: int | None, now: float
@@ -433,6 +470,44 @@ class SqliteStore(Store):
         if not batches:
             return None
         return BatchCancel(batch=batches[0], cancelled=cancelled, running=running)
+
+    # -- progress messages and settings (for interfaces) ------------------------------------
+
+    async def save_message(self, message: ProgressMessage, now: float) -> None:
+        async with self._transaction():
+            await self.db.execute(
+                "INSERT OR REPLACE INTO progress_messages (subject_id, room_id, event_id, "
+                "requester, reply_to, edits, final, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (message.subject_id, message.room_id, message.event_id, message.requester,
+                 message.reply_to, message.edits, int(message.final), now),
+            )
+
+    async def update_message(self, subject_id: str, edits: int, final: bool) -> None:
+        async with self._transaction():
+            await self.db.execute(
+                "UPDATE progress_messages SET edits = ?, final = ? WHERE subject_id = ?",
+                (edits, int(final), subject_id),
+            )
+
+    async def open_messages(self) -> list[ProgressMessage]:
+        async with self._lock:
+            rows = await self.db.execute_fetchall(
+                "SELECT subject_id, room_id, event_id, requester, reply_to, edits, final "
+                "FROM progress_messages WHERE final = 0 ORDER BY created_at"
+            )
+        return [ProgressMessage(s, r, e, q, t, n, bool(f)) for s, r, e, q, t, n, f in rows]
+
+    async def get_setting(self, key: str) -> str | None:
+        async with self._lock:
+            rows = await self.db.execute_fetchall("SELECT value FROM settings WHERE key = ?",
+                                                  (key,))
+        return rows[0][0] if rows else None
+
+    async def set_setting(self, key: str, value: str) -> None:
+        async with self._transaction():
+            await self.db.execute(
+                "INSERT OR REPLACE INTO settings (key, value) VALUES (?, ?)", (key, value)
+            )
 
     # -- batches ---------------------------------------------------------------------------
 
