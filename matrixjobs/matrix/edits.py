@@ -1,0 +1,324 @@
+"""The edit scheduler: one progress message per job or batch, kept current within budget.
+
+Every send, edits included, counts against the homeserver's rate limit. The
+scheduler keeps only the newest state per message (coalescing), sends what
+matters first — final states, then replies and first messages, then progress
+edits round-robin — and keeps back enough of its budget that every live
+message's final edit can go out at once. Edits always target the original
+event, carry the full `m.new_content`, and never exceed `max_edits` per message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from matrixjobs.matrix.ratelimit import TokenBucket
+from matrixjobs.matrix.render import Rendered, render_final_notice, render_progress
+from matrixjobs.models import ProgressMessage
+from matrixjobs.progress.events import JobProgressEvent
+from matrixjobs.store.base import Store
+
+log = logging.getLogger(__name__)
+
+HTML = "org.matrix.custom.html"
+MAX_BACKOFF_S = 60.0
+RATE_WARNING_EVERY_S = 60.0
+
+
+class RateLimitedError(Exception):
+    def __init__(self, retry_after_s: float) -> None:
+        super().__init__(f"rate limited for {retry_after_s:.1f}s")
+        self.retry_after_s = retry_after_s
+
+
+class SendFailedError(Exception):
+    """A send that failed; `permanent` ones (forbidden, room gone) are not retried."""
+
+    def __init__(self, message: str, permanent: bool = False) -> None:
+        super().__init__(message)
+        self.permanent = permanent
+
+
+class Sender(Protocol):
+    async def send(self, room_id: str, content: dict[str, Any]) -> str:
+        """Send an m.room.message; return its event id or raise one of the errors above."""
+
+
+@dataclass(slots=True)
+class Slot:
+    """One progress message: the state last shown and the newest state known."""
+
+    subject_id: str
+    room_id: str
+    requester: str
+    reply_to: str
+    order: int
+    latest: JobProgressEvent
+    event_id: str | None = None
+    shown: JobProgressEvent | None = None
+    edits: int = 0
+    last_sent: float = float("-inf")
+
+    @property
+    def dirty(self) -> bool:
+        return self.latest is not self.shown
+
+
+@dataclass(slots=True)
+class Reply:
+    room_id: str
+    reply_to: str
+    rendered: Rendered
+    mentions: list[str] = field(default_factory=list)
+
+
+def message_content(rendered: Rendered, reply_to: str | None = None,
+                    mentions: Sequence[str] = ()) -> dict[str, Any]:
+    content: dict[str, Any] = {
+        "msgtype": "m.notice",
+        "body": rendered.body,
+        "format": HTML,
+        "formatted_body": rendered.html,
+        "m.mentions": {"user_ids": list(mentions)} if mentions else {},
+    }
+    if reply_to is not None:
+        content["m.relates_to"] = {"m.in_reply_to": {"event_id": reply_to}}
+    return content
+
+
+def edit_content(original_event_id: str, rendered: Rendered) -> dict[str, Any]:
+    """A full replacement of the original (never of an edit), with the '* ' fallback."""
+    new_content = {
+        "msgtype": "m.notice",
+        "body": rendered.body,
+        "format": HTML,
+        "formatted_body": rendered.html,
+        "m.mentions": {},
+    }
+    return {
+        "msgtype": "m.notice",
+        "body": f"* {rendered.body}",
+        "format": HTML,
+        "formatted_body": f"* {rendered.html}",
+        "m.new_content": new_content,
+        "m.mentions": {},
+        "m.relates_to": {"rel_type": "m.replace", "event_id": original_event_id},
+    }
+
+
+class EditScheduler:
+    def __init__(
+        self,
+        sender: Sender,
+        store: Store,
+        bucket: TokenBucket,
+        interval_s: float,
+        max_edits: int = 200,
+        notify_after_s: float = 30.0,
+        render: Callable[[JobProgressEvent, float], Rendered] = render_progress,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.sender = sender
+        self.store = store
+        self.bucket = bucket
+        self.interval_s = interval_s
+        self.max_edits = max(max_edits, 1)
+        self.notify_after_s = notify_after_s
+        self._render = render
+        self._clock = clock
+        self._monotonic = monotonic
+        self._slots: dict[str, Slot] = {}
+        self._replies: deque[Reply] = deque()
+        self._order = itertools.count()
+        self._changed = asyncio.Event()
+        self._paused_until = 0.0
+        self._backoff = 1.0
+        self._warned_at = float("-inf")
+        self.sent = 0
+
+    # -- what the bot tells us ------------------------------------------------------------
+
+    def track(self, room_id: str, requester: str, reply_to: str,
+              event: JobProgressEvent) -> None:
+        """Show a new job or batch: its first message goes out as soon as budget allows."""
+        if event.id in self._slots:
+            self.update(event)
+            return
+        self._slots[event.id] = Slot(event.id, room_id, requester, reply_to,
+                                     next(self._order), event)
+        self._changed.set()
+
+    def restore(self, message: ProgressMessage, event: JobProgressEvent) -> None:
+        """Resume a message sent before a restart: edits go on targeting the same event."""
+        slot = Slot(message.subject_id, message.room_id, message.requester, message.reply_to,
+                    next(self._order), event, event_id=message.event_id, edits=message.edits)
+        self._slots[message.subject_id] = slot
+        self._changed.set()
+
+    def update(self, event: JobProgressEvent) -> None:
+        slot = self._slots.get(event.id)
+        if slot is None or slot.latest.terminal or event.updated_at < slot.latest.updated_at:
+            return
+        slot.latest = event
+        self._changed.set()
+
+    def reply(self, room_id: str, reply_to: str, rendered: Rendered,
+              mentions: Sequence[str] = ()) -> None:
+        self._replies.append(Reply(room_id, reply_to, rendered, list(mentions)))
+        self._changed.set()
+
+    def tracks(self, subject_id: str) -> bool:
+        return subject_id in self._slots
+
+    @property
+    def backlog(self) -> int:
+        """Sends still waiting (final states, replies, first messages, progress)."""
+        return len(self._replies) + sum(slot.dirty for slot in self._slots.values())
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        while True:
+            if not await self.send_next():
+                await self._wait(self._next_wake())
+
+    async def send_next(self) -> bool:
+        """Make the most important send that the budget allows now; False if none is due."""
+        choice = self._pick()
+        if choice is None:
+            return False
+        await self._send(choice)
+        return True
+
+    async def _wait(self, timeout: float | None) -> None:
+        self._changed.clear()
+        if timeout is not None and timeout <= 0:
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._changed.wait(), timeout)
+
+    def _pick(self) -> Slot | Reply | None:
+        now = self._monotonic()
+        if now < self._paused_until:
+            return None
+        tokens = self.bucket.available()
+        if tokens < 1:
+            return None
+        slots = sorted(self._slots.values(), key=lambda s: s.order)
+        for slot in slots:  # final states first, never dropped
+            if slot.dirty and slot.latest.terminal:
+                return slot
+        if self._replies:
+            return self._replies[0]
+        for slot in slots:
+            if slot.event_id is None:
+                return slot
+        if tokens < 1 + self._reserve():
+            return None
+        due = [slot for slot in slots if self._progress_due(slot, now)]
+        return min(due, key=lambda s: s.last_sent) if due else None
+
+    def _reserve(self) -> int:
+        """Sends kept back so that every live message's final edit can go at once."""
+        if self.bucket.unlimited:
+            return 0
+        return min(len(self._slots), self.bucket.burst - 1)
+
+    def _progress_due(self, slot: Slot, now: float) -> bool:
+        return (slot.dirty and slot.event_id is not None
+                and now - slot.last_sent >= self.interval_s
+                and slot.edits < self.max_edits - 1)  # the last edit is the final one's
+
+    def _next_wake(self) -> float | None:
+        now = self._monotonic()
+        if now < self._paused_until:
+            return self._paused_until - now
+        waits = []
+        urgent = self._replies or any(
+            s.event_id is None or (s.dirty and s.latest.terminal) for s in self._slots.values()
+        )
+        if urgent:
+            waits.append(self.bucket.seconds_until(1))
+        progress = [s for s in self._slots.values() if s.dirty and s.event_id is not None
+                    and s.edits < self.max_edits - 1]
+        if progress:
+            earliest = min(s.last_sent for s in progress) + self.interval_s
+            waits.append(max(earliest - now, self.bucket.seconds_until(1 + self._reserve())))
+        return min(waits) if waits else None
+
+    # -- sending ------------------------------------------------------------------------------
+
+    async def _send(self, choice: Slot | Reply) -> None:
+        self.bucket.take()
+        try:
+            if isinstance(choice, Reply):
+                await self.sender.send(choice.room_id, message_content(
+                    choice.rendered, choice.reply_to, choice.mentions))
+                self._replies.popleft()
+            else:
+                await self._send_state(choice)
+        except RateLimitedError as exc:
+            self.bucket.limited(exc.retry_after_s)
+            now = self._monotonic()
+            if now - self._warned_at >= RATE_WARNING_EVERY_S:
+                self._warned_at = now
+                log.warning(
+                    "the homeserver is rate-limiting the bot (retry in %.1fs); progress edits "
+                    "will lag. Exempt the bot: see deploy/README.md (override_ratelimit)",
+                    exc.retry_after_s,
+                )
+            return
+        except SendFailedError as exc:
+            self._failed(choice, exc)
+            return
+        self.sent += 1
+        self._backoff = 1.0
+
+    async def _send_state(self, slot: Slot) -> None:
+        event = slot.latest
+        rendered = self._render(event, self._clock())
+        if slot.event_id is None:
+            slot.event_id = await self.sender.send(
+                slot.room_id, message_content(rendered, slot.reply_to))
+            await self.store.save_message(ProgressMessage(
+                slot.subject_id, slot.room_id, slot.event_id, slot.requester, slot.reply_to,
+                final=event.terminal), self._clock())
+        else:
+            await self.sender.send(slot.room_id, edit_content(slot.event_id, rendered))
+            slot.edits += 1
+            await self.store.update_message(slot.subject_id, slot.edits, event.terminal)
+        slot.shown = event
+        slot.last_sent = self._monotonic()
+        if event.terminal:
+            del self._slots[slot.subject_id]
+            self._notify_if_long(slot, event)
+
+    def _notify_if_long(self, slot: Slot, event: JobProgressEvent) -> None:
+        begun = event.started_at or event.created_at
+        ended = event.finished_at or event.updated_at
+        if (ended - begun).total_seconds() >= self.notify_after_s:
+            self.reply(slot.room_id, slot.reply_to,
+                       render_final_notice(event, slot.requester, self._clock()),
+                       mentions=[slot.requester])
+
+    def _failed(self, choice: Slot | Reply, exc: SendFailedError) -> None:
+        where = choice.room_id
+        if exc.permanent:
+            log.warning("giving up a message in %s: %s", where, exc)
+            if isinstance(choice, Reply):
+                self._replies.popleft()
+            else:
+                self._slots.pop(choice.subject_id, None)
+            return
+        log.warning("sending to %s failed (%s); retrying in %.0fs", where, exc, self._backoff)
+        self._paused_until = self._monotonic() + self._backoff
+        self._backoff = min(self._backoff * 2, MAX_BACKOFF_S)

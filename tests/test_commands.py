@@ -1,0 +1,42 @@
+"""Reading room messages as commands."""
+
+import pytest
+
+from matrixjobs.matrix.commands import Command, CommandSyntaxError, parse
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        ("!build docs", Command("build", ("docs",))),
+        ("  !BUILD docs  ", Command("build", ("docs",))),
+        ("!build deploy 'my branch' x", Command("build", ("deploy", "my branch", "x"))),
+        ("!batch docs api site", Command("batch", ("docs", "api", "site"))),
+        ("!status", Command("status", ())),
+        ("!cancel j12", Command("cancel", ("j12",))),
+        ("!frobnicate now", Command("frobnicate", ("now",))),
+        ("!build $(id);rm -rf /", Command("build", ("$(id);rm", "-rf", "/"))),
+    ],
+)
+def test_commands_are_split_into_name_and_arguments(body, expected):
+    assert parse(body, "!") == expected
+
+
+@pytest.mark.parametrize("body", ["hello", "", "!", "! build docs", "build docs"])
+def test_ordinary_messages_are_not_commands(body):
+    assert parse(body, "!") is None
+
+
+def test_double_prefix_is_not_mistaken_for_a_known_command():
+    assert parse("!!", "!") == Command("!", ())
+
+
+def test_custom_prefix():
+    assert parse("jobs: build docs", "jobs: ") == Command("build", ("docs",))
+    assert parse("jobs:build docs", "jobs:") == Command("build", ("docs",))
+    assert parse("!build docs", "jobs:") is None
+
+
+def test_unclosed_quote_is_a_clear_error():
+    with pytest.raises(CommandSyntaxError, match="cannot read that command"):
+        parse("!build deploy 'oops", "!")

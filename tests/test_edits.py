@@ -1,0 +1,214 @@
+"""The edit scheduler, driven with a fake clock and a recording sender."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from matrixjobs.matrix.edits import EditScheduler, RateLimitedError, SendFailedError
+from matrixjobs.matrix.ratelimit import TokenBucket
+from matrixjobs.models import Job, ProgressMessage, Status
+from matrixjobs.progress.events import ProgressInfo, job_event
+from matrixjobs.store.sqlite import SqliteStore
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.sent: list[tuple[float, str, dict]] = []
+        self.fail_with: list[Exception] = []
+        self.clock: Clock | None = None
+
+    async def send(self, room_id, content):
+        if self.fail_with:
+            raise self.fail_with.pop(0)
+        self.sent.append((self.clock.now, room_id, content))
+        return f"$event{len(self.sent)}"
+
+
+@pytest.fixture
+async def store(tmp_path):
+    store = SqliteStore(tmp_path / "s.db")
+    await store.open()
+    yield store
+    await store.close()
+
+
+def scheduler(store, rate=0.2, burst=10, interval=0.5, **kwargs):
+    clock = Clock()
+    sender = Recorder()
+    sender.clock = clock
+    bucket = TokenBucket(rate, burst, clock)
+    sched = EditScheduler(sender, store, bucket, interval, clock=clock, monotonic=clock, **kwargs)
+    return sched, sender, clock
+
+
+def state(clock, status=Status.PROCESSING, current=None, total=10, job_id="j1", started=None):
+    job = Job(id=job_id, type="command", name="docs", data={}, status=status, priority=0,
+              retry_count=0, max_retries=0, timeout_s=60, created_at=started or clock.now,
+              started_at=started or clock.now)
+    if status.terminal:
+        job.finished_at = clock.now
+    progress = None
+    if current is not None:
+        progress = ProgressInfo(current=current, total=total, percentage=current / total * 100)
+    return job_event(job, clock.now, progress, f"step {current}")
+
+
+async def drain(sched, clock, until, step=0.05):
+    while clock.now < until:
+        while await sched.send_next():
+            pass
+        clock.now += step
+
+
+def is_edit_of(content, original):
+    return content.get("m.relates_to") == {"rel_type": "m.replace", "event_id": original}
+
+
+async def test_first_message_is_a_reply_and_edits_replace_the_original(store):
+    sched, sender, clock = scheduler(store)
+    sched.track("!room", "@alice:x", "$command", state(clock, Status.PENDING))
+    await sched.send_next()
+    first = sender.sent[0][2]
+    assert first["msgtype"] == "m.notice"
+    assert first["m.relates_to"] == {"m.in_reply_to": {"event_id": "$command"}}
+    assert first["format"] == "org.matrix.custom.html" and first["formatted_body"]
+    clock.now += 1
+    sched.update(state(clock, current=3))
+    await sched.send_next()
+    edit = sender.sent[1][2]
+    assert is_edit_of(edit, "$event1")
+    assert edit["body"] == "* " + edit["m.new_content"]["body"]
+    assert edit["m.new_content"]["formatted_body"] and "3/10" in edit["m.new_content"]["body"]
+    assert edit["m.mentions"] == {} and edit["m.new_content"]["m.mentions"] == {}
+    [saved] = await store.open_messages()
+    assert (saved.subject_id, saved.event_id, saved.edits) == ("j1", "$event1", 1)
+
+
+async def test_updates_are_coalesced_and_edits_spaced_by_the_interval(store):
+    sched, sender, clock = scheduler(store, rate=0, interval=0.5)
+    started = clock.now
+    sched.track("!room", "@alice:x", "$cmd", state(clock, Status.PENDING))
+    await drain(sched, clock, clock.now + 0.01)
+    for step in range(1, 41):  # 40 updates over 2 s
+        sched.update(state(clock, current=step % 10, started=started))
+        await drain(sched, clock, clock.now + 0.05, step=0.05)
+    times = [at for at, _, _ in sender.sent[1:]]
+    assert 3 <= len(times) <= 5
+    assert all(b - a >= 0.5 - 1e-9 for a, b in itertools.pairwise(times))
+
+
+async def test_five_second_job_shows_final_state_promptly_on_a_fresh_default_budget(store):
+    sched, sender, clock = scheduler(store, rate=0.2, burst=10, interval=0.5)
+    started = clock.now
+    sched.track("!room", "@alice:x", "$cmd", state(clock, Status.PENDING))
+    for step in range(50):  # progress every 100 ms for 5 s
+        sched.update(state(clock, current=step / 5, started=started))
+        await drain(sched, clock, clock.now + 0.1)
+    finished = clock.now
+    sched.update(state(clock, Status.COMPLETED, current=10, started=started))
+    await drain(sched, clock, clock.now + 2)
+    final = [at for at, _, c in sender.sent if "✅" in c.get("m.new_content", c)["body"]]
+    assert final and final[0] - finished <= 1.5
+    assert len(sender.sent) <= 11  # never more than the homeserver's burst in 5 s
+
+
+async def test_final_states_jump_the_queue_and_reserve_survives_many_live_jobs(store):
+    sched, sender, clock = scheduler(store, rate=0.2, burst=10, interval=0.5)
+    for number in range(1, 6):
+        sched.track("!room", "@a:x", f"$c{number}",
+                    state(clock, Status.PENDING, job_id=f"j{number}"))
+    await drain(sched, clock, clock.now + 0.1)
+    assert len(sender.sent) == 5  # five first messages
+    for second in range(10):  # busy progress on all five
+        for number in range(1, 6):
+            sched.update(state(clock, current=second, job_id=f"j{number}"))
+        await drain(sched, clock, clock.now + 1)
+    before = len(sender.sent)
+    for number in range(1, 6):
+        sched.update(state(clock, Status.COMPLETED, current=10, job_id=f"j{number}"))
+    await drain(sched, clock, clock.now + 0.1)
+    finals = sender.sent[before:]
+    assert len(finals) == 5 and all("✅" in c["m.new_content"]["body"] for _, _, c in finals)
+
+
+async def test_job_that_ends_before_its_first_message_gets_one_message(store):
+    sched, sender, clock = scheduler(store, rate=0.2, burst=1)
+    sched.bucket.take()  # budget spent elsewhere
+    sched.track("!room", "@a:x", "$cmd", state(clock, Status.PENDING))
+    sched.update(state(clock, current=5))
+    sched.update(state(clock, Status.FAILED, current=5))
+    await drain(sched, clock, clock.now + 6)
+    assert len(sender.sent) == 1
+    assert "❌" in sender.sent[0][2]["body"] and "m.new_content" not in sender.sent[0][2]
+    assert await store.open_messages() == []
+
+
+async def test_rate_limit_response_backs_off_and_retries(store, caplog):
+    sched, sender, clock = scheduler(store, rate=0)
+    sender.fail_with = [RateLimitedError(3.0)]
+    sched.track("!room", "@a:x", "$cmd", state(clock, Status.PENDING))
+    await sched.send_next()
+    assert sender.sent == [] and "rate-limiting the bot" in caplog.text
+    assert not await sched.send_next()
+    clock.now += 3.01
+    assert await sched.send_next() and len(sender.sent) == 1
+
+
+async def test_transient_failures_back_off_and_permanent_ones_give_up(store):
+    sched, sender, clock = scheduler(store, rate=0)
+    sender.fail_with = [SendFailedError("connection reset")]
+    sched.track("!room", "@a:x", "$cmd", state(clock, Status.PENDING))
+    await sched.send_next()
+    assert not await sched.send_next()  # paused
+    clock.now += 1.01
+    await sched.send_next()
+    assert len(sender.sent) == 1
+    sender.fail_with = [SendFailedError("M_FORBIDDEN", permanent=True)]
+    sched.reply("!gone", "$x", sched._render(state(clock), clock.now))
+    await sched.send_next()
+    assert sched.backlog == 0
+
+
+async def test_edits_per_message_are_capped_but_the_final_one_still_goes(store):
+    sched, sender, clock = scheduler(store, rate=0, interval=0.1, max_edits=5)
+    sched.track("!room", "@a:x", "$cmd", state(clock, Status.PENDING))
+    for step in range(30):
+        sched.update(state(clock, current=step % 10))
+        await drain(sched, clock, clock.now + 0.2)
+    sched.update(state(clock, Status.COMPLETED, current=10))
+    await drain(sched, clock, clock.now + 0.2)
+    edits = [c for _, _, c in sender.sent if "m.new_content" in c]
+    assert len(edits) == 5 and "✅" in edits[-1]["m.new_content"]["body"]
+
+
+async def test_long_job_ends_with_a_reply_that_mentions_the_requester(store):
+    sched, sender, clock = scheduler(store, rate=0, notify_after_s=30)
+    started = clock.now
+    sched.track("!room", "@alice:x", "$cmd", state(clock, Status.PENDING))
+    await drain(sched, clock, clock.now + 0.1)
+    clock.now += 45
+    sched.update(state(clock, Status.COMPLETED, current=10, started=started))
+    await drain(sched, clock, clock.now + 0.1)
+    notice = sender.sent[-1][2]
+    assert notice["m.mentions"] == {"user_ids": ["@alice:x"]}
+    assert notice["m.relates_to"] == {"m.in_reply_to": {"event_id": "$cmd"}}
+    assert "@alice:x" in notice["body"]
+
+
+async def test_restored_message_keeps_editing_the_same_event(store):
+    sched, sender, clock = scheduler(store, rate=0)
+    message = ProgressMessage("j1", "!room", "$original", "@a:x", "$cmd", edits=7)
+    sched.restore(message, state(clock, Status.COMPLETED, current=10))
+    await sched.send_next()
+    [(_, room, content)] = sender.sent
+    assert room == "!room" and is_edit_of(content, "$original")
