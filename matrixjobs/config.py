@@ -34,6 +34,7 @@ from matrixjobs.errors import ConfigError
 SECRET_ENV = ("MATRIXJOBS_PASSWORD", "MATRIXJOBS_ACCESS_TOKEN", "MATRIXJOBS_API_TOKEN")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 USER_RE = re.compile(r"^@[^:\s]+:[^\s]+$")
+ROOM_RE = re.compile(r"^[!#][^:\s]+:[^\s]+$")
 HANDLER_REF_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 # Values under these keys are never echoed in errors (target env values often hold tokens).
 SECRET_KEYS = frozenset({"password", "access_token", "token", "env"})
@@ -54,6 +55,28 @@ class MatrixConfig(Section):
     access_token: SecretStr | None = None
     device_name: str = "matrixjobs"
     command_prefix: str = Field(default="!", min_length=1, max_length=8)
+    rooms: list[str] = Field(default_factory=list)
+    notify_after_s: Float = Field(default=30.0, ge=0)
+    # The homeserver's message rate limit as the bot should assume it (Synapse's
+    # rc_message defaults); rate_per_s = 0 when an admin has exempted the bot.
+    rate_per_s: Float = Field(default=0.2, ge=0)
+    rate_burst: Int = Field(default=10, ge=1)
+    max_edits_per_message: Int = Field(default=200, ge=2, le=10_000)
+
+    @field_validator("homeserver")
+    @classmethod
+    def _homeserver(cls, value: str) -> str:
+        if not value.startswith(("https://", "http://")):
+            raise ValueError("expected a URL like https://matrix.example.org")
+        return value.rstrip("/")
+
+    @field_validator("rooms")
+    @classmethod
+    def _rooms(cls, value: list[str]) -> list[str]:
+        for room in value:
+            if not ROOM_RE.match(room):
+                raise ValueError(f"'{room}' is not a room id (!x:server) or alias (#x:server)")
+        return value
 
     @field_validator("user_id")
     @classmethod
@@ -65,6 +88,7 @@ class MatrixConfig(Section):
 
 class AccessConfig(Section):
     allowed_users: list[str] = Field(default_factory=list)
+    reply_to_denied: bool = True
 
     @field_validator("allowed_users")
     @classmethod

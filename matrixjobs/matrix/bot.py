@@ -1,0 +1,366 @@
+"""The Matrix bot: login, sync loop, invites, and room commands.
+
+It turns commands into calls on the core's public API (`App`) and hands every
+message it wants to show to the edit scheduler, which owns the send budget.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import ClientError
+from nio import (
+    AsyncClient,
+    AsyncClientConfig,
+    ErrorResponse,
+    InviteMemberEvent,
+    JoinResponse,
+    LoginResponse,
+    RoomMemberEvent,
+    RoomMessageText,
+    RoomSendResponse,
+    SyncResponse,
+    WhoamiResponse,
+)
+
+from matrixjobs.app import App
+from matrixjobs.config import AccessConfig, MatrixConfig
+from matrixjobs.errors import AlreadySubmittedError, MatrixJobsError
+from matrixjobs.matrix import render
+from matrixjobs.matrix.commands import Command, CommandSyntaxError, parse
+from matrixjobs.matrix.edits import EditScheduler, RateLimitedError, SendFailedError
+from matrixjobs.matrix.ratelimit import TokenBucket
+from matrixjobs.models import Status
+from matrixjobs.progress.events import JobProgressEvent, batch_event, job_event
+
+log = logging.getLogger(__name__)
+
+SYNC_TIMEOUT_MS = 30_000
+MAX_BACKOFF_S = 60.0
+PERMANENT_ERRORS = frozenset({"M_FORBIDDEN", "M_NOT_FOUND", "M_TOO_LARGE", "M_BAD_JSON"})
+SETTING_USER = "matrix.user_id"
+SETTING_DEVICE = "matrix.device_id"
+SETTING_TOKEN = "matrix.access_token"
+NETWORK_ERRORS = (ClientError, TimeoutError, OSError)
+ACTIVE = [Status.PENDING, Status.PROCESSING]
+
+
+class NioSender:
+    """Sends through matrix-nio, turning its error responses into exceptions once."""
+
+    def __init__(self, client: AsyncClient) -> None:
+        self.client = client
+
+    async def send(self, room_id: str, content: dict[str, Any]) -> str:
+        try:
+            response = await self.client.room_send(
+                room_id, "m.room.message", content, ignore_unverified_devices=True)
+        except NETWORK_ERRORS as exc:
+            raise SendFailedError(f"{type(exc).__name__}: {exc}") from None
+        if isinstance(response, RoomSendResponse):
+            return str(response.event_id)
+        assert isinstance(response, ErrorResponse)
+        if response.status_code == "M_LIMIT_EXCEEDED" or _http_status(response) == 429:
+            raise RateLimitedError(_retry_after_s(response))
+        raise SendFailedError(str(response), permanent=response.status_code in PERMANENT_ERRORS)
+
+
+def _http_status(response: ErrorResponse) -> int | None:
+    transport = getattr(response, "transport_response", None)
+    return getattr(transport, "status", None)
+
+
+def _retry_after_s(response: ErrorResponse) -> float:
+    """`retry_after_ms` in the body, else the `Retry-After` header (spec v1.10+), else 5 s."""
+    if response.retry_after_ms:
+        return response.retry_after_ms / 1000
+    transport = getattr(response, "transport_response", None)
+    header = transport.headers.get("Retry-After") if transport is not None else None
+    try:
+        return float(header) if header else 5.0
+    except ValueError:
+        return 5.0
+
+
+class MatrixBot:
+    """A service component: `start()` returns at once; login and sync retry in the background."""
+
+    def __init__(self, app: App, config: MatrixConfig, access: AccessConfig,
+                 interval_ms: int) -> None:
+        self.app = app
+        self.config = config
+        self.access = access
+        self.client = AsyncClient(
+            config.homeserver, config.user_id,
+            # We pace and retry ourselves: nio must hand back 429s and network errors.
+            config=AsyncClientConfig(max_limit_exceeded=0, max_timeouts=0, request_timeout=60),
+        )
+        self.scheduler = EditScheduler(
+            NioSender(self.client), app.store, TokenBucket(config.rate_per_s, config.rate_burst),
+            interval_ms / 1000, config.max_edits_per_message, config.notify_after_s,
+        )
+        self.synced = asyncio.Event()
+        self._known_rooms: set[str] = set()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._commands: dict[str, Callable[[str, RoomMessageText, Command], Awaitable[None]]] = {
+            "build": self._build, "batch": self._batch, "status": self._status,
+            "cancel": self._cancel, "jobs": self._jobs, "targets": self._targets,
+            "help": self._help,
+        }
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._tasks.append(asyncio.create_task(self._main(), name="matrix-bot"))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        await self.client.close()
+
+    async def _main(self) -> None:
+        await self._retry("login", self._login)
+        await self._retry("first sync", self._first_sync)
+        await self._restore_messages()
+        for room in self.config.rooms:
+            await self._join(room)
+        self.synced.set()
+        log.info("matrix: logged in as %s (device %s), in %d rooms",
+                 self.client.user_id, self.client.device_id, len(self.client.rooms))
+        self._tasks += [
+            asyncio.create_task(self._sync_forever(), name="matrix-sync"),
+            asyncio.create_task(self.scheduler.run(), name="matrix-edits"),
+            asyncio.create_task(self._follow_progress(), name="matrix-progress"),
+        ]
+
+    async def _retry(self, what: str, step: Callable[[], Awaitable[bool]]) -> None:
+        """Run `step` until it returns True, backing off while the homeserver is away."""
+        delay = 1.0
+        while True:
+            try:
+                if await step():
+                    return
+            except NETWORK_ERRORS as exc:
+                log.warning("matrix: %s failed (%s); retrying in %.0fs", what, exc, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, MAX_BACKOFF_S)
+
+    # -- login ------------------------------------------------------------------------------
+
+    async def _login(self) -> bool:
+        store, config = self.app.store, self.config
+        device = await store.get_setting(SETTING_DEVICE) or ""
+        saved_user = await store.get_setting(SETTING_USER)
+        token = config.access_token.get_secret_value() if config.access_token else None
+        if token is None and saved_user == config.user_id:
+            token = await store.get_setting(SETTING_TOKEN)
+        if token is not None:
+            self.client.restore_login(config.user_id, device, token)
+            whoami = await self.client.whoami()
+            if isinstance(whoami, WhoamiResponse):
+                self.client.device_id = whoami.device_id or device
+                return True
+            log.warning("matrix: the access token was refused (%s)", whoami)
+            if config.password is None:
+                return False
+        if config.password is None:
+            log.error("matrix: no password or access token for %s; set MATRIXJOBS_PASSWORD",
+                      config.user_id)
+            return False
+        self.client.device_id = device  # reuse our device: no new one per restart
+        response = await self.client.login(config.password.get_secret_value(),
+                                           device_name=config.device_name)
+        if not isinstance(response, LoginResponse):
+            log.error("matrix: login as %s failed: %s", config.user_id, response)
+            return False
+        await store.set_setting(SETTING_USER, config.user_id)
+        await store.set_setting(SETTING_DEVICE, response.device_id)
+        await store.set_setting(SETTING_TOKEN, response.access_token)
+        return True
+
+    # -- syncing ----------------------------------------------------------------------------
+
+    async def _first_sync(self) -> bool:
+        """Learn where "now" is. Old messages are never acted on; pending invites are."""
+        response = await self.client.sync(
+            timeout=0, full_state=True, sync_filter={"room": {"timeline": {"limit": 1}}})
+        if not isinstance(response, SyncResponse):
+            log.warning("matrix: first sync failed: %s", response)
+            return False
+        self._known_rooms.update(response.rooms.join)
+        await self._handle_invites(response)
+        return True
+
+    async def _sync_forever(self) -> None:
+        delay = 1.0
+        while True:
+            try:
+                response = await self.client.sync(timeout=SYNC_TIMEOUT_MS,
+                                                  since=self.client.next_batch)
+            except NETWORK_ERRORS as exc:
+                response = exc
+            if isinstance(response, SyncResponse):
+                delay = 1.0
+                await self._handle_sync(response)
+                continue
+            log.warning("matrix: sync failed (%s); retrying in %.0fs", response, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, MAX_BACKOFF_S)
+
+    async def _handle_sync(self, response: SyncResponse) -> None:
+        await self._handle_invites(response)
+        for room_id, info in response.rooms.join.items():
+            events = info.timeline.events
+            if room_id not in self._known_rooms:
+                self._known_rooms.add(room_id)
+                events = self._after_own_join(events)
+            for event in events:
+                if isinstance(event, RoomMessageText):
+                    try:
+                        await self._on_message(room_id, event)
+                    except Exception:
+                        log.exception("matrix: handling %s in %s failed", event.event_id, room_id)
+
+    def _after_own_join(self, events: list[Any]) -> list[Any]:
+        """A room we just joined comes with history: keep only what follows our join."""
+        for index in range(len(events) - 1, -1, -1):
+            event = events[index]
+            if (isinstance(event, RoomMemberEvent) and event.state_key == self.client.user_id
+                    and event.membership == "join"):
+                return events[index + 1:]
+        return []
+
+    async def _handle_invites(self, response: SyncResponse) -> None:
+        for room_id, info in response.rooms.invite.items():
+            inviter = next((e.sender for e in info.invite_state
+                            if isinstance(e, InviteMemberEvent)
+                            and e.state_key == self.client.user_id
+                            and e.membership == "invite"), None)
+            if inviter is not None and self.access.allows(inviter):
+                log.info("matrix: %s invited us to %s; joining", inviter, room_id)
+                await self._join(room_id)
+            else:
+                log.info("matrix: ignoring invite to %s from %s (not allowed)", room_id, inviter)
+
+    async def _join(self, room: str) -> None:
+        response = await self.client.join(room)
+        if not isinstance(response, JoinResponse):
+            log.warning("matrix: cannot join %s: %s", room, response)
+
+    # -- commands ---------------------------------------------------------------------------
+
+    async def _on_message(self, room_id: str, event: RoomMessageText) -> None:
+        if event.sender == self.client.user_id:
+            return
+        relation = event.source.get("content", {}).get("m.relates_to") or {}
+        if relation.get("rel_type") == "m.replace":
+            return  # an edited command must not run twice
+        try:
+            command = parse(event.body, self.config.command_prefix)
+        except CommandSyntaxError as exc:
+            self._reply(room_id, event, render.render_error(str(exc)))
+            return
+        if command is None:
+            return
+        handler = self._commands.get(command.name)
+        if handler is None:
+            self._reply(room_id, event,
+                        render.render_unknown_command(command.name, self.config.command_prefix))
+            return
+        if command.name in ("build", "batch", "cancel") and not self.access.allows(event.sender):
+            log.info("matrix: denied %s to %s in %s", command.name, event.sender, room_id)
+            if self.access.reply_to_denied:
+                self._reply(room_id, event, render.render_denied())
+            return
+        try:
+            await handler(room_id, event, command)
+        except AlreadySubmittedError:
+            return  # a replayed event: its job already exists
+        except MatrixJobsError as exc:
+            self._reply(room_id, event, render.render_error(str(exc)))
+
+    def _reply(self, room_id: str, event: RoomMessageText, rendered: render.Rendered) -> None:
+        self.scheduler.reply(room_id, event.event_id, rendered)
+
+    async def _build(self, room_id: str, event: RoomMessageText, command: Command) -> None:
+        if not command.args:
+            raise MatrixJobsError(f"usage: {self.config.command_prefix}build TARGET [ARGS…]")
+        job = await self.app.submit(command.args[0], command.args[1:],
+                                    dedupe_key=event.event_id)
+        await self._show(room_id, event, job_event(job, time.time()))
+
+    async def _batch(self, room_id: str, event: RoomMessageText, command: Command) -> None:
+        if not command.args:
+            raise MatrixJobsError(
+                f"usage: {self.config.command_prefix}batch TARGET [TARGET…]")
+        batch = await self.app.submit_batch(list(command.args), dedupe_key=event.event_id)
+        await self._show(room_id, event, batch_event(batch, time.time()))
+
+    async def _show(self, room_id: str, event: RoomMessageText,
+                    first: JobProgressEvent) -> None:
+        self.scheduler.track(room_id, event.sender, event.event_id, first)
+        # The job may have moved on while we were submitting it.
+        self.scheduler.update(await self.app.status(first.id))
+
+    async def _status(self, room_id: str, event: RoomMessageText, command: Command) -> None:
+        now = time.time()
+        if command.args:
+            self._reply(room_id, event,
+                        render.render_progress(await self.app.status(command.args[0]), now))
+            return
+        self._reply(room_id, event, render.render_status_summary(await self._active(), now))
+
+    async def _active(self) -> list[JobProgressEvent]:
+        batches = await self.app.batches(ACTIVE)
+        jobs = [job for job in await self.app.jobs(ACTIVE) if job.batch_id is None]
+        return [await self.app.status(item.id) for item in [*batches, *jobs]]
+
+    async def _cancel(self, room_id: str, event: RoomMessageText, command: Command) -> None:
+        if len(command.args) != 1:
+            raise MatrixJobsError(f"usage: {self.config.command_prefix}cancel ID")
+        result = await self.app.cancel(command.args[0])
+        self._reply(room_id, event, render.render_cancelled(result.id, str(result.status)))
+
+    async def _jobs(self, room_id: str, event: RoomMessageText, command: Command) -> None:
+        now = time.time()
+        events = [batch_event(batch, now) for batch in await self.app.batches(limit=10)]
+        events += [job_event(job, now) for job in await self.app.jobs(limit=20)
+                   if job.batch_id is None]
+        events.sort(key=lambda e: e.created_at, reverse=True)
+        live = [self.app.monitor.current(e.id) or e for e in events[:10]]
+        self._reply(room_id, event, render.render_jobs(live, now))
+
+    async def _targets(self, room_id: str, event: RoomMessageText, command: Command) -> None:
+        listed = [(name, target.description, target.args_pattern is not None)
+                  for name, target in self.app.targets.items()]
+        self._reply(room_id, event, render.render_targets(listed))
+
+    async def _help(self, room_id: str, event: RoomMessageText, command: Command) -> None:
+        self._reply(room_id, event, render.render_help(self.config.command_prefix))
+
+    # -- progress ---------------------------------------------------------------------------
+
+    async def _restore_messages(self) -> None:
+        """After a restart, keep editing the messages of unfinished work (and finish them)."""
+        for message in await self.app.store.open_messages():
+            try:
+                state = await self.app.status(message.subject_id)
+            except MatrixJobsError:
+                await self.app.store.update_message(message.subject_id, message.edits, True)
+                continue
+            self.scheduler.restore(message, state)
+
+    async def _follow_progress(self) -> None:
+        with self.app.monitor.subscribe() as events:
+            async for event in events:
+                if self.scheduler.tracks(event.id):
+                    self.scheduler.update(event)
+
+
+

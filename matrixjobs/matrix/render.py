@@ -1,0 +1,441 @@
+"""Everything the Matrix bot says, as pure functions: event/state in, `Rendered` text out.
+
+Each function returns the plain-text `body` and the HTML `formatted_body`
+(org.matrix.custom.html) of one message. Nothing here does I/O or reads the
+clock: the current time is passed in as `now` (epoch seconds).
+
+Wording decisions worth knowing:
+
+* Percentages round down (99.9% shows as 99% and 9 🟩), so only finished work
+  shows 100%.
+* Unknown total (no `percentage`): the bar is all ⬜ followed by "…" and the
+  count so far ("⬜⬜⬜⬜⬜⬜⬜⬜⬜⬜ … · 34 done"), so the message keeps the same
+  shape when the total becomes known. A completed job with an unknown total
+  shows a full bar.
+* A batch's `X/Y operations` counts finished operations (completed, failed or
+  cancelled), matching its bar; the ✅/❌/🚫 counts split them up.
+* Output tails, errors and handler messages are cut to `LINE_LIMIT` characters a
+  line and the tail to `TAIL_LINES` lines, so an edit (which carries the text
+  twice plus the escaped HTML) stays well under Matrix's 64 KiB event limit.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime
+from html import escape
+
+from matrixjobs.models import Status
+from matrixjobs.progress.events import JobProgressEvent
+
+BAR_CELLS = 10
+MINI_BAR_CELLS = 5
+FILLED = "🟩"
+EMPTY = "⬜"
+TAIL_LINES = 20
+LINE_LIMIT = 200
+
+STATUS_EMOJI: dict[Status, str] = {
+    Status.PENDING: "⏳",
+    Status.PROCESSING: "🔄",
+    Status.COMPLETED: "✅",
+    Status.FAILED: "❌",
+    Status.CANCELLED: "🚫",
+}
+
+STATUS_WORD: dict[Status, str] = {
+    Status.PENDING: "queued",
+    Status.PROCESSING: "running",
+    Status.COMPLETED: "completed",
+    Status.FAILED: "failed",
+    Status.CANCELLED: "cancelled",
+}
+
+COMMANDS: tuple[tuple[str, str], ...] = (
+    ("build TARGET [ARGS…]", "run a configured target"),
+    ("batch TARGET [TARGET…]", "run several targets as one batch"),
+    ("status [ID]", "show one job or batch, or everything that is active"),
+    ("cancel ID", "cancel a job or batch"),
+    ("jobs", "list recent and active jobs"),
+    ("targets", "list what can be built"),
+    ("help", "show this help"),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Rendered:
+    """One message: plain `body` and HTML `formatted_body`."""
+
+    body: str
+    html: str
+
+
+@dataclass(slots=True)
+class _Message:
+    """Collects a message line by line, keeping text and HTML in step."""
+
+    text: list[str] = field(default_factory=list)
+    html: list[str] = field(default_factory=list)
+    blocks: list[bool] = field(default_factory=list)
+
+    def line(self, text: str, html: str | None = None) -> None:
+        self._add(text, escape(text) if html is None else html, block=False)
+
+    def block(self, text: str, html: str) -> None:
+        """A block element (`<pre>`, `<ul>`): no `<br>` needed around it."""
+        self._add(text, html, block=True)
+
+    def _add(self, text: str, html: str, block: bool) -> None:
+        self.text.append(text)
+        self.html.append(html)
+        self.blocks.append(block)
+
+    def rendered(self) -> Rendered:
+        html = ""
+        for index, (fragment, block) in enumerate(zip(self.html, self.blocks, strict=True)):
+            if index and not block and not self.blocks[index - 1]:
+                html += "<br>"
+            html += fragment
+        return Rendered("\n".join(self.text), html)
+
+
+def _single(text: str, html: str | None = None) -> Rendered:
+    return Rendered(text, escape(text) if html is None else html)
+
+
+# -- numbers and times ------------------------------------------------------------------
+
+
+def progress_bar(percentage: float | None, cells: int = BAR_CELLS) -> str:
+    """🟩 for done cells, ⬜ for the rest; rounds down, so only 100% is all green."""
+    if percentage is None or not math.isfinite(percentage):
+        return EMPTY * cells
+    filled = cells if percentage >= 100 else math.floor(max(percentage, 0.0) * cells / 100)
+    return FILLED * filled + EMPTY * (cells - filled)
+
+
+def format_percentage(percentage: float) -> str:
+    """'34%', rounded down like the bar (99.9 → '99%')."""
+    return "100%" if percentage >= 100 else f"{math.floor(max(percentage, 0.0))}%"
+
+
+def format_number(value: float) -> str:
+    """3.0 → '3', 2.5 → '2.5', 1/3 → '0.33'."""
+    if not math.isfinite(value):
+        return "?"
+    if float(value).is_integer():
+        return str(int(value))
+    return f"{value:.2f}".rstrip("0").rstrip(".")
+
+
+def format_duration(seconds: float) -> str:
+    """Compact: '4s', '1m 05s', '2h 03m', '3d 4h'; negative (or not a number) → '0s'."""
+    if not math.isfinite(seconds) or seconds < 0:
+        return "0s"
+    total = int(seconds)
+    days, rest = divmod(total, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d {hours}h"
+    if hours:
+        return f"{hours}h {minutes:02d}m"
+    if minutes:
+        return f"{minutes}m {secs:02d}s"
+    return f"{secs}s"
+
+
+def _seconds(start: datetime, end: datetime | float) -> float:
+    end_s = end if isinstance(end, float | int) else end.timestamp()
+    return end_s - start.timestamp()
+
+
+def _clip(text: str, limit: int = LINE_LIMIT) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _first_line(text: str) -> str:
+    lines = text.strip().splitlines()
+    return _clip(lines[0]) if lines else ""
+
+
+def _duration_of(event: JobProgressEvent, now: float) -> float:
+    """Run time (start → finish or now); queue time when it never started."""
+    end: datetime | float = event.finished_at or now
+    return _seconds(event.started_at or event.created_at, end)
+
+
+# -- the progress message ---------------------------------------------------------------
+
+
+def _waiting_for_retry(event: JobProgressEvent) -> bool:
+    return event.type == "job" and event.status is Status.PENDING and bool(event.error)
+
+
+def _title(event: JobProgressEvent) -> tuple[str, str]:
+    word = "waiting to retry" if _waiting_for_retry(event) else STATUS_WORD[event.status]
+    emoji = STATUS_EMOJI[event.status]
+    text = f"{emoji} {event.name} ({event.id}) — {word}"
+    html = f"{emoji} <b>{escape(event.name)}</b> (<code>{escape(event.id)}</code>) — {word}"
+    return text, html
+
+
+def _shown_percentage(event: JobProgressEvent) -> float | None:
+    percentage = event.progress.percentage if event.progress else None
+    if percentage is None and event.status is Status.COMPLETED:
+        return 100.0
+    return percentage
+
+
+def _counts(event: JobProgressEvent) -> str | None:
+    progress = event.progress
+    if progress is None:
+        return None
+    unit = " operations" if event.type == "batch" else ""
+    if progress.total is None:
+        return f"{format_number(progress.current)} done"
+    return f"{format_number(progress.current)}/{format_number(progress.total)}{unit}"
+
+
+def _bar_line(event: JobProgressEvent) -> tuple[str, str]:
+    percentage = _shown_percentage(event)
+    bar = progress_bar(percentage)
+    if percentage is not None:
+        shown, shown_html = format_percentage(percentage), f"<b>{format_percentage(percentage)}</b>"
+    elif not event.terminal:
+        shown = shown_html = "…"
+    else:
+        shown = shown_html = ""
+    counts = _counts(event)
+    tail = f" · {counts}" if counts else ""
+    text = " ".join(part for part in (bar, shown) if part) + tail
+    html = " ".join(part for part in (bar, shown_html) if part) + escape(tail)
+    return text, html
+
+
+def _timing_line(event: JobProgressEvent, now: float) -> str:
+    spent = format_duration(_duration_of(event, now))
+    if event.started_at is None:
+        timing = f"⏱ never started (queued {spent})" if event.terminal else f"⏱ queued for {spent}"
+    else:
+        timing = f"⏱ took {spent}" if event.terminal else f"⏱ {spent} elapsed"
+    if event.eta_seconds is not None and not event.terminal:
+        timing += f" · ETA {format_duration(event.eta_seconds)}"
+    return timing
+
+
+def _add_retry(message: _Message, event: JobProgressEvent) -> None:
+    details = event.job_details
+    if details is None:
+        message.line("🔁 Will retry")
+    else:
+        attempt, attempts = details.retry_count + 1, details.max_retries + 1
+        message.line(f"🔁 Will retry: attempt {attempt} of {attempts}")
+    reason = _first_line(event.error or "")
+    message.line(f"Last error: {reason}", f"Last error: <code>{escape(reason)}</code>")
+
+
+def _add_failure(message: _Message, error: str) -> None:
+    lines = error.strip("\n").splitlines()
+    if not lines:
+        return
+    reason = _clip(lines[0].strip())
+    message.line(f"Failed: {reason}", f"Failed: <b>{escape(reason)}</b>")
+    tail = [_clip(line) for line in lines[1:]][-TAIL_LINES:]
+    if any(line.strip() for line in tail):
+        body = "\n".join(tail)
+        message.block(f"```\n{body}\n```", f"<pre><code>{escape(body)}</code></pre>")
+
+
+def _add_batch(message: _Message, event: JobProgressEvent) -> None:
+    details = event.batch_details
+    if details is None:
+        return
+    counts = f"✅ {details.completed_operations} · ❌ {details.failed_operations}"
+    if details.cancelled_operations:
+        counts += f" · 🚫 {details.cancelled_operations}"
+    message.line(counts)
+    if details.current_operation:
+        now_running = _clip(details.current_operation)
+        message.line(f"▶️ Now: {now_running}", f"▶️ Now: <b>{escape(now_running)}</b>")
+
+
+def _add_batch_errors(message: _Message, event: JobProgressEvent) -> None:
+    errors = [_clip(error) for error in (event.batch_details.errors if event.batch_details else [])]
+    if errors:
+        message.line("Errors:", "<b>Errors:</b>")
+        message.block("\n".join(f"• {error}" for error in errors), _html_list(errors))
+
+
+def _html_list(items: Iterable[str]) -> str:
+    return "<ul>" + "".join(f"<li>{escape(item)}</li>" for item in items) + "</ul>"
+
+
+def render_progress(event: JobProgressEvent, now: float) -> Rendered:
+    """The one message per job/batch: title, bar, then details.
+
+    The bar line is left out only for a failed/cancelled job that never reported
+    progress (an empty bar would say nothing).
+    """
+    message = _Message()
+    message.line(*_title(event))
+    if event.progress is not None or event.status not in (Status.FAILED, Status.CANCELLED):
+        message.line(*_bar_line(event))
+    if event.type == "batch":
+        _add_batch(message, event)
+    if event.message:
+        text = _clip(event.message)
+        message.line(text, f"<i>{escape(text)}</i>")
+    message.line(_timing_line(event, now))
+    _add_batch_errors(message, event)
+    if _waiting_for_retry(event):
+        _add_retry(message, event)
+    elif event.status is Status.FAILED and event.error:
+        _add_failure(message, event.error)
+    return message.rendered()
+
+
+# -- short replies ----------------------------------------------------------------------
+
+
+def _outcome(event: JobProgressEvent, now: float) -> str:
+    spent = format_duration(_duration_of(event, now))
+    if event.status is Status.COMPLETED:
+        return f"completed in {spent}"
+    if event.status is Status.CANCELLED:
+        return f"cancelled after {spent}"
+    if event.status is Status.FAILED:
+        return f"failed: {_failure_reason(event)} (after {spent})"
+    return STATUS_WORD[event.status]
+
+
+def _failure_reason(event: JobProgressEvent) -> str:
+    details = event.batch_details
+    if event.type == "batch" and details is not None:
+        return f"{details.failed_operations} of {details.total_operations} operations failed"
+    return _first_line(event.error or "") or "unknown error"
+
+
+def render_final_notice(event: JobProgressEvent, requester: str, now: float) -> Rendered:
+    """The reply that pings the requester when a long job or batch ends."""
+    emoji = STATUS_EMOJI[event.status]
+    outcome = _outcome(event, now)
+    text = f"{requester} {emoji} {event.name} ({event.id}) {outcome}"
+    link = f'<a href="https://matrix.to/#/{escape(requester)}">{escape(requester)}</a>'
+    html = (
+        f"{link} {emoji} <b>{escape(event.name)}</b> (<code>{escape(event.id)}</code>) "
+        f"{escape(outcome)}"
+    )
+    return Rendered(text, html)
+
+
+def render_help(prefix: str) -> Rendered:
+    message = _Message()
+    message.line("Commands:", "<b>Commands:</b>")
+    lines = [(f"{prefix}{usage}", purpose) for usage, purpose in COMMANDS]
+    message.block(
+        "\n".join(f"• {usage} — {purpose}" for usage, purpose in lines),
+        "<ul>"
+        + "".join(f"<li><code>{escape(usage)}</code> — {purpose}</li>" for usage, purpose in lines)
+        + "</ul>",
+    )
+    return message.rendered()
+
+
+def render_targets(targets: list[tuple[str, str, bool]]) -> Rendered:
+    """(name, description, takes_args) per target."""
+    if not targets:
+        return _single("No targets are configured.")
+    texts, htmls = [], []
+    for name, description, takes_args in targets:
+        usage = f"{name} [ARGS…]" if takes_args else name
+        about = f" — {description}" if description else ""
+        texts.append(f"• {usage}{about}")
+        htmls.append(f"<li><code>{escape(usage)}</code>{escape(about)}</li>")
+    message = _Message()
+    message.line("Targets:", "<b>Targets:</b>")
+    message.block("\n".join(texts), "<ul>" + "".join(htmls) + "</ul>")
+    return message.rendered()
+
+
+def _list_line(event: JobProgressEvent, now: float) -> tuple[str, str]:
+    emoji = STATUS_EMOJI[event.status]
+    state = STATUS_WORD[event.status]
+    percentage = event.progress.percentage if event.progress else None
+    if event.status is Status.PROCESSING and percentage is not None:
+        state += f" {format_percentage(percentage)}"
+    age = f"{format_duration(now - event.created_at.timestamp())} ago"
+    text = f"{emoji} {event.id} {event.name} — {state} · {age}"
+    html = (
+        f"{emoji} <code>{escape(event.id)}</code> <b>{escape(event.name)}</b> "
+        f"— {state} · {age}"
+    )
+    return text, html
+
+
+def _listing(title: str, lines: list[tuple[str, str]]) -> Rendered:
+    message = _Message()
+    message.line(title, f"<b>{escape(title)}</b>")
+    for text, html in lines:
+        message.line(text, html)
+    return message.rendered()
+
+
+def render_jobs(events: list[JobProgressEvent], now: float) -> Rendered:
+    """`!jobs`: one line per job/batch, in the order given."""
+    if not events:
+        return _single("No jobs yet.")
+    return _listing("Jobs:", [_list_line(event, now) for event in events])
+
+
+def _summary_line(event: JobProgressEvent, now: float) -> tuple[str, str]:
+    emoji = STATUS_EMOJI[event.status]
+    percentage = event.progress.percentage if event.progress else None
+    bar = progress_bar(percentage, MINI_BAR_CELLS)
+    shown = format_percentage(percentage) if percentage is not None else "…"
+    timing = _timing_line(event, now).removeprefix("⏱ ")
+    text = f"{emoji} {event.id} {event.name} {bar} {shown} · {timing}"
+    html = (
+        f"{emoji} <code>{escape(event.id)}</code> <b>{escape(event.name)}</b> "
+        f"{bar} {shown} · {timing}"
+    )
+    return text, html
+
+
+def render_status_summary(events: list[JobProgressEvent], now: float) -> Rendered:
+    """`!status` without an id: the active jobs/batches (finished ones are skipped)."""
+    active = [event for event in events if not event.terminal]
+    if not active:
+        return _single("Nothing is running.")
+    title = f"Active ({len(active)}):"
+    return _listing(title, [_summary_line(event, now) for event in active])
+
+
+def render_error(text: str) -> Rendered:
+    return Rendered(f"⚠️ {text}", "⚠️ " + escape(text).replace("\n", "<br>"))
+
+
+def render_denied() -> Rendered:
+    return _single("⛔ You are not allowed to run jobs here.")
+
+
+def render_unknown_command(name: str, prefix: str) -> Rendered:
+    """`name` is the command word; a leading prefix is not doubled."""
+    command = name if name.startswith(prefix) else f"{prefix}{name}"
+    text = f"❓ Unknown command {command}. Try {prefix}help."
+    html = (
+        f"❓ Unknown command <code>{escape(command)}</code>. "
+        f"Try <code>{escape(prefix)}help</code>."
+    )
+    return Rendered(text, html)
+
+
+def render_cancelled(subject_id: str, status: str) -> Rendered:
+    """The reply to `!cancel`, given the state the job/batch ended in."""
+    if status == Status.CANCELLED:
+        return _single(f"🚫 Cancelled {subject_id}.")
+    if status in (Status.COMPLETED, Status.FAILED):
+        return _single(f"{subject_id} had already finished ({status}).")
+    return _single(f"🚫 Cancelling {subject_id}…")
