@@ -10,10 +10,10 @@ import sys
 from collections.abc import Sequence
 
 from matrixjobs import __version__
-from matrixjobs.app import App
 from matrixjobs.config import Config, load_config
 from matrixjobs.errors import ConfigError, MatrixJobsError
 from matrixjobs.queue.handlers import HandlerRegistry, load_user_handlers
+from matrixjobs.service import build_service
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -75,7 +75,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     setup_logging(args.log_level)
     try:
         config = load_config(args.config)
-        app = App(config)
+        app = build_service(config)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_ERROR

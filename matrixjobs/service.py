@@ -1,0 +1,19 @@
+"""Build the whole service from a config: the core App plus the interfaces it enables.
+
+The core never imports an interface; this module is where they meet.
+"""
+
+from __future__ import annotations
+
+from matrixjobs.app import App
+from matrixjobs.config import Config
+
+
+def build_service(config: Config) -> App:
+    app = App(config)
+    if config.matrix is not None:
+        from matrixjobs.matrix.bot import MatrixBot  # only load nio when Matrix is on
+
+        app.components.append(
+            MatrixBot(app, config.matrix, config.access, config.progress.interval_ms))
+    return app
