@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 from helpers import make_config
+from synapse_server import make_synapse_fixture
 
 from matrixjobs.app import App
 from matrixjobs.config import Config
@@ -40,3 +41,8 @@ async def running_app(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
     yield start
     for app in apps:
         await app.stop()
+
+
+# Real homeservers, one per test session: relaxed limits, and Synapse's default rc_message.
+synapse = make_synapse_fixture()
+synapse_limited = make_synapse_fixture(rate_limits=True, name="synapse_limited")

@@ -10,6 +10,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from email.utils import parsedate_to_datetime
 from typing import Any
 
 from aiohttp import ClientError
@@ -69,6 +70,16 @@ class NioSender:
         raise SendFailedError(str(response), permanent=response.status_code in PERMANENT_ERRORS)
 
 
+def _server_time_ms(response: Any) -> int:
+    """The homeserver's clock from a response's Date header (1 s resolution), minus 1 s."""
+    transport = getattr(response, "transport_response", None)
+    header = transport.headers.get("Date") if transport is not None else None
+    try:
+        return int(parsedate_to_datetime(header).timestamp() * 1000) - 1000 if header else 0
+    except (TypeError, ValueError):
+        return 0
+
+
 def _http_status(response: ErrorResponse) -> int | None:
     transport = getattr(response, "transport_response", None)
     return getattr(transport, "status", None)
@@ -104,6 +115,8 @@ class MatrixBot:
             interval_ms / 1000, config.max_edits_per_message, config.notify_after_s,
         )
         self.synced = asyncio.Event()
+        # The homeserver's clock when we started: older messages are never acted on.
+        self._started_ms = 0
         self._known_rooms: set[str] = set()
         self._tasks: list[asyncio.Task[None]] = []
         self._commands: dict[str, Callable[[str, RoomMessageText, Command], Awaitable[None]]] = {
@@ -165,6 +178,7 @@ class MatrixBot:
             whoami = await self.client.whoami()
             if isinstance(whoami, WhoamiResponse):
                 self.client.device_id = whoami.device_id or device
+                self._started_ms = _server_time_ms(whoami)
                 return True
             log.warning("matrix: the access token was refused (%s)", whoami)
             if config.password is None:
@@ -179,6 +193,7 @@ class MatrixBot:
         if not isinstance(response, LoginResponse):
             log.error("matrix: login as %s failed: %s", config.user_id, response)
             return False
+        self._started_ms = _server_time_ms(response)
         await store.set_setting(SETTING_USER, config.user_id)
         await store.set_setting(SETTING_DEVICE, response.device_id)
         await store.set_setting(SETTING_TOKEN, response.access_token)
@@ -188,8 +203,12 @@ class MatrixBot:
 
     async def _first_sync(self) -> bool:
         """Learn where "now" is. Old messages are never acted on; pending invites are."""
+        # Synapse caches each sync response for a while, keyed by the request: an initial
+        # sync identical to the previous run's (same device, no `since`) would be answered
+        # with that run's stale response. A timeout that differs per run avoids it.
         response = await self.client.sync(
-            timeout=0, full_state=True, sync_filter={"room": {"timeline": {"limit": 1}}})
+            timeout=1 + time.time_ns() // 1_000_000 % 997, full_state=True,
+            sync_filter={"room": {"timeline": {"limit": 1}}})
         if not isinstance(response, SyncResponse):
             log.warning("matrix: first sync failed: %s", response)
             return False
@@ -256,7 +275,7 @@ class MatrixBot:
     # -- commands ---------------------------------------------------------------------------
 
     async def _on_message(self, room_id: str, event: RoomMessageText) -> None:
-        if event.sender == self.client.user_id:
+        if event.sender == self.client.user_id or event.server_timestamp < self._started_ms:
             return
         relation = event.source.get("content", {}).get("m.relates_to") or {}
         if relation.get("rel_type") == "m.replace":

@@ -1,0 +1,292 @@
+"""The bot against a real Synapse, driven by people with their own clients."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from helpers import make_config, python_target
+from matrix_people import BotMessage, Person, bot_messages
+
+from matrixjobs.app import App
+from matrixjobs.service import build_service
+
+pytestmark = pytest.mark.timeout(120)
+
+STEPS = """
+    import sys, time
+    steps = int(sys.argv[1]) if len(sys.argv) > 1 else 5
+    for i in range(1, steps + 1):
+        time.sleep(0.3)
+        print(f"::progress {i}/{steps} step {i}", flush=True)
+"""
+TARGETS = {
+    "quick": python_target("print('::progress 1/1 done')", description="Finishes at once"),
+    "slow": python_target(STEPS, args_pattern=r"\d{1,2}", description="Takes a while"),
+    "broken": python_target("import sys; print('compiler exploded'); sys.exit(3)",
+                            max_retries=0, description="Always fails"),
+}
+_names = iter(range(10_000))
+
+
+async def in_thread(function: Callable[..., Any], *args: Any) -> Any:
+    return await asyncio.to_thread(function, *args)
+
+
+async def eventually(check: Callable[[], Any], timeout: float = 30.0, every: float = 0.2) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        result = await in_thread(check)
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {check}")
+        await asyncio.sleep(every)
+
+
+class Scene:
+    """A bot user, an allowed person, a stranger and a room with all of them in it."""
+
+    def __init__(self, server, tmp_path) -> None:
+        n = next(_names)
+        self.server = server
+        self.tmp_path = tmp_path
+        self.bot_name = f"bot{n}"
+        bot = server.register(self.bot_name, password="bot-password")
+        self.bot_id = bot["user_id"]
+        self.alice = Person.register(server, f"alice{n}")
+        self.mallory = Person.register(server, f"mallory{n}")
+        self.room = ""
+
+    def config(self, **matrix: Any):
+        return make_config(
+            self.tmp_path,
+            matrix={"homeserver": self.server.base_url, "user_id": self.bot_id,
+                    "password": "bot-password", "rate_per_s": 0, **matrix},
+            access={"allowed_users": [self.alice.user_id]},
+            progress={"interval_ms": 200},
+            targets=TARGETS,
+        )
+
+    async def open_room(self) -> str:
+        self.room = await in_thread(self.alice.create_room, [self.bot_id, self.mallory.user_id])
+        await in_thread(self.mallory.join, self.room)
+        await eventually(lambda: self.bot_id in self.alice.members(self.room))
+        return self.room
+
+    async def say(self, text: str, who: Person | None = None) -> str:
+        return await in_thread((who or self.alice).send, self.room, text)
+
+    async def messages(self) -> list[BotMessage]:
+        events = await in_thread(self.alice.timeline, self.room)
+        messages, strays = bot_messages(events, self.bot_id)
+        assert strays == [], "every edit must target an original message of the bot"
+        return messages
+
+    async def reply_to(self, command: str, final: Callable[[str], bool] = lambda b: True,
+                       timeout: float = 30.0) -> BotMessage:
+        async def check() -> BotMessage | None:
+            for message in await self.messages():
+                if message.reply_to == command and final(message.current):
+                    return message
+            return None
+
+        deadline = time.monotonic() + timeout
+        while (found := await check()) is None:
+            assert time.monotonic() < deadline, f"no reply to {command}"
+            await asyncio.sleep(0.2)
+        return found
+
+
+async def start_bot(config) -> App:
+    app = build_service(config)
+    await app.start()
+    bot = app.components[0]
+    await asyncio.wait_for(bot.synced.wait(), 30)
+    return app
+
+
+@pytest.fixture
+async def scene(synapse, tmp_path):
+    scene = Scene(synapse, tmp_path)
+    app = await start_bot(scene.config())
+    await scene.open_room()
+    scene.app = app
+    yield scene
+    await app.stop()
+
+
+def finished(body: str) -> bool:
+    return body.startswith(("✅", "❌", "🚫"))
+
+
+async def test_build_keeps_one_message_current_until_it_completes(scene):
+    command = await scene.say("!build slow 6")
+    message = await scene.reply_to(command, finished)
+    assert message.current.startswith("✅")
+    assert "100%" in message.current and "slow 6" in message.current
+    assert "🟩" * 10 in message.current
+    assert message.original["content"]["msgtype"] == "m.notice"
+    assert len(message.edits) >= 2, "progress should have been shown while it ran"
+    seen = "".join(body[0] for body in message.bodies)
+    assert "🔄" in seen and seen.endswith("✅")
+    assert any("/6" in body for body in message.bodies[:-1])
+    for edit in message.edits:
+        content = edit["content"]
+        assert content["body"] == "* " + content["m.new_content"]["body"]
+        assert content["m.new_content"]["formatted_body"]
+    jobs = [m for m in await scene.messages() if m.reply_to == command]
+    assert len(jobs) == 1
+
+
+async def test_failed_build_shows_the_output_tail(scene):
+    command = await scene.say("!build broken")
+    message = await scene.reply_to(command, finished)
+    assert message.current.startswith("❌")
+    assert "exit code 3" in message.current and "compiler exploded" in message.current
+    assert "<pre><code>" in message.current_html
+
+
+async def test_batch_shows_counts_and_errors(scene):
+    command = await scene.say("!batch quick broken quick")
+    message = await scene.reply_to(command, finished)
+    assert message.current.startswith("❌")
+    assert "3/3" in message.current and "✅ 2" in message.current and "❌ 1" in message.current
+    assert "compiler exploded" in message.current or "exit code 3" in message.current
+
+
+async def test_unknown_target_and_bad_arguments_get_clear_errors(scene):
+    command = await scene.say("!build nope")
+    reply = await scene.reply_to(command)
+    assert "unknown target 'nope'" in reply.current and "quick" in reply.current
+    command = await scene.say("!build slow lots")
+    reply = await scene.reply_to(command)
+    assert "not allowed for 'slow'" in reply.current
+    command = await scene.say("!batch")
+    assert "usage" in (await scene.reply_to(command)).current
+    command = await scene.say("!frobnicate")
+    assert "!help" in (await scene.reply_to(command)).current
+    assert await scene.app.jobs() == []
+
+
+async def test_denied_user_gets_a_refusal_and_nothing_runs(scene):
+    command = await scene.say("!build quick", who=scene.mallory)
+    reply = await scene.reply_to(command)
+    assert reply.current.startswith("⛔")
+    await asyncio.sleep(0.5)
+    assert await scene.app.jobs() == []
+
+
+async def test_editing_a_command_does_not_start_a_second_job(scene):
+    command = await scene.say("!build slow 3")
+    await scene.reply_to(command)
+    await in_thread(scene.alice.edit, scene.room, command, "!build slow 4")
+    await scene.reply_to(command, finished)
+    await asyncio.sleep(1.0)
+    assert len(await scene.app.jobs()) == 1
+
+
+async def test_cancel_stops_the_job_and_the_message_says_so(scene):
+    command = await scene.say("!build slow 30")
+    await scene.reply_to(command, lambda body: body.startswith("🔄"))
+    [job] = await scene.app.jobs()
+    cancel = await scene.say(f"!cancel {job.id}")
+    assert "Cancelled" in (await scene.reply_to(cancel)).current
+    message = await scene.reply_to(command, finished)
+    assert message.current.startswith("🚫")
+
+
+async def test_info_commands_answer(scene):
+    command = await scene.say("!help")
+    assert "!build TARGET" in (await scene.reply_to(command)).current
+    command = await scene.say("!targets")
+    reply = (await scene.reply_to(command)).current
+    assert "slow" in reply and "Takes a while" in reply
+    command = await scene.say("!build quick")
+    await scene.reply_to(command, finished)
+    command = await scene.say("!jobs")
+    assert "j1" in (await scene.reply_to(command)).current
+    command = await scene.say("!status j1")
+    assert "✅" in (await scene.reply_to(command)).current
+    command = await scene.say("!status")
+    assert "Nothing is running" in (await scene.reply_to(command)).current
+
+
+async def test_invite_sent_while_the_bot_was_offline_is_accepted(synapse, tmp_path):
+    scene = Scene(synapse, tmp_path)
+    room = await in_thread(scene.alice.create_room, [scene.bot_id])
+    scene.room = room
+    app = await start_bot(scene.config())
+    try:
+        await eventually(lambda: scene.bot_id in scene.alice.members(room))
+        command = await scene.say("!build quick")
+        assert (await scene.reply_to(command, finished)).current.startswith("✅")
+    finally:
+        await app.stop()
+
+
+async def test_invite_from_a_stranger_is_ignored(synapse, tmp_path):
+    scene = Scene(synapse, tmp_path)
+    app = await start_bot(scene.config())
+    try:
+        room = await in_thread(scene.mallory.create_room, [scene.bot_id])
+        await asyncio.sleep(2.0)
+        assert scene.bot_id not in await in_thread(scene.mallory.members, room)
+    finally:
+        await app.stop()
+
+
+async def test_old_commands_are_not_replayed_after_a_restart(synapse, tmp_path):
+    scene = Scene(synapse, tmp_path)
+    config = scene.config()
+    app = await start_bot(config)
+    await scene.open_room()
+    command = await scene.say("!build quick")
+    await scene.reply_to(command, finished)
+    await app.stop()
+    await scene.say("!build quick")  # sent while the bot is down: before it started
+    app = await start_bot(config)
+    try:
+        await asyncio.sleep(2.0)
+        assert len(await app.jobs()) == 1
+        assert await app.store.get_setting("matrix.device_id")
+    finally:
+        await app.stop()
+
+
+async def test_restart_reuses_the_device(synapse, tmp_path):
+    scene = Scene(synapse, tmp_path)
+    config = scene.config()
+    app = await start_bot(config)
+    first = app.components[0].client.device_id
+    await app.stop()
+    app = await start_bot(config)
+    try:
+        assert app.components[0].client.device_id == first
+    finally:
+        await app.stop()
+    devices = synapse.request("GET", "/_matrix/client/v3/devices",
+                              token=synapse.login(scene.bot_name, "bot-password")["access_token"])
+    ours = [d for d in devices["devices"] if d.get("display_name") == "matrixjobs"]
+    assert [d["device_id"] for d in ours] == [first]  # one device, however many restarts
+
+
+async def test_default_rate_limits_still_deliver_every_final_state(synapse_limited, tmp_path):
+    scene = Scene(synapse_limited, tmp_path)
+    for person in (scene.alice, scene.mallory):
+        synapse_limited.exempt_from_rate_limit(person.user_id)  # only the bot is limited
+    app = await start_bot(scene.config(rate_per_s=0.2, rate_burst=10))
+    try:
+        await scene.open_room()
+        commands = [await scene.say("!build slow 4") for _ in range(4)]
+        for command in commands:
+            message = await scene.reply_to(command, finished, timeout=60)
+            assert message.current.startswith("✅")
+        events = [e for e in await in_thread(scene.alice.timeline, scene.room)
+                  if e["sender"] == scene.bot_id]
+        assert len(events) <= 4 * 6
+    finally:
+        await app.stop()
