@@ -121,11 +121,12 @@ class Outcome:
 
 @dataclass(slots=True)
 class ProgressMessage:
-    """Where an interface shows a job or batch: edits always target `event_id`."""
+    """Where an interface shows a job or batch: edits always target `event_id`
+    (None until the first message has been sent)."""
 
     subject_id: str
     room_id: str
-    event_id: str
+    event_id: str | None
     requester: str
     reply_to: str
     edits: int = 0

@@ -212,3 +212,15 @@ async def test_restored_message_keeps_editing_the_same_event(store):
     await sched.send_next()
     [(_, room, content)] = sender.sent
     assert room == "!room" and is_edit_of(content, "$original")
+
+
+async def test_restored_message_that_was_never_sent_is_sent_now(store):
+    sched, sender, clock = scheduler(store, rate=0)
+    message = ProgressMessage("j1", "!room", None, "@a:x", "$cmd")
+    sched.restore(message, state(clock, Status.PROCESSING, current=2))
+    await sched.send_next()
+    [(_, _, content)] = sender.sent
+    assert "m.new_content" not in content
+    assert content["m.relates_to"] == {"m.in_reply_to": {"event_id": "$cmd"}}
+    [saved] = await store.open_messages()
+    assert saved.event_id == "$event1"

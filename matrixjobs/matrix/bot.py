@@ -35,7 +35,7 @@ from matrixjobs.matrix import render
 from matrixjobs.matrix.commands import Command, CommandSyntaxError, parse
 from matrixjobs.matrix.edits import EditScheduler, RateLimitedError, SendFailedError
 from matrixjobs.matrix.ratelimit import TokenBucket
-from matrixjobs.models import Status
+from matrixjobs.models import ProgressMessage, Status
 from matrixjobs.progress.events import JobProgressEvent, batch_event, job_event
 
 log = logging.getLogger(__name__)
@@ -323,6 +323,9 @@ class MatrixBot:
 
     async def _show(self, room_id: str, event: RoomMessageText,
                     first: JobProgressEvent) -> None:
+        # Recorded before anything is sent: a restart still finds and shows this job.
+        await self.app.store.save_message(ProgressMessage(
+            first.id, room_id, None, event.sender, event.event_id), time.time())
         self.scheduler.track(room_id, event.sender, event.event_id, first)
         # The job may have moved on while we were submitting it.
         self.scheduler.update(await self.app.status(first.id))

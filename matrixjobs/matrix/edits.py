@@ -158,7 +158,8 @@ class EditScheduler:
         self._changed.set()
 
     def restore(self, message: ProgressMessage, event: JobProgressEvent) -> None:
-        """Resume a message sent before a restart: edits go on targeting the same event."""
+        """Resume a message from before a restart: edits go on targeting the same event
+        (or its first message is sent now, if it never was)."""
         slot = Slot(message.subject_id, message.room_id, message.requester, message.reply_to,
                     next(self._order), event, event_id=message.event_id, edits=message.edits)
         self._slots[message.subject_id] = slot

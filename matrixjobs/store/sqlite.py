@@ -83,7 +83,7 @@ MIGRATIONS: list[str] = [
     CREATE TABLE progress_messages (
         subject_id TEXT PRIMARY KEY,
         room_id TEXT NOT NULL,
-        event_id TEXT NOT NULL,
+        event_id TEXT,  -- NULL until the first message is sent
         requester TEXT NOT NULL,
         reply_to TEXT NOT NULL,
         edits INTEGER NOT NULL DEFAULT 0,

@@ -1,0 +1,139 @@
+"""Kill -9 the real service mid-job: after a restart the same message reaches its final state."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from matrix_people import Person, bot_messages
+
+from matrixjobs.store.sqlite import SqliteStore
+
+pytestmark = pytest.mark.timeout(120)
+
+SLOW = """
+import os, sys, time
+with open("pids.txt", "a") as pids:
+    pids.write(f"{os.getpid()}\\n")
+for i in range(1, 11):
+    time.sleep(0.4)
+    print(f"::progress {i}/10 step {i}", flush=True)
+"""
+
+
+def write_config(directory: Path, homeserver: str, bot: str, alice: str) -> Path:
+    (directory / "slow.py").write_text(SLOW)
+    config = directory / "config.toml"
+    config.write_text(textwrap.dedent(f"""
+        [matrix]
+        homeserver = "{homeserver}"
+        user_id = "{bot}"
+        rate_per_s = 0
+        [access]
+        allowed_users = ["{alice}"]
+        [store]
+        path = "state/jobs.db"
+        [progress]
+        interval_ms = 200
+        [targets.slow]
+        command = [{sys.executable!r}, "slow.py"]
+    """))
+    return config
+
+
+def start(config: Path) -> subprocess.Popen:
+    env = {**os.environ, "MATRIXJOBS_PASSWORD": "bot-password"}
+    return subprocess.Popen([sys.executable, "-m", "matrixjobs", "run", "--config", str(config)],
+                            cwd=config.parent, env=env, stdout=subprocess.DEVNULL,
+                            stderr=open(config.parent / "service.log", "a"))
+
+
+def wait_for(check, timeout=40.0):
+    deadline = time.monotonic() + timeout
+    while not (result := check()):
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.2)
+    return result
+
+
+def test_killed_bot_finishes_the_same_message_after_restart(synapse, tmp_path):
+    bot = synapse.register("restartbot", password="bot-password")["user_id"]
+    alice = Person.register(synapse, "restartalice")
+    room = alice.create_room([bot])
+    config = write_config(tmp_path, synapse.base_url, bot, alice.user_id)
+
+    def message_for(command):
+        messages, strays = bot_messages(alice.timeline(room), bot)
+        assert strays == []
+        return [m for m in messages if m.reply_to == command]
+
+    service = start(config)
+    try:
+        wait_for(lambda: bot in alice.members(room))
+        command = alice.send(room, "!build slow")
+        running = wait_for(lambda: [m for m in message_for(command)
+                                    if m.current.startswith("🔄") and "/10" in m.current])
+        os.kill(service.pid, signal.SIGKILL)
+        service.wait(10)
+    finally:
+        if service.poll() is None:
+            service.kill()
+    for pid in (tmp_path / "pids.txt").read_text().split():  # systemd's cgroup would do this
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(int(pid), signal.SIGKILL)
+
+    service = start(config)
+    try:
+        done = wait_for(lambda: [m for m in message_for(command)
+                                 if m.current.startswith("✅")])
+        assert [m.event_id for m in message_for(command)] == [running[0].event_id]
+        assert done[0].event_id == running[0].event_id
+        assert "100%" in done[0].current
+    finally:
+        service.send_signal(signal.SIGTERM)
+        assert service.wait(20) == 0
+    assert len((tmp_path / "pids.txt").read_text().split()) == 2  # interrupted, then retried
+
+
+def test_job_queued_before_a_crash_gets_its_message_after_restart(synapse, tmp_path):
+    """The bot died between accepting the command and sending the first message."""
+    import asyncio
+
+    from matrixjobs.models import JobSpec, ProgressMessage
+
+    bot = synapse.register("lostbot", password="bot-password")["user_id"]
+    alice = Person.register(synapse, "lostalice")
+    room = alice.create_room([bot])
+    config = write_config(tmp_path, synapse.base_url, bot, alice.user_id)
+    command = alice.send(room, "!build slow")  # what the bot had read before dying
+
+    async def accepted_but_never_shown() -> str:
+        store = SqliteStore(tmp_path / "state" / "jobs.db")
+        await store.open()
+        [job] = await store.add_jobs([JobSpec("command", {"target": "slow", "args": []},
+                                              "slow", max_retries=2, timeout_s=60)],
+                                     time.time(), dedupe_key=command)
+        await store.save_message(ProgressMessage(job.id, room, None, alice.user_id, command),
+                                 time.time())
+        await store.close()
+        return job.id
+
+    asyncio.run(accepted_but_never_shown())
+    service = start(config)
+    try:
+        def final():
+            messages, _ = bot_messages(alice.timeline(room), bot)
+            return [m for m in messages if m.reply_to == command and m.current.startswith("✅")]
+
+        [message] = wait_for(final)
+        assert "slow" in message.current
+    finally:
+        service.send_signal(signal.SIGTERM)
+        assert service.wait(20) == 0
