@@ -119,6 +119,7 @@ class MatrixBot:
         self._started_ms = 0
         self._known_rooms: set[str] = set()
         self._tasks: list[asyncio.Task[None]] = []
+        self._handling: set[asyncio.Task[None]] = set()
         self._commands: dict[str, Callable[[str, RoomMessageText, Command], Awaitable[None]]] = {
             "build": self._build, "batch": self._batch, "status": self._status,
             "cancel": self._cancel, "jobs": self._jobs, "targets": self._targets,
@@ -131,9 +132,10 @@ class MatrixBot:
         self._tasks.append(asyncio.create_task(self._main(), name="matrix-bot"))
 
     async def stop(self) -> None:
-        for task in self._tasks:
+        tasks = [*self._tasks, *self._handling]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         self._tasks.clear()
         await self.client.close()
 
@@ -241,10 +243,11 @@ class MatrixBot:
                 events = self._after_own_join(events)
             for event in events:
                 if isinstance(event, RoomMessageText):
-                    try:
-                        await self._on_message(room_id, event)
-                    except Exception:
-                        log.exception("matrix: handling %s in %s failed", event.event_id, room_id)
+                    # Its own task: a slow command (a cancel waiting for a process to
+                    # die) must not hold up the sync loop.
+                    task = asyncio.create_task(self._on_message_safely(room_id, event))
+                    self._handling.add(task)
+                    task.add_done_callback(self._handling.discard)
 
     def _after_own_join(self, events: list[Any]) -> list[Any]:
         """A room we just joined comes with history: keep only what follows our join."""
@@ -273,6 +276,13 @@ class MatrixBot:
             log.warning("matrix: cannot join %s: %s", room, response)
 
     # -- commands ---------------------------------------------------------------------------
+
+    async def _on_message_safely(self, room_id: str, event: RoomMessageText) -> None:
+        try:
+            await self._on_message(room_id, event)
+        except Exception:
+            log.exception("matrix: handling %s in %s failed", event.event_id, room_id)
+            self._reply(room_id, event, render.render_error("internal error; see the log"))
 
     async def _on_message(self, room_id: str, event: RoomMessageText) -> None:
         if event.sender == self.client.user_id or event.server_timestamp < self._started_ms:
