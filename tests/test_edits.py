@@ -77,6 +77,8 @@ def is_edit_of(content, original):
 async def test_first_message_is_a_reply_and_edits_replace_the_original(store):
     sched, sender, clock = scheduler(store)
     sched.track("!room", "@alice:x", "$command", state(clock, Status.PENDING))
+    assert not await sched.send_next()  # a queued job's first message waits one interval
+    clock.now += 0.5
     await sched.send_next()
     first = sender.sent[0][2]
     assert first["msgtype"] == "m.notice"
@@ -127,7 +129,7 @@ async def test_final_states_jump_the_queue_and_reserve_survives_many_live_jobs(s
     for number in range(1, 6):
         sched.track("!room", "@a:x", f"$c{number}",
                     state(clock, Status.PENDING, job_id=f"j{number}"))
-    await drain(sched, clock, clock.now + 0.1)
+    await drain(sched, clock, clock.now + 0.6)
     assert len(sender.sent) == 5  # five first messages
     for second in range(10):  # busy progress on all five
         for number in range(1, 6):
@@ -142,8 +144,7 @@ async def test_final_states_jump_the_queue_and_reserve_survives_many_live_jobs(s
 
 
 async def test_job_that_ends_before_its_first_message_gets_one_message(store):
-    sched, sender, clock = scheduler(store, rate=0.2, burst=1)
-    sched.bucket.take()  # budget spent elsewhere
+    sched, sender, clock = scheduler(store, rate=0.2, burst=1)  # starts with no budget
     sched.track("!room", "@a:x", "$cmd", state(clock, Status.PENDING))
     sched.update(state(clock, current=5))
     sched.update(state(clock, Status.FAILED, current=5))
@@ -156,7 +157,7 @@ async def test_job_that_ends_before_its_first_message_gets_one_message(store):
 async def test_rate_limit_response_backs_off_and_retries(store, caplog):
     sched, sender, clock = scheduler(store, rate=0)
     sender.fail_with = [RateLimitedError(3.0)]
-    sched.track("!room", "@a:x", "$cmd", state(clock, Status.PENDING))
+    sched.track("!room", "@a:x", "$cmd", state(clock))
     await sched.send_next()
     assert sender.sent == [] and "rate-limiting the bot" in caplog.text
     assert not await sched.send_next()
@@ -167,7 +168,7 @@ async def test_rate_limit_response_backs_off_and_retries(store, caplog):
 async def test_transient_failures_back_off_and_permanent_ones_give_up(store):
     sched, sender, clock = scheduler(store, rate=0)
     sender.fail_with = [SendFailedError("connection reset")]
-    sched.track("!room", "@a:x", "$cmd", state(clock, Status.PENDING))
+    sched.track("!room", "@a:x", "$cmd", state(clock))
     await sched.send_next()
     assert not await sched.send_next()  # paused
     clock.now += 1.01
@@ -224,3 +225,30 @@ async def test_restored_message_that_was_never_sent_is_sent_now(store):
     assert content["m.relates_to"] == {"m.in_reply_to": {"event_id": "$cmd"}}
     [saved] = await store.open_messages()
     assert saved.event_id == "$event1"
+
+
+async def test_a_job_quicker_than_the_interval_needs_a_single_event(store):
+    sched, sender, clock = scheduler(store, rate=0.2, burst=10, interval=0.5)
+    sched.track("!room", "@a:x", "$cmd", state(clock, Status.PENDING))
+    await drain(sched, clock, clock.now + 0.2)
+    sched.update(state(clock, Status.COMPLETED, current=10))
+    await drain(sched, clock, clock.now + 1)
+    [(_, _, content)] = sender.sent
+    assert content["body"].startswith("✅") and "m.new_content" not in content
+
+
+async def test_a_started_job_shows_running_in_its_first_message(store):
+    sched, sender, clock = scheduler(store, rate=0.2, burst=10, interval=0.5)
+    sched.track("!room", "@a:x", "$cmd", state(clock, Status.PENDING))
+    sched.update(state(clock, current=1))
+    await sched.send_next()
+    assert sender.sent[0][2]["body"].startswith("🔄")
+
+
+def test_after_a_429_exactly_one_send_is_allowed_when_the_wait_ends():
+    clock = Clock()
+    bucket = TokenBucket(0.2, 10, clock)
+    bucket.limited(4.4)
+    assert bucket.available() == 0
+    clock.now += 4.4
+    assert bucket.available() >= 1 - 1e-9

@@ -22,7 +22,7 @@ from typing import Any, Protocol
 
 from matrixjobs.matrix.ratelimit import TokenBucket
 from matrixjobs.matrix.render import Rendered, render_final_notice, render_progress
-from matrixjobs.models import ProgressMessage
+from matrixjobs.models import ProgressMessage, Status
 from matrixjobs.progress.events import JobProgressEvent
 from matrixjobs.store.base import Store
 
@@ -66,6 +66,7 @@ class Slot:
     shown: JobProgressEvent | None = None
     edits: int = 0
     last_sent: float = float("-inf")
+    tracked_at: float = float("-inf")
 
     @property
     def dirty(self) -> bool:
@@ -154,7 +155,7 @@ class EditScheduler:
             self.update(event)
             return
         self._slots[event.id] = Slot(event.id, room_id, requester, reply_to,
-                                     next(self._order), event)
+                                     next(self._order), event, tracked_at=self._monotonic())
         self._changed.set()
 
     def restore(self, message: ProgressMessage, event: JobProgressEvent) -> None:
@@ -221,7 +222,7 @@ class EditScheduler:
         if self._replies:
             return self._replies[0]
         for slot in slots:
-            if slot.event_id is None:
+            if self._first_due(slot, now):
                 return slot
         if tokens < 1 + self._reserve():
             return None
@@ -234,6 +235,12 @@ class EditScheduler:
             return 0
         return min(len(self._slots), self.bucket.burst - 1)
 
+    def _first_due(self, slot: Slot, now: float) -> bool:
+        """A first message waits until the job starts or one interval passes: a quick
+        job then needs a single event, and a running one never shows "queued"."""
+        return slot.event_id is None and (
+            slot.latest.status != Status.PENDING or now - slot.tracked_at >= self.interval_s)
+
     def _progress_due(self, slot: Slot, now: float) -> bool:
         return (slot.dirty and slot.event_id is not None
                 and now - slot.last_sent >= self.interval_s
@@ -245,10 +252,15 @@ class EditScheduler:
             return self._paused_until - now
         waits = []
         urgent = self._replies or any(
-            s.event_id is None or (s.dirty and s.latest.terminal) for s in self._slots.values()
+            self._first_due(s, now) or (s.dirty and s.latest.terminal)
+            for s in self._slots.values()
         )
         if urgent:
             waits.append(self.bucket.seconds_until(1))
+        held = [s.tracked_at + self.interval_s for s in self._slots.values()
+                if s.event_id is None and not self._first_due(s, now)]
+        if held:
+            waits.append(max(min(held) - now, self.bucket.seconds_until(1)))
         progress = [s for s in self._slots.values() if s.dirty and s.event_id is not None
                     and s.edits < self.max_edits - 1]
         if progress:

@@ -21,7 +21,8 @@ class TokenBucket:
         self.rate = rate
         self.burst = max(burst, 1)
         self._clock = clock
-        self._tokens = float(self.burst)
+        # Not quite full: joining a room or the run before a restart has usually spent some.
+        self._tokens = float(self.burst - 1)
         self._updated = clock()
         self._blocked_until = 0.0
 
@@ -52,9 +53,10 @@ class TokenBucket:
         return max(wait, missing / self.rate if missing > 0 else 0.0)
 
     def limited(self, retry_after_s: float) -> None:
-        """The homeserver said 429: nothing left, and nothing at all for `retry_after_s`."""
+        """The homeserver said 429: nothing for `retry_after_s`, then exactly one send."""
         self._refill()
-        self._tokens = min(self._tokens, 0.0)
+        if not self.unlimited:
+            self._tokens = min(self._tokens, 1.0 - self.rate * retry_after_s)
         self._blocked_until = max(self._blocked_until, self._clock() + retry_after_s)
 
     def _refill(self) -> None:
