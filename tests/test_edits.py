@@ -158,6 +158,7 @@ async def test_rate_limit_response_backs_off_and_retries(store, caplog):
     sched, sender, clock = scheduler(store, rate=0)
     sender.fail_with = [RateLimitedError(3.0)]
     sched.track("!room", "@a:x", "$cmd", state(clock))
+    clock.now += 0.5
     await sched.send_next()
     assert sender.sent == [] and "rate-limiting the bot" in caplog.text
     assert not await sched.send_next()
@@ -169,6 +170,7 @@ async def test_transient_failures_back_off_and_permanent_ones_give_up(store):
     sched, sender, clock = scheduler(store, rate=0)
     sender.fail_with = [SendFailedError("connection reset")]
     sched.track("!room", "@a:x", "$cmd", state(clock))
+    clock.now += 0.5
     await sched.send_next()
     assert not await sched.send_next()  # paused
     clock.now += 1.01
@@ -241,6 +243,8 @@ async def test_a_started_job_shows_running_in_its_first_message(store):
     sched, sender, clock = scheduler(store, rate=0.2, burst=10, interval=0.5)
     sched.track("!room", "@a:x", "$cmd", state(clock, Status.PENDING))
     sched.update(state(clock, current=1))
+    assert not await sched.send_next()
+    clock.now += 0.5
     await sched.send_next()
     assert sender.sent[0][2]["body"].startswith("🔄")
 

@@ -22,7 +22,7 @@ from typing import Any, Protocol
 
 from matrixjobs.matrix.ratelimit import TokenBucket
 from matrixjobs.matrix.render import Rendered, render_final_notice, render_progress
-from matrixjobs.models import ProgressMessage, Status
+from matrixjobs.models import ProgressMessage
 from matrixjobs.progress.events import JobProgressEvent
 from matrixjobs.store.base import Store
 
@@ -236,10 +236,9 @@ class EditScheduler:
         return min(len(self._slots), self.bucket.burst - 1)
 
     def _first_due(self, slot: Slot, now: float) -> bool:
-        """A first message waits until the job starts or one interval passes: a quick
-        job then needs a single event, and a running one never shows "queued"."""
-        return slot.event_id is None and (
-            slot.latest.status != Status.PENDING or now - slot.tracked_at >= self.interval_s)
+        """A first message waits one interval: a job quicker than that needs a single
+        event (its final state), and a started one never shows "queued"."""
+        return slot.event_id is None and now - slot.tracked_at >= self.interval_s
 
     def _progress_due(self, slot: Slot, now: float) -> bool:
         return (slot.dirty and slot.event_id is not None
