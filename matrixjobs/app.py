@@ -17,7 +17,7 @@ from typing import Protocol
 
 from matrixjobs.config import Config
 from matrixjobs.errors import NotFoundError
-from matrixjobs.models import BATCH_PREFIX, Batch, Job, Status, parse_id
+from matrixjobs.models import BATCH_PREFIX, Batch, Job, ProgressMessage, Status, parse_id
 from matrixjobs.progress.events import JobProgressEvent, batch_event, job_event
 from matrixjobs.progress.monitor import ProgressMonitor
 from matrixjobs.queue.command import CommandHandler
@@ -141,18 +141,22 @@ class App:
     # -- the core's public API -------------------------------------------------------------------
 
     async def submit(
-        self, target: str, args: Sequence[str] = (), dedupe_key: str | None = None
+        self, target: str, args: Sequence[str] = (), dedupe_key: str | None = None,
+        show: ProgressMessage | None = None,
     ) -> Job:
-        """Queue a configured target; `dedupe_key` makes a repeated request a no-op error."""
+        """Queue a configured target. `dedupe_key` makes a repeated request raise
+        AlreadySubmittedError; `show` records where its progress will be shown."""
         spec = self.targets.spec(target, list(args))
-        [job] = await self.queue.enqueue_many([spec], dedupe_key)
+        [job] = await self.queue.enqueue_many([spec], dedupe_key, show)
         return job
 
     async def submit_batch(
-        self, targets: Sequence[str], name: str | None = None, dedupe_key: str | None = None
+        self, targets: Sequence[str], name: str | None = None, dedupe_key: str | None = None,
+        show: ProgressMessage | None = None,
     ) -> Batch:
         specs = [self.targets.spec(target) for target in targets]
-        batch, _ = await self.queue.enqueue_batch(name or " ".join(targets), specs, dedupe_key)
+        batch, _ = await self.queue.enqueue_batch(name or " ".join(targets), specs, dedupe_key,
+                                                  show)
         return batch
 
     async def cancel(self, subject: str) -> Job | Batch:

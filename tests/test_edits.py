@@ -25,11 +25,13 @@ class Recorder:
     def __init__(self) -> None:
         self.sent: list[tuple[float, str, dict]] = []
         self.fail_with: list[Exception] = []
+        self.txn_ids: list[str] = []
         self.clock: Clock | None = None
 
-    async def send(self, room_id, content):
+    async def send(self, room_id, content, txn_id):
         if self.fail_with:
             raise self.fail_with.pop(0)
+        self.txn_ids.append(txn_id)
         self.sent.append((self.clock.now, room_id, content))
         return f"$event{len(self.sent)}"
 
@@ -256,3 +258,53 @@ def test_after_a_429_exactly_one_send_is_allowed_when_the_wait_ends():
     assert bucket.available() == 0
     clock.now += 4.4
     assert bucket.available() >= 1 - 1e-9
+
+
+async def test_a_retried_first_message_reuses_its_transaction_and_content(store):
+    sched, sender, clock = scheduler(store, rate=0)
+    sender.fail_with = [SendFailedError("response lost")]
+    sched.track("!room", "@a:x", "$cmd", state(clock, current=1))
+    clock.now += 0.5
+    await sched.send_next()  # failed: the server may or may not have it
+    sched.update(state(clock, current=2))
+    clock.now += 1.01
+    await sched.send_next()
+    assert sender.txn_ids == ["mj-j1-first"]
+    assert "1/10" in sender.sent[0][2]["body"]  # the content first attempted
+    await drain(sched, clock, clock.now + 1)
+    assert "2/10" in sender.sent[-1][2]["m.new_content"]["body"]  # then edited forward
+    assert len(set(sender.txn_ids)) == len(sender.txn_ids)
+
+
+async def test_restored_unsent_message_is_followed_by_an_edit_with_the_latest_state(store):
+    sched, sender, clock = scheduler(store, rate=0)
+    message = ProgressMessage("j1", "!room", None, "@a:x", "$cmd")
+    sched.restore(message, state(clock, Status.COMPLETED, current=10))
+    await drain(sched, clock, clock.now + 1)
+    assert len(sender.sent) == 2  # the first send may have been a repeat from before
+    assert is_edit_of(sender.sent[1][2], "$event1")
+    assert "✅" in sender.sent[1][2]["m.new_content"]["body"]
+    assert await store.open_messages() == []
+
+
+async def test_replies_wait_behind_first_messages_and_the_final_reserve(store):
+    sched, sender, clock = scheduler(store, rate=0.2, burst=3, interval=0.5)
+    sched.track("!room", "@a:x", "$cmd", state(clock))
+    for n in range(5):
+        sched.reply("!room", f"$x{n}", sched._render(state(clock), clock.now))
+    clock.now += 0.5
+    await sched.send_next()
+    assert "m.in_reply_to" in sender.sent[0][2]["m.relates_to"]
+    assert sender.sent[0][2]["m.relates_to"]["m.in_reply_to"]["event_id"] == "$cmd"
+    await sched.send_next()  # one token left over the reserve of one
+    assert not await sched.send_next()  # the last token is kept for the final edit
+    sched.update(state(clock, Status.COMPLETED, current=10))
+    assert await sched.send_next()
+    assert "✅" in sender.sent[-1][2]["m.new_content"]["body"]
+
+
+async def test_reply_queue_is_bounded(store, caplog):
+    sched, _sender, clock = scheduler(store, rate=0.2, burst=1)
+    for n in range(80):
+        sched.reply("!room", f"$x{n}", sched._render(state(clock), clock.now))
+    assert sched.backlog == 50 and "dropping one" in caplog.text

@@ -290,3 +290,32 @@ async def test_default_rate_limits_still_deliver_every_final_state(synapse_limit
         assert len(events) <= 4 * 6
     finally:
         await app.stop()
+
+
+async def test_commands_sent_while_the_bot_was_out_of_the_room_are_not_run(scene):
+    await in_thread(scene.alice.call, "POST",
+                    f"/_matrix/client/v3/rooms/{scene.room}/kick", {"user_id": scene.bot_id})
+    await eventually(lambda: scene.bot_id not in scene.alice.members(scene.room))
+    await scene.say("!build quick")  # the bot is not there to see it
+    await in_thread(scene.alice.call, "POST",
+                    f"/_matrix/client/v3/rooms/{scene.room}/invite", {"user_id": scene.bot_id})
+    await eventually(lambda: scene.bot_id in scene.alice.members(scene.room))
+    command = await scene.say("!build quick")
+    assert (await scene.reply_to(command, finished)).current.startswith("✅")
+    assert len(await scene.app.jobs()) == 1
+
+
+async def test_bot_logs_in_again_when_its_token_is_revoked(scene):
+    await in_thread(scene.server.request, "POST", "/_matrix/client/v3/logout/all", {},
+                    scene.app.components[0].client.access_token)
+    command = await scene.say("!build quick")
+    assert (await scene.reply_to(command, finished, timeout=60)).current.startswith("✅")
+
+
+async def test_a_denied_user_cannot_flood_the_room_with_refusals(scene):
+    commands = [await scene.say("!build quick", who=scene.mallory) for _ in range(5)]
+    await scene.reply_to(commands[0])
+    await asyncio.sleep(1.0)
+    refusals = [m for m in await scene.messages() if m.reply_to in commands]
+    assert len(refusals) == 1
+    assert await scene.app.jobs() == []

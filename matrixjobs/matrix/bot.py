@@ -21,7 +21,9 @@ from nio import (
     InviteMemberEvent,
     JoinResponse,
     LoginResponse,
+    MessageDirection,
     RoomMemberEvent,
+    RoomMessagesResponse,
     RoomMessageText,
     RoomSendResponse,
     SyncResponse,
@@ -37,10 +39,16 @@ from matrixjobs.matrix.edits import EditScheduler, RateLimitedError, SendFailedE
 from matrixjobs.matrix.ratelimit import TokenBucket
 from matrixjobs.models import ProgressMessage, Status
 from matrixjobs.progress.events import JobProgressEvent, batch_event, job_event
+from matrixjobs.progress.subscription import Subscription
+from matrixjobs.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
 
 SYNC_TIMEOUT_MS = 30_000
+# Room timelines of up to 50 events per sync; a longer gap is fetched with /messages.
+SYNC_FILTER = {"room": {"timeline": {"limit": 50}}}
+GAP_LIMIT = 200
+DENIED_REPLY_EVERY_S = 300.0
 MAX_BACKOFF_S = 60.0
 PERMANENT_ERRORS = frozenset({"M_FORBIDDEN", "M_NOT_FOUND", "M_TOO_LARGE", "M_BAD_JSON"})
 SETTING_USER = "matrix.user_id"
@@ -56,10 +64,11 @@ class NioSender:
     def __init__(self, client: AsyncClient) -> None:
         self.client = client
 
-    async def send(self, room_id: str, content: dict[str, Any]) -> str:
+    async def send(self, room_id: str, content: dict[str, Any], txn_id: str) -> str:
         try:
             response = await self.client.room_send(
-                room_id, "m.room.message", content, ignore_unverified_devices=True)
+                room_id, "m.room.message", content, tx_id=txn_id,
+                ignore_unverified_devices=True)
         except NETWORK_ERRORS as exc:
             raise SendFailedError(f"{type(exc).__name__}: {exc}") from None
         if isinstance(response, RoomSendResponse):
@@ -119,7 +128,10 @@ class MatrixBot:
         self._started_ms = 0
         self._known_rooms: set[str] = set()
         self._tasks: list[asyncio.Task[None]] = []
-        self._handling: set[asyncio.Task[None]] = set()
+        self._handling: set[asyncio.Task[Any]] = set()
+        self._supervisor = Supervisor()
+        self._events: Subscription | None = None
+        self._denied_at: dict[str, float] = {}
         self._commands: dict[str, Callable[[str, RoomMessageText, Command], Awaitable[None]]] = {
             "build": self._build, "batch": self._batch, "status": self._status,
             "cancel": self._cancel, "jobs": self._jobs, "targets": self._targets,
@@ -129,6 +141,8 @@ class MatrixBot:
     # -- lifecycle --------------------------------------------------------------------------
 
     async def start(self) -> None:
+        # Subscribed before anything is restored, so no state change falls in between.
+        self._events = self.app.monitor.subscribe()
         self._tasks.append(asyncio.create_task(self._main(), name="matrix-bot"))
 
     async def stop(self) -> None:
@@ -136,6 +150,9 @@ class MatrixBot:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await self._supervisor.stop()
+        if self._events is not None:
+            self._events.close()
         self._tasks.clear()
         await self.client.close()
 
@@ -144,15 +161,13 @@ class MatrixBot:
         await self._retry("first sync", self._first_sync)
         await self._restore_messages()
         for room in self.config.rooms:
-            await self._join(room)
+            self._join_soon(room)
         self.synced.set()
         log.info("matrix: logged in as %s (device %s), in %d rooms",
                  self.client.user_id, self.client.device_id, len(self.client.rooms))
-        self._tasks += [
-            asyncio.create_task(self._sync_forever(), name="matrix-sync"),
-            asyncio.create_task(self.scheduler.run(), name="matrix-edits"),
-            asyncio.create_task(self._follow_progress(), name="matrix-progress"),
-        ]
+        self._supervisor.keep("matrix-sync", self._sync_forever)
+        self._supervisor.keep("matrix-edits", self.scheduler.run)
+        self._supervisor.keep("matrix-progress", self._follow_progress)
 
     async def _retry(self, what: str, step: Callable[[], Awaitable[bool]]) -> None:
         """Run `step` until it returns True, backing off while the homeserver is away."""
@@ -215,32 +230,40 @@ class MatrixBot:
             log.warning("matrix: first sync failed: %s", response)
             return False
         self._known_rooms.update(response.rooms.join)
-        await self._handle_invites(response)
+        self._handle_invites(response)
         return True
 
     async def _sync_forever(self) -> None:
         delay = 1.0
         while True:
+            since = self.client.next_batch
             try:
-                response = await self.client.sync(timeout=SYNC_TIMEOUT_MS,
-                                                  since=self.client.next_batch)
+                response = await self.client.sync(timeout=SYNC_TIMEOUT_MS, since=since,
+                                                  sync_filter=SYNC_FILTER)
             except NETWORK_ERRORS as exc:
                 response = exc
             if isinstance(response, SyncResponse):
                 delay = 1.0
-                await self._handle_sync(response)
+                await self._handle_sync(response, since)
+                continue
+            if isinstance(response, ErrorResponse) and response.status_code == "M_UNKNOWN_TOKEN":
+                log.warning("matrix: the access token was revoked; logging in again")
+                await self.app.store.set_setting(SETTING_TOKEN, "")
+                await self._retry("login", self._login)
                 continue
             log.warning("matrix: sync failed (%s); retrying in %.0fs", response, delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, MAX_BACKOFF_S)
 
-    async def _handle_sync(self, response: SyncResponse) -> None:
-        await self._handle_invites(response)
+    async def _handle_sync(self, response: SyncResponse, since: str | None) -> None:
+        self._handle_invites(response)
+        self._known_rooms.difference_update(response.rooms.leave)
         for room_id, info in response.rooms.join.items():
-            events = info.timeline.events
-            if room_id not in self._known_rooms:
-                self._known_rooms.add(room_id)
-                events = self._after_own_join(events)
+            try:
+                events = await self._new_events(room_id, info.timeline, since)
+            except Exception:
+                log.exception("matrix: reading the timeline of %s failed", room_id)
+                continue
             for event in events:
                 if isinstance(event, RoomMessageText):
                     # Its own task: a slow command (a cancel waiting for a process to
@@ -249,16 +272,29 @@ class MatrixBot:
                     self._handling.add(task)
                     task.add_done_callback(self._handling.discard)
 
-    def _after_own_join(self, events: list[Any]) -> list[Any]:
-        """A room we just joined comes with history: keep only what follows our join."""
+    async def _new_events(self, room_id: str, timeline: Any, since: str | None) -> list[Any]:
+        """The timeline events to act on: never history from before our (latest) join."""
+        events = list(timeline.events)
+        if timeline.limited and since and room_id in self._known_rooms:
+            events = await self._fill_gap(room_id, timeline.prev_batch, since) + events
         for index in range(len(events) - 1, -1, -1):
             event = events[index]
             if (isinstance(event, RoomMemberEvent) and event.state_key == self.client.user_id
                     and event.membership == "join"):
+                self._known_rooms.add(room_id)
                 return events[index + 1:]
-        return []
+        return events if room_id in self._known_rooms else []
 
-    async def _handle_invites(self, response: SyncResponse) -> None:
+    async def _fill_gap(self, room_id: str, start: str, since: str) -> list[Any]:
+        """The events a limited sync left out (e.g. after an outage), oldest first."""
+        response = await self.client.room_messages(
+            room_id, start=start, end=since, direction=MessageDirection.back, limit=GAP_LIMIT)
+        if not isinstance(response, RoomMessagesResponse):
+            log.warning("matrix: cannot fetch missed messages in %s: %s", room_id, response)
+            return []
+        return list(reversed(response.chunk))
+
+    def _handle_invites(self, response: SyncResponse) -> None:
         for room_id, info in response.rooms.invite.items():
             inviter = next((e.sender for e in info.invite_state
                             if isinstance(e, InviteMemberEvent)
@@ -266,14 +302,23 @@ class MatrixBot:
                             and e.membership == "invite"), None)
             if inviter is not None and self.access.allows(inviter):
                 log.info("matrix: %s invited us to %s; joining", inviter, room_id)
-                await self._join(room_id)
+                self._join_soon(room_id)
             else:
                 log.info("matrix: ignoring invite to %s from %s (not allowed)", room_id, inviter)
 
-    async def _join(self, room: str) -> None:
+    def _join_soon(self, room: str) -> None:
+        """Join in the background, retrying: a slow (federated) join must not hold anything up."""
+        task = asyncio.create_task(self._retry(f"joining {room}", lambda: self._join(room)))
+        self._handling.add(task)
+        task.add_done_callback(self._handling.discard)
+
+    async def _join(self, room: str) -> bool:
+        self.scheduler.bucket.take()  # Synapse counts joins against the message rate too
         response = await self.client.join(room)
-        if not isinstance(response, JoinResponse):
-            log.warning("matrix: cannot join %s: %s", room, response)
+        if isinstance(response, JoinResponse):
+            return True
+        log.warning("matrix: cannot join %s: %s", room, response)
+        return response.status_code in PERMANENT_ERRORS  # give up on those
 
     # -- commands ---------------------------------------------------------------------------
 
@@ -304,7 +349,11 @@ class MatrixBot:
             return
         if command.name in ("build", "batch", "cancel") and not self.access.allows(event.sender):
             log.info("matrix: denied %s to %s in %s", command.name, event.sender, room_id)
-            if self.access.reply_to_denied:
+            now = time.monotonic()
+            if self.access.reply_to_denied and (
+                    now - self._denied_at.get(event.sender, -DENIED_REPLY_EVERY_S)
+                    >= DENIED_REPLY_EVERY_S):
+                self._denied_at[event.sender] = now  # one ⛔ per person now and then: no flood
                 self._reply(room_id, event, render.render_denied())
             return
         try:
@@ -321,21 +370,24 @@ class MatrixBot:
         if not command.args:
             raise MatrixJobsError(f"usage: {self.config.command_prefix}build TARGET [ARGS…]")
         job = await self.app.submit(command.args[0], command.args[1:],
-                                    dedupe_key=event.event_id)
+                                    dedupe_key=event.event_id, show=self._where(room_id, event))
         await self._show(room_id, event, job_event(job, time.time()))
 
     async def _batch(self, room_id: str, event: RoomMessageText, command: Command) -> None:
         if not command.args:
             raise MatrixJobsError(
                 f"usage: {self.config.command_prefix}batch TARGET [TARGET…]")
-        batch = await self.app.submit_batch(list(command.args), dedupe_key=event.event_id)
+        batch = await self.app.submit_batch(list(command.args), dedupe_key=event.event_id,
+                                            show=self._where(room_id, event))
         await self._show(room_id, event, batch_event(batch, time.time()))
+
+    @staticmethod
+    def _where(room_id: str, event: RoomMessageText) -> ProgressMessage:
+        # Stored with the job in one transaction: a restart always finds and shows it.
+        return ProgressMessage("", room_id, None, event.sender, event.event_id)
 
     async def _show(self, room_id: str, event: RoomMessageText,
                     first: JobProgressEvent) -> None:
-        # Recorded before anything is sent: a restart still finds and shows this job.
-        await self.app.store.save_message(ProgressMessage(
-            first.id, room_id, None, event.sender, event.event_id), time.time())
         self.scheduler.track(room_id, event.sender, event.event_id, first)
         # The job may have moved on while we were submitting it.
         self.scheduler.update(await self.app.status(first.id))
@@ -389,10 +441,10 @@ class MatrixBot:
             self.scheduler.restore(message, state)
 
     async def _follow_progress(self) -> None:
-        with self.app.monitor.subscribe() as events:
-            async for event in events:
-                if self.scheduler.tracks(event.id):
-                    self.scheduler.update(event)
+        assert self._events is not None
+        async for event in self._events:
+            if self.scheduler.tracks(event.id):
+                self.scheduler.update(event)
 
 
 

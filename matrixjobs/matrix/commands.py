@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
 import shlex
 from dataclasses import dataclass
 
 COMMANDS = ("build", "batch", "status", "cancel", "jobs", "targets", "help")
+NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,8 +31,9 @@ def parse(body: str, prefix: str) -> Command | None:
     if not text.startswith(prefix) or len(text) == len(prefix):
         return None
     rest = text[len(prefix):]
-    if rest[0].isspace():
-        return None  # "! build" is prose, not a command
+    name = rest.split(maxsplit=1)[0] if rest.strip() else ""
+    if rest[0].isspace() or not NAME.fullmatch(name):
+        return None  # "! build" or "!it's broken" is prose, not a command
     try:
         words = shlex.split(rest)
     except ValueError as exc:

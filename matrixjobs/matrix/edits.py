@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import itertools
+import json
 import logging
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -29,6 +32,7 @@ from matrixjobs.store.base import Store
 log = logging.getLogger(__name__)
 
 HTML = "org.matrix.custom.html"
+MAX_REPLIES = 50
 MAX_BACKOFF_S = 60.0
 RATE_WARNING_EVERY_S = 60.0
 
@@ -48,8 +52,12 @@ class SendFailedError(Exception):
 
 
 class Sender(Protocol):
-    async def send(self, room_id: str, content: dict[str, Any]) -> str:
-        """Send an m.room.message; return its event id or raise one of the errors above."""
+    async def send(self, room_id: str, content: dict[str, Any], txn_id: str) -> str:
+        """Send an m.room.message; return its event id or raise one of the errors above.
+
+        The homeserver sends a retried `txn_id` only once, so a send whose answer was
+        lost can be repeated without posting twice.
+        """
 
 
 @dataclass(slots=True)
@@ -67,6 +75,12 @@ class Slot:
     edits: int = 0
     last_sent: float = float("-inf")
     tracked_at: float = float("-inf")
+    # The first message as first attempted: a retry must send the very same content,
+    # since the homeserver may already have it under that transaction id.
+    first: tuple[JobProgressEvent, Rendered] | None = None
+    # Restored with no event id: the first send may repeat one from before the restart,
+    # so what it shows is not known; follow it with an edit.
+    unsure: bool = False
 
     @property
     def dirty(self) -> bool:
@@ -79,6 +93,7 @@ class Reply:
     reply_to: str
     rendered: Rendered
     mentions: list[str] = field(default_factory=list)
+    txn_id: str = field(default_factory=lambda: f"mj-reply-{uuid.uuid4().hex}")
 
 
 def message_content(rendered: Rendered, reply_to: str | None = None,
@@ -162,7 +177,8 @@ class EditScheduler:
         """Resume a message from before a restart: edits go on targeting the same event
         (or its first message is sent now, if it never was)."""
         slot = Slot(message.subject_id, message.room_id, message.requester, message.reply_to,
-                    next(self._order), event, event_id=message.event_id, edits=message.edits)
+                    next(self._order), event, event_id=message.event_id, edits=message.edits,
+                    unsure=message.event_id is None)
         self._slots[message.subject_id] = slot
         self._changed.set()
 
@@ -175,6 +191,9 @@ class EditScheduler:
 
     def reply(self, room_id: str, reply_to: str, rendered: Rendered,
               mentions: Sequence[str] = ()) -> None:
+        if len(self._replies) >= MAX_REPLIES:
+            log.warning("matrix: %d replies waiting; dropping one to %s", MAX_REPLIES, reply_to)
+            return
         self._replies.append(Reply(room_id, reply_to, rendered, list(mentions)))
         self._changed.set()
 
@@ -219,13 +238,13 @@ class EditScheduler:
         for slot in slots:  # final states first, never dropped
             if slot.dirty and slot.latest.terminal:
                 return slot
-        if self._replies:
-            return self._replies[0]
         for slot in slots:
             if self._first_due(slot, now):
                 return slot
         if tokens < 1 + self._reserve():
             return None
+        if self._replies:
+            return self._replies[0]
         due = [slot for slot in slots if self._progress_due(slot, now)]
         return min(due, key=lambda s: s.last_sent) if due else None
 
@@ -250,12 +269,12 @@ class EditScheduler:
         if now < self._paused_until:
             return self._paused_until - now
         waits = []
-        urgent = self._replies or any(
-            self._first_due(s, now) or (s.dirty and s.latest.terminal)
-            for s in self._slots.values()
-        )
+        urgent = any(self._first_due(s, now) or (s.dirty and s.latest.terminal)
+                     for s in self._slots.values())
         if urgent:
             waits.append(self.bucket.seconds_until(1))
+        if self._replies:
+            waits.append(self.bucket.seconds_until(1 + self._reserve()))
         held = [s.tracked_at + self.interval_s for s in self._slots.values()
                 if s.event_id is None and not self._first_due(s, now)]
         if held:
@@ -274,7 +293,7 @@ class EditScheduler:
         try:
             if isinstance(choice, Reply):
                 await self.sender.send(choice.room_id, message_content(
-                    choice.rendered, choice.reply_to, choice.mentions))
+                    choice.rendered, choice.reply_to, choice.mentions), choice.txn_id)
                 self._replies.popleft()
             else:
                 await self._send_state(choice)
@@ -292,20 +311,34 @@ class EditScheduler:
         except SendFailedError as exc:
             self._failed(choice, exc)
             return
+        except Exception as exc:  # e.g. the store failing after a send: retry later
+            log.exception("matrix: sending to %s failed", choice.room_id)
+            self._failed(choice, SendFailedError(str(exc)))
+            return
         self.sent += 1
         self._backoff = 1.0
 
     async def _send_state(self, slot: Slot) -> None:
-        event = slot.latest
-        rendered = self._render(event, self._clock())
         if slot.event_id is None:
+            if slot.first is None:
+                slot.first = (slot.latest, self._render(slot.latest, self._clock()))
+            event, rendered = slot.first
             slot.event_id = await self.sender.send(
-                slot.room_id, message_content(rendered, slot.reply_to))
+                slot.room_id, message_content(rendered, slot.reply_to),
+                f"mj-{slot.subject_id}-first")
+            final = event.terminal and not slot.unsure
             await self.store.save_message(ProgressMessage(
                 slot.subject_id, slot.room_id, slot.event_id, slot.requester, slot.reply_to,
-                final=event.terminal), self._clock())
+                final=final), self._clock())
+            if slot.unsure:
+                return  # what it shows is unknown: the next pass edits in the latest state
         else:
-            await self.sender.send(slot.room_id, edit_content(slot.event_id, rendered))
+            event = slot.latest
+            rendered = self._render(event, self._clock())
+            content = edit_content(slot.event_id, rendered)
+            digest = hashlib.sha1(json.dumps(content, sort_keys=True).encode()).hexdigest()
+            await self.sender.send(slot.room_id, content,
+                                   f"mj-{slot.subject_id}-{slot.edits + 1}-{digest[:12]}")
             slot.edits += 1
             await self.store.update_message(slot.subject_id, slot.edits, event.terminal)
         slot.shown = event

@@ -45,6 +45,7 @@ from matrixjobs.models import (
     JobSpec,
     Outcome,
     Progress,
+    ProgressMessage,
     Status,
     parse_id,
 )
@@ -152,22 +153,25 @@ class JobQueue:
         return (await self.enqueue_many([spec]))[0]
 
     async def enqueue_many(
-        self, specs: Sequence[JobSpec], dedupe_key: str | None = None
+        self, specs: Sequence[JobSpec], dedupe_key: str | None = None,
+        show: ProgressMessage | None = None,
     ) -> list[Job]:
         """Add jobs in one transaction (one commit for all of them).
 
         A `dedupe_key` (e.g. the chat message that asked) can add work only once:
-        a second call with it raises AlreadySubmittedError.
+        a second call with it raises AlreadySubmittedError. `show` records, in the
+        same transaction, where an interface will show the job's progress.
         """
         resolved = [self._resolve(spec) for spec in specs]
-        jobs = await self.store.add_jobs(resolved, self._clock(), dedupe_key)
+        jobs = await self.store.add_jobs(resolved, self._clock(), dedupe_key, show)
         for job in jobs:
             self.monitor.job_queued(job)
         self._poke()
         return jobs
 
     async def enqueue_batch(
-        self, name: str, specs: Sequence[JobSpec], dedupe_key: str | None = None
+        self, name: str, specs: Sequence[JobSpec], dedupe_key: str | None = None,
+        show: ProgressMessage | None = None,
     ) -> tuple[Batch, list[Job]]:
         if not specs:
             raise BadBatchError("a batch needs at least one operation")
@@ -176,7 +180,8 @@ class JobQueue:
                 f"batch too large: {len(specs)} operations (at most {self.config.max_batch_size})"
             )
         resolved = [self._resolve(spec) for spec in specs]
-        batch, jobs = await self.store.add_batch(name, resolved, self._clock(), dedupe_key)
+        batch, jobs = await self.store.add_batch(name, resolved, self._clock(), dedupe_key,
+                                                 show)
         self.monitor.batch_updated(batch)
         for job in jobs:
             self.monitor.job_queued(job)

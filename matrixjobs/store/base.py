@@ -51,16 +51,19 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def add_jobs(
-        self, specs: Sequence[JobSpec], now: float, dedupe_key: str | None = None
+        self, specs: Sequence[JobSpec], now: float, dedupe_key: str | None = None,
+        show: ProgressMessage | None = None,
     ) -> list[Job]:
         """Add jobs. With `dedupe_key`, raise AlreadySubmittedError if that key was used
-        before; the key is recorded in the same transaction as the jobs."""
+        before. `show` (its subject_id is ignored) records where a single job's progress
+        is to be shown. Key, jobs and message are written in one transaction."""
 
     @abc.abstractmethod
     async def add_batch(
-        self, name: str, specs: Sequence[JobSpec], now: float, dedupe_key: str | None = None
+        self, name: str, specs: Sequence[JobSpec], now: float, dedupe_key: str | None = None,
+        show: ProgressMessage | None = None,
     ) -> tuple[Batch, list[Job]]:
-        """Add a batch and its jobs; `dedupe_key` as for add_jobs."""
+        """Add a batch and its jobs; `dedupe_key` and `show` as for add_jobs."""
 
     @abc.abstractmethod
     async def settle_and_claim(

@@ -242,16 +242,20 @@ class SqliteStore(Store):
     # -- adding work -----------------------------------------------------------------------
 
     async def add_jobs(
-        self, specs: Sequence[JobSpec], now: float, dedupe_key: str | None = None
+        self, specs: Sequence[JobSpec], now: float, dedupe_key: str | None = None,
+        show: ProgressMessage | None = None,
     ) -> list[Job]:
         async with self._transaction():
             await self._claim_key(dedupe_key, specs, now)
             jobs = await self._insert_jobs(specs, None, now)
-            await self._record_key(dedupe_key, jobs[0].id if len(jobs) == 1 else None)
+            subject = jobs[0].id if len(jobs) == 1 else None
+            await self._record_key(dedupe_key, subject)
+            await self._insert_message(show, subject, now)
         return jobs
 
     async def add_batch(
-        self, name: str, specs: Sequence[JobSpec], now: float, dedupe_key: str | None = None
+        self, name: str, specs: Sequence[JobSpec], now: float, dedupe_key: str | None = None,
+        show: ProgressMessage | None = None,
     ) -> tuple[Batch, list[Job]]:
         async with self._transaction():
             await self._claim_key(dedupe_key, specs, now)
@@ -263,6 +267,7 @@ class SqliteStore(Store):
             assert number is not None
             jobs = await self._insert_jobs(specs, number, now)
             await self._record_key(dedupe_key, batch_id(number))
+            await self._insert_message(show, batch_id(number), now)
         batch = Batch(id=batch_id(number), name=name, status=Status.PENDING,
                       total=len(specs), created_at=now)
         return batch, jobs
@@ -285,6 +290,17 @@ class SqliteStore(Store):
             await self.db.execute(
                 "UPDATE processed_events SET subject_id = ? WHERE event_id = ?", (subject, key)
             )
+
+    async def _insert_message(
+        self, show: ProgressMessage | None, subject: str | None, now: float
+    ) -> None:
+        if show is None or subject is None:
+            return
+        await self.db.execute(
+            "INSERT OR REPLACE INTO progress_messages (subject_id, room_id, event_id, "
+            "requester, reply_to, edits, final, created_at) VALUES (?, ?, ?, ?, ?, 0, 0, ?)",
+            (subject, show.room_id, show.event_id, show.requester, show.reply_to, now),
+        )
 
     async def _insert_jobs(
         self, specs: Sequence[JobSpec], batch_number: int | None, now: float
