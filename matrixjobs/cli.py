@@ -65,9 +65,13 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 def describe(config: Config) -> str:
     targets = ", ".join(sorted(config.targets)) or "none"
     matrix = config.matrix.user_id if config.matrix else "off (no [matrix] section)"
+    api = "off"
+    if config.api.enabled:
+        token = "token required" if config.api_token is not None else "no token"
+        api = f"{config.api.listen} ({token})"
     return (
         f"config OK\n  store: {config.store.path}\n  workers: {config.queue.workers}\n"
-        f"  targets: {targets}\n  matrix: {matrix}"
+        f"  targets: {targets}\n  matrix: {matrix}\n  api: {api}"
     )
 
 
@@ -97,3 +101,4 @@ def setup_logging(level: str) -> None:
         format=f"{stamp}%(levelname)s %(name)s: %(message)s",
     )
     logging.getLogger("aiosqlite").setLevel(logging.WARNING)
+    logging.getLogger("uvicorn.error").setLevel(logging.WARNING)  # we log start/stop ourselves

@@ -8,11 +8,13 @@ started from.
 from __future__ import annotations
 
 import fnmatch
+import ipaddress
 import os
 import re
 import shutil
 import tomllib
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -34,7 +36,8 @@ from matrixjobs.errors import ConfigError
 SECRET_ENV = ("MATRIXJOBS_PASSWORD", "MATRIXJOBS_ACCESS_TOKEN", "MATRIXJOBS_API_TOKEN")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 USER_RE = re.compile(r"^@[^:\s]+:[^\s]+$")
-ROOM_RE = re.compile(r"^[!#][^:\s]+:[^\s]+$")
+# Room ids are opaque (`!abc:server`, or `!abc` from room version 12); aliases `#x:server`.
+ROOM_RE = re.compile(r"^(![^\s]+|#[^:\s]+:[^\s]+)$")
 HANDLER_REF_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 # Values under these keys are never echoed in errors (target env values often hold tokens).
 SECRET_KEYS = frozenset({"password", "access_token", "token", "env"})
@@ -132,6 +135,95 @@ class ProgressConfig(Section):
     interval_ms: Int = Field(default=500, ge=10, le=600_000)
 
 
+@dataclass(frozen=True, slots=True)
+class TcpAddress:
+    host: str
+    port: int
+
+    @property
+    def loopback(self) -> bool:
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False  # a host name: it may well resolve to a public address
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class UnixAddress:
+    path: Path
+
+    @property
+    def loopback(self) -> bool:
+        return True  # only local processes can connect; file permissions guard it
+
+    def __str__(self) -> str:
+        return f"{UNIX_PREFIX}{self.path}"
+
+
+UNIX_PREFIX = "unix:"
+LISTEN_HELP = "expected HOST:PORT (like 127.0.0.1:8765 or [::1]:8765) or unix:/path/to/api.sock"
+
+
+def parse_listen(value: str) -> TcpAddress | UnixAddress:
+    """'127.0.0.1:8765', '[::1]:8765', 'localhost:0' or 'unix:/run/matrixjobs/api.sock'."""
+    if value.startswith(UNIX_PREFIX):
+        path = value.removeprefix(UNIX_PREFIX)
+        if not path or "\x00" in path:
+            raise ValueError(LISTEN_HELP)
+        return UnixAddress(Path(path))
+    if "/" in value:
+        raise ValueError(LISTEN_HELP)  # a URL, or a path without "unix:"
+    host, sep, port = value.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        if ":" not in host:
+            raise ValueError(LISTEN_HELP)
+    elif ":" in host:
+        raise ValueError("put an IPv6 address in brackets, like [::1]:8765")
+    if not sep or not host or not (port.isascii() and port.isdigit()) or int(port) > 65535 or any(
+        c.isspace() or c in "[]" for c in host
+    ):
+        raise ValueError(LISTEN_HELP)
+    return TcpAddress(host, int(port))
+
+
+class ApiConfig(Section):
+    enabled: bool = True
+    listen: str = "127.0.0.1:8765"
+    token: SecretStr | None = None
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        parse_listen(value)
+        return value
+
+    @field_validator("token")
+    @classmethod
+    def _token(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value().strip():
+            raise ValueError("must not be empty (leave the key out for no token)")
+        return value
+
+    @property
+    def address(self) -> TcpAddress | UnixAddress:
+        return parse_listen(self.listen)
+
+    def check_exposure(self, token: SecretStr | None) -> None:
+        """Refuse to serve beyond this machine without a token."""
+        if self.enabled and token is None and not self.address.loopback:
+            raise ConfigError(
+                f"api.listen: {self.listen} is not a loopback address, and the API has no "
+                "token; set MATRIXJOBS_API_TOKEN (or [api] token) so every request needs "
+                "one, or listen on 127.0.0.1"
+            )
+
+
 class TargetConfig(Section):
     description: str = ""
     command: list[str] | None = None
@@ -184,6 +276,7 @@ class Config(Section):
     store: StoreConfig = StoreConfig()
     queue: QueueConfig = QueueConfig()
     progress: ProgressConfig = ProgressConfig()
+    api: ApiConfig = ApiConfig()
     targets: dict[str, TargetConfig] = Field(default_factory=dict)
     handlers: dict[str, str] = Field(default_factory=dict)
 
@@ -207,7 +300,8 @@ class Config(Section):
 
     @property
     def api_token(self) -> SecretStr | None:
-        return self._api_token
+        """The token every API request must carry: MATRIXJOBS_API_TOKEN, else [api] token."""
+        return self._api_token or self.api.token
 
     def warnings(self) -> list[str]:
         """Problems that do not stop the service but will fail jobs."""
@@ -253,7 +347,12 @@ def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> C
         config = Config.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(f"{path}: invalid configuration:\n{format_errors(exc)}") from None
-    return _complete(config, path.parent.resolve(), secrets, env.get("STATE_DIRECTORY"))
+    completed = _complete(config, path.parent.resolve(), secrets, env.get("STATE_DIRECTORY"))
+    try:
+        completed.api.check_exposure(completed.api_token)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    return completed
 
 
 def _secrets(directory: Path, env: Mapping[str, str]) -> dict[str, str]:
@@ -286,10 +385,15 @@ def _complete(
         if "MATRIXJOBS_ACCESS_TOKEN" in secrets:
             overrides["access_token"] = SecretStr(secrets["MATRIXJOBS_ACCESS_TOKEN"])
         matrix = matrix.model_copy(update=overrides)
+    api = config.api
+    address = api.address
+    if isinstance(address, UnixAddress) and not address.path.is_absolute():
+        api = api.model_copy(update={"listen": str(UnixAddress(base / address.path))})
     completed = config.model_copy(update={
         "store": config.store.model_copy(update={"path": store_path}),
         "targets": targets,
         "matrix": matrix,
+        "api": api,
     })
     if "MATRIXJOBS_API_TOKEN" in secrets:
         completed._api_token = SecretStr(secrets["MATRIXJOBS_API_TOKEN"])

@@ -16,4 +16,8 @@ def build_service(config: Config) -> App:
 
         app.components.append(
             MatrixBot(app, config.matrix, config.access, config.progress.interval_ms))
+    if config.api.enabled:
+        from matrixjobs.api import ApiServer  # only load the web stack when the API is on
+
+        app.components.append(ApiServer(app, config.api, config.api_token))
     return app

@@ -16,11 +16,12 @@ PYTHON = sys.executable
 
 
 def make_config(tmp_path: Path, **sections: Any) -> Config:
-    """A Config for tests: fast progress and retries, store in tmp_path."""
+    """A Config for tests: fast progress and retries, store in tmp_path, API on a free port."""
     raw: dict[str, Any] = {
         "store": {"path": str(tmp_path / "matrixjobs.db")},
         "progress": {"interval_ms": 50},
         "queue": {"retry_backoff_s": 0.05, "kill_grace_s": 1.0},
+        "api": {"listen": "127.0.0.1:0"},  # never a fixed port: tests run side by side
     }
     for key, value in sections.items():
         if isinstance(value, dict) and isinstance(raw.get(key), dict):

@@ -29,6 +29,9 @@ GOOD_CONFIG = f"""
     [progress]
     interval_ms = 50
 
+    [api]
+    listen = "127.0.0.1:0"
+
     [targets.hello]
     command = [{PYTHON}, "-c", "print('hello')"]
 """

@@ -14,13 +14,17 @@ import pytest
 
 from matrixjobs.config import (
     AccessConfig,
+    ApiConfig,
     Config,
     MatrixConfig,
     ProgressConfig,
     QueueConfig,
     StoreConfig,
     TargetConfig,
+    TcpAddress,
+    UnixAddress,
     load_config,
+    parse_listen,
 )
 from matrixjobs.errors import ConfigError
 
@@ -83,12 +87,13 @@ def test_example_config_loads_with_its_documented_defaults():
     assert config.matrix is None
     assert sorted(config.targets) == ["deploy", "docs", "site"]
     assert config.access.allowed_users == ["@alice:example.org", "@*:ops.example.org"]
+    assert config.api == ApiConfig()
 
 
 def test_example_config_values_equal_the_model_defaults():
     raw = tomllib.loads(EXAMPLE.read_text(encoding="utf-8"))
     for section, model in (("store", StoreConfig), ("queue", QueueConfig),
-                           ("progress", ProgressConfig)):
+                           ("progress", ProgressConfig), ("api", ApiConfig)):
         for key, value in raw[section].items():
             default = model.model_fields[key].default
             assert type(default)(value) == default, f"{section}.{key}"
@@ -98,7 +103,7 @@ def test_example_config_documents_every_key():
     text = EXAMPLE.read_text(encoding="utf-8")
     keys = set(re.findall(r"^#?\s*([a-z_]+)\s*=", text, flags=re.MULTILINE))
     for model in (MatrixConfig, AccessConfig, StoreConfig, QueueConfig, ProgressConfig,
-                  TargetConfig):
+                  ApiConfig, TargetConfig):
         missing = set(model.model_fields) - keys
         assert not missing, f"{model.__name__}: {missing} not in config.example.toml"
     for section in Config.model_fields:
@@ -465,6 +470,122 @@ def test_wrongly_typed_secret_is_not_echoed_in_the_error(conf_dir):
     """)
     assert "matrix.password" in message
     assert "31415926535" not in message
+
+
+# -- api ---------------------------------------------------------------------------------------
+
+
+def test_api_is_on_by_default_on_loopback_without_token(conf_dir):
+    config = load_config(write(conf_dir, ""), environ={})
+    assert config.api.enabled
+    assert config.api.address == TcpAddress("127.0.0.1", 8765)
+    assert config.api_token is None
+
+
+@pytest.mark.parametrize(("listen", "address"), [
+    ("127.0.0.1:8765", TcpAddress("127.0.0.1", 8765)),
+    ("localhost:0", TcpAddress("localhost", 0)),
+    ("[::1]:8765", TcpAddress("::1", 8765)),
+    ("0.0.0.0:80", TcpAddress("0.0.0.0", 80)),
+    ("unix:/run/matrixjobs/api.sock", UnixAddress(Path("/run/matrixjobs/api.sock"))),
+])
+def test_api_listen_forms(listen, address):
+    assert parse_listen(listen) == address
+
+
+@pytest.mark.parametrize("listen", [
+    "8765", ":8765", "127.0.0.1", "127.0.0.1:", "127.0.0.1:99999", "127.0.0.1:http",
+    "::1:8765", "[127.0.0.1]:80", "unix:", "http://127.0.0.1:8765",
+])
+def test_bad_api_listen_is_explained(conf_dir, listen):
+    message = invalid(conf_dir, f"""
+        [api]
+        listen = "{listen}"
+    """)
+    assert "api.listen: " in message
+    assert "HOST:PORT" in message or "brackets" in message
+
+
+@pytest.mark.parametrize(("listen", "loopback"), [
+    ("127.0.0.1:1", True), ("127.1.2.3:1", True), ("[::1]:1", True), ("localhost:1", True),
+    ("unix:/tmp/a.sock", True), ("0.0.0.0:1", False), ("[::]:1", False),
+    ("192.168.1.5:1", False), ("example.org:1", False),
+])
+def test_api_loopback_addresses(listen, loopback):
+    assert parse_listen(listen).loopback is loopback
+
+
+def test_non_loopback_api_without_token_is_refused(conf_dir):
+    message = config_error(write(conf_dir, """
+        [api]
+        listen = "0.0.0.0:8765"
+    """))
+    assert "config.toml: api.listen: 0.0.0.0:8765 is not a loopback address" in message
+    assert "MATRIXJOBS_API_TOKEN" in message
+
+
+def test_non_loopback_api_with_a_token_is_accepted(conf_dir):
+    path = write(conf_dir, """
+        [api]
+        listen = "0.0.0.0:8765"
+    """)
+    config = load_config(path, environ={"MATRIXJOBS_API_TOKEN": "from-env"})
+    assert config.api.address == TcpAddress("0.0.0.0", 8765)
+    with_file_token = write(conf_dir, """
+        [api]
+        listen = "0.0.0.0:8765"
+        token = "from-file"
+    """, name="other.toml")
+    assert load_config(with_file_token, environ={}).api_token is not None
+
+
+def test_disabled_api_may_name_any_address(conf_dir):
+    config = load_config(write(conf_dir, """
+        [api]
+        enabled = false
+        listen = "0.0.0.0:8765"
+    """), environ={})
+    assert not config.api.enabled
+
+
+def test_api_token_from_the_environment_wins_over_the_file(conf_dir):
+    path = write(conf_dir, """
+        [api]
+        token = "from-file"
+    """)
+    from_file = load_config(path, environ={}).api_token
+    assert from_file is not None and from_file.get_secret_value() == "from-file"
+    from_env = load_config(path, environ={"MATRIXJOBS_API_TOKEN": "from-env"}).api_token
+    assert from_env is not None and from_env.get_secret_value() == "from-env"
+
+
+def test_api_token_is_never_shown(conf_dir):
+    config = load_config(write(conf_dir, """
+        [api]
+        token = "file-api-token-321"
+    """), environ={})
+    for text in (repr(config), str(config), config.model_dump_json(), repr(config.api)):
+        assert "file-api-token-321" not in text
+    assert "file-api-token-321" not in invalid(conf_dir, """
+        [api]
+        token = "file-api-token-321"
+        tokens = 1
+    """)
+
+
+def test_empty_api_token_is_rejected(conf_dir):
+    assert "api.token: must not be empty" in invalid(conf_dir, """
+        [api]
+        token = ""
+    """)
+
+
+def test_relative_api_socket_resolves_against_the_config_directory(conf_dir):
+    config = load_config(write(conf_dir, """
+        [api]
+        listen = "unix:run/api.sock"
+    """), environ={})
+    assert config.api.address == UnixAddress(conf_dir.resolve() / "run" / "api.sock")
 
 
 # -- paths -------------------------------------------------------------------------------------

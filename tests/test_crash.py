@@ -37,6 +37,8 @@ def write_config(tmp_path: Path) -> Path:
         [queue]
         retry_backoff_s = 0.1
         lease_s = 3
+        [api]
+        listen = "127.0.0.1:0"
         [targets.work]
         command = [{sys.executable!r}, "work.py", "runs.txt"]
     """))

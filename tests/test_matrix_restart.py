@@ -42,6 +42,8 @@ def write_config(directory: Path, homeserver: str, bot: str, alice: str) -> Path
         path = "state/jobs.db"
         [progress]
         interval_ms = 200
+        [api]
+        listen = "127.0.0.1:0"
         [targets.slow]
         command = [{sys.executable!r}, "slow.py"]
     """))
@@ -112,6 +114,12 @@ def test_job_queued_before_a_crash_gets_its_message_after_restart(synapse, tmp_p
     alice = Person.register(synapse, "lostalice")
     room = alice.create_room([bot])
     config = write_config(tmp_path, synapse.base_url, bot, alice.user_id)
+    service = start(config)  # a first run: the bot joins the room
+    try:
+        wait_for(lambda: bot in alice.members(room))
+    finally:
+        service.send_signal(signal.SIGTERM)
+        assert service.wait(20) == 0
     command = alice.send(room, "!build slow")  # what the bot had read before dying
 
     async def accepted_but_never_shown() -> str:

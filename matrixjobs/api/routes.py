@@ -1,0 +1,218 @@
+"""The endpoints of /v1 and /healthz; each calls the core's public API on `App`."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from matrixjobs import __version__
+from matrixjobs.api.errors import ApiError
+from matrixjobs.api.stream import EventStream, OpenStreams
+from matrixjobs.app import App
+from matrixjobs.errors import NotFoundError
+from matrixjobs.models import BATCH_PREFIX, JOB_PREFIX, Batch, Job, Status, parse_id
+from matrixjobs.progress.events import JobProgressEvent, batch_event, job_event
+
+MAX_BODY_BYTES = 64 * 1024
+DEFAULT_LIMIT = 50
+MAX_LIMIT = 1000
+TRUE_WORDS = frozenset({"true", "1", "yes", "on"})
+FALSE_WORDS = frozenset({"false", "0", "no", "off", ""})
+
+
+class Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+BodyT = TypeVar("BodyT", bound=Body)
+
+
+class SubmitJob(Body):
+    target: StrictStr
+    args: list[StrictStr] = Field(default_factory=list)
+
+
+class SubmitBatch(Body):
+    targets: list[StrictStr]
+    name: StrictStr | None = Field(default=None, min_length=1, max_length=200)
+
+
+class Endpoints:
+    def __init__(self, app: App, streams: OpenStreams) -> None:
+        self.app = app
+        self.streams = streams
+
+    def routes(self) -> list[Route]:
+        return [
+            Route("/healthz", self.healthz, methods=["GET"]),
+            Route("/v1/jobs", self.list_jobs, methods=["GET"]),
+            Route("/v1/jobs", self.submit_job, methods=["POST"]),
+            Route("/v1/jobs/{id}", self.get_job, methods=["GET"]),
+            Route("/v1/jobs/{id}/cancel", self.cancel_job, methods=["POST"]),
+            Route("/v1/batches", self.list_batches, methods=["GET"]),
+            Route("/v1/batches", self.submit_batch, methods=["POST"]),
+            Route("/v1/batches/{id}", self.get_batch, methods=["GET"]),
+            Route("/v1/batches/{id}/cancel", self.cancel_batch, methods=["POST"]),
+            Route("/v1/status/{id}", self.status, methods=["GET"]),
+        ]
+
+    async def healthz(self, request: Request) -> Response:
+        return json_response(json.dumps({"status": "ok", "version": __version__}))
+
+    # -- jobs ------------------------------------------------------------------------------------
+
+    async def list_jobs(self, request: Request) -> Response:
+        statuses, limit = list_filters(request)
+        jobs = await self.app.jobs(statuses, limit)
+        return list_response("jobs", [self.live(job) for job in jobs])
+
+    async def submit_job(self, request: Request) -> Response:
+        body = await read_body(request, SubmitJob)
+        job = await self.app.submit(body.target, body.args)
+        return created(event_of(job), f"/v1/jobs/{job.id}")
+
+    async def get_job(self, request: Request) -> Response:
+        subject = subject_of(request, JOB_PREFIX)
+        return event_response(await self.app.status(subject))
+
+    async def cancel_job(self, request: Request) -> Response:
+        subject = subject_of(request, JOB_PREFIX)
+        return event_response(event_of(await self.app.cancel(subject)))
+
+    # -- batches ---------------------------------------------------------------------------------
+
+    async def list_batches(self, request: Request) -> Response:
+        statuses, limit = list_filters(request)
+        batches = await self.app.batches(statuses, limit)
+        return list_response("batches", [self.live(batch) for batch in batches])
+
+    async def submit_batch(self, request: Request) -> Response:
+        body = await read_body(request, SubmitBatch)
+        batch = await self.app.submit_batch(body.targets, body.name)
+        return created(event_of(batch), f"/v1/batches/{batch.id}")
+
+    async def get_batch(self, request: Request) -> Response:
+        subject = subject_of(request, BATCH_PREFIX)
+        return event_response(await self.app.status(subject))
+
+    async def cancel_batch(self, request: Request) -> Response:
+        subject = subject_of(request, BATCH_PREFIX)
+        return event_response(event_of(await self.app.cancel(subject)))
+
+    # -- status ----------------------------------------------------------------------------------
+
+    async def status(self, request: Request) -> Response | EventStream:
+        subject = request.path_params["id"]
+        if not flag(request, "stream"):
+            return event_response(await self.app.status(subject))
+        updates = self.app.watch(subject)
+        try:
+            first = await anext(updates)  # NotFoundError → 404 before the stream starts
+        except BaseException:
+            await updates.aclose()
+            raise
+        return EventStream(first, updates, self.streams)
+
+    def live(self, item: Job | Batch) -> JobProgressEvent:
+        """The monitor's live state for running items (progress, ETA), else the stored one."""
+        return self.app.monitor.current(item.id) or event_of(item)
+
+
+# -- reading requests -----------------------------------------------------------------------------
+
+
+async def read_body(request: Request, model: type[BodyT]) -> BodyT:
+    raw = bytearray()
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > MAX_BODY_BYTES:
+            raise ApiError(413, "body_too_large", f"request body over {MAX_BODY_BYTES} bytes")
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:
+        raise ApiError(400, "bad_json", f"request body is not valid JSON: {exc}") from None
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ApiError(400, "bad_body", describe_errors(exc)) from None
+
+
+def describe_errors(exc: ValidationError) -> str:
+    problems = []
+    for error in exc.errors():
+        where = ".".join(str(part) for part in error["loc"]) or "body"
+        if error["type"] == "missing":
+            problems.append(f"{where}: required")
+        elif error["type"] == "extra_forbidden":
+            problems.append(f"{where}: unknown field")
+        else:
+            problems.append(f"{where}: {error['msg']}")
+    return "; ".join(problems)
+
+
+def subject_of(request: Request, prefix: str) -> str:
+    """The path's id, if it names the right kind of thing (a job under /jobs, …)."""
+    text = request.path_params["id"]
+    parsed = parse_id(text)
+    kind = "job" if prefix == JOB_PREFIX else "batch"
+    if parsed is None or parsed[0] != prefix:
+        raise NotFoundError(f"no {kind} '{text}' ({kind} ids look like {prefix}12)")
+    return f"{parsed[0]}{parsed[1]}"
+
+
+def list_filters(request: Request) -> tuple[list[Status] | None, int]:
+    words = [word.strip() for value in request.query_params.getlist("status")
+             for word in value.split(",") if word.strip()]
+    statuses = None
+    if words:
+        try:
+            statuses = [Status(word.lower()) for word in words]
+        except ValueError:
+            known = ", ".join(status.value for status in Status)
+            raise ApiError(400, "bad_query", f"status must be among: {known}") from None
+    text = request.query_params.get("limit", str(DEFAULT_LIMIT))
+    if not text.isdigit() or not 1 <= int(text) <= MAX_LIMIT:
+        raise ApiError(400, "bad_query", f"limit must be a whole number from 1 to {MAX_LIMIT}")
+    return statuses, int(text)
+
+
+def flag(request: Request, name: str) -> bool:
+    value = request.query_params.get(name)
+    if value is None:
+        return False
+    if value.lower() in TRUE_WORDS:
+        return True
+    if value.lower() in FALSE_WORDS:
+        return False
+    raise ApiError(400, "bad_query", f"{name} must be true or false")
+
+
+# -- writing responses ----------------------------------------------------------------------------
+
+
+def event_of(item: Job | Batch) -> JobProgressEvent:
+    if isinstance(item, Batch):
+        return batch_event(item, time.time())
+    return job_event(item, time.time())
+
+
+def json_response(body: str, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(body, status, headers=headers, media_type="application/json")
+
+
+def event_response(event: JobProgressEvent) -> Response:
+    return json_response(event.to_json())
+
+
+def created(event: JobProgressEvent, location: str) -> Response:
+    return json_response(event.to_json(), 201, {"Location": location})
+
+
+def list_response(key: str, events: list[JobProgressEvent]) -> Response:
+    return json_response(f'{{"{key}":[{",".join(event.to_json() for event in events)}]}}')

@@ -1,0 +1,598 @@
+"""The HTTP API through a real HTTP client against the service listening on a real socket."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import socket
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx2
+import pytest
+from helpers import final_state, make_config, python_target
+from starlette.applications import Starlette
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
+
+from matrixjobs.api import ApiServer
+from matrixjobs.app import App
+from matrixjobs.errors import ConfigError, MatrixJobsError
+from matrixjobs.service import build_service
+
+TOKEN = "s3cret-api-token"
+
+# `count [N]`: N (default 10) progress steps, 20 ms apart.
+COUNT = python_target("""
+    import sys, time
+    steps = int(sys.argv[1]) if len(sys.argv) > 1 else 10
+    for step in range(1, steps + 1):
+        time.sleep(0.02)
+        print(f"::progress {step}/{steps} step {step}", flush=True)
+""", args_pattern="[0-9]{1,3}")
+# `slow`: keeps reporting progress for a minute (cancelled by the tests).
+SLOW = python_target("""
+    import time
+    for step in range(1, 3001):
+        print(f"::progress {step}/3000", flush=True)
+        time.sleep(0.02)
+""")
+QUICK = python_target("print('done')")
+TARGETS = {"count": COUNT, "slow": SLOW, "quick": QUICK}
+
+
+class Service:
+    """A running service (App + ApiServer) and an HTTP client for it."""
+
+    def __init__(self, app: App) -> None:
+        self.app = app
+        [self.api] = [c for c in app.components if isinstance(c, ApiServer)]
+
+    def client(self, token: str | None = None, **kwargs: Any) -> httpx2.AsyncClient:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        return httpx2.AsyncClient(base_url=self.api.url, headers=headers, timeout=20.0, **kwargs)
+
+
+@pytest.fixture
+async def service(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
+    """Factory: `svc = await service(api={...}, queue={...})`; stopped at teardown."""
+    apps: list[App] = []
+
+    async def start(**sections: Any) -> Service:
+        sections.setdefault("targets", TARGETS)
+        sections["api"] = {"listen": "127.0.0.1:0", **sections.get("api", {})}
+        app = build_service(make_config(tmp_path, **sections))
+        apps.append(app)
+        try:
+            await app.start()
+        except BaseException:
+            await app.stop()  # as run_until_signal does: the store and queue were started
+            raise
+        return Service(app)
+
+    yield start
+    for app in apps:
+        await app.stop()
+
+
+@pytest.fixture
+async def svc(service) -> Service:
+    return await service()
+
+
+async def wait_until(check: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.02)
+
+
+async def started(app: App, subject: str) -> None:
+    async for event in app.watch(subject):
+        if event.status != "pending":
+            return
+
+
+async def submit(client: httpx2.AsyncClient, target: str, *args: str) -> str:
+    response = await client.post("/v1/jobs", json={"target": target, "args": list(args)})
+    assert response.status_code == 201, response.text
+    return response.json()["id"]
+
+
+def assert_error(response: httpx2.Response, status: int, code: str) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    error = response.json()["error"]
+    assert error["code"] == code
+    assert isinstance(error["message"], str) and error["message"]
+    return error
+
+
+def rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+# -- the server ---------------------------------------------------------------------------------
+
+
+async def test_healthz_answers_ok(svc):
+    async with svc.client() as client:
+        response = await client.get("/healthz")
+    assert response.status_code == 200
+    assert response.json()["status"] == "ok"
+
+
+async def test_service_runs_api_without_matrix_and_leaves_signals_alone(tmp_path):
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    config = make_config(tmp_path, targets=TARGETS)
+    assert config.matrix is None
+    app = build_service(config)
+    await app.start()
+    try:
+        assert {sig: signal.getsignal(sig) for sig in before} == before
+        async with Service(app).client() as client:
+            assert (await client.get("/healthz")).status_code == 200
+    finally:
+        await app.stop()
+    assert {sig: signal.getsignal(sig) for sig in before} == before
+
+
+async def test_api_can_be_switched_off(tmp_path):
+    app = build_service(make_config(tmp_path, api={"enabled": False}))
+    assert not any(isinstance(c, ApiServer) for c in app.components)
+
+
+async def test_busy_port_is_a_clean_error(service, tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        app = build_service(make_config(tmp_path, api={"listen": f"127.0.0.1:{port}"}))
+        with pytest.raises(MatrixJobsError, match=f"cannot listen on 127.0.0.1:{port}"):
+            await app.start()
+        await app.stop()
+
+
+async def test_non_loopback_address_without_token_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="not a loopback address"):
+        build_service(make_config(tmp_path, api={"listen": "0.0.0.0:0"}))
+
+
+async def test_non_loopback_address_with_token_starts(service):
+    svc = await service(api={"listen": "0.0.0.0:0", "token": TOKEN})
+    port = svc.api.address.port
+    async with httpx2.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+        assert (await client.get("/healthz")).status_code == 401
+        ok = await client.get("/healthz", headers={"Authorization": f"Bearer {TOKEN}"})
+        assert ok.status_code == 200
+
+
+async def test_unix_socket(service, tmp_path):
+    path = tmp_path / "api.sock"
+    path.touch()  # not a socket: refused
+    with pytest.raises(MatrixJobsError, match="not a socket"):
+        await service(api={"listen": f"unix:{path}"})
+    path.unlink()
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(path))  # a socket file nobody listens on, as a killed service leaves it
+    stale.close()
+    svc = await service(api={"listen": f"unix:{path}"})
+    assert path.is_socket()
+    assert path.stat().st_mode & 0o777 == 0o660
+    transport = httpx2.AsyncHTTPTransport(uds=str(path))
+    async with httpx2.AsyncClient(transport=transport, base_url=svc.api.url) as client:
+        assert (await client.get("/healthz")).status_code == 200
+        job_id = await submit(client, "quick")
+        async with client.stream("GET", f"/v1/status/{job_id}?stream=true") as response:
+            lines = [json.loads(line) async for line in response.aiter_lines()]
+        assert lines[-1]["status"] == "completed"
+    # A second service on the same socket is refused while the first listens.
+    (tmp_path / "other").mkdir()
+    other = build_service(make_config(tmp_path / "other", api={"listen": f"unix:{path}"}))
+    with pytest.raises(MatrixJobsError, match="another process is listening"):
+        await other.start()
+    await other.stop()
+    assert path.is_socket()
+    await svc.app.stop()
+    assert not path.exists()
+
+
+# -- jobs ---------------------------------------------------------------------------------------
+
+
+async def test_submit_job_answers_201_with_the_new_job(svc):
+    async with svc.client() as client:
+        response = await client.post("/v1/jobs", json={"target": "count", "args": ["3"]})
+        assert response.status_code == 201, response.text
+        job = response.json()
+        assert job["id"].startswith("j")
+        assert job["type"] == "job"
+        assert job["name"] == "count 3"
+        assert job["status"] in ("pending", "processing")
+        assert job["jobDetails"]["jobType"] == "command"
+        assert response.headers["location"] == f"/v1/jobs/{job['id']}"
+        await final_state(svc.app, job["id"])
+        done = (await client.get(f"/v1/jobs/{job['id']}")).json()
+    assert done["status"] == "completed"
+    assert done["progress"]["percentage"] == 100.0
+
+
+async def test_job_and_status_endpoints_show_the_same_event(svc):
+    async with svc.client() as client:
+        job_id = await submit(client, "count", "2")
+        await final_state(svc.app, job_id)
+        by_job = (await client.get(f"/v1/jobs/{job_id}")).json()
+        by_status = await client.get(f"/v1/status/{job_id}")
+        assert by_status.headers["content-type"] == "application/json"
+        by_status = by_status.json()
+        for event in (by_job, by_status):
+            event.pop("updatedAt")
+        assert by_job == by_status
+        upper = await client.get(f"/v1/status/{job_id.upper()}?stream=false")
+        assert upper.json()["id"] == job_id
+
+
+async def test_list_jobs_newest_first_with_status_filter_and_limit(svc):
+    async with svc.client() as client:
+        done = await submit(client, "quick")
+        await final_state(svc.app, done)
+        running = await submit(client, "slow")
+        await started(svc.app, running)
+
+        listed = (await client.get("/v1/jobs")).json()["jobs"]
+        assert [job["id"] for job in listed] == [running, done]
+        assert listed[0]["status"] == "processing"
+        active = (await client.get("/v1/jobs?status=pending,processing")).json()["jobs"]
+        assert [job["id"] for job in active] == [running]
+        repeated = await client.get("/v1/jobs", params=[("status", "completed"),
+                                                         ("status", "failed")])
+        assert [job["id"] for job in repeated.json()["jobs"]] == [done]
+        limited = (await client.get("/v1/jobs?limit=1")).json()["jobs"]
+        assert [job["id"] for job in limited] == [running]
+
+
+async def test_cancel_running_job_answers_its_final_state_then_409(svc):
+    async with svc.client() as client:
+        job_id = await submit(client, "slow")
+        await started(svc.app, job_id)
+        response = await client.post(f"/v1/jobs/{job_id}/cancel")
+        assert response.status_code == 200, response.text
+        assert response.json()["id"] == job_id
+        assert response.json()["status"] == "cancelled"
+        again = await client.post(f"/v1/jobs/{job_id}/cancel")
+        assert "already cancelled" in assert_error(again, 409, "already_finished")["message"]
+
+
+# -- batches ------------------------------------------------------------------------------------
+
+
+async def test_submit_batch_answers_201_then_lists_and_shows_it(svc):
+    async with svc.client() as client:
+        response = await client.post("/v1/batches",
+                                     json={"targets": ["quick", "count"], "name": "both"})
+        assert response.status_code == 201, response.text
+        batch = response.json()
+        assert batch["id"].startswith("b")
+        assert batch["type"] == "batch"
+        assert batch["name"] == "both"
+        assert batch["batchDetails"]["totalOperations"] == 2
+        assert response.headers["location"] == f"/v1/batches/{batch['id']}"
+        await final_state(svc.app, batch["id"])
+
+        shown = (await client.get(f"/v1/batches/{batch['id']}")).json()
+        assert shown["status"] == "completed"
+        assert shown["batchDetails"]["completedOperations"] == 2
+        listed = (await client.get("/v1/batches?status=completed")).json()["batches"]
+        assert [b["id"] for b in listed] == [batch["id"]]
+        assert (await client.get("/v1/batches?status=pending")).json() == {"batches": []}
+        members = (await client.get("/v1/jobs")).json()["jobs"]
+        assert {job["jobDetails"]["batchId"] for job in members} == {batch["id"]}
+
+
+async def test_batch_name_defaults_to_its_targets(svc):
+    async with svc.client() as client:
+        response = await client.post("/v1/batches", json={"targets": ["quick", "quick"]})
+    assert response.status_code == 201
+    assert response.json()["name"] == "quick quick"
+
+
+async def test_cancel_batch_answers_its_final_state_then_409(svc):
+    async with svc.client() as client:
+        response = await client.post("/v1/batches", json={"targets": ["slow", "slow"]})
+        batch_id = response.json()["id"]
+        await started(svc.app, batch_id)
+        cancelled = await client.post(f"/v1/batches/{batch_id}/cancel")
+        assert cancelled.status_code == 200, cancelled.text
+        assert cancelled.json()["status"] == "cancelled"
+        assert cancelled.json()["batchDetails"]["cancelledOperations"] == 2
+        assert_error(await client.post(f"/v1/batches/{batch_id}/cancel"), 409,
+                     "already_finished")
+
+
+# -- bad requests -------------------------------------------------------------------------------
+
+BAD_REQUESTS = [
+    # (method, path, body: JSON-able, or bytes sent as is, status, code)
+    ("POST", "/v1/jobs", b"{not json", 400, "bad_json"),
+    ("POST", "/v1/jobs", b"", 400, "bad_json"),
+    ("POST", "/v1/jobs", [], 400, "bad_body"),
+    ("POST", "/v1/jobs", {}, 400, "bad_body"),
+    ("POST", "/v1/jobs", {"target": 3}, 400, "bad_body"),
+    ("POST", "/v1/jobs", {"target": "count", "args": "3"}, 400, "bad_body"),
+    ("POST", "/v1/jobs", {"target": "count", "args": [3]}, 400, "bad_body"),
+    ("POST", "/v1/jobs", {"target": "quick", "priority": 9}, 400, "bad_body"),
+    ("POST", "/v1/jobs", b'{"target": "' + b"x" * 70_000 + b'"}', 413, "body_too_large"),
+    ("POST", "/v1/jobs", {"target": "nope"}, 404, "unknown_target"),
+    ("POST", "/v1/jobs", {"target": "quick", "args": ["x"]}, 422, "bad_arguments"),
+    ("POST", "/v1/jobs", {"target": "count", "args": ["-rf"]}, 422, "bad_arguments"),
+    ("POST", "/v1/batches", {}, 400, "bad_body"),
+    ("POST", "/v1/batches", {"targets": "quick"}, 400, "bad_body"),
+    ("POST", "/v1/batches", {"targets": []}, 422, "bad_batch"),
+    ("POST", "/v1/batches", {"targets": ["quick"] * 51}, 422, "bad_batch"),
+    ("POST", "/v1/batches", {"targets": ["quick", "nope"]}, 404, "unknown_target"),
+    ("GET", "/v1/jobs/j999", None, 404, "not_found"),
+    ("GET", "/v1/jobs/b1", None, 404, "not_found"),
+    ("GET", "/v1/jobs/x1", None, 404, "not_found"),
+    ("GET", "/v1/batches/b999", None, 404, "not_found"),
+    ("GET", "/v1/status/j999", None, 404, "not_found"),
+    ("GET", "/v1/status/nonsense", None, 404, "not_found"),
+    ("GET", "/v1/status/j999?stream=true", None, 404, "not_found"),
+    ("GET", "/v1/status/j1?stream=maybe", None, 400, "bad_query"),
+    ("POST", "/v1/jobs/j999/cancel", None, 404, "not_found"),
+    ("POST", "/v1/batches/b999/cancel", None, 404, "not_found"),
+    ("POST", "/v1/batches/j1/cancel", None, 404, "not_found"),
+    ("GET", "/v1/jobs?status=running", None, 400, "bad_query"),
+    ("GET", "/v1/jobs?limit=0", None, 400, "bad_query"),
+    ("GET", "/v1/batches?limit=ten", None, 400, "bad_query"),
+    ("GET", "/v1/nothing", None, 404, "not_found"),
+    ("DELETE", "/v1/jobs", None, 405, "method_not_allowed"),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "body", "status", "code"), BAD_REQUESTS,
+                         ids=[f"{m} {p[:30]} {c}" for m, p, _, _, c in BAD_REQUESTS])
+async def test_bad_request_answers_json_error(svc, method, path, body, status, code):
+    kwargs: dict[str, Any] = {}
+    if isinstance(body, bytes):
+        kwargs["content"] = body
+    elif body is not None:
+        kwargs["json"] = body
+    async with svc.client() as client:
+        assert_error(await client.request(method, path, **kwargs), status, code)
+        assert svc.app.monitor.subscriber_count == 0
+
+
+# -- auth ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["/healthz", "/v1/jobs", "/v1/status/j1?stream=true"])
+async def test_token_is_required_on_every_endpoint(service, path):
+    svc = await service(api={"token": TOKEN})
+    async with svc.client() as client:
+        missing = await client.get(path)
+        assert_error(missing, 401, "unauthorized")
+        assert missing.headers["www-authenticate"].startswith("Bearer")
+        assert_error(await client.get(path, headers={"Authorization": "Bearer wrong"}),
+                     401, "unauthorized")
+        assert_error(await client.get(path, headers={"Authorization": f"Basic {TOKEN}"}),
+                     401, "unauthorized")
+    assert svc.app.monitor.subscriber_count == 0
+
+
+async def test_right_token_gets_in(service):
+    svc = await service(api={"token": TOKEN})
+    async with svc.client(TOKEN) as client:
+        job_id = await submit(client, "quick")
+        await final_state(svc.app, job_id)
+        assert (await client.get(f"/v1/jobs/{job_id}")).json()["status"] == "completed"
+
+
+async def test_without_token_foreign_host_and_cross_origin_requests_are_forbidden(svc):
+    """A web page must not reach a tokenless API (DNS rebinding, cross-site POST)."""
+    port = svc.api.address.port
+    async with svc.client() as client:
+        assert_error(await client.get("/v1/jobs", headers={"Host": f"evil.example:{port}"}),
+                     403, "forbidden")
+        cross = await client.post("/v1/jobs", json={"target": "quick"},
+                                  headers={"Origin": "https://evil.example"})
+        assert_error(cross, 403, "forbidden")
+        same = await client.get("/v1/jobs", headers={"Origin": f"http://127.0.0.1:{port}"})
+        assert same.status_code == 200
+        local = await client.get("/healthz", headers={"Host": f"localhost:{port}"})
+        assert local.status_code == 200
+    assert await svc.app.jobs() == []
+
+
+# -- NDJSON streams -----------------------------------------------------------------------------
+
+
+async def read_stream(client: httpx2.AsyncClient, subject: str) -> tuple[httpx2.Response,
+                                                                          list[dict[str, Any]]]:
+    async with client.stream("GET", f"/v1/status/{subject}", params={"stream": "true"}) as resp:
+        lines = [line async for line in resp.aiter_lines()]
+    assert all(line for line in lines), lines  # one JSON object per line, no blank lines
+    return resp, [json.loads(line) for line in lines]
+
+
+async def test_stream_follows_a_job_line_by_line_until_it_ends(svc):
+    async with svc.client() as client:
+        job_id = await submit(client, "count", "40")
+        response, events = await read_stream(client, job_id)
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "application/x-ndjson"
+    assert response.headers["transfer-encoding"] == "chunked"
+    assert "content-length" not in response.headers
+    assert {event["id"] for event in events} == {job_id}
+    assert events[0]["status"] in ("pending", "processing")  # the state when we asked
+    assert events[-1]["status"] == "completed"
+    assert all(event["status"] in ("pending", "processing") for event in events[:-1])
+    percentages = [e["progress"]["percentage"] for e in events if "progress" in e]
+    assert len(percentages) >= 3, events  # throttled updates in between, not just the ends
+    assert percentages == sorted(percentages)
+    assert percentages[-1] == 100.0
+    updated = [event["updatedAt"] for event in events]
+    assert updated == sorted(updated)
+
+
+async def test_stream_of_a_finished_job_is_one_line(svc):
+    async with svc.client() as client:
+        job_id = await submit(client, "quick")
+        await final_state(svc.app, job_id)
+        response, events = await read_stream(client, job_id)
+    assert response.status_code == 200
+    assert [event["status"] for event in events] == ["completed"]
+    assert svc.app.monitor.subscriber_count == 0
+
+
+async def test_stream_follows_a_batch(svc):
+    async with svc.client() as client:
+        response = await client.post("/v1/batches", json={"targets": ["count", "count"]})
+        batch_id = response.json()["id"]
+        _, events = await read_stream(client, batch_id)
+    assert {event["type"] for event in events} == {"batch"}
+    assert events[-1]["status"] == "completed"
+    done = [event["batchDetails"]["completedOperations"] for event in events]
+    assert done == sorted(done)
+    assert done[-1] == 2
+
+
+async def test_stream_of_unknown_id_is_a_404_json_error(svc):
+    async with svc.client() as client, \
+            client.stream("GET", "/v1/status/b77?stream=true") as response:
+        await response.aread()
+    assert_error(response, 404, "not_found")
+    assert svc.app.monitor.subscriber_count == 0
+
+
+async def test_dropped_stream_of_a_quiet_job_releases_its_subscription(service):
+    """A client leaving is noticed at once, not at the job's next event (it may never come)."""
+    svc = await service(queue={"workers": 1})
+    async with svc.client() as client:
+        busy = await submit(client, "slow")
+        await started(svc.app, busy)
+        waiting = await submit(client, "quick")  # stays pending behind `busy`: no events
+        async with client.stream("GET", f"/v1/status/{waiting}?stream=true") as response:
+            async for line in response.aiter_lines():
+                assert json.loads(line)["status"] == "pending"
+                assert svc.app.monitor.subscriber_count == 1
+                break
+        await wait_until(lambda: svc.app.monitor.subscriber_count == 0, timeout=2.0)
+        assert len(svc.api.streams) == 0
+        assert (await client.get(f"/v1/jobs/{waiting}")).json()["status"] == "pending"
+
+
+async def test_dropping_a_thousand_streams_leaks_nothing(svc):
+    """Open and drop 1,000 streams on a running job: tasks, subscriptions, memory return."""
+    app = svc.app
+    limits = httpx2.Limits(max_connections=None, max_keepalive_connections=0)
+    async with svc.client(limits=limits) as client:
+        job_id = await submit(client, "slow")
+        await started(app, job_id)
+
+        async def open_and_drop() -> None:
+            async with client.stream("GET", f"/v1/status/{job_id}?stream=true") as response:
+                assert response.status_code == 200
+                async for line in response.aiter_lines():
+                    assert json.loads(line)["id"] == job_id
+                    break
+
+        async def round_of(count: int) -> None:
+            await asyncio.gather(*(open_and_drop() for _ in range(count)))
+
+        def settled() -> bool:
+            return app.monitor.subscriber_count == 0 and len(svc.api.streams) == 0
+
+        await round_of(100)  # warm up: imports, caches, allocator pools
+        await wait_until(settled)
+        await asyncio.sleep(0.2)
+        tasks_before = len(asyncio.all_tasks())
+        rss_before = rss_bytes()
+
+        peak = 0
+        for _ in range(10):
+            rounds = asyncio.ensure_future(round_of(100))
+            while not rounds.done():
+                peak = max(peak, app.monitor.subscriber_count)
+                await asyncio.sleep(0.005)
+            await rounds
+        assert peak >= 50  # the streams really were open at the same time
+
+        await wait_until(settled)
+        await wait_until(lambda: len(asyncio.all_tasks()) <= tasks_before + 2)
+        growth = rss_bytes() - rss_before
+        print(f"peak {peak} subscribers, tasks {tasks_before} -> {len(asyncio.all_tasks())}, "
+              f"RSS {rss_before / 1e6:.1f} MB -> +{growth / 1e6:.1f} MB")
+        assert growth < 20 * 1024 * 1024, f"RSS grew by {growth / 1e6:.1f} MB"
+        status = (await client.get(f"/v1/jobs/{job_id}")).json()["status"]
+        assert status == "processing"  # watching and dropping never touched the job
+
+
+async def test_stopping_the_service_ends_open_streams_cleanly(svc):
+    async with svc.client() as client:
+        job_id = await submit(client, "slow")
+        await started(svc.app, job_id)
+        async with client.stream("GET", f"/v1/status/{job_id}?stream=true") as response:
+            lines = response.aiter_lines()
+            first = json.loads(await anext(lines))
+            assert first["status"] == "processing"
+            began = time.monotonic()
+            stopping = asyncio.ensure_future(svc.app.stop())
+            rest = [json.loads(line) async for line in lines]  # ends without a read error
+            await stopping
+    assert time.monotonic() - began < 4.0
+    assert all(event["id"] == job_id for event in rest)
+    assert svc.app.monitor.subscriber_count == 0
+
+
+# -- room for more (MCP will be mounted at /mcp) ------------------------------------------------
+
+
+async def hello(request):
+    return PlainTextResponse("hello")
+
+
+async def test_mounted_app_shares_the_server_auth_and_lifespan(tmp_path):
+    steps: list[str] = []
+
+    @asynccontextmanager
+    async def lifespan():
+        steps.append("enter")
+        yield
+        steps.append("exit")
+
+    app = build_service(make_config(tmp_path, api={"token": TOKEN}))
+    svc = Service(app)
+    svc.api.mount("/extra", Starlette(routes=[Route("/", hello)]), lifespan)
+    await app.start()
+    try:
+        assert steps == ["enter"]
+        async with svc.client() as anonymous:
+            assert_error(await anonymous.get("/extra/"), 401, "unauthorized")
+        async with svc.client(TOKEN) as client:
+            assert (await client.get("/extra/")).text == "hello"
+            assert (await client.get("/healthz")).status_code == 200
+    finally:
+        await app.stop()
+    assert steps == ["enter", "exit"]
+
+
+async def test_failing_lifespan_is_a_clean_start_error(tmp_path):
+    @asynccontextmanager
+    async def broken():
+        raise RuntimeError("session manager would not start")
+        yield
+
+    path = tmp_path / "api.sock"
+    app = build_service(make_config(tmp_path, api={"listen": f"unix:{path}"}))
+    Service(app).api.mount("/broken", Starlette(), broken)
+    with pytest.raises(MatrixJobsError, match="could not start: session manager"):
+        await app.start()
+    await app.stop()
+    assert not path.exists()
