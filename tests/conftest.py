@@ -13,6 +13,7 @@ from synapse_server import make_synapse_fixture
 
 from matrixjobs.app import App
 from matrixjobs.config import Config
+from matrixjobs.store.sqlite import SqliteStore
 
 
 @pytest.fixture
@@ -25,6 +26,15 @@ def write_config(tmp_path: Path) -> Callable[..., Path]:
         return path
 
     return write
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
+    """An open SQLite store in tmp_path."""
+    store = SqliteStore(tmp_path / "s.db")
+    await store.open()
+    yield store
+    await store.close()
 
 
 @pytest.fixture

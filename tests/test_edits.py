@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import itertools
 
-import pytest
-
 from matrixjobs.matrix.edits import EditScheduler, RateLimitedError, SendFailedError
 from matrixjobs.matrix.ratelimit import TokenBucket
 from matrixjobs.models import Job, ProgressMessage, Status
 from matrixjobs.progress.events import ProgressInfo, job_event
-from matrixjobs.store.sqlite import SqliteStore
 
 
 class Clock:
@@ -34,14 +31,6 @@ class Recorder:
         self.txn_ids.append(txn_id)
         self.sent.append((self.clock.now, room_id, content))
         return f"$event{len(self.sent)}"
-
-
-@pytest.fixture
-async def store(tmp_path):
-    store = SqliteStore(tmp_path / "s.db")
-    await store.open()
-    yield store
-    await store.close()
 
 
 def scheduler(store, rate=0.2, burst=10, interval=0.5, **kwargs):

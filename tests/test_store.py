@@ -16,14 +16,6 @@ def spec(name: str = "x", max_retries: int = 1) -> JobSpec:
     return JobSpec(type="t", data={"n": name}, name=name, max_retries=max_retries, timeout_s=5)
 
 
-@pytest.fixture
-async def store(tmp_path):
-    store = SqliteStore(tmp_path / "s.db")
-    await store.open()
-    yield store
-    await store.close()
-
-
 async def test_new_store_is_wal_with_current_schema_and_reopens(tmp_path):
     path = tmp_path / "nested" / "s.db"
     store = SqliteStore(path)

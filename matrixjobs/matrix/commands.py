@@ -6,7 +6,6 @@ import re
 import shlex
 from dataclasses import dataclass
 
-COMMANDS = ("build", "batch", "status", "cancel", "jobs", "targets", "help")
 NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
 
 

@@ -146,16 +146,6 @@ class ProgressMonitor:
     def active_ids(self) -> list[str]:
         return [*self._jobs, *self._batches]
 
-    def running_progress(self) -> dict[str, tuple[float, float | None, str | None]]:
-        """Latest raw report of each running job, for the store's progress snapshots."""
-        found = {}
-        for job_id, tracker in self._jobs.items():
-            self._sample(tracker)
-            if tracker.progress is not None:
-                found[job_id] = (tracker.progress.current, tracker.progress.total,
-                                 tracker.message)
-        return found
-
     def subscribe(self, subject: str | None = None) -> Subscription:
         """Start buffering events (of one id, or all) right away; iterate to read them."""
         subscription = Subscription(subject, self._max_pending, self._unsubscribe)
