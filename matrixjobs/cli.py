@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 from matrixjobs import __version__
 from matrixjobs.config import Config, load_config
+from matrixjobs.console.commands import add_client_commands
 from matrixjobs.errors import ConfigError, MatrixJobsError
 from matrixjobs.queue.handlers import HandlerRegistry, load_user_handlers
 from matrixjobs.service import build_service
@@ -18,6 +19,7 @@ from matrixjobs.service import build_service
 EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_USAGE = 2
+MCP_DEFAULT_API = "http://127.0.0.1:8765"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,7 +40,28 @@ def build_parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check-config", help="validate a config file and exit")
     check.add_argument("--config", default=default_config, help="TOML config file")
     check.set_defaults(handler=cmd_check_config)
+
+    add_client_commands(commands)  # status, submit, batch, cancel, jobs: via the HTTP API
+
+    mcp = commands.add_parser(
+        "mcp", help="MCP server on stdio (for an MCP client to launch), via the service's API",
+        description="Serve the MCP tools on stdin/stdout, talking to the running service "
+                    "through its HTTP API; the token comes from $MATRIXJOBS_API_TOKEN.")
+    mcp.add_argument("--api", default=os.environ.get("MATRIXJOBS_API_URL", MCP_DEFAULT_API),
+                     help="the service's API URL or unix:/path/api.sock (default: "
+                          f"$MATRIXJOBS_API_URL or {MCP_DEFAULT_API})")
+    mcp.set_defaults(handler=cmd_mcp)
     return parser
+
+
+def cmd_mcp(args: argparse.Namespace) -> int:
+    """stdout carries the protocol: logs go to stderr, warnings only."""
+    from matrixjobs.mcp.stdio import serve_stdio  # only load the MCP SDK for this command
+
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+    asyncio.run(serve_stdio(args.api, os.environ.get("MATRIXJOBS_API_TOKEN") or None))
+    return EXIT_OK
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -224,6 +224,12 @@ class ApiConfig(Section):
             )
 
 
+class McpConfig(Section):
+    """The MCP server (streamable HTTP at /mcp on the API's port, same auth)."""
+
+    enabled: bool = True  # only takes effect when [api] is enabled
+
+
 class TargetConfig(Section):
     description: str = ""
     command: list[str] | None = None
@@ -277,6 +283,7 @@ class Config(Section):
     queue: QueueConfig = QueueConfig()
     progress: ProgressConfig = ProgressConfig()
     api: ApiConfig = ApiConfig()
+    mcp: McpConfig = McpConfig()
     targets: dict[str, TargetConfig] = Field(default_factory=dict)
     handlers: dict[str, str] = Field(default_factory=dict)
 

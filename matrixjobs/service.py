@@ -19,5 +19,10 @@ def build_service(config: Config) -> App:
     if config.api.enabled:
         from matrixjobs.api import ApiServer  # only load the web stack when the API is on
 
-        app.components.append(ApiServer(app, config.api, config.api_token))
+        api = ApiServer(app, config.api, config.api_token)
+        if config.mcp.enabled:
+            from matrixjobs.mcp.http import mount_mcp  # only load the MCP SDK when MCP is on
+
+            mount_mcp(api, app)
+        app.components.append(api)
     return app

@@ -23,7 +23,7 @@ from pydantic import SecretStr
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.routing import BaseRoute, Mount
+from starlette.routing import BaseRoute, Mount, Route
 from starlette.types import ASGIApp
 
 from matrixjobs.api.auth import BearerAuth, LoopbackGuard, host_name
@@ -122,10 +122,14 @@ class ApiServer:
         self._task: asyncio.Task[None] | None = None
 
     def mount(self, path: str, asgi: ASGIApp, lifespan: Lifespan | None = None) -> None:
-        """Serve another ASGI app under `path` (before start), e.g. MCP at /mcp."""
+        """Serve another ASGI app at `path` and under it (before start), e.g. MCP at /mcp.
+
+        `path` itself is routed too (Starlette's Mount alone would redirect /mcp to
+        /mcp/, and MCP clients don't follow redirects).
+        """
         if self._task is not None:
             raise RuntimeError("mount before the server starts")
-        self._mounts.append(Mount(path, asgi))
+        self._mounts.extend([Route(path, asgi), Mount(path, asgi)])
         if lifespan is not None:
             self._lifespans.append(lifespan)
 

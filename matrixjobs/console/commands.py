@@ -1,0 +1,242 @@
+"""The client commands: status, submit, batch, cancel, jobs (talking to the API)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import re
+import sys
+from collections.abc import Awaitable, Callable
+
+from matrixjobs.console.client import (
+    ACTIVE,
+    ApiClient,
+    ApiFailure,
+    ServiceUnreachable,
+)
+from matrixjobs.console.display import Board, Mode, pick_mode, print_events
+from matrixjobs.models import Status
+from matrixjobs.progress.events import JobProgressEvent
+
+EXIT_OK = 0
+EXIT_FAILED = 1  # the job failed/was cancelled, or the API refused the request
+EXIT_UNREACHABLE = 3
+DISCOVERY_LIMIT = 200
+RECENT_LIMIT = 20
+
+Command = Callable[[ApiClient, argparse.Namespace, Mode], Awaitable[int]]
+
+
+def parse_interval(text: str) -> float:
+    """`5s`, `500ms`, `1m`, `2.5` (seconds) → seconds; for argparse `type=`."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m)?\s*", text)
+    if match is None:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (e.g. 5s, 500ms, 1m)")
+    value = float(match.group(1)) * {"ms": 0.001, "s": 1.0, "m": 60.0}[match.group(2) or "s"]
+    if value < 0.05:
+        raise argparse.ArgumentTypeError("the interval must be at least 50ms")
+    return value
+
+
+def run(command: Command, args: argparse.Namespace) -> int:
+    """Run one client command; turns connection and API errors into messages and exit codes."""
+    mode = pick_mode(args.json)
+
+    async def main() -> int:
+        async with ApiClient(args.api) as api:
+            return await command(api, args, mode)
+
+    try:
+        return asyncio.run(main())
+    except ServiceUnreachable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    except ApiFailure as exc:
+        print(f"error: {exc.describe()} (HTTP {exc.status}, {exc.code})", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130
+
+
+def outcome(event: JobProgressEvent | None) -> int:
+    return EXIT_OK if event is not None and event.status is Status.COMPLETED else EXIT_FAILED
+
+
+# -- commands -----------------------------------------------------------------------------------
+
+
+async def cmd_status(api: ApiClient, args: argparse.Namespace, mode: Mode) -> int:
+    if args.watch:
+        if args.id:
+            return outcome(await follow(api, args.id, mode, args.poll))
+        await watch_all(api, mode, args.poll)
+        return EXIT_OK
+    if args.id:
+        print_events([await api.status(args.id)], mode)
+        return EXIT_OK
+    jobs, batches = await asyncio.gather(api.jobs(ACTIVE), api.batches(ACTIVE))
+    if mode is Mode.LIVE and not jobs and not batches:
+        print("nothing is running")
+        return EXIT_OK
+    print_events(batches + jobs, mode, "running")
+    return EXIT_OK
+
+
+async def cmd_jobs(api: ApiClient, args: argparse.Namespace, mode: Mode) -> int:
+    print_events(await api.jobs(limit=args.limit), mode, "recent jobs")
+    return EXIT_OK
+
+
+async def cmd_submit(api: ApiClient, args: argparse.Namespace, mode: Mode) -> int:
+    created = await api.submit(args.target, list(args.args))
+    return await after_submit(api, created, args, mode)
+
+
+async def cmd_batch(api: ApiClient, args: argparse.Namespace, mode: Mode) -> int:
+    created = await api.submit_batch(list(args.targets))
+    return await after_submit(api, created, args, mode)
+
+
+async def after_submit(
+    api: ApiClient, created: JobProgressEvent, args: argparse.Namespace, mode: Mode
+) -> int:
+    if not args.wait:
+        if mode is Mode.JSON:
+            print(created.to_json(), flush=True)
+        else:
+            print(f"submitted {created.id} ({created.name})", flush=True)
+        return EXIT_OK
+    return outcome(await follow(api, created.id, mode, args.poll))
+
+
+async def cmd_cancel(api: ApiClient, args: argparse.Namespace, mode: Mode) -> int:
+    event = await api.cancel(args.id)
+    if mode is Mode.JSON:
+        print(event.to_json(), flush=True)
+    else:
+        print(f"{event.id} ({event.name}) {event.status.value}", flush=True)
+    return EXIT_OK
+
+
+# -- following ----------------------------------------------------------------------------------
+
+
+async def follow(api: ApiClient, subject: str, mode: Mode, poll: float) -> JobProgressEvent:
+    """Show `subject`'s updates until it ends; returns its terminal state."""
+    with Board(mode) as board:
+        return await stream_into(api, subject, board, poll)
+
+
+async def stream_into(
+    api: ApiClient, subject: str, board: Board, poll: float
+) -> JobProgressEvent:
+    """Follow one stream into `board`; if it closes early (service restarting), resubscribe."""
+    while True:
+        last = None
+        async for event in api.stream(subject):
+            board.update(event)
+            last = event
+        if last is not None and last.terminal:
+            return board.latest.get(subject, last)
+        await asyncio.sleep(poll)
+
+
+async def watch_all(api: ApiClient, mode: Mode, poll: float) -> None:
+    """Poll the lists for new jobs and batches; stream each one found until it ends.
+
+    Runs until interrupted. The first poll shows what is active now; later polls
+    also pick up anything new since then, even if it already finished between polls.
+    """
+    followed: dict[str, asyncio.Task[JobProgressEvent]] = {}
+    known: set[str] | None = None
+    failures: asyncio.Queue[BaseException] = asyncio.Queue()
+
+    def done(task: asyncio.Task[JobProgressEvent]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            failures.put_nowait(task.exception())  # type: ignore[arg-type]
+
+    with Board(mode) as board:
+        if mode is not Mode.JSON:
+            board.note(f"watching {api.url} (polling every {poll:g}s; Ctrl-C to stop)")
+        try:
+            while True:
+                jobs, batches = await asyncio.gather(
+                    api.jobs(limit=DISCOVERY_LIMIT), api.batches(limit=DISCOVERY_LIMIT)
+                )
+                items = batches + jobs
+                if known is None:  # the first poll: finished ones are history, not news
+                    known = {item.id for item in items if item.terminal}
+                for item in reversed(items):  # oldest first
+                    if item.id in known or item.id in followed:
+                        if item.id in followed:
+                            board.update(item)
+                        continue
+                    board.update(item)
+                    task = asyncio.create_task(stream_into(api, item.id, board, poll))
+                    task.add_done_callback(done)
+                    followed[item.id] = task
+                with contextlib.suppress(TimeoutError):
+                    raise await asyncio.wait_for(failures.get(), poll)
+        finally:
+            for task in followed.values():
+                task.cancel()
+            await asyncio.gather(*followed.values(), return_exceptions=True)
+
+
+# -- the subcommands' arguments -----------------------------------------------------------------
+
+EPILOG = (
+    "The service's API: --api URL, else $MATRIXJOBS_API_URL, else http://127.0.0.1:8765 "
+    "(unix:/path/api.sock for a unix socket); the token comes from $MATRIXJOBS_API_TOKEN. "
+    "Exit codes: 0 success; 1 the job/batch failed or was cancelled (with --wait or a watched "
+    "ID), or the service refused the request (wrong token 401, unknown id or target 404, "
+    "already finished 409, bad arguments 422: the service's message is printed); "
+    "2 usage; 3 cannot reach the service."
+)
+
+
+def add_client_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Register status, submit, batch, cancel and jobs on the main parser's subcommands."""
+
+    def client_parser(name: str, help_text: str, command: Command) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text, epilog=EPILOG)
+        sub.add_argument("--api", metavar="URL", default=None,
+                         help="the service's API URL (default: $MATRIXJOBS_API_URL or "
+                              "http://127.0.0.1:8765)")
+        sub.add_argument("--json", action="store_true",
+                         help="machine-readable output: one job-progress event (JSON) per line")
+        sub.set_defaults(handler=lambda args: run(command, args))
+        return sub
+
+    def poll_option(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--poll", type=parse_interval, default=5.0, metavar="INTERVAL",
+                         help="how often to poll for new jobs and batches (default 5s; "
+                              "e.g. 500ms, 2s, 1m)")
+
+    status = client_parser("status", "show running jobs and batches, or one ID; --watch "
+                                     "follows them live", cmd_status)
+    status.add_argument("id", nargs="?", metavar="ID", help="a job (j12) or batch (b3)")
+    status.add_argument("--watch", action="store_true",
+                        help="follow live: with ID until it ends, else every job and batch "
+                             "(new ones found by polling) until Ctrl-C")
+    poll_option(status)
+
+    submit = client_parser("submit", "run a configured target", cmd_submit)
+    submit.add_argument("target", metavar="TARGET")
+    submit.add_argument("args", nargs="*", metavar="ARGS",
+                        help="arguments for the target, if it allows any (put -- before ones "
+                             "starting with -)")
+    submit.add_argument("--wait", action="store_true", help="follow the job until it ends")
+    poll_option(submit)
+
+    batch = client_parser("batch", "run several targets as one batch", cmd_batch)
+    batch.add_argument("targets", nargs="+", metavar="TARGET")
+    batch.add_argument("--wait", action="store_true", help="follow the batch until it ends")
+    poll_option(batch)
+
+    cancel = client_parser("cancel", "cancel a job or batch", cmd_cancel)
+    cancel.add_argument("id", metavar="ID", help="a job (j12) or batch (b3)")
+
+    jobs = client_parser("jobs", "list recent jobs", cmd_jobs)
+    jobs.add_argument("--limit", type=int, default=RECENT_LIMIT, help="how many (default 20)")
