@@ -311,8 +311,11 @@ class Config(Section):
         return self._api_token or self.api.token
 
     def warnings(self) -> list[str]:
-        """Problems that do not stop the service but will fail jobs."""
+        """Problems that do not stop the service but will fail jobs or the bot."""
         found = []
+        if self.matrix is not None and not (self.matrix.password or self.matrix.access_token):
+            found.append("matrix: no password or access token; the bot cannot log in "
+                         "(set MATRIXJOBS_PASSWORD or MATRIXJOBS_ACCESS_TOKEN)")
         for name, target in self.targets.items():
             if target.command is None:
                 continue

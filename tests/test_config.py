@@ -737,3 +737,12 @@ def test_several_patterns_allow_the_union():
 
 def test_empty_allow_list_allows_nobody():
     assert not AccessConfig().allows("@alice:example.org")
+
+
+def test_matrix_without_credentials_is_warned_about(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('[matrix]\nhomeserver = "https://hs.example"\nuser_id = "@bot:hs.example"\n')
+    warnings = load_config(path, environ={}).warnings()
+    assert any("no password or access token" in w for w in warnings)
+    with_env = load_config(path, environ={"MATRIXJOBS_PASSWORD": "pw"}).warnings()
+    assert not any("no password" in w for w in with_env)
