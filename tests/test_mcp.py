@@ -4,6 +4,7 @@ generations; plus `matrixjobs mcp` (stdio) against the running service."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sys
 import time
@@ -264,3 +265,33 @@ async def test_stdio_subprocess_against_the_service(svc, mode):
         assert progress and progress == sorted(set(progress))
         assert "no job j999" in await call_error(client, "status", id="j999")
         assert "unknown target" in await call_error(client, "submit_build", target="nope")
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_stopping_the_service_answers_streaming_calls_at_once(tmp_path, mode):
+    config = make_config(tmp_path, targets=TARGETS, api={"token": TOKEN})
+    app = build_service(config)
+    await app.start()
+    service = Service(app)
+    job = await app.submit("slow")
+
+    answers: list[Any] = []
+
+    async def watch() -> None:
+        # Closing the session afterwards fails (the service is gone); the answer counts.
+        with contextlib.suppress(Exception):
+            async with Client(http_transport(service), mode=mode) as client:
+                answers.append(
+                    await client.call_tool("status", {"id": job.id, "stream": True}))
+
+    watcher = asyncio.create_task(watch())
+    await asyncio.sleep(0.8)
+    started = time.monotonic()
+    await app.stop()
+    stop_took = time.monotonic() - started
+    await asyncio.wait_for(watcher, 10)
+    [result] = answers
+    assert stop_took < 3.0, stop_took
+    assert not result.is_error
+    assert result.structured_content["endedBy"] == "shutdown"
+    assert result.structured_content["state"]["status"] == "processing"

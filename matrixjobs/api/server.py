@@ -44,7 +44,11 @@ log = logging.getLogger(__name__)
 
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 BACKLOG = 2048
-SHUTDOWN_GRACE_S = 5.0  # requests still running after this are cancelled
+# Requests still running after this are cancelled. Streams end cleanly before it
+# (NDJSON streams are closed, MCP watches answer via their stop hook); what remains
+# is idle long-polls, which need no more than a moment.
+SHUTDOWN_GRACE_S = 1.0
+ANSWER_WRITE_S = 0.2
 SOCKET_MODE = 0o660  # the service's user and group may connect to a unix socket
 
 Lifespan = Callable[[], AbstractAsyncContextManager[object]]
@@ -118,10 +122,12 @@ class ApiServer:
         self.address: TcpAddress | UnixAddress = config.address  # the bound one once started
         self._mounts: list[BaseRoute] = []
         self._lifespans: list[Lifespan] = []
+        self._stop_hooks: list[Callable[[], None]] = []
         self._server: EmbeddedServer | None = None
         self._task: asyncio.Task[None] | None = None
 
-    def mount(self, path: str, asgi: ASGIApp, lifespan: Lifespan | None = None) -> None:
+    def mount(self, path: str, asgi: ASGIApp, lifespan: Lifespan | None = None,
+              on_stop: Callable[[], None] | None = None) -> None:
         """Serve another ASGI app at `path` and under it (before start), e.g. MCP at /mcp.
 
         `path` itself is routed too (Starlette's Mount alone would redirect /mcp to
@@ -132,6 +138,8 @@ class ApiServer:
         self._mounts.extend([Route(path, asgi), Mount(path, asgi)])
         if lifespan is not None:
             self._lifespans.append(lifespan)
+        if on_stop is not None:
+            self._stop_hooks.append(on_stop)
 
     @property
     def url(self) -> str:
@@ -185,6 +193,10 @@ class ApiServer:
             return
         self._task = None
         self.streams.close_all()  # streams end with a complete response, not a cut connection
+        for hook in self._stop_hooks:
+            hook()
+        if self._stop_hooks:
+            await asyncio.sleep(ANSWER_WRITE_S)  # let the answers they caused go out
         server.should_exit = True
         try:
             await task

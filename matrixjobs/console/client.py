@@ -7,6 +7,7 @@ import os
 from collections.abc import AsyncIterator
 from types import TracebackType
 from typing import Any
+from urllib.parse import quote
 
 import httpx2
 
@@ -95,7 +96,7 @@ class ApiClient:
         return await self._list("/v1/batches", "batches", status, limit)
 
     async def status(self, subject: str) -> JobProgressEvent:
-        return event_from(await self._request("GET", f"/v1/status/{subject}"))
+        return event_from(await self._request("GET", f"/v1/status/{_segment(subject)}"))
 
     async def submit(self, target: str, args: list[str]) -> JobProgressEvent:
         body = {"target": target, "args": args}
@@ -109,14 +110,14 @@ class ApiClient:
         kind = "batches" if parsed is not None and parsed[0] == BATCH_PREFIX else "jobs"
         # Cancelling answers once the job stopped (SIGTERM, grace period, SIGKILL).
         return event_from(
-            await self._request("POST", f"/v1/{kind}/{subject}/cancel", timeout=120.0)
+            await self._request("POST", f"/v1/{kind}/{_segment(subject)}/cancel", timeout=120.0)
         )
 
     async def stream(self, subject: str) -> AsyncIterator[JobProgressEvent]:
         """The NDJSON stream of `subject`: current state, updates, terminal state."""
         try:
             async with self._http.stream(
-                "GET", f"/v1/status/{subject}", params={"stream": "true"},
+                "GET", f"/v1/status/{_segment(subject)}", params={"stream": "true"},
                 timeout=httpx2.Timeout(None, connect=5.0),
             ) as response:
                 if response.status_code >= 400:
@@ -169,3 +170,8 @@ def failure(response: httpx2.Response) -> ApiFailure:
         text = response.text.strip()[:200] or response.reason_phrase
         status = response.status_code
         return ApiFailure(status, "http_error", f"HTTP {status}: {text}")
+
+
+def _segment(subject: str) -> str:
+    """An id as one URL path segment: `j1/../b2` must name no other job."""
+    return quote(subject.strip(), safe="")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -28,8 +29,9 @@ class McpHttp:
     guard) already stands in front of every path, /mcp included.
     """
 
-    def __init__(self, server: MCPServer) -> None:
+    def __init__(self, server: MCPServer, stopping: asyncio.Event) -> None:
         self.server = server
+        self.stopping = stopping
         self._manager: StreamableHTTPSessionManager | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -40,8 +42,13 @@ class McpHttp:
             return
         await manager.handle_request(scope, receive, send)
 
+    def stop(self) -> None:
+        """Streaming `status` calls answer now, so stopping never waits on them."""
+        self.stopping.set()
+
     @asynccontextmanager
     async def lifespan(self) -> AsyncIterator[None]:
+        self.stopping.clear()
         self.server.streamable_http_app(transport_security=TransportSecuritySettings(
             enable_dns_rebinding_protection=False))
         manager = self.server.session_manager
@@ -62,6 +69,7 @@ class McpHttp:
 
 def mount_mcp(api: ApiServer, app: App, path: str = MCP_PATH) -> McpHttp:
     """Serve the MCP tools for `app` at `path` of the API server."""
-    endpoint = McpHttp(build_mcp_server(AppBackend(app)))
-    api.mount(path, endpoint, endpoint.lifespan)
+    stopping = asyncio.Event()
+    endpoint = McpHttp(build_mcp_server(AppBackend(app), stopping=stopping), stopping)
+    api.mount(path, endpoint, endpoint.lifespan, on_stop=endpoint.stop)
     return endpoint

@@ -53,7 +53,7 @@ class StatusResult(CamelModel):
     id: str | None = None
     state: JobProgressEvent | None = None
     terminal: bool | None = None
-    ended_by: Literal["now", "finished", "max_wait"] | None = None
+    ended_by: Literal["now", "finished", "max_wait", "shutdown"] | None = None
     notifications: int = 0
     active: list[JobProgressEvent] | None = None
 
@@ -81,8 +81,13 @@ def describe(event: JobProgressEvent) -> str:
     return f"{text}: {detail}" if detail else text
 
 
-def build_mcp_server(backend: Backend, name: str = "matrixjobs") -> MCPServer:
-    """The MCP server for `backend`; serve it with `McpHttp` or `run_stdio_async()`."""
+def build_mcp_server(
+    backend: Backend, name: str = "matrixjobs", stopping: asyncio.Event | None = None
+) -> MCPServer:
+    """The MCP server for `backend`; serve it with `McpHttp` or `run_stdio_async()`.
+
+    Setting `stopping` makes streaming `status` calls answer at once (service stop).
+    """
     server = MCPServer(name, instructions=INSTRUCTIONS, version=__version__)
 
     @server.tool(name="status")
@@ -113,7 +118,7 @@ def build_mcp_server(backend: Backend, name: str = "matrixjobs") -> MCPServer:
                 state = await backend.status(subject)
             return StatusResult(id=state.id, state=state, terminal=state.terminal, ended_by="now")
         async with errors():
-            return await follow(backend, subject, ctx, max_wait_s)
+            return await follow(backend, subject, ctx, max_wait_s, stopping)
 
     @server.tool(name="list_jobs")
     async def list_jobs(
@@ -167,9 +172,11 @@ async def errors() -> AsyncIterator[None]:
 
 
 async def follow(
-    backend: Backend, subject: str, ctx: Context, max_wait_s: float | None
+    backend: Backend, subject: str, ctx: Context, max_wait_s: float | None,
+    stopping: asyncio.Event | None = None,
 ) -> StatusResult:
-    """Report every event of `subject` as progress until it ends or `max_wait_s` passes."""
+    """Report every event of `subject` as progress until it ends, `max_wait_s` passes or
+    the service stops (then the current state is the answer, ended_by "shutdown")."""
     loop = asyncio.get_running_loop()
     deadline = None if max_wait_s is None else loop.time() + max_wait_s
     updates = backend.watch(subject)
@@ -177,12 +184,18 @@ async def follow(
     last: JobProgressEvent | None = None
     next_event: asyncio.Future[JobProgressEvent] = asyncio.ensure_future(anext(updates))
     quiet_since = time.monotonic()
+    stop = asyncio.ensure_future((stopping or asyncio.Event()).wait())
     try:
         while True:
             wait = HEARTBEAT_S - (time.monotonic() - quiet_since)
             if deadline is not None:
                 wait = min(wait, deadline - loop.time())
-            done, _ = await asyncio.wait({next_event}, timeout=max(wait, 0.0))
+            done, _ = await asyncio.wait({next_event, stop}, timeout=max(wait, 0.0),
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if stop in done:
+                state = last or await backend.status(subject)
+                return StatusResult(id=state.id, state=state, terminal=state.terminal,
+                                    ended_by="shutdown", notifications=sent)
             if not done:
                 if deadline is not None and loop.time() >= deadline:
                     state = last or await backend.status(subject)
@@ -196,7 +209,7 @@ async def follow(
             try:
                 event = next_event.result()
             except StopAsyncIteration:
-                break  # the watch ended without a terminal event (service stopping)
+                break  # the watch ended early (the service behind the API stopping)
             last = event
             sent += 1
             await ctx.report_progress(sent, None, describe(event))
@@ -205,6 +218,7 @@ async def follow(
                 break
             next_event = asyncio.ensure_future(anext(updates))
     finally:
+        stop.cancel()
         # Stop watching, never the job. A pending read is cancelled, which closes the
         # generator inside that task; awaiting it here could hang in a cancelled scope.
         if not next_event.done():
@@ -215,5 +229,6 @@ async def follow(
             if isinstance(updates, AsyncGenerator):
                 await updates.aclose()
     state = last or await backend.status(subject)
-    return StatusResult(id=state.id, state=state, terminal=state.terminal, ended_by="finished",
+    return StatusResult(id=state.id, state=state, terminal=state.terminal,
+                        ended_by="finished" if state.terminal else "shutdown",
                         notifications=sent)
