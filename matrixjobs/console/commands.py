@@ -9,7 +9,7 @@ import re
 import sys
 from collections.abc import Awaitable, Callable
 
-from matrixjobs.console.client import (
+from matrixjobs.api.client import (
     ACTIVE,
     ApiClient,
     ApiFailure,

@@ -9,18 +9,17 @@ MCP tool error.
 
 from __future__ import annotations
 
-import json
 import time
-from collections.abc import AsyncIterator, Sequence
-from typing import Any, Protocol
-from urllib.parse import quote
+from collections.abc import AsyncIterator, Awaitable, Sequence
+from typing import Protocol, TypeVar
 
-import httpx2
-
+from matrixjobs.api.client import ApiClient, ApiFailure, ServiceUnreachable
 from matrixjobs.app import App
 from matrixjobs.errors import MatrixJobsError, NotFoundError
 from matrixjobs.models import Batch, Job, Status
 from matrixjobs.progress.events import JobProgressEvent, batch_event, job_event
+
+T = TypeVar("T")
 
 
 class Backend(Protocol):
@@ -84,95 +83,55 @@ class AppBackend:
 
 
 class HttpBackend:
-    """A running service, through its HTTP API (`/v1/...`)."""
+    """A running service, through its HTTP API (the same client as the CLI's)."""
 
-    def __init__(self, base_url: str, token: str | None = None,
-                 client: httpx2.AsyncClient | None = None) -> None:
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self.base_url = base_url.rstrip("/")
-        transport = None
-        if base_url.startswith("unix:"):  # the service's unix socket
-            transport = httpx2.AsyncHTTPTransport(uds=base_url.removeprefix("unix:"))
-            base_url = "http://localhost"
-        self.client = client or httpx2.AsyncClient(
-            base_url=base_url, headers=headers, transport=transport,
-            timeout=httpx2.Timeout(30.0, read=None),  # streams may stay quiet for long
-        )
+    def __init__(self, base_url: str, token: str | None = None) -> None:
+        self.api = ApiClient(base_url, token)
 
     async def aclose(self) -> None:
-        await self.client.aclose()
+        await self.api.aclose()
 
     async def status(self, subject: str) -> JobProgressEvent:
-        return JobProgressEvent.model_validate(await self._call("GET", _status_path(subject)))
+        return await _translated(self.api.status(subject))
 
     async def watch(self, subject: str) -> AsyncIterator[JobProgressEvent]:
         try:
-            async with self.client.stream(
-                "GET", _status_path(subject), params={"stream": "true"}
-            ) as response:
-                if response.status_code != 200:
-                    await response.aread()
-                    raise _error(response)
-                async for line in response.aiter_lines():
-                    if line.strip():
-                        yield JobProgressEvent.model_validate_json(line)
-        except httpx2.TransportError as exc:
-            raise self._unreachable(exc) from None
+            async for event in self.api.stream(subject):
+                yield event
+        except (ApiFailure, ServiceUnreachable) as exc:
+            raise _error(exc) from None
 
     async def submit(self, target: str, args: Sequence[str]) -> JobProgressEvent:
-        body = {"target": target, "args": list(args)}
-        return JobProgressEvent.model_validate(await self._call("POST", "/v1/jobs", body))
+        return await _translated(self.api.submit(target, list(args)))
 
     async def submit_batch(self, targets: Sequence[str]) -> JobProgressEvent:
-        body = {"targets": list(targets)}
-        return JobProgressEvent.model_validate(await self._call("POST", "/v1/batches", body))
+        return await _translated(self.api.submit_batch(list(targets)))
 
     async def cancel(self, subject: str) -> JobProgressEvent:
-        kind = "batches" if subject.strip().lower().startswith("b") else "jobs"
-        path = f"/v1/{kind}/{quote(subject.strip(), safe='')}/cancel"
-        return JobProgressEvent.model_validate(await self._call("POST", path))
+        return await _translated(self.api.cancel(subject))
 
     async def jobs(self, statuses: Sequence[Status] | None, limit: int) -> list[JobProgressEvent]:
-        return await self._list("jobs", statuses, limit)
+        return await _translated(self.api.jobs(_statuses(statuses), limit))
 
     async def batches(
         self, statuses: Sequence[Status] | None, limit: int
     ) -> list[JobProgressEvent]:
-        return await self._list("batches", statuses, limit)
-
-    async def _list(
-        self, key: str, statuses: Sequence[Status] | None, limit: int
-    ) -> list[JobProgressEvent]:
-        params: dict[str, str] = {"limit": str(limit)}
-        if statuses:
-            params["status"] = ",".join(status.value for status in statuses)
-        data = await self._call("GET", f"/v1/{key}", params=params)
-        return [JobProgressEvent.model_validate(item) for item in data[key]]
-
-    async def _call(self, method: str, path: str, body: object = None,
-                    params: dict[str, str] | None = None) -> Any:
-        try:
-            response = await self.client.request(method, path, json=body, params=params)
-        except httpx2.TransportError as exc:
-            raise self._unreachable(exc) from None
-        if response.status_code >= 400:
-            raise _error(response)
-        return response.json()
-
-    def _unreachable(self, exc: Exception) -> MatrixJobsError:
-        return MatrixJobsError(
-            f"cannot reach the matrixjobs service at {self.base_url}: {exc or type(exc).__name__}")
+        return await _translated(self.api.batches(_statuses(statuses), limit))
 
 
-def _status_path(subject: str) -> str:
-    return f"/v1/status/{quote(subject.strip(), safe='')}"
+def _statuses(statuses: Sequence[Status] | None) -> str | None:
+    return ",".join(status.value for status in statuses) if statuses else None
 
 
-def _error(response: httpx2.Response) -> MatrixJobsError:
+async def _translated(call: Awaitable[T]) -> T:
     try:
-        message = str(json.loads(response.content)["error"]["message"])
-    except (ValueError, KeyError, TypeError):
-        message = f"the service answered HTTP {response.status_code}"
-    if response.status_code == 404:
-        return NotFoundError(message)
-    return MatrixJobsError(message)
+        return await call
+    except (ApiFailure, ServiceUnreachable) as exc:
+        raise _error(exc) from None
+
+
+def _error(exc: ApiFailure | ServiceUnreachable) -> MatrixJobsError:
+    """The client's errors as the core's, which the tools turn into MCP tool errors."""
+    if isinstance(exc, ApiFailure) and exc.status == 404:
+        return NotFoundError(exc.message)
+    return MatrixJobsError(exc.message if isinstance(exc, ApiFailure) else str(exc))

@@ -1,4 +1,5 @@
-"""A small async client for the service's HTTP API (/v1/...), built on httpx2."""
+"""A small async client for the service's HTTP API (/v1/...), built on httpx2: used by the
+CLI and by `matrixjobs mcp` (stdio)."""
 
 from __future__ import annotations
 
