@@ -47,3 +47,23 @@ async def final_state(app: App, subject: str, timeout: float = 20.0) -> JobProgr
 def python_target(code: str, **extra: Any) -> dict[str, Any]:
     """A target that runs a Python snippet with this interpreter."""
     return {"command": [PYTHON, "-c", textwrap.dedent(code)], **extra}
+
+
+def counting_target(step_s: float) -> dict[str, Any]:
+    """`TARGET [N]`: N (default 10) progress steps, `step_s` apart."""
+    return python_target(f"""
+        import sys, time
+        steps = int(sys.argv[1]) if len(sys.argv) > 1 else 10
+        for step in range(1, steps + 1):
+            time.sleep({step_s})
+            print(f"::progress {{step}}/{{steps}} step {{step}}", flush=True)
+    """, args_pattern="[0-9]{1,3}")
+
+
+# Keeps reporting progress for a minute (tests cancel it or stop the service).
+SLOW_TARGET = python_target("""
+    import time
+    for step in range(1, 3001):
+        print(f"::progress {step}/3000", flush=True)
+        time.sleep(0.02)
+""")

@@ -14,7 +14,7 @@ from typing import Any
 
 import httpx2
 import pytest
-from helpers import final_state, make_config, python_target
+from helpers import SLOW_TARGET, counting_target, final_state, make_config, python_target
 from starlette.applications import Starlette
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
@@ -26,21 +26,8 @@ from matrixjobs.service import build_service
 
 TOKEN = "s3cret-api-token"
 
-# `count [N]`: N (default 10) progress steps, 20 ms apart.
-COUNT = python_target("""
-    import sys, time
-    steps = int(sys.argv[1]) if len(sys.argv) > 1 else 10
-    for step in range(1, steps + 1):
-        time.sleep(0.02)
-        print(f"::progress {step}/{steps} step {step}", flush=True)
-""", args_pattern="[0-9]{1,3}")
-# `slow`: keeps reporting progress for a minute (cancelled by the tests).
-SLOW = python_target("""
-    import time
-    for step in range(1, 3001):
-        print(f"::progress {step}/3000", flush=True)
-        time.sleep(0.02)
-""")
+COUNT = counting_target(0.02)
+SLOW = SLOW_TARGET
 QUICK = python_target("print('done')")
 TARGETS = {"count": COUNT, "slow": SLOW, "quick": QUICK}
 

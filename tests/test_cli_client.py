@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import final_state, make_config, python_target
+from helpers import counting_target, final_state, make_config, python_target
 
 from matrixjobs.api import ApiServer
 from matrixjobs.app import App
@@ -22,13 +22,7 @@ from matrixjobs.service import build_service
 
 TOKEN = "cli-s3cret"
 
-COUNT = python_target("""
-    import sys, time
-    steps = int(sys.argv[1]) if len(sys.argv) > 1 else 10
-    for step in range(1, steps + 1):
-        time.sleep(0.03)
-        print(f"::progress {step}/{steps} step {step}", flush=True)
-""", args_pattern="[0-9]{1,3}")
+COUNT = counting_target(0.03)
 FAIL = python_target("""
     import sys
     print("::progress 1/2 half way", flush=True)

@@ -15,7 +15,7 @@ from typing import Any
 
 import httpx2
 import pytest
-from helpers import final_state, make_config, python_target
+from helpers import SLOW_TARGET, counting_target, final_state, make_config, python_target
 from mcp.client import Client
 from mcp.client.stdio import StdioServerParameters
 from mcp.client.streamable_http import streamable_http_client
@@ -28,19 +28,8 @@ from matrixjobs.mcp import AppBackend, build_mcp_server
 from matrixjobs.service import build_service
 
 TOKEN = "mcp-test-token"
-COUNT = python_target("""
-    import sys, time
-    steps = int(sys.argv[1]) if len(sys.argv) > 1 else 10
-    for step in range(1, steps + 1):
-        time.sleep(0.03)
-        print(f"::progress {step}/{steps} step {step}", flush=True)
-""", args_pattern="[0-9]{1,3}")
-SLOW = python_target("""
-    import time
-    for step in range(1, 3001):
-        print(f"::progress {step}/3000", flush=True)
-        time.sleep(0.02)
-""")
+COUNT = counting_target(0.03)
+SLOW = SLOW_TARGET
 QUIET = python_target("import time; time.sleep(1.2)")
 TARGETS = {"count": COUNT, "slow": SLOW, "quiet": QUIET}
 MODES = ["auto", "legacy"]
