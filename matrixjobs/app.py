@@ -18,7 +18,7 @@ from typing import Protocol
 from matrixjobs.config import Config
 from matrixjobs.errors import NotFoundError
 from matrixjobs.models import BATCH_PREFIX, Batch, Job, ProgressMessage, Status, parse_id
-from matrixjobs.progress.events import JobProgressEvent, batch_event, job_event
+from matrixjobs.progress.events import JobProgressEvent, event_of
 from matrixjobs.progress.monitor import ProgressMonitor
 from matrixjobs.queue.command import CommandHandler
 from matrixjobs.queue.handlers import HandlerRegistry, load_user_handlers
@@ -172,11 +172,15 @@ class App:
             batch = await self.store.get_batch(subject)
             if batch is None:
                 raise NotFoundError(f"no batch {subject}")
-            return batch_event(batch, time.time())
+            return event_of(batch, time.time())
         job = await self.store.get_job(subject)
         if job is None:
             raise NotFoundError(f"no job {subject}")
-        return job_event(job, time.time())
+        return event_of(job, time.time())
+
+    def live(self, item: Job | Batch) -> JobProgressEvent:
+        """The state of a listed job or batch: live (progress, ETA) while running."""
+        return self.monitor.current(item.id) or event_of(item, time.time())
 
     async def watch(self, subject: str) -> AsyncIterator[JobProgressEvent]:
         """The current state, then every (throttled) update, ending with the terminal one."""

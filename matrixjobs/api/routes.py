@@ -16,8 +16,8 @@ from matrixjobs.api.errors import ApiError
 from matrixjobs.api.stream import EventStream, OpenStreams
 from matrixjobs.app import App
 from matrixjobs.errors import NotFoundError
-from matrixjobs.models import BATCH_PREFIX, JOB_PREFIX, Batch, Job, Status, parse_id
-from matrixjobs.progress.events import JobProgressEvent, batch_event, job_event
+from matrixjobs.models import BATCH_PREFIX, JOB_PREFIX, Status, parse_id
+from matrixjobs.progress.events import JobProgressEvent, event_of
 
 MAX_BODY_BYTES = 64 * 1024
 DEFAULT_LIMIT = 50
@@ -70,12 +70,12 @@ class Endpoints:
     async def list_jobs(self, request: Request) -> Response:
         statuses, limit = list_filters(request)
         jobs = await self.app.jobs(statuses, limit)
-        return list_response("jobs", [self.live(job) for job in jobs])
+        return list_response("jobs", [self.app.live(job) for job in jobs])
 
     async def submit_job(self, request: Request) -> Response:
         body = await read_body(request, SubmitJob)
         job = await self.app.submit(body.target, body.args)
-        return created(event_of(job), f"/v1/jobs/{job.id}")
+        return created(event_of(job, time.time()), f"/v1/jobs/{job.id}")
 
     async def get_job(self, request: Request) -> Response:
         subject = subject_of(request, JOB_PREFIX)
@@ -83,19 +83,19 @@ class Endpoints:
 
     async def cancel_job(self, request: Request) -> Response:
         subject = subject_of(request, JOB_PREFIX)
-        return event_response(event_of(await self.app.cancel(subject)))
+        return event_response(event_of(await self.app.cancel(subject), time.time()))
 
     # -- batches ---------------------------------------------------------------------------------
 
     async def list_batches(self, request: Request) -> Response:
         statuses, limit = list_filters(request)
         batches = await self.app.batches(statuses, limit)
-        return list_response("batches", [self.live(batch) for batch in batches])
+        return list_response("batches", [self.app.live(batch) for batch in batches])
 
     async def submit_batch(self, request: Request) -> Response:
         body = await read_body(request, SubmitBatch)
         batch = await self.app.submit_batch(body.targets, body.name)
-        return created(event_of(batch), f"/v1/batches/{batch.id}")
+        return created(event_of(batch, time.time()), f"/v1/batches/{batch.id}")
 
     async def get_batch(self, request: Request) -> Response:
         subject = subject_of(request, BATCH_PREFIX)
@@ -103,7 +103,7 @@ class Endpoints:
 
     async def cancel_batch(self, request: Request) -> Response:
         subject = subject_of(request, BATCH_PREFIX)
-        return event_response(event_of(await self.app.cancel(subject)))
+        return event_response(event_of(await self.app.cancel(subject), time.time()))
 
     # -- status ----------------------------------------------------------------------------------
 
@@ -119,9 +119,6 @@ class Endpoints:
             raise
         return EventStream(first, updates, self.streams)
 
-    def live(self, item: Job | Batch) -> JobProgressEvent:
-        """The monitor's live state for running items (progress, ETA), else the stored one."""
-        return self.app.monitor.current(item.id) or event_of(item)
 
 
 # -- reading requests -----------------------------------------------------------------------------
@@ -194,12 +191,6 @@ def flag(request: Request, name: str) -> bool:
 
 
 # -- writing responses ----------------------------------------------------------------------------
-
-
-def event_of(item: Job | Batch) -> JobProgressEvent:
-    if isinstance(item, Batch):
-        return batch_event(item, time.time())
-    return job_event(item, time.time())
 
 
 def json_response(body: str, status: int = 200, headers: dict[str, str] | None = None) -> Response:

@@ -37,7 +37,7 @@ from matrixjobs.matrix import render
 from matrixjobs.matrix.commands import Command, CommandSyntaxError, parse
 from matrixjobs.matrix.edits import EditScheduler, RateLimitedError, SendFailedError
 from matrixjobs.matrix.ratelimit import TokenBucket
-from matrixjobs.models import ProgressMessage, Status
+from matrixjobs.models import Batch, Job, ProgressMessage, Status
 from matrixjobs.progress.events import JobProgressEvent, batch_event, job_event
 from matrixjobs.progress.subscription import Subscription
 from matrixjobs.supervisor import Supervisor
@@ -403,7 +403,7 @@ class MatrixBot:
     async def _active(self) -> list[JobProgressEvent]:
         batches = await self.app.batches(ACTIVE)
         jobs = [job for job in await self.app.jobs(ACTIVE) if job.batch_id is None]
-        return [await self.app.status(item.id) for item in [*batches, *jobs]]
+        return [self.app.live(item) for item in [*batches, *jobs]]
 
     async def _cancel(self, room_id: str, event: RoomMessageText, command: Command) -> None:
         if len(command.args) != 1:
@@ -412,13 +412,11 @@ class MatrixBot:
         self._reply(room_id, event, render.render_cancelled(result.id, str(result.status)))
 
     async def _jobs(self, room_id: str, event: RoomMessageText, command: Command) -> None:
-        now = time.time()
-        events = [batch_event(batch, now) for batch in await self.app.batches(limit=10)]
-        events += [job_event(job, now) for job in await self.app.jobs(limit=20)
-                   if job.batch_id is None]
-        events.sort(key=lambda e: e.created_at, reverse=True)
-        live = [self.app.monitor.current(e.id) or e for e in events[:10]]
-        self._reply(room_id, event, render.render_jobs(live, now))
+        items: list[Job | Batch] = [*await self.app.batches(limit=10)]
+        items += [job for job in await self.app.jobs(limit=20) if job.batch_id is None]
+        items.sort(key=lambda item: item.created_at, reverse=True)
+        self._reply(room_id, event,
+                    render.render_jobs([self.app.live(item) for item in items[:10]], time.time()))
 
     async def _targets(self, room_id: str, event: RoomMessageText, command: Command) -> None:
         listed = [(name, target.description, target.args_pattern is not None)

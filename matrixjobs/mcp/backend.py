@@ -16,8 +16,8 @@ from typing import Protocol, TypeVar
 from matrixjobs.api.client import ApiClient, ApiFailure, ServiceUnreachable
 from matrixjobs.app import App
 from matrixjobs.errors import MatrixJobsError, NotFoundError
-from matrixjobs.models import Batch, Job, Status
-from matrixjobs.progress.events import JobProgressEvent, batch_event, job_event
+from matrixjobs.models import Status
+from matrixjobs.progress.events import JobProgressEvent, event_of
 
 T = TypeVar("T")
 
@@ -43,12 +43,6 @@ class Backend(Protocol):
     ) -> list[JobProgressEvent]: ...
 
 
-def event_of(item: Job | Batch) -> JobProgressEvent:
-    if isinstance(item, Batch):
-        return batch_event(item, time.time())
-    return job_event(item, time.time())
-
-
 class AppBackend:
     """The core in this process."""
 
@@ -62,24 +56,21 @@ class AppBackend:
         return self.app.watch(subject)
 
     async def submit(self, target: str, args: Sequence[str]) -> JobProgressEvent:
-        return self.live(await self.app.submit(target, args))
+        return self.app.live(await self.app.submit(target, args))
 
     async def submit_batch(self, targets: Sequence[str]) -> JobProgressEvent:
-        return self.live(await self.app.submit_batch(targets))
+        return self.app.live(await self.app.submit_batch(targets))
 
     async def cancel(self, subject: str) -> JobProgressEvent:
-        return event_of(await self.app.cancel(subject))
+        return event_of(await self.app.cancel(subject), time.time())
 
     async def jobs(self, statuses: Sequence[Status] | None, limit: int) -> list[JobProgressEvent]:
-        return [self.live(job) for job in await self.app.jobs(statuses, limit)]
+        return [self.app.live(job) for job in await self.app.jobs(statuses, limit)]
 
     async def batches(
         self, statuses: Sequence[Status] | None, limit: int
     ) -> list[JobProgressEvent]:
-        return [self.live(batch) for batch in await self.app.batches(statuses, limit)]
-
-    def live(self, item: Job | Batch) -> JobProgressEvent:
-        return self.app.monitor.current(item.id) or event_of(item)
+        return [self.app.live(batch) for batch in await self.app.batches(statuses, limit)]
 
 
 class HttpBackend:

@@ -157,3 +157,8 @@ def batch_event(
         finished_at=timestamp(batch.finished_at),
         eta_seconds=None if batch.status.terminal else eta_seconds,
     )
+
+
+def event_of(item: Job | Batch, now: float) -> JobProgressEvent:
+    """The event for a job or batch as stored (no live progress)."""
+    return batch_event(item, now) if isinstance(item, Batch) else job_event(item, now)
