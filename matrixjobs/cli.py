@@ -13,6 +13,7 @@ from matrixjobs import __version__
 from matrixjobs.config import Config, load_config
 from matrixjobs.console.commands import add_client_commands
 from matrixjobs.errors import ConfigError, MatrixJobsError
+from matrixjobs.ops.commands import add_ops_commands
 from matrixjobs.queue.handlers import HandlerRegistry, load_user_handlers
 from matrixjobs.service import build_service
 
@@ -42,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(handler=cmd_check_config)
 
     add_client_commands(commands)  # status, submit, batch, cancel, jobs: via the HTTP API
+    add_ops_commands(commands)  # init, doctor
 
     mcp = commands.add_parser(
         "mcp", help="MCP server on stdio (for an MCP client to launch), via the service's API",
