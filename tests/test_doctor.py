@@ -355,3 +355,6 @@ async def test_doctor_works_while_the_service_holds_the_store(deployment):
         assert await app.store.get_setting("matrix.device_id")  # the store still works
     finally:
         await app.stop()
+    _, lines = await asyncio.to_thread(doctor_lines, config_path)
+    assert "pid" not in line(lines, "store:")  # the lock is free again
+    assert "is free" in line(lines, "api:")

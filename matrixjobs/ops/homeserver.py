@@ -37,11 +37,7 @@ def quoted(part: str) -> str:
 def describe_network_error(exc: httpx2.HTTPError) -> str:
     if isinstance(exc, httpx2.TimeoutException):
         return "no answer in time"
-    cause: BaseException = exc
-    while cause.__cause__ is not None or cause.__context__ is not None:
-        cause = cause.__cause__ or cause.__context__  # type: ignore[assignment]
-    text = str(cause).strip() or str(exc).strip()
-    return text or type(exc).__name__
+    return str(exc).strip() or type(exc).__name__
 
 
 class Homeserver:

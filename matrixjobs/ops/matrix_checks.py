@@ -145,6 +145,10 @@ class MatrixChecks:
         except MatrixError as exc:
             self.report.fail("login", f"password login as {user} refused: {exc}")
             return None
+        token = answer.get("access_token")
+        if not isinstance(token, str):
+            self.report.fail("login", "the homeserver accepted the password but sent no token")
+            return None
         text = (f"the password works for {user} (checked with a temporary device, "
                 "logged out again at the end)")
         if refused:
@@ -152,7 +156,7 @@ class MatrixChecks:
                                       "service will log in with the password")
         else:
             self.report.ok("login", text)
-        return Login(str(answer["access_token"]), temporary=True)
+        return Login(token, temporary=True)
 
     def _logout(self, hs: Homeserver, token: str) -> None:
         try:
@@ -164,7 +168,8 @@ class MatrixChecks:
     # -- rooms --------------------------------------------------------------------------------
 
     def _rooms(self, hs: Homeserver, token: str) -> None:
-        joined = set(hs.call("GET", "/_matrix/client/v3/joined_rooms", token)["joined_rooms"])
+        joined = set(hs.call("GET", "/_matrix/client/v3/joined_rooms", token)
+                     .get("joined_rooms") or [])
         invites = self._invites(hs, token)
         configured = {self._room(hs, token, room, joined, invites) for room in self.matrix.rooms}
         for room_id, inviter in sorted(invites.items()):
@@ -190,8 +195,8 @@ class MatrixChecks:
         room_id = room
         if room.startswith("#"):
             try:
-                room_id = hs.call("GET", f"/_matrix/client/v3/directory/room/{quoted(room)}",
-                                  token)["room_id"]
+                room_id = str(hs.call("GET", f"/_matrix/client/v3/directory/room/{quoted(room)}",
+                                      token).get("room_id", room))
             except MatrixError as exc:
                 if exc.status != 404:
                     raise

@@ -30,7 +30,7 @@ class StoreState:
     schema_version: int | None = None
     saved_user: str | None = None
     saved_token: str | None = None
-    holder_pid: int | None = None  # a live process named in the lock file
+    holder_pid: int | None = None  # the process holding the service's lock
 
 
 def probe(path: Path) -> StoreState:
@@ -86,10 +86,27 @@ def _connect_read_only(path: Path) -> sqlite3.Connection:
 
 
 def _lock_holder(path: Path) -> int | None:
-    """The pid the service wrote into its lock file, if that process is alive."""
+    """The pid holding the service's lock on `<db>.lock`, found without touching the lock."""
+    lock = path.with_name(path.name + ".lock")
     try:
-        text = path.with_name(path.name + ".lock").read_text(encoding="ascii").strip()
-        pid = int(text)
+        inode = lock.stat().st_ino
+    except OSError:
+        return None
+    try:
+        table = Path("/proc/locks").read_text(encoding="ascii")
+    except OSError:
+        return _pid_in_lock_file(lock)  # no /proc (not Linux): trust the pid it names
+    # "3: FLOCK  ADVISORY  WRITE 27162 fe:00:2163475 0 EOF": kind, ..., pid, dev:inode
+    for fields in (row.split() for row in table.splitlines()):
+        if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5].endswith(f":{inode}"):
+            with contextlib.suppress(ValueError):
+                return int(fields[4])
+    return None
+
+
+def _pid_in_lock_file(lock: Path) -> int | None:
+    try:
+        pid = int(lock.read_text(encoding="ascii").strip())
         os.kill(pid, 0)
     except PermissionError:
         return pid  # alive, under another user
