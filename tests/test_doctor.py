@@ -358,3 +358,22 @@ async def test_doctor_works_while_the_service_holds_the_store(deployment):
     _, lines = await asyncio.to_thread(doctor_lines, config_path)
     assert "pid" not in line(lines, "store:")  # the lock is free again
     assert "is free" in line(lines, "api:")
+
+
+def test_refused_access_token_falls_back_to_the_password(deployment):
+    config = deployment.write()
+    failed, lines = doctor_lines(config, MATRIXJOBS_ACCESS_TOKEN="syt_revoked_long_ago")
+    assert not failed, "\n".join(lines)
+    text = line(lines, "login:")
+    assert text.startswith("!") and "configured access token was refused" in text
+    assert "syt_revoked_long_ago" not in "\n".join(lines)
+
+
+def test_unix_socket_api_is_checked_without_creating_it(tmp_path):
+    config = tmp_path / "config.toml"
+    config.write_text('[api]\nlisten = "unix:run/api.sock"\n', encoding="utf-8")
+    (tmp_path / "run").mkdir()
+    failed, lines = doctor_lines(config)
+    assert not failed, "\n".join(lines)
+    assert "creates the socket at start" in line(lines, "api:")
+    assert list((tmp_path / "run").iterdir()) == []
