@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from matrixjobs import __version__
 from matrixjobs.config import Config, load_config
 from matrixjobs.console.commands import add_client_commands
+from matrixjobs.daemon import serve
 from matrixjobs.errors import ConfigError, MatrixJobsError
 from matrixjobs.queue.handlers import HandlerRegistry, load_user_handlers
 from matrixjobs.service import build_service
@@ -109,7 +110,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     for warning in config.warnings():
         logging.getLogger("matrixjobs").warning("%s", warning)
     try:
-        asyncio.run(app.run_until_signal())
+        asyncio.run(serve(app))
     except MatrixJobsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_ERROR

@@ -128,6 +128,7 @@ class QueueConfig(Section):
     default_timeout_s: Float = Field(default=3600.0, gt=0)
     lease_s: Float = Field(default=60.0, ge=1)
     kill_grace_s: Float = Field(default=10.0, ge=0)
+    shutdown_grace_s: Float = Field(default=30.0, ge=0)
     max_batch_size: Int = Field(default=50, ge=1, le=10_000)
 
 
