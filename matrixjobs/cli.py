@@ -14,6 +14,7 @@ from matrixjobs.config import Config, load_config
 from matrixjobs.console.commands import add_client_commands
 from matrixjobs.daemon import serve
 from matrixjobs.errors import ConfigError, MatrixJobsError
+from matrixjobs.logs import mask, setup_logging
 from matrixjobs.queue.handlers import HandlerRegistry, load_user_handlers
 from matrixjobs.service import build_service
 
@@ -103,6 +104,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     setup_logging(args.log_level)
     try:
         config = load_config(args.config)
+        mask(secret.get_secret_value() for secret in config.secrets())
         app = build_service(config)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -115,14 +117,3 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     return EXIT_OK
-
-
-def setup_logging(level: str) -> None:
-    # journald stamps every line itself; elsewhere, stamp them here.
-    stamp = "" if os.environ.get("JOURNAL_STREAM") else "%(asctime)s "
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format=f"{stamp}%(levelname)s %(name)s: %(message)s",
-    )
-    logging.getLogger("aiosqlite").setLevel(logging.WARNING)
-    logging.getLogger("uvicorn.error").setLevel(logging.WARNING)  # we log start/stop ourselves

@@ -311,6 +311,13 @@ class Config(Section):
         """The token every API request must carry: MATRIXJOBS_API_TOKEN, else [api] token."""
         return self._api_token or self.api.token
 
+    def secrets(self) -> list[SecretStr]:
+        """Every secret this config holds, for masking in logs."""
+        found = [self.api_token]
+        if self.matrix is not None:
+            found += [self.matrix.password, self.matrix.access_token]
+        return [secret for secret in found if secret is not None]
+
     def warnings(self) -> list[str]:
         """Problems that do not stop the service but will fail jobs or the bot."""
         found = []

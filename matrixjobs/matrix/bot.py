@@ -33,6 +33,7 @@ from nio import (
 from matrixjobs.app import App
 from matrixjobs.config import AccessConfig, MatrixConfig
 from matrixjobs.errors import AlreadySubmittedError, MatrixJobsError
+from matrixjobs.logs import mask
 from matrixjobs.matrix import render
 from matrixjobs.matrix.commands import Command, CommandSyntaxError, parse
 from matrixjobs.matrix.edits import EditScheduler, RateLimitedError, SendFailedError
@@ -207,6 +208,7 @@ class MatrixBot:
         if token is None and saved_user == config.user_id:
             token = await store.get_setting(SETTING_TOKEN)
         if token is not None:
+            mask([token])
             self.client.restore_login(config.user_id, device, token)
             whoami = await self.client.whoami()
             if isinstance(whoami, WhoamiResponse):
@@ -226,6 +228,7 @@ class MatrixBot:
         if not isinstance(response, LoginResponse):
             log.error("matrix: login as %s failed: %s", config.user_id, response)
             return False
+        mask([response.access_token])
         self._started_ms = _server_time_ms(response)
         await store.set_setting(SETTING_USER, config.user_id)
         await store.set_setting(SETTING_DEVICE, response.device_id)
