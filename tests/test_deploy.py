@@ -1,0 +1,145 @@
+"""deploy/: the systemd unit passes systemd's own checks and agrees with the config defaults.
+
+systemd is not PID 1 on the test machines, so the unit is verified, not started.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from matrixjobs.config import SECRET_ENV, QueueConfig
+
+DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
+UNIT = DEPLOY / "matrixjobs.service"
+# The most time the bot spends flushing final edits on shutdown (shutdown contract).
+EDIT_FLUSH_S = 10.0
+# Exposure is systemd-analyze's 0-10 score in tenths; the unit scores 1.5 today.
+MAX_EXPOSURE = 20
+
+needs_systemd_analyze = pytest.mark.skipif(
+    shutil.which("systemd-analyze") is None,
+    reason="systemd-analyze not installed (.ci/run installs it with apt-get)",
+)
+
+
+def service_settings(text: str) -> dict[str, str]:
+    """[Service] Key=Value lines; a repeated key keeps its last value, as systemd mostly does."""
+    settings: dict[str, str] = {}
+    section = ""
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("["):
+            section = line
+        elif section == "[Service]":
+            key, _, value = line.partition("=")
+            settings[key.strip()] = value.strip()
+    return settings
+
+
+def seconds(timespan: str) -> float:
+    match = re.fullmatch(r"(\d+)(s|min)?", timespan)
+    assert match, f"write {timespan!r} as plain seconds or Nmin for this test"
+    return int(match[1]) * (60 if match[2] == "min" else 1)
+
+
+def unit_for_this_machine(tmp_path: Path) -> Path:
+    """The unit with ExecStart on this venv's real `matrixjobs` (verify checks it exists)."""
+    script = Path(sys.executable).parent / "matrixjobs"
+    assert script.is_file(), f"{script} missing: install the package into this venv"
+    text = UNIT.read_text(encoding="utf-8")
+    exec_start = service_settings(text)["ExecStart"]
+    program = exec_start.split()[0]
+    unit = tmp_path / UNIT.name
+    unit.write_text(text.replace(f"ExecStart={program} ", f"ExecStart={script} "),
+                    encoding="utf-8")
+    return unit
+
+
+def verify(unit: Path) -> tuple[int, list[str]]:
+    """systemd-analyze verify: the exit status and the stderr lines about this unit."""
+    result = subprocess.run(
+        ["systemd-analyze", "verify", "--man=no", str(unit)],
+        capture_output=True, text=True, timeout=60, cwd=unit.parent,
+    )
+    # Other units on the machine may have their own complaints; only ours matter.
+    ours = [line for line in result.stderr.splitlines() if unit.name in line]
+    return result.returncode, ours
+
+
+@needs_systemd_analyze
+def test_unit_passes_systemd_analyze_verify(tmp_path):
+    status, complaints = verify(unit_for_this_machine(tmp_path))
+    assert status == 0, complaints
+    assert complaints == []
+
+
+@needs_systemd_analyze
+def test_verify_reports_a_misspelled_key(tmp_path):
+    """Unknown keys only warn (exit 0): the check above must read stderr to catch them."""
+    unit = unit_for_this_machine(tmp_path)
+    unit.write_text(unit.read_text(encoding="utf-8").replace("KillMode=", "KilMode="),
+                    encoding="utf-8")
+    status, complaints = verify(unit)
+    assert status == 0
+    assert any("Unknown key 'KilMode'" in line for line in complaints), complaints
+
+
+@needs_systemd_analyze
+def test_unit_sandbox_keeps_exposure_low(tmp_path):
+    result = subprocess.run(
+        ["systemd-analyze", "security", "--offline=true", f"--threshold={MAX_EXPOSURE}",
+         "--no-pager", str(unit_for_this_machine(tmp_path))],
+        capture_output=True, text=True, timeout=60,
+    )
+    score = re.search(r"Overall exposure level for \S+: (\S+)", result.stdout)
+    assert score, result.stdout + result.stderr
+    assert result.returncode == 0, f"exposure {score[1]} is above {MAX_EXPOSURE / 10}"
+
+
+def test_stop_timeout_covers_the_shutdown_grace():
+    """SIGKILL must not cut off the graceful stop: grace, then kill grace, then edit flush."""
+    settings = service_settings(UNIT.read_text(encoding="utf-8"))
+    queue = QueueConfig()
+    # shutdown_grace_s arrives with the lead's shutdown work; 30 s is its documented default.
+    shutdown_grace_s = getattr(queue, "shutdown_grace_s", 30.0)
+    needed = shutdown_grace_s + queue.kill_grace_s + EDIT_FLUSH_S
+    assert settings["KillMode"] == "mixed"  # else systemd SIGTERMs the targets itself
+    assert seconds(settings["TimeoutStopSec"]) >= needed + 5, (
+        f"TimeoutStopSec={settings['TimeoutStopSec']} leaves no margin over {needed:.0f} s"
+    )
+
+
+def test_env_example_names_only_secrets_the_config_reads():
+    text = (DEPLOY / "matrixjobs.env.example").read_text(encoding="utf-8")
+    names = re.findall(r"^#? ?(MATRIXJOBS_\w+)=", text, re.MULTILINE)
+    assert sorted(names) == sorted(SECRET_ENV)
+
+
+@pytest.mark.skipif(shutil.which("systemd-sysusers") is None or os.geteuid() != 0,
+                    reason="needs systemd-sysusers and root (it chowns the files it writes)")
+def test_sysusers_creates_the_units_user_with_the_state_directory_as_home(tmp_path):
+    (tmp_path / "etc").mkdir()
+    config = DEPLOY / "matrixjobs.sysusers.conf"
+    with config.open(encoding="utf-8") as stdin:
+        subprocess.run(["systemd-sysusers", f"--root={tmp_path}", "-"], stdin=stdin,
+                       check=True, capture_output=True, timeout=60)
+    settings = service_settings(UNIT.read_text(encoding="utf-8"))
+    users = {
+        fields[0]: fields
+        for fields in (line.split(":") for line in
+                       (tmp_path / "etc/passwd").read_text(encoding="utf-8").splitlines())
+    }
+    user = users[settings["User"]]
+    groups = (tmp_path / "etc/group").read_text(encoding="utf-8")
+    assert re.search(rf"^{settings['Group']}:x:{user[3]}:", groups, re.MULTILINE)
+    assert user[5] == f"/var/lib/{settings['StateDirectory']}"
+    assert user[6].endswith("nologin")
