@@ -33,6 +33,7 @@ from matrixjobs.config import QueueConfig
 from matrixjobs.errors import (
     AlreadyFinishedError,
     BadBatchError,
+    JobFailedError,
     MatrixJobsError,
     NotFoundError,
     PermanentJobError,
@@ -332,6 +333,9 @@ class JobQueue:
             return self._failure(job, f"timed out after {job.timeout_s:g}s", retryable=True)
         except (PermanentJobError, UnknownJobTypeError) as exc:
             return self._failure(job, str(exc), retryable=False)
+        except JobFailedError as exc:  # an expected failure (exit code, …): no traceback
+            log.info("job %s (%s) failed: %s", job.id, job.name, str(exc).partition("\n")[0])
+            return self._failure(job, str(exc), retryable=True)
         except BaseException as exc:  # SystemExit from a handler must not stop the service
             log.info("job %s (%s) failed: %r", job.id, job.name, exc, exc_info=exc)
             return self._failure(job, _describe(exc), retryable=True)
