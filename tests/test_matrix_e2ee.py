@@ -4,6 +4,7 @@ client (matrix-nio with the e2e extra) encrypts commands and decrypts the bot's 
 from __future__ import annotations
 
 import asyncio
+import logging
 import stat
 import time
 from collections.abc import Callable
@@ -12,6 +13,7 @@ from typing import Any
 import pytest
 from helpers import make_config, python_target
 from matrix_people import BotMessage, EncryptedPerson
+from nio import ToDeviceMessage, ToDeviceResponse
 
 from matrixjobs.app import App
 from matrixjobs.service import build_service
@@ -173,5 +175,43 @@ async def test_a_command_whose_key_never_comes_gets_a_notice_and_starts_nothing(
         assert notice.original["content"]["msgtype"] == "m.notice"
         assert str(app.components[0].client.device_id) in notice.current
         assert await app.jobs() == [] and await app.batches() == []
+    finally:
+        await app.stop()
+
+
+async def test_a_command_is_run_once_when_its_key_arrives_late(encrypted, caplog):
+    scene = encrypted
+    caplog.set_level(logging.INFO, logger="matrixjobs.matrix")
+    app = await start_bot(scene.config(decrypt_timeout_s=60))
+    try:
+        await scene.open_room()
+        alice = scene.alice
+        assert alice is not None
+        # Alice's client shares the room key with nobody, and keeps a copy for later.
+        await alice.blacklist(scene.bot_id)
+        await alice.client.share_group_session(scene.room)
+        session = alice.client.olm.outbound_group_sessions[scene.room]
+        room_key = {"algorithm": "m.megolm.v1.aes-sha2", "room_id": scene.room,
+                    "session_id": session.id, "session_key": session.session_key}
+        command = await alice.send(scene.room, "!build quick")
+        deadline = time.monotonic() + 30
+        while f"cannot decrypt {command}" not in caplog.text:
+            assert time.monotonic() < deadline, "the bot never noticed the message"
+            await asyncio.sleep(0.2)
+
+        # Now the key arrives, as a delayed to-device message would bring it.
+        (device,) = await alice.devices_of(scene.bot_id)
+        if alice.client.olm.session_store.get(device.curve25519) is None:
+            await alice.client.keys_claim({scene.bot_id: [device.id]})
+        olm_session = alice.client.olm.session_store.get(device.curve25519)
+        content = alice.client.olm._olm_encrypt(olm_session, device, "m.room_key", room_key)
+        sent = await alice.client.to_device(
+            ToDeviceMessage("m.room.encrypted", scene.bot_id, device.id, content))
+        assert isinstance(sent, ToDeviceResponse), sent
+
+        message = await scene.reply_to(command, finished)
+        assert message.current.startswith("✅") and "quick" in message.current
+        assert f"decrypted {command}" in caplog.text
+        assert len(await app.jobs()) == 1
     finally:
         await app.stop()
