@@ -376,7 +376,7 @@ class MatrixBot:
     async def _on_message(self, room_id: str, event: RoomMessageText) -> None:
         if not self._is_new(event):
             return
-        if not self.crypto.accepts(event):
+        if not await self.crypto.accepts(event):
             log.warning("matrix: ignoring %s from %s in %s: its device is not trusted "
                         "(trust = %s)", event.event_id, event.sender, room_id, self.crypto.trust)
             return

@@ -148,15 +148,19 @@ class Crypto:
                 if self.trust is not Trust.ALL:
                     self.client.blacklist_device(known)
 
-    def accepts(self, event: Event) -> bool:
-        """May a decrypted command be acted on, given who encrypted it?"""
+    async def accepts(self, event: Event) -> bool:
+        """May a decrypted command be acted on, given the device that encrypted it?"""
         if not getattr(event, "decrypted", False) or self.trust is Trust.ALL:
             return True
-        if self.trust is Trust.VERIFIED:
+        if event.verified or self.trust is Trust.VERIFIED:
             return bool(event.verified)
         device = self._device_of(event.sender, event.sender_key)
-        return device is None or self.client.olm is None or not (
-            self.client.olm.is_device_blacklisted(device))
+        if device is None and self.client.should_query_keys:
+            await self.query_keys()  # a device not met yet: meet it (and trust it, TOFU)
+            device = self._device_of(event.sender, event.sender_key)
+        # Unknown still (a key swapped under a known device id), or blacklisted: refused.
+        return (device is not None and self.client.olm is not None
+                and self.client.olm.is_device_verified(device))
 
     def _device_of(self, user_id: str, curve_key: str | None) -> OlmDevice | None:
         store = self.client.device_store
