@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import time
 from collections.abc import AsyncIterator, Sequence
 from types import TracebackType
 from typing import Protocol
 
 from matrixjobs.config import Config
-from matrixjobs.errors import NotFoundError
+from matrixjobs.errors import NotFoundError, ShuttingDownError
 from matrixjobs.models import BATCH_PREFIX, Batch, Job, ProgressMessage, Status, parse_id
 from matrixjobs.progress.events import JobProgressEvent, event_of
 from matrixjobs.progress.monitor import ProgressMonitor
@@ -37,6 +36,9 @@ class Component(Protocol):
 
     async def start(self) -> None: ...
 
+    async def ready(self) -> None:
+        """Return once the component serves (the bot has synced, the API listens)."""
+
     async def stop(self) -> None: ...
 
 
@@ -50,9 +52,8 @@ class App:
         self.config = config
         self.targets = Targets(config.targets)
         self.handlers = handlers or HandlerRegistry()
-        self.handlers.register(
-            COMMAND_TYPE, CommandHandler(self.targets, config.queue.kill_grace_s)
-        )
+        self._commands = CommandHandler(self.targets, config.queue.kill_grace_s)
+        self.handlers.register(COMMAND_TYPE, self._commands)
         load_user_handlers(config, self.handlers)
         self.store = store or create_store(config.store)
         self.monitor = ProgressMonitor(config.progress.interval_ms)
@@ -60,6 +61,7 @@ class App:
         self.components: list[Component] = []
         self._supervisor = Supervisor()
         self._started = False
+        self._accepting = False
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -71,6 +73,7 @@ class App:
             await self.store.close()
             raise
         self._started = True
+        self._accepting = True
         self._supervisor.keep("progress-monitor", self.monitor.run)
         self._supervisor.every("lease-heartbeat", self.config.queue.lease_s / 3,
                                self.queue.heartbeat)
@@ -82,20 +85,39 @@ class App:
                  self.config.store.path, self.config.queue.workers,
                  ", ".join(self.targets.names()) or "none")
 
+    async def ready(self) -> None:
+        """Return once every component serves."""
+        await asyncio.gather(*(component.ready() for component in self.components))
+
+    @property
+    def accepting(self) -> bool:
+        return self._accepting
+
     async def stop(self, grace_s: float = 0.0) -> None:
+        """Take no new work; give running jobs `grace_s` to finish (the interfaces keep
+        showing their progress meanwhile), requeue the rest, then stop the interfaces."""
         if not self._started:
             return
         self._started = False
+        self._accepting = False
+        running = self.queue.running_count
+        if running and grace_s > 0:
+            log.info("stopping: %d running jobs get up to %.0fs to finish", running, grace_s)
+        await self.queue.stop(grace_s)
+        self.monitor.tick()  # publish the final and requeued states before the interfaces go
         for component in reversed(self.components):
             try:
                 await component.stop()
             except Exception:
                 log.exception("stopping %r failed", component)
-        await self.queue.stop(grace_s)
-        self.monitor.tick()  # flush the latest progress to subscribers
         await self._supervisor.stop()
         await self.store.close()
         log.info("matrixjobs stopped")
+
+    def kill_jobs(self) -> None:
+        """Kill every job subprocess at once: for a second stop signal, which exits
+        without waiting for anything."""
+        self._commands.kill_all()
 
     async def __aenter__(self) -> App:
         await self.start()
@@ -108,29 +130,6 @@ class App:
         tb: TracebackType | None,
     ) -> None:
         await self.stop()
-
-    async def run_until_signal(self) -> None:
-        """Run until SIGTERM or SIGINT; a second signal stops at once."""
-        loop = asyncio.get_running_loop()
-        stop = asyncio.Event()
-
-        def on_signal(signum: int) -> None:
-            if stop.is_set():
-                log.warning("second %s: exiting now", signal.Signals(signum).name)
-                raise SystemExit(1)  # SQLite's journal keeps the store consistent
-            log.info("%s: shutting down", signal.Signals(signum).name)
-            stop.set()
-
-        # Handlers first: a signal that arrives while starting still means "stop cleanly".
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, on_signal, sig)
-        try:
-            await self.start()
-            await stop.wait()
-        finally:
-            await self.stop()
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.remove_signal_handler(sig)
 
     async def purge(self) -> None:
         cutoff = time.time() - self.config.store.retention_days * 86400
@@ -146,6 +145,7 @@ class App:
     ) -> Job:
         """Queue a configured target. `dedupe_key` makes a repeated request raise
         AlreadySubmittedError; `show` records where its progress will be shown."""
+        self._check_accepting()
         spec = self.targets.spec(target, list(args))
         [job] = await self.queue.enqueue_many([spec], dedupe_key, show)
         return job
@@ -154,10 +154,15 @@ class App:
         self, targets: Sequence[str], name: str | None = None, dedupe_key: str | None = None,
         show: ProgressMessage | None = None,
     ) -> Batch:
+        self._check_accepting()
         specs = [self.targets.spec(target) for target in targets]
         batch, _ = await self.queue.enqueue_batch(name or " ".join(targets), specs, dedupe_key,
                                                   show)
         return batch
+
+    def _check_accepting(self) -> None:
+        if not self._accepting:
+            raise ShuttingDownError("matrixjobs is shutting down; send it again once it is back")
 
     async def cancel(self, subject: str) -> Job | Batch:
         return await self.queue.cancel(subject)

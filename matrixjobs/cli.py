@@ -12,7 +12,10 @@ from collections.abc import Sequence
 from matrixjobs import __version__
 from matrixjobs.config import Config, load_config
 from matrixjobs.console.commands import add_client_commands
+from matrixjobs.daemon import serve
 from matrixjobs.errors import ConfigError, MatrixJobsError
+from matrixjobs.logs import mask, setup_logging
+from matrixjobs.ops.commands import add_ops_commands
 from matrixjobs.queue.handlers import HandlerRegistry, load_user_handlers
 from matrixjobs.service import build_service
 
@@ -42,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(handler=cmd_check_config)
 
     add_client_commands(commands)  # status, submit, batch, cancel, jobs: via the HTTP API
+    add_ops_commands(commands)  # init, doctor
 
     mcp = commands.add_parser(
         "mcp", help="MCP server on stdio (for an MCP client to launch), via the service's API",
@@ -102,6 +106,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     setup_logging(args.log_level)
     try:
         config = load_config(args.config)
+        mask(secret.get_secret_value() for secret in config.secrets())
         app = build_service(config)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -109,19 +114,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     for warning in config.warnings():
         logging.getLogger("matrixjobs").warning("%s", warning)
     try:
-        asyncio.run(app.run_until_signal())
+        asyncio.run(serve(app))
     except MatrixJobsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     return EXIT_OK
-
-
-def setup_logging(level: str) -> None:
-    # journald stamps every line itself; elsewhere, stamp them here.
-    stamp = "" if os.environ.get("JOURNAL_STREAM") else "%(asctime)s "
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format=f"{stamp}%(levelname)s %(name)s: %(message)s",
-    )
-    logging.getLogger("aiosqlite").setLevel(logging.WARNING)
-    logging.getLogger("uvicorn.error").setLevel(logging.WARNING)  # we log start/stop ourselves

@@ -138,6 +138,7 @@ class QueueConfig(Section):
     default_timeout_s: Float = Field(default=3600.0, gt=0)
     lease_s: Float = Field(default=60.0, ge=1)
     kill_grace_s: Float = Field(default=10.0, ge=0)
+    shutdown_grace_s: Float = Field(default=30.0, ge=0)
     max_batch_size: Int = Field(default=50, ge=1, le=10_000)
 
 
@@ -319,6 +320,13 @@ class Config(Section):
     def api_token(self) -> SecretStr | None:
         """The token every API request must carry: MATRIXJOBS_API_TOKEN, else [api] token."""
         return self._api_token or self.api.token
+
+    def secrets(self) -> list[SecretStr]:
+        """Every secret this config holds, for masking in logs."""
+        found = [self.api_token]
+        if self.matrix is not None:
+            found += [self.matrix.password, self.matrix.access_token]
+        return [secret for secret in found if secret is not None]
 
     def warnings(self) -> list[str]:
         """Problems that do not stop the service but will fail jobs or the bot."""

@@ -62,3 +62,7 @@ class AlreadySubmittedError(MatrixJobsError):
         super().__init__(f"already submitted as {subject_id or 'a job'}")
         self.key = key
         self.subject_id = subject_id
+
+
+class ShuttingDownError(MatrixJobsError):
+    """The service is stopping and takes no new work."""

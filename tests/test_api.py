@@ -23,6 +23,7 @@ from matrixjobs.api import ApiServer
 from matrixjobs.app import App
 from matrixjobs.errors import ConfigError, MatrixJobsError
 from matrixjobs.service import build_service
+from matrixjobs.store.sqlite import SqliteStore
 
 TOKEN = "s3cret-api-token"
 
@@ -536,6 +537,29 @@ async def test_stopping_the_service_ends_open_streams_cleanly(svc):
     assert time.monotonic() - began < 4.0
     assert all(event["id"] == job_id for event in rest)
     assert svc.app.monitor.subscriber_count == 0
+
+
+async def test_while_stopping_submits_get_503_and_the_running_job_is_still_followed(svc):
+    async with svc.client() as client:
+        job_id = await submit(client, "count", "40")  # 0.8 s of work
+        await started(svc.app, job_id)
+        stopping = asyncio.ensure_future(svc.app.stop(grace_s=20))
+        await asyncio.sleep(0.1)
+        refused = await client.post("/v1/jobs", json={"target": "quick"})
+        assert refused.status_code == 503
+        assert refused.json()["error"]["message"] == (
+            "matrixjobs is shutting down; send it again once it is back")
+        batch = await client.post("/v1/batches", json={"targets": ["quick"]})
+        assert batch.status_code == 503
+        state = (await client.get(f"/v1/status/{job_id}")).json()
+        assert state["status"] == "processing"  # the API keeps answering during the grace
+        await stopping
+    store = SqliteStore(svc.app.config.store.path)
+    await store.open()
+    try:
+        assert (await store.get_job(job_id)).status == "completed"  # finished within the grace
+    finally:
+        await store.close()
 
 
 # -- room for more (MCP will be mounted at /mcp) ------------------------------------------------

@@ -14,10 +14,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from service_process import EXIT_TIMEOUT_S, STARTUP_TIMEOUT_S, Service, child_env
 
 PYTHON = json.dumps(sys.executable)  # a TOML string naming this interpreter
-STARTUP_TIMEOUT_S = 15.0
-EXIT_TIMEOUT_S = 10.0
 
 GOOD_CONFIG = f"""
     [store]
@@ -35,14 +34,6 @@ GOOD_CONFIG = f"""
     [targets.hello]
     command = [{PYTHON}, "-c", "print('hello')"]
 """
-
-
-def child_env() -> dict[str, str]:
-    """The real environment without anything that would change the CLI's behaviour."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("MATRIXJOBS_") and k not in ("STATE_DIRECTORY", "JOURNAL_STREAM")}
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
 
 
 def cli(cwd: Path, *args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
@@ -63,43 +54,6 @@ def assert_clean_error(result: subprocess.CompletedProcess[str]) -> None:
     assert result.returncode == 1, result.stderr
     assert result.stderr.startswith("error:"), result.stderr
     assert "Traceback" not in result.stderr
-
-
-class Service:
-    """A `matrixjobs run` child whose stderr goes to a file we can poll."""
-
-    def __init__(self, cwd: Path, config: Path, log_name: str = "service.log") -> None:
-        self.log_path = cwd / log_name
-        self._log = open(self.log_path, "w", encoding="utf-8")  # noqa: SIM115 - closed in stop
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "matrixjobs", "run", "--config", str(config)],
-            cwd=cwd, env=child_env(), stdout=subprocess.DEVNULL, stderr=self._log, text=True,
-        )
-
-    @property
-    def log(self) -> str:
-        return self.log_path.read_text(encoding="utf-8")
-
-    def wait_for_log(self, text: str, timeout: float = STARTUP_TIMEOUT_S) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if text in self.log:
-                return
-            if self.process.poll() is not None:
-                pytest.fail(f"exited with {self.process.returncode} before {text!r}:\n{self.log}")
-            time.sleep(0.02)
-        pytest.fail(f"no {text!r} within {timeout} s:\n{self.log}")
-
-    def wait_until_started(self) -> None:
-        self.wait_for_log("matrixjobs started")
-        # "matrixjobs started" is logged just before the signal handlers are installed.
-        time.sleep(0.2)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(timeout=EXIT_TIMEOUT_S)
-        self._log.close()
 
 
 @pytest.fixture

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import itertools
+import time
 
 from matrixjobs.matrix.edits import EditScheduler, RateLimitedError, SendFailedError
 from matrixjobs.matrix.ratelimit import TokenBucket
+from matrixjobs.matrix.render import render_error
 from matrixjobs.models import Job, ProgressMessage, Status
 from matrixjobs.progress.events import ProgressInfo, job_event
 
@@ -297,3 +299,37 @@ async def test_reply_queue_is_bounded(store, caplog):
     for n in range(80):
         sched.reply("!room", f"$x{n}", sched._render(state(clock), clock.now))
     assert sched.backlog == 50 and "dropping one" in caplog.text
+
+
+async def test_flush_sends_every_latest_state_and_reply_at_once(store):
+    """At shutdown nothing waits for the interval: first messages, progress, finals, replies."""
+    sched, sender, clock = scheduler(store, rate=0, interval=5.0)
+    for number in (1, 2):
+        sched.track("!room", "@alice:x", f"$cmd{number}",
+                    state(clock, Status.PENDING, job_id=f"j{number}"))
+    clock.now += 5
+    await drain(sched, clock, clock.now + 0.01)
+    assert len(sender.sent) == 2
+    sched.update(state(clock, current=4, job_id="j1"))
+    sched.update(state(clock, Status.COMPLETED, current=10, job_id="j2"))
+    sched.track("!room", "@alice:x", "$cmd3", state(clock, Status.PENDING, job_id="j3"))
+    sched.reply("!room", "$cmd4", render_error("matrixjobs is shutting down"))
+    assert await sched.flush(1.0) == 0
+    bodies = [content.get("m.new_content", content)["body"] for _, _, content in sender.sent[2:]]
+    assert len(bodies) == 4, bodies
+    assert any("4/10" in body for body in bodies)
+    assert any(body.startswith("✅") for body in bodies)
+    assert any("shutting down" in body for body in bodies)
+    assert sched.backlog == 0
+
+
+async def test_flush_gives_up_at_its_timeout_and_says_what_is_left(store):
+    sched, sender, clock = scheduler(store, rate=0.2, burst=2, interval=0.5)  # one token
+    for number in (1, 2, 3):
+        sched.track("!room", "@alice:x", f"$cmd{number}",
+                    state(clock, Status.COMPLETED, current=10, job_id=f"j{number}"))
+    began = time.monotonic()
+    assert await sched.flush(0.3) == 2  # the fake clock stands still: no refill
+    assert time.monotonic() - began < 1.0
+    assert len(sender.sent) == 1
+    assert sender.sent[0][2]["m.relates_to"]["m.in_reply_to"]["event_id"] == "$cmd1"

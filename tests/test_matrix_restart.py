@@ -1,4 +1,5 @@
-"""Kill -9 the real service mid-job: after a restart the same message reaches its final state."""
+"""The real service stopped mid-job (SIGTERM or kill -9): the same message reaches its final
+state, before the exit or after the restart."""
 
 from __future__ import annotations
 
@@ -28,7 +29,8 @@ for i in range(1, 11):
 """
 
 
-def write_config(directory: Path, homeserver: str, bot: str, alice: str) -> Path:
+def write_config(directory: Path, homeserver: str, bot: str, alice: str,
+                 grace_s: float = 30) -> Path:
     (directory / "slow.py").write_text(SLOW)
     config = directory / "config.toml"
     config.write_text(textwrap.dedent(f"""
@@ -40,6 +42,9 @@ def write_config(directory: Path, homeserver: str, bot: str, alice: str) -> Path
         allowed_users = ["{alice}"]
         [store]
         path = "state/jobs.db"
+        [queue]
+        shutdown_grace_s = {grace_s}
+        kill_grace_s = 2
         [progress]
         interval_ms = 200
         [api]
@@ -145,3 +150,72 @@ def test_job_queued_before_a_crash_gets_its_message_after_restart(synapse, tmp_p
     finally:
         service.send_signal(signal.SIGTERM)
         assert service.wait(20) == 0
+
+
+def test_sigterm_mid_job_finishes_it_and_the_message_before_exiting(synapse, tmp_path):
+    """Within the grace period the job completes, its final edit is sent before the
+    process exits, and a command that arrives meanwhile is refused with a reply."""
+    bot = synapse.register("gracebot", password="bot-password")["user_id"]
+    alice = Person.register(synapse, "gracealice")
+    room = alice.create_room([bot])
+    config = write_config(tmp_path, synapse.base_url, bot, alice.user_id, grace_s=30)
+    service = start(config)
+    try:
+        wait_for(lambda: bot in alice.members(room))
+        command = alice.send(room, "!build slow")
+        wait_for(lambda: [m for m in bot_messages(alice.timeline(room), bot)[0]
+                          if m.reply_to == command and m.current.startswith("🔄")])
+        service.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        late = alice.send(room, "!build slow")
+        assert service.wait(30) == 0
+    finally:
+        if service.poll() is None:
+            service.kill()
+    # No restart: everything below was sent by the stopping service.
+    messages, strays = bot_messages(alice.timeline(room), bot)
+    [done] = [m for m in messages if m.reply_to == command]
+    assert done.current.startswith("✅") and "100%" in done.current
+    [refusal] = [m for m in messages if m.reply_to == late]
+    assert "shutting down" in refusal.current
+    assert strays == []
+    assert len((tmp_path / "pids.txt").read_text().split()) == 1
+    log = (tmp_path / "service.log").read_text()
+    assert "bot-password" not in log
+
+
+def test_sigterm_past_the_grace_period_shows_the_requeue_then_finishes(synapse, tmp_path):
+    bot = synapse.register("requeuebot", password="bot-password")["user_id"]
+    alice = Person.register(synapse, "requeuealice")
+    room = alice.create_room([bot])
+    config = write_config(tmp_path, synapse.base_url, bot, alice.user_id, grace_s=0.2)
+
+    def message_for(command):
+        [message] = [m for m in bot_messages(alice.timeline(room), bot)[0]
+                     if m.reply_to == command]
+        return message
+
+    service = start(config)
+    try:
+        wait_for(lambda: bot in alice.members(room))
+        command = alice.send(room, "!build slow")
+        wait_for(lambda: [m for m in bot_messages(alice.timeline(room), bot)[0]
+                          if m.reply_to == command and m.current.startswith("🔄")])
+        service.send_signal(signal.SIGTERM)
+        assert service.wait(30) == 0
+    finally:
+        if service.poll() is None:
+            service.kill()
+    stopped = message_for(command)
+    assert stopped.current.startswith("⏳"), stopped.current
+    assert "runs again" in stopped.current
+
+    service = start(config)
+    try:
+        done = wait_for(lambda: message_for(command).current.startswith("✅")
+                        and message_for(command))
+        assert done.event_id == stopped.event_id
+    finally:
+        service.send_signal(signal.SIGTERM)
+        assert service.wait(20) == 0
+    assert len((tmp_path / "pids.txt").read_text().split()) == 2

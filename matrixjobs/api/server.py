@@ -180,6 +180,9 @@ class ApiServer:
         auth = "token required" if self.token is not None else "no token"
         log.info("API listening on %s (%s)", describe(self.address), auth)
 
+    async def ready(self) -> None:
+        """Nothing to wait for: `start()` returns once the socket listens."""
+
     async def _serve(self, server: EmbeddedServer, sock: socket.socket, asgi: Starlette) -> None:
         try:
             async with asgi.router.lifespan_context(asgi):

@@ -38,6 +38,7 @@ from nio import (
 from matrixjobs.app import App
 from matrixjobs.config import AccessConfig, MatrixConfig
 from matrixjobs.errors import AlreadySubmittedError, MatrixJobsError
+from matrixjobs.logs import mask
 from matrixjobs.matrix import render
 from matrixjobs.matrix.commands import Command, CommandSyntaxError, parse
 from matrixjobs.matrix.crypto import Crypto, Trust, Undecryptable, open_store_dir
@@ -56,6 +57,8 @@ SYNC_FILTER = {"room": {"timeline": {"limit": 50}}}
 GAP_LIMIT = 200
 DENIED_REPLY_EVERY_S = 300.0
 MAX_BACKOFF_S = 60.0
+# At shutdown, how long the last states may take to send (daemon.STOP_SLACK_S covers it).
+FLUSH_S = 10.0
 PERMANENT_ERRORS = frozenset({"M_FORBIDDEN", "M_NOT_FOUND", "M_TOO_LARGE", "M_BAD_JSON"})
 SETTING_USER = "matrix.user_id"
 SETTING_DEVICE = "matrix.device_id"
@@ -162,13 +165,27 @@ class MatrixBot:
         self._events = self.app.monitor.subscribe()
         self._tasks.append(asyncio.create_task(self._main(), name="matrix-bot"))
 
+    async def ready(self) -> None:
+        await self.synced.wait()
+
     async def stop(self) -> None:
+        """Called once the queue has stopped: the states left to show are final (or
+        requeued), so send them now rather than after the next start."""
         tasks = [*self._tasks, *self._handling]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await self._supervisor.stop()
         if self._events is not None:
+            if self.synced.is_set():
+                for event in self._events.take_all():
+                    if self.scheduler.tracks(event.id):
+                        self.scheduler.update(event)
+                left = await self.scheduler.flush(FLUSH_S)
+                if left:
+                    log.warning("matrix: %d messages or replies not sent before stopping; "
+                                "the messages are brought up to date after the next start",
+                                left)
             self._events.close()
         self._tasks.clear()
         await self.client.close()
@@ -212,6 +229,7 @@ class MatrixBot:
         if token is None and saved_user == config.user_id:
             token = await store.get_setting(SETTING_TOKEN)
         if token is not None:
+            mask([token])
             self.client.access_token = token
             whoami = await self.client.whoami()
             if isinstance(whoami, WhoamiResponse):
@@ -233,6 +251,7 @@ class MatrixBot:
         if not isinstance(response, LoginResponse):
             log.error("matrix: login as %s failed: %s", config.user_id, response)
             return False
+        mask([response.access_token])
         self._started_ms = _server_time_ms(response)
         await store.set_setting(SETTING_USER, config.user_id)
         await store.set_setting(SETTING_DEVICE, response.device_id)

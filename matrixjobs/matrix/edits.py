@@ -35,6 +35,7 @@ HTML = "org.matrix.custom.html"
 MAX_REPLIES = 50
 MAX_BACKOFF_S = 60.0
 RATE_WARNING_EVERY_S = 60.0
+FLUSH_POLL_S = 0.05  # while flushing, the shortest wait for budget or after a failed send
 
 
 class RateLimitedError(Exception):
@@ -159,6 +160,7 @@ class EditScheduler:
         self._paused_until = 0.0
         self._backoff = 1.0
         self._warned_at = float("-inf")
+        self._flushing = False
         self.sent = 0
 
     # -- what the bot tells us ------------------------------------------------------------
@@ -220,6 +222,29 @@ class EditScheduler:
         await self._send(choice)
         return True
 
+    async def flush(self, timeout_s: float) -> int:
+        """At shutdown: send every message's latest state and every reply now, as fast as
+        the budget allows, for up to `timeout_s` (call it with `run` stopped). Returns the
+        sends left over; the messages among them are brought up to date after the next start."""
+        self._flushing = True
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                while True:
+                    if await self.send_next():
+                        continue
+                    if not self._anything_due():
+                        break
+                    wait = max(self._paused_until - self._monotonic(),
+                               self.bucket.seconds_until(1))
+                    await asyncio.sleep(max(wait, FLUSH_POLL_S))
+        return self.backlog
+
+    def _anything_due(self) -> bool:
+        now = self._monotonic()
+        return bool(self._replies) or any(
+            (slot.dirty and slot.latest.terminal) or self._first_due(slot, now)
+            or self._progress_due(slot, now) for slot in self._slots.values())
+
     async def _wait(self, timeout: float | None) -> None:
         self._changed.clear()
         if timeout is not None and timeout <= 0:
@@ -250,18 +275,19 @@ class EditScheduler:
 
     def _reserve(self) -> int:
         """Sends kept back so that every live message's final edit can go at once."""
-        if self.bucket.unlimited:
+        if self.bucket.unlimited or self._flushing:
             return 0
         return min(len(self._slots), self.bucket.burst - 1)
 
     def _first_due(self, slot: Slot, now: float) -> bool:
         """A first message waits one interval: a job quicker than that needs a single
         event (its final state), and a started one never shows "queued"."""
-        return slot.event_id is None and now - slot.tracked_at >= self.interval_s
+        return slot.event_id is None and (self._flushing
+                                          or now - slot.tracked_at >= self.interval_s)
 
     def _progress_due(self, slot: Slot, now: float) -> bool:
         return (slot.dirty and slot.event_id is not None
-                and now - slot.last_sent >= self.interval_s
+                and (self._flushing or now - slot.last_sent >= self.interval_s)
                 and slot.edits < self.max_edits - 1)  # the last edit is the final one's
 
     def _next_wake(self) -> float | None:

@@ -126,6 +126,7 @@ class CommandHandler:
     def __init__(self, targets: Targets, kill_grace_s: float = 10.0) -> None:
         self.targets = targets
         self.kill_grace_s = kill_grace_s
+        self._groups: set[int] = set()  # process groups of the running targets
 
     async def run(self, job: Job, progress: ProgressReporter) -> dict[str, Any]:
         name = str(job.data.get("target"))
@@ -142,14 +143,21 @@ class CommandHandler:
         process = await self._spawn(argv, target, job)
         parser = OutputParser(progress, re.compile(target.progress_regex)
                               if target.progress_regex else None)
+        self._groups.add(process.pid)
         try:
             returncode = await self._collect(process, parser)
         except BaseException:
             await self._terminate(process)
             raise
+        finally:
+            self._groups.discard(process.pid)
         if returncode != 0:
             raise CommandFailedError(returncode, list(parser.tail))
         return {"exitCode": 0, "output": list(parser.tail)[-5:]}
+
+    def kill_all(self) -> None:
+        for pgid in self._groups:
+            _signal_group(pgid, signal.SIGKILL)
 
     async def _spawn(
         self, argv: list[str], target: TargetConfig, job: Job

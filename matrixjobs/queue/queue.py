@@ -69,6 +69,9 @@ MAX_BACKOFF_S = 3600.0
 STORE_RETRY_S = 1.0
 
 
+INTERRUPTED_BY_STOP = "the service stopped mid-run; it runs again when the service is back"
+
+
 @dataclass(slots=True)
 class Running:
     job: Job
@@ -355,7 +358,7 @@ class JobQueue:
         if job.id in self._cancel_requested:
             return Outcome(job.id, Status.CANCELLED, now, error="cancelled")
         # Shutdown: back to pending without spending a retry; it runs again after restart.
-        return Outcome(job.id, Status.PENDING, now, error="service stopped",
+        return Outcome(job.id, Status.PENDING, now, error=INTERRUPTED_BY_STOP,
                        retry_at=now, count_retry=False)
 
     def _failure(self, job: Job, error: str, retryable: bool) -> Outcome:

@@ -1,0 +1,1 @@
+"""Operator commands: `matrixjobs init` (a starter config) and `matrixjobs doctor` (checks)."""

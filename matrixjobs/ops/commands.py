@@ -1,0 +1,98 @@
+"""The `init` and `doctor` subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from matrixjobs.ops import init
+from matrixjobs.ops.doctor import doctor
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+
+def add_ops_commands(commands: Any) -> None:
+    """Register `init` and `doctor` on the CLI's subparsers."""
+    default_config = os.environ.get("MATRIXJOBS_CONFIG", "config.toml")
+
+    parser = commands.add_parser(
+        "init", help="write a starter config.toml and .env (asks for what flags leave out)",
+        description="Write a starter config (no secrets) and a .env with the bot's password "
+                    "or access token (mode 0600). On a terminal, values not given as flags "
+                    "are asked for; with --yes or without a terminal they are required.")
+    parser.add_argument("--config", type=Path, default=Path(default_config),
+                        help=f"config file to write (default: {default_config})")
+    parser.add_argument("--env-file", type=Path,
+                        help="secrets file to write (default: .env beside the config)")
+    parser.add_argument("--homeserver", help="homeserver URL, like https://matrix.example.org")
+    parser.add_argument("--user-id", help="the bot's account, like @jobs:example.org")
+    parser.add_argument("--room", action="append", default=[], metavar="ROOM",
+                        help="room id or alias to join at start (repeatable)")
+    parser.add_argument("--allowed-user", action="append", default=[], metavar="USER",
+                        help="user id or glob allowed to run jobs (repeatable; at least one)")
+    secret = parser.add_mutually_exclusive_group()
+    secret.add_argument("--password", nargs="?", const=init.ASK, metavar="PASSWORD",
+                        help="log in with a password; without a value it is asked for or "
+                             "taken from $MATRIXJOBS_PASSWORD (a value here lands in your "
+                             "shell history)")
+    secret.add_argument("--access-token", nargs="?", const=init.ASK, metavar="TOKEN",
+                        help="log in with an access token; without a value it is asked for "
+                             "or taken from $MATRIXJOBS_ACCESS_TOKEN")
+    parser.add_argument("--yes", "-y", action="store_true",
+                        help="never ask: missing values are an error")
+    parser.add_argument("--force", action="store_true", help="overwrite existing files")
+    parser.set_defaults(handler=cmd_init)
+
+    parser = commands.add_parser(
+        "doctor", help="check config, homeserver, login, rooms, store, targets and API",
+        description="Check everything a deployment needs, one line per check: ✓ fine, "
+                    "! worth knowing, ✗ broken (exit 1). Safe while the service runs. "
+                    "$MATRIXJOBS_ADMIN_TOKEN (a homeserver admin's token) lets it check "
+                    "the bot's rate-limit exemption.")
+    parser.add_argument("--config", type=Path, default=Path(default_config),
+                        help="TOML config file")
+    parser.set_defaults(handler=cmd_doctor)
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    report = doctor(args.config)
+    return EXIT_ERROR if report.failed else EXIT_OK
+
+
+def cmd_init(args: argparse.Namespace, prompts: init.Prompts | None = None) -> int:
+    config: Path = args.config
+    env_file: Path = args.env_file or config.parent / ".env"
+    request = init.Request(
+        homeserver=args.homeserver, user_id=args.user_id, rooms=tuple(args.room),
+        allowed_users=tuple(args.allowed_user), password=args.password,
+        access_token=args.access_token)
+    if prompts is None and not args.yes and sys.stdin.isatty():
+        prompts = init.Prompts()
+    try:
+        init.refuse_existing([config, env_file], args.force)
+        answers = init.collect(request, prompts, os.environ)
+    except init.InitUsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except init.FilesExistError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except EOFError:
+        print("\nerror: aborted, nothing written", file=sys.stderr)
+        return EXIT_ERROR
+    for warning in init.warnings(answers):
+        print(f"warning: {warning}", file=sys.stderr)
+    try:
+        init.write_file(env_file, init.render_env(answers), 0o600)
+        init.write_file(config, init.render_config(answers), 0o644)
+    except OSError as exc:
+        print(f"error: cannot write {exc.filename or ''}: {exc.strerror or exc}",
+              file=sys.stderr)
+        return EXIT_ERROR
+    print(init.next_steps(config, env_file, answers))
+    return EXIT_OK

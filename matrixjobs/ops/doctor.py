@@ -1,0 +1,203 @@
+"""`matrixjobs doctor`: check everything a deployment needs, one line per check.
+
+✓ fine, ! worth knowing (the service still works), ✗ broken. Safe to run next to the
+running service: it reads the store read-only and never takes the service's lock.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TextIO
+
+import httpx2
+from pydantic import SecretStr
+
+from matrixjobs.api.server import bind_tcp
+from matrixjobs.config import Config, TargetConfig, TcpAddress, UnixAddress, load_config
+from matrixjobs.errors import ConfigError
+from matrixjobs.ops.matrix_checks import MatrixChecks
+from matrixjobs.ops.report import Report
+from matrixjobs.ops.store_probe import SCHEMA_VERSION, StoreProblem, StoreState, probe
+from matrixjobs.queue.handlers import HandlerRegistry, load_user_handlers
+
+# Config.warnings() the checks below repeat in detail (targets) or decide better (login:
+# the token the service saved in its store also works).
+COVERED_WARNINGS = ("targets.", "matrix: no password or access token")
+HEALTHZ_TIMEOUT_S = 3.0
+
+
+def doctor(config_path: Path, environ: Mapping[str, str] | None = None,
+           out: TextIO | None = None) -> Report:
+    env = os.environ if environ is None else environ
+    report = Report(out)
+    config = check_config(report, config_path, env)
+    if config is None:
+        return report
+    store = check_store(report, config.store.path)
+    check_targets(report, config)
+    check_api(report, config)
+    if config.matrix is None:
+        report.ok("matrix", "off (no [matrix] section): jobs run without the bot")
+    else:
+        MatrixChecks(config.matrix, config.access, store, report, env).run()
+    return report
+
+
+def check_config(report: Report, path: Path, environ: Mapping[str, str]) -> Config | None:
+    try:
+        config = load_config(path, environ)
+    except ConfigError as exc:
+        report.fail("config", str(exc))
+        return None
+    report.ok("config", f"{path} is valid")
+    for warning in config.warnings():
+        if not warning.startswith(COVERED_WARNINGS):
+            report.warn("config", warning)
+    return config
+
+
+def check_store(report: Report, path: Path) -> StoreState | None:
+    try:
+        state = probe(path)
+    except StoreProblem as exc:
+        report.fail("store", str(exc))
+        return None
+    running = (f"; open in the running service (pid {state.holder_pid})"
+               if state.holder_pid else "")
+    if not state.exists:
+        report.ok("store", f"{path} does not exist yet; the service creates it at start")
+    elif state.schema_version == SCHEMA_VERSION:
+        report.ok("store", f"{path} (schema version {state.schema_version}){running}")
+    elif state.schema_version == 0:
+        report.warn("store", f"{path} has no matrixjobs tables yet; the service creates them "
+                             "at start")
+    else:
+        report.ok("store", f"{path} (schema version {state.schema_version}; the service "
+                           f"migrates it to {SCHEMA_VERSION} at start){running}")
+    return state
+
+
+# -- targets ------------------------------------------------------------------------------------
+
+
+def check_targets(report: Report, config: Config) -> None:
+    try:
+        load_user_handlers(config, HandlerRegistry())
+        handlers_load = True
+    except ConfigError as exc:
+        report.fail("handlers", str(exc))
+        handlers_load = False
+    for name, target in sorted(config.targets.items()):
+        if target.handler is not None:
+            if handlers_load:
+                report.ok(f"target {name}", f"handler '{target.handler}'")
+            continue
+        problem, runs = command_problem(target)
+        if problem is not None:
+            report.fail(f"target {name}", problem)
+        else:
+            report.ok(f"target {name}", f"runs {runs} in {target.cwd}")
+    if not config.targets:
+        report.warn("targets", "none configured: nobody can run anything")
+
+
+def command_problem(target: TargetConfig) -> tuple[str | None, str]:
+    """(what is wrong or None, the executable it resolves to), as the queue will run it:
+    argv[0] relative to the target's cwd if it has a '/', else looked up on PATH (the
+    target's own `env` PATH if it sets one)."""
+    assert target.command is not None
+    cwd = target.cwd or Path.cwd()
+    program = target.command[0]
+    if not cwd.is_dir():
+        return f"cwd {cwd} is not a directory", program
+    if os.sep in program:
+        path = cwd / program  # an absolute program stays as it is
+        if not path.is_file():
+            return f"executable {path} not found", program
+        if not os.access(path, os.X_OK):
+            return f"{path} is not executable", program
+        return None, str(path)
+    search = target.env.get("PATH", os.environ.get("PATH", os.defpath))
+    found = shutil.which(program, path=search)
+    if found is None:
+        return f"executable '{program}' not found on PATH", program
+    return None, found
+
+
+# -- api ----------------------------------------------------------------------------------------
+
+
+def check_api(report: Report, config: Config) -> None:
+    if not config.api.enabled:
+        report.ok("api", "off ([api] enabled = false)")
+        return
+    address = config.api.address
+    if isinstance(address, UnixAddress):
+        check_api_socket(report, address, config.api_token)
+        return
+    if address.port == 0:
+        report.ok("api", f"{address}: the service picks a free port at start")
+        return
+    if healthz(report, address, f"http://{address}", None, config.api_token):
+        return
+    try:
+        bind_tcp(address).close()
+    except OSError as exc:
+        report.fail("api", f"cannot listen on {address}: {exc.strerror or exc}")
+        return
+    report.ok("api", f"{address} is free; the service listens there")
+
+
+def check_api_socket(report: Report, address: UnixAddress, token: SecretStr | None) -> None:
+    path = address.path
+    if path.is_socket():
+        if not healthz(report, address, "http://localhost", path, token):
+            report.ok("api", f"{path} is left from an earlier run (nobody answers); the "
+                             "service replaces it at start")
+        return
+    if path.exists():
+        report.fail("api", f"{path} exists and is not a socket")
+        return
+    try:
+        with tempfile.TemporaryFile(dir=path.parent):
+            pass
+    except OSError as exc:
+        report.fail("api", f"cannot create {path}: {exc.strerror or exc}")
+        return
+    report.ok("api", f"{address}: the service creates the socket at start")
+
+
+def healthz(report: Report, address: TcpAddress | UnixAddress, base: str, socket: Path | None,
+            token: SecretStr | None) -> bool:
+    """Report what answers GET /healthz at the address; False if nothing listens there."""
+    headers = {"Authorization": f"Bearer {token.get_secret_value()}"} if token else {}
+    transport = httpx2.HTTPTransport(uds=str(socket)) if socket is not None else None
+    try:
+        with httpx2.Client(transport=transport, timeout=HEALTHZ_TIMEOUT_S) as http:
+            response = http.get(f"{base}/healthz", headers=headers)
+    except httpx2.ConnectError:
+        return False
+    except httpx2.HTTPError as exc:
+        report.fail("api", f"{address} is taken by something that does not answer HTTP "
+                           f"({type(exc).__name__})")
+        return True
+    try:
+        answer = response.json()
+    except json.JSONDecodeError:
+        answer = None
+    if response.status_code == 200 and isinstance(answer, dict) and answer.get("status") == "ok":
+        report.ok("api", f"the running matrixjobs service (version {answer.get('version')}) "
+                         f"answers at {address}")
+    elif response.status_code == 401:
+        which = "the configured token" if token else "requests without a token"
+        report.warn("api", f"a service at {address} refuses {which}: it runs with another "
+                           "MATRIXJOBS_API_TOKEN")
+    else:
+        report.fail("api", f"{address} is taken by another program (GET /healthz: HTTP "
+                           f"{response.status_code})")
+    return True

@@ -1,0 +1,115 @@
+"""Look at the service's SQLite store without changing it: safe while the service runs.
+
+The running service holds an advisory lock on `<db>.lock`; the probe never takes it,
+never creates or migrates the database, and reads it through a read-only connection.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import quote
+
+from matrixjobs.matrix.bot import SETTING_TOKEN, SETTING_USER
+from matrixjobs.store.sqlite import MIGRATIONS
+
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+class StoreProblem(Exception):
+    """The store would not work; the message says why."""
+
+
+@dataclass(frozen=True, slots=True)
+class StoreState:
+    exists: bool
+    schema_version: int | None = None
+    saved_user: str | None = None
+    saved_token: str | None = None
+    holder_pid: int | None = None  # the process holding the service's lock
+
+
+def probe(path: Path) -> StoreState:
+    _check_directory(path.parent)
+    holder = _lock_holder(path)
+    if not path.exists():
+        return StoreState(exists=False, holder_pid=holder)
+    if not path.is_file():
+        raise StoreProblem(f"{path} is not a file")
+    if not os.access(path, os.R_OK | os.W_OK):
+        raise StoreProblem(f"{path} is not readable and writable by this user")
+    try:
+        with contextlib.closing(_connect_read_only(path)) as db:
+            version = int(db.execute("PRAGMA user_version").fetchone()[0])
+            settings: dict[str, str] = {}
+            if version >= 1:
+                settings = dict(db.execute(
+                    "SELECT key, value FROM settings WHERE key IN (?, ?)",
+                    (SETTING_USER, SETTING_TOKEN)).fetchall())
+    except sqlite3.DatabaseError as exc:
+        raise StoreProblem(f"cannot read {path}: {exc}") from None
+    if version > SCHEMA_VERSION:
+        raise StoreProblem(f"{path}: schema version {version} is newer than this matrixjobs "
+                           f"understands ({SCHEMA_VERSION}); upgrade matrixjobs")
+    return StoreState(True, version, settings.get(SETTING_USER),
+                      settings.get(SETTING_TOKEN) or None, holder)
+
+
+def _check_directory(directory: Path) -> None:
+    """The service creates the directory if needed, then files in it (db, WAL, lock)."""
+    existing = directory
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise StoreProblem(f"{existing} is not a directory")
+    try:
+        # A real write tells the truth where permission bits do not (root, read-only
+        # mounts, ACLs); an unnamed temp file leaves nothing behind.
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        raise StoreProblem(f"cannot write in {existing}: {exc.strerror or exc}") from None
+
+
+def _connect_read_only(path: Path) -> sqlite3.Connection:
+    # A read-only connection to a WAL database creates -wal/-shm files it cannot remove.
+    # They exist while a service has the store open; when they do not, nobody is writing
+    # and the file can be read as immutable, without them.
+    wal = path.with_name(path.name + "-wal")
+    options = "mode=ro" if wal.exists() else "mode=ro&immutable=1"
+    return sqlite3.connect(f"file:{quote(str(path.resolve()))}?{options}", uri=True,
+                           timeout=5.0)
+
+
+def _lock_holder(path: Path) -> int | None:
+    """The pid holding the service's lock on `<db>.lock`, found without touching the lock."""
+    lock = path.with_name(path.name + ".lock")
+    try:
+        inode = lock.stat().st_ino
+    except OSError:
+        return None
+    try:
+        table = Path("/proc/locks").read_text(encoding="ascii")
+    except OSError:
+        return _pid_in_lock_file(lock)  # no /proc (not Linux): trust the pid it names
+    # "3: FLOCK  ADVISORY  WRITE 27162 fe:00:2163475 0 EOF": kind, ..., pid, dev:inode
+    for fields in (row.split() for row in table.splitlines()):
+        if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5].endswith(f":{inode}"):
+            with contextlib.suppress(ValueError):
+                return int(fields[4])
+    return None
+
+
+def _pid_in_lock_file(lock: Path) -> int | None:
+    try:
+        pid = int(lock.read_text(encoding="ascii").strip())
+        os.kill(pid, 0)
+    except PermissionError:
+        return pid  # alive, under another user
+    except (OSError, ValueError):
+        return None
+    return pid

@@ -1,0 +1,67 @@
+"""systemd's notify protocol (what sd_notify(3) does), without linking libsystemd.
+
+Outside systemd (no $NOTIFY_SOCKET) every call does nothing, so the service runs the same
+under a terminal, a container or `Type=notify`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from collections.abc import MutableMapping
+
+log = logging.getLogger(__name__)
+
+class Notifier:
+    def __init__(self, address: str | None, watchdog_s: float | None) -> None:
+        self.address = address
+        self.watchdog_s = watchdog_s
+        self._socket: socket.socket | None = None
+        self._failed = False
+
+    @classmethod
+    def from_environ(cls, environ: MutableMapping[str, str] = os.environ) -> Notifier:
+        """Read systemd's variables and remove them from `environ`, as sd_notify's
+        `unset_environment` does: job subprocesses must not report as the service."""
+        address = environ.pop("NOTIFY_SOCKET", None) or None
+        usec = environ.pop("WATCHDOG_USEC", None)
+        pid = environ.pop("WATCHDOG_PID", None)
+        watchdog_s = None
+        if usec and usec.isdigit() and int(usec) > 0 and pid in (None, str(os.getpid())):
+            watchdog_s = int(usec) / 1_000_000
+        return cls(address, watchdog_s)
+
+    @property
+    def enabled(self) -> bool:
+        return self.address is not None
+
+    def notify(self, *fields: str) -> None:
+        """Send `KEY=value` fields in one datagram; failures are logged once, never raised."""
+        if self.address is None:
+            return
+        # "@name" means Linux's abstract namespace, spelled with a leading NUL byte.
+        target = "\0" + self.address[1:] if self.address.startswith("@") else self.address
+        try:
+            if self._socket is None:
+                self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            self._socket.sendto("\n".join(fields).encode(), target)
+        except OSError as exc:
+            if not self._failed:
+                self._failed = True
+                log.warning("systemd: cannot notify %s: %s", self.address, exc)
+
+    async def watchdog(self) -> None:
+        """Ping systemd's watchdog from the event loop: a stuck loop stops the pings and
+        systemd restarts the service."""
+        if self.watchdog_s is None:
+            return
+        while True:
+            self.notify("WATCHDOG=1")
+            await asyncio.sleep(self.watchdog_s / 2)
+
+    def close(self) -> None:
+        if self._socket is not None:
+            self._socket.close()
+            self._socket = None

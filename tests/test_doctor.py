@@ -1,0 +1,379 @@
+"""`matrixjobs doctor` against a real Synapse, real files and a real running service."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+import urllib.parse
+from pathlib import Path
+
+import pytest
+from matrix_people import Person
+from synapse_server import free_port
+
+from matrixjobs.config import load_config
+from matrixjobs.ops.doctor import doctor
+from matrixjobs.service import build_service
+
+pytestmark = pytest.mark.timeout(120)
+
+PASSWORD = "bot-password with 'quotes' and $dollars"
+_names = iter(range(10_000))
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("MATRIXJOBS_") and k not in ("STATE_DIRECTORY", "JOURNAL_STREAM")}
+    return {**env, "PYTHONUNBUFFERED": "1", **extra}
+
+
+def run_doctor(config: Path, timeout: float = 60, user: str | None = None,
+               **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "matrixjobs", "doctor", "--config", str(config)],
+        cwd=config.parent, env=child_env(**env), capture_output=True, text=True,
+        timeout=timeout, check=False, user=user)
+
+
+def doctor_lines(config: Path, **env: str) -> tuple[bool, list[str]]:
+    """Run the doctor in-process; (failed, printed lines)."""
+    out = io.StringIO()
+    report = doctor(config, environ=env, out=out)
+    return report.failed, out.getvalue().splitlines()
+
+
+def line(lines: list[str], start: str) -> str:
+    found = [text for text in lines if text[2:].startswith(start)]
+    assert len(found) == 1, f"expected one line '{start}' in:\n" + "\n".join(lines)
+    return found[0]
+
+
+def quote(part: str) -> str:
+    return urllib.parse.quote(part, safe="")
+
+
+class Deployment:
+    """A bot account, a person allowed to use it, and a config directory for them."""
+
+    def __init__(self, synapse, directory: Path) -> None:
+        n = next(_names)
+        self.synapse = synapse
+        self.directory = directory
+        self.bot_name = f"docbot{n}"
+        bot = synapse.register(self.bot_name, password=PASSWORD)
+        self.bot = Person(synapse, bot["user_id"], bot["access_token"])
+        self.alice = Person.register(synapse, f"docalice{n}")
+
+    def room_with_bot(self, joined: bool = True) -> str:
+        room = self.alice.create_room([self.bot.user_id])
+        if joined:
+            self.bot.join(room)
+        return room
+
+    def write(self, rooms: list[str] = (), password: str | None = PASSWORD,
+              homeserver: str | None = None, store: str = "state/matrixjobs.db",
+              api: str = "127.0.0.1:0", matrix_extra: str = "") -> Path:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        config = self.directory / "config.toml"
+        config.write_text(textwrap.dedent(f"""
+            [matrix]
+            homeserver = {json.dumps(homeserver or self.synapse.base_url)}
+            user_id = {json.dumps(self.bot.user_id)}
+            rooms = {json.dumps(list(rooms))}
+            {matrix_extra}
+
+            [access]
+            allowed_users = [{json.dumps(self.alice.user_id)}]
+
+            [store]
+            path = {json.dumps(store)}
+
+            [api]
+            listen = {json.dumps(api)}
+
+            [targets.hello]
+            command = ["echo", "hello"]
+        """), encoding="utf-8")
+        env = self.directory / ".env"
+        env.unlink(missing_ok=True)
+        if password is not None:
+            quoted = password.replace("\\", "\\\\").replace("'", "\\'")
+            env.write_text(f"MATRIXJOBS_PASSWORD='{quoted}'\n", encoding="utf-8")
+        return config
+
+    def devices(self) -> list[str]:
+        answer = self.bot.call("GET", "/_matrix/client/v3/devices")
+        return sorted(device["device_id"] for device in answer["devices"])
+
+
+@pytest.fixture
+def deployment(synapse, tmp_path) -> Deployment:
+    return Deployment(synapse, tmp_path / "deploy")
+
+
+# -- the whole thing ------------------------------------------------------------------------
+
+
+def test_good_deployment_passes_every_check(deployment, synapse):
+    room = deployment.room_with_bot()
+    alias = f"#doctor{next(_names)}:{synapse.server_name}"
+    deployment.alice.call("PUT", f"/_matrix/client/v3/directory/room/{quote(alias)}",
+                          {"room_id": room})
+    synapse.exempt_from_rate_limit(deployment.bot.user_id)
+    config = deployment.write(rooms=[room, alias], api=f"127.0.0.1:{free_port()}",
+                              matrix_extra="rate_per_s = 0")
+
+    result = run_doctor(config, MATRIXJOBS_ADMIN_TOKEN=synapse.admin["access_token"])
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert not any(text.startswith("✗") for text in lines), result.stdout
+    for check in ("config", "store", "target hello", "api", "homeserver", "login",
+                  f"room {room}", f"room {alias} ({room})", "rate limit"):
+        assert line(lines, check + ":").startswith("✓"), result.stdout
+    assert "password works" in line(lines, "login:")
+    assert "is free" in line(lines, "api:")
+    assert "exempt" in line(lines, "rate limit:")
+    assert PASSWORD not in result.stdout + result.stderr
+    assert result.stderr == ""
+    assert not (config.parent / "state").exists(), "the doctor must not create the store"
+
+
+def test_rate_limit_without_exemption_says_what_it_means(deployment, synapse):
+    config = deployment.write()
+    failed, lines = doctor_lines(config)
+    assert "exemption unknown" in line(lines, "rate limit:")
+    assert "0.2 messages/s" in line(lines, "rate limit:")
+    assert line(lines, "rate limit:").startswith("!")
+
+    failed, lines = doctor_lines(config, MATRIXJOBS_ADMIN_TOKEN=synapse.admin["access_token"])
+    text = line(lines, "rate limit:")
+    assert text.startswith("!") and "not exempt" in text and "final states still arrive" in text
+
+    failed, lines = doctor_lines(config, MATRIXJOBS_ADMIN_TOKEN=deployment.alice.token)
+    text = line(lines, "rate limit:")
+    assert text.startswith("!") and "unknown" in text and "refused" in text
+    assert not failed, "\n".join(lines)
+
+
+# -- what must fail ---------------------------------------------------------------------------
+
+
+def test_wrong_password_fails_login(deployment):
+    config = deployment.write(password="not the password")
+    failed, lines = doctor_lines(config)
+    assert failed
+    text = line(lines, "login:")
+    assert text.startswith("✗") and "M_FORBIDDEN" in text
+    assert "not the password" not in "\n".join(lines)
+
+
+def test_no_credentials_at_all_fails_login(deployment):
+    config = deployment.write(password=None)
+    failed, lines = doctor_lines(config)
+    assert failed
+    assert "MATRIXJOBS_PASSWORD" in line(lines, "login:")
+
+
+def test_unreachable_homeserver_fails_quickly_without_a_traceback(deployment):
+    config = deployment.write(homeserver=f"http://127.0.0.1:{free_port()}")
+    started = time.monotonic()
+    result = run_doctor(config)
+    assert time.monotonic() - started < 30
+    assert result.returncode == 1
+    text = line(result.stdout.splitlines(), "homeserver:")
+    assert text.startswith("✗") and "cannot reach" in text
+    assert "login" not in result.stdout.replace(text, "")
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_rooms_the_bot_is_not_in_fail_and_invites_are_shown(deployment):
+    joined = deployment.room_with_bot()
+    invited = deployment.room_with_bot(joined=False)
+    elsewhere = deployment.alice.create_room([])
+    missing_alias = f"#nowhere{next(_names)}:{deployment.synapse.server_name}"
+    config = deployment.write(rooms=[joined, invited, elsewhere, missing_alias])
+
+    failed, lines = doctor_lines(config)
+
+    assert failed
+    assert line(lines, f"room {joined}:").startswith("✓")
+    text = line(lines, f"room {invited}:")
+    assert text.startswith("!") and deployment.alice.user_id in text
+    assert line(lines, f"room {elsewhere}:").startswith("✗")
+    assert "no such alias" in line(lines, f"room {missing_alias}:")
+
+
+def test_missing_executable_and_cwd_fail(tmp_path):
+    config = tmp_path / "config.toml"
+    config.write_text(textwrap.dedent("""
+        [api]
+        enabled = false
+        [targets.ghost]
+        command = ["no-such-program-anywhere", "x"]
+        [targets.relative]
+        command = ["./build.sh"]
+        [targets.lost]
+        command = ["echo"]
+        cwd = "nowhere"
+        [targets.fine]
+        command = ["./build.sh"]
+        cwd = "project"
+    """), encoding="utf-8")
+    (tmp_path / "project").mkdir()
+    script = tmp_path / "project" / "build.sh"
+    script.write_text("#!/bin/sh\necho ok\n")
+    script.chmod(0o755)
+
+    failed, lines = doctor_lines(config)
+
+    assert failed
+    assert "not found on PATH" in line(lines, "target ghost:")
+    assert line(lines, "target relative:").startswith("✗")
+    assert "not a directory" in line(lines, "target lost:")
+    assert line(lines, "target fine:") == f"✓ target fine: runs {script} in {script.parent}"
+    assert line(lines, "matrix:").startswith("✓")  # off: no [matrix] section
+
+
+def doctor_as_nobody(config: Path) -> tuple[bool, list[str]]:
+    """The doctor in a forked child that runs as nobody (root could write anywhere)."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never return into pytest
+        code = 99
+        try:
+            os.close(read)
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            failed, lines = doctor_lines(config)
+            os.write(write, "\n".join(lines).encode())
+            code = int(failed)
+        finally:
+            os._exit(code)
+    os.close(write)
+    with os.fdopen(read, encoding="utf-8") as pipe:
+        output = pipe.read()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) in (0, 1), output
+    return os.waitstatus_to_exitcode(status) == 1, output.splitlines()
+
+
+def test_store_in_a_read_only_directory_fails(tmp_path):
+    as_root = os.geteuid() == 0
+    # nobody must be able to reach the config: pytest's own tmp dirs are private to root.
+    base = Path(tempfile.mkdtemp(prefix="doctor-ro-")) if as_root else tmp_path
+    try:
+        base.chmod(0o755)
+        readonly = base / "readonly"
+        readonly.mkdir()
+        config = base / "config.toml"
+        config.write_text('[store]\npath = "readonly/matrixjobs.db"\n[api]\nenabled = false\n',
+                          encoding="utf-8")
+        readonly.chmod(0o555)
+        failed, lines = doctor_as_nobody(config) if as_root else doctor_lines(config)
+        assert failed, "\n".join(lines)
+        text = line(lines, "store:")
+        assert text.startswith("✗") and f"cannot write in {readonly}" in text
+    finally:
+        if as_root:
+            shutil.rmtree(base)
+
+
+def test_unreadable_store_file_fails(tmp_path):
+    (tmp_path / "matrixjobs.db").write_text("this is not a database")
+    config = tmp_path / "config.toml"
+    config.write_text('[api]\nenabled = false\n', encoding="utf-8")
+    failed, lines = doctor_lines(config)
+    assert failed
+    assert "not a database" in line(lines, "store:")
+
+
+def test_busy_api_port_fails(tmp_path):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        config = tmp_path / "config.toml"
+        config.write_text(f'[api]\nlisten = "127.0.0.1:{port}"\n', encoding="utf-8")
+        # Something accepts connections but never answers HTTP.
+        failed, lines = doctor_lines(config)
+    assert failed
+    assert line(lines, "api:").startswith("✗")
+
+
+def test_bad_config_is_one_short_failure(tmp_path):
+    config = tmp_path / "config.toml"
+    config.write_text('[queue]\nworkers = "four"\n', encoding="utf-8")
+    result = run_doctor(config)
+    assert result.returncode == 1
+    assert result.stdout.startswith("✗ config:")
+    assert "queue.workers" in result.stdout and "Traceback" not in result.stderr
+
+
+# -- no side effects --------------------------------------------------------------------------
+
+
+def test_password_check_leaves_no_device_behind(deployment):
+    config = deployment.write()
+    before = deployment.devices()
+    failed, lines = doctor_lines(config)
+    assert not failed, "\n".join(lines)
+    assert "password works" in line(lines, "login:")
+    assert deployment.devices() == before
+
+
+async def test_doctor_works_while_the_service_holds_the_store(deployment):
+    room = await asyncio.to_thread(deployment.room_with_bot)
+    config_path = deployment.write(rooms=[room], api=f"127.0.0.1:{free_port()}")
+    app = build_service(load_config(config_path, environ={}))
+    await app.start()
+    try:
+        bot = app.components[0]
+        await asyncio.wait_for(bot.synced.wait(), 30)
+        devices = await asyncio.to_thread(deployment.devices)
+
+        result = await asyncio.to_thread(run_doctor, config_path)
+
+        assert result.returncode == 0, result.stdout + result.stderr
+        lines = result.stdout.splitlines()
+        assert f"pid {os.getpid()}" in line(lines, "store:")
+        assert "saved in its store" in line(lines, "login:")
+        assert "running matrixjobs service" in line(lines, "api:")
+        assert line(lines, f"room {room}:").startswith("✓")
+        assert await asyncio.to_thread(deployment.devices) == devices
+        assert await app.store.get_setting("matrix.device_id")  # the store still works
+    finally:
+        await app.stop()
+    _, lines = await asyncio.to_thread(doctor_lines, config_path)
+    assert "pid" not in line(lines, "store:")  # the lock is free again
+    assert "is free" in line(lines, "api:")
+
+
+def test_refused_access_token_falls_back_to_the_password(deployment):
+    config = deployment.write()
+    failed, lines = doctor_lines(config, MATRIXJOBS_ACCESS_TOKEN="syt_revoked_long_ago")
+    assert not failed, "\n".join(lines)
+    text = line(lines, "login:")
+    assert text.startswith("!") and "configured access token was refused" in text
+    assert "syt_revoked_long_ago" not in "\n".join(lines)
+
+
+def test_unix_socket_api_is_checked_without_creating_it(tmp_path):
+    config = tmp_path / "config.toml"
+    config.write_text('[api]\nlisten = "unix:run/api.sock"\n', encoding="utf-8")
+    (tmp_path / "run").mkdir()
+    failed, lines = doctor_lines(config)
+    assert not failed, "\n".join(lines)
+    assert "creates the socket at start" in line(lines, "api:")
+    assert list((tmp_path / "run").iterdir()) == []

@@ -1,0 +1,41 @@
+"""Log lines: journald priorities under systemd, secrets never shown."""
+
+from __future__ import annotations
+
+import logging
+
+from matrixjobs.logs import ServiceFormatter, mask
+
+
+def record(level: int, message: str, *args: object) -> logging.LogRecord:
+    return logging.LogRecord("matrixjobs.queue", level, __file__, 1, message, args, None)
+
+
+def test_under_journald_each_line_carries_its_syslog_priority():
+    formatter = ServiceFormatter(journald=True)
+    assert formatter.format(record(logging.WARNING, "job %s slow", "j7")) == (
+        "<4>WARNING matrixjobs.queue: job j7 slow")
+    assert formatter.format(record(logging.INFO, "x")).startswith("<6>INFO ")
+    assert formatter.format(record(logging.ERROR, "x")).startswith("<3>ERROR ")
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        import sys
+
+        failed = record(logging.ERROR, "job %s crashed", "j8")
+        failed.exc_info = sys.exc_info()
+    lines = formatter.format(failed).splitlines()
+    assert len(lines) > 3 and all(line.startswith("<3>") for line in lines)
+
+
+def test_elsewhere_lines_are_time_stamped_without_a_priority():
+    line = ServiceFormatter(journald=False).format(record(logging.INFO, "started"))
+    assert not line.startswith("<") and line.endswith("INFO matrixjobs.queue: started")
+
+
+def test_secrets_are_masked_wherever_they_appear():
+    mask(["hunter2-password", None, "abc"])  # too short to mask safely: "abc" stays
+    formatter = ServiceFormatter(journald=False)
+    line = formatter.format(record(logging.ERROR, "login with %s failed (abc)",
+                                   "hunter2-password"))
+    assert "hunter2-password" not in line and "login with *** failed (abc)" in line
