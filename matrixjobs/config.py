@@ -65,6 +65,16 @@ class MatrixConfig(Section):
     rate_per_s: Float = Field(default=0.2, ge=0)
     rate_burst: Int = Field(default=10, ge=1)
     max_edits_per_message: Int = Field(default=200, ge=2, le=10_000)
+    # End-to-end encryption: the crypto store (keys of the bot's device; default: a
+    # directory next to the SQLite store), whose devices get room keys, and how long an
+    # undecryptable command waits for its key before the sender is told.
+    store_dir: Path | None = None
+    trust: Literal["tofu", "all", "verified"] = "tofu"
+    decrypt_timeout_s: Float = Field(default=60.0, gt=0)
+
+    def crypto_store_dir(self, db_path: Path) -> Path:
+        """`store_dir`, or `NAME-crypto/` beside the SQLite store `NAME.db`."""
+        return self.store_dir or db_path.with_name(f"{db_path.stem}-crypto")
 
     @field_validator("homeserver")
     @classmethod
@@ -402,6 +412,8 @@ def _complete(
             overrides["password"] = SecretStr(secrets["MATRIXJOBS_PASSWORD"])
         if "MATRIXJOBS_ACCESS_TOKEN" in secrets:
             overrides["access_token"] = SecretStr(secrets["MATRIXJOBS_ACCESS_TOKEN"])
+        if matrix.store_dir is not None and not matrix.store_dir.is_absolute():
+            overrides["store_dir"] = (Path(state_dir) if state_dir else base) / matrix.store_dir
         matrix = matrix.model_copy(update=overrides)
     api = config.api
     address = api.address

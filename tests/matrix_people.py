@@ -6,11 +6,24 @@ Blocking HTTP (stdlib, through SynapseServer.request); from async code call thes
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import itertools
+import time
 import urllib.parse
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from nio import (
+    AsyncClient,
+    AsyncClientConfig,
+    MegolmEvent,
+    RoomCreateResponse,
+    RoomMessage,
+    RoomSendResponse,
+)
+from nio.crypto import OlmDevice
 from synapse_server import SynapseServer
 
 _txn = itertools.count()
@@ -55,10 +68,11 @@ class Person:
             "m.relates_to": {"rel_type": "m.replace", "event_id": original},
         })
 
-    def timeline(self, room_id: str, limit: int = 500) -> list[dict[str, Any]]:
-        """The room's message events, oldest first."""
+    def timeline(self, room_id: str, limit: int = 500,
+                 event_type: str = "m.room.message") -> list[dict[str, Any]]:
+        """The room's message events (as the server has them), oldest first."""
         query = urllib.parse.urlencode({"dir": "b", "limit": limit,
-                                        "filter": '{"types":["m.room.message"]}'})
+                                        "filter": f'{{"types":["{event_type}"]}}'})
         page = self.call("GET", f"/_matrix/client/v3/rooms/{_quote(room_id)}/messages?{query}")
         return list(reversed(page["chunk"]))
 
@@ -113,6 +127,85 @@ def bot_messages(events: list[dict[str, Any]], bot: str) -> tuple[list[BotMessag
         else:
             messages[event["event_id"]] = BotMessage(event)
     return list(messages.values()), strays
+
+
+class EncryptedPerson:
+    """Someone with an E2EE-capable client of their own (matrix-nio with the e2e extra),
+    syncing in the background; keeps every message it decrypts (and every one it cannot)."""
+
+    def __init__(self, server: SynapseServer, user: dict[str, Any], store_dir: Path) -> None:
+        self.user_id = str(user["user_id"])
+        self.http = Person(server, self.user_id, user["access_token"])
+        store_dir.mkdir(parents=True, exist_ok=True)
+        self.client = AsyncClient(server.base_url, self.user_id, store_path=str(store_dir),
+                                  config=AsyncClientConfig(encryption_enabled=True))
+        self.client.restore_login(self.user_id, user["device_id"], user["access_token"])
+        self.decrypted: dict[str, list[dict[str, Any]]] = {}
+        self.undecryptable: list[MegolmEvent] = []
+        self._sync: asyncio.Task[None] | None = None
+
+    @classmethod
+    async def register(cls, server: SynapseServer, name: str, store_dir: Path
+                       ) -> EncryptedPerson:
+        user = await asyncio.to_thread(server.register, name, f"{name}-password")
+        person = cls(server, user, store_dir)
+        await person.client.keys_upload()
+        person.client.add_event_callback(person._on_event, (RoomMessage, MegolmEvent))
+        person._sync = asyncio.create_task(person.client.sync_forever(timeout=1000))
+        return person
+
+    async def close(self) -> None:
+        if self._sync is not None:
+            self._sync.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sync
+        await self.client.close()
+
+    async def _on_event(self, room: Any, event: RoomMessage | MegolmEvent) -> None:
+        if isinstance(event, MegolmEvent):
+            self.undecryptable.append(event)
+        else:
+            self.decrypted.setdefault(room.room_id, []).append(event.source)
+
+    async def create_encrypted_room(self, invite: list[str]) -> str:
+        response = await self.client.room_create(
+            invite=invite, initial_state=[{
+                "type": "m.room.encryption", "state_key": "",
+                "content": {"algorithm": "m.megolm.v1.aes-sha2"}}])
+        assert isinstance(response, RoomCreateResponse), response
+        return str(response.room_id)
+
+    async def devices_of(self, user_id: str, timeout: float = 30.0) -> list[OlmDevice]:
+        """The user's devices, once our client has learnt them (it syncs and queries keys)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            store = self.client.device_store
+            devices = list(store.active_user_devices(user_id)) if user_id in store.users else []
+            if devices:
+                return devices
+            assert time.monotonic() < deadline, f"never learnt the devices of {user_id}"
+            await asyncio.sleep(0.2)
+
+    async def trust(self, user_id: str) -> None:
+        for device in await self.devices_of(user_id):
+            self.client.verify_device(device)
+
+    async def blacklist(self, user_id: str) -> None:
+        for device in await self.devices_of(user_id):
+            self.client.blacklist_device(device)
+
+    async def send(self, room_id: str, body: str) -> str:
+        """Send encrypted, sharing the room key only with devices we trust."""
+        response = await self.client.room_send(
+            room_id, "m.room.message", {"msgtype": "m.text", "body": body})
+        assert isinstance(response, RoomSendResponse), response
+        return str(response.event_id)
+
+    def messages_of(self, room_id: str, sender: str) -> list[BotMessage]:
+        """`sender`'s messages as decrypted here, each with its edits."""
+        messages, strays = bot_messages(self.decrypted.get(room_id, []), sender)
+        assert strays == [], "every edit must target an original message of the sender"
+        return messages
 
 
 def _quote(room_id: str) -> str:

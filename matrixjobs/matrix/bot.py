@@ -17,11 +17,16 @@ from aiohttp import ClientError
 from nio import (
     AsyncClient,
     AsyncClientConfig,
+    EncryptionError,
     ErrorResponse,
+    GroupEncryptionError,
     InviteMemberEvent,
     JoinResponse,
+    LocalProtocolError,
     LoginResponse,
+    MegolmEvent,
     MessageDirection,
+    OlmTrustError,
     RoomMemberEvent,
     RoomMessagesResponse,
     RoomMessageText,
@@ -36,6 +41,7 @@ from matrixjobs.errors import AlreadySubmittedError, MatrixJobsError
 from matrixjobs.logs import mask
 from matrixjobs.matrix import render
 from matrixjobs.matrix.commands import Command, CommandSyntaxError, parse
+from matrixjobs.matrix.crypto import Crypto, Trust, Undecryptable, open_store_dir
 from matrixjobs.matrix.edits import EditScheduler, RateLimitedError, SendFailedError
 from matrixjobs.matrix.ratelimit import TokenBucket
 from matrixjobs.models import Batch, Job, ProgressMessage, Status
@@ -58,21 +64,27 @@ SETTING_USER = "matrix.user_id"
 SETTING_DEVICE = "matrix.device_id"
 SETTING_TOKEN = "matrix.access_token"
 NETWORK_ERRORS = (ClientError, TimeoutError, OSError)
+# Raised by nio while encrypting (a device not yet judged, members not loaded): try again.
+CRYPTO_ERRORS = (LocalProtocolError, EncryptionError, GroupEncryptionError, OlmTrustError)
 ACTIVE = [Status.PENDING, Status.PROCESSING]
 
 
 class NioSender:
     """Sends through matrix-nio, turning its error responses into exceptions once."""
 
-    def __init__(self, client: AsyncClient) -> None:
+    def __init__(self, client: AsyncClient, crypto: Crypto) -> None:
         self.client = client
+        self.crypto = crypto
 
     async def send(self, room_id: str, content: dict[str, Any], txn_id: str) -> str:
+        # In an encrypted room nio encrypts (each attempt differently) and copies
+        # m.relates_to to the cleartext; the homeserver still dedupes on the txn id.
         try:
+            await self.crypto.prepare_room(room_id)
             response = await self.client.room_send(
                 room_id, "m.room.message", content, tx_id=txn_id,
-                ignore_unverified_devices=True)
-        except NETWORK_ERRORS as exc:
+                ignore_unverified_devices=self.crypto.ignore_unverified_devices)
+        except (*NETWORK_ERRORS, *CRYPTO_ERRORS) as exc:
             raise SendFailedError(f"{type(exc).__name__}: {exc}") from None
         if isinstance(response, RoomSendResponse):
             return str(response.event_id)
@@ -117,13 +129,17 @@ class MatrixBot:
         self.app = app
         self.config = config
         self.access = access
+        self.store_dir = config.crypto_store_dir(app.config.store.path)
         self.client = AsyncClient(
-            config.homeserver, config.user_id,
+            config.homeserver, config.user_id, store_path=str(self.store_dir),
             # We pace and retry ourselves: nio must hand back 429s and network errors.
-            config=AsyncClientConfig(max_limit_exceeded=0, max_timeouts=0, request_timeout=60),
+            config=AsyncClientConfig(max_limit_exceeded=0, max_timeouts=0, request_timeout=60,
+                                     encryption_enabled=True),
         )
+        self.crypto = Crypto(self.client, Trust(config.trust), config.decrypt_timeout_s)
+        sender = NioSender(self.client, self.crypto)
         self.scheduler = EditScheduler(
-            NioSender(self.client), app.store, TokenBucket(config.rate_per_s, config.rate_burst),
+            sender, app.store, TokenBucket(config.rate_per_s, config.rate_burst),
             interval_ms / 1000, config.max_edits_per_message, config.notify_after_s,
         )
         self.synced = asyncio.Event()
@@ -135,6 +151,7 @@ class MatrixBot:
         self._supervisor = Supervisor()
         self._events: Subscription | None = None
         self._denied_at: dict[str, float] = {}
+        self._undecryptable_at: dict[str, float] = {}
         self._commands: dict[str, Callable[[str, RoomMessageText, Command], Awaitable[None]]] = {
             "build": self._build, "batch": self._batch, "status": self._status,
             "cancel": self._cancel, "jobs": self._jobs, "targets": self._targets,
@@ -176,6 +193,7 @@ class MatrixBot:
     async def _main(self) -> None:
         await self._retry("login", self._login)
         await self._retry("first sync", self._first_sync)
+        await self._upkeep()  # our device keys go up before anyone is told we are ready
         await self._restore_messages()
         for room in self.config.rooms:
             self._join_soon(room)
@@ -185,6 +203,7 @@ class MatrixBot:
         self._supervisor.keep("matrix-sync", self._sync_forever)
         self._supervisor.keep("matrix-edits", self.scheduler.run)
         self._supervisor.keep("matrix-progress", self._follow_progress)
+        self._supervisor.keep("matrix-undecryptable", self._answer_undecryptable)
 
     async def _retry(self, what: str, step: Callable[[], Awaitable[bool]]) -> None:
         """Run `step` until it returns True, backing off while the homeserver is away."""
@@ -202,6 +221,8 @@ class MatrixBot:
 
     async def _login(self) -> bool:
         store, config = self.app.store, self.config
+        # nio keeps one crypto store per device id in here: the device must stay ours.
+        open_store_dir(self.store_dir)
         device = await store.get_setting(SETTING_DEVICE) or ""
         saved_user = await store.get_setting(SETTING_USER)
         token = config.access_token.get_secret_value() if config.access_token else None
@@ -209,12 +230,14 @@ class MatrixBot:
             token = await store.get_setting(SETTING_TOKEN)
         if token is not None:
             mask([token])
-            self.client.restore_login(config.user_id, device, token)
+            self.client.access_token = token
             whoami = await self.client.whoami()
             if isinstance(whoami, WhoamiResponse):
-                self.client.device_id = whoami.device_id or device
+                # The token's device decides which crypto store to load.
+                self.client.restore_login(config.user_id, whoami.device_id or device, token)
                 self._started_ms = _server_time_ms(whoami)
                 return True
+            self.client.access_token = ""
             log.warning("matrix: the access token was refused (%s)", whoami)
             if config.password is None:
                 return False
@@ -264,6 +287,7 @@ class MatrixBot:
             if isinstance(response, SyncResponse):
                 delay = 1.0
                 await self._handle_sync(response, since)
+                await self._upkeep()
                 continue
             if isinstance(response, ErrorResponse) and response.status_code == "M_UNKNOWN_TOKEN":
                 log.warning("matrix: the access token was revoked; logging in again")
@@ -285,11 +309,31 @@ class MatrixBot:
                 continue
             for event in events:
                 if isinstance(event, RoomMessageText):
-                    # Its own task: a slow command (a cancel waiting for a process to
-                    # die) must not hold up the sync loop.
-                    task = asyncio.create_task(self._on_message_safely(room_id, event))
-                    self._handling.add(task)
-                    task.add_done_callback(self._handling.discard)
+                    self._handle_soon(room_id, event)
+                elif isinstance(event, MegolmEvent) and self._is_new(event):
+                    await self.crypto.undecryptable(room_id, event)
+
+    def _handle_soon(self, room_id: str, event: RoomMessageText) -> None:
+        # Its own task: a slow command (a cancel waiting for a process to die) must not
+        # hold up the sync loop.
+        task = asyncio.create_task(self._on_message_safely(room_id, event))
+        self._handling.add(task)
+        task.add_done_callback(self._handling.discard)
+
+    def _is_new(self, event: RoomMessageText | MegolmEvent) -> bool:
+        """Not ours, and sent after we started: older messages are never acted on."""
+        return (event.sender != self.client.user_id
+                and event.server_timestamp >= self._started_ms)
+
+    async def _upkeep(self) -> None:
+        """Keys after a sync; then the commands whose room key has come meanwhile."""
+        try:
+            await self.crypto.upkeep()
+        except (*NETWORK_ERRORS, LocalProtocolError) as exc:
+            log.warning("matrix: key upkeep failed (%s); trying again after the next sync", exc)
+        for room_id, event in self.crypto.decrypt_pending():
+            if isinstance(event, RoomMessageText):
+                self._handle_soon(room_id, event)
 
     async def _new_events(self, room_id: str, timeline: Any, since: str | None) -> list[Any]:
         """The timeline events to act on: never history from before our (latest) join."""
@@ -349,7 +393,11 @@ class MatrixBot:
             self._reply(room_id, event, render.render_error("internal error; see the log"))
 
     async def _on_message(self, room_id: str, event: RoomMessageText) -> None:
-        if event.sender == self.client.user_id or event.server_timestamp < self._started_ms:
+        if not self._is_new(event):
+            return
+        if not await self.crypto.accepts(event):
+            log.warning("matrix: ignoring %s from %s in %s: its device is not trusted "
+                        "(trust = %s)", event.event_id, event.sender, room_id, self.crypto.trust)
             return
         relation = event.source.get("content", {}).get("m.relates_to") or {}
         if relation.get("rel_type") == "m.replace":
@@ -444,6 +492,25 @@ class MatrixBot:
 
     async def _help(self, room_id: str, event: RoomMessageText, command: Command) -> None:
         self._reply(room_id, event, render.render_help(self.config.command_prefix))
+
+    async def _answer_undecryptable(self) -> None:
+        """Tell an allowed sender (now and then) that their message stayed unreadable."""
+        while True:
+            for item in await self.crypto.expired():
+                self._undecryptable(item)
+
+    def _undecryptable(self, item: Undecryptable) -> None:
+        event = item.event
+        log.warning("matrix: gave up decrypting %s from %s (device %s) in %s: its room key "
+                    "never came", event.event_id, event.sender, event.device_id, item.room_id)
+        now = time.monotonic()
+        if not self.access.allows(event.sender) or (
+                now - self._undecryptable_at.get(event.sender, -DENIED_REPLY_EVERY_S)
+                < DENIED_REPLY_EVERY_S):
+            return  # strangers never make the bot talk; others get one notice now and then
+        self._undecryptable_at[event.sender] = now
+        self.scheduler.reply(item.room_id, event.event_id,
+                             render.render_undecryptable(str(self.client.device_id)))
 
     # -- progress ---------------------------------------------------------------------------
 

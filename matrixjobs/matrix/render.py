@@ -439,3 +439,9 @@ def render_cancelled(subject_id: str, status: str) -> Rendered:
     if status in (Status.COMPLETED, Status.FAILED):
         return _single(f"{subject_id} had already finished ({status}).")
     return _single(f"🚫 Cancelling {subject_id}…")
+
+
+def render_undecryptable(device_id: str) -> Rendered:
+    return _single(
+        f"🔒 I could not decrypt your message, so I did nothing. Your client did not share "
+        f"its key with my device {device_id}: check that it trusts it, then send again.")

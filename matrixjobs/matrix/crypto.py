@@ -1,0 +1,221 @@
+"""End-to-end encryption for the bot: its crypto store, key upkeep, whom it trusts, and
+messages it cannot decrypt (yet).
+
+matrix-nio does the cryptography (vodozemac): it decrypts timeline events during a sync
+and encrypts in `room_send`. What a bot with its own sync loop must add is here: upload
+and top up one-time keys, learn the devices of the people it shares rooms with and decide
+which of them get room keys (`[matrix] trust`), and keep undecryptable messages until
+their room key arrives or their time runs out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+
+from nio import (
+    AsyncClient,
+    EncryptionError,
+    Event,
+    KeysQueryResponse,
+    LocalProtocolError,
+    MegolmEvent,
+)
+from nio.crypto import OlmDevice
+
+log = logging.getLogger(__name__)
+
+# Undecryptable messages kept at once; more (a flood, or a room that never shares keys
+# with the bot) are dropped oldest first.
+MAX_PENDING = 200
+
+
+class Trust(StrEnum):
+    TOFU = "tofu"  # pin each device's key when first seen; a changed key is refused
+    ALL = "all"  # every device in the room gets room keys
+    VERIFIED = "verified"  # only devices verified in the crypto store
+
+
+def open_store_dir(path: Path) -> Path:
+    """Create the crypto store directory, readable by the service user only (it holds
+    the device's private keys)."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(path, 0o700)
+    return path
+
+
+@dataclass(slots=True)
+class Undecryptable:
+    room_id: str
+    event: MegolmEvent
+    deadline: float
+
+
+class Crypto:
+    """Key upkeep and trust for one logged-in client with encryption enabled."""
+
+    def __init__(self, client: AsyncClient, trust: Trust, decrypt_timeout_s: float,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
+        self.client = client
+        self.trust = trust
+        self.decrypt_timeout_s = decrypt_timeout_s
+        self._monotonic = monotonic
+        self._pending: dict[str, Undecryptable] = {}
+        self._added = asyncio.Event()
+        self._warned: set[tuple[str, str]] = set()
+
+    # -- keys -------------------------------------------------------------------------------
+
+    async def upkeep(self) -> None:
+        """After each sync: upload (and top up) our keys, learn changed devices, open Olm
+        sessions that are missing, and send queued to-device messages (key requests,
+        session repairs)."""
+        client = self.client
+        if client.should_upload_keys:
+            await client.keys_upload()
+        if client.should_query_keys:
+            await self.query_keys()
+        if client.should_claim_keys:
+            await client.keys_claim(client.get_users_for_key_claiming())
+        await client.send_to_device_messages()
+
+    async def query_keys(self) -> None:
+        response = await self.client.keys_query()
+        if isinstance(response, KeysQueryResponse):
+            self._check_pinned(response)
+        self.apply_trust()
+
+    async def prepare_room(self, room_id: str) -> None:
+        """Before sending into an encrypted room: know its members and their devices, and
+        decide about new ones, so that nio never meets a device we have not judged."""
+        client = self.client
+        room = client.rooms.get(room_id)
+        if room is None or not room.encrypted:
+            return
+        if not room.members_synced:
+            await client.joined_members(room_id)
+        if client.should_query_keys:
+            await self.query_keys()
+
+    @property
+    def ignore_unverified_devices(self) -> bool:
+        return self.trust is Trust.ALL
+
+    def apply_trust(self) -> None:
+        """TOFU: every device not yet judged is verified (pinning its keys). Verified-only:
+        every device not verified is blacklisted (it gets no room keys)."""
+        if self.trust is Trust.ALL:
+            return
+        client = self.client
+        for device in list(client.device_store):
+            if device.deleted or client.olm is None:
+                continue
+            if (device.user_id, device.id) == (client.user_id, client.device_id):
+                continue
+            if client.olm.is_device_verified(device) or client.olm.is_device_blacklisted(device):
+                continue
+            if self.trust is Trust.TOFU:
+                log.info("matrix: trusting %s's new device %s on first use (%s)",
+                         device.user_id, device.id, device.ed25519)
+                client.verify_device(device)
+            else:
+                log.info("matrix: %s's device %s is not verified; it gets no room keys",
+                         device.user_id, device.id)
+                client.blacklist_device(device)
+
+    def _check_pinned(self, response: KeysQueryResponse) -> None:
+        """nio keeps a known device's first signing key and ignores a new one; say so, and
+        under TOFU stop sharing room keys with that device id."""
+        store = self.client.device_store
+        for user_id, devices in response.device_keys.items():
+            for device_id, payload in devices.items():
+                known = store[user_id].get(device_id) if user_id in store.users else None
+                claimed = (payload.get("keys") or {}).get(f"ed25519:{device_id}")
+                if known is None or claimed is None or claimed == known.ed25519:
+                    continue
+                if (user_id, device_id) not in self._warned:
+                    self._warned.add((user_id, device_id))
+                    log.warning("matrix: the signing key of %s's device %s changed (pinned %s, "
+                                "now %s); it gets no room keys and its messages are refused",
+                                user_id, device_id, known.ed25519, claimed)
+                if self.trust is not Trust.ALL:
+                    self.client.blacklist_device(known)
+
+    async def accepts(self, event: Event) -> bool:
+        """May a decrypted command be acted on, given the device that encrypted it?"""
+        if not getattr(event, "decrypted", False) or self.trust is Trust.ALL:
+            return True
+        if event.verified or self.trust is Trust.VERIFIED:
+            return bool(event.verified)
+        device = self._device_of(event.sender, event.sender_key)
+        if device is None and self.client.should_query_keys:
+            await self.query_keys()  # a device not met yet: meet it (and trust it, TOFU)
+            device = self._device_of(event.sender, event.sender_key)
+        # Unknown still (a key swapped under a known device id), or blacklisted: refused.
+        return (device is not None and self.client.olm is not None
+                and self.client.olm.is_device_verified(device))
+
+    def _device_of(self, user_id: str, curve_key: str | None) -> OlmDevice | None:
+        store = self.client.device_store
+        if user_id not in store.users or curve_key is None:
+            return None
+        return store.device_from_sender_key(user_id, curve_key)
+
+    # -- undecryptable messages -------------------------------------------------------------
+
+    async def undecryptable(self, room_id: str, event: MegolmEvent) -> None:
+        """Remember a message we cannot decrypt, and ask for its room key."""
+        event.room_id = event.room_id or room_id
+        log.warning("matrix: cannot decrypt %s from %s (device %s) in %s yet; asking for "
+                    "its room key", event.event_id, event.sender, event.device_id, room_id)
+        if len(self._pending) >= MAX_PENDING:
+            self._pending.pop(next(iter(self._pending)))
+        self._pending[event.event_id] = Undecryptable(
+            room_id, event, self._monotonic() + self.decrypt_timeout_s)
+        self._added.set()
+        with contextlib.suppress(LocalProtocolError):  # already asked for this session
+            await self.client.request_room_key(event)
+
+    def decrypt_pending(self) -> list[tuple[str, Event]]:
+        """The remembered messages whose room key has arrived since, decrypted."""
+        olm = self.client.olm
+        if olm is None:
+            return []
+        found = []
+        for event_id, item in list(self._pending.items()):
+            event = item.event
+            if not olm.inbound_group_store.get(item.room_id, event.sender_key,
+                                               event.session_id):
+                continue
+            del self._pending[event_id]
+            try:
+                decrypted = self.client.decrypt_event(event)
+            except EncryptionError as exc:
+                log.warning("matrix: the key for %s arrived but decrypting failed: %s",
+                            event_id, exc)
+                continue
+            log.info("matrix: decrypted %s from %s after its key arrived",
+                     event_id, event.sender)
+            found.append((item.room_id, decrypted))
+        return found
+
+    async def expired(self) -> list[Undecryptable]:
+        """Wait until remembered messages run out of time; return (and forget) them."""
+        while True:
+            now = self._monotonic()
+            due = [item for item in self._pending.values() if item.deadline <= now]
+            if due:
+                for item in due:
+                    del self._pending[item.event.event_id]
+                return due
+            self._added.clear()
+            wait = min((item.deadline - now for item in self._pending.values()), default=None)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._added.wait(), wait)
