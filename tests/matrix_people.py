@@ -11,7 +11,7 @@ import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any
 
-from synapse_server import SynapseServer
+from matrixjobs.demo.synapse import SynapseServer
 
 _txn = itertools.count()
 
