@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from matrixjobs import __version__
 from matrixjobs.config import Config, load_config
 from matrixjobs.console.commands import add_client_commands
+from matrixjobs.demo.command import add_demo_command
 from matrixjobs.errors import ConfigError, MatrixJobsError
 from matrixjobs.queue.handlers import HandlerRegistry, load_user_handlers
 from matrixjobs.service import build_service
@@ -51,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the service's API URL or unix:/path/api.sock (default: "
                           f"$MATRIXJOBS_API_URL or {MCP_DEFAULT_API})")
     mcp.set_defaults(handler=cmd_mcp)
+    add_demo_command(commands)
     return parser
 
 
