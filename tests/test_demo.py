@@ -169,3 +169,17 @@ def test_room_view_shows_the_newest_edit_of_the_original_sender_only():
     assert reply is not None and reply.body == "✅ docs"
     assert [m.event_id for m in view.messages.values()] == ["$cmd", "$p"]
     assert view.apply(event("$p", "@bot:x", "🔄 docs")) is None  # seen before: no reset
+
+
+def test_room_view_shows_joins_but_not_invites_or_profile_changes():
+    view = RoomView("!r")
+
+    def member(event_id, sender, target, membership, before=None):
+        return {"type": "m.room.member", "event_id": event_id, "sender": sender,
+                "state_key": target, "content": {"membership": membership},
+                "unsigned": {"prev_content": {"membership": before}} if before else {}}
+
+    assert view.apply(member("$i", "@demo:x", "@bot:x", "invite")) is None
+    assert view.apply(member("$j", "@bot:x", "@bot:x", "join", before="invite")) is not None
+    assert view.apply(member("$n", "@bot:x", "@bot:x", "join", before="join")) is None
+    assert view.joined("@bot:x") and not view.joined("@demo:x")

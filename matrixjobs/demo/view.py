@@ -46,9 +46,10 @@ class RoomView:
         kind = event.get("type")
         content = event.get("content") or {}
         if kind == "m.room.member":
-            if content.get("membership") != "join" or event.get("state_key") != event.get(
-                    "sender"):
-                return None
+            before = (event.get("unsigned") or {}).get("prev_content") or {}
+            if (content.get("membership") != "join" or before.get("membership") == "join"
+                    or event.get("state_key") != event.get("sender")):
+                return None  # only joins: no invites, leaves or profile changes
             return self._add(event, JOINED, membership=True)
         if kind != "m.room.message" or not isinstance(content.get("body"), str):
             return None
