@@ -128,6 +128,7 @@ class Demo:
 
     async def run(self) -> int:
         cleanup = AsyncExitStack()
+        cleanup.callback(self._remove_directory)
         try:
             if not self.options.until_done:
                 return await self._play(cleanup)
@@ -141,6 +142,9 @@ class Demo:
             if outcome != EXIT_OK:
                 self.display.note(self._log_tail())
             return outcome
+        except DemoError:
+            self.display.note(self._log_tail())  # the directory, and the log, are going away
+            raise
         finally:
             self.closing = True
             await cleanup.aclose()
@@ -148,7 +152,6 @@ class Demo:
                               + ("." if self.options.keep else f"; removed {self.directory}."))
 
     async def _play(self, cleanup: AsyncExitStack) -> int:
-        cleanup.callback(self._remove_directory)
         self._log_to_file()
         say = self.display.note
         say(f"Starting a throwaway Synapse on {self.synapse.base_url} (in {self.directory})…")
