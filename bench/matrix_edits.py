@@ -1,6 +1,6 @@
 """Progress edits against a real Synapse: events per job and how late the final state shows.
 
-A real Synapse (tests/synapse_server.py) with Synapse's DEFAULT message rate limit
+A real Synapse (matrixjobs/demo/synapse.py) with Synapse's DEFAULT message rate limit
 (`rc_message`: 0.2 events/s per user, burst 10) runs in a temp dir. One person (exempted
 from the rate limit, so only the bot is measured) drives a fresh bot in each scenario:
 
@@ -64,9 +64,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
 from matrix_people import Person  # noqa: E402
-from synapse_server import SynapseServer  # noqa: E402
 
 from matrixjobs.config import Config  # noqa: E402
+from matrixjobs.demo.synapse import SynapseServer  # noqa: E402
 from matrixjobs.matrix.bot import MatrixBot  # noqa: E402
 from matrixjobs.matrix.edits import RateLimitedError, SendFailedError  # noqa: E402
 from matrixjobs.service import build_service  # noqa: E402

@@ -13,6 +13,7 @@ from matrixjobs import __version__
 from matrixjobs.config import Config, load_config
 from matrixjobs.console.commands import add_client_commands
 from matrixjobs.daemon import serve
+from matrixjobs.demo.command import add_demo_command
 from matrixjobs.errors import ConfigError, MatrixJobsError
 from matrixjobs.logs import mask, setup_logging
 from matrixjobs.ops.commands import add_ops_commands
@@ -55,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the service's API URL or unix:/path/api.sock (default: "
                           f"$MATRIXJOBS_API_URL or {MCP_DEFAULT_API})")
     mcp.set_defaults(handler=cmd_mcp)
+    add_demo_command(commands)
     return parser
 
 

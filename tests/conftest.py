@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 from helpers import make_config
-from synapse_server import make_synapse_fixture
+from synapse_fixtures import make_synapse_fixture
 
 from matrixjobs.app import App
 from matrixjobs.config import Config

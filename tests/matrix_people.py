@@ -24,7 +24,8 @@ from nio import (
     RoomSendResponse,
 )
 from nio.crypto import OlmDevice
-from synapse_server import SynapseServer
+
+from matrixjobs.demo.synapse import SynapseServer
 
 _txn = itertools.count()
 

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 from matrix_people import Person
-from synapse_server import free_port
 
 from matrixjobs.config import load_config
+from matrixjobs.demo.synapse import free_port
 from matrixjobs.ops.doctor import doctor
 from matrixjobs.service import build_service
 

@@ -8,7 +8,9 @@ import urllib.request
 
 import nio
 import pytest
-from synapse_server import SynapseError, SynapseHTTPError, SynapseServer, make_synapse_fixture
+from synapse_fixtures import make_synapse_fixture
+
+from matrixjobs.demo.synapse import SynapseError, SynapseHTTPError, SynapseServer
 
 hs = make_synapse_fixture(scope="module")
 

@@ -1,8 +1,8 @@
-"""A throwaway, real Synapse homeserver for end-to-end tests and bench scripts.
+"""A throwaway, real Synapse homeserver: for `matrixjobs demo`, end-to-end tests and benches.
 
-Plain module on purpose: no pytest import at module level, stdlib-only HTTP (urllib), so
-``bench/`` scripts can use it too.  Needs ``matrix-synapse`` installed in the running
-interpreter's environment (Synapse is started as ``sys.executable -m synapse.app.homeserver``).
+Stdlib only (HTTP through urllib), no pytest: the demo, ``tests/`` and ``bench/`` all use it.
+Needs ``matrix-synapse`` installed in the running interpreter's environment (Synapse is
+started as ``sys.executable -m synapse.app.homeserver``).
 
 Typical use::
 
@@ -10,11 +10,7 @@ Typical use::
         alice = hs.register("alice")                 # {"user_id", "access_token", ...}
         client = nio.AsyncClient(hs.base_url, alice["user_id"])
 
-From pytest (e.g. in conftest.py)::
-
-    from synapse_server import make_synapse_fixture
-    synapse = make_synapse_fixture()                         # relaxed rate limits
-    synapse_rl = make_synapse_fixture(rate_limits=True)      # Synapse's default rc_message
+The pytest fixtures around it are in tests/synapse_fixtures.py.
 
 Rate limits: with ``rate_limits=False`` (default) every ``rc_*`` limiter is raised so high
 that tests never meet one.  With ``rate_limits=True`` only ``rc_message`` keeps Synapse's
@@ -49,7 +45,6 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -59,7 +54,6 @@ __all__ = [
     "SynapseHTTPError",
     "SynapseServer",
     "free_port",
-    "make_synapse_fixture",
     "synapse_installed",
 ]
 
@@ -531,35 +525,3 @@ class SynapseServer:
             + urllib.parse.quote(user_id, safe="")
             + "/override_ratelimit"
         )
-
-
-def make_synapse_fixture(
-    *,
-    rate_limits: bool = False,
-    scope: str = "session",
-    name: str | None = None,
-    **server_kwargs: Any,
-) -> Callable[..., Iterator[SynapseServer]]:
-    """Build a pytest fixture yielding a started ``SynapseServer`` (pytest imported lazily).
-
-    In conftest.py::
-
-        synapse = make_synapse_fixture()                        # fixture named "synapse"
-        synapse_rl = make_synapse_fixture(rate_limits=True)     # named "synapse_rl"
-
-    Fails the requesting tests when matrix-synapse is not installed.
-    """
-    import pytest
-
-    def _fixture() -> Iterator[SynapseServer]:
-        if not synapse_installed():  # a skip would hide that the e2e tests never ran
-            pytest.fail("matrix-synapse is not installed: pip install -e '.[test]'")
-        server = SynapseServer(rate_limits=rate_limits, **server_kwargs)
-        with server:
-            yield server
-
-    fixture: Callable[..., Iterator[SynapseServer]] = pytest.fixture(
-        scope=scope,  # type: ignore[arg-type]  # pytest types scope as a Literal
-        name=name,
-    )(_fixture)
-    return fixture

@@ -1,0 +1,1 @@
+"""`matrixjobs demo`: the whole thing on one machine, with a throwaway homeserver."""
