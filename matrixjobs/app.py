@@ -102,7 +102,7 @@ class App:
         self._accepting = False
         running = self.queue.running_count
         if running and grace_s > 0:
-            log.info("stopping: %d running jobs get up to %.0fs to finish", running, grace_s)
+            log.info("stopping: %d running jobs get up to %gs to finish", running, grace_s)
         await self.queue.stop(grace_s)
         self.monitor.tick()  # publish the final and requeued states before the interfaces go
         for component in reversed(self.components):

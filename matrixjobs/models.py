@@ -21,6 +21,9 @@ class Status(enum.StrEnum):
 
 TERMINAL = frozenset({Status.COMPLETED, Status.FAILED, Status.CANCELLED})
 
+# The error a job carries when a stopping service sent it back to pending.
+INTERRUPTED_BY_STOP = "the service stopped mid-run; it runs again when the service is back"
+
 JOB_PREFIX = "j"
 BATCH_PREFIX = "b"
 

@@ -626,6 +626,37 @@ async def test_command_that_exits_but_leaves_a_grandchild_holding_stdout_complet
         kill_quietly(grandchild)
 
 
+async def test_cancel_is_prompt_when_a_grandchild_left_the_group_holding_stdout(
+    tmp_path, running_app
+):
+    """A daemon that called setsid() is out of reach of the group signals (systemd's
+    cgroup gets it); the job must still end at once when its own process dies."""
+    pidfile = tmp_path / "pids"
+    code = (
+        "import os, subprocess, sys, time\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(30)'],"
+        " start_new_session=True)\n"
+        "pids = [os.getpid(), child.pid]\n"
+        + write_pids_code(pidfile)
+        + "time.sleep(60)\n"
+    )
+    app = await running_app(make_config(tmp_path, queue={"kill_grace_s": 5.0},
+                                        targets={"t": python_target(code)}))
+    job = await app.submit("t")
+    leader, escaped = await read_pids(pidfile, 2)
+    try:
+        started = time.monotonic()
+        cancelled = await asyncio.wait_for(app.cancel(job.id), 10)
+        assert cancelled.status == Status.CANCELLED
+        assert await wait_gone(leader)
+        # The leader dies of SIGTERM at once: no waiting out the kill grace (5 s here)
+        # for a pipe the escaped grandchild keeps open.
+        assert time.monotonic() - started < 3
+    finally:
+        kill_quietly(leader)
+        kill_quietly(escaped)
+
+
 # -- awkward output ----------------------------------------------------------------------------
 
 

@@ -317,9 +317,11 @@ async def test_flush_sends_every_latest_state_and_reply_at_once(store):
     assert await sched.flush(1.0) == 0
     bodies = [content.get("m.new_content", content)["body"] for _, _, content in sender.sent[2:]]
     assert len(bodies) == 4, bodies
-    assert any("4/10" in body for body in bodies)
-    assert any(body.startswith("✅") for body in bodies)
-    assert any("shutting down" in body for body in bodies)
+    # Final states first, then first messages, replies, progress.
+    assert bodies[0].startswith("✅")
+    assert "j3" in bodies[1]
+    assert "shutting down" in bodies[2]
+    assert "4/10" in bodies[3]
     assert sched.backlog == 0
 
 

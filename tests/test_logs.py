@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from matrixjobs.logs import ServiceFormatter, mask
+from matrixjobs.logs import ServiceFormatter, mask, to_journal
 
 
 def record(level: int, message: str, *args: object) -> logging.LogRecord:
@@ -39,3 +39,27 @@ def test_secrets_are_masked_wherever_they_appear():
     line = formatter.format(record(logging.ERROR, "login with %s failed (abc)",
                                    "hunter2-password"))
     assert "hunter2-password" not in line and "login with *** failed (abc)" in line
+
+
+def test_token_fields_are_masked_even_when_the_token_is_not_known_yet():
+    line = ServiceFormatter(journald=False).format(record(
+        logging.DEBUG, "response %s", {"user_id": "@bot:x", "access_token": "syt_abc_123"}))
+    assert "syt_abc_123" not in line and "'access_token': '***'" in line
+    query = ServiceFormatter(journald=False).format(record(
+        logging.DEBUG, "GET /sync?access_token=syt_xyz&since=s1"))
+    assert "syt_xyz" not in query and "since=s1" in query
+
+
+def test_journal_mode_only_when_stderr_is_the_stream_journal_stream_names(tmp_path,
+                                                                          monkeypatch):
+    import os
+
+    with open(tmp_path / "log", "w") as stream:
+        stat = os.fstat(stream.fileno())
+        monkeypatch.setenv("JOURNAL_STREAM", f"{stat.st_dev}:{stat.st_ino}")
+        assert to_journal(stream.fileno())
+        # A shell started from a service inherits the variable, with stderr elsewhere.
+        monkeypatch.setenv("JOURNAL_STREAM", f"{stat.st_dev}:{stat.st_ino + 1}")
+        assert not to_journal(stream.fileno())
+        monkeypatch.delenv("JOURNAL_STREAM")
+        assert not to_journal(stream.fileno())

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -55,9 +56,10 @@ def write_config(directory: Path, homeserver: str, bot: str, alice: str,
     return config
 
 
-def start(config: Path) -> subprocess.Popen:
+def start(config: Path, log_level: str = "info") -> subprocess.Popen:
     env = {**os.environ, "MATRIXJOBS_PASSWORD": "bot-password"}
-    return subprocess.Popen([sys.executable, "-m", "matrixjobs", "run", "--config", str(config)],
+    return subprocess.Popen([sys.executable, "-m", "matrixjobs", "run", "--config", str(config),
+                             "--log-level", log_level],
                             cwd=config.parent, env=env, stdout=subprocess.DEVNULL,
                             stderr=open(config.parent / "service.log", "a"))
 
@@ -159,7 +161,7 @@ def test_sigterm_mid_job_finishes_it_and_the_message_before_exiting(synapse, tmp
     alice = Person.register(synapse, "gracealice")
     room = alice.create_room([bot])
     config = write_config(tmp_path, synapse.base_url, bot, alice.user_id, grace_s=30)
-    service = start(config)
+    service = start(config, log_level="debug")  # the most a log ever shows
     try:
         wait_for(lambda: bot in alice.members(room))
         command = alice.send(room, "!build slow")
@@ -181,6 +183,10 @@ def test_sigterm_mid_job_finishes_it_and_the_message_before_exiting(synapse, tmp
     assert strays == []
     assert len((tmp_path / "pids.txt").read_text().split()) == 1
     log = (tmp_path / "service.log").read_text()
+    with contextlib.closing(sqlite3.connect(tmp_path / "state" / "jobs.db")) as raw:
+        [(token,)] = raw.execute(
+            "SELECT value FROM settings WHERE key = 'matrix.access_token'").fetchall()
+    assert token and token not in log
     assert "bot-password" not in log
 
 

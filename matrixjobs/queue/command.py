@@ -151,6 +151,7 @@ class CommandHandler:
             raise
         finally:
             self._groups.discard(process.pid)
+            _close_pipes(process)
         if returncode != 0:
             raise CommandFailedError(returncode, list(parser.tail))
         return {"exitCode": 0, "output": list(parser.tail)[-5:]}
@@ -216,10 +217,10 @@ class CommandHandler:
         """SIGTERM the whole process group, SIGKILL it after the grace period."""
         _signal_group(process.pid, signal.SIGTERM)
         try:
-            await asyncio.wait_for(process.wait(), self.kill_grace_s)
+            await asyncio.wait_for(_exited(process), self.kill_grace_s)
         except TimeoutError:
             _signal_group(process.pid, signal.SIGKILL)
-            await process.wait()
+            await _exited(process)
         except asyncio.CancelledError:
             _signal_group(process.pid, signal.SIGKILL)
             raise
@@ -230,3 +231,16 @@ class CommandHandler:
 def _signal_group(pgid: int, sig: signal.Signals) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, sig)
+
+
+async def _exited(process: asyncio.subprocess.Process) -> None:
+    # Not Process.wait(): it also waits for the pipes to close, which a grandchild that
+    # left the process group (setsid) can hold open forever.
+    while process.returncode is None:
+        await asyncio.sleep(EXIT_POLL_S)
+
+
+def _close_pipes(process: asyncio.subprocess.Process) -> None:
+    """Stop reading a finished target's output, even while an escaped grandchild still
+    holds the pipe; asyncio has no public way to close a child's pipes."""
+    process._transport.close()  # type: ignore[attr-defined]

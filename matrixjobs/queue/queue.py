@@ -41,6 +41,7 @@ from matrixjobs.errors import (
 )
 from matrixjobs.models import (
     BATCH_PREFIX,
+    INTERRUPTED_BY_STOP,
     Batch,
     Job,
     JobSpec,
@@ -70,7 +71,9 @@ MAX_BACKOFF_S = 3600.0
 STORE_RETRY_S = 1.0
 
 
-INTERRUPTED_BY_STOP = "the service stopped mid-run; it runs again when the service is back"
+# Written when a stop begins: if the stop is then cut short (a second signal), the next
+# start knows this owner's running jobs were stopped, not the cause of a crash.
+SETTING_STOPPING_OWNER = "queue.stopping_owner"
 
 
 @dataclass(slots=True)
@@ -112,9 +115,16 @@ class JobQueue:
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:
-        recovery = await self.store.recover_interrupted(self.owner, self._clock())
+        stopped = await self.store.get_setting(SETTING_STOPPING_OWNER)
+        recovery = await self.store.recover_interrupted(self.owner, self._clock(), stopped)
+        if stopped:
+            await self.store.set_setting(SETTING_STOPPING_OWNER, "")
         for job in recovery.cancelled:
             log.info("job %s (%s) was being cancelled when the service stopped; cancelled",
+                     job.id, job.name)
+            self.monitor.job_settled(job)
+        for job in recovery.resumed:
+            log.info("job %s (%s) was stopped with the service; running it again",
                      job.id, job.name)
             self.monitor.job_settled(job)
         for job in recovery.requeued:
@@ -133,6 +143,12 @@ class JobQueue:
     async def stop(self, grace_s: float = 0.0) -> None:
         """Stop taking work; give running jobs `grace_s`, then requeue the rest."""
         self._accepting = False
+        if self._running:
+            try:
+                await self.store.set_setting(SETTING_STOPPING_OWNER, self.owner)
+            except Exception:  # the stop itself must go on
+                log.warning("could not record the stop: if it is cut short, the running "
+                            "jobs each spend a retry when they run again")
         self._release_ready(keep=0)
         tasks = [r.task for r in self._running.values()]
         if tasks and grace_s > 0:

@@ -27,6 +27,7 @@ class Recovery:
     """Jobs found `processing` whose worker is gone, and what became of them."""
 
     cancelled: list[Job] = field(default_factory=list)
+    resumed: list[Job] = field(default_factory=list)  # back to pending, no retry spent
     requeued: list[Job] = field(default_factory=list)
     failed: list[Job] = field(default_factory=list)
     batches: list[Batch] = field(default_factory=list)
@@ -81,9 +82,12 @@ class Store(abc.ABC):
         """Extend the leases of `owner`'s running jobs and save their progress snapshots."""
 
     @abc.abstractmethod
-    async def recover_interrupted(self, owner: str, now: float) -> Recovery:
+    async def recover_interrupted(self, owner: str, now: float,
+                                  stopped_owner: str | None = None) -> Recovery:
         """Settle jobs whose worker died: cancel those whose cancel was requested, requeue
-        (retry_count < max_retries) or fail ("interrupted") the rest."""
+        (retry_count < max_retries) or fail ("interrupted") the rest. Jobs of
+        `stopped_owner` (a service told to stop, then forced out) go back to pending
+        without spending a retry: they were not the reason it died."""
 
     @abc.abstractmethod
     async def request_cancel(self, job_id: str) -> None:

@@ -21,6 +21,7 @@ import aiosqlite
 
 from matrixjobs.errors import AlreadySubmittedError, StoreError
 from matrixjobs.models import (
+    INTERRUPTED_BY_STOP,
     Batch,
     Job,
     JobSpec,
@@ -409,7 +410,8 @@ class SqliteStore(Store):
                 [(p.current, p.total, p.message, _number(jid)) for jid, p in progress.items()],
             )
 
-    async def recover_interrupted(self, owner: str, now: float) -> Recovery:
+    async def recover_interrupted(self, owner: str, now: float,
+                                  stopped_owner: str | None = None) -> Recovery:
         recovery = Recovery()
         # Single-owner database (see module doc): any other owner's running job is orphaned.
         stale = "status = 'processing' AND (owner IS NULL OR owner != ?)"
@@ -424,6 +426,12 @@ class SqliteStore(Store):
             ) as cursor:
                 recovery.cancelled = [_job(row) for row in await cursor.fetchall()]
             async with self.db.execute(
+                "UPDATE jobs SET status = 'pending', run_after = ?, error = ?, owner = NULL, "
+                f"lease_expires_at = NULL WHERE {stale} AND owner = ? RETURNING {JOB_COLUMNS}",
+                (now, INTERRUPTED_BY_STOP, owner, stopped_owner),
+            ) as cursor:
+                recovery.resumed = [_job(row) for row in await cursor.fetchall()]
+            async with self.db.execute(
                 "UPDATE jobs SET status = 'pending', retry_count = retry_count + 1, "
                 "run_after = ?, error = 'interrupted', owner = NULL, lease_expires_at = NULL "
                 f"WHERE {stale} AND retry_count < max_retries RETURNING {JOB_COLUMNS}",
@@ -436,7 +444,7 @@ class SqliteStore(Store):
                 (now, owner),
             ) as cursor:
                 recovery.failed = [_job(row) for row in await cursor.fetchall()]
-            ended = recovery.cancelled + recovery.requeued + recovery.failed
+            ended = recovery.cancelled + recovery.resumed + recovery.requeued + recovery.failed
             touched = {j.batch_id for j in ended if j.batch_id}
             recovery.batches = await self._refresh_batches(touched, now)
         return recovery
