@@ -15,8 +15,10 @@ import shutil
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from dotenv import dotenv_values
 from pydantic import (
@@ -39,12 +41,32 @@ USER_RE = re.compile(r"^@[^:\s]+:[^\s]+$")
 # Room ids are opaque (`!abc:server`, or `!abc` from room version 12); aliases `#x:server`.
 ROOM_RE = re.compile(r"^(![^\s]+|#[^:\s]+:[^\s]+)$")
 HANDLER_REF_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+# A host name once IDNA-encoded: dot-separated labels (the codec rejects empty or long ones).
+HOST_RE = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*\.?$")
+URL_HELP = "expected a URL like https://matrix.example.org"
 # Values under these keys are never echoed in errors (target env values often hold tokens).
 SECRET_KEYS = frozenset({"password", "access_token", "token", "env"})
 
 # Strict numbers: TOML has real numbers, so `workers = true` or `"4"` is a mistake to report.
 Int = Annotated[int, Strict()]
 Float = Annotated[float, Strict()]
+
+
+def homeserver_url(value: str) -> str:
+    """The URL without trailing '/'; ValueError unless an HTTP client can connect to it."""
+    if not value.startswith(("https://", "http://")):
+        raise ValueError(f"'{value}' is not an http(s) URL; {URL_HELP}")
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+        host = parts.hostname or ""
+        if ":" in host:
+            ipaddress.IPv6Address(host)
+        elif not HOST_RE.match(host.encode("idna").decode("ascii")):
+            raise ValueError(host)
+    except ValueError:  # UnicodeError too: the idna codec's complaint about a label
+        raise ValueError(f"'{value}' is not a valid URL; {URL_HELP}") from None
+    return value.rstrip("/")
 
 
 class Section(BaseModel):
@@ -79,9 +101,7 @@ class MatrixConfig(Section):
     @field_validator("homeserver")
     @classmethod
     def _homeserver(cls, value: str) -> str:
-        if not value.startswith(("https://", "http://")):
-            raise ValueError("expected a URL like https://matrix.example.org")
-        return value.rstrip("/")
+        return homeserver_url(value)
 
     @field_validator("rooms")
     @classmethod
@@ -286,6 +306,49 @@ class TargetConfig(Section):
             raise ValueError("set exactly one of 'command' (argv list) or 'handler' (name)")
         return self
 
+    def resolve_executable(self) -> str:
+        """The program a command target starts, found as the queue's exec will find it:
+        argv[0] with a '/' relative to the target's cwd, else on PATH (the target's own
+        `env` PATH if it sets one). Raise TargetProblem when the command cannot start."""
+        assert self.command is not None
+        cwd = self.cwd or Path.cwd()
+        program = self.command[0]
+        try:
+            if not cwd.is_dir():
+                raise TargetProblem(f"cwd '{cwd}' is not a directory")
+            if os.sep not in program:
+                search = self.env.get("PATH", os.environ.get("PATH", os.defpath))
+                found = shutil.which(program, path=search)
+                if found is None:
+                    raise TargetProblem(f"executable '{program}' not found on PATH")
+                return found
+            path = cwd / program  # an absolute program stays as it is
+            if not path.is_file():
+                raise TargetProblem(f"executable '{path}' not found")
+        except OSError as exc:  # a directory on the way that this user may not search
+            raise TargetProblem(f"cannot look for '{program}': {exc.strerror or exc}") from None
+        if not os.access(path, os.X_OK):
+            raise TargetProblem(f"'{path}' is not executable")
+        return str(path)
+
+
+class TargetProblem(Exception):
+    """Why a command target cannot start; the message says it for people."""
+
+
+class WarningTopic(StrEnum):
+    CREDENTIALS = "credentials"
+    TARGET = "target"
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigWarning:
+    topic: WarningTopic
+    text: str
+
+    def __str__(self) -> str:
+        return self.text
+
 
 class Config(Section):
     matrix: MatrixConfig | None = None
@@ -330,24 +393,22 @@ class Config(Section):
 
     def warnings(self) -> list[str]:
         """Problems that do not stop the service but will fail jobs or the bot."""
+        return [str(warning) for warning in self.warning_items()]
+
+    def warning_items(self) -> list[ConfigWarning]:
+        """warnings(), each with its topic (the doctor checks some topics in more detail)."""
         found = []
         if self.matrix is not None and not (self.matrix.password or self.matrix.access_token):
-            found.append("matrix: no password or access token; the bot cannot log in "
-                         "(set MATRIXJOBS_PASSWORD or MATRIXJOBS_ACCESS_TOKEN)")
+            found.append(ConfigWarning(
+                WarningTopic.CREDENTIALS, "matrix: no password or access token; the bot "
+                "cannot log in (set MATRIXJOBS_PASSWORD or MATRIXJOBS_ACCESS_TOKEN)"))
         for name, target in self.targets.items():
             if target.command is None:
                 continue
-            program = target.command[0]
-            cwd = target.cwd or Path.cwd()
-            path = target.env.get("PATH", os.environ.get("PATH"))
-            if os.sep in program:
-                exists = (cwd / program).is_file()
-            else:
-                exists = shutil.which(program, path=path) is not None
-            if not exists:
-                found.append(f"targets.{name}: executable '{program}' not found")
-            if target.cwd is not None and not target.cwd.is_dir():
-                found.append(f"targets.{name}: cwd '{target.cwd}' is not a directory")
+            try:
+                target.resolve_executable()
+            except TargetProblem as exc:
+                found.append(ConfigWarning(WarningTopic.TARGET, f"targets.{name}: {exc}"))
         return found
 
 
@@ -387,10 +448,20 @@ def _secrets(directory: Path, env: Mapping[str, str]) -> dict[str, str]:
     """Secrets from `.env` beside the config (or in the cwd); real environment wins."""
     values: dict[str, str] = {}
     for dotenv in dict.fromkeys([Path.cwd() / ".env", directory / ".env"]):
-        if dotenv.is_file():
-            values.update({k: v for k, v in dotenv_values(dotenv).items() if v is not None})
+        values.update(_read_dotenv(dotenv))
     values.update({k: env[k] for k in SECRET_ENV if env.get(k)})
     return {k: v for k, v in values.items() if k in SECRET_ENV}
+
+
+def _read_dotenv(dotenv: Path) -> dict[str, str]:
+    try:
+        if not dotenv.is_file():
+            return {}
+        values = dotenv_values(dotenv, encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise ConfigError(f"{dotenv}: cannot read: {reason}") from None
+    return {k: v for k, v in values.items() if v is not None}
 
 
 def _complete(

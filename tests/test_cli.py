@@ -160,8 +160,20 @@ def test_check_config_warns_about_a_missing_executable_but_succeeds(tmp_path):
     result = cli(tmp_path, "check-config", "--config", str(config))
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("config OK")
-    assert ("warning: targets.ghost: executable 'matrixjobs-no-such-program-xyz' not found"
-            in result.stderr.splitlines())
+    assert ("warning: targets.ghost: executable 'matrixjobs-no-such-program-xyz' not found "
+            "on PATH" in result.stderr.splitlines())
+
+
+def test_check_config_rejects_a_homeserver_url_typo(tmp_path):
+    config = write(tmp_path, """
+        [matrix]
+        homeserver = "https://matrix.example.org:8o"
+        user_id = "@jobs:example.org"
+    """)
+    result = cli(tmp_path, "check-config", "--config", str(config))
+    assert_clean_error(result)
+    assert "matrix.homeserver: 'https://matrix.example.org:8o' is not a valid URL" in result.stderr
+
 
 
 def test_check_config_rejects_an_unknown_handler(tmp_path):

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import sys
+import tempfile
 import textwrap
 import tomllib
 from pathlib import Path
@@ -23,6 +25,7 @@ from matrixjobs.config import (
     TargetConfig,
     TcpAddress,
     UnixAddress,
+    WarningTopic,
     load_config,
     parse_listen,
 )
@@ -667,7 +670,8 @@ def test_missing_executable_is_warned_about(conf_dir):
         command = ["/nonexistent/dir/build.sh"]
     """)
     warnings = load_config(path, environ={}).warnings()
-    assert "targets.ghost: executable 'matrixjobs-no-such-program-xyz' not found" in warnings
+    assert ("targets.ghost: executable 'matrixjobs-no-such-program-xyz' not found on PATH"
+            in warnings)
     assert "targets.gone: executable '/nonexistent/dir/build.sh' not found" in warnings
 
 
@@ -685,6 +689,7 @@ def test_relative_program_is_looked_up_in_the_target_cwd(conf_dir):
     tools = conf_dir / "tools"
     tools.mkdir()
     (tools / "build.sh").write_text("#!/bin/sh\n", encoding="utf-8")
+    (tools / "build.sh").chmod(0o755)
     path = write(conf_dir, """
         [targets.build]
         command = ["tools/build.sh"]
@@ -746,3 +751,99 @@ def test_matrix_without_credentials_is_warned_about(tmp_path):
     assert any("no password or access token" in w for w in warnings)
     with_env = load_config(path, environ={"MATRIXJOBS_PASSWORD": "pw"}).warnings()
     assert not any("no password" in w for w in with_env)
+
+
+def test_program_that_is_not_executable_is_warned_about(conf_dir):
+    # The queue's exec fails on it just like on a missing one.
+    (conf_dir / "build.sh").write_text("#!/bin/sh\n", encoding="utf-8")
+    (conf_dir / "build.sh").chmod(0o644)
+    path = write(conf_dir, """
+        [targets.build]
+        command = ["./build.sh"]
+    """)
+    assert load_config(path, environ={}).warnings() == [
+        f"targets.build: '{conf_dir / 'build.sh'}' is not executable"]
+
+
+def test_warnings_carry_their_topic(conf_dir):
+    path = write(conf_dir, MATRIX + """
+        [targets.ghost]
+        command = ["matrixjobs-no-such-program-xyz"]
+    """)
+    topics = [w.topic for w in load_config(path, environ={}).warning_items()]
+    assert topics == [WarningTopic.CREDENTIALS, WarningTopic.TARGET]
+
+
+# -- homeserver URL ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("url", [
+    "https://matrix.example.org:8o",  # port typo
+    "https://[::1",
+    "https://matrix..example.org",
+    "https://matrix example.org",
+    "https://",
+])
+def test_homeserver_url_an_http_client_cannot_use_is_rejected(conf_dir, url):
+    message = invalid(conf_dir, MATRIX.replace("https://matrix.example.org", url))
+    assert f"matrix.homeserver: '{url}' is not a valid URL" in message
+
+
+@pytest.mark.parametrize("url", ["http://[::1]:8008", "https://matrix.example.org:8448/",
+                                 "https://bücher.example", "http://synapse_1:8008"])
+def test_homeserver_url_variants_are_accepted(conf_dir, url):
+    path = write(conf_dir, MATRIX.replace("https://matrix.example.org", url))
+    config = load_config(path, environ={})
+    assert config.matrix is not None and config.matrix.homeserver == url.rstrip("/")
+
+
+# -- .env that cannot be read ------------------------------------------------------------------
+
+
+def test_dotenv_that_is_not_utf8_is_a_config_error(conf_dir):
+    (conf_dir / ".env").write_bytes(b"MATRIXJOBS_PASSWORD=caf\xe9\n")
+    message = config_error(write(conf_dir, MATRIX))
+    assert message.startswith(f"{conf_dir / '.env'}: cannot read:"), message
+    assert "utf-8" in message
+
+
+def load_error_as_nobody(path: Path) -> str:
+    """load_config's error in a forked child running as nobody (root may read any file)."""
+    read, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never return into pytest
+        try:
+            os.close(read)
+            os.chdir(path.parent)
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            try:
+                load_config(path, environ={})
+                message = "loaded"
+            except ConfigError as exc:
+                message = str(exc)
+            os.write(write_end, message.encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read, encoding="utf-8") as pipe:
+        message = pipe.read()
+    os.waitpid(pid, 0)
+    return message
+
+
+def test_dotenv_that_may_not_be_read_is_a_config_error(tmp_path):
+    as_root = os.geteuid() == 0
+    base = Path(tempfile.mkdtemp(prefix="config-env-")) if as_root else tmp_path
+    try:
+        base.chmod(0o755)
+        path = write(base, MATRIX)
+        dotenv = base / ".env"
+        dotenv.write_text("MATRIXJOBS_PASSWORD=secret\n", encoding="utf-8")
+        dotenv.chmod(0o600 if as_root else 0o000)  # root's own, or nobody's at all
+        message = load_error_as_nobody(path) if as_root else config_error(path)
+        assert message == f"{dotenv}: cannot read: Permission denied"
+    finally:
+        if as_root:
+            shutil.rmtree(base)
