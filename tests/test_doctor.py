@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import http.server
 import io
 import json
 import os
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 import urllib.parse
 from pathlib import Path
@@ -20,8 +22,10 @@ from matrix_people import Person
 
 from matrixjobs.config import load_config
 from matrixjobs.demo.synapse import free_port
+from matrixjobs.matrix.bot import SETTING_TOKEN, SETTING_USER
 from matrixjobs.ops.doctor import doctor
 from matrixjobs.service import build_service
+from matrixjobs.store.sqlite import SqliteStore
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -377,3 +381,201 @@ def test_unix_socket_api_is_checked_without_creating_it(tmp_path):
     assert not failed, "\n".join(lines)
     assert "creates the socket at start" in line(lines, "api:")
     assert list((tmp_path / "run").iterdir()) == []
+
+
+# -- review findings --------------------------------------------------------------------------
+
+
+async def save_token(store_path: Path, user_id: str, token: str) -> None:
+    """Leave what the service leaves after a password login: its user and token."""
+    store = SqliteStore(store_path)
+    await store.open()
+    try:
+        await store.set_setting(SETTING_USER, user_id)
+        await store.set_setting(SETTING_TOKEN, token)
+    finally:
+        await store.close()
+
+
+def test_refused_configured_token_does_not_fall_back_on_the_saved_token(deployment):
+    # The bot tries the token saved in its store only when no access token is configured:
+    # with a refused configured token and no password it never logs in, whatever it saved.
+    config = deployment.write(password=None)
+    asyncio.run(save_token(config.parent / "state" / "matrixjobs.db", deployment.bot.user_id,
+                           deployment.bot.token))
+
+    failed, lines = doctor_lines(config, MATRIXJOBS_ACCESS_TOKEN="syt_revoked_long_ago")
+
+    assert failed
+    text = line(lines, "login:")
+    assert text.startswith("✗") and "configured access token was refused" in text, text
+    assert "no password" in text
+
+    failed, lines = doctor_lines(config)  # no configured token: the saved one is used
+    assert not failed, "\n".join(lines)
+    assert "saved in its store" in line(lines, "login:")
+
+
+def test_homeserver_url_an_http_client_refuses_is_one_short_failure(deployment):
+    # Passes the config's check (IDNA 2003 drops the zero-width joiner); IDNA 2008 refuses.
+    config = deployment.write(homeserver="https://matrix\u200d.example.org")
+    result = run_doctor(config)
+    assert result.returncode == 1
+    text = line(result.stdout.splitlines(), "homeserver:")
+    assert text.startswith("✗") and "not a valid URL" in text
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_homeserver_url_typo_is_a_config_error(deployment):
+    config = deployment.write(homeserver="https://matrix..example.org")
+    result = run_doctor(config)
+    assert result.returncode == 1
+    assert result.stdout.startswith("✗ config:") and "not a valid URL" in result.stdout
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+class FakeServer:
+    """An HTTP server on a free port answering each path with fixed bytes, for answers no
+    real Synapse gives: not UTF-8, not the expected JSON shape."""
+
+    def __init__(self, answers: dict[str, bytes]) -> None:
+        answers_by_path = answers
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                body = answers_by_path.get(self.path.split("?")[0])
+                self.send_response(200 if body is not None else 404)
+                self.send_header("Content-Type", "application/json")
+                self.end_headers()
+                self.wfile.write(body or b'{"errcode": "M_UNRECOGNIZED"}')
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.address = f"127.0.0.1:{self.server.server_address[1]}"
+
+    def __enter__(self) -> FakeServer:
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def fake_homeserver_config(tmp_path: Path, homeserver: str, api: str = "") -> Path:
+    config = tmp_path / "config.toml"
+    config.write_text(textwrap.dedent(f"""
+        [matrix]
+        homeserver = "{homeserver}"
+        user_id = "@bot:fake"
+        rooms = ["!room:fake"]
+        [api]
+        {f'listen = "{api}"' if api else "enabled = false"}
+    """), encoding="utf-8")
+    return config
+
+
+@pytest.mark.parametrize("versions", [b'{"versions": ["\xff"]}', b'{"versions": 5}',
+                                      b'{"versions": [5]}'])
+def test_odd_versions_answer_is_not_a_homeserver(tmp_path, versions):
+    with FakeServer({"/_matrix/client/versions": versions}) as fake:
+        config = fake_homeserver_config(tmp_path, fake.url)
+        failed, lines = doctor_lines(config, MATRIXJOBS_ACCESS_TOKEN="t")
+    assert failed
+    assert "is not a Matrix client-server API" in line(lines, "homeserver:")
+
+
+def test_odd_joined_rooms_answer_fails_the_rooms_check(tmp_path):
+    with FakeServer({
+        "/_matrix/client/versions": b'{"versions": ["v1.11"]}',
+        "/_matrix/client/v3/account/whoami": b'{"user_id": "@bot:fake"}',
+        "/_matrix/client/v3/joined_rooms": b'{"joined_rooms": [{"room": 1}]}',
+    }) as fake:
+        config = fake_homeserver_config(tmp_path, fake.url)
+        failed, lines = doctor_lines(config, MATRIXJOBS_ACCESS_TOKEN="t")
+    assert failed
+    assert line(lines, "login:").startswith("✓")
+    text = line(lines, "rooms:")
+    assert text.startswith("✗") and "'joined_rooms' is not a list of strings" in text
+
+
+def test_api_port_answering_with_non_utf8_is_another_program(tmp_path):
+    with FakeServer({"/healthz": b'{"status": "ok\xff"}'}) as fake:
+        config = tmp_path / "config.toml"
+        config.write_text(f'[api]\nlisten = "{fake.address}"\n', encoding="utf-8")
+        failed, lines = doctor_lines(config)
+    assert failed
+    assert "taken by another program" in line(lines, "api:")
+
+
+def test_store_under_a_directory_nobody_may_search_fails(tmp_path):
+    as_root = os.geteuid() == 0
+    base = Path(tempfile.mkdtemp(prefix="doctor-nox-")) if as_root else tmp_path
+    try:
+        base.chmod(0o755)
+        locked = base / "locked"
+        (locked / "state").mkdir(parents=True)
+        config = base / "config.toml"
+        config.write_text('[store]\npath = "locked/state/matrixjobs.db"\n'
+                          '[api]\nenabled = false\n', encoding="utf-8")
+        locked.chmod(0o700 if as_root else 0o600)  # root's, or ours without search (x)
+        failed, lines = doctor_as_nobody(config) if as_root else doctor_lines(config)
+        assert failed, "\n".join(lines)
+        text = line(lines, "store:")
+        assert text.startswith("✗") and f"cannot look into {locked}" in text
+    finally:
+        locked.chmod(0o755)
+        if as_root:
+            shutil.rmtree(base)
+
+
+def test_unix_socket_path_too_long_to_bind_fails(tmp_path):
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    deep.mkdir(parents=True)
+    socket_path = deep / "api.sock"
+    assert len(str(socket_path)) > 108
+    config = tmp_path / "config.toml"
+    config.write_text(f'[api]\nlisten = "unix:{socket_path}"\n', encoding="utf-8")
+    failed, lines = doctor_lines(config)
+    assert failed
+    text = line(lines, "api:")
+    assert text.startswith("✗") and "too long" in text
+    assert list(deep.iterdir()) == []
+
+
+def test_public_room_not_joined_yet_is_a_warning(deployment):
+    public = deployment.alice.call("POST", "/_matrix/client/v3/createRoom",
+                                   {"preset": "public_chat"})["room_id"]
+    config = deployment.write(rooms=[public])
+    failed, lines = doctor_lines(config)
+    assert not failed, "\n".join(lines)
+    text = line(lines, f"room {public}:")
+    assert text.startswith("!") and "joins it at start" in text
+    assert public not in deployment.bot.call("GET", "/_matrix/client/v3/joined_rooms")[
+        "joined_rooms"], "the doctor must not join"
+
+
+def test_unreachable_homeserver_still_reports_missing_credentials(deployment):
+    config = deployment.write(homeserver=f"http://127.0.0.1:{free_port()}", password=None)
+    failed, lines = doctor_lines(config)
+    assert failed
+    assert line(lines, "homeserver:").startswith("✗")
+    text = line(lines, "login:")
+    assert text.startswith("✗") and "no password or access token" in text
+
+
+def test_non_executable_program_fails_like_the_config_warning(tmp_path):
+    (tmp_path / "build.sh").write_text("#!/bin/sh\n")
+    (tmp_path / "build.sh").chmod(0o644)
+    config = tmp_path / "config.toml"
+    config.write_text('[api]\nenabled = false\n[targets.build]\ncommand = ["./build.sh"]\n',
+                      encoding="utf-8")
+    failed, lines = doctor_lines(config)
+    assert failed
+    assert "is not executable" in line(lines, "target build:")
+    assert not any(text.startswith("! config") for text in lines), "reported twice"
+    assert load_config(config, environ={}).warnings() == [
+        f"targets.build: '{tmp_path / 'build.sh'}' is not executable"]

@@ -6,10 +6,7 @@ running service: it reads the store read-only and never takes the service's lock
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TextIO
@@ -17,17 +14,24 @@ from typing import TextIO
 import httpx2
 from pydantic import SecretStr
 
-from matrixjobs.api.server import bind_tcp
-from matrixjobs.config import Config, TargetConfig, TcpAddress, UnixAddress, load_config
+from matrixjobs.api.server import bind_tcp, bind_unix
+from matrixjobs.config import (
+    Config,
+    TargetProblem,
+    TcpAddress,
+    UnixAddress,
+    WarningTopic,
+    load_config,
+)
 from matrixjobs.errors import ConfigError
 from matrixjobs.ops.matrix_checks import MatrixChecks
 from matrixjobs.ops.report import Report
 from matrixjobs.ops.store_probe import SCHEMA_VERSION, StoreProblem, StoreState, probe
 from matrixjobs.queue.handlers import HandlerRegistry, load_user_handlers
 
-# Config.warnings() the checks below repeat in detail (targets) or decide better (login:
+# Config warnings the checks below repeat in detail (targets) or decide better (login:
 # the token the service saved in its store also works).
-COVERED_WARNINGS = ("targets.", "matrix: no password or access token")
+CHECKED_IN_DETAIL = frozenset({WarningTopic.TARGET, WarningTopic.CREDENTIALS})
 HEALTHZ_TIMEOUT_S = 3.0
 
 
@@ -55,9 +59,9 @@ def check_config(report: Report, path: Path, environ: Mapping[str, str]) -> Conf
         report.fail("config", str(exc))
         return None
     report.ok("config", f"{path} is valid")
-    for warning in config.warnings():
-        if not warning.startswith(COVERED_WARNINGS):
-            report.warn("config", warning)
+    for warning in config.warning_items():
+        if warning.topic not in CHECKED_IN_DETAIL:
+            report.warn("config", str(warning))
     return config
 
 
@@ -97,36 +101,14 @@ def check_targets(report: Report, config: Config) -> None:
             if handlers_load:
                 report.ok(f"target {name}", f"handler '{target.handler}'")
             continue
-        problem, runs = command_problem(target)
-        if problem is not None:
-            report.fail(f"target {name}", problem)
+        try:
+            runs = target.resolve_executable()
+        except TargetProblem as exc:
+            report.fail(f"target {name}", str(exc))
         else:
             report.ok(f"target {name}", f"runs {runs} in {target.cwd}")
     if not config.targets:
         report.warn("targets", "none configured: nobody can run anything")
-
-
-def command_problem(target: TargetConfig) -> tuple[str | None, str]:
-    """(what is wrong or None, the executable it resolves to), as the queue will run it:
-    argv[0] relative to the target's cwd if it has a '/', else looked up on PATH (the
-    target's own `env` PATH if it sets one)."""
-    assert target.command is not None
-    cwd = target.cwd or Path.cwd()
-    program = target.command[0]
-    if not cwd.is_dir():
-        return f"cwd {cwd} is not a directory", program
-    if os.sep in program:
-        path = cwd / program  # an absolute program stays as it is
-        if not path.is_file():
-            return f"executable {path} not found", program
-        if not os.access(path, os.X_OK):
-            return f"{path} is not executable", program
-        return None, str(path)
-    search = target.env.get("PATH", os.environ.get("PATH", os.defpath))
-    found = shutil.which(program, path=search)
-    if found is None:
-        return f"executable '{program}' not found on PATH", program
-    return None, found
 
 
 # -- api ----------------------------------------------------------------------------------------
@@ -155,20 +137,26 @@ def check_api(report: Report, config: Config) -> None:
 
 def check_api_socket(report: Report, address: UnixAddress, token: SecretStr | None) -> None:
     path = address.path
-    if path.is_socket():
+    try:
+        is_socket, exists = path.is_socket(), path.exists() or path.is_symlink()
+    except OSError as exc:
+        report.fail("api", f"cannot look into {path.parent}: {exc.strerror or exc}")
+        return
+    if is_socket:
         if not healthz(report, address, "http://localhost", path, token):
             report.ok("api", f"{path} is left from an earlier run (nobody answers); the "
                              "service replaces it at start")
         return
-    if path.exists():
+    if exists:
         report.fail("api", f"{path} exists and is not a socket")
         return
+    # Bind as the service will: that also catches a path too long for a socket address.
     try:
-        with tempfile.TemporaryFile(dir=path.parent):
-            pass
+        bind_unix(address).close()
     except OSError as exc:
-        report.fail("api", f"cannot create {path}: {exc.strerror or exc}")
+        report.fail("api", f"cannot listen on {address}: {exc.strerror or exc}")
         return
+    path.unlink()
     report.ok("api", f"{address}: the service creates the socket at start")
 
 
@@ -188,7 +176,7 @@ def healthz(report: Report, address: TcpAddress | UnixAddress, base: str, socket
         return True
     try:
         answer = response.json()
-    except json.JSONDecodeError:
+    except ValueError:  # not JSON, or not UTF-8 (UnicodeDecodeError)
         answer = None
     if response.status_code == 200 and isinstance(answer, dict) and answer.get("status") == "ok":
         report.ok("api", f"the running matrixjobs service (version {answer.get('version')}) "

@@ -1,7 +1,7 @@
 """The doctor's Matrix checks: homeserver reachable, login, rooms, rate-limit exemption.
 
-Login prefers tokens (whoami) over the password, in the bot's own order, so checking
-adds no device to the account; a password check logs its device out again.
+Login tries what the bot would try, in its order (matrix/bot.py `_login`): a token
+(whoami, which adds no device), then the password, whose check logs its device out again.
 """
 
 from __future__ import annotations
@@ -13,7 +13,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from matrixjobs.config import AccessConfig, MatrixConfig
-from matrixjobs.ops.homeserver import Homeserver, MatrixError, Unreachable, quoted
+from matrixjobs.ops.homeserver import (
+    Homeserver,
+    MatrixError,
+    Unreachable,
+    quoted,
+    strings,
+    table,
+)
 from matrixjobs.ops.report import Report
 from matrixjobs.ops.store_probe import StoreState
 
@@ -51,6 +58,8 @@ class MatrixChecks:
     def run(self) -> None:
         with Homeserver(self.matrix.homeserver) as hs:
             if not self._reachable(hs):
+                if self._token() is None and self.matrix.password is None:
+                    self._no_credentials()  # known without asking the homeserver
                 return
             login = self._step("login", lambda: self._login(hs))
             try:
@@ -82,57 +91,60 @@ class MatrixChecks:
             self.report.fail("homeserver", f"{hs.url} is not a Matrix client-server API "
                                            f"(/_matrix/client/versions: {exc})")
             return False
-        versions = answer.get("versions") or ["?"]
+        try:
+            versions = strings(answer, "versions", "/_matrix/client/versions") or ["?"]
+        except MatrixError as exc:
+            self.report.fail("homeserver", f"{hs.url} is not a Matrix client-server API ({exc})")
+            return False
         self.report.ok("homeserver", f"{hs.url} answers (Matrix {versions[-1]}, "
                                      f"{time.monotonic() - started:.2f} s)")
         return True
 
     # -- login --------------------------------------------------------------------------------
 
-    def _tokens(self) -> list[tuple[str, str]]:
-        """The tokens the bot would try, in its order (matrix/bot.py `_login`)."""
-        tokens = []
+    def _token(self) -> tuple[str, str] | None:
+        """(label, token) the bot would try first: the configured access token, else the one
+        it saved in its store for this user, never both (matrix/bot.py `_login`)."""
         if self.matrix.access_token is not None:
-            tokens.append(("the configured access token",
-                           self.matrix.access_token.get_secret_value()))
+            return "the configured access token", self.matrix.access_token.get_secret_value()
         store = self.store
         if store is not None and store.saved_token and store.saved_user == self.matrix.user_id:
-            tokens.append(("the token the service saved in its store", store.saved_token))
-        return tokens
+            return "the token the service saved in its store", store.saved_token
+        return None
 
     def _login(self, hs: Homeserver) -> Login | None:
         user = self.matrix.user_id
-        refused = []
-        for label, token in self._tokens():
-            try:
-                who = hs.call("GET", "/_matrix/client/v3/account/whoami", token)
-            except MatrixError as exc:
-                if exc.status != 401:
-                    raise
-                refused.append(label)
-                continue
-            if who.get("user_id") != user:
-                self.report.fail("login", f"{label} belongs to {who.get('user_id')}, not {user}")
-                return None
-            text = f"{label} works for {user} (device {who.get('device_id', '?')})"
-            if refused:
-                self.report.warn("login", f"{text}; {refused[0]} was refused")
-            else:
-                self.report.ok("login", text)
-            return Login(token, temporary=False)
-        return self._password_login(hs, refused)
+        token = self._token()
+        if token is None:
+            return self._password_login(hs, refused=None)
+        label, secret = token
+        try:
+            who = hs.call("GET", "/_matrix/client/v3/account/whoami", secret)
+        except MatrixError as exc:
+            if exc.status != 401:
+                raise
+            return self._password_login(hs, refused=label)
+        if who.get("user_id") != user:
+            self.report.fail("login", f"{label} belongs to {who.get('user_id')}, not {user}")
+            return None
+        self.report.ok("login", f"{label} works for {user} (device {who.get('device_id', '?')})")
+        return Login(secret, temporary=False)
 
-    def _password_login(self, hs: Homeserver, refused: list[str]) -> Login | None:
+    def _no_credentials(self) -> None:
+        self.report.fail("login", f"no password or access token for {self.matrix.user_id}: "
+                                  "set MATRIXJOBS_PASSWORD (or MATRIXJOBS_ACCESS_TOKEN) in the "
+                                  ".env beside the config")
+
+    def _password_login(self, hs: Homeserver, refused: str | None) -> Login | None:
+        """Log in with the password; `refused`: the token the bot tries first was refused."""
         user = self.matrix.user_id
         if self.matrix.password is None:
-            if refused:
-                self.report.fail("login", f"{' and '.join(refused)} was refused and there is no "
-                                          "password to fall back on: set MATRIXJOBS_PASSWORD or "
-                                          "a new MATRIXJOBS_ACCESS_TOKEN")
+            if refused is None:
+                self._no_credentials()
             else:
-                self.report.fail("login", f"no password or access token for {user}: set "
-                                          "MATRIXJOBS_PASSWORD (or MATRIXJOBS_ACCESS_TOKEN) in "
-                                          "the .env beside the config")
+                self.report.fail("login", f"{refused} was refused and there is no password to "
+                                          "fall back on: set MATRIXJOBS_PASSWORD or a new "
+                                          "MATRIXJOBS_ACCESS_TOKEN")
             return None
         body = {
             "type": "m.login.password",
@@ -151,9 +163,9 @@ class MatrixChecks:
             return None
         text = (f"the password works for {user} (checked with a temporary device, "
                 "logged out again at the end)")
-        if refused:
-            self.report.warn("login", f"{text}; {' and '.join(refused)} was refused, so the "
-                                      "service will log in with the password")
+        if refused is not None:
+            self.report.warn("login", f"{text}; {refused} was refused, so the service will "
+                                      "log in with the password")
         else:
             self.report.ok("login", text)
         return Login(token, temporary=True)
@@ -168,8 +180,8 @@ class MatrixChecks:
     # -- rooms --------------------------------------------------------------------------------
 
     def _rooms(self, hs: Homeserver, token: str) -> None:
-        joined = set(hs.call("GET", "/_matrix/client/v3/joined_rooms", token)
-                     .get("joined_rooms") or [])
+        path = "/_matrix/client/v3/joined_rooms"
+        joined = set(strings(hs.call("GET", path, token), "joined_rooms", path))
         invites = self._invites(hs, token)
         configured = {self._room(hs, token, room, joined, invites) for room in self.matrix.rooms}
         for room_id, inviter in sorted(invites.items()):
@@ -208,18 +220,33 @@ class MatrixChecks:
         elif room_id in invites:
             self.report.warn(check, f"invited by {invites[room_id]}, not joined yet; the "
                                     "service joins it at start")
+        elif self._join_rule(hs, token, room_id) == "public":
+            self.report.warn(check, "public, not joined yet; the service joins it at start")
         else:
             self.report.fail(check, "the bot is not in this room: invite it (on its own it "
                                     "can join only public rooms)")
         return room_id
+
+    def _join_rule(self, hs: Homeserver, token: str, room_id: str) -> str | None:
+        """The room's join rule as the room summary (Matrix 1.15) tells it to a non-member;
+        None when the homeserver does not say (no such room, not visible, older server)."""
+        try:
+            summary = hs.call("GET", f"/_matrix/client/v1/room_summary/{quoted(room_id)}", token)
+        except MatrixError:
+            return None
+        rule = summary.get("join_rule")
+        return rule if isinstance(rule, str) else None
 
     def _invites(self, hs: Homeserver, token: str) -> dict[str, str]:
         """Rooms the bot is invited to → who invited it."""
         answer = hs.call("GET", "/_matrix/client/v3/sync", token, params={
             "filter": INVITES_FILTER, "timeout": "0", "set_presence": "offline"})
         invites = {}
-        for room_id, room in (answer.get("rooms") or {}).get("invite", {}).items():
-            events = (room.get("invite_state") or {}).get("events") or []
+        for room_id, room in table(table(answer, "rooms", "/sync"), "invite", "/sync").items():
+            # Who invited is a nicety: an odd invite_state only loses the name.
+            state = room.get("invite_state") if isinstance(room, dict) else None
+            events = state.get("events") if isinstance(state, dict) else None
+            events = [e for e in events if isinstance(e, dict)] if isinstance(events, list) else []
             invites[room_id] = next(
                 (str(e.get("sender")) for e in events if e.get("type") == "m.room.member"
                  and e.get("state_key") == self.matrix.user_id), "someone")

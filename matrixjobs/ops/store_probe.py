@@ -36,9 +36,13 @@ class StoreState:
 def probe(path: Path) -> StoreState:
     _check_directory(path.parent)
     holder = _lock_holder(path)
-    if not path.exists():
+    try:
+        exists, is_file = path.exists(), path.is_file()
+    except OSError as exc:
+        raise StoreProblem(f"cannot look into {path.parent}: {exc.strerror or exc}") from None
+    if not exists:
         return StoreState(exists=False, holder_pid=holder)
-    if not path.is_file():
+    if not is_file:
         raise StoreProblem(f"{path} is not a file")
     if not os.access(path, os.R_OK | os.W_OK):
         raise StoreProblem(f"{path} is not readable and writable by this user")
@@ -62,8 +66,11 @@ def probe(path: Path) -> StoreState:
 def _check_directory(directory: Path) -> None:
     """The service creates the directory if needed, then files in it (db, WAL, lock)."""
     existing = directory
-    while not existing.exists():
-        existing = existing.parent
+    try:
+        while not existing.exists():
+            existing = existing.parent
+    except OSError as exc:  # a directory on the way that this user may not search
+        raise StoreProblem(f"cannot look into {existing.parent}: {exc.strerror or exc}") from None
     if not existing.is_dir():
         raise StoreProblem(f"{existing} is not a directory")
     try:
