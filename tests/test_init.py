@@ -162,7 +162,7 @@ def test_asks_for_what_is_missing_and_asks_again_after_a_bad_answer(tmp_path, ca
     assert loaded.matrix.rooms == ["#ops:example.org"]
     assert loaded.access.allowed_users == ["@alice:example.org", "@*:example.org"]
     err = capsys.readouterr().err
-    assert "is not a homeserver URL" in err and "'jobs' is not a Matrix user id" in err
+    assert "is not an http(s) URL" in err and "'jobs' is not a Matrix user id" in err
     assert "'ops' is not a room id" in err and "at least one" in err
     assert len(asked) == 9  # every bad answer was asked again
 
@@ -259,3 +259,77 @@ class Screen:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and self._read(0.2):
             pass
+
+
+# -- bad bytes and failed writes ------------------------------------------------------------
+
+
+def cli_bytes(cwd: Path, *args: bytes, **env: bytes) -> subprocess.CompletedProcess[str]:
+    """The CLI with raw argv bytes, as a shell passes $'\\xff' (not UTF-8)."""
+    environ = {k.encode(): v.encode() for k, v in child_env().items()}
+    environ.update({k.encode(): v for k, v in env.items()})
+    return subprocess.run([sys.executable.encode(), b"-m", b"matrixjobs", *args], cwd=cwd,
+                          env=environ, stdin=subprocess.DEVNULL, capture_output=True,
+                          text=True, timeout=60, check=False)
+
+
+@pytest.mark.parametrize(("args", "env", "message"), [
+    ([b"--user-id", b"@b\xff:example.org", b"--password", b"x"], {}, "--user-id: not valid"),
+    ([b"--user-id", b"@b:example.org", b"--password", b"p\xffw"], {}, "--password: not valid"),
+    ([b"--user-id", b"@b:example.org"], {"MATRIXJOBS_PASSWORD": b"p\xffw"},
+     "$MATRIXJOBS_PASSWORD: not valid"),
+])
+def test_values_that_are_not_utf8_are_a_usage_error(tmp_path, args, env, message):
+    result = cli_bytes(tmp_path, b"init", b"--yes", b"--homeserver", b"https://example.org",
+                       b"--allowed-user", b"@alice:example.org", *args, **env)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith(f"error: {message} UTF-8 text"), result.stderr
+    assert "Traceback" not in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_config_write_leaves_no_env_behind(tmp_path):
+    (tmp_path / "afile").write_text("in the way\n")
+    result = cli(tmp_path, "init", "--yes", *FLAGS, "--password", "x",
+                 "--config", "afile/config.toml", "--env-file", ".env")
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: cannot write afile/config.toml:"), result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+def test_failed_write_names_the_file_not_its_temp_file(tmp_path):
+    (tmp_path / "taken").mkdir()
+    result = cli(tmp_path, "init", "--yes", *FLAGS, "--password", "x", "--force",
+                 "--config", "taken", "--env-file", "secrets.env")
+    assert result.returncode == 1
+    assert result.stderr == "error: cannot write taken: Is a directory\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]  # no .env, no temp files
+
+
+def test_config_under_a_directory_nobody_may_search_is_a_short_error(tmp_path):
+    as_root = os.geteuid() == 0
+    locked = tmp_path / "locked"
+    (locked / "conf").mkdir(parents=True)
+    locked.chmod(0o700 if as_root else 0o600)  # root's, or ours without search (x)
+    args = parse("--yes", *FLAGS, "--password", "x", "--config", str(locked / "conf/c.toml"))
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never return into pytest
+        try:
+            os.close(read)
+            if as_root:
+                os.setgroups([])
+                os.setgid(65534)
+                os.setuid(65534)
+            sys.stderr = open(write, "w", encoding="utf-8")  # noqa: SIM115 - closed by _exit
+            code = cmd_init(args)
+            sys.stderr.flush()
+        finally:
+            os._exit(locals().get("code", 99))
+    os.close(write)
+    with os.fdopen(read, encoding="utf-8") as pipe:
+        err = pipe.read()
+    _, status = os.waitpid(pid, 0)
+    locked.chmod(0o755)
+    assert os.waitstatus_to_exitcode(status) == 1, err
+    assert err == f"error: cannot look for {locked / 'conf/c.toml'}: Permission denied\n"

@@ -79,7 +79,7 @@ def cmd_init(args: argparse.Namespace, prompts: init.Prompts | None = None) -> i
     except init.InitUsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except init.FilesExistError as exc:
+    except (init.FilesExistError, init.WriteError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except EOFError:
@@ -88,11 +88,10 @@ def cmd_init(args: argparse.Namespace, prompts: init.Prompts | None = None) -> i
     for warning in init.warnings(answers):
         print(f"warning: {warning}", file=sys.stderr)
     try:
-        init.write_file(env_file, init.render_env(answers), 0o600)
-        init.write_file(config, init.render_config(answers), 0o644)
-    except OSError as exc:
-        print(f"error: cannot write {exc.filename or ''}: {exc.strerror or exc}",
-              file=sys.stderr)
+        init.write_files([(config, init.render_config(answers), 0o644),
+                          (env_file, init.render_env(answers), 0o600)])
+    except init.WriteError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     print(init.next_steps(config, env_file, answers))
     return EXIT_OK

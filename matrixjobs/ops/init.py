@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from matrixjobs import config
 from matrixjobs.config import ROOM_RE, USER_RE
 
 PASSWORD_ENV = "MATRIXJOBS_PASSWORD"
@@ -35,37 +36,43 @@ class FilesExistError(Exception):
     """init would overwrite a file and --force was not given (exit 1)."""
 
 
+class WriteError(Exception):
+    """A file could not be looked at or written (exit 1); nothing was written."""
+
+
 # -- checks: each returns the value to use or raises ValueError with a message for people --
 
 
-def homeserver_url(value: str) -> str:
-    value = value.strip()
+def text(value: str) -> str:
+    """The value stripped; ValueError if it cannot be written as UTF-8 (undecodable bytes
+    in a command-line argument or environment variable arrive as lone surrogates)."""
     try:
-        parts = urlsplit(value)
-        parts.port  # noqa: B018 - raises ValueError for a malformed port
-    except ValueError:
-        parts = None
-    if parts is None or parts.scheme not in ("https", "http") or not parts.hostname:
-        raise ValueError(f"'{value}' is not a homeserver URL like https://matrix.example.org")
-    return value.rstrip("/")
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("not valid UTF-8 text") from None
+    return value.strip()
+
+
+def homeserver_url(value: str) -> str:
+    return config.homeserver_url(text(value))
 
 
 def user_id(value: str) -> str:
-    value = value.strip()
+    value = text(value)
     if not USER_RE.match(value):
         raise ValueError(f"'{value}' is not a Matrix user id like @jobs:example.org")
     return value
 
 
 def allowed_user(value: str) -> str:
-    value = value.strip()
+    value = text(value)
     if not USER_RE.match(value):
         raise ValueError(f"'{value}' is not a Matrix user id or glob like @*:example.org")
     return value
 
 
 def room(value: str) -> str:
-    value = value.strip()
+    value = text(value)
     if not ROOM_RE.match(value):
         raise ValueError(f"'{value}' is not a room id (!abc:example.org) "
                          "or alias (#ops:example.org)")
@@ -73,7 +80,7 @@ def room(value: str) -> str:
 
 
 def secret(value: str) -> str:
-    if not value or value != value.strip() or any(c in value for c in "\r\n\x00"):
+    if not value or text(value) != value or any(c in value for c in "\r\n\x00"):
         raise ValueError("must be one line without surrounding spaces")
     return value
 
@@ -330,28 +337,48 @@ def render_env(answers: Answers) -> str:
 
 
 def refuse_existing(paths: list[Path], force: bool) -> None:
-    existing = [str(p) for p in paths if p.exists() or p.is_symlink()]
+    try:
+        existing = [str(p) for p in paths if p.exists() or p.is_symlink()]
+    except OSError as exc:  # a directory on the way that this user may not search
+        raise WriteError(f"cannot look for {exc.filename}: {exc.strerror or exc}") from None
     if existing and not force:
         raise FilesExistError(f"{' and '.join(existing)} already exist"
                               f"{'s' if len(existing) == 1 else ''}; "
                               "use --force to overwrite")
 
 
-def write_file(path: Path, text: str, mode: int) -> None:
-    """Write through a temp file in the same directory, so the file never appears half
-    written or (for .env) with a wider mode than `mode`."""
+def write_files(files: list[tuple[Path, str, int]]) -> None:
+    """Write every (path, text, mode) or none: each goes to a temp file beside its path
+    first (so no file appears half written, or with a wider mode), and only when all are
+    written are they renamed into place. Raise WriteError naming the path that failed."""
+    staged: list[tuple[str, Path]] = []
+    path = files[0][0]
+    try:
+        for path, content, mode in files:
+            staged.append((_stage(path, content, mode), path))
+        for temp, path in staged:
+            os.replace(temp, path)
+    except (OSError, UnicodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise WriteError(f"cannot write {path}: {reason}") from None
+    finally:
+        for temp, _ in staged:
+            Path(temp).unlink(missing_ok=True)
+
+
+def _stage(path: Path, content: str, mode: int) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         os.fchmod(fd, mode)
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
+            handle.write(content)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(temp, path)
     except BaseException:
         Path(temp).unlink(missing_ok=True)
         raise
+    return temp
 
 
 def next_steps(config: Path, env: Path, answers: Answers) -> str:
