@@ -44,7 +44,7 @@ from matrixjobs.matrix.commands import Command, CommandSyntaxError, parse
 from matrixjobs.matrix.crypto import Crypto, Trust, Undecryptable, open_store_dir
 from matrixjobs.matrix.edits import EditScheduler, RateLimitedError, SendFailedError
 from matrixjobs.matrix.ratelimit import TokenBucket
-from matrixjobs.models import Batch, Job, ProgressMessage, Status
+from matrixjobs.models import Batch, Job, ProgressMessage
 from matrixjobs.progress.events import JobProgressEvent, batch_event, job_event
 from matrixjobs.progress.subscription import Subscription
 from matrixjobs.supervisor import Supervisor
@@ -66,7 +66,6 @@ SETTING_TOKEN = "matrix.access_token"
 NETWORK_ERRORS = (ClientError, TimeoutError, OSError)
 # Raised by nio while encrypting (a device not yet judged, members not loaded): try again.
 CRYPTO_ERRORS = (LocalProtocolError, EncryptionError, GroupEncryptionError, OlmTrustError)
-ACTIVE = [Status.PENDING, Status.PROCESSING]
 
 
 class NioSender:
@@ -465,12 +464,7 @@ class MatrixBot:
             self._reply(room_id, event,
                         render.render_progress(await self.app.status(command.args[0]), now))
             return
-        self._reply(room_id, event, render.render_status_summary(await self._active(), now))
-
-    async def _active(self) -> list[JobProgressEvent]:
-        batches = await self.app.batches(ACTIVE)
-        jobs = [job for job in await self.app.jobs(ACTIVE) if job.batch_id is None]
-        return [self.app.live(item) for item in [*batches, *jobs]]
+        self._reply(room_id, event, render.render_status_summary(await self.app.active(), now))
 
     async def _cancel(self, room_id: str, event: RoomMessageText, command: Command) -> None:
         if len(command.args) != 1:
