@@ -164,7 +164,7 @@ class Crypto:
         if (device.user_id, device.id) in self._changed or pin not in (None, device.ed25519):
             return TrustState.blacklisted
         if pin is not None or self.trust is Trust.TOFU:
-            return TrustState.verified  # TOFU: a device met for the first time
+            return TrustState.verified  # TOFU: every device not caught changing its key
         return TrustState.blacklisted  # verified-only, and not in verified_devices
 
     def _report_pins(self) -> None:
