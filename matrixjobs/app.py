@@ -29,6 +29,8 @@ from matrixjobs.targets import COMMAND_TYPE, Targets
 log = logging.getLogger(__name__)
 
 RETENTION_SWEEP_S = 3600.0
+ACTIVE = (Status.PENDING, Status.PROCESSING)
+ACTIVE_LIMIT = 1000
 
 
 class Component(Protocol):
@@ -202,6 +204,14 @@ class App:
                     yield event
         finally:
             with_updates.close()
+
+    async def active(self, limit: int = ACTIVE_LIMIT) -> list[JobProgressEvent]:
+        """What is queued or running, live: batches, then jobs outside any batch (a
+        batch's operations show in the batch)."""
+        batches = await self.store.list_batches(ACTIVE, limit=limit)
+        jobs = [job for job in await self.store.list_jobs(ACTIVE, limit=limit)
+                if job.batch_id is None]
+        return [self.live(item) for item in [*batches, *jobs]]
 
     async def jobs(self, statuses: Sequence[Status] | None = None, limit: int = 50) -> list[Job]:
         return await self.store.list_jobs(statuses, limit=limit)

@@ -7,6 +7,8 @@ started from.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import fnmatch
 import ipaddress
 import os
@@ -93,6 +95,9 @@ class MatrixConfig(Section):
     store_dir: Path | None = None
     trust: Literal["tofu", "all", "verified"] = "tofu"
     decrypt_timeout_s: Float = Field(default=60.0, gt=0)
+    # Devices verified by configuration: user id → ["DEVICEID:SESSIONKEY", …] as Element
+    # shows them (Session ID, Session key); stored without the key's spaces.
+    verified_devices: dict[str, list[str]] = Field(default_factory=dict)
 
     def crypto_store_dir(self, db_path: Path) -> Path:
         """`store_dir`, or `NAME-crypto/` beside the SQLite store `NAME.db`."""
@@ -117,6 +122,43 @@ class MatrixConfig(Section):
         if not USER_RE.match(value):
             raise ValueError("expected a Matrix user id like @bot:example.org")
         return value
+
+    @field_validator("verified_devices")
+    @classmethod
+    def _verified_devices(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
+        pinned: dict[str, list[str]] = {}
+        for user, entries in value.items():
+            if not USER_RE.match(user) or any(c in user for c in "*?["):
+                raise ValueError(f"'{user}' is not a Matrix user id like @alice:example.org")
+            keys: dict[str, str] = {}
+            for entry in entries:
+                device, key = _pinned_device(user, entry)
+                if keys.setdefault(device, key) != key:
+                    raise ValueError(f"{user}: device {device} is listed with two keys")
+            pinned[user] = [f"{device}:{key}" for device, key in keys.items()]
+        return pinned
+
+    def pinned_devices(self) -> dict[str, dict[str, str]]:
+        """`verified_devices` as user id → device id → Ed25519 key."""
+        return {user: dict(entry.rsplit(":", 1) for entry in entries)
+                for user, entries in self.verified_devices.items()}
+
+
+def _pinned_device(user: str, entry: str) -> tuple[str, str]:
+    """("DEVICEID", "key") from "DEVICEID:key", the key as Element groups it or not."""
+    device, colon, grouped = entry.rpartition(":")
+    key = "".join(grouped.split())
+    if not colon or not device or any(c.isspace() for c in device):
+        raise ValueError(f"{user}: '{entry}' is not \"DEVICEID:SESSIONKEY\" (Element: "
+                         "Settings → Sessions, the session's ID and key)")
+    try:
+        valid = len(key) == 43 and len(base64.b64decode(key + "=", validate=True)) == 32
+    except binascii.Error:
+        valid = False
+    if not valid:
+        raise ValueError(f"{user}: the key of device {device} is not a session key "
+                         "(43 base64 characters, spaces allowed)")
+    return device, key
 
 
 class AccessConfig(Section):

@@ -21,6 +21,7 @@ from nio import (
     MegolmEvent,
     RoomCreateResponse,
     RoomMessage,
+    RoomPutStateResponse,
     RoomSendResponse,
 )
 from nio.crypto import OlmDevice
@@ -149,11 +150,31 @@ class EncryptedPerson:
     async def register(cls, server: SynapseServer, name: str, store_dir: Path
                        ) -> EncryptedPerson:
         user = await asyncio.to_thread(server.register, name, f"{name}-password")
-        person = cls(server, user, store_dir)
-        await person.client.keys_upload()
-        person.client.add_event_callback(person._on_event, (RoomMessage, MegolmEvent))
-        person._sync = asyncio.create_task(person.client.sync_forever(timeout=1000))
-        return person
+        return await cls(server, user, store_dir)._start()
+
+    async def another_session(self, store_dir: Path) -> EncryptedPerson:
+        """The same person logging in again: a new device with keys of its own."""
+        localpart = self.user_id[1:].split(":")[0]
+        user = await asyncio.to_thread(self.http.server.request, "POST",
+                                       "/_matrix/client/v3/login", {
+                                           "type": "m.login.password",
+                                           "identifier": {"type": "m.id.user",
+                                                          "user": localpart},
+                                           "password": f"{localpart}-password"})
+        return await EncryptedPerson(self.http.server, user, store_dir)._start()
+
+    async def impostor(self, store_dir: Path) -> EncryptedPerson:
+        """A client on this person's device id and token but with new keys: it uploads
+        them, so the homeserver now reports another signing key for the same device."""
+        user = {"user_id": self.user_id, "device_id": self.client.device_id,
+                "access_token": self.client.access_token}
+        return await EncryptedPerson(self.http.server, user, store_dir)._start()
+
+    async def _start(self) -> EncryptedPerson:
+        await self.client.keys_upload()
+        self.client.add_event_callback(self._on_event, (RoomMessage, MegolmEvent))
+        self._sync = asyncio.create_task(self.client.sync_forever(timeout=1000))
+        return self
 
     async def close(self) -> None:
         if self._sync is not None:
@@ -195,10 +216,28 @@ class EncryptedPerson:
         for device in await self.devices_of(user_id):
             self.client.blacklist_device(device)
 
-    async def send(self, room_id: str, body: str) -> str:
-        """Send encrypted, sharing the room key only with devices we trust."""
+    async def create_plain_room(self, invite: list[str]) -> str:
+        response = await self.client.room_create(invite=invite)
+        assert isinstance(response, RoomCreateResponse), response
+        return str(response.room_id)
+
+    async def encrypt_room(self, room_id: str, timeout: float = 30.0) -> None:
+        """Turn encryption on in a room, and wait until our client knows."""
+        response = await self.client.room_put_state(
+            room_id, "m.room.encryption", {"algorithm": "m.megolm.v1.aes-sha2"})
+        assert isinstance(response, RoomPutStateResponse), response
+        deadline = time.monotonic() + timeout
+        while not getattr(self.client.rooms.get(room_id), "encrypted", False):
+            assert time.monotonic() < deadline, "the encryption state never came back"
+            await asyncio.sleep(0.1)
+
+    async def send(self, room_id: str, body: str, ignore_unverified_devices: bool = False
+                   ) -> str:
+        """Send encrypted, sharing the room key only with devices we trust (or, with
+        ignore_unverified_devices, with every device not blacklisted)."""
         response = await self.client.room_send(
-            room_id, "m.room.message", {"msgtype": "m.text", "body": body})
+            room_id, "m.room.message", {"msgtype": "m.text", "body": body},
+            ignore_unverified_devices=ignore_unverified_devices)
         assert isinstance(response, RoomSendResponse), response
         return str(response.event_id)
 

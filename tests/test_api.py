@@ -246,6 +246,22 @@ async def test_list_jobs_newest_first_with_status_filter_and_limit(svc):
         assert [job["id"] for job in limited] == [running]
 
 
+async def test_status_without_an_id_lists_what_is_active_batches_first(svc):
+    """The same list as the bot's `!status`, MCP `status` and `matrixjobs status`: a
+    batch's operations show in their batch, not again on their own."""
+    async with svc.client() as client:
+        done = await submit(client, "quick")
+        await final_state(svc.app, done)
+        job = await submit(client, "slow")
+        batch = await client.post("/v1/batches", json={"targets": ["slow", "slow"]})
+        batch_id = batch.json()["id"]
+        await started(svc.app, job)
+        active = (await client.get("/v1/status")).json()["active"]
+        assert [item["id"] for item in active] == [batch_id, job]
+        assert active[1]["status"] == "processing"
+        assert [e.id for e in await svc.app.active()] == [batch_id, job]
+
+
 async def test_cancel_running_job_answers_its_final_state_then_409(svc):
     async with svc.client() as client:
         job_id = await submit(client, "slow")

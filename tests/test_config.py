@@ -847,3 +847,43 @@ def test_dotenv_that_may_not_be_read_is_a_config_error(tmp_path):
     finally:
         if as_root:
             shutil.rmtree(base)
+
+
+# -- [matrix] verified_devices -----------------------------------------------------------------
+
+SESSION_KEY = "l9x11zHB9ljF9XoaXMzGkCWJ6g0tCbMhT+RNwvVYeL0"
+
+
+def test_verified_devices_take_the_session_key_as_element_groups_it(conf_dir):
+    grouped = " ".join(SESSION_KEY[i:i + 4] for i in range(0, len(SESSION_KEY), 4))
+    config = load_config(write(conf_dir, MATRIX + f"""
+        trust = "verified"
+        verified_devices = {{ "@alice:example.org" = ["ABCDEFGHIJ:{grouped}",
+                                                      "KLMNOPQRST:{SESSION_KEY}"] }}
+    """), environ={})
+    assert config.matrix is not None
+    assert config.matrix.pinned_devices() == {
+        "@alice:example.org": {"ABCDEFGHIJ": SESSION_KEY, "KLMNOPQRST": SESSION_KEY}}
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    ('{ "alice" = [] }', "'alice' is not a Matrix user id"),
+    ('{ "@*:example.org" = [] }', "'@*:example.org' is not a Matrix user id"),
+    (f'{{ "@alice:example.org" = ["{SESSION_KEY}"] }}', 'is not "DEVICEID:SESSIONKEY"'),
+    (f'{{ "@alice:example.org" = [":{SESSION_KEY}"] }}', 'is not "DEVICEID:SESSIONKEY"'),
+    ('{ "@alice:example.org" = ["ABCDEFGHIJ:abcd"] }',
+     "@alice:example.org: the key of device ABCDEFGHIJ is not a session key"),
+    (f'{{ "@alice:example.org" = ["ABCDEFGHIJ:{SESSION_KEY[:-1]}!"] }}',
+     "the key of device ABCDEFGHIJ is not a session key"),
+    (f'{{ "@alice:example.org" = ["ABCDEFGHIJ:{SESSION_KEY}", '
+     f'"ABCDEFGHIJ:{SESSION_KEY[:-1]}A"] }}', "device ABCDEFGHIJ is listed with two keys"),
+])
+def test_malformed_verified_devices_are_named_in_the_error(conf_dir, value, expected):
+    message = invalid(conf_dir, MATRIX + f"verified_devices = {value}\n")
+    assert "matrix.verified_devices: " in message
+    assert expected in message
+
+
+def test_verified_devices_must_be_lists_of_strings(conf_dir):
+    message = invalid(conf_dir, MATRIX + 'verified_devices = { "@alice:example.org" = "X:Y" }\n')
+    assert "matrix.verified_devices.@alice:example.org" in message

@@ -55,6 +55,7 @@ class EncryptedScene:
         self.bot_id = ""
         self.room = ""
         self.alice: EncryptedPerson | None = None
+        self.sessions: list[EncryptedPerson] = []
 
     async def setup(self) -> None:
         bot = await asyncio.to_thread(self.server.register, f"ebot{self.n}", "bot-password")
@@ -73,21 +74,40 @@ class EncryptedScene:
             targets=TARGETS,
         )
 
-    async def open_room(self) -> str:
+    async def open_room(self, encrypted: bool = True) -> str:
         assert self.alice is not None
-        self.room = await self.alice.create_encrypted_room([self.bot_id])
+        create = self.alice.create_encrypted_room if encrypted else self.alice.create_plain_room
+        self.room = await create([self.bot_id])
         deadline = time.monotonic() + 30
         while self.bot_id not in await asyncio.to_thread(self.alice.http.members, self.room):
             assert time.monotonic() < deadline, "the bot never joined"
             await asyncio.sleep(0.2)
         return self.room
 
-    async def reply_to(self, command: str, final: Callable[[str], bool] = lambda b: True,
-                       timeout: float = 30.0) -> BotMessage:
+    async def another_session(self, impostor: bool = False) -> EncryptedPerson:
+        """Alice logging in again (a new device), or an impostor that uploads new keys for
+        her device id; either is in the room and trusts the bot's device."""
         assert self.alice is not None
+        store_dir = self.tmp_path / f"alice-crypto-{len(self.sessions) + 1}"
+        session = await (self.alice.impostor(store_dir) if impostor
+                         else self.alice.another_session(store_dir))
+        self.sessions.append(session)
+        deadline = time.monotonic() + 30
+        while self.room not in session.client.rooms:
+            assert time.monotonic() < deadline, "the new session never saw the room"
+            await asyncio.sleep(0.1)
+        await session.trust(self.bot_id)
+        return session
+
+    async def reply_to(self, command: str, final: Callable[[str], bool] = lambda b: True,
+                       timeout: float = 30.0, reader: EncryptedPerson | None = None
+                       ) -> BotMessage:
+        """The bot's reply to `command` as `reader` (default: alice) decrypts it."""
+        reader = reader or self.alice
+        assert reader is not None
         deadline = time.monotonic() + timeout
         while True:
-            for message in self.alice.messages_of(self.room, self.bot_id):
+            for message in reader.messages_of(self.room, self.bot_id):
                 if message.reply_to == command and final(message.current):
                     return message
             assert time.monotonic() < deadline, f"no (final) reply to {command}"
@@ -100,7 +120,8 @@ async def encrypted(synapse, tmp_path):
     await scene.setup()
     yield scene
     assert scene.alice is not None
-    await scene.alice.close()
+    for session in [scene.alice, *scene.sessions]:
+        await session.close()
 
 
 def assert_encrypted_edits(scene: EncryptedScene, message: BotMessage) -> None:
@@ -213,5 +234,192 @@ async def test_a_command_is_run_once_when_its_key_arrives_late(encrypted, caplog
         assert message.current.startswith("✅") and "quick" in message.current
         assert f"decrypted {command}" in caplog.text
         assert len(await app.jobs()) == 1
+    finally:
+        await app.stop()
+
+
+# -- whom the bot trusts ---------------------------------------------------------------------
+
+
+def pin(person: EncryptedPerson) -> str:
+    """A `verified_devices` entry as a person copies it from Element: the session id, a
+    colon, and the session key in groups of four."""
+    key = person.client.olm.account.identity_keys["ed25519"]
+    grouped = " ".join(key[i:i + 4] for i in range(0, len(key), 4))
+    return f"{person.client.device_id}:{grouped}"
+
+
+async def logged(caplog: Any, text: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in caplog.text:
+        assert time.monotonic() < deadline, f"never logged: {text}"
+        await asyncio.sleep(0.1)
+
+
+def encrypted_replies(scene: EncryptedScene, command: str) -> list[str]:
+    """The bot's replies to `command` as the server has them: ciphertext whose reply
+    relation stays in the clear."""
+    assert scene.alice is not None
+    return [e["event_id"] for e in scene.alice.http.timeline(scene.room,
+                                                             event_type="m.room.encrypted")
+            if e["sender"] == scene.bot_id
+            and (e["content"].get("m.relates_to") or {}).get("m.in_reply_to", {}).get(
+                "event_id") == command]
+
+
+async def test_tofu_trusts_a_new_session_of_a_known_user(encrypted):
+    scene = encrypted
+    app = await start_bot(scene.config())
+    try:
+        await scene.open_room()
+        assert scene.alice is not None
+        await scene.alice.trust(scene.bot_id)
+        first = await scene.alice.send(scene.room, "!build quick")
+        await scene.reply_to(first, finished)
+
+        second = await scene.another_session()
+        command = await second.send(scene.room, "!build quick", ignore_unverified_devices=True)
+        # The new session decrypts the reply: the bot trusted it and shared its room key.
+        message = await scene.reply_to(command, finished, reader=second)
+        assert message.current.startswith("✅")
+        assert len(await app.jobs()) == 2
+    finally:
+        await app.stop()
+
+
+async def test_tofu_refuses_a_session_whose_keys_changed_also_after_a_restart(encrypted,
+                                                                              caplog):
+    scene = encrypted
+    caplog.set_level(logging.INFO, logger="matrixjobs.matrix")
+    app = await start_bot(scene.config())
+    alice = scene.alice
+    assert alice is not None
+    device = alice.client.device_id
+    try:
+        await scene.open_room()
+        await alice.trust(scene.bot_id)
+        first = await alice.send(scene.room, "!build quick")
+        await scene.reply_to(first, finished)  # the bot has pinned alice's device keys
+        await alice.close()
+
+        # The homeserver now reports other keys for alice's device id (as a malicious
+        # server, or a stolen token, could).
+        impostor = await scene.another_session(impostor=True)
+        await logged(caplog, f"the signing key of {alice.user_id}'s device {device} changed")
+        command = await impostor.send(scene.room, "!build quick")
+        await logged(caplog, f"ignoring {command} from {alice.user_id}")
+        deadline = time.monotonic() + 30
+        while not await asyncio.to_thread(encrypted_replies, scene, command):
+            assert time.monotonic() < deadline, "no notice"
+            await asyncio.sleep(0.2)
+        assert len(await app.jobs()) == 1
+    finally:
+        await app.stop()
+
+    # A new start asks for the keys again, finds the change again and keeps refusing.
+    app = await start_bot(scene.config())
+    try:
+        bot = app.components[0]
+        assert bot.client.device_store[alice.user_id][device].blacklisted
+        command = await impostor.send(scene.room, "!build quick")
+        await logged(caplog, f"ignoring {command} from {alice.user_id}")
+        assert len(await app.jobs()) == 1
+        assert not any(m.reply_to in (first, command)
+                       for m in impostor.messages_of(scene.room, scene.bot_id))
+    finally:
+        await app.stop()
+
+
+async def test_verified_acts_only_for_listed_sessions_and_a_restart_applies_a_new_policy(
+        encrypted, caplog):
+    scene = encrypted
+    caplog.set_level(logging.INFO, logger="matrixjobs.matrix")
+    alice = scene.alice
+    assert alice is not None
+    verified = scene.config(trust="verified", verified_devices={alice.user_id: [pin(alice)]})
+    app = await start_bot(verified)
+    try:
+        await scene.open_room()
+        await alice.trust(scene.bot_id)
+        second = await scene.another_session()
+        command = await alice.send(scene.room, "!build quick", ignore_unverified_devices=True)
+        message = await scene.reply_to(command, finished)
+        assert message.current.startswith("✅")
+
+        refused = await second.send(scene.room, "!build quick", ignore_unverified_devices=True)
+        # The notice is readable by alice's listed session, not by the refused one.
+        notice = await scene.reply_to(refused)
+        assert notice.current.startswith("🔒") and second.client.device_id in notice.current
+        assert "verified devices" in notice.current
+        assert notice.original["content"]["msgtype"] == "m.notice"
+        deadline = time.monotonic() + 30
+        while notice.event_id not in {e.event_id for e in second.undecryptable}:
+            assert time.monotonic() < deadline, "the refused session got the notice's key"
+            await asyncio.sleep(0.1)
+        assert len(await app.jobs()) == 1
+    finally:
+        await app.stop()
+
+    # Back to trust on first use: the session blocked so far is trusted now.
+    app = await start_bot(scene.config(trust="tofu"))
+    try:
+        command = await second.send(scene.room, "!build quick", ignore_unverified_devices=True)
+        message = await scene.reply_to(command, finished, reader=second)
+        assert message.current.startswith("✅")
+        assert len(await app.jobs()) == 2
+    finally:
+        await app.stop()
+
+    # And verified-only again: trusted on first use before, blocked now.
+    app = await start_bot(verified)
+    try:
+        bot = app.components[0]
+        assert bot.client.device_store[alice.user_id][second.client.device_id].blacklisted
+        assert bot.client.device_store[alice.user_id][alice.client.device_id].verified
+        command = await second.send(scene.room, "!build quick", ignore_unverified_devices=True)
+        await logged(caplog, f"ignoring {command} from {alice.user_id}")
+        assert len(await app.jobs()) == 2
+    finally:
+        await app.stop()
+
+
+async def test_all_acts_for_every_session_and_shares_keys_with_each(encrypted):
+    scene = encrypted
+    app = await start_bot(scene.config(trust="all"))
+    try:
+        await scene.open_room()
+        assert scene.alice is not None
+        await scene.alice.trust(scene.bot_id)
+        second = await scene.another_session()
+        for person in (scene.alice, second):
+            command = await person.send(scene.room, "!build quick",
+                                        ignore_unverified_devices=True)
+            message = await scene.reply_to(command, finished, reader=person)
+            assert message.current.startswith("✅")
+        assert len(await app.jobs()) == 2
+    finally:
+        await app.stop()
+
+
+async def test_a_room_encrypted_after_the_bot_joined(encrypted):
+    scene = encrypted
+    app = await start_bot(scene.config())
+    try:
+        await scene.open_room(encrypted=False)
+        alice = scene.alice
+        assert alice is not None
+        command = await alice.send(scene.room, "!build quick")
+        plain = await scene.reply_to(command, finished)
+
+        await alice.encrypt_room(scene.room)
+        await alice.trust(scene.bot_id)
+        command = await alice.send(scene.room, "!build slow 2")
+        message = await scene.reply_to(command, finished)
+        assert message.current.startswith("✅") and "slow 2" in message.current
+        raw = {e["event_id"] for e in await asyncio.to_thread(
+            alice.http.timeline, scene.room, event_type="m.room.encrypted")}
+        assert plain.event_id not in raw
+        assert {message.event_id, *(edit["event_id"] for edit in message.edits)} <= raw
+        assert len(await app.jobs()) == 2
     finally:
         await app.stop()

@@ -193,6 +193,25 @@ def test_batch_status_change_is_immediate_and_count_changes_are_throttled():
     assert monitor.active_ids() == []
 
 
+def test_batch_percentage_counts_the_running_operations_progress():
+    """Two of four done and a third halfway: 62.5 %, not a bar stuck at 50 % until the
+    third one finishes; the ETA comes from the work done so far."""
+    clock = Clock()
+    monitor = ProgressMonitor(interval_ms=500, clock=clock, monotonic=clock)
+    sub = monitor.subscribe("b1")
+    monitor.batch_updated(Batch(id="b1", name="four", status=Status.PROCESSING, total=4,
+                                created_at=1000.0, started_at=1000.0, completed=2))
+    job, reporter = make_job(3, batch_id="b1"), ProgressReporter()
+    run_job(monitor, job, reporter)
+    reporter.report(5, 10)
+    clock.now += 10.0  # 2.5 operations' work in 10 s: 1.5 left takes 6 s
+    monitor.tick()
+    event = [e for e in drain(sub) if e.id == "b1"][-1]
+    assert event.progress.current == 2 and event.progress.total == 4  # finished operations
+    assert event.progress.percentage == 62.5
+    assert event.eta_seconds == 6.0
+
+
 def measure_growth(run) -> tuple[int, int]:
     """Bytes and objects still allocated after `run()`, compared with before it."""
     gc.collect()

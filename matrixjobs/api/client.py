@@ -19,7 +19,6 @@ DEFAULT_URL = "http://127.0.0.1:8765"
 URL_ENV = "MATRIXJOBS_API_URL"
 TOKEN_ENV = "MATRIXJOBS_API_TOKEN"
 UNIX_PREFIX = "unix:"
-ACTIVE = "pending,processing"
 
 
 class ServiceUnreachable(Exception):
@@ -95,6 +94,11 @@ class ApiClient:
         self, status: str | None = None, limit: int = 50
     ) -> list[JobProgressEvent]:
         return await self._list("/v1/batches", "batches", status, limit)
+
+    async def active(self) -> list[JobProgressEvent]:
+        """Queued and running batches, then jobs outside a batch."""
+        data = await self._request("GET", "/v1/status")
+        return [JobProgressEvent.model_validate(item) for item in data["active"]]
 
     async def status(self, subject: str) -> JobProgressEvent:
         return event_from(await self._request("GET", f"/v1/status/{_segment(subject)}"))

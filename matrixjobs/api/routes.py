@@ -59,6 +59,7 @@ class Endpoints:
             Route("/v1/batches", self.submit_batch, methods=["POST"]),
             Route("/v1/batches/{id}", self.get_batch, methods=["GET"]),
             Route("/v1/batches/{id}/cancel", self.cancel_batch, methods=["POST"]),
+            Route("/v1/status", self.active, methods=["GET"]),
             Route("/v1/status/{id}", self.status, methods=["GET"]),
         ]
 
@@ -106,6 +107,9 @@ class Endpoints:
         return event_response(event_of(await self.app.cancel(subject), time.time()))
 
     # -- status ----------------------------------------------------------------------------------
+
+    async def active(self, request: Request) -> Response:
+        return list_response("active", await self.app.active())
 
     async def status(self, request: Request) -> Response | EventStream:
         subject = request.path_params["id"]

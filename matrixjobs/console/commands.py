@@ -10,7 +10,6 @@ import sys
 from collections.abc import Awaitable, Callable
 
 from matrixjobs.api.client import (
-    ACTIVE,
     ApiClient,
     ApiFailure,
     ServiceUnreachable,
@@ -75,11 +74,11 @@ async def cmd_status(api: ApiClient, args: argparse.Namespace, mode: Mode) -> in
     if args.id:
         print_events([await api.status(args.id)], mode)
         return EXIT_OK
-    jobs, batches = await asyncio.gather(api.jobs(ACTIVE), api.batches(ACTIVE))
-    if mode is Mode.LIVE and not jobs and not batches:
+    active = await api.active()
+    if mode is Mode.LIVE and not active:
         print("nothing is running")
         return EXIT_OK
-    print_events(batches + jobs, mode, "running")
+    print_events(active, mode, "running")
     return EXIT_OK
 
 

@@ -41,10 +41,16 @@ from matrixjobs.errors import AlreadySubmittedError, MatrixJobsError
 from matrixjobs.logs import mask
 from matrixjobs.matrix import render
 from matrixjobs.matrix.commands import Command, CommandSyntaxError, parse
-from matrixjobs.matrix.crypto import Crypto, Trust, Undecryptable, open_store_dir
+from matrixjobs.matrix.crypto import (
+    Crypto,
+    Trust,
+    Undecryptable,
+    open_store_dir,
+    session_key,
+)
 from matrixjobs.matrix.edits import EditScheduler, RateLimitedError, SendFailedError
 from matrixjobs.matrix.ratelimit import TokenBucket
-from matrixjobs.models import Batch, Job, ProgressMessage, Status
+from matrixjobs.models import Batch, Job, ProgressMessage
 from matrixjobs.progress.events import JobProgressEvent, batch_event, job_event
 from matrixjobs.progress.subscription import Subscription
 from matrixjobs.supervisor import Supervisor
@@ -66,7 +72,6 @@ SETTING_TOKEN = "matrix.access_token"
 NETWORK_ERRORS = (ClientError, TimeoutError, OSError)
 # Raised by nio while encrypting (a device not yet judged, members not loaded): try again.
 CRYPTO_ERRORS = (LocalProtocolError, EncryptionError, GroupEncryptionError, OlmTrustError)
-ACTIVE = [Status.PENDING, Status.PROCESSING]
 
 
 class NioSender:
@@ -136,7 +141,8 @@ class MatrixBot:
             config=AsyncClientConfig(max_limit_exceeded=0, max_timeouts=0, request_timeout=60,
                                      encryption_enabled=True),
         )
-        self.crypto = Crypto(self.client, Trust(config.trust), config.decrypt_timeout_s)
+        self.crypto = Crypto(self.client, Trust(config.trust), config.decrypt_timeout_s,
+                             config.pinned_devices())
         sender = NioSender(self.client, self.crypto)
         self.scheduler = EditScheduler(
             sender, app.store, TokenBucket(config.rate_per_s, config.rate_burst),
@@ -152,6 +158,7 @@ class MatrixBot:
         self._events: Subscription | None = None
         self._denied_at: dict[str, float] = {}
         self._undecryptable_at: dict[str, float] = {}
+        self._untrusted_at: dict[str, float] = {}
         self._commands: dict[str, Callable[[str, RoomMessageText, Command], Awaitable[None]]] = {
             "build": self._build, "batch": self._batch, "status": self._status,
             "cancel": self._cancel, "jobs": self._jobs, "targets": self._targets,
@@ -193,13 +200,16 @@ class MatrixBot:
     async def _main(self) -> None:
         await self._retry("login", self._login)
         await self._retry("first sync", self._first_sync)
-        await self._upkeep()  # our device keys go up before anyone is told we are ready
+        # Our device keys go up before anyone is told we are ready; devices are judged
+        # again under the configured trust.
+        await self._upkeep(recheck=True)
         await self._restore_messages()
         for room in self.config.rooms:
             self._join_soon(room)
         self.synced.set()
-        log.info("matrix: logged in as %s (device %s), in %d rooms",
-                 self.client.user_id, self.client.device_id, len(self.client.rooms))
+        log.info("matrix: logged in as %s (device %s, session key %s), in %d rooms",
+                 self.client.user_id, self.client.device_id, session_key(self.client),
+                 len(self.client.rooms))
         self._supervisor.keep("matrix-sync", self._sync_forever)
         self._supervisor.keep("matrix-edits", self.scheduler.run)
         self._supervisor.keep("matrix-progress", self._follow_progress)
@@ -325,9 +335,11 @@ class MatrixBot:
         return (event.sender != self.client.user_id
                 and event.server_timestamp >= self._started_ms)
 
-    async def _upkeep(self) -> None:
+    async def _upkeep(self, recheck: bool = False) -> None:
         """Keys after a sync; then the commands whose room key has come meanwhile."""
         try:
+            if recheck:
+                self.crypto.recheck()
             await self.crypto.upkeep()
         except (*NETWORK_ERRORS, LocalProtocolError) as exc:
             log.warning("matrix: key upkeep failed (%s); trying again after the next sync", exc)
@@ -398,6 +410,7 @@ class MatrixBot:
         if not await self.crypto.accepts(event):
             log.warning("matrix: ignoring %s from %s in %s: its device is not trusted "
                         "(trust = %s)", event.event_id, event.sender, room_id, self.crypto.trust)
+            self._untrusted(room_id, event)
             return
         relation = event.source.get("content", {}).get("m.relates_to") or {}
         if relation.get("rel_type") == "m.replace":
@@ -465,12 +478,7 @@ class MatrixBot:
             self._reply(room_id, event,
                         render.render_progress(await self.app.status(command.args[0]), now))
             return
-        self._reply(room_id, event, render.render_status_summary(await self._active(), now))
-
-    async def _active(self) -> list[JobProgressEvent]:
-        batches = await self.app.batches(ACTIVE)
-        jobs = [job for job in await self.app.jobs(ACTIVE) if job.batch_id is None]
-        return [self.app.live(item) for item in [*batches, *jobs]]
+        self._reply(room_id, event, render.render_status_summary(await self.app.active(), now))
 
     async def _cancel(self, room_id: str, event: RoomMessageText, command: Command) -> None:
         if len(command.args) != 1:
@@ -499,16 +507,33 @@ class MatrixBot:
             for item in await self.crypto.expired():
                 self._undecryptable(item)
 
+    def _untrusted(self, room_id: str, event: RoomMessageText) -> None:
+        """Tell an allowed sender (now and then) why their session's command did nothing.
+        Their untrusted session cannot read the notice (it gets no room keys); their
+        trusted ones can. Chatter gets no notice."""
+        if not event.body.startswith(self.config.command_prefix) or not self._now_and_then(
+                self._untrusted_at, event.sender):
+            return
+        device = self.crypto.device_of(event)
+        self._reply(room_id, event, render.render_untrusted_session(
+            device.id if device is not None else None, self.crypto.trust is Trust.VERIFIED))
+
+    def _now_and_then(self, last: dict[str, float], sender: str) -> bool:
+        """May `sender` get a notice now? Strangers never make the bot talk; allowed users
+        get one every DENIED_REPLY_EVERY_S at most."""
+        now = time.monotonic()
+        if not self.access.allows(sender) or (
+                now - last.get(sender, -DENIED_REPLY_EVERY_S) < DENIED_REPLY_EVERY_S):
+            return False
+        last[sender] = now
+        return True
+
     def _undecryptable(self, item: Undecryptable) -> None:
         event = item.event
         log.warning("matrix: gave up decrypting %s from %s (device %s) in %s: its room key "
                     "never came", event.event_id, event.sender, event.device_id, item.room_id)
-        now = time.monotonic()
-        if not self.access.allows(event.sender) or (
-                now - self._undecryptable_at.get(event.sender, -DENIED_REPLY_EVERY_S)
-                < DENIED_REPLY_EVERY_S):
-            return  # strangers never make the bot talk; others get one notice now and then
-        self._undecryptable_at[event.sender] = now
+        if not self._now_and_then(self._undecryptable_at, event.sender):
+            return
         self.scheduler.reply(item.room_id, event.event_id,
                              render.render_undecryptable(str(self.client.device_id)))
 

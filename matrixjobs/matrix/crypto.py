@@ -28,7 +28,7 @@ from nio import (
     LocalProtocolError,
     MegolmEvent,
 )
-from nio.crypto import OlmDevice
+from nio.crypto import OlmDevice, TrustState
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ MAX_PENDING = 200
 class Trust(StrEnum):
     TOFU = "tofu"  # pin each device's key when first seen; a changed key is refused
     ALL = "all"  # every device in the room gets room keys
-    VERIFIED = "verified"  # only devices verified in the crypto store
+    VERIFIED = "verified"  # only the devices in `[matrix] verified_devices`
 
 
 def open_store_dir(path: Path) -> Path:
@@ -49,6 +49,12 @@ def open_store_dir(path: Path) -> Path:
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(path, 0o700)
     return path
+
+
+def session_key(client: AsyncClient) -> str:
+    """Our device's Ed25519 key grouped by four, as Element shows a "Session key"."""
+    key = client.olm.account.identity_keys["ed25519"] if client.olm is not None else ""
+    return " ".join(key[i:i + 4] for i in range(0, len(key), 4))
 
 
 @dataclass(slots=True)
@@ -62,14 +68,18 @@ class Crypto:
     """Key upkeep and trust for one logged-in client with encryption enabled."""
 
     def __init__(self, client: AsyncClient, trust: Trust, decrypt_timeout_s: float,
+                 pinned: dict[str, dict[str, str]] | None = None,
                  monotonic: Callable[[], float] = time.monotonic) -> None:
         self.client = client
         self.trust = trust
         self.decrypt_timeout_s = decrypt_timeout_s
+        # `[matrix] verified_devices`: user id → device id → Ed25519 key.
+        self.pinned = pinned or {}
         self._monotonic = monotonic
         self._pending: dict[str, Undecryptable] = {}
         self._added = asyncio.Event()
-        self._warned: set[tuple[str, str]] = set()
+        # Devices whose signing key changed under their id (seen in this run's key queries).
+        self._changed: set[tuple[str, str]] = set()
 
     # -- keys -------------------------------------------------------------------------------
 
@@ -92,6 +102,15 @@ class Crypto:
             self._check_pinned(response)
         self.apply_trust()
 
+    def recheck(self) -> None:
+        """At start: judge every known device again under the current `trust` and
+        `verified_devices` (either may have changed since the last run). A key changed
+        under a known device id is found again by the key query that follows the first
+        sync: nio tracks users in memory only, so it asks for the keys of every member of
+        an encrypted room after each start."""
+        self._report_pins()
+        self.apply_trust()
+
     async def prepare_room(self, room_id: str) -> None:
         """Before sending into an encrypted room: know its members and their devices, and
         decide about new ones, so that nio never meets a device we have not judged."""
@@ -109,30 +128,59 @@ class Crypto:
         return self.trust is Trust.ALL
 
     def apply_trust(self) -> None:
-        """TOFU: every device not yet judged is verified (pinning its keys). Verified-only:
-        every device not verified is blacklisted (it gets no room keys)."""
-        if self.trust is Trust.ALL:
+        """Give every device the trust state the policy wants for it now: verified ones get
+        room keys and their commands count, blacklisted ones neither. Decisions of earlier
+        runs under another policy are undone here too."""
+        client, olm = self.client, self.client.olm
+        if olm is None:
             return
-        client = self.client
         for device in list(client.device_store):
-            if device.deleted or client.olm is None:
+            if device.deleted or (device.user_id, device.id) == (client.user_id,
+                                                                 client.device_id):
                 continue
-            if (device.user_id, device.id) == (client.user_id, client.device_id):
+            wanted = self._wanted(device)
+            if wanted is None or device.trust_state is wanted:
                 continue
-            if client.olm.is_device_verified(device) or client.olm.is_device_blacklisted(device):
-                continue
-            if self.trust is Trust.TOFU:
-                log.info("matrix: trusting %s's new device %s on first use (%s)",
-                         device.user_id, device.id, device.ed25519)
+            if wanted is TrustState.verified:
+                log.info("matrix: trusting %s's device %s (%s, trust = %s)",
+                         device.user_id, device.id, device.ed25519, self.trust)
                 client.verify_device(device)
-            else:
-                log.info("matrix: %s's device %s is not verified; it gets no room keys",
-                         device.user_id, device.id)
+            elif wanted is TrustState.blacklisted:
+                log.info("matrix: %s's device %s is not trusted (trust = %s); it gets no "
+                         "room keys and its commands are refused",
+                         device.user_id, device.id, self.trust)
                 client.blacklist_device(device)
+            else:
+                log.info("matrix: %s's device %s is no longer blocked (trust = all)",
+                         device.user_id, device.id)
+                client.unblacklist_device(device)
+
+    def _wanted(self, device: OlmDevice) -> TrustState | None:
+        """The state the policy wants for `device`; None: leave it as it is."""
+        if self.trust is Trust.ALL:
+            # nio marks unverified devices "ignored" (and shares with them) when sending.
+            return TrustState.unset if device.blacklisted else None
+        pin = self.pinned.get(device.user_id, {}).get(device.id)
+        if (device.user_id, device.id) in self._changed or pin not in (None, device.ed25519):
+            return TrustState.blacklisted
+        if pin is not None or self.trust is Trust.TOFU:
+            return TrustState.verified  # TOFU: every device not caught changing its key
+        return TrustState.blacklisted  # verified-only, and not in verified_devices
+
+    def _report_pins(self) -> None:
+        """Say which configured devices cannot be trusted because we know another key."""
+        store = self.client.device_store
+        for user_id, devices in self.pinned.items():
+            for device_id, key in devices.items():
+                known = store[user_id].get(device_id) if user_id in store.users else None
+                if known is not None and known.ed25519 != key:
+                    log.error("matrix: verified_devices lists %s's device %s with key %s, but "
+                              "the crypto store knows it with key %s: it is blocked",
+                              user_id, device_id, key, known.ed25519)
 
     def _check_pinned(self, response: KeysQueryResponse) -> None:
         """nio keeps a known device's first signing key and ignores a new one; say so, and
-        under TOFU stop sharing room keys with that device id."""
+        (unless trust = all) stop sharing room keys with that device id."""
         store = self.client.device_store
         for user_id, devices in response.device_keys.items():
             for device_id, payload in devices.items():
@@ -140,33 +188,34 @@ class Crypto:
                 claimed = (payload.get("keys") or {}).get(f"ed25519:{device_id}")
                 if known is None or claimed is None or claimed == known.ed25519:
                     continue
-                if (user_id, device_id) not in self._warned:
-                    self._warned.add((user_id, device_id))
+                if (user_id, device_id) not in self._changed:
+                    self._changed.add((user_id, device_id))
                     log.warning("matrix: the signing key of %s's device %s changed (pinned %s, "
                                 "now %s); it gets no room keys and its messages are refused",
                                 user_id, device_id, known.ed25519, claimed)
-                if self.trust is not Trust.ALL:
-                    self.client.blacklist_device(known)
 
     async def accepts(self, event: Event) -> bool:
         """May a decrypted command be acted on, given the device that encrypted it?"""
         if not getattr(event, "decrypted", False) or self.trust is Trust.ALL:
             return True
-        if event.verified or self.trust is Trust.VERIFIED:
-            return bool(event.verified)
-        device = self._device_of(event.sender, event.sender_key)
-        if device is None and self.client.should_query_keys:
-            await self.query_keys()  # a device not met yet: meet it (and trust it, TOFU)
-            device = self._device_of(event.sender, event.sender_key)
+        device = self.device_of(event)
+        olm = self.client.olm
+        if device is None and olm is not None:
+            # A device not met yet (its key query may not have happened): meet it, and
+            # judge it.
+            olm.users_for_key_query.add(event.sender)
+            await self.query_keys()
+            device = self.device_of(event)
         # Unknown still (a key swapped under a known device id), or blacklisted: refused.
-        return (device is not None and self.client.olm is not None
-                and self.client.olm.is_device_verified(device))
+        return device is not None and device.verified
 
-    def _device_of(self, user_id: str, curve_key: str | None) -> OlmDevice | None:
+    def device_of(self, event: Event) -> OlmDevice | None:
+        """The known device whose keys encrypted `event`, whatever its trust state."""
         store = self.client.device_store
-        if user_id not in store.users or curve_key is None:
+        curve_key = getattr(event, "sender_key", None)
+        if event.sender not in store.users or curve_key is None:
             return None
-        return store.device_from_sender_key(user_id, curve_key)
+        return store.device_from_sender_key(event.sender, curve_key)
 
     # -- undecryptable messages -------------------------------------------------------------
 

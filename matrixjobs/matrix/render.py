@@ -445,3 +445,14 @@ def render_undecryptable(device_id: str) -> Rendered:
     return _single(
         f"🔒 I could not decrypt your message, so I did nothing. Your client did not share "
         f"its key with my device {device_id}: check that it trusts it, then send again.")
+
+
+def render_untrusted_session(device_id: str | None, verified_only: bool) -> Rendered:
+    """A command from a session the bot refuses (trust = verified: not configured; tofu:
+    its keys changed since first seen)."""
+    session = f"your session {device_id}" if device_id else "a session of yours I do not know"
+    why = ("which is not one of the sessions I am set up to trust. Ask my admin to add it "
+           "to my verified devices" if verified_only else
+           "whose keys are not the ones I first saw for it. Send from another session (I "
+           "trust a new login on first use)")
+    return _single(f"🔒 I did nothing: your message came from {session}, {why}.")

@@ -35,6 +35,10 @@ class Backend(Protocol):
 
     async def cancel(self, subject: str) -> JobProgressEvent: ...
 
+    async def active(self) -> list[JobProgressEvent]:
+        """Queued and running batches, then jobs outside a batch."""
+        ...
+
     async def jobs(self, statuses: Sequence[Status] | None, limit: int) -> list[JobProgressEvent]:
         ...
 
@@ -63,6 +67,9 @@ class AppBackend:
 
     async def cancel(self, subject: str) -> JobProgressEvent:
         return event_of(await self.app.cancel(subject), time.time())
+
+    async def active(self) -> list[JobProgressEvent]:
+        return await self.app.active()
 
     async def jobs(self, statuses: Sequence[Status] | None, limit: int) -> list[JobProgressEvent]:
         return [self.app.live(job) for job in await self.app.jobs(statuses, limit)]
@@ -100,6 +107,9 @@ class HttpBackend:
 
     async def cancel(self, subject: str) -> JobProgressEvent:
         return await _translated(self.api.cancel(subject))
+
+    async def active(self) -> list[JobProgressEvent]:
+        return await _translated(self.api.active())
 
     async def jobs(self, statuses: Sequence[Status] | None, limit: int) -> list[JobProgressEvent]:
         return await _translated(self.api.jobs(_statuses(statuses), limit))

@@ -36,7 +36,6 @@ from matrixjobs.models import Status
 from matrixjobs.progress.events import CamelModel, JobProgressEvent
 
 HEARTBEAT_S = 50.0
-ACTIVE = (Status.PENDING, Status.PROCESSING)
 MAX_LIMIT = 1000
 
 INSTRUCTIONS = """\
@@ -109,9 +108,8 @@ def build_mcp_server(
             if stream:
                 raise ToolError("stream=true needs an id (like j12 or b3)")
             async with errors():
-                jobs = await backend.jobs(ACTIVE, MAX_LIMIT)
-                batches = await backend.batches(ACTIVE, MAX_LIMIT)
-            return StatusResult(active=[*batches, *jobs])
+                active = await backend.active()
+            return StatusResult(active=active)
         subject = id.strip()
         if not stream:
             async with errors():

@@ -133,8 +133,12 @@ def batch_event(
     current_operation: str | None = None,
     message: str | None = None,
     eta_seconds: float | None = None,
+    running_work: float = 0.0,
 ) -> JobProgressEvent:
+    """`running_work`: how much of its running operations is done, in operations (two
+    halfway operations are 1.0), so the percentage moves before an operation finishes."""
     finished = batch.finished
+    done = finished + (0.0 if batch.status.terminal else running_work)
     return JobProgressEvent(
         id=batch.id,
         type="batch",
@@ -143,7 +147,7 @@ def batch_event(
         message=message,
         progress=ProgressInfo(
             current=finished, total=batch.total,
-            percentage=round(finished / batch.total * 100, 1) if batch.total else None,
+            percentage=round(done / batch.total * 100, 1) if batch.total else None,
         ),
         batch_details=BatchDetails(
             total_operations=batch.total, completed_operations=batch.completed,

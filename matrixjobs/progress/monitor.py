@@ -216,15 +216,19 @@ class ProgressMonitor:
     def _batch_event(self, tracker: BatchTracker) -> JobProgressEvent:
         batch = tracker.batch
         current = tracker.current()
+        running = sum(min(job.progress.percentage or 0.0, 100.0) / 100
+                      for job in tracker.running.values() if job.progress is not None)
+        done = batch.finished + running
         eta = None
-        if batch.started_at is not None and 0 < batch.finished < batch.total:
+        if batch.started_at is not None and 0 < done < batch.total:
             elapsed = self._clock() - batch.started_at
-            eta = round(elapsed / batch.finished * (batch.total - batch.finished), 1)
+            eta = round(elapsed / done * (batch.total - done), 1)
         return batch_event(
             batch, self._clock(),
             current_operation=None if current is None else current.job.name,
             message=None if current is None else current.message,
             eta_seconds=eta,
+            running_work=running,
         )
 
     def _publish(self, subject: str, build: Callable[[], JobProgressEvent]) -> None:

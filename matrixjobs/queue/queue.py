@@ -378,6 +378,8 @@ class JobQueue:
         if job.id in self._cancel_requested:
             return Outcome(job.id, Status.CANCELLED, now, error="cancelled")
         # Shutdown: back to pending without spending a retry; it runs again after restart.
+        log.info("job %s (%s) stopped with the service; it runs again after the restart",
+                 job.id, job.name)
         return Outcome(job.id, Status.PENDING, now, error=INTERRUPTED_BY_STOP,
                        retry_at=now, count_retry=False)
 
