@@ -1,6 +1,6 @@
 """`python -m matrixjobs` and the `matrixjobs` command."""
 
-EXIT_INTERRUPTED = 130
+from matrixjobs.exitcodes import EXIT_INTERRUPTED
 
 
 def run() -> int:

@@ -15,14 +15,12 @@ from matrixjobs.console.commands import add_client_commands
 from matrixjobs.daemon import serve
 from matrixjobs.demo.command import add_demo_command
 from matrixjobs.errors import ConfigError, MatrixJobsError
+from matrixjobs.exitcodes import EXIT_FAILED, EXIT_OK
 from matrixjobs.logs import mask, setup_logging
 from matrixjobs.ops.commands import add_ops_commands
 from matrixjobs.queue.handlers import HandlerRegistry, load_user_handlers
 from matrixjobs.service import build_service
 
-EXIT_OK = 0
-EXIT_ERROR = 1
-EXIT_USAGE = 2
 MCP_DEFAULT_API = "http://127.0.0.1:8765"
 
 
@@ -75,7 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.handler(args))
     except KeyboardInterrupt:
-        return EXIT_ERROR
+        return EXIT_FAILED
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -84,7 +82,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         load_user_handlers(config, HandlerRegistry())
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
+        return EXIT_FAILED
     for warning in config.warnings():
         print(f"warning: {warning}", file=sys.stderr)
     print(describe(config))
@@ -112,12 +110,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         app = build_service(config)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
+        return EXIT_FAILED
     for warning in config.warnings():
         logging.getLogger("matrixjobs").warning("%s", warning)
     try:
         asyncio.run(serve(app))
     except MatrixJobsError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
+        return EXIT_FAILED
     return EXIT_OK

@@ -15,12 +15,10 @@ from matrixjobs.api.client import (
     ServiceUnreachable,
 )
 from matrixjobs.console.display import Board, Mode, pick_mode, print_events
+from matrixjobs.exitcodes import EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE
 from matrixjobs.models import Status
 from matrixjobs.progress.events import JobProgressEvent
 
-EXIT_OK = 0
-EXIT_FAILED = 1  # the job failed/was cancelled, or the API refused the request
-EXIT_UNREACHABLE = 3
 DISCOVERY_LIMIT = 200
 RECENT_LIMIT = 20
 

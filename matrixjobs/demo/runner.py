@@ -33,6 +33,7 @@ from matrixjobs.demo.config import read_demo_config, write_demo_config
 from matrixjobs.demo.synapse import SynapseServer
 from matrixjobs.demo.view import Display, RoomView
 from matrixjobs.errors import MatrixJobsError
+from matrixjobs.exitcodes import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK
 from matrixjobs.matrix.bot import MatrixBot
 from matrixjobs.service import build_service
 
@@ -49,9 +50,6 @@ SCRIPT_WAIT_S = 90.0  # without --until-done: then print the login info anyway
 SYNC_TIMEOUT_MS = 30_000
 # Job/batch messages start with their state's emoji; the rest are one-off answers.
 RUNNING = ("⏳", "🔄")
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_INTERRUPTED = 130
 
 
 class DemoError(MatrixJobsError):

@@ -8,12 +8,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from matrixjobs.exitcodes import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from matrixjobs.ops import init
 from matrixjobs.ops.doctor import doctor
-
-EXIT_OK = 0
-EXIT_ERROR = 1
-EXIT_USAGE = 2
 
 
 def add_ops_commands(commands: Any) -> None:
@@ -61,7 +58,7 @@ def add_ops_commands(commands: Any) -> None:
 
 def cmd_doctor(args: argparse.Namespace) -> int:
     report = doctor(args.config)
-    return EXIT_ERROR if report.failed else EXIT_OK
+    return EXIT_FAILED if report.failed else EXIT_OK
 
 
 def cmd_init(args: argparse.Namespace, prompts: init.Prompts | None = None) -> int:
@@ -81,10 +78,10 @@ def cmd_init(args: argparse.Namespace, prompts: init.Prompts | None = None) -> i
         return EXIT_USAGE
     except (init.FilesExistError, init.WriteError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
+        return EXIT_FAILED
     except EOFError:
         print("\nerror: aborted, nothing written", file=sys.stderr)
-        return EXIT_ERROR
+        return EXIT_FAILED
     for warning in init.warnings(answers):
         print(f"warning: {warning}", file=sys.stderr)
     try:
@@ -92,6 +89,6 @@ def cmd_init(args: argparse.Namespace, prompts: init.Prompts | None = None) -> i
                           (env_file, init.render_env(answers), 0o600)])
     except init.WriteError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
+        return EXIT_FAILED
     print(init.next_steps(config, env_file, answers))
     return EXIT_OK
