@@ -99,6 +99,20 @@ class EncryptedScene:
         await session.trust(self.bot_id)
         return session
 
+    async def stranger(self) -> EncryptedPerson:
+        """Someone not in allowed_users, with an E2EE client, who joined the room."""
+        assert self.alice is not None
+        stranger = await EncryptedPerson.register(
+            self.server, f"estranger{self.n}", self.tmp_path / "stranger-crypto")
+        self.sessions.append(stranger)
+        await asyncio.to_thread(self.alice.http.invite, self.room, stranger.user_id)
+        await asyncio.to_thread(stranger.http.join, self.room)
+        deadline = time.monotonic() + 30
+        while self.room not in stranger.client.rooms:
+            assert time.monotonic() < deadline, "the stranger never saw the room"
+            await asyncio.sleep(0.1)
+        return stranger
+
     async def reply_to(self, command: str, final: Callable[[str], bool] = lambda b: True,
                        timeout: float = 30.0, reader: EncryptedPerson | None = None
                        ) -> BotMessage:
@@ -421,5 +435,64 @@ async def test_a_room_encrypted_after_the_bot_joined(encrypted):
         assert plain.event_id not in raw
         assert {message.event_id, *(edit["event_id"] for edit in message.edits)} <= raw
         assert len(await app.jobs()) == 2
+    finally:
+        await app.stop()
+
+
+# -- what the bot refuses, and whom it answers -----------------------------------------------
+
+
+async def test_a_cleartext_command_in_an_encrypted_room_is_refused_even_from_a_listed_user(
+        encrypted, caplog):
+    scene = encrypted
+    caplog.set_level(logging.INFO, logger="matrixjobs.matrix")
+    alice = scene.alice
+    assert alice is not None
+    # Alice's only device is verified by configuration; a script holding her access token
+    # has no device at all.
+    app = await start_bot(scene.config(trust="verified",
+                                       verified_devices={alice.user_id: [pin(alice)]}))
+    try:
+        await scene.open_room()
+        await alice.trust(scene.bot_id)
+        command = await asyncio.to_thread(alice.http.send, scene.room, "!build quick")
+        await logged(caplog, f"ignoring {command} from {alice.user_id} in {scene.room}: sent "
+                             "unencrypted into an encrypted room")
+        notice = await scene.reply_to(command)
+        assert notice.current.startswith("🔒") and "not encrypted" in notice.current
+        assert await app.jobs() == []
+
+        # The same command encrypted by her listed device runs.
+        command = await alice.send(scene.room, "!build quick")
+        assert (await scene.reply_to(command, finished)).current.startswith("✅")
+        assert len(await app.jobs()) == 1
+    finally:
+        await app.stop()
+
+
+async def test_a_stranger_never_makes_the_bot_talk_in_an_encrypted_room(encrypted, caplog):
+    scene = encrypted
+    caplog.set_level(logging.INFO, logger="matrixjobs.matrix")
+    app = await start_bot(scene.config(decrypt_timeout_s=1))
+    try:
+        await scene.open_room()
+        alice = scene.alice
+        assert alice is not None
+        await alice.trust(scene.bot_id)
+        stranger = await scene.stranger()
+        cleartext = await asyncio.to_thread(stranger.http.send, scene.room, "!build quick")
+        await logged(caplog, f"ignoring {cleartext} from {stranger.user_id}")
+        # Its client keeps the room key from the bot: the bot gives up on it, silently.
+        await stranger.blacklist(scene.bot_id)
+        unreadable = await stranger.send(scene.room, "!build quick",
+                                         ignore_unverified_devices=True)
+        await logged(caplog, f"gave up decrypting {unreadable}")
+
+        # Replies go out in order: once alice has hers, none to the stranger is queued.
+        command = await alice.send(scene.room, "!build quick", ignore_unverified_devices=True)
+        await scene.reply_to(command, finished)
+        for refused in (cleartext, unreadable):
+            assert await asyncio.to_thread(encrypted_replies, scene, refused) == []
+        assert len(await app.jobs()) == 1
     finally:
         await app.stop()

@@ -407,9 +407,7 @@ class MatrixBot:
     async def _on_message(self, room_id: str, event: RoomMessageText) -> None:
         if not self._is_new(event):
             return
-        if not await self.crypto.accepts(event):
-            log.warning("matrix: ignoring %s from %s in %s: its device is not trusted "
-                        "(trust = %s)", event.event_id, event.sender, room_id, self.crypto.trust)
+        if not await self.crypto.accepts(room_id, event):
             self._untrusted(room_id, event)
             return
         relation = event.source.get("content", {}).get("m.relates_to") or {}
@@ -508,11 +506,18 @@ class MatrixBot:
                 self._undecryptable(item)
 
     def _untrusted(self, room_id: str, event: RoomMessageText) -> None:
-        """Tell an allowed sender (now and then) why their session's command did nothing.
-        Their untrusted session cannot read the notice (it gets no room keys); their
-        trusted ones can. Chatter gets no notice."""
+        """Log a refused message, and tell an allowed sender (now and then) why their
+        command did nothing. An untrusted session cannot read the notice (it gets no room
+        keys); their trusted ones can. Chatter gets no notice."""
+        cleartext = not event.decrypted
+        log.warning("matrix: ignoring %s from %s in %s: %s", event.event_id, event.sender,
+                    room_id, "sent unencrypted into an encrypted room" if cleartext else
+                    f"its device is not trusted (trust = {self.crypto.trust})")
         if not event.body.startswith(self.config.command_prefix) or not self._now_and_then(
                 self._untrusted_at, event.sender):
+            return
+        if cleartext:
+            self._reply(room_id, event, render.render_cleartext())
             return
         device = self.crypto.device_of(event)
         self._reply(room_id, event, render.render_untrusted_session(

@@ -194,9 +194,15 @@ class Crypto:
                                 "now %s); it gets no room keys and its messages are refused",
                                 user_id, device_id, known.ed25519, claimed)
 
-    async def accepts(self, event: Event) -> bool:
-        """May a decrypted command be acted on, given the device that encrypted it?"""
-        if not getattr(event, "decrypted", False) or self.trust is Trust.ALL:
+    async def accepts(self, room_id: str, event: Event) -> bool:
+        """May a command be acted on, given the device that encrypted it? A cleartext one
+        in an encrypted room never: no device vouches for it (anyone holding the user's
+        access token can send it), whatever the trust mode. The room's state is judged as
+        it is now, so a command sent just before encryption was turned on is refused too."""
+        if not getattr(event, "decrypted", False):
+            room = self.client.rooms.get(room_id)
+            return room is None or not room.encrypted
+        if self.trust is Trust.ALL:
             return True
         device = self.device_of(event)
         olm = self.client.olm
