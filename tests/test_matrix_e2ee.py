@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 import stat
 import time
 from collections.abc import Callable
@@ -494,5 +495,91 @@ async def test_a_stranger_never_makes_the_bot_talk_in_an_encrypted_room(encrypte
         for refused in (cleartext, unreadable):
             assert await asyncio.to_thread(encrypted_replies, scene, refused) == []
         assert len(await app.jobs()) == 1
+    finally:
+        await app.stop()
+
+
+# -- the bot's own device --------------------------------------------------------------------
+
+
+def published_keys(scene: EncryptedScene, device: str) -> dict[str, str]:
+    """The keys the homeserver hands out for the bot's `device` ({} if none)."""
+    assert scene.alice is not None
+    found = scene.alice.http.call("POST", "/_matrix/client/v3/keys/query",
+                                  {"device_keys": {scene.bot_id: []}})
+    return dict((found["device_keys"].get(scene.bot_id, {}).get(device) or {}).get("keys", {}))
+
+
+async def test_a_signed_out_device_gets_its_keys_back_at_the_next_login(encrypted, caplog):
+    scene = encrypted
+    caplog.set_level(logging.INFO, logger="matrixjobs.matrix")
+    app = await start_bot(scene.config())
+    bot = app.components[0]
+    device, identity = bot.client.device_id, bot.client.olm.account.identity_keys
+    try:
+        await scene.open_room()
+    finally:
+        await app.stop()
+    # Signed out (Element's session list, or the admin API): its keys go with it.
+    await asyncio.to_thread(
+        scene.server.request, "DELETE",
+        f"/_synapse/admin/v2/users/{scene.bot_id}/devices/{device}", None,
+        scene.server.admin["access_token"])
+    assert await asyncio.to_thread(published_keys, scene, device) == {}
+
+    app = await start_bot(scene.config())  # the token is dead: a password login, same id
+    try:
+        assert app.components[0].client.device_id == device
+        keys = await asyncio.to_thread(published_keys, scene, device)
+        assert keys.get(f"ed25519:{device}") == identity["ed25519"], "nobody can encrypt"
+        assert f"the homeserver has no keys for our device {device}" in caplog.text
+        # A session of alice's that never saw the device go encrypts for it again.
+        second = await scene.another_session()
+        command = await second.send(scene.room, "!build quick", ignore_unverified_devices=True)
+        message = await scene.reply_to(command, finished, reader=second)
+        assert message.current.startswith("✅")
+    finally:
+        await app.stop()
+
+
+async def test_a_lost_crypto_store_needs_the_password_to_start_over_as_a_new_device(
+        encrypted, caplog):
+    scene = encrypted
+    caplog.set_level(logging.INFO, logger="matrixjobs.matrix")
+    alice = scene.alice
+    assert alice is not None
+    app = await start_bot(scene.config())
+    old = app.components[0].client.device_id
+    try:
+        await scene.open_room()
+    finally:
+        await app.stop()
+    shutil.rmtree(scene.tmp_path / "matrixjobs-crypto")
+
+    # The saved token still works, but no crypto store holds its device's keys.
+    app = build_service(scene.config(password=None))
+    await app.start()
+    try:
+        await logged(caplog, f"does not hold the keys the homeserver has for our device {old}")
+        assert "Restore it from a backup" in caplog.text
+        assert not app.components[0].synced.is_set()
+    finally:
+        await app.stop()
+
+    app = await start_bot(scene.config())
+    try:
+        bot = app.components[0]
+        new = bot.client.device_id
+        assert new != old and "logging in as a new device" in caplog.text
+        keys = await asyncio.to_thread(published_keys, scene, new)
+        assert keys[f"ed25519:{new}"] == bot.client.olm.account.identity_keys["ed25519"]
+        deadline = time.monotonic() + 30
+        while new not in {d.id for d in await alice.devices_of(scene.bot_id)}:
+            assert time.monotonic() < deadline, "alice never learnt the bot's new device"
+            await asyncio.sleep(0.1)
+        await alice.trust(scene.bot_id)
+        command = await alice.send(scene.room, "!build quick", ignore_unverified_devices=True)
+        message = await scene.reply_to(command, finished)
+        assert message.current.startswith("✅")
     finally:
         await app.stop()

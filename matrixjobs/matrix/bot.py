@@ -43,6 +43,7 @@ from matrixjobs.matrix import render
 from matrixjobs.matrix.commands import Command, CommandSyntaxError, parse
 from matrixjobs.matrix.crypto import (
     Crypto,
+    ServerKeys,
     Trust,
     Undecryptable,
     open_store_dir,
@@ -230,6 +231,9 @@ class MatrixBot:
     # -- login ------------------------------------------------------------------------------
 
     async def _login(self) -> bool:
+        return await self._authenticate() and await self._check_device()
+
+    async def _authenticate(self) -> bool:
         store, config = self.app.store, self.config
         # nio keeps one crypto store per device id in here: the device must stay ours.
         open_store_dir(self.store_dir)
@@ -237,7 +241,7 @@ class MatrixBot:
         saved_user = await store.get_setting(SETTING_USER)
         token = config.access_token.get_secret_value() if config.access_token else None
         if token is None and saved_user == config.user_id:
-            token = await store.get_setting(SETTING_TOKEN)
+            token = await store.get_setting(SETTING_TOKEN) or None
         if token is not None:
             mask([token])
             self.client.access_token = token
@@ -267,6 +271,47 @@ class MatrixBot:
         await store.set_setting(SETTING_DEVICE, response.device_id)
         await store.set_setting(SETTING_TOKEN, response.access_token)
         return True
+
+    async def _check_device(self) -> bool:
+        """Does the homeserver hand out our crypto store's keys for our device? Without
+        that nobody can encrypt for the bot, and every command stays unreadable."""
+        olm = self.client.olm
+        assert olm is not None
+        found = await self.crypto.server_keys()
+        if found is None:
+            return False
+        if found is ServerKeys.NONE and olm.account.shared:
+            # nio believes its keys are up and would only send one-time keys.
+            log.error("matrix: the homeserver has no keys for our device %s (was it signed "
+                      "out?); uploading them again. Messages sent while they were missing "
+                      "cannot be decrypted", self.client.device_id)
+            olm.account.shared = False
+            olm.save_account()
+        if found is not ServerKeys.OTHER:
+            return True
+        return await self._new_device()
+
+    async def _new_device(self) -> bool:
+        """Our crypto store lacks the keys the homeserver has for our device (deleted or
+        replaced): that device is lost to us; only a new one can decrypt again."""
+        old, config = self.client.device_id, self.config
+        lost = (f"the crypto store {self.store_dir} does not hold the keys the homeserver "
+                f"has for our device {old} (was it deleted or replaced?)")
+        if config.access_token is not None or config.password is None:
+            log.error("matrix: %s. Restore it from a backup, or let the bot log in as a new "
+                      "device: give it its password (MATRIXJOBS_PASSWORD) and no access "
+                      "token. Retrying", lost)
+            return False
+        log.error("matrix: %s; logging in as a new device. Delete the old device %s (Element: "
+                  "Sessions, or the admin API); messages sent to it cannot be decrypted",
+                  lost, old)
+        await self.app.store.set_setting(SETTING_DEVICE, "")
+        await self.app.store.set_setting(SETTING_TOKEN, "")
+        # nio loads a crypto store only when none is loaded.
+        self.client.store = None
+        self.client.olm = None
+        self.client.access_token = ""
+        return await self._authenticate() and await self._check_device()
 
     # -- syncing ----------------------------------------------------------------------------
 

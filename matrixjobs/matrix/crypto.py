@@ -21,10 +21,12 @@ from enum import StrEnum
 from pathlib import Path
 
 from nio import (
+    Api,
     AsyncClient,
     EncryptionError,
     Event,
     KeysQueryResponse,
+    KeysUploadError,
     LocalProtocolError,
     MegolmEvent,
 )
@@ -41,6 +43,14 @@ class Trust(StrEnum):
     TOFU = "tofu"  # pin each device's key when first seen; a changed key is refused
     ALL = "all"  # every device in the room gets room keys
     VERIFIED = "verified"  # only the devices in `[matrix] verified_devices`
+
+
+class ServerKeys(StrEnum):
+    """What the homeserver hands out as our device's keys."""
+
+    OURS = "ours"
+    NONE = "none"  # the device was signed out (and created again by our login)
+    OTHER = "other"  # not the keys in our crypto store: it was deleted or replaced
 
 
 def open_store_dir(path: Path) -> Path:
@@ -80,6 +90,7 @@ class Crypto:
         self._added = asyncio.Event()
         # Devices whose signing key changed under their id (seen in this run's key queries).
         self._changed: set[tuple[str, str]] = set()
+        self._upload_failed = False
 
     # -- keys -------------------------------------------------------------------------------
 
@@ -89,12 +100,43 @@ class Crypto:
         session repairs)."""
         client = self.client
         if client.should_upload_keys:
-            await client.keys_upload()
+            self._uploaded(await client.keys_upload())
         if client.should_query_keys:
             await self.query_keys()
         if client.should_claim_keys:
             await client.keys_claim(client.get_users_for_key_claiming())
         await client.send_to_device_messages()
+
+    def _uploaded(self, response: object) -> None:
+        """Say (once until it works again) that our keys did not go up: until they do,
+        nobody can encrypt for the bot."""
+        failed = isinstance(response, KeysUploadError)
+        if failed and not self._upload_failed:
+            log.error("matrix: the homeserver refused our device's keys (%s); nobody can "
+                      "encrypt for the bot until they are accepted. If the crypto store "
+                      "was deleted or replaced, see docs/encryption.md", response)
+        self._upload_failed = failed
+
+    async def server_keys(self) -> ServerKeys | None:
+        """Are the keys the homeserver has for our device the ones in our crypto store?
+        None: the homeserver did not say."""
+        client, olm = self.client, self.client.olm
+        assert olm is not None and client.user_id and client.device_id
+        method, path, data = Api.keys_query(client.access_token, {client.user_id})
+        response = await client.send(method, path, data)
+        body = await response.json(content_type=None)
+        if response.status != 200 or not isinstance(body, dict):
+            log.warning("matrix: cannot ask for our device's keys: %s %s",
+                        response.status, body)
+            return None
+        device = body.get("device_keys", {}).get(client.user_id, {}).get(client.device_id)
+        if not device:
+            return ServerKeys.NONE
+        keys = device.get("keys") or {}
+        ours = olm.account.identity_keys
+        same = all(keys.get(f"{kind}:{client.device_id}") == ours[kind]
+                   for kind in ("ed25519", "curve25519"))
+        return ServerKeys.OURS if same else ServerKeys.OTHER
 
     async def query_keys(self) -> None:
         response = await self.client.keys_query()
