@@ -10,6 +10,7 @@ import stat
 import time
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 from helpers import make_config, python_target
@@ -581,5 +582,37 @@ async def test_a_lost_crypto_store_needs_the_password_to_start_over_as_a_new_dev
         command = await alice.send(scene.room, "!build quick", ignore_unverified_devices=True)
         message = await scene.reply_to(command, finished)
         assert message.current.startswith("✅")
+    finally:
+        await app.stop()
+
+
+async def test_a_message_in_a_room_left_while_down_is_given_up_not_retried(encrypted, caplog):
+    scene = encrypted
+    caplog.set_level(logging.INFO)
+    alice = scene.alice
+    assert alice is not None
+    app = await start_bot(scene.config())
+    try:
+        left = await scene.open_room(encrypted=False)
+        command = await asyncio.to_thread(alice.http.send, left, "!build slow 30")
+        deadline = time.monotonic() + 30
+        while not [m for m in alice.messages_of(left, scene.bot_id) if m.reply_to == command]:
+            assert time.monotonic() < deadline, "no progress message"
+            await asyncio.sleep(0.1)
+    finally:
+        await app.stop()  # the job goes back to the queue; its message stays open
+    await asyncio.to_thread(alice.http.call, "POST",
+                            f"/_matrix/client/v3/rooms/{quote(left, safe='')}/kick",
+                            {"user_id": scene.bot_id})
+
+    app = await start_bot(scene.config())
+    try:
+        await logged(caplog, f"giving up a message in {left}")
+        # Nothing else waits behind it.
+        await scene.open_room()
+        await alice.trust(scene.bot_id)
+        command = await alice.send(scene.room, "!build quick")
+        await scene.reply_to(command, finished, timeout=15)
+        assert f"sending to {left} failed" not in caplog.text
     finally:
         await app.stop()

@@ -85,6 +85,10 @@ class NioSender:
     async def send(self, room_id: str, content: dict[str, Any], txn_id: str) -> str:
         # In an encrypted room nio encrypts (each attempt differently) and copies
         # m.relates_to to the cleartext; the homeserver still dedupes on the txn id.
+        if room_id not in self.client.rooms:
+            # Left (e.g. kicked while we were down): nio refuses locally, and retrying
+            # would hold back every other room's messages.
+            raise SendFailedError(f"not in room {room_id}", permanent=True)
         try:
             await self.crypto.prepare_room(room_id)
             response = await self.client.room_send(
