@@ -13,11 +13,13 @@ from typing import Any
 from urllib.parse import quote
 
 import pytest
-from helpers import make_config, python_target
+from aiohttp import ClientConnectionError
+from helpers import final_state, make_config, python_target
 from matrix_people import BotMessage, EncryptedPerson
 from nio import ToDeviceMessage, ToDeviceResponse
 
 from matrixjobs.app import App
+from matrixjobs.matrix import crypto
 from matrixjobs.service import build_service
 
 pytestmark = pytest.mark.timeout(120)
@@ -216,6 +218,20 @@ async def test_a_command_whose_key_never_comes_gets_a_notice_and_starts_nothing(
         await app.stop()
 
 
+async def send_room_key(scene: EncryptedScene, room_key: dict[str, str]) -> None:
+    """Alice's client sends `room_key` to the bot's device (Olm-encrypted, to-device)."""
+    alice = scene.alice
+    assert alice is not None
+    (device,) = await alice.devices_of(scene.bot_id)
+    if alice.client.olm.session_store.get(device.curve25519) is None:
+        await alice.client.keys_claim({scene.bot_id: [device.id]})
+    olm_session = alice.client.olm.session_store.get(device.curve25519)
+    content = alice.client.olm._olm_encrypt(olm_session, device, "m.room_key", room_key)
+    sent = await alice.client.to_device(
+        ToDeviceMessage("m.room.encrypted", scene.bot_id, device.id, content))
+    assert isinstance(sent, ToDeviceResponse), sent
+
+
 async def test_a_command_is_run_once_when_its_key_arrives_late(encrypted, caplog):
     scene = encrypted
     caplog.set_level(logging.INFO, logger="matrixjobs.matrix")
@@ -237,14 +253,7 @@ async def test_a_command_is_run_once_when_its_key_arrives_late(encrypted, caplog
             await asyncio.sleep(0.2)
 
         # Now the key arrives, as a delayed to-device message would bring it.
-        (device,) = await alice.devices_of(scene.bot_id)
-        if alice.client.olm.session_store.get(device.curve25519) is None:
-            await alice.client.keys_claim({scene.bot_id: [device.id]})
-        olm_session = alice.client.olm.session_store.get(device.curve25519)
-        content = alice.client.olm._olm_encrypt(olm_session, device, "m.room_key", room_key)
-        sent = await alice.client.to_device(
-            ToDeviceMessage("m.room.encrypted", scene.bot_id, device.id, content))
-        assert isinstance(sent, ToDeviceResponse), sent
+        await send_room_key(scene, room_key)
 
         message = await scene.reply_to(command, finished)
         assert message.current.startswith("✅") and "quick" in message.current
@@ -614,5 +623,94 @@ async def test_a_message_in_a_room_left_while_down_is_given_up_not_retried(encry
         command = await alice.send(scene.room, "!build quick")
         await scene.reply_to(command, finished, timeout=15)
         assert f"sending to {left} failed" not in caplog.text
+    finally:
+        await app.stop()
+
+
+# -- undecryptable messages: the rough edges -------------------------------------------------
+
+
+async def test_a_key_that_does_not_decrypt_keeps_the_message_until_its_notice(encrypted,
+                                                                              caplog):
+    scene = encrypted
+    caplog.set_level(logging.INFO, logger="matrixjobs.matrix")
+    app = await start_bot(scene.config(decrypt_timeout_s=4))
+    try:
+        await scene.open_room()
+        alice = scene.alice
+        assert alice is not None
+        await alice.blacklist(scene.bot_id)
+        command = await alice.send(scene.room, "!build quick")
+        await logged(caplog, f"cannot decrypt {command}")
+        # The room key as it is after the command: it decrypts later messages only.
+        session = alice.client.olm.outbound_group_sessions[scene.room]
+        await send_room_key(scene, {"algorithm": "m.megolm.v1.aes-sha2", "room_id": scene.room,
+                                    "session_id": session.id,
+                                    "session_key": session.session_key})
+        await logged(caplog, f"the key for {command} arrived but decrypting failed")
+        notice = await scene.reply_to(command, timeout=30)
+        assert "could not decrypt" in notice.current
+        assert await app.jobs() == []
+    finally:
+        await app.stop()
+
+
+async def test_a_failed_room_key_request_does_not_lose_the_sync(encrypted, caplog,
+                                                                monkeypatch):
+    scene = encrypted
+    caplog.set_level(logging.INFO)
+    app = await start_bot(scene.config(decrypt_timeout_s=1))
+    bot = app.components[0]
+
+    async def unreachable(event: Any, tx_id: Any = None) -> None:
+        raise ClientConnectionError("the homeserver went away")
+
+    # A fault at exactly that point cannot be caused from outside: inject it.
+    monkeypatch.setattr(bot.client, "request_room_key", unreachable)
+    try:
+        await scene.open_room()
+        alice = scene.alice
+        assert alice is not None
+        await alice.blacklist(scene.bot_id)
+        command = await alice.send(scene.room, "!build quick")
+        await logged(caplog, f"asking for the room key of {command} failed")
+        notice = await scene.reply_to(command, timeout=30)
+        assert "could not decrypt" in notice.current
+        assert "matrix-sync crashed" not in caplog.text
+    finally:
+        await app.stop()
+
+
+async def test_a_room_with_many_devices_is_warned_about(encrypted, caplog, monkeypatch):
+    scene = encrypted
+    caplog.set_level(logging.INFO, logger="matrixjobs.matrix")
+    monkeypatch.setattr(crypto, "LARGE_ROOM_DEVICES", 0)  # alice's one device is "many"
+    app = await start_bot(scene.config())
+    try:
+        await scene.open_room()
+        alice = scene.alice
+        assert alice is not None
+        await alice.trust(scene.bot_id)
+        command = await alice.send(scene.room, "!build quick")
+        await scene.reply_to(command, finished)
+        assert f"{scene.room} has 1 devices: encrypting for them stalls the bot" in caplog.text
+        assert caplog.text.count("encrypting for them stalls") == 1, "once per room"
+    finally:
+        await app.stop()
+
+
+async def test_an_unusable_crypto_store_directory_is_a_clear_error(encrypted, caplog,
+                                                                   tmp_path):
+    caplog.set_level(logging.INFO, logger="matrixjobs.matrix")
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    app = build_service(encrypted.config(store_dir=str(blocker / "crypto")))
+    await app.start()
+    try:
+        await logged(caplog, f"cannot use the crypto store directory {blocker / 'crypto'}")
+        assert "ERROR" in caplog.text and "login failed" not in caplog.text
+        # The queue runs all the same.
+        job = await app.submit("quick", [])
+        assert (await final_state(app, job.id)).status == "completed"
     finally:
         await app.stop()

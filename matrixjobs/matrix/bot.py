@@ -240,7 +240,13 @@ class MatrixBot:
     async def _authenticate(self) -> bool:
         store, config = self.app.store, self.config
         # nio keeps one crypto store per device id in here: the device must stay ours.
-        open_store_dir(self.store_dir)
+        try:
+            open_store_dir(self.store_dir)
+        except OSError as exc:
+            log.error("matrix: cannot use the crypto store directory %s (%s): the service "
+                      "user must be able to create it and own it; retrying", self.store_dir,
+                      exc)
+            return False
         device = await store.get_setting(SETTING_DEVICE) or ""
         saved_user = await store.get_setting(SETTING_USER)
         token = config.access_token.get_secret_value() if config.access_token else None
@@ -370,7 +376,15 @@ class MatrixBot:
                 if isinstance(event, RoomMessageText):
                     self._handle_soon(room_id, event)
                 elif isinstance(event, MegolmEvent) and self._is_new(event):
-                    await self.crypto.undecryptable(room_id, event)
+                    await self._undecryptable_new(room_id, event)
+
+    async def _undecryptable_new(self, room_id: str, event: MegolmEvent) -> None:
+        try:
+            await self.crypto.undecryptable(room_id, event)
+        except NETWORK_ERRORS as exc:
+            # The sync's position has moved on: the rest of this batch must still be read.
+            log.warning("matrix: asking for the room key of %s failed (%s); it waits for its "
+                        "key all the same", event.event_id, exc)
 
     def _handle_soon(self, room_id: str, event: RoomMessageText) -> None:
         # Its own task: a slow command (a cancel waiting for a process to die) must not

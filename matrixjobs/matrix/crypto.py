@@ -37,6 +37,9 @@ log = logging.getLogger(__name__)
 # Undecryptable messages kept at once; more (a flood, or a room that never shares keys
 # with the bot) are dropped oldest first.
 MAX_PENDING = 200
+# Above this many devices in one encrypted room, nio's (synchronous) Olm and Megolm work for
+# it holds up the bot for a second or more at a time: say so.
+LARGE_ROOM_DEVICES = 100
 
 
 class Trust(StrEnum):
@@ -72,6 +75,7 @@ class Undecryptable:
     room_id: str
     event: MegolmEvent
     deadline: float
+    failed: bool = False  # a key came, but not one that decrypts it
 
 
 class Crypto:
@@ -91,6 +95,7 @@ class Crypto:
         # Devices whose signing key changed under their id (seen in this run's key queries).
         self._changed: set[tuple[str, str]] = set()
         self._upload_failed = False
+        self._large_rooms: set[str] = set()
 
     # -- keys -------------------------------------------------------------------------------
 
@@ -164,6 +169,15 @@ class Crypto:
             await client.joined_members(room_id)
         if client.should_query_keys:
             await self.query_keys()
+        if room_id not in self._large_rooms:
+            store = client.device_store
+            devices = sum(len(list(store.active_user_devices(user))) for user in room.users
+                          if user in store.users)
+            if devices > LARGE_ROOM_DEVICES:
+                self._large_rooms.add(room_id)
+                log.warning("matrix: %s has %d devices: encrypting for them stalls the bot "
+                            "for seconds whenever its room key is shared (see "
+                            "docs/encryption.md, Cost)", room_id, devices)
 
     @property
     def ignore_unverified_devices(self) -> bool:
@@ -291,13 +305,16 @@ class Crypto:
             if not olm.inbound_group_store.get(item.room_id, event.sender_key,
                                                event.session_id):
                 continue
-            del self._pending[event_id]
             try:
                 decrypted = self.client.decrypt_event(event)
             except EncryptionError as exc:
-                log.warning("matrix: the key for %s arrived but decrypting failed: %s",
-                            event_id, exc)
+                # Kept until its deadline: the sender is told, as if no key had come.
+                if not item.failed:
+                    item.failed = True
+                    log.warning("matrix: the key for %s arrived but decrypting failed: %s",
+                                event_id, exc)
                 continue
+            del self._pending[event_id]
             log.info("matrix: decrypted %s from %s after its key arrived",
                      event_id, event.sender)
             found.append((item.room_id, decrypted))
