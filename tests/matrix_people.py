@@ -49,6 +49,10 @@ class Person:
         body: dict[str, Any] = {"preset": "private_chat", "invite": invite}
         return str(self.call("POST", "/_matrix/client/v3/createRoom", body)["room_id"])
 
+    def invite(self, room_id: str, user_id: str) -> None:
+        self.call("POST", f"/_matrix/client/v3/rooms/{_quote(room_id)}/invite",
+                  {"user_id": user_id})
+
     def join(self, room_id: str) -> None:
         self.call("POST", f"/_matrix/client/v3/join/{_quote(room_id)}", {})
 

@@ -5,17 +5,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 import stat
 import time
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import quote
 
 import pytest
-from helpers import make_config, python_target
+from aiohttp import ClientConnectionError
+from helpers import final_state, make_config, python_target
 from matrix_people import BotMessage, EncryptedPerson
 from nio import ToDeviceMessage, ToDeviceResponse
 
 from matrixjobs.app import App
+from matrixjobs.matrix import crypto
 from matrixjobs.service import build_service
 
 pytestmark = pytest.mark.timeout(120)
@@ -98,6 +102,20 @@ class EncryptedScene:
             await asyncio.sleep(0.1)
         await session.trust(self.bot_id)
         return session
+
+    async def stranger(self) -> EncryptedPerson:
+        """Someone not in allowed_users, with an E2EE client, who joined the room."""
+        assert self.alice is not None
+        stranger = await EncryptedPerson.register(
+            self.server, f"estranger{self.n}", self.tmp_path / "stranger-crypto")
+        self.sessions.append(stranger)
+        await asyncio.to_thread(self.alice.http.invite, self.room, stranger.user_id)
+        await asyncio.to_thread(stranger.http.join, self.room)
+        deadline = time.monotonic() + 30
+        while self.room not in stranger.client.rooms:
+            assert time.monotonic() < deadline, "the stranger never saw the room"
+            await asyncio.sleep(0.1)
+        return stranger
 
     async def reply_to(self, command: str, final: Callable[[str], bool] = lambda b: True,
                        timeout: float = 30.0, reader: EncryptedPerson | None = None
@@ -200,6 +218,20 @@ async def test_a_command_whose_key_never_comes_gets_a_notice_and_starts_nothing(
         await app.stop()
 
 
+async def send_room_key(scene: EncryptedScene, room_key: dict[str, str]) -> None:
+    """Alice's client sends `room_key` to the bot's device (Olm-encrypted, to-device)."""
+    alice = scene.alice
+    assert alice is not None
+    (device,) = await alice.devices_of(scene.bot_id)
+    if alice.client.olm.session_store.get(device.curve25519) is None:
+        await alice.client.keys_claim({scene.bot_id: [device.id]})
+    olm_session = alice.client.olm.session_store.get(device.curve25519)
+    content = alice.client.olm._olm_encrypt(olm_session, device, "m.room_key", room_key)
+    sent = await alice.client.to_device(
+        ToDeviceMessage("m.room.encrypted", scene.bot_id, device.id, content))
+    assert isinstance(sent, ToDeviceResponse), sent
+
+
 async def test_a_command_is_run_once_when_its_key_arrives_late(encrypted, caplog):
     scene = encrypted
     caplog.set_level(logging.INFO, logger="matrixjobs.matrix")
@@ -221,14 +253,7 @@ async def test_a_command_is_run_once_when_its_key_arrives_late(encrypted, caplog
             await asyncio.sleep(0.2)
 
         # Now the key arrives, as a delayed to-device message would bring it.
-        (device,) = await alice.devices_of(scene.bot_id)
-        if alice.client.olm.session_store.get(device.curve25519) is None:
-            await alice.client.keys_claim({scene.bot_id: [device.id]})
-        olm_session = alice.client.olm.session_store.get(device.curve25519)
-        content = alice.client.olm._olm_encrypt(olm_session, device, "m.room_key", room_key)
-        sent = await alice.client.to_device(
-            ToDeviceMessage("m.room.encrypted", scene.bot_id, device.id, content))
-        assert isinstance(sent, ToDeviceResponse), sent
+        await send_room_key(scene, room_key)
 
         message = await scene.reply_to(command, finished)
         assert message.current.startswith("✅") and "quick" in message.current
@@ -421,5 +446,271 @@ async def test_a_room_encrypted_after_the_bot_joined(encrypted):
         assert plain.event_id not in raw
         assert {message.event_id, *(edit["event_id"] for edit in message.edits)} <= raw
         assert len(await app.jobs()) == 2
+    finally:
+        await app.stop()
+
+
+# -- what the bot refuses, and whom it answers -----------------------------------------------
+
+
+async def test_a_cleartext_command_in_an_encrypted_room_is_refused_even_from_a_listed_user(
+        encrypted, caplog):
+    scene = encrypted
+    caplog.set_level(logging.INFO, logger="matrixjobs.matrix")
+    alice = scene.alice
+    assert alice is not None
+    # Alice's only device is verified by configuration; a script holding her access token
+    # has no device at all.
+    app = await start_bot(scene.config(trust="verified",
+                                       verified_devices={alice.user_id: [pin(alice)]}))
+    try:
+        await scene.open_room()
+        await alice.trust(scene.bot_id)
+        command = await asyncio.to_thread(alice.http.send, scene.room, "!build quick")
+        await logged(caplog, f"ignoring {command} from {alice.user_id} in {scene.room}: sent "
+                             "unencrypted into an encrypted room")
+        notice = await scene.reply_to(command)
+        assert notice.current.startswith("🔒") and "not encrypted" in notice.current
+        assert await app.jobs() == []
+
+        # The same command encrypted by her listed device runs.
+        command = await alice.send(scene.room, "!build quick")
+        assert (await scene.reply_to(command, finished)).current.startswith("✅")
+        assert len(await app.jobs()) == 1
+    finally:
+        await app.stop()
+
+
+async def test_a_stranger_never_makes_the_bot_talk_in_an_encrypted_room(encrypted, caplog):
+    scene = encrypted
+    caplog.set_level(logging.INFO, logger="matrixjobs.matrix")
+    app = await start_bot(scene.config(decrypt_timeout_s=1))
+    try:
+        await scene.open_room()
+        alice = scene.alice
+        assert alice is not None
+        await alice.trust(scene.bot_id)
+        stranger = await scene.stranger()
+        cleartext = await asyncio.to_thread(stranger.http.send, scene.room, "!build quick")
+        await logged(caplog, f"ignoring {cleartext} from {stranger.user_id}")
+        # Its client keeps the room key from the bot: the bot gives up on it, silently.
+        await stranger.blacklist(scene.bot_id)
+        unreadable = await stranger.send(scene.room, "!build quick",
+                                         ignore_unverified_devices=True)
+        await logged(caplog, f"gave up decrypting {unreadable}")
+
+        # Replies go out in order: once alice has hers, none to the stranger is queued.
+        command = await alice.send(scene.room, "!build quick", ignore_unverified_devices=True)
+        await scene.reply_to(command, finished)
+        for refused in (cleartext, unreadable):
+            assert await asyncio.to_thread(encrypted_replies, scene, refused) == []
+        assert len(await app.jobs()) == 1
+    finally:
+        await app.stop()
+
+
+# -- the bot's own device --------------------------------------------------------------------
+
+
+def published_keys(scene: EncryptedScene, device: str) -> dict[str, str]:
+    """The keys the homeserver hands out for the bot's `device` ({} if none)."""
+    assert scene.alice is not None
+    found = scene.alice.http.call("POST", "/_matrix/client/v3/keys/query",
+                                  {"device_keys": {scene.bot_id: []}})
+    return dict((found["device_keys"].get(scene.bot_id, {}).get(device) or {}).get("keys", {}))
+
+
+async def test_a_signed_out_device_gets_its_keys_back_at_the_next_login(encrypted, caplog):
+    scene = encrypted
+    caplog.set_level(logging.INFO, logger="matrixjobs.matrix")
+    app = await start_bot(scene.config())
+    bot = app.components[0]
+    device, identity = bot.client.device_id, bot.client.olm.account.identity_keys
+    try:
+        await scene.open_room()
+    finally:
+        await app.stop()
+    # Signed out (Element's session list, or the admin API): its keys go with it.
+    await asyncio.to_thread(
+        scene.server.request, "DELETE",
+        f"/_synapse/admin/v2/users/{scene.bot_id}/devices/{device}", None,
+        scene.server.admin["access_token"])
+    assert await asyncio.to_thread(published_keys, scene, device) == {}
+
+    app = await start_bot(scene.config())  # the token is dead: a password login, same id
+    try:
+        assert app.components[0].client.device_id == device
+        keys = await asyncio.to_thread(published_keys, scene, device)
+        assert keys.get(f"ed25519:{device}") == identity["ed25519"], "nobody can encrypt"
+        assert f"the homeserver has no keys for our device {device}" in caplog.text
+        # A session of alice's that never saw the device go encrypts for it again.
+        second = await scene.another_session()
+        command = await second.send(scene.room, "!build quick", ignore_unverified_devices=True)
+        message = await scene.reply_to(command, finished, reader=second)
+        assert message.current.startswith("✅")
+    finally:
+        await app.stop()
+
+
+async def test_a_lost_crypto_store_needs_the_password_to_start_over_as_a_new_device(
+        encrypted, caplog):
+    scene = encrypted
+    caplog.set_level(logging.INFO, logger="matrixjobs.matrix")
+    alice = scene.alice
+    assert alice is not None
+    app = await start_bot(scene.config())
+    old = app.components[0].client.device_id
+    try:
+        await scene.open_room()
+    finally:
+        await app.stop()
+    shutil.rmtree(scene.tmp_path / "matrixjobs-crypto")
+
+    # The saved token still works, but no crypto store holds its device's keys.
+    app = build_service(scene.config(password=None))
+    await app.start()
+    try:
+        await logged(caplog, f"does not hold the keys the homeserver has for our device {old}")
+        assert "Restore it from a backup" in caplog.text
+        assert not app.components[0].synced.is_set()
+    finally:
+        await app.stop()
+
+    app = await start_bot(scene.config())
+    try:
+        bot = app.components[0]
+        new = bot.client.device_id
+        assert new != old and "logging in as a new device" in caplog.text
+        keys = await asyncio.to_thread(published_keys, scene, new)
+        assert keys[f"ed25519:{new}"] == bot.client.olm.account.identity_keys["ed25519"]
+        deadline = time.monotonic() + 30
+        while new not in {d.id for d in await alice.devices_of(scene.bot_id)}:
+            assert time.monotonic() < deadline, "alice never learnt the bot's new device"
+            await asyncio.sleep(0.1)
+        await alice.trust(scene.bot_id)
+        command = await alice.send(scene.room, "!build quick", ignore_unverified_devices=True)
+        message = await scene.reply_to(command, finished)
+        assert message.current.startswith("✅")
+    finally:
+        await app.stop()
+
+
+async def test_a_message_in_a_room_left_while_down_is_given_up_not_retried(encrypted, caplog):
+    scene = encrypted
+    caplog.set_level(logging.INFO)
+    alice = scene.alice
+    assert alice is not None
+    app = await start_bot(scene.config())
+    try:
+        left = await scene.open_room(encrypted=False)
+        command = await asyncio.to_thread(alice.http.send, left, "!build slow 30")
+        deadline = time.monotonic() + 30
+        while not [m for m in alice.messages_of(left, scene.bot_id) if m.reply_to == command]:
+            assert time.monotonic() < deadline, "no progress message"
+            await asyncio.sleep(0.1)
+    finally:
+        await app.stop()  # the job goes back to the queue; its message stays open
+    await asyncio.to_thread(alice.http.call, "POST",
+                            f"/_matrix/client/v3/rooms/{quote(left, safe='')}/kick",
+                            {"user_id": scene.bot_id})
+
+    app = await start_bot(scene.config())
+    try:
+        await logged(caplog, f"giving up a message in {left}")
+        # Nothing else waits behind it.
+        await scene.open_room()
+        await alice.trust(scene.bot_id)
+        command = await alice.send(scene.room, "!build quick")
+        await scene.reply_to(command, finished, timeout=15)
+        assert f"sending to {left} failed" not in caplog.text
+    finally:
+        await app.stop()
+
+
+# -- undecryptable messages: the rough edges -------------------------------------------------
+
+
+async def test_a_key_that_does_not_decrypt_keeps_the_message_until_its_notice(encrypted,
+                                                                              caplog):
+    scene = encrypted
+    caplog.set_level(logging.INFO, logger="matrixjobs.matrix")
+    app = await start_bot(scene.config(decrypt_timeout_s=4))
+    try:
+        await scene.open_room()
+        alice = scene.alice
+        assert alice is not None
+        await alice.blacklist(scene.bot_id)
+        command = await alice.send(scene.room, "!build quick")
+        await logged(caplog, f"cannot decrypt {command}")
+        # The room key as it is after the command: it decrypts later messages only.
+        session = alice.client.olm.outbound_group_sessions[scene.room]
+        await send_room_key(scene, {"algorithm": "m.megolm.v1.aes-sha2", "room_id": scene.room,
+                                    "session_id": session.id,
+                                    "session_key": session.session_key})
+        await logged(caplog, f"the key for {command} arrived but decrypting failed")
+        notice = await scene.reply_to(command, timeout=30)
+        assert "could not decrypt" in notice.current
+        assert await app.jobs() == []
+    finally:
+        await app.stop()
+
+
+async def test_a_failed_room_key_request_does_not_lose_the_sync(encrypted, caplog,
+                                                                monkeypatch):
+    scene = encrypted
+    caplog.set_level(logging.INFO)
+    app = await start_bot(scene.config(decrypt_timeout_s=1))
+    bot = app.components[0]
+
+    async def unreachable(event: Any, tx_id: Any = None) -> None:
+        raise ClientConnectionError("the homeserver went away")
+
+    # A fault at exactly that point cannot be caused from outside: inject it.
+    monkeypatch.setattr(bot.client, "request_room_key", unreachable)
+    try:
+        await scene.open_room()
+        alice = scene.alice
+        assert alice is not None
+        await alice.blacklist(scene.bot_id)
+        command = await alice.send(scene.room, "!build quick")
+        await logged(caplog, f"asking for the room key of {command} failed")
+        notice = await scene.reply_to(command, timeout=30)
+        assert "could not decrypt" in notice.current
+        assert "matrix-sync crashed" not in caplog.text
+    finally:
+        await app.stop()
+
+
+async def test_a_room_with_many_devices_is_warned_about(encrypted, caplog, monkeypatch):
+    scene = encrypted
+    caplog.set_level(logging.INFO, logger="matrixjobs.matrix")
+    monkeypatch.setattr(crypto, "LARGE_ROOM_DEVICES", 0)  # alice's one device is "many"
+    app = await start_bot(scene.config())
+    try:
+        await scene.open_room()
+        alice = scene.alice
+        assert alice is not None
+        await alice.trust(scene.bot_id)
+        command = await alice.send(scene.room, "!build quick")
+        await scene.reply_to(command, finished)
+        assert f"{scene.room} has 1 devices: encrypting for them stalls the bot" in caplog.text
+        assert caplog.text.count("encrypting for them stalls") == 1, "once per room"
+    finally:
+        await app.stop()
+
+
+async def test_an_unusable_crypto_store_directory_is_a_clear_error(encrypted, caplog,
+                                                                   tmp_path):
+    caplog.set_level(logging.INFO, logger="matrixjobs.matrix")
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    app = build_service(encrypted.config(store_dir=str(blocker / "crypto")))
+    await app.start()
+    try:
+        await logged(caplog, f"cannot use the crypto store directory {blocker / 'crypto'}")
+        assert "ERROR" in caplog.text and "login failed" not in caplog.text
+        # The queue runs all the same.
+        job = await app.submit("quick", [])
+        assert (await final_state(app, job.id)).status == "completed"
     finally:
         await app.stop()

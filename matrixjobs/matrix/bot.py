@@ -43,6 +43,7 @@ from matrixjobs.matrix import render
 from matrixjobs.matrix.commands import Command, CommandSyntaxError, parse
 from matrixjobs.matrix.crypto import (
     Crypto,
+    ServerKeys,
     Trust,
     Undecryptable,
     open_store_dir,
@@ -84,6 +85,10 @@ class NioSender:
     async def send(self, room_id: str, content: dict[str, Any], txn_id: str) -> str:
         # In an encrypted room nio encrypts (each attempt differently) and copies
         # m.relates_to to the cleartext; the homeserver still dedupes on the txn id.
+        if room_id not in self.client.rooms:
+            # Left (e.g. kicked while we were down): nio refuses locally, and retrying
+            # would hold back every other room's messages.
+            raise SendFailedError(f"not in room {room_id}", permanent=True)
         try:
             await self.crypto.prepare_room(room_id)
             response = await self.client.room_send(
@@ -230,14 +235,23 @@ class MatrixBot:
     # -- login ------------------------------------------------------------------------------
 
     async def _login(self) -> bool:
+        return await self._authenticate() and await self._check_device()
+
+    async def _authenticate(self) -> bool:
         store, config = self.app.store, self.config
         # nio keeps one crypto store per device id in here: the device must stay ours.
-        open_store_dir(self.store_dir)
+        try:
+            open_store_dir(self.store_dir)
+        except OSError as exc:
+            log.error("matrix: cannot use the crypto store directory %s (%s): the service "
+                      "user must be able to create it and own it; retrying", self.store_dir,
+                      exc)
+            return False
         device = await store.get_setting(SETTING_DEVICE) or ""
         saved_user = await store.get_setting(SETTING_USER)
         token = config.access_token.get_secret_value() if config.access_token else None
         if token is None and saved_user == config.user_id:
-            token = await store.get_setting(SETTING_TOKEN)
+            token = await store.get_setting(SETTING_TOKEN) or None
         if token is not None:
             mask([token])
             self.client.access_token = token
@@ -267,6 +281,47 @@ class MatrixBot:
         await store.set_setting(SETTING_DEVICE, response.device_id)
         await store.set_setting(SETTING_TOKEN, response.access_token)
         return True
+
+    async def _check_device(self) -> bool:
+        """Does the homeserver hand out our crypto store's keys for our device? Without
+        that nobody can encrypt for the bot, and every command stays unreadable."""
+        olm = self.client.olm
+        assert olm is not None
+        found = await self.crypto.server_keys()
+        if found is None:
+            return False
+        if found is ServerKeys.NONE and olm.account.shared:
+            # nio believes its keys are up and would only send one-time keys.
+            log.error("matrix: the homeserver has no keys for our device %s (was it signed "
+                      "out?); uploading them again. Messages sent while they were missing "
+                      "cannot be decrypted", self.client.device_id)
+            olm.account.shared = False
+            olm.save_account()
+        if found is not ServerKeys.OTHER:
+            return True
+        return await self._new_device()
+
+    async def _new_device(self) -> bool:
+        """Our crypto store lacks the keys the homeserver has for our device (deleted or
+        replaced): that device is lost to us; only a new one can decrypt again."""
+        old, config = self.client.device_id, self.config
+        lost = (f"the crypto store {self.store_dir} does not hold the keys the homeserver "
+                f"has for our device {old} (was it deleted or replaced?)")
+        if config.access_token is not None or config.password is None:
+            log.error("matrix: %s. Restore it from a backup, or let the bot log in as a new "
+                      "device: give it its password (MATRIXJOBS_PASSWORD) and no access "
+                      "token. Retrying", lost)
+            return False
+        log.error("matrix: %s; logging in as a new device. Delete the old device %s (Element: "
+                  "Sessions, or the admin API); messages sent to it cannot be decrypted",
+                  lost, old)
+        await self.app.store.set_setting(SETTING_DEVICE, "")
+        await self.app.store.set_setting(SETTING_TOKEN, "")
+        # nio loads a crypto store only when none is loaded.
+        self.client.store = None
+        self.client.olm = None
+        self.client.access_token = ""
+        return await self._authenticate() and await self._check_device()
 
     # -- syncing ----------------------------------------------------------------------------
 
@@ -321,7 +376,15 @@ class MatrixBot:
                 if isinstance(event, RoomMessageText):
                     self._handle_soon(room_id, event)
                 elif isinstance(event, MegolmEvent) and self._is_new(event):
-                    await self.crypto.undecryptable(room_id, event)
+                    await self._undecryptable_new(room_id, event)
+
+    async def _undecryptable_new(self, room_id: str, event: MegolmEvent) -> None:
+        try:
+            await self.crypto.undecryptable(room_id, event)
+        except NETWORK_ERRORS as exc:
+            # The sync's position has moved on: the rest of this batch must still be read.
+            log.warning("matrix: asking for the room key of %s failed (%s); it waits for its "
+                        "key all the same", event.event_id, exc)
 
     def _handle_soon(self, room_id: str, event: RoomMessageText) -> None:
         # Its own task: a slow command (a cancel waiting for a process to die) must not
@@ -407,9 +470,7 @@ class MatrixBot:
     async def _on_message(self, room_id: str, event: RoomMessageText) -> None:
         if not self._is_new(event):
             return
-        if not await self.crypto.accepts(event):
-            log.warning("matrix: ignoring %s from %s in %s: its device is not trusted "
-                        "(trust = %s)", event.event_id, event.sender, room_id, self.crypto.trust)
+        if not await self.crypto.accepts(room_id, event):
             self._untrusted(room_id, event)
             return
         relation = event.source.get("content", {}).get("m.relates_to") or {}
@@ -508,11 +569,18 @@ class MatrixBot:
                 self._undecryptable(item)
 
     def _untrusted(self, room_id: str, event: RoomMessageText) -> None:
-        """Tell an allowed sender (now and then) why their session's command did nothing.
-        Their untrusted session cannot read the notice (it gets no room keys); their
-        trusted ones can. Chatter gets no notice."""
+        """Log a refused message, and tell an allowed sender (now and then) why their
+        command did nothing. An untrusted session cannot read the notice (it gets no room
+        keys); their trusted ones can. Chatter gets no notice."""
+        cleartext = not event.decrypted
+        log.warning("matrix: ignoring %s from %s in %s: %s", event.event_id, event.sender,
+                    room_id, "sent unencrypted into an encrypted room" if cleartext else
+                    f"its device is not trusted (trust = {self.crypto.trust})")
         if not event.body.startswith(self.config.command_prefix) or not self._now_and_then(
                 self._untrusted_at, event.sender):
+            return
+        if cleartext:
+            self._reply(room_id, event, render.render_cleartext())
             return
         device = self.crypto.device_of(event)
         self._reply(room_id, event, render.render_untrusted_session(

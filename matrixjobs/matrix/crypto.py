@@ -21,10 +21,12 @@ from enum import StrEnum
 from pathlib import Path
 
 from nio import (
+    Api,
     AsyncClient,
     EncryptionError,
     Event,
     KeysQueryResponse,
+    KeysUploadError,
     LocalProtocolError,
     MegolmEvent,
 )
@@ -35,12 +37,23 @@ log = logging.getLogger(__name__)
 # Undecryptable messages kept at once; more (a flood, or a room that never shares keys
 # with the bot) are dropped oldest first.
 MAX_PENDING = 200
+# Above this many devices in one encrypted room, nio's (synchronous) Olm and Megolm work for
+# it holds up the bot for a second or more at a time: say so.
+LARGE_ROOM_DEVICES = 100
 
 
 class Trust(StrEnum):
     TOFU = "tofu"  # pin each device's key when first seen; a changed key is refused
     ALL = "all"  # every device in the room gets room keys
     VERIFIED = "verified"  # only the devices in `[matrix] verified_devices`
+
+
+class ServerKeys(StrEnum):
+    """What the homeserver hands out as our device's keys."""
+
+    OURS = "ours"
+    NONE = "none"  # the device was signed out (and created again by our login)
+    OTHER = "other"  # not the keys in our crypto store: it was deleted or replaced
 
 
 def open_store_dir(path: Path) -> Path:
@@ -62,6 +75,7 @@ class Undecryptable:
     room_id: str
     event: MegolmEvent
     deadline: float
+    failed: bool = False  # a key came, but not one that decrypts it
 
 
 class Crypto:
@@ -80,6 +94,8 @@ class Crypto:
         self._added = asyncio.Event()
         # Devices whose signing key changed under their id (seen in this run's key queries).
         self._changed: set[tuple[str, str]] = set()
+        self._upload_failed = False
+        self._large_rooms: set[str] = set()
 
     # -- keys -------------------------------------------------------------------------------
 
@@ -89,12 +105,43 @@ class Crypto:
         session repairs)."""
         client = self.client
         if client.should_upload_keys:
-            await client.keys_upload()
+            self._uploaded(await client.keys_upload())
         if client.should_query_keys:
             await self.query_keys()
         if client.should_claim_keys:
             await client.keys_claim(client.get_users_for_key_claiming())
         await client.send_to_device_messages()
+
+    def _uploaded(self, response: object) -> None:
+        """Say (once until it works again) that our keys did not go up: until they do,
+        nobody can encrypt for the bot."""
+        failed = isinstance(response, KeysUploadError)
+        if failed and not self._upload_failed:
+            log.error("matrix: the homeserver refused our device's keys (%s); nobody can "
+                      "encrypt for the bot until they are accepted. If the crypto store "
+                      "was deleted or replaced, see docs/encryption.md", response)
+        self._upload_failed = failed
+
+    async def server_keys(self) -> ServerKeys | None:
+        """Are the keys the homeserver has for our device the ones in our crypto store?
+        None: the homeserver did not say."""
+        client, olm = self.client, self.client.olm
+        assert olm is not None and client.user_id and client.device_id
+        method, path, data = Api.keys_query(client.access_token, {client.user_id})
+        response = await client.send(method, path, data)
+        body = await response.json(content_type=None)
+        if response.status != 200 or not isinstance(body, dict):
+            log.warning("matrix: cannot ask for our device's keys: %s %s",
+                        response.status, body)
+            return None
+        device = body.get("device_keys", {}).get(client.user_id, {}).get(client.device_id)
+        if not device:
+            return ServerKeys.NONE
+        keys = device.get("keys") or {}
+        ours = olm.account.identity_keys
+        same = all(keys.get(f"{kind}:{client.device_id}") == ours[kind]
+                   for kind in ("ed25519", "curve25519"))
+        return ServerKeys.OURS if same else ServerKeys.OTHER
 
     async def query_keys(self) -> None:
         response = await self.client.keys_query()
@@ -122,6 +169,15 @@ class Crypto:
             await client.joined_members(room_id)
         if client.should_query_keys:
             await self.query_keys()
+        if room_id not in self._large_rooms:
+            store = client.device_store
+            devices = sum(len(list(store.active_user_devices(user))) for user in room.users
+                          if user in store.users)
+            if devices > LARGE_ROOM_DEVICES:
+                self._large_rooms.add(room_id)
+                log.warning("matrix: %s has %d devices: encrypting for them stalls the bot "
+                            "for seconds whenever its room key is shared (see "
+                            "docs/encryption.md, Cost)", room_id, devices)
 
     @property
     def ignore_unverified_devices(self) -> bool:
@@ -194,9 +250,15 @@ class Crypto:
                                 "now %s); it gets no room keys and its messages are refused",
                                 user_id, device_id, known.ed25519, claimed)
 
-    async def accepts(self, event: Event) -> bool:
-        """May a decrypted command be acted on, given the device that encrypted it?"""
-        if not getattr(event, "decrypted", False) or self.trust is Trust.ALL:
+    async def accepts(self, room_id: str, event: Event) -> bool:
+        """May a command be acted on, given the device that encrypted it? A cleartext one
+        in an encrypted room never: no device vouches for it (anyone holding the user's
+        access token can send it), whatever the trust mode. The room's state is judged as
+        it is now, so a command sent just before encryption was turned on is refused too."""
+        if not getattr(event, "decrypted", False):
+            room = self.client.rooms.get(room_id)
+            return room is None or not room.encrypted
+        if self.trust is Trust.ALL:
             return True
         device = self.device_of(event)
         olm = self.client.olm
@@ -243,13 +305,16 @@ class Crypto:
             if not olm.inbound_group_store.get(item.room_id, event.sender_key,
                                                event.session_id):
                 continue
-            del self._pending[event_id]
             try:
                 decrypted = self.client.decrypt_event(event)
             except EncryptionError as exc:
-                log.warning("matrix: the key for %s arrived but decrypting failed: %s",
-                            event_id, exc)
+                # Kept until its deadline: the sender is told, as if no key had come.
+                if not item.failed:
+                    item.failed = True
+                    log.warning("matrix: the key for %s arrived but decrypting failed: %s",
+                                event_id, exc)
                 continue
+            del self._pending[event_id]
             log.info("matrix: decrypted %s from %s after its key arrived",
                      event_id, event.sender)
             found.append((item.room_id, decrypted))

@@ -456,3 +456,10 @@ def render_untrusted_session(device_id: str | None, verified_only: bool) -> Rend
            "whose keys are not the ones I first saw for it. Send from another session (I "
            "trust a new login on first use)")
     return _single(f"🔒 I did nothing: your message came from {session}, {why}.")
+
+
+def render_cleartext() -> Rendered:
+    """A command sent unencrypted into an encrypted room (e.g. by a script with the user's
+    access token): no device of theirs vouches for it."""
+    return _single("🔒 I did nothing: your message was not encrypted, and this room is. "
+                   "Send it from a client that encrypts (your Matrix app does).")
