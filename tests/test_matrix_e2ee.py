@@ -576,6 +576,15 @@ async def test_a_lost_crypto_store_needs_the_password_to_start_over_as_a_new_dev
     finally:
         await app.stop()
 
+    # A wrong password: the old device goes on (plain rooms keep working), its token kept.
+    app = await start_bot(scene.config(password="not-the-password"))
+    try:
+        assert "login as a new device failed" in caplog.text
+        assert app.components[0].client.device_id == old
+        assert await app.store.get_setting("matrix.device_id") == old
+    finally:
+        await app.stop()
+
     app = await start_bot(scene.config())
     try:
         bot = app.components[0]
@@ -583,6 +592,8 @@ async def test_a_lost_crypto_store_needs_the_password_to_start_over_as_a_new_dev
         assert new != old and "logging in as a new device" in caplog.text
         keys = await asyncio.to_thread(published_keys, scene, new)
         assert keys[f"ed25519:{new}"] == bot.client.olm.account.identity_keys["ed25519"]
+        # The old device was signed out: nobody encrypts for it any more.
+        assert await asyncio.to_thread(published_keys, scene, old) == {}
         deadline = time.monotonic() + 30
         while new not in {d.id for d in await alice.devices_of(scene.bot_id)}:
             assert time.monotonic() < deadline, "alice never learnt the bot's new device"

@@ -15,6 +15,7 @@ from typing import Any
 
 from aiohttp import ClientError
 from nio import (
+    Api,
     AsyncClient,
     AsyncClientConfig,
     EncryptionError,
@@ -229,6 +230,8 @@ class MatrixBot:
                     return
             except NETWORK_ERRORS as exc:
                 log.warning("matrix: %s failed (%s); retrying in %.0fs", what, exc, delay)
+            except Exception:  # an odd answer must not end the bot for good
+                log.exception("matrix: %s failed; retrying in %.0fs", what, delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, MAX_BACKOFF_S)
 
@@ -312,16 +315,36 @@ class MatrixBot:
                       "device: give it its password (MATRIXJOBS_PASSWORD) and no access "
                       "token. Retrying", lost)
             return False
-        log.error("matrix: %s; logging in as a new device. Delete the old device %s (Element: "
-                  "Sessions, or the admin API); messages sent to it cannot be decrypted",
-                  lost, old)
-        await self.app.store.set_setting(SETTING_DEVICE, "")
-        await self.app.store.set_setting(SETTING_TOKEN, "")
-        # nio loads a crypto store only when none is loaded.
-        self.client.store = None
+        log.error("matrix: %s; logging in as a new device (messages sent to %s cannot be "
+                  "decrypted)", lost, old)
+        # Logged in aside: the old device keeps working in plain rooms if this fails.
+        aside = AsyncClient(config.homeserver, config.user_id,
+                            config=AsyncClientConfig(encryption_enabled=False))
+        try:
+            response = await aside.login(config.password.get_secret_value(),
+                                         device_name=config.device_name)
+        finally:
+            await aside.close()
+        if not isinstance(response, LoginResponse):
+            log.error("matrix: login as a new device failed (%s); going on as %s, which "
+                      "cannot read encrypted rooms until the next start", response, old)
+            self.crypto.keep_server_keys = True
+            return True
+        mask([response.access_token])
+        old_token = self.client.access_token
+        self.client.store = None  # nio loads a crypto store only when none is loaded
         self.client.olm = None
-        self.client.access_token = ""
-        return await self._authenticate() and await self._check_device()
+        self.client.restore_login(config.user_id, response.device_id, response.access_token)
+        store = self.app.store
+        await store.set_setting(SETTING_DEVICE, response.device_id)
+        await store.set_setting(SETTING_TOKEN, response.access_token)
+        # Signing the old device out deletes it and its keys: nobody encrypts for it again.
+        method, path = Api.logout(old_token)[:2]
+        signed_out = await self.client.send(method, path, "{}")
+        if signed_out.status != 200:
+            log.warning("matrix: could not sign the old device %s out (HTTP %s); delete it "
+                        "(Element: Sessions, or the admin API)", old, signed_out.status)
+        return await self._check_device()
 
     # -- syncing ----------------------------------------------------------------------------
 

@@ -96,6 +96,10 @@ class Crypto:
         self._changed: set[tuple[str, str]] = set()
         self._upload_failed = False
         self._large_rooms: set[str] = set()
+        # Set when our crypto store lost the device's keys and no new device could be had:
+        # uploading this store's keys would replace the device's on the homeserver, and the
+        # next start could no longer tell that the device was lost.
+        self.keep_server_keys = False
 
     # -- keys -------------------------------------------------------------------------------
 
@@ -104,7 +108,7 @@ class Crypto:
         sessions that are missing, and send queued to-device messages (key requests,
         session repairs)."""
         client = self.client
-        if client.should_upload_keys:
+        if client.should_upload_keys and not self.keep_server_keys:
             self._uploaded(await client.keys_upload())
         if client.should_query_keys:
             await self.query_keys()
@@ -129,15 +133,21 @@ class Crypto:
         assert olm is not None and client.user_id and client.device_id
         method, path, data = Api.keys_query(client.access_token, {client.user_id})
         response = await client.send(method, path, data)
-        body = await response.json(content_type=None)
-        if response.status != 200 or not isinstance(body, dict):
-            log.warning("matrix: cannot ask for our device's keys: %s %s",
-                        response.status, body)
+        try:
+            body = await response.json(content_type=None) if response.status == 200 else None
+        except ValueError:  # not JSON: e.g. a proxy's error page
+            body = None
+        users = body.get("device_keys") if isinstance(body, dict) else None
+        devices = users.get(client.user_id, {}) if isinstance(users, dict) else None
+        if not isinstance(devices, dict):
+            log.warning("matrix: cannot ask for our device's keys: HTTP %s", response.status)
             return None
-        device = body.get("device_keys", {}).get(client.user_id, {}).get(client.device_id)
+        device = devices.get(client.device_id)
         if not device:
             return ServerKeys.NONE
-        keys = device.get("keys") or {}
+        keys = device.get("keys") if isinstance(device, dict) else None
+        if not isinstance(keys, dict):
+            return None
         ours = olm.account.identity_keys
         same = all(keys.get(f"{kind}:{client.device_id}") == ours[kind]
                    for kind in ("ed25519", "curve25519"))
