@@ -15,7 +15,7 @@ from types import TracebackType
 from typing import Protocol
 
 from matrixjobs.config import Config
-from matrixjobs.errors import NotFoundError, ShuttingDownError
+from matrixjobs.errors import NotFoundError
 from matrixjobs.models import BATCH_PREFIX, Batch, Job, ProgressMessage, Status, parse_id
 from matrixjobs.progress.events import JobProgressEvent, event_of
 from matrixjobs.progress.monitor import ProgressMonitor
@@ -63,7 +63,6 @@ class App:
         self.components: list[Component] = []
         self._supervisor = Supervisor()
         self._started = False
-        self._accepting = False
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -75,7 +74,6 @@ class App:
             await self.store.close()
             raise
         self._started = True
-        self._accepting = True
         self._supervisor.keep("progress-monitor", self.monitor.run)
         self._supervisor.every("lease-heartbeat", self.config.queue.lease_s / 3,
                                self.queue.heartbeat)
@@ -91,17 +89,12 @@ class App:
         """Return once every component serves."""
         await asyncio.gather(*(component.ready() for component in self.components))
 
-    @property
-    def accepting(self) -> bool:
-        return self._accepting
-
     async def stop(self, grace_s: float = 0.0) -> None:
         """Take no new work; give running jobs `grace_s` to finish (the interfaces keep
         showing their progress meanwhile), requeue the rest, then stop the interfaces."""
         if not self._started:
             return
         self._started = False
-        self._accepting = False
         running = self.queue.running_count
         if running and grace_s > 0:
             log.info("stopping: %d running jobs get up to %gs to finish", running, grace_s)
@@ -147,7 +140,6 @@ class App:
     ) -> Job:
         """Queue a configured target. `dedupe_key` makes a repeated request raise
         AlreadySubmittedError; `show` records where its progress will be shown."""
-        self._check_accepting()
         spec = self.targets.spec(target, list(args))
         [job] = await self.queue.enqueue_many([spec], dedupe_key, show)
         return job
@@ -156,15 +148,10 @@ class App:
         self, targets: Sequence[str], name: str | None = None, dedupe_key: str | None = None,
         show: ProgressMessage | None = None,
     ) -> Batch:
-        self._check_accepting()
         specs = [self.targets.spec(target) for target in targets]
         batch, _ = await self.queue.enqueue_batch(name or " ".join(targets), specs, dedupe_key,
                                                   show)
         return batch
-
-    def _check_accepting(self) -> None:
-        if not self._accepting:
-            raise ShuttingDownError("matrixjobs is shutting down; send it again once it is back")
 
     async def cancel(self, subject: str) -> Job | Batch:
         return await self.queue.cancel(subject)

@@ -11,6 +11,7 @@ import base64
 import binascii
 import fnmatch
 import ipaddress
+import json
 import os
 import re
 import shutil
@@ -70,6 +71,14 @@ def homeserver_url(value: str) -> str:
         raise ValueError(f"'{value}' is not a valid URL; {URL_HELP}") from None
     return value.rstrip("/")
 
+
+def toml_string(value: str) -> str:
+    """A TOML basic string: JSON's escapes are TOML's, except that TOML also escapes DEL."""
+    return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
+
+
+def toml_list(values: list[str]) -> str:
+    return "[" + ", ".join(toml_string(v) for v in values) + "]"
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)

@@ -14,6 +14,7 @@ import os
 import signal
 
 from matrixjobs.app import App
+from matrixjobs.exitcodes import EXIT_FAILED
 from matrixjobs.systemd import Notifier
 
 log = logging.getLogger(__name__)
@@ -24,7 +25,6 @@ log = logging.getLogger(__name__)
 READY_WAIT_S = 45.0
 # Sending the last edits after the jobs stopped (see MatrixBot.stop), and closing up.
 STOP_SLACK_S = 20.0
-EXIT_AT_ONCE = 1
 
 
 async def serve(app: App, notifier: Notifier | None = None) -> None:
@@ -39,7 +39,7 @@ async def serve(app: App, notifier: Notifier | None = None) -> None:
             log.warning("second %s: killing running jobs and exiting now", name)
             app.kill_jobs()
             logging.shutdown()
-            os._exit(EXIT_AT_ONCE)  # no cleanup on purpose: that is what the first signal does
+            os._exit(EXIT_FAILED)  # no cleanup on purpose: that is what the first signal does
         log.info("%s: shutting down", name)
         stop.set()
 

@@ -64,7 +64,11 @@ def setup_logging(level: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(getattr(logging, level.upper()))
+    quiet_libraries()
+
+
+def quiet_libraries() -> None:
     logging.getLogger("aiosqlite").setLevel(logging.WARNING)
+    logging.getLogger("uvicorn.error").setLevel(logging.WARNING)  # we log start/stop ourselves
     # nio logs every room event at INFO and whole responses (tokens, messages) at DEBUG.
     logging.getLogger("nio").setLevel(logging.WARNING)
-    logging.getLogger("uvicorn.error").setLevel(logging.WARNING)  # we log start/stop ourselves

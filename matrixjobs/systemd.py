@@ -33,10 +33,6 @@ class Notifier:
             watchdog_s = int(usec) / 1_000_000
         return cls(address, watchdog_s)
 
-    @property
-    def enabled(self) -> bool:
-        return self.address is not None
-
     def notify(self, *fields: str) -> None:
         """Send `KEY=value` fields in one datagram; failures are logged once, never raised."""
         if self.address is None:

@@ -6,6 +6,8 @@ import argparse
 import asyncio
 import sys
 
+from matrixjobs.exitcodes import EXIT_FAILED
+
 DEFAULT_TIMEOUT_S = 120.0
 
 
@@ -37,7 +39,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     if not synapse_installed():
         print('matrix-synapse is not installed: pip install "matrixjobs[demo]"', file=sys.stderr)
-        return 1
+        return EXIT_FAILED
     # Loaded here: nio, the service and rich are only needed once the demo really runs.
     from matrixjobs.demo.runner import DemoError, Options, run_demo
     from matrixjobs.demo.synapse import SynapseError
@@ -49,4 +51,4 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return asyncio.run(run_demo(options, make_display()))
     except (DemoError, SynapseError, MatrixJobsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_FAILED

@@ -8,14 +8,13 @@ added in memory only.
 
 from __future__ import annotations
 
-import json
 import sys
 import tomllib
 from pathlib import Path
 
 from pydantic import SecretStr
 
-from matrixjobs.config import Config
+from matrixjobs.config import Config, toml_list, toml_string
 from matrixjobs.demo.jobs import JOBS
 
 HEADER = """\
@@ -56,19 +55,16 @@ max_retries = 0
 """
 
 
-def _toml(value: str | list[str]) -> str:
-    # A JSON string or list of strings is also a valid TOML basic string or array.
-    return json.dumps(value, ensure_ascii=False)
-
-
 def write_demo_config(directory: Path, homeserver: str, bot: str, user: str) -> Path:
     """Write `config.toml` (store and targets in `directory`) and return its path."""
-    text = HEADER.format(homeserver=_toml(homeserver), bot=_toml(bot), user=_toml(user),
-                         store=_toml(str(directory / "matrixjobs.db")))
+    text = HEADER.format(homeserver=toml_string(homeserver), bot=toml_string(bot),
+                         user=toml_string(user),
+                         store=toml_string(str(directory / "matrixjobs.db")))
     for name, job in JOBS.items():
         text += TARGET.format(
-            name=name, description=_toml(job.description), cwd=_toml(str(directory)),
-            command=_toml([sys.executable, "-m", "matrixjobs.demo.jobs", name]))
+            name=name, description=toml_string(job.description),
+            cwd=toml_string(str(directory)),
+            command=toml_list([sys.executable, "-m", "matrixjobs.demo.jobs", name]))
     path = directory / "config.toml"
     path.write_text(text, encoding="utf-8")
     return path

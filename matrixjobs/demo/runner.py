@@ -34,7 +34,7 @@ from matrixjobs.demo.synapse import SynapseServer
 from matrixjobs.demo.view import Display, RoomView
 from matrixjobs.errors import MatrixJobsError
 from matrixjobs.exitcodes import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK
-from matrixjobs.matrix.bot import MatrixBot
+from matrixjobs.logs import ServiceFormatter, quiet_libraries
 from matrixjobs.service import build_service
 
 log = logging.getLogger(__name__)
@@ -177,12 +177,11 @@ class Demo:
         """The service's log goes to a file: the terminal shows the room."""
         path = self.directory / "matrixjobs.log"
         handler = logging.FileHandler(path, encoding="utf-8")
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(ServiceFormatter(journald=False))
         root = logging.getLogger()
         root.addHandler(handler)
         root.setLevel(logging.INFO)
-        for noisy in ("aiosqlite", "uvicorn.error", "nio"):
-            logging.getLogger(noisy).setLevel(logging.WARNING)
+        quiet_libraries()
 
     async def _start_homeserver(self, cleanup: AsyncExitStack) -> tuple[Account, Account]:
         # Blocking harness calls run in a thread that a signal must not abandon halfway:
@@ -215,9 +214,8 @@ class Demo:
         app = build_service(read_demo_config(path, bot.access_token))
         cleanup.push_async_callback(app.stop)
         await app.start()
-        matrix = self._component(app, MatrixBot)
         try:
-            await asyncio.wait_for(matrix.synced.wait(), READY_TIMEOUT_S)
+            await asyncio.wait_for(app.ready(), READY_TIMEOUT_S)
         except TimeoutError:
             raise DemoError(f"the bot did not log in within {READY_TIMEOUT_S:.0f} s") from None
         self.display.note(f"The bot is running with {path} (its API on "

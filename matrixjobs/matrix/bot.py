@@ -513,11 +513,8 @@ class MatrixBot:
             return
         if command.name in ("build", "batch", "cancel") and not self.access.allows(event.sender):
             log.info("matrix: denied %s to %s in %s", command.name, event.sender, room_id)
-            now = time.monotonic()
-            if self.access.reply_to_denied and (
-                    now - self._denied_at.get(event.sender, -DENIED_REPLY_EVERY_S)
-                    >= DENIED_REPLY_EVERY_S):
-                self._denied_at[event.sender] = now  # one ⛔ per person now and then: no flood
+            # One ⛔ per person now and then: a stranger must not drain the send budget.
+            if self.access.reply_to_denied and _now_and_then(self._denied_at, event.sender):
                 self._reply(room_id, event, render.render_denied())
             return
         try:
@@ -599,7 +596,7 @@ class MatrixBot:
         log.warning("matrix: ignoring %s from %s in %s: %s", event.event_id, event.sender,
                     room_id, "sent unencrypted into an encrypted room" if cleartext else
                     f"its device is not trusted (trust = {self.crypto.trust})")
-        if not event.body.startswith(self.config.command_prefix) or not self._now_and_then(
+        if not event.body.startswith(self.config.command_prefix) or not self._notice_due(
                 self._untrusted_at, event.sender):
             return
         if cleartext:
@@ -609,21 +606,16 @@ class MatrixBot:
         self._reply(room_id, event, render.render_untrusted_session(
             device.id if device is not None else None, self.crypto.trust is Trust.VERIFIED))
 
-    def _now_and_then(self, last: dict[str, float], sender: str) -> bool:
+    def _notice_due(self, last: dict[str, float], sender: str) -> bool:
         """May `sender` get a notice now? Strangers never make the bot talk; allowed users
         get one every DENIED_REPLY_EVERY_S at most."""
-        now = time.monotonic()
-        if not self.access.allows(sender) or (
-                now - last.get(sender, -DENIED_REPLY_EVERY_S) < DENIED_REPLY_EVERY_S):
-            return False
-        last[sender] = now
-        return True
+        return self.access.allows(sender) and _now_and_then(last, sender)
 
     def _undecryptable(self, item: Undecryptable) -> None:
         event = item.event
         log.warning("matrix: gave up decrypting %s from %s (device %s) in %s: its room key "
                     "never came", event.event_id, event.sender, event.device_id, item.room_id)
-        if not self._now_and_then(self._undecryptable_at, event.sender):
+        if not self._notice_due(self._undecryptable_at, event.sender):
             return
         self.scheduler.reply(item.room_id, event.event_id,
                              render.render_undecryptable(str(self.client.device_id)))
@@ -647,4 +639,10 @@ class MatrixBot:
                 self.scheduler.update(event)
 
 
-
+def _now_and_then(last: dict[str, float], sender: str) -> bool:
+    """True at most once every DENIED_REPLY_EVERY_S per sender (and notes the time)."""
+    now = time.monotonic()
+    if now - last.get(sender, -DENIED_REPLY_EVERY_S) < DENIED_REPLY_EVERY_S:
+        return False
+    last[sender] = now
+    return True

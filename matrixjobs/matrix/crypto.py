@@ -56,12 +56,11 @@ class ServerKeys(StrEnum):
     OTHER = "other"  # not the keys in our crypto store: it was deleted or replaced
 
 
-def open_store_dir(path: Path) -> Path:
+def open_store_dir(path: Path) -> None:
     """Create the crypto store directory, readable by the service user only (it holds
     the device's private keys)."""
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(path, 0o700)
-    return path
 
 
 def session_key(client: AsyncClient) -> str:

@@ -226,24 +226,18 @@ class EditScheduler:
         """At shutdown: send every message's latest state and every reply now, as fast as
         the budget allows, for up to `timeout_s` (call it with `run` stopped). Returns the
         sends left over; the messages among them are brought up to date after the next start."""
-        self._flushing = True
+        self._flushing = True  # no sends held in reserve
+        self.interval_s = 0.0  # and none waiting for its interval
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout_s):
                 while True:
                     if await self.send_next():
                         continue
-                    if not self._anything_due():
+                    wake = self._next_wake()
+                    if wake is None:
                         break
-                    wait = max(self._paused_until - self._monotonic(),
-                               self.bucket.seconds_until(1))
-                    await asyncio.sleep(max(wait, FLUSH_POLL_S))
+                    await asyncio.sleep(max(wake, FLUSH_POLL_S))
         return self.backlog
-
-    def _anything_due(self) -> bool:
-        now = self._monotonic()
-        return bool(self._replies) or any(
-            (slot.dirty and slot.latest.terminal) or self._first_due(slot, now)
-            or self._progress_due(slot, now) for slot in self._slots.values())
 
     async def _wait(self, timeout: float | None) -> None:
         self._changed.clear()
@@ -282,12 +276,11 @@ class EditScheduler:
     def _first_due(self, slot: Slot, now: float) -> bool:
         """A first message waits one interval: a job quicker than that needs a single
         event (its final state), and a started one never shows "queued"."""
-        return slot.event_id is None and (self._flushing
-                                          or now - slot.tracked_at >= self.interval_s)
+        return slot.event_id is None and now - slot.tracked_at >= self.interval_s
 
     def _progress_due(self, slot: Slot, now: float) -> bool:
         return (slot.dirty and slot.event_id is not None
-                and (self._flushing or now - slot.last_sent >= self.interval_s)
+                and now - slot.last_sent >= self.interval_s
                 and slot.edits < self.max_edits - 1)  # the last edit is the final one's
 
     def _next_wake(self) -> float | None:

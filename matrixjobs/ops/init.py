@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import getpass
 import ipaddress
-import json
 import os
 import sys
 import tempfile
@@ -18,7 +17,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from matrixjobs import config
-from matrixjobs.config import ROOM_RE, USER_RE
+from matrixjobs.config import ROOM_RE, USER_RE, toml_list, toml_string
 
 PASSWORD_ENV = "MATRIXJOBS_PASSWORD"
 TOKEN_ENV = "MATRIXJOBS_ACCESS_TOKEN"
@@ -246,15 +245,6 @@ def warnings(answers: Answers) -> list[str]:
 
 
 # -- the files ------------------------------------------------------------------------------
-
-
-def toml_string(value: str) -> str:
-    """A TOML basic string: JSON's escapes are TOML's, except that TOML also escapes DEL."""
-    return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
-
-
-def toml_list(values: list[str]) -> str:
-    return "[" + ", ".join(toml_string(v) for v in values) + "]"
 
 
 COUNTDOWN = """\

@@ -37,6 +37,7 @@ from matrixjobs.errors import (
     MatrixJobsError,
     NotFoundError,
     PermanentJobError,
+    ShuttingDownError,
     UnknownJobTypeError,
 )
 from matrixjobs.models import (
@@ -210,7 +211,7 @@ class JobQueue:
 
     def _resolve(self, spec: JobSpec) -> JobSpec:
         if not self._accepting:
-            raise MatrixJobsError("the service is shutting down; try again in a moment")
+            raise ShuttingDownError("matrixjobs is shutting down; send it again once it is back")
         if spec.type not in self.handlers:
             raise UnknownJobTypeError(spec.type)
         return replace(
