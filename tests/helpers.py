@@ -67,3 +67,20 @@ SLOW_TARGET = python_target("""
         print(f"::progress {step}/3000", flush=True)
         time.sleep(0.02)
 """)
+
+
+# `slow [N]`: N (default 5) progress steps, 0.3 s apart.
+STEPS = """
+    import sys, time
+    steps = int(sys.argv[1]) if len(sys.argv) > 1 else 5
+    for i in range(1, steps + 1):
+        time.sleep(0.3)
+        print(f"::progress {i}/{steps} step {i}", flush=True)
+"""
+# The targets the Matrix end-to-end tests (plain and encrypted rooms) build.
+MATRIX_TARGETS = {
+    "quick": python_target("print('::progress 1/1 done')", description="Finishes at once"),
+    "slow": python_target(STEPS, args_pattern=r"\d{1,2}", description="Takes a while"),
+    "broken": python_target("import sys; print('compiler exploded'); sys.exit(3)",
+                            max_retries=0, description="Always fails"),
+}

@@ -58,7 +58,7 @@ async def service(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
         try:
             await app.start()
         except BaseException:
-            await app.stop()  # as run_until_signal does: the store and queue were started
+            await app.stop()  # as daemon.serve does: the store and queue were started
             raise
         return Service(app)
 

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from helpers import make_config, python_target
+from helpers import MATRIX_TARGETS, make_config
 from matrix_people import BotMessage, Person, bot_messages
 
 from matrixjobs.app import App
@@ -16,19 +16,6 @@ from matrixjobs.service import build_service
 
 pytestmark = pytest.mark.timeout(120)
 
-STEPS = """
-    import sys, time
-    steps = int(sys.argv[1]) if len(sys.argv) > 1 else 5
-    for i in range(1, steps + 1):
-        time.sleep(0.3)
-        print(f"::progress {i}/{steps} step {i}", flush=True)
-"""
-TARGETS = {
-    "quick": python_target("print('::progress 1/1 done')", description="Finishes at once"),
-    "slow": python_target(STEPS, args_pattern=r"\d{1,2}", description="Takes a while"),
-    "broken": python_target("import sys; print('compiler exploded'); sys.exit(3)",
-                            max_retries=0, description="Always fails"),
-}
 _names = iter(range(10_000))
 
 
@@ -68,7 +55,7 @@ class Scene:
                     "password": "bot-password", "rate_per_s": 0, **matrix},
             access={"allowed_users": [self.alice.user_id]},
             progress={"interval_ms": 200},
-            targets=TARGETS,
+            targets=MATRIX_TARGETS,
         )
 
     async def open_room(self) -> str:

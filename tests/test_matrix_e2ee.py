@@ -14,7 +14,7 @@ from urllib.parse import quote
 
 import pytest
 from aiohttp import ClientConnectionError
-from helpers import final_state, make_config, python_target
+from helpers import MATRIX_TARGETS, final_state, make_config
 from matrix_people import BotMessage, EncryptedPerson
 from nio import ToDeviceMessage, ToDeviceResponse
 
@@ -24,17 +24,6 @@ from matrixjobs.service import build_service
 
 pytestmark = pytest.mark.timeout(120)
 
-STEPS = """
-    import sys, time
-    steps = int(sys.argv[1]) if len(sys.argv) > 1 else 5
-    for i in range(1, steps + 1):
-        time.sleep(0.3)
-        print(f"::progress {i}/{steps} step {i}", flush=True)
-"""
-TARGETS = {
-    "quick": python_target("print('::progress 1/1 done')"),
-    "slow": python_target(STEPS, args_pattern=r"\d{1,2}"),
-}
 _names = iter(range(10_000))
 
 
@@ -75,7 +64,7 @@ class EncryptedScene:
                     "password": "bot-password", "rate_per_s": 0, **matrix},
             access={"allowed_users": [self.alice.user_id]},
             progress={"interval_ms": 200},
-            targets=TARGETS,
+            targets=MATRIX_TARGETS,
         )
 
     async def open_room(self, encrypted: bool = True) -> str:
