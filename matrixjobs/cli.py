@@ -36,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="start the service (until SIGTERM/SIGINT)")
     run.add_argument("--config", default=default_config, help="TOML config file")
     run.add_argument("--log-level", default="info",
-                     choices=["debug", "info", "warning", "error"])
+                     choices=["debug", "info", "warning", "error"],
+                     help="matrixjobs' own lines; other libraries always log warnings only")
     run.set_defaults(handler=cmd_run)
 
     check = commands.add_parser("check-config", help="validate a config file and exit")

@@ -58,17 +58,62 @@ def to_journal(stream_fd: int = 2) -> bool:
     return f"{stat.st_dev}:{stat.st_ino}" == f"{device}:{inode}"
 
 
+# What other libraries may log, whatever `--log-level` says: their debug and info lines carry
+# what must never reach a journal. The most specific prefix of a logger's name decides;
+# any library not named here is held at WARNING too.
+LIBRARY_FLOOR = logging.WARNING
+OFF = logging.CRITICAL + 1
+LIBRARY_LEVELS = {
+    "peewee": LIBRARY_FLOOR,  # nio's crypto store: every SQL statement with the pickled keys
+    "aiosqlite": LIBRARY_FLOOR,  # every statement with its parameters (the access token)
+    "nio": LIBRARY_FLOOR,  # every room event at INFO, whole responses (tokens) at DEBUG
+    # Validation failures quote the whole event or response: message text, tokens.
+    "nio.events": OFF,
+    "nio.responses": OFF,
+    "uvicorn.error": LIBRARY_FLOOR,  # we log start/stop ourselves
+    "uvicorn.access": OFF,  # request lines: query strings may carry tokens
+    "mcp": LIBRARY_FLOOR,  # JSON-RPC messages: tool arguments and results
+}
+OURS = "matrixjobs"
+
+
+def library_level(name: str) -> int:
+    """The lowest level a record of logger `name` is shown at (ours: any)."""
+    if name == OURS or name.startswith(OURS + "."):
+        return logging.NOTSET
+    while name:
+        if name in LIBRARY_LEVELS:
+            return LIBRARY_LEVELS[name]
+        name = name.rpartition(".")[0]
+    return LIBRARY_FLOOR
+
+
+class LibraryFilter(logging.Filter):
+    """Holds other libraries' records back below their level in LIBRARY_LEVELS, on the
+    handler: a library that sets its own logger's level, or one imported later, cannot
+    get past it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= library_level(record.name)
+
+
+def service_handler(handler: logging.Handler, journald: bool = False) -> logging.Handler:
+    """`handler` as every log of the service needs it: our format, secrets masked,
+    libraries held back."""
+    handler.setFormatter(ServiceFormatter(journald))
+    handler.addFilter(LibraryFilter())
+    return handler
+
+
 def setup_logging(level: str) -> None:
-    handler = logging.StreamHandler()
-    handler.setFormatter(ServiceFormatter(journald=to_journal()))
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    root.handlers[:] = [service_handler(logging.StreamHandler(), journald=to_journal())]
     root.setLevel(getattr(logging, level.upper()))
     quiet_libraries()
 
 
 def quiet_libraries() -> None:
-    logging.getLogger("aiosqlite").setLevel(logging.WARNING)
-    logging.getLogger("uvicorn.error").setLevel(logging.WARNING)  # we log start/stop ourselves
-    # nio logs every room event at INFO and whole responses (tokens, messages) at DEBUG.
-    logging.getLogger("nio").setLevel(logging.WARNING)
+    """Set the named libraries' loggers to their level too, so that their records are not
+    even made (peewee would format every statement with its pickles)."""
+    for name, level in LIBRARY_LEVELS.items():
+        logging.getLogger(name).setLevel(level)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 
-from matrixjobs.logs import ServiceFormatter, mask, to_journal
+import pytest
+
+from matrixjobs.logs import ServiceFormatter, mask, service_handler, setup_logging, to_journal
 
 
 def record(level: int, message: str, *args: object) -> logging.LogRecord:
@@ -63,3 +65,49 @@ def test_journal_mode_only_when_stderr_is_the_stream_journal_stream_names(tmp_pa
         assert not to_journal(stream.fileno())
         monkeypatch.delenv("JOURNAL_STREAM")
         assert not to_journal(stream.fileno())
+
+
+def handled(logger: str, level: int, message: str) -> list[str]:
+    """What a service handler at DEBUG writes for one record of `logger`."""
+    import io
+
+    stream = io.StringIO()
+    handler = service_handler(logging.StreamHandler(stream))
+    record = logging.LogRecord(logger, level, __file__, 1, message, None, None)
+    if handler.filter(record):
+        handler.emit(record)
+    return stream.getvalue().splitlines()
+
+
+@pytest.mark.parametrize("logger", [
+    "peewee", "aiosqlite", "nio.client.async_client", "nio.crypto.olm_machine", "mcp.server",
+    "uvicorn.error", "httpx2", "some.library.imported.later",
+])
+def test_library_debug_and_info_lines_never_show_at_debug_level(logger):
+    assert handled(logger, logging.DEBUG, "('INSERT INTO accounts', ['PICKLE'])") == []
+    assert handled(logger, logging.INFO, "room event") == []
+    assert handled(logger, logging.WARNING, "connection lost") != []
+
+
+@pytest.mark.parametrize("logger", ["nio.events.misc", "nio.responses", "uvicorn.access"])
+def test_libraries_that_quote_events_or_requests_are_never_shown(logger):
+    assert handled(logger, logging.ERROR, "Error validating event: {'body': 'secret'}") == []
+
+
+def test_our_own_debug_lines_show():
+    assert handled("matrixjobs.queue", logging.DEBUG, "claimed j1") != []
+
+
+def test_a_library_that_lowers_its_own_level_is_still_held_back():
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    setup_logging("debug")
+    try:
+        logging.getLogger("peewee").setLevel(logging.DEBUG)  # as a library might
+        handler = logging.getLogger().handlers[0]
+        record = logging.LogRecord("peewee", logging.DEBUG, __file__, 1, "SQL", None, None)
+        assert not handler.filter(record)
+        assert logging.getLogger("nio").level == logging.WARNING
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)

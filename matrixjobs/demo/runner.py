@@ -34,7 +34,7 @@ from matrixjobs.demo.synapse import SynapseServer
 from matrixjobs.demo.view import Display, RoomView
 from matrixjobs.errors import MatrixJobsError
 from matrixjobs.exitcodes import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK
-from matrixjobs.logs import ServiceFormatter, quiet_libraries
+from matrixjobs.logs import quiet_libraries, service_handler
 from matrixjobs.service import build_service
 
 log = logging.getLogger(__name__)
@@ -176,10 +176,8 @@ class Demo:
     def _log_to_file(self) -> None:
         """The service's log goes to a file: the terminal shows the room."""
         path = self.directory / "matrixjobs.log"
-        handler = logging.FileHandler(path, encoding="utf-8")
-        handler.setFormatter(ServiceFormatter(journald=False))
         root = logging.getLogger()
-        root.addHandler(handler)
+        root.addHandler(service_handler(logging.FileHandler(path, encoding="utf-8")))
         root.setLevel(logging.INFO)
         quiet_libraries()
 

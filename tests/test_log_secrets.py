@@ -1,0 +1,138 @@
+"""The most a log ever shows (`--log-level debug`) of a real service with an encrypted room,
+the API and a job: no secret, no key material and no message text reaches it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import httpx2
+import pytest
+from matrix_people import BotMessage, EncryptedPerson
+from service_process import child_env
+
+pytestmark = pytest.mark.timeout(120)
+
+PASSWORD = "debug-bot-password-3141"
+API_TOKEN = "api-token-for-the-debug-log-2718"
+SECRET_PROSE = "the launch code is swordfish-29914"
+# Key material: pickles, Megolm session keys, signatures; event ids ($ + 43) are not secrets.
+BLOB = re.compile(r"(?<![$A-Za-z0-9+/=_-])[A-Za-z0-9+/]{60,}={0,2}(?![A-Za-z0-9+/=_-])")
+STEPS = """
+import time
+for i in range(1, 4):
+    time.sleep(0.3)
+    print(f"::progress {i}/3 step {i}", flush=True)
+"""
+
+
+def write_config(directory: Path, homeserver: str, bot: str, alice: str) -> Path:
+    (directory / "steps.py").write_text(STEPS)
+    config = directory / "config.toml"
+    config.write_text(textwrap.dedent(f"""
+        [matrix]
+        homeserver = "{homeserver}"
+        user_id = "{bot}"
+        rate_per_s = 0
+        [access]
+        allowed_users = ["{alice}"]
+        [store]
+        path = "state/jobs.db"
+        [progress]
+        interval_ms = 200
+        [api]
+        listen = "unix:{directory / 'api.sock'}"
+        [targets.steps]
+        command = [{sys.executable!r}, "steps.py"]
+    """))
+    return config
+
+
+async def reply_to(alice: EncryptedPerson, room: str, bot: str, command: str,
+                   final: tuple[str, ...] = ("",), timeout: float = 40.0) -> BotMessage:
+    deadline = time.monotonic() + timeout
+    while True:
+        for message in alice.messages_of(room, bot):
+            if message.reply_to == command and message.current.startswith(final):
+                return message
+        assert time.monotonic() < deadline, f"no reply to {command}"
+        await asyncio.sleep(0.2)
+
+
+async def use_the_service(synapse, tmp_path: Path, bot: str, alice: EncryptedPerson
+                          ) -> tuple[list[str], Path]:
+    """Commands, prose and API calls against a debug-level service; the texts sent and
+    shown in the room, and the log's path."""
+    config = write_config(tmp_path, synapse.base_url, bot, alice.user_id)
+    log_path = tmp_path / "service.log"
+    env = {**child_env(), "MATRIXJOBS_PASSWORD": PASSWORD, "MATRIXJOBS_API_TOKEN": API_TOKEN}
+    with open(log_path, "w") as log:
+        service = subprocess.Popen(
+            [sys.executable, "-m", "matrixjobs", "run", "--config", str(config),
+             "--log-level", "debug"], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+            stderr=log)
+    try:
+        room = await alice.create_encrypted_room([bot])
+        deadline = time.monotonic() + 40
+        while bot not in await asyncio.to_thread(alice.http.members, room):
+            assert service.poll() is None, log_path.read_text()
+            assert time.monotonic() < deadline, "the bot never joined"
+            await asyncio.sleep(0.2)
+        await alice.trust(bot)
+        texts = [SECRET_PROSE]
+        await alice.send(room, SECRET_PROSE)
+        build = await alice.send(room, "!build steps")
+        done = await reply_to(alice, room, bot, build, final=("✅",))
+        status = await alice.send(room, "!jobs")
+        listing = await reply_to(alice, room, bot, status)
+        texts += ["!build steps", *done.bodies, *listing.bodies]
+
+        transport = httpx2.AsyncHTTPTransport(uds=str(tmp_path / "api.sock"))
+        async with httpx2.AsyncClient(transport=transport, base_url="http://localhost",
+                                      headers={"Authorization": f"Bearer {API_TOKEN}"}
+                                      ) as api:
+            assert (await api.get("/v1/jobs")).status_code == 200
+            assert (await api.get(f"/v1/jobs?access_token={API_TOKEN}")).status_code == 200
+            wrong = await api.get("/v1/jobs", headers={"Authorization": f"Bearer {PASSWORD}"})
+            assert wrong.status_code == 401
+    finally:
+        service.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(service.wait, 30) == 0
+    return texts, log_path
+
+
+async def test_a_debug_log_holds_no_secret_no_key_and_no_message_text(synapse, tmp_path):
+    bot = (await asyncio.to_thread(synapse.register, "debuglogbot", PASSWORD))["user_id"]
+    alice = await EncryptedPerson.register(synapse, "debuglogalice", tmp_path / "alice")
+    try:
+        texts, log_path = await use_the_service(synapse, tmp_path, bot, alice)
+    finally:
+        await alice.close()
+    log = log_path.read_text()
+    assert "matrix: logged in as" in log
+
+    with contextlib.closing(sqlite3.connect(tmp_path / "state" / "jobs.db")) as db:
+        [(token,)] = db.execute(
+            "SELECT value FROM settings WHERE key = 'matrix.access_token'").fetchall()
+    crypto_db = next((tmp_path / "state" / "jobs-crypto").glob("*.db"))
+    with contextlib.closing(sqlite3.connect(crypto_db)) as db:
+        pickles = [row[0] for row in db.execute("SELECT account FROM accounts")]
+        pickles += [row[0] for row in db.execute("SELECT session FROM olmsessions")]
+        pickles += [row[0] for row in db.execute("SELECT session FROM megolminboundsessions")]
+    pickles = [p.decode() if isinstance(p, bytes) else p for p in pickles]
+    assert pickles, "the bot's keys should be in its crypto store"
+
+    for secret in [token, PASSWORD, API_TOKEN, *pickles]:
+        assert secret not in log
+    for text in texts:
+        assert text not in log, f"message text in the log: {text!r}"
+    assert "swordfish" not in log
+    assert BLOB.findall(log) == []
