@@ -109,6 +109,11 @@ class App:
         await self.store.close()
         log.info("matrixjobs stopped")
 
+    @property
+    def accepting(self) -> bool:
+        """Whether submits are taken (false while stopping)."""
+        return self.queue.accepting
+
     def kill_jobs(self) -> None:
         """Kill every job subprocess at once: for a second stop signal, which exits
         without waiting for anything."""

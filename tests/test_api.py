@@ -19,6 +19,7 @@ from starlette.applications import Starlette
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
+from matrixjobs import __version__
 from matrixjobs.api import ApiServer
 from matrixjobs.app import App
 from matrixjobs.errors import ConfigError, MatrixJobsError
@@ -157,8 +158,8 @@ async def test_non_loopback_address_with_token_starts(service):
     svc = await service(api={"listen": "0.0.0.0:0", "token": TOKEN})
     port = svc.api.address.port
     async with httpx2.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
-        assert (await client.get("/healthz")).status_code == 401
-        ok = await client.get("/healthz", headers={"Authorization": f"Bearer {TOKEN}"})
+        assert (await client.get("/v1/jobs")).status_code == 401
+        ok = await client.get("/v1/jobs", headers={"Authorization": f"Bearer {TOKEN}"})
         assert ok.status_code == 200
 
 
@@ -376,8 +377,9 @@ async def test_bad_request_answers_json_error(svc, method, path, body, status, c
 # -- auth ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("path", ["/healthz", "/v1/jobs", "/v1/status/j1?stream=true"])
-async def test_token_is_required_on_every_endpoint(service, path):
+@pytest.mark.parametrize("path", ["/v1/jobs", "/v1/status/j1?stream=true", "/healthz/",
+                                  "/v1/healthz", "/mcp", "/nowhere"])
+async def test_token_is_required_on_every_endpoint_but_healthz(service, path):
     svc = await service(api={"token": TOKEN})
     async with svc.client() as client:
         missing = await client.get(path)
@@ -388,6 +390,26 @@ async def test_token_is_required_on_every_endpoint(service, path):
         assert_error(await client.get(path, headers={"Authorization": f"Basic {TOKEN}"}),
                      401, "unauthorized")
     assert svc.app.monitor.subscriber_count == 0
+
+
+async def test_healthz_answers_probes_without_a_token_and_tells_nothing_else(service):
+    svc = await service(api={"token": TOKEN})
+    async with svc.client() as client:
+        for method in ("GET", "HEAD"):
+            response = await client.request(method, "/healthz")
+            assert response.status_code == 200
+        response = await client.get("/healthz", headers={"Authorization": "Bearer wrong"})
+        assert response.json() == {"status": "ok", "version": __version__}
+        assert_error(await client.post("/healthz"), 405, "method_not_allowed")
+
+
+async def test_healthz_says_stopping_with_503_once_the_service_stops(service):
+    svc = await service(api={"token": TOKEN})
+    await svc.app.queue.stop(0)  # what App.stop does first: no new work from here on
+    async with svc.client() as client:
+        response = await client.get("/healthz")
+    assert response.status_code == 503
+    assert response.json() == {"status": "stopping", "version": __version__}
 
 
 async def test_right_token_gets_in(service):

@@ -293,3 +293,30 @@ def test_a_second_signal_kills_the_jobs_and_exits_at_once(tmp_path, services):
     service.wait_for_log("shutting down")  # two signals at once would merge into one
     service.process.send_signal(signal.SIGTERM)
     assert service.process.wait(10) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(150)
+def test_a_notify_socket_nobody_reads_never_freezes_the_service(tmp_path, services):
+    """A hung PID 1 stops reading: its datagram queue fills after ten messages. The service
+    must keep answering and still stop on SIGTERM."""
+    directory = tempfile.mkdtemp(prefix="mjn")
+    path = os.path.join(directory, "notify.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as unread:
+        unread.bind(path)
+        config = write_config(tmp_path, steps=1, step_s=0.1, grace_s=5)
+        service = start(tmp_path, services, config,
+                        {"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "1000000"})
+        service.wait_until_started()
+        time.sleep(60)  # 120 watchdog pings, 110 of them with nowhere to go
+        started = time.monotonic()
+        submit(service)
+        assert time.monotonic() - started < 1.0
+        wait_for(lambda: job_row(tmp_path)[0] == "completed", timeout=10)
+        started = time.monotonic()
+        service.process.send_signal(signal.SIGTERM)
+        assert service.process.wait(5) == 0, service.log
+        assert time.monotonic() - started < 5
+        assert "is not reading" in service.log and "notify messages were dropped" in service.log
+    os.unlink(path)
+    os.rmdir(directory)

@@ -10,6 +10,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from matrixjobs.api.errors import error_response
 
 CHALLENGE = {"WWW-Authenticate": 'Bearer realm="matrixjobs"'}
+# Probes (systemd, containers, load balancers) hold no token; this path tells only whether
+# the service answers and its version.
+OPEN_PATHS = frozenset({"/healthz"})
 
 
 class BearerAuth:
@@ -20,7 +23,7 @@ class BearerAuth:
         self._token = token.encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] not in ("http", "websocket"):
+        if scope["type"] not in ("http", "websocket") or scope["path"] in OPEN_PATHS:
             await self.app(scope, receive, send)
             return
         scheme, _, credentials = Headers(scope=scope).get("authorization", "").partition(" ")

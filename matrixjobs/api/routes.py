@@ -64,7 +64,12 @@ class Endpoints:
         ]
 
     async def healthz(self, request: Request) -> Response:
-        return json_response(json.dumps({"status": "ok", "version": __version__}))
+        """Open to anyone who reaches the port (probes hold no token): nothing but whether
+        the service takes work, and its version. 503 while stopping, so a load balancer
+        sends new work elsewhere."""
+        if self.app.accepting:
+            return json_response(json.dumps({"status": "ok", "version": __version__}))
+        return json_response(json.dumps({"status": "stopping", "version": __version__}), 503)
 
     # -- jobs ------------------------------------------------------------------------------------
 

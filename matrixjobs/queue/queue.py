@@ -209,6 +209,11 @@ class JobQueue:
         self._poke()
         return batch, jobs
 
+    @property
+    def accepting(self) -> bool:
+        """Started and not stopping: submits are taken."""
+        return self._accepting
+
     def _resolve(self, spec: JobSpec) -> JobSpec:
         if not self._accepting:
             raise ShuttingDownError("matrixjobs is shutting down; send it again once it is back")
