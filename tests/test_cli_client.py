@@ -198,7 +198,7 @@ async def test_batch_wait(svc):
     result = await run_cli(svc.url, "batch", "count", "quick", "--wait")
     assert result.code == 0, result
     assert all(line.startswith("b1 batch ") for line in result.lines), result
-    assert "completed" in result.lines[-1] and "2/2 done" in result.lines[-1]
+    assert "completed" in result.lines[-1] and "2/2 operations" in result.lines[-1]
 
     failing = await run_cli(svc.url, "batch", "quick", "fail", "--wait", "--json")
     assert failing.code == 1, failing

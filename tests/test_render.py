@@ -10,7 +10,6 @@ import pytest
 from matrixjobs.matrix.render import (
     STATUS_EMOJI,
     Rendered,
-    format_duration,
     progress_bar,
     render_cancelled,
     render_denied,
@@ -87,18 +86,6 @@ def test_progress_bar_rounds_down_and_only_100_is_full(percentage: float, green:
 def test_progress_bar_unknown_is_all_empty_and_cells_configurable() -> None:
     assert progress_bar(None) == "⬜" * 10
     assert progress_bar(50, cells=4) == "🟩🟩⬜⬜"
-
-
-@pytest.mark.parametrize(
-    ("seconds", "text"),
-    [
-        (0, "0s"), (4.9, "4s"), (59, "59s"), (65, "1m 05s"), (600, "10m 00s"),
-        (2 * 3600 + 3 * 60 + 59, "2h 03m"), (3 * 86400 + 4 * 3600 + 120, "3d 4h"),
-        (-3, "0s"), (float("nan"), "0s"),
-    ],
-)
-def test_format_duration_is_compact(seconds: float, text: str) -> None:
-    assert format_duration(seconds) == text
 
 
 # -- the progress message -------------------------------------------------------------

@@ -13,6 +13,7 @@ from rich.progress import BarColumn, Progress, TaskID, TextColumn
 from rich.table import Table
 
 from matrixjobs.models import Status
+from matrixjobs.progress import wording
 from matrixjobs.progress.events import JobProgressEvent
 
 STATUS_STYLE = {
@@ -39,62 +40,27 @@ def pick_mode(json_output: bool, stream: TextIO | None = None) -> Mode:
 # -- text pieces ------------------------------------------------------------------------------
 
 
-def format_number(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() else f"{value:g}"
-
-
-def format_duration(seconds: float) -> str:
-    seconds = max(round(seconds), 0)
-    if seconds < 60:
-        return f"{seconds}s"
-    minutes, seconds = divmod(seconds, 60)
-    if minutes < 60:
-        return f"{minutes}m{seconds:02d}s"
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m"
-
-
-def percent_text(event: JobProgressEvent) -> str:
-    progress = event.progress
-    if progress is None or progress.percentage is None:
-        return ""
-    return f"{progress.percentage:g}%"
-
-
 def detail_text(event: JobProgressEvent) -> str:
     """Counts, current operation, message and error: everything but status and percentage."""
-    parts: list[str] = []
-    progress = event.progress
+    parts = [wording.counts(event)]
     batch = event.batch_details
     if batch is not None:
-        parts.append(f"{batch.completed_operations}/{batch.total_operations} done")
         if batch.failed_operations:
             parts.append(f"{batch.failed_operations} failed")
         if batch.cancelled_operations:
             parts.append(f"{batch.cancelled_operations} cancelled")
         if batch.current_operation:
             parts.append(f"now: {batch.current_operation}")
-    elif progress is not None:
-        if progress.total is not None:
-            parts.append(f"{format_number(progress.current)}/{format_number(progress.total)}")
-        elif progress.current:
-            parts.append(format_number(progress.current))
     if event.message:
         parts.append(event.message)
     if event.error:
         parts.append(f"error: {event.error}")
-    return " · ".join(parts)
-
-
-def eta_text(event: JobProgressEvent) -> str:
-    if event.eta_seconds is None or event.terminal:
-        return ""
-    return f"ETA {format_duration(event.eta_seconds)}"
+    return " · ".join(part for part in parts if part)
 
 
 def plain_line(event: JobProgressEvent) -> str:
-    pieces = [event.id, event.type, event.name, event.status.value, percent_text(event),
-              detail_text(event), eta_text(event)]
+    pieces = [event.id, event.type, event.name, event.status.value, wording.shown_percent(event),
+              detail_text(event), wording.eta(event)]
     return " ".join(piece for piece in pieces if piece)
 
 
@@ -126,7 +92,7 @@ def print_events(events: Iterable[JobProgressEvent], mode: Mode, title: str = ""
     for event in events:
         style = STATUS_STYLE.get(event.status, "")
         table.add_row(event.id, event.name, f"[{style}]{event.status.value}[/{style}]",
-                      percent_text(event), detail_text(event), eta_text(event))
+                      wording.shown_percent(event), detail_text(event), wording.eta(event))
     console.print(table)
 
 
@@ -209,10 +175,10 @@ class Board:
             total, completed = 100.0, 100.0
         fields = {
             "label": f"{event.id} {event.name}",
-            "percent": percent_text(event),
+            "percent": wording.shown_percent(event),
             "status": f"[{style}]{event.status.value}[/{style}]",
             "detail": detail_text(event),
-            "eta": eta_text(event),
+            "eta": wording.eta(event),
         }
         task = self._tasks.get(event.id)
         if task is None:

@@ -6,8 +6,8 @@ clock: the current time is passed in as `now` (epoch seconds).
 
 Wording decisions worth knowing:
 
-* Percentages round down (99.9% shows as 99% and 9 🟩), so only finished work
-  shows 100%.
+* Numbers, percentages, durations and counts are worded by `progress/wording.py`,
+  as in every other view. The bar rounds down like the percentage (99.9% shows 9 🟩).
 * Unknown total (no `percentage`): the bar is all ⬜ followed by "…" and the
   count so far ("⬜⬜⬜⬜⬜⬜⬜⬜⬜⬜ … · 34 done"), so the message keeps the same
   shape when the total becomes known. A completed job with an unknown total
@@ -24,10 +24,10 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import datetime
 from html import escape
 
 from matrixjobs.models import Status
+from matrixjobs.progress import wording
 from matrixjobs.progress.events import JobProgressEvent
 
 BAR_CELLS = 10
@@ -116,42 +116,6 @@ def progress_bar(percentage: float | None, cells: int = BAR_CELLS) -> str:
     return FILLED * filled + EMPTY * (cells - filled)
 
 
-def format_percentage(percentage: float) -> str:
-    """'34%', rounded down like the bar (99.9 → '99%')."""
-    return "100%" if percentage >= 100 else f"{math.floor(max(percentage, 0.0))}%"
-
-
-def format_number(value: float) -> str:
-    """3.0 → '3', 2.5 → '2.5', 1/3 → '0.33'."""
-    if not math.isfinite(value):
-        return "?"
-    if float(value).is_integer():
-        return str(int(value))
-    return f"{value:.2f}".rstrip("0").rstrip(".")
-
-
-def format_duration(seconds: float) -> str:
-    """Compact: '4s', '1m 05s', '2h 03m', '3d 4h'; negative (or not a number) → '0s'."""
-    if not math.isfinite(seconds) or seconds < 0:
-        return "0s"
-    total = int(seconds)
-    days, rest = divmod(total, 86400)
-    hours, rest = divmod(rest, 3600)
-    minutes, secs = divmod(rest, 60)
-    if days:
-        return f"{days}d {hours}h"
-    if hours:
-        return f"{hours}h {minutes:02d}m"
-    if minutes:
-        return f"{minutes}m {secs:02d}s"
-    return f"{secs}s"
-
-
-def _seconds(start: datetime, end: datetime | float) -> float:
-    end_s = end if isinstance(end, float | int) else end.timestamp()
-    return end_s - start.timestamp()
-
-
 def _clip(text: str, limit: int = LINE_LIMIT) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
@@ -159,12 +123,6 @@ def _clip(text: str, limit: int = LINE_LIMIT) -> str:
 def _first_line(text: str) -> str:
     lines = text.strip().splitlines()
     return _clip(lines[0]) if lines else ""
-
-
-def _duration_of(event: JobProgressEvent, now: float) -> float:
-    """Run time (start → finish or now); queue time when it never started."""
-    end: datetime | float = event.finished_at or now
-    return _seconds(event.started_at or event.created_at, end)
 
 
 # -- the progress message ---------------------------------------------------------------
@@ -182,33 +140,17 @@ def _title(event: JobProgressEvent) -> tuple[str, str]:
     return text, html
 
 
-def _shown_percentage(event: JobProgressEvent) -> float | None:
-    percentage = event.progress.percentage if event.progress else None
-    if percentage is None and event.status is Status.COMPLETED:
-        return 100.0
-    return percentage
-
-
-def _counts(event: JobProgressEvent) -> str | None:
-    progress = event.progress
-    if progress is None:
-        return None
-    unit = " operations" if event.type == "batch" else ""
-    if progress.total is None:
-        return f"{format_number(progress.current)} done"
-    return f"{format_number(progress.current)}/{format_number(progress.total)}{unit}"
-
-
 def _bar_line(event: JobProgressEvent) -> tuple[str, str]:
-    percentage = _shown_percentage(event)
+    percentage = wording.shown_percentage(event)
     bar = progress_bar(percentage)
     if percentage is not None:
-        shown, shown_html = format_percentage(percentage), f"<b>{format_percentage(percentage)}</b>"
+        shown = wording.percent(percentage)
+        shown_html = f"<b>{shown}</b>"
     elif not event.terminal:
         shown = shown_html = "…"
     else:
         shown = shown_html = ""
-    counts = _counts(event)
+    counts = wording.counts(event)
     tail = f" · {counts}" if counts else ""
     text = " ".join(part for part in (bar, shown) if part) + tail
     html = " ".join(part for part in (bar, shown_html) if part) + escape(tail)
@@ -216,14 +158,7 @@ def _bar_line(event: JobProgressEvent) -> tuple[str, str]:
 
 
 def _timing_line(event: JobProgressEvent, now: float) -> str:
-    spent = format_duration(_duration_of(event, now))
-    if event.started_at is None:
-        timing = f"⏱ never started (queued {spent})" if event.terminal else f"⏱ queued for {spent}"
-    else:
-        timing = f"⏱ took {spent}" if event.terminal else f"⏱ {spent} elapsed"
-    if event.eta_seconds is not None and not event.terminal:
-        timing += f" · ETA {format_duration(event.eta_seconds)}"
-    return timing
+    return f"⏱ {wording.timing(event, now)}"
 
 
 def _add_retry(message: _Message, event: JobProgressEvent) -> None:
@@ -301,7 +236,7 @@ def render_progress(event: JobProgressEvent, now: float) -> Rendered:
 
 
 def _outcome(event: JobProgressEvent, now: float) -> str:
-    spent = format_duration(_duration_of(event, now))
+    spent = wording.duration(wording.run_seconds(event, now))
     if event.status is Status.COMPLETED:
         return f"completed in {spent}"
     if event.status is Status.CANCELLED:
@@ -365,8 +300,8 @@ def _list_line(event: JobProgressEvent, now: float) -> tuple[str, str]:
     state = STATUS_WORD[event.status]
     percentage = event.progress.percentage if event.progress else None
     if event.status is Status.PROCESSING and percentage is not None:
-        state += f" {format_percentage(percentage)}"
-    age = f"{format_duration(now - event.created_at.timestamp())} ago"
+        state += f" {wording.percent(percentage)}"
+    age = wording.age(event.created_at, now)
     text = f"{emoji} {event.id} {event.name} — {state} · {age}"
     html = (
         f"{emoji} <code>{escape(event.id)}</code> <b>{escape(event.name)}</b> "
@@ -394,8 +329,8 @@ def _summary_line(event: JobProgressEvent, now: float) -> tuple[str, str]:
     emoji = STATUS_EMOJI[event.status]
     percentage = event.progress.percentage if event.progress else None
     bar = progress_bar(percentage, MINI_BAR_CELLS)
-    shown = format_percentage(percentage) if percentage is not None else "…"
-    timing = _timing_line(event, now).removeprefix("⏱ ")
+    shown = wording.percent(percentage) if percentage is not None else "…"
+    timing = wording.timing(event, now)
     text = f"{emoji} {event.id} {event.name} {bar} {shown} · {timing}"
     html = (
         f"{emoji} <code>{escape(event.id)}</code> <b>{escape(event.name)}</b> "

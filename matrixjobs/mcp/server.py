@@ -33,6 +33,7 @@ from matrixjobs import __version__
 from matrixjobs.errors import MatrixJobsError
 from matrixjobs.mcp.backend import Backend
 from matrixjobs.models import Status
+from matrixjobs.progress import wording
 from matrixjobs.progress.events import CamelModel, JobProgressEvent
 
 HEARTBEAT_S = 50.0
@@ -64,16 +65,12 @@ class JobList(CamelModel):
 
 def describe(event: JobProgressEvent) -> str:
     """One line for a progress notification: "j3 processing 45% (9/20): step 9"."""
-    parts = [event.id, event.status.value]
-    progress = event.progress
-    if progress is not None:
-        if progress.percentage is not None:
-            parts.append(f"{progress.percentage:g}%")
-        if progress.total is not None:
-            parts.append(f"({progress.current:g}/{progress.total:g})")
+    parts = [event.id, event.status.value, wording.shown_percent(event)]
+    if counts := wording.counts(event):
+        parts.append(f"({counts})")
     if event.batch_details is not None and event.batch_details.failed_operations:
         parts.append(f"[{event.batch_details.failed_operations} failed]")
-    text = " ".join(parts)
+    text = " ".join(part for part in parts if part)
     detail = event.message or event.error
     if event.batch_details is not None and event.batch_details.current_operation:
         detail = detail or event.batch_details.current_operation

@@ -1,0 +1,108 @@
+"""How progress is worded, once, for every view: the room, the CLI, MCP and the dashboard.
+
+Pure functions of numbers and events; the clock comes in as `now` (epoch seconds).
+
+* Percentages round down (99.9 % is "99%"), so only finished work shows 100 %.
+* A completed job whose total was never known shows 100 %.
+* Durations are compact and cut, not rounded: "4s", "1m 05s", "2h 03m", "3d 4h".
+* Counts drop a needless ".0": "3/10", "2.5/10"; an unknown total reads "34 done";
+  a batch counts its finished operations: "2/3 operations".
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import datetime
+
+from matrixjobs.models import Status
+from matrixjobs.progress.events import JobProgressEvent
+
+
+def number(value: float) -> str:
+    """3.0 → '3', 2.5 → '2.5', 1/3 → '0.33'; not a number → '?'."""
+    if not math.isfinite(value):
+        return "?"
+    if float(value).is_integer():
+        return str(int(value))
+    return f"{value:.2f}".rstrip("0").rstrip(".")
+
+
+def percent(percentage: float) -> str:
+    """'34%', rounded down (99.9 → '99%'); out of range is clamped to 0 to 100."""
+    if not math.isfinite(percentage):
+        return "0%"
+    return "100%" if percentage >= 100 else f"{math.floor(max(percentage, 0.0))}%"
+
+
+def duration(seconds: float) -> str:
+    """Compact: '4s', '1m 05s', '2h 03m', '3d 4h'; negative (or not a number) → '0s'."""
+    if not math.isfinite(seconds) or seconds < 0:
+        return "0s"
+    total = int(seconds)
+    days, rest = divmod(total, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d {hours}h"
+    if hours:
+        return f"{hours}h {minutes:02d}m"
+    if minutes:
+        return f"{minutes}m {secs:02d}s"
+    return f"{secs}s"
+
+
+def shown_percentage(event: JobProgressEvent) -> float | None:
+    """The percentage to show: the reported one, 100 for completed work of unknown total,
+    None while unknown."""
+    percentage = event.progress.percentage if event.progress else None
+    if percentage is None and event.status is Status.COMPLETED:
+        return 100.0
+    return percentage
+
+
+def shown_percent(event: JobProgressEvent) -> str:
+    """`percent` of `shown_percentage`, or '' while unknown."""
+    percentage = shown_percentage(event)
+    return "" if percentage is None else percent(percentage)
+
+
+def counts(event: JobProgressEvent) -> str:
+    """'9/20', '34 done' (unknown total), '2/3 operations' (a batch); '' without progress."""
+    progress = event.progress
+    if progress is None:
+        return ""
+    if progress.total is None:
+        return f"{number(progress.current)} done"
+    unit = " operations" if event.type == "batch" else ""
+    return f"{number(progress.current)}/{number(progress.total)}{unit}"
+
+
+def eta(event: JobProgressEvent) -> str:
+    """'ETA 1m 05s' while an estimate exists and the work is not over, else ''."""
+    if event.eta_seconds is None or event.terminal:
+        return ""
+    return f"ETA {duration(event.eta_seconds)}"
+
+
+def run_seconds(event: JobProgressEvent, now: float) -> float:
+    """Run time (start → finish or now); time in the queue when it never started."""
+    start = event.started_at or event.created_at
+    end = event.finished_at.timestamp() if event.finished_at else now
+    return end - start.timestamp()
+
+
+def age(moment: datetime, now: float) -> str:
+    """'4m 10s ago'."""
+    return f"{duration(now - moment.timestamp())} ago"
+
+
+def timing(event: JobProgressEvent, now: float) -> str:
+    """'queued for 3s', 'never started (queued 1m 05s)', '12s elapsed · ETA 30s',
+    'took 1m 05s'."""
+    spent = duration(run_seconds(event, now))
+    if event.started_at is None:
+        text = f"never started (queued {spent})" if event.terminal else f"queued for {spent}"
+    else:
+        text = f"took {spent}" if event.terminal else f"{spent} elapsed"
+    estimate = eta(event)
+    return f"{text} · {estimate}" if estimate else text
