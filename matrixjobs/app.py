@@ -141,19 +141,20 @@ class App:
 
     async def submit(
         self, target: str, args: Sequence[str] = (), dedupe_key: str | None = None,
-        show: ProgressMessage | None = None,
+        show: ProgressMessage | None = None, requester: str | None = None,
     ) -> Job:
         """Queue a configured target. `dedupe_key` makes a repeated request raise
-        AlreadySubmittedError; `show` records where its progress will be shown."""
-        spec = self.targets.spec(target, list(args))
+        AlreadySubmittedError; `show` records where its progress will be shown;
+        `requester` says who asked (a Matrix user id, "api", "cli", …)."""
+        spec = self.targets.spec(target, list(args), requester)
         [job] = await self.queue.enqueue_many([spec], dedupe_key, show)
         return job
 
     async def submit_batch(
         self, targets: Sequence[str], name: str | None = None, dedupe_key: str | None = None,
-        show: ProgressMessage | None = None,
+        show: ProgressMessage | None = None, requester: str | None = None,
     ) -> Batch:
-        specs = [self.targets.spec(target) for target in targets]
+        specs = [self.targets.spec(target, requester=requester) for target in targets]
         batch, _ = await self.queue.enqueue_batch(name or " ".join(targets), specs, dedupe_key,
                                                   show)
         return batch

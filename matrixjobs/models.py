@@ -54,6 +54,7 @@ class JobSpec:
     priority: int = 0
     max_retries: int | None = None
     timeout_s: float | None = None
+    requester: str | None = None  # who asked: a Matrix user id, "api", "cli", "mcp"…
 
 
 @dataclass(slots=True)
@@ -82,6 +83,7 @@ class Job:
     progress: Progress | None = None
     error: str | None = None
     result: Any = None
+    requester: str | None = None
 
 
 @dataclass(slots=True)
@@ -98,6 +100,7 @@ class Batch:
     started_at: float | None = None
     finished_at: float | None = None
     errors: list[str] = field(default_factory=list)
+    requester: str | None = None
 
     @property
     def finished(self) -> int:

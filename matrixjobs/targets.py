@@ -53,7 +53,8 @@ class Targets:
                 )
         return list(args)
 
-    def spec(self, name: str, args: list[str] | None = None) -> JobSpec:
+    def spec(self, name: str, args: list[str] | None = None,
+             requester: str | None = None) -> JobSpec:
         target = self.get(name)
         checked = self.check_args(name, list(args or []))
         data: dict[str, object] = {"target": name, "args": checked}
@@ -68,4 +69,5 @@ class Targets:
             priority=target.priority,
             max_retries=target.max_retries,
             timeout_s=target.timeout_s,
+            requester=requester,
         )

@@ -21,6 +21,7 @@ from starlette.routing import Route
 
 from matrixjobs import __version__
 from matrixjobs.api import ApiServer
+from matrixjobs.api.client import ApiClient, user_agent
 from matrixjobs.app import App
 from matrixjobs.errors import ConfigError, MatrixJobsError
 from matrixjobs.service import build_service
@@ -645,3 +646,17 @@ async def test_failing_lifespan_is_a_clean_start_error(tmp_path):
         await app.start()
     await app.stop()
     assert not path.exists()
+
+
+async def test_each_submit_records_who_asked_and_a_claimed_name_is_not_taken(svc):
+    async with svc.client() as client:
+        plain = await submit(client, "quick")
+        cli = await client.post("/v1/jobs", json={"target": "quick"},
+                                headers={"User-Agent": user_agent("cli")})
+        forged = await client.post("/v1/batches", json={"targets": ["quick"]},
+                                   headers={"User-Agent": "@boss:example.org"})
+        assert (await client.get(f"/v1/jobs/{plain}")).json()["requester"] == "api"
+        assert cli.json()["requester"] == "cli"
+        assert forged.json()["requester"] == "api"
+    async with ApiClient(svc.api.url, client="mcp") as api:
+        assert (await api.submit("quick", [])).requester == "mcp"

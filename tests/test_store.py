@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import time
 
@@ -153,3 +154,27 @@ async def test_progress_messages_and_settings_round_trip(store):
     await store.set_setting("device_id", "ABC")
     await store.set_setting("device_id", "DEF")
     assert await store.get_setting("device_id") == "DEF"
+
+
+async def test_a_store_of_the_first_schema_gains_requesters_and_keeps_its_jobs(tmp_path):
+    path = tmp_path / "s.db"
+    with contextlib.closing(sqlite3.connect(path)) as raw:
+        raw.executescript(MIGRATIONS[0])
+        raw.execute("INSERT INTO jobs (type, name, data, status, max_retries, timeout_s, "
+                    "created_at) VALUES ('t', 'old', '{}', 'completed', 0, 5, 1)")
+        raw.execute("PRAGMA user_version = 1")
+        raw.commit()
+    store = SqliteStore(path)
+    await store.open()
+    try:
+        [old] = await store.list_jobs()
+        assert old.name == "old" and old.requester is None
+        [new] = await store.add_jobs([JobSpec(type="t", data={}, name="new", max_retries=0,
+                                              timeout_s=5, requester="@alice:example.org")], 2)
+        batch, _ = await store.add_batch("b", [JobSpec(type="t", data={}, name="op",
+                                                       max_retries=0, timeout_s=5,
+                                                       requester="cli")], 3)
+        assert (await store.get_job(new.id)).requester == "@alice:example.org"
+        assert (await store.get_batch(batch.id)).requester == "cli"
+    finally:
+        await store.close()

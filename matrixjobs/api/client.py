@@ -12,6 +12,7 @@ from urllib.parse import quote
 
 import httpx2
 
+from matrixjobs import __version__
 from matrixjobs.models import BATCH_PREFIX, parse_id
 from matrixjobs.progress.events import JobProgressEvent
 
@@ -19,6 +20,7 @@ DEFAULT_URL = "http://127.0.0.1:8765"
 URL_ENV = "MATRIXJOBS_API_URL"
 TOKEN_ENV = "MATRIXJOBS_API_TOKEN"
 UNIX_PREFIX = "unix:"
+USER_AGENT_PREFIX = "matrixjobs-"
 
 
 class ServiceUnreachable(Exception):
@@ -47,6 +49,10 @@ class ApiFailure(Exception):
         return self.message
 
 
+def user_agent(client: str) -> str:
+    return f"{USER_AGENT_PREFIX}{client}/{__version__}"
+
+
 def default_url() -> str:
     return os.environ.get(URL_ENV) or DEFAULT_URL
 
@@ -59,7 +65,10 @@ def describe_error(exc: BaseException) -> str:
 class ApiClient:
     """`async with ApiClient(url, token) as api: await api.jobs()`."""
 
-    def __init__(self, url: str | None = None, token: str | None = None) -> None:
+    def __init__(self, url: str | None = None, token: str | None = None,
+                 client: str = "cli") -> None:
+        """`client` names the program ("cli", "mcp"): the service records it as the
+        requester of what is submitted."""
         self.url = (url or default_url()).rstrip("/")
         self.token = token if token is not None else os.environ.get(TOKEN_ENV) or None
         base = self.url
@@ -67,7 +76,9 @@ class ApiClient:
         if self.url.startswith(UNIX_PREFIX):
             transport = httpx2.AsyncHTTPTransport(uds=self.url[len(UNIX_PREFIX):])
             base = "http://localhost"
-        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        headers = {"User-Agent": user_agent(client)}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
         self._http = httpx2.AsyncClient(
             base_url=base, headers=headers, transport=transport,
             timeout=httpx2.Timeout(30.0, connect=5.0),

@@ -12,6 +12,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from matrixjobs import __version__
+from matrixjobs.api.client import USER_AGENT_PREFIX
 from matrixjobs.api.errors import ApiError
 from matrixjobs.api.stream import EventStream, OpenStreams
 from matrixjobs.app import App
@@ -20,6 +21,7 @@ from matrixjobs.models import BATCH_PREFIX, JOB_PREFIX, Status, parse_id
 from matrixjobs.progress.events import JobProgressEvent, event_of
 
 MAX_BODY_BYTES = 64 * 1024
+KNOWN_CLIENTS = ("cli", "mcp")
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 1000
 TRUE_WORDS = frozenset({"true", "1", "yes", "on"})
@@ -80,7 +82,7 @@ class Endpoints:
 
     async def submit_job(self, request: Request) -> Response:
         body = await read_body(request, SubmitJob)
-        job = await self.app.submit(body.target, body.args)
+        job = await self.app.submit(body.target, body.args, requester=requester_of(request))
         return created(event_of(job, time.time()), f"/v1/jobs/{job.id}")
 
     async def get_job(self, request: Request) -> Response:
@@ -100,7 +102,8 @@ class Endpoints:
 
     async def submit_batch(self, request: Request) -> Response:
         body = await read_body(request, SubmitBatch)
-        batch = await self.app.submit_batch(body.targets, body.name)
+        batch = await self.app.submit_batch(body.targets, body.name,
+                                            requester=requester_of(request))
         return created(event_of(batch, time.time()), f"/v1/batches/{batch.id}")
 
     async def get_batch(self, request: Request) -> Response:
@@ -200,6 +203,16 @@ def flag(request: Request, name: str) -> bool:
 
 
 # -- writing responses ----------------------------------------------------------------------------
+
+
+def requester_of(request: Request) -> str:
+    """'cli' or 'mcp' for our own programs (by their User-Agent), else 'api'. Never the
+    header's text itself: a name anyone can send must not pass for a person."""
+    agent = request.headers.get("user-agent", "")
+    for client in KNOWN_CLIENTS:
+        if agent.startswith(f"{USER_AGENT_PREFIX}{client}/"):
+            return client
+    return "api"
 
 
 def json_response(body: str, status: int = 200, headers: dict[str, str] | None = None) -> Response:

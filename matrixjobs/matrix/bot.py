@@ -531,7 +531,8 @@ class MatrixBot:
         if not command.args:
             raise MatrixJobsError(f"usage: {self.config.command_prefix}build TARGET [ARGS…]")
         job = await self.app.submit(command.args[0], command.args[1:],
-                                    dedupe_key=event.event_id, show=self._where(room_id, event))
+                                    dedupe_key=event.event_id, show=self._where(room_id, event),
+                                    requester=event.sender)
         await self._show(room_id, event, job_event(job, time.time()))
 
     async def _batch(self, room_id: str, event: RoomMessageText, command: Command) -> None:
@@ -539,7 +540,8 @@ class MatrixBot:
             raise MatrixJobsError(
                 f"usage: {self.config.command_prefix}batch TARGET [TARGET…]")
         batch = await self.app.submit_batch(list(command.args), dedupe_key=event.event_id,
-                                            show=self._where(room_id, event))
+                                            show=self._where(room_id, event),
+                                            requester=event.sender)
         await self._show(room_id, event, batch_event(batch, time.time()))
 
     @staticmethod

@@ -60,10 +60,10 @@ class AppBackend:
         return self.app.watch(subject)
 
     async def submit(self, target: str, args: Sequence[str]) -> JobProgressEvent:
-        return self.app.live(await self.app.submit(target, args))
+        return self.app.live(await self.app.submit(target, args, requester="mcp"))
 
     async def submit_batch(self, targets: Sequence[str]) -> JobProgressEvent:
-        return self.app.live(await self.app.submit_batch(targets))
+        return self.app.live(await self.app.submit_batch(targets, requester="mcp"))
 
     async def cancel(self, subject: str) -> JobProgressEvent:
         return event_of(await self.app.cancel(subject), time.time())
@@ -84,7 +84,7 @@ class HttpBackend:
     """A running service, through its HTTP API (the same client as the CLI's)."""
 
     def __init__(self, base_url: str, token: str | None = None) -> None:
-        self.api = ApiClient(base_url, token)
+        self.api = ApiClient(base_url, token, client="mcp")
 
     async def aclose(self) -> None:
         await self.api.aclose()

@@ -59,6 +59,7 @@ class JobProgressEvent(CamelModel):
     updated_at: datetime
     finished_at: datetime | None = None
     eta_seconds: float | None = None
+    requester: str | None = None
 
     @property
     def terminal(self) -> bool:
@@ -124,6 +125,7 @@ def job_event(
         updated_at=timestamp(now),
         finished_at=timestamp(job.finished_at),
         eta_seconds=None if job.status.terminal else eta_seconds,
+        requester=job.requester,
     )
 
 
@@ -160,6 +162,7 @@ def batch_event(
         updated_at=timestamp(now),
         finished_at=timestamp(batch.finished_at),
         eta_seconds=None if batch.status.terminal else eta_seconds,
+        requester=batch.requester,
     )
 
 

@@ -105,16 +105,21 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX processed_events_at ON processed_events(processed_at);
     """,
+    # who asked for each job and batch (a Matrix user id, "api", "cli", "mcp", …)
+    """
+    ALTER TABLE jobs ADD COLUMN requester TEXT;
+    ALTER TABLE batches ADD COLUMN requester TEXT;
+    """,
 ]
 
 JOB_COLUMNS = (
     "id, type, name, data, status, priority, retry_count, max_retries, timeout_s, batch_id, "
     "run_after, created_at, started_at, finished_at, progress_current, progress_total, "
-    "progress_message, error, result"
+    "progress_message, error, result, requester"
 )
 BATCH_COLUMNS = (
     "id, name, status, total, completed, failed, cancelled, cancel_requested, "
-    "created_at, started_at, finished_at"
+    "created_at, started_at, finished_at, requester"
 )
 ERRORS_PER_BATCH = 20
 MIN_SQLITE = (3, 35, 0)
@@ -258,11 +263,13 @@ class SqliteStore(Store):
         self, name: str, specs: Sequence[JobSpec], now: float, dedupe_key: str | None = None,
         show: ProgressMessage | None = None,
     ) -> tuple[Batch, list[Job]]:
+        requester = specs[0].requester if specs else None
         async with self._transaction():
             await self._claim_key(dedupe_key, specs, now)
             cursor = await self.db.execute(
-                "INSERT INTO batches (name, status, total, created_at) VALUES (?, ?, ?, ?)",
-                (name, Status.PENDING, len(specs), now),
+                "INSERT INTO batches (name, status, total, created_at, requester) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (name, Status.PENDING, len(specs), now, requester),
             )
             number = cursor.lastrowid
             assert number is not None
@@ -270,7 +277,7 @@ class SqliteStore(Store):
             await self._record_key(dedupe_key, batch_id(number))
             await self._insert_message(show, batch_id(number), now)
         batch = Batch(id=batch_id(number), name=name, status=Status.PENDING,
-                      total=len(specs), created_at=now)
+                      total=len(specs), created_at=now, requester=requester)
         return batch, jobs
 
     async def _claim_key(self, key: str | None, specs: Sequence[JobSpec], now: float) -> None:
@@ -314,10 +321,12 @@ class SqliteStore(Store):
             for spec in chunk:
                 assert spec.max_retries is not None and spec.timeout_s is not None
                 params += (spec.type, spec.name, json.dumps(spec.data), Status.PENDING,
-                           spec.priority, spec.max_retries, spec.timeout_s, batch_number, now)
+                           spec.priority, spec.max_retries, spec.timeout_s, batch_number, now,
+                           spec.requester)
             rows = await self.db.execute_fetchall(
                 "INSERT INTO jobs (type, name, data, status, priority, max_retries, timeout_s, "
-                f"batch_id, created_at) VALUES {_placeholders(len(chunk), 9)} RETURNING id",
+                f"batch_id, created_at, requester) VALUES {_placeholders(len(chunk), 10)} "
+                "RETURNING id",
                 params,
             )
             # Rows are inserted in VALUES order with increasing ids; RETURNING's order is not
@@ -330,6 +339,7 @@ class SqliteStore(Store):
                     max_retries=spec.max_retries or 0, timeout_s=spec.timeout_s or 0.0,
                     created_at=now,
                     batch_id=None if batch_number is None else batch_id(batch_number),
+                    requester=spec.requester,
                 )
                 for number, spec in zip(numbers, chunk, strict=True)
             ]
@@ -706,7 +716,7 @@ def _first_line(text: str | None) -> str:
 def _job(row: Sequence[Any]) -> Job:
     (number, type_, name, data, status, priority, retry_count, max_retries, timeout_s,
      batch_number, run_after, created_at, started_at, finished_at, p_current, p_total,
-     p_message, error, result) = row
+     p_message, error, result, requester) = row
     progress = None
     if p_current is not None:
         progress = Progress(p_current, p_total, p_message)
@@ -717,17 +727,18 @@ def _job(row: Sequence[Any]) -> Job:
         batch_id=None if batch_number is None else batch_id(batch_number),
         run_after=run_after, started_at=started_at, finished_at=finished_at,
         progress=progress, error=error, result=None if result is None else json.loads(result),
+        requester=requester,
     )
 
 
 def _batch(row: Sequence[Any]) -> Batch:
     (number, name, status, total, completed, failed, cancelled, cancel_requested,
-     created_at, started_at, finished_at) = row
+     created_at, started_at, finished_at, requester) = row
     return Batch(
         id=batch_id(number), name=name, status=Status(status), total=total,
         completed=completed, failed=failed, cancelled=cancelled,
         cancel_requested=bool(cancel_requested), created_at=created_at,
-        started_at=started_at, finished_at=finished_at,
+        started_at=started_at, finished_at=finished_at, requester=requester,
     )
 
 
