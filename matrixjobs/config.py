@@ -571,7 +571,7 @@ def _complete(
 
 def _pickle_key(secrets: dict[str, str]) -> SecretStr | None:
     key = secrets.get("MATRIXJOBS_PICKLE_KEY")
-    if key is None:
+    if not key:  # an empty line in an env file: unset, as systemd sees it
         return None
     if len(key) < MIN_PICKLE_KEY_LEN or key != key.strip():
         raise ConfigError(f"MATRIXJOBS_PICKLE_KEY must be at least {MIN_PICKLE_KEY_LEN} "
