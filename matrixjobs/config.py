@@ -38,7 +38,10 @@ from pydantic import (
 
 from matrixjobs.errors import ConfigError
 
-SECRET_ENV = ("MATRIXJOBS_PASSWORD", "MATRIXJOBS_ACCESS_TOKEN", "MATRIXJOBS_API_TOKEN")
+SECRET_ENV = ("MATRIXJOBS_PASSWORD", "MATRIXJOBS_ACCESS_TOKEN", "MATRIXJOBS_API_TOKEN",
+              "MATRIXJOBS_PICKLE_KEY")
+# Shorter is guessable; `matrixjobs init` and the bot write 43 random characters.
+MIN_PICKLE_KEY_LEN = 16
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 USER_RE = re.compile(r"^@[^:\s]+:[^\s]+$")
 # Room ids are opaque (`!abc:server`, or `!abc` from room version 12); aliases `#x:server`.
@@ -108,9 +111,22 @@ class MatrixConfig(Section):
     # shows them (Session ID, Session key); stored without the key's spaces.
     verified_devices: dict[str, list[str]] = Field(default_factory=dict)
 
+    # MATRIXJOBS_PICKLE_KEY, from the environment only: never in the (shareable) TOML.
+    _pickle_key: SecretStr | None = PrivateAttr(default=None)
+
+    @property
+    def pickle_key(self) -> SecretStr | None:
+        """The key the crypto store is pickled with; None: the key file's (pickle_key_file)."""
+        return self._pickle_key
+
     def crypto_store_dir(self, db_path: Path) -> Path:
         """`store_dir`, or `NAME-crypto/` beside the SQLite store `NAME.db`."""
         return self.store_dir or db_path.with_name(f"{db_path.stem}-crypto")
+
+    def pickle_key_file(self, db_path: Path) -> Path:
+        """Where the bot keeps the pickle key it made when MATRIXJOBS_PICKLE_KEY is not set:
+        `NAME.pickle-key` beside the SQLite store `NAME.db`."""
+        return db_path.with_name(f"{db_path.stem}.pickle-key")
 
     @field_validator("homeserver")
     @classmethod
@@ -439,7 +455,7 @@ class Config(Section):
         """Every secret this config holds, for masking in logs."""
         found = [self.api_token]
         if self.matrix is not None:
-            found += [self.matrix.password, self.matrix.access_token]
+            found += [self.matrix.password, self.matrix.access_token, self.matrix.pickle_key]
         return [secret for secret in found if secret is not None]
 
     def warnings(self) -> list[str]:
@@ -537,6 +553,7 @@ def _complete(
         if matrix.store_dir is not None and not matrix.store_dir.is_absolute():
             overrides["store_dir"] = (Path(state_dir) if state_dir else base) / matrix.store_dir
         matrix = matrix.model_copy(update=overrides)
+        matrix._pickle_key = _pickle_key(secrets)
     api = config.api
     address = api.address
     if isinstance(address, UnixAddress) and not address.path.is_absolute():
@@ -550,6 +567,17 @@ def _complete(
     if "MATRIXJOBS_API_TOKEN" in secrets:
         completed._api_token = SecretStr(secrets["MATRIXJOBS_API_TOKEN"])
     return completed
+
+
+def _pickle_key(secrets: dict[str, str]) -> SecretStr | None:
+    key = secrets.get("MATRIXJOBS_PICKLE_KEY")
+    if not key:  # an empty line in an env file: unset, as systemd sees it
+        return None
+    if len(key) < MIN_PICKLE_KEY_LEN or key != key.strip():
+        raise ConfigError(f"MATRIXJOBS_PICKLE_KEY must be at least {MIN_PICKLE_KEY_LEN} "
+                          "characters without surrounding spaces (matrixjobs init writes a "
+                          "random one)")
+    return SecretStr(key)
 
 
 _EXPECTED = {

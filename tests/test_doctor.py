@@ -579,3 +579,58 @@ def test_non_executable_program_fails_like_the_config_warning(tmp_path):
     assert not any(text.startswith("! config") for text in lines), "reported twice"
     assert load_config(config, environ={}).warnings() == [
         f"targets.build: '{tmp_path / 'build.sh'}' is not executable"]
+
+
+# -- private files and the pickle key -----------------------------------------------------------
+
+
+def unreachable_bot_config(directory: Path) -> Path:
+    config = directory / "config.toml"
+    config.write_text(textwrap.dedent(f"""
+        [matrix]
+        homeserver = "http://127.0.0.1:{free_port()}"
+        user_id = "@bot:example.org"
+        [api]
+        enabled = false
+    """), encoding="utf-8")
+    return config
+
+
+async def test_store_and_crypto_files_readable_by_others_are_a_warning(tmp_path):
+    config = unreachable_bot_config(tmp_path)
+    store = SqliteStore(tmp_path / "matrixjobs.db")
+    await store.open()
+    await store.close()
+    crypto_dir = tmp_path / "matrixjobs-crypto"
+    crypto_dir.mkdir(mode=0o700)
+    (crypto_dir / "@bot:example.org_DEV.db").write_bytes(b"")
+    (crypto_dir / "@bot:example.org_DEV.db").chmod(0o600)
+    _, lines = doctor_lines(config)
+    assert line(lines, "file modes:").startswith("✓"), "\n".join(lines)
+
+    (tmp_path / "matrixjobs.db").chmod(0o644)
+    (crypto_dir / "@bot:example.org_DEV.db").chmod(0o640)
+    crypto_dir.chmod(0o755)
+    _, lines = doctor_lines(config)
+    text = line(lines, "file modes:")
+    assert text.startswith("!")
+    assert f"{tmp_path / 'matrixjobs.db'} (644)" in text and f"{crypto_dir} (755)" in text
+    assert f"{crypto_dir / '@bot:example.org_DEV.db'} (640)" in text
+    assert "matrixjobs.db.lock" not in text, "the lock file is private"
+
+
+def test_pickle_key_says_where_it_comes_from(tmp_path):
+    config = unreachable_bot_config(tmp_path)
+    key_file = tmp_path / "matrixjobs.pickle-key"
+    _, lines = doctor_lines(config)
+    text = line(lines, "pickle key:")
+    assert text.startswith("✓") and f"{key_file} (the bot creates it at its first start)" in text
+
+    _, lines = doctor_lines(config, MATRIXJOBS_PICKLE_KEY="k" * 43)
+    assert line(lines, "pickle key:") == ("✓ pickle key: MATRIXJOBS_PICKLE_KEY; back it up "
+                                          "with the crypto store")
+    key_file.write_text("x" * 43 + "\n")
+    _, lines = doctor_lines(config, MATRIXJOBS_PICKLE_KEY="k" * 43)
+    text = line(lines, "pickle key:")
+    assert text.startswith("!") and f"{key_file} is not used" in text
+    assert "k" * 43 not in "\n".join(lines)

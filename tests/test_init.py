@@ -333,3 +333,21 @@ def test_config_under_a_directory_nobody_may_search_is_a_short_error(tmp_path):
     locked.chmod(0o755)
     assert os.waitstatus_to_exitcode(status) == 1, err
     assert err == f"error: cannot look for {locked / 'conf/c.toml'}: Permission denied\n"
+
+
+def test_the_env_gets_a_random_pickle_key_that_force_keeps(tmp_path):
+    assert cli(tmp_path, "init", "--yes", *FLAGS, "--password", "x").returncode == 0
+    key = load_config(tmp_path / "config.toml", environ={}).matrix.pickle_key
+    assert key is not None and len(key.get_secret_value()) >= 40
+
+    (tmp_path / "other").mkdir()
+    assert cli(tmp_path / "other", "init", "--yes", *FLAGS, "--password", "x").returncode == 0
+    other = load_config(tmp_path / "other" / "config.toml", environ={}).matrix.pickle_key
+    assert other is not None and other.get_secret_value() != key.get_secret_value()
+
+    result = cli(tmp_path, "init", "--yes", *FLAGS, "--password", "y", "--force")
+    assert result.returncode == 0, result.stderr
+    again = load_config(tmp_path / "config.toml", environ={}).matrix
+    assert again.password.get_secret_value() == "y"
+    assert again.pickle_key.get_secret_value() == key.get_secret_value(), "the store's key"
+    assert key.get_secret_value() not in result.stdout + result.stderr

@@ -4,11 +4,15 @@ client (matrix-nio with the e2e extra) encrypts commands and decrypts the bot's 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import shutil
+import sqlite3
 import stat
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -16,10 +20,14 @@ import pytest
 from aiohttp import ClientConnectionError
 from helpers import MATRIX_TARGETS, final_state, make_config
 from matrix_people import BotMessage, EncryptedPerson
-from nio import ToDeviceMessage, ToDeviceResponse
+from nio import MegolmEvent, ToDeviceMessage, ToDeviceResponse
+from nio.store import DefaultStore
+from pydantic import SecretStr
 
 from matrixjobs.app import App
+from matrixjobs.matrix import bot as bot_module
 from matrixjobs.matrix import crypto
+from matrixjobs.matrix.crypto_store import DEFAULT_PICKLE_KEY, PickleKey
 from matrixjobs.service import build_service
 
 pytestmark = pytest.mark.timeout(120)
@@ -714,3 +722,92 @@ async def test_an_unusable_crypto_store_directory_is_a_clear_error(encrypted, ca
         assert (await final_state(app, job.id)).status == "completed"
     finally:
         await app.stop()
+
+
+def modes(*paths: Path) -> dict[str, int]:
+    return {path.name: stat.S_IMODE(path.stat().st_mode) for path in paths}
+
+
+async def test_a_crypto_store_of_the_default_key_is_rekeyed_keeping_device_and_sessions(
+        encrypted, caplog, monkeypatch):
+    scene = encrypted
+    alice = scene.alice
+    assert alice is not None
+    caplog.set_level(logging.INFO)
+    umask = os.umask(0o022)  # a shell's, not systemd's
+    crypto_dir = scene.tmp_path / "matrixjobs-crypto"
+    try:
+        # The store as the bot left it before: pickled with nio's default key, and files
+        # as the umask made them.
+        monkeypatch.setattr(bot_module, "load_pickle_key",
+                            lambda configured, key_file: PickleKey(DEFAULT_PICKLE_KEY, "nio"))
+        app = await start_bot(scene.config())
+        bot = app.components[0]
+        device, identity = bot.client.device_id, bot.client.olm.account.identity_keys
+        try:
+            await scene.open_room()
+            await alice.trust(scene.bot_id)
+            before = await alice.send(scene.room, "!build quick")
+            assert (await scene.reply_to(before, finished)).current.startswith("✅")
+        finally:
+            await app.stop()
+        monkeypatch.undo()
+        database = crypto_dir / f"{scene.bot_id}_{device}.db"
+        old = DefaultStore(scene.bot_id, device, str(crypto_dir), DEFAULT_PICKLE_KEY)
+        assert old.load_account().identity_keys == identity, "made with the default key"
+        old.database.close()
+        for path in [*crypto_dir.iterdir(), *scene.tmp_path.glob("matrixjobs.db*")]:
+            path.chmod(0o644)
+        crypto_dir.chmod(0o755)
+
+        app = await start_bot(scene.config())
+        bot = app.components[0]
+        try:
+            assert f"re-keyed the crypto store {database}" in caplog.text
+            assert bot.client.device_id == device, "the same device"
+            assert bot.client.olm.account.identity_keys == identity, "the same keys"
+            # The Megolm session received before the re-key still decrypts that command.
+            raw = {e["event_id"]: e for e in await asyncio.to_thread(
+                alice.http.timeline, scene.room, event_type="m.room.encrypted")}
+            event = MegolmEvent.from_dict(raw[before])
+            event.room_id = scene.room
+            assert bot.client.decrypt_event(event).body == "!build quick"
+            after = await alice.send(scene.room, "!build quick")
+            assert (await scene.reply_to(after, finished)).current.startswith("✅")
+        finally:
+            await app.stop()
+    finally:
+        os.umask(umask)
+
+    key_file = scene.tmp_path / "matrixjobs.pickle-key"
+    key = key_file.read_text().strip()
+    assert key not in caplog.text
+    with pytest.raises(ValueError):
+        DefaultStore(scene.bot_id, device, str(crypto_dir), DEFAULT_PICKLE_KEY).load_account()
+    private = [key_file, *crypto_dir.iterdir(), *scene.tmp_path.glob("matrixjobs.db*")]
+    assert modes(*private) == {path.name: 0o600 for path in private}
+    assert modes(crypto_dir) == {crypto_dir.name: 0o700}
+
+    # Another key (a changed MATRIXJOBS_PICKLE_KEY): a clear error, and nothing changes.
+    before_files = {path.name: path.read_bytes() for path in crypto_dir.iterdir()}
+    config = scene.config()
+    config.matrix._pickle_key = SecretStr("not-the-key-the-store-was-made-with")
+    app = build_service(config)
+    await app.start()
+    try:
+        await logged(caplog, f"the crypto store {database} does not open with the configured "
+                             "pickle key")
+        assert "(the key from MATRIXJOBS_PICKLE_KEY)" in caplog.text
+        assert "not-the-key-the-store" not in caplog.text
+        assert not app.components[0].synced.is_set()
+    finally:
+        await app.stop()
+    assert saved_device(scene.tmp_path) == device
+    assert {path.name: path.read_bytes() for path in crypto_dir.iterdir()} == before_files
+
+
+def saved_device(tmp_path: Path) -> str:
+    """The device id the bot saved in its SQLite store."""
+    with contextlib.closing(sqlite3.connect(tmp_path / "matrixjobs.db")) as db:
+        return str(db.execute("SELECT value FROM settings WHERE key = 'matrix.device_id'")
+                   .fetchone()[0])

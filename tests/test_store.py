@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
 import sqlite3
+import stat
 import time
+from pathlib import Path
 
 import pytest
 
@@ -176,5 +180,49 @@ async def test_a_store_of_the_first_schema_gains_requesters_and_keeps_its_jobs(t
                                                        requester="cli")], 3)
         assert (await store.get_job(new.id)).requester == "@alice:example.org"
         assert (await store.get_batch(batch.id)).requester == "cli"
+    finally:
+        await store.close()
+
+
+@pytest.fixture
+def shell_umask():
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+async def test_store_files_are_private_whatever_the_umask(tmp_path, shell_umask):
+    parent_mode = mode(tmp_path)
+    path = tmp_path / "state" / "deeper" / "matrixjobs.db"
+    store = SqliteStore(path)
+    await store.open()
+    try:
+        await store.set_setting("matrix.access_token", "a-token")
+        files = [path, *(path.with_name(path.name + s) for s in ("-wal", "-shm", ".lock"))]
+        assert {f.name: mode(f) for f in files} == {f.name: 0o600 for f in files}
+        assert (mode(path.parent), mode(path.parent.parent)) == (0o700, 0o700)
+        assert mode(tmp_path) == parent_mode, "an existing parent is not ours to change"
+    finally:
+        await store.close()
+
+
+async def test_store_files_an_older_version_left_readable_are_tightened(tmp_path, caplog):
+    path = tmp_path / "matrixjobs.db"
+    store = SqliteStore(path)
+    await store.open()
+    await store.close()
+    lock = path.with_name(path.name + ".lock")
+    for file in (path, lock):
+        file.chmod(0o644)
+    store = SqliteStore(path)
+    with caplog.at_level(logging.WARNING):
+        await store.open()
+    try:
+        assert (mode(path), mode(lock)) == (0o600, 0o600)
+        assert f"{path} was readable by others (mode 644): made it 600" in caplog.text
     finally:
         await store.close()

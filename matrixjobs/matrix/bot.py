@@ -10,6 +10,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from email.utils import parsedate_to_datetime
 from typing import Any
 
@@ -49,6 +50,13 @@ from matrixjobs.matrix.crypto import (
     Undecryptable,
     open_store_dir,
     session_key,
+)
+from matrixjobs.matrix.crypto_store import (
+    PICKLE_KEY_ENV,
+    CryptoStoreError,
+    PickleKeyError,
+    PrivateStore,
+    load_pickle_key,
 )
 from matrixjobs.matrix.edits import EditScheduler, RateLimitedError, SendFailedError
 from matrixjobs.matrix.ratelimit import TokenBucket
@@ -141,12 +149,15 @@ class MatrixBot:
         self.config = config
         self.access = access
         self.store_dir = config.crypto_store_dir(app.config.store.path)
+        self.key_file = config.pickle_key_file(app.config.store.path)
         self.client = AsyncClient(
             config.homeserver, config.user_id, store_path=str(self.store_dir),
             # We pace and retry ourselves: nio must hand back 429s and network errors.
+            # The pickle key is set once it is known (_open_crypto_store).
             config=AsyncClientConfig(max_limit_exceeded=0, max_timeouts=0, request_timeout=60,
-                                     encryption_enabled=True),
+                                     encryption_enabled=True, store=PrivateStore),
         )
+        self._key_source = ""
         self.crypto = Crypto(self.client, Trust(config.trust), config.decrypt_timeout_s,
                              config.pinned_devices())
         sender = NioSender(self.client, self.crypto)
@@ -238,17 +249,19 @@ class MatrixBot:
     # -- login ------------------------------------------------------------------------------
 
     async def _login(self) -> bool:
-        return await self._authenticate() and await self._check_device()
+        try:
+            return await self._authenticate() and await self._check_device()
+        except PickleKeyError as exc:
+            # Raised while nio loads the store, before it could make a new account.
+            log.error("matrix: %s (the key from %s). It was left as it is and no new "
+                      "device was made: set %s to the key it was made with (see "
+                      "docs/encryption.md, The pickle key); retrying", exc, self._key_source,
+                      PICKLE_KEY_ENV)
+            return False
 
     async def _authenticate(self) -> bool:
         store, config = self.app.store, self.config
-        # nio keeps one crypto store per device id in here: the device must stay ours.
-        try:
-            open_store_dir(self.store_dir)
-        except OSError as exc:
-            log.error("matrix: cannot use the crypto store directory %s (%s): the service "
-                      "user must be able to create it and own it; retrying", self.store_dir,
-                      exc)
+        if not self._open_crypto_store():
             return False
         device = await store.get_setting(SETTING_DEVICE) or ""
         saved_user = await store.get_setting(SETTING_USER)
@@ -283,6 +296,26 @@ class MatrixBot:
         await store.set_setting(SETTING_USER, config.user_id)
         await store.set_setting(SETTING_DEVICE, response.device_id)
         await store.set_setting(SETTING_TOKEN, response.access_token)
+        return True
+
+    def _open_crypto_store(self) -> bool:
+        """The crypto store's directory, private, and the key nio pickles it with."""
+        # nio keeps one crypto store per device id in here: the device must stay ours.
+        try:
+            open_store_dir(self.store_dir)
+        except OSError as exc:
+            log.error("matrix: cannot use the crypto store directory %s (%s): the service "
+                      "user must be able to create it and own it; retrying", self.store_dir,
+                      exc)
+            return False
+        try:
+            key = load_pickle_key(self.config.pickle_key, self.key_file)
+        except CryptoStoreError as exc:
+            log.error("matrix: %s; retrying", exc)
+            return False
+        mask([key.value])
+        self.client.config = replace(self.client.config, pickle_key=key.value)
+        self._key_source = key.source
         return True
 
     async def _check_device(self) -> bool:

@@ -32,6 +32,8 @@ from nio import (
 )
 from nio.crypto import OlmDevice, TrustState
 
+from matrixjobs.private import DIR_MODE, make_dirs, tighten
+
 log = logging.getLogger(__name__)
 
 # Undecryptable messages kept at once; more (a flood, or a room that never shares keys
@@ -58,9 +60,12 @@ class ServerKeys(StrEnum):
 
 def open_store_dir(path: Path) -> None:
     """Create the crypto store directory, readable by the service user only (it holds
-    the device's private keys)."""
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    os.chmod(path, 0o700)
+    the device's private keys), and tighten the files an older version left in it."""
+    make_dirs(path)
+    os.chmod(path, DIR_MODE)
+    for child in path.iterdir():
+        if child.is_file():
+            tighten(child)
 
 
 def session_key(client: AsyncClient) -> str:

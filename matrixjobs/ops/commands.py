@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +21,10 @@ def add_ops_commands(commands: Any) -> None:
     parser = commands.add_parser(
         "init", help="write a starter config.toml and .env (asks for what flags leave out)",
         description="Write a starter config (no secrets) and a .env with the bot's password "
-                    "or access token (mode 0600). On a terminal, values not given as flags "
-                    "are asked for; with --yes or without a terminal they are required.")
+                    "or access token and a random key for its crypto store (mode 0600); "
+                    "--force keeps the key of the .env it replaces. On a terminal, values "
+                    "not given as flags are asked for; with --yes or without a terminal "
+                    "they are required.")
     parser.add_argument("--config", type=Path, default=Path(default_config),
                         help=f"config file to write (default: {default_config})")
     parser.add_argument("--env-file", type=Path,
@@ -82,6 +85,8 @@ def cmd_init(args: argparse.Namespace, prompts: init.Prompts | None = None) -> i
     except EOFError:
         print("\nerror: aborted, nothing written", file=sys.stderr)
         return EXIT_FAILED
+    answers = replace(answers, secrets={**answers.secrets,
+                                        init.PICKLE_KEY_ENV: init.pickle_key(env_file)})
     for warning in init.warnings(answers):
         print(f"warning: {warning}", file=sys.stderr)
     try:

@@ -6,6 +6,7 @@ running service: it reads the store read-only and never takes the service's lock
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -17,6 +18,7 @@ from pydantic import SecretStr
 from matrixjobs.api.server import bind_tcp, bind_unix
 from matrixjobs.config import (
     Config,
+    MatrixConfig,
     TargetProblem,
     TcpAddress,
     UnixAddress,
@@ -27,6 +29,7 @@ from matrixjobs.errors import ConfigError
 from matrixjobs.ops.matrix_checks import MatrixChecks
 from matrixjobs.ops.report import Report
 from matrixjobs.ops.store_probe import SCHEMA_VERSION, StoreProblem, StoreState, probe
+from matrixjobs.private import shared
 from matrixjobs.queue.handlers import HandlerRegistry, load_user_handlers
 
 # Config warnings the checks below repeat in detail (targets) or decide better (login:
@@ -43,6 +46,9 @@ def doctor(config_path: Path, environ: Mapping[str, str] | None = None,
     if config is None:
         return report
     store = check_store(report, config.store.path)
+    if config.matrix is not None:
+        check_pickle_key(report, config.matrix, config.store.path)
+    check_private_files(report, config)
     check_targets(report, config)
     check_api(report, config)
     if config.matrix is None:
@@ -84,6 +90,47 @@ def check_store(report: Report, path: Path) -> StoreState | None:
         report.ok("store", f"{path} (schema version {state.schema_version}; the service "
                            f"migrates it to {SCHEMA_VERSION} at start){running}")
     return state
+
+
+def check_pickle_key(report: Report, matrix: MatrixConfig, db: Path) -> None:
+    """Where the crypto store's pickle key comes from (matrix/crypto_store.py)."""
+    key_file = matrix.pickle_key_file(db)
+    if matrix.pickle_key is None:
+        made = "" if _exists(key_file) else " (the bot creates it at its first start)"
+        report.ok("pickle key", f"{key_file}{made}; back it up with the crypto store")
+    elif _exists(key_file):
+        report.warn("pickle key", f"MATRIXJOBS_PICKLE_KEY is set and {key_file} is not used: "
+                                  "a crypto store made with the file's key does not open "
+                                  "with another (docs/encryption.md, The pickle key)")
+    else:
+        report.ok("pickle key", "MATRIXJOBS_PICKLE_KEY; back it up with the crypto store")
+
+
+def check_private_files(report: Report, config: Config) -> None:
+    """The store holds the bot's access token, the crypto store its keys: the service
+    makes them private, but a copy or an older version may have left them readable."""
+    db = config.store.path
+    paths = [db, *(db.with_name(db.name + suffix) for suffix in ("-wal", "-shm", ".lock"))]
+    if config.matrix is not None:
+        crypto_dir = config.matrix.crypto_store_dir(db)
+        paths += [config.matrix.pickle_key_file(db), crypto_dir]
+        with contextlib.suppress(OSError):  # missing, or not ours to look into
+            paths += sorted(crypto_dir.iterdir())
+    exposed = shared(paths)
+    if exposed:
+        listed = ", ".join(f"{path} ({mode:o})" for path, mode in exposed)
+        report.warn("file modes", f"readable by group or others: {listed}; they hold the "
+                                  "bot's token or keys. The service makes them private at its "
+                                  "next start (or: chmod go= on each)")
+    elif any(_exists(path) for path in paths):
+        report.ok("file modes", "the store and crypto store are private (0600, dirs 0700)")
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except OSError:  # under a directory we may not search: the store check says so
+        return False
 
 
 # -- targets ------------------------------------------------------------------------------------

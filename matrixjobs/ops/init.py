@@ -9,6 +9,7 @@ from __future__ import annotations
 import getpass
 import ipaddress
 import os
+import secrets
 import sys
 import tempfile
 from collections.abc import Callable, Mapping
@@ -16,11 +17,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from dotenv import dotenv_values
+
 from matrixjobs import config
 from matrixjobs.config import ROOM_RE, USER_RE, toml_list, toml_string
 
 PASSWORD_ENV = "MATRIXJOBS_PASSWORD"
 TOKEN_ENV = "MATRIXJOBS_ACCESS_TOKEN"
+PICKLE_KEY_ENV = "MATRIXJOBS_PICKLE_KEY"
+PICKLE_KEY_BYTES = 32
 # What `--password` / `--access-token` hold when given without a value: ask for it.
 ASK = "\x00ask"
 SECRET_FLAGS = {PASSWORD_ENV: "--password", TOKEN_ENV: "--access-token"}
@@ -308,6 +313,16 @@ timeout_s = 1200
 """
 
 
+def pickle_key(env_file: Path) -> str:
+    """The pickle key of the .env being replaced (another key could not open the crypto
+    store it encrypts), else a new random one."""
+    try:
+        kept = dotenv_values(env_file).get(PICKLE_KEY_ENV) if env_file.is_file() else None
+    except (OSError, UnicodeDecodeError):
+        kept = None  # unreadable: the write fails with its own error
+    return kept or secrets.token_urlsafe(PICKLE_KEY_BYTES)
+
+
 def dotenv_value(value: str) -> str:
     """Single quotes: python-dotenv expands nothing inside them and unescapes only \\\\ and \\'."""
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
@@ -317,6 +332,8 @@ def render_env(answers: Answers) -> str:
     lines = [
         "# Secrets of matrixjobs, written by `matrixjobs init`. Keep this file private (0600).",
         "# The service reads .env beside its config; the real environment wins over it.",
+        f"# {PICKLE_KEY_ENV} encrypts the bot's crypto store (its device's keys): back it up",
+        "# with the store; the store does not open with another key.",
     ]
     lines += [f"{name}={dotenv_value(value)}" for name, value in answers.secrets.items()]
     lines += [

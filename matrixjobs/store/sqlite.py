@@ -33,6 +33,7 @@ from matrixjobs.models import (
     job_id,
     parse_id,
 )
+from matrixjobs.private import make_dirs, private_file, tighten
 from matrixjobs.store.base import BatchCancel, Cycle, Recovery, Store
 
 # Each entry migrates from version N to N+1; PRAGMA user_version records N+1.
@@ -146,11 +147,12 @@ class SqliteStore(Store):
                 f"{'.'.join(map(str, MIN_SQLITE))} or newer (for RETURNING and UPDATE … FROM)"
             )
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            make_dirs(self.path.parent)
         except OSError as exc:
             raise StoreError(f"cannot create store directory {self.path.parent}: {exc}") from None
         self._hold_file_lock()
         try:
+            self._make_private()
             self._db = await aiosqlite.connect(self.path, isolation_level=None, timeout=5.0)
             await self._db.execute("PRAGMA busy_timeout = 5000")
             mode = await self._scalar("PRAGMA journal_mode = WAL")
@@ -166,10 +168,21 @@ class SqliteStore(Store):
             await self.close()
             raise
 
+    def _make_private(self) -> None:
+        """The store holds the bot's access token: create it 0600 (SQLite gives its -wal
+        and -shm files the same mode), and tighten files an older version left readable."""
+        try:
+            private_file(self.path)
+            for suffix in ("-wal", "-shm"):
+                tighten(self.path.with_name(self.path.name + suffix))
+        except OSError as exc:
+            raise StoreError(f"cannot make {self.path} private: {exc.strerror or exc}") from None
+
     def _hold_file_lock(self) -> None:
         lock_path = self.path.with_name(self.path.name + ".lock")
         try:
-            handle = open(lock_path, "a+")  # noqa: SIM115 - held open for the store's lifetime
+            private_file(lock_path)
+            handle = open(lock_path, "r+")  # noqa: SIM115 - held open for the store's lifetime
         except OSError as exc:
             raise StoreError(f"cannot create lock file {lock_path}: {exc}") from None
         try:
