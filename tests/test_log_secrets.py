@@ -130,7 +130,9 @@ async def test_a_debug_log_holds_no_secret_no_key_and_no_message_text(synapse, t
     pickles = [p.decode() if isinstance(p, bytes) else p for p in pickles]
     assert pickles, "the bot's keys should be in its crypto store"
 
-    for secret in [token, PASSWORD, API_TOKEN, *pickles]:
+    pickle_key = (tmp_path / "state" / "jobs.pickle-key").read_text().strip()
+    assert len(pickle_key) >= 16
+    for secret in [token, PASSWORD, API_TOKEN, pickle_key, *pickles]:
         assert secret not in log
     for text in texts:
         assert text not in log, f"message text in the log: {text!r}"
