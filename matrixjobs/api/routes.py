@@ -1,4 +1,4 @@
-"""The endpoints of /v1 and /healthz; each calls the core's public API on `App`."""
+"""The endpoints of /v1, /healthz and /metrics; each calls the core's public API on `App`."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import json
 import time
 from typing import TypeVar
 
+from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
 from starlette.requests import Request
 from starlette.responses import Response
@@ -51,6 +52,7 @@ class Endpoints:
     def routes(self) -> list[Route]:
         return [
             Route("/healthz", self.healthz, methods=["GET"]),
+            Route("/metrics", self.metrics, methods=["GET"]),
             Route("/v1/jobs", self.list_jobs, methods=["GET"]),
             Route("/v1/jobs", self.submit_job, methods=["POST"]),
             Route("/v1/jobs/{id}", self.get_job, methods=["GET"]),
@@ -70,6 +72,12 @@ class Endpoints:
         if self.app.accepting:
             return json_response(json.dumps({"status": "ok", "version": __version__}))
         return json_response(json.dumps({"status": "stopping", "version": __version__}), 503)
+
+    async def metrics(self, request: Request) -> Response:
+        """Prometheus text format 0.0.4, whatever the scraper asks for: in OpenMetrics the
+        `matrixjobs_jobs` gauge and the `matrixjobs_jobs_total` counter would clash."""
+        registry = await self.app.scrape_metrics()
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_PLAIN_0_0_4)
 
     # -- jobs ------------------------------------------------------------------------------------
 
