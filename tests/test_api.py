@@ -356,6 +356,8 @@ BAD_REQUESTS = [
     ("GET", "/v1/jobs?status=running", None, 400, "bad_query"),
     ("GET", "/v1/jobs?limit=0", None, 400, "bad_query"),
     ("GET", "/v1/batches?limit=ten", None, 400, "bad_query"),
+    ("GET", "/v1/jobs?limt=5", None, 400, "bad_query"),
+    ("GET", "/v1/status/j1?stram=true", None, 400, "bad_query"),
     ("GET", "/v1/nothing", None, 404, "not_found"),
     ("DELETE", "/v1/jobs", None, 405, "method_not_allowed"),
 ]
@@ -372,6 +374,14 @@ async def test_bad_request_answers_json_error(svc, method, path, body, status, c
     async with svc.client() as client:
         assert_error(await client.request(method, path, **kwargs), status, code)
         assert svc.app.monitor.subscriber_count == 0
+
+
+async def test_wrong_method_names_every_method_the_path_takes(svc):
+    async with svc.client() as client:
+        for path in ("/v1/jobs", "/v1/batches"):
+            response = await client.delete(path)
+            assert_error(response, 405, "method_not_allowed")
+            assert set(response.headers["allow"].split(", ")) == {"GET", "HEAD", "POST"}
 
 
 # -- auth ---------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
@@ -40,7 +41,8 @@ class SubmitJob(Body):
 
 
 class SubmitBatch(Body):
-    targets: list[StrictStr]
+    # Checked by the queue (422 bad_batch, as for a batch too large), said in the schema.
+    targets: list[StrictStr] = Field(json_schema_extra={"minItems": 1})
     name: StrictStr | None = Field(default=None, min_length=1, max_length=200)
 
 
@@ -53,12 +55,10 @@ class Endpoints:
         return [
             Route("/healthz", self.healthz, methods=["GET"]),
             Route("/metrics", self.metrics, methods=["GET"]),
-            Route("/v1/jobs", self.list_jobs, methods=["GET"]),
-            Route("/v1/jobs", self.submit_job, methods=["POST"]),
+            by_method("/v1/jobs", GET=self.list_jobs, POST=self.submit_job),
             Route("/v1/jobs/{id}", self.get_job, methods=["GET"]),
             Route("/v1/jobs/{id}/cancel", self.cancel_job, methods=["POST"]),
-            Route("/v1/batches", self.list_batches, methods=["GET"]),
-            Route("/v1/batches", self.submit_batch, methods=["POST"]),
+            by_method("/v1/batches", GET=self.list_batches, POST=self.submit_batch),
             Route("/v1/batches/{id}", self.get_batch, methods=["GET"]),
             Route("/v1/batches/{id}/cancel", self.cancel_batch, methods=["POST"]),
             Route("/v1/status", self.active, methods=["GET"]),
@@ -126,6 +126,7 @@ class Endpoints:
 
     async def status(self, request: Request) -> Response | EventStream:
         subject = request.path_params["id"]
+        known_query(request, "stream")
         if not flag(request, "stream"):
             return event_response(await self.app.status(subject))
         updates = self.app.watch(subject)
@@ -136,6 +137,17 @@ class Endpoints:
             raise
         return EventStream(first, updates, self.streams)
 
+
+
+def by_method(path: str, **handlers: Callable[[Request], Awaitable[Response]]) -> Route:
+    """One route for all methods of a path: with a route per method, a 405's `Allow`
+    header would name only the first route's methods."""
+
+    async def dispatch(request: Request) -> Response:
+        method = "GET" if request.method == "HEAD" else request.method
+        return await handlers[method](request)
+
+    return Route(path, dispatch, methods=list(handlers))
 
 
 # -- reading requests -----------------------------------------------------------------------------
@@ -180,7 +192,17 @@ def subject_of(request: Request, prefix: str) -> str:
     return f"{parsed[0]}{parsed[1]}"
 
 
+def known_query(request: Request, *names: str) -> None:
+    """Refuse parameters we do not take: a typo (`?limt=5`) would silently change the
+    answer, as unknown fields of a body would (those are refused too)."""
+    unknown = sorted(set(request.query_params) - set(names))
+    if unknown:
+        raise ApiError(400, "bad_query", f"unknown query parameter '{unknown[0]}'; "
+                                         f"this endpoint takes: {', '.join(names)}")
+
+
 def list_filters(request: Request) -> tuple[list[Status] | None, int]:
+    known_query(request, "status", "limit")
     words = [word.strip() for value in request.query_params.getlist("status")
              for word in value.split(",") if word.strip()]
     statuses = None
