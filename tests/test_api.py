@@ -23,6 +23,7 @@ from matrixjobs import __version__
 from matrixjobs.api import ApiServer
 from matrixjobs.app import App
 from matrixjobs.errors import ConfigError, MatrixJobsError
+from matrixjobs.models import parse_id
 from matrixjobs.service import build_service
 from matrixjobs.store.sqlite import SqliteStore
 
@@ -348,6 +349,9 @@ BAD_REQUESTS = [
     ("GET", "/v1/batches/b999", None, 404, "not_found"),
     ("GET", "/v1/status/j999", None, 404, "not_found"),
     ("GET", "/v1/status/nonsense", None, 404, "not_found"),
+    ("GET", "/v1/jobs/j99999999999999999999", None, 404, "not_found"),
+    ("GET", "/v1/status/b99999999999999999999?stream=true", None, 404, "not_found"),
+    ("POST", "/v1/batches/b99999999999999999999/cancel", None, 404, "not_found"),
     ("GET", "/v1/status/j999?stream=true", None, 404, "not_found"),
     ("GET", "/v1/status/j1?stream=maybe", None, 400, "bad_query"),
     ("POST", "/v1/jobs/j999/cancel", None, 404, "not_found"),
@@ -374,6 +378,13 @@ async def test_bad_request_answers_json_error(svc, method, path, body, status, c
     async with svc.client() as client:
         assert_error(await client.request(method, path, **kwargs), status, code)
         assert svc.app.monitor.subscriber_count == 0
+
+
+def test_only_ascii_digits_within_sqlite_integers_make_an_id():
+    assert parse_id(" J12 ") == ("j", 12)
+    assert parse_id(f"b{2**63 - 1}") == ("b", 2**63 - 1)
+    assert parse_id(f"b{2**63}") is None
+    assert parse_id("j\u0661\u0662") is None  # Arabic-Indic "12"
 
 
 async def test_wrong_method_names_every_method_the_path_takes(svc):

@@ -31,7 +31,7 @@ from matrixjobs.api.routes import (
     json_response,
 )
 from matrixjobs.api.stream import NDJSON
-from matrixjobs.models import Status
+from matrixjobs.models import BATCH_PREFIX, JOB_PREFIX, Status
 from matrixjobs.progress.events import JobProgressEvent
 
 PATH = "/v1/openapi.json"
@@ -81,8 +81,9 @@ def error(description: str, status: int) -> dict[str, Any]:
         "properties": {"error": {"properties": {"code": {"enum": codes}}}}}]})
 
 
-def path_id(kind: str, example: str) -> dict[str, Any]:
-    return {"name": "id", "in": "path", "required": True, "schema": {"type": "string"},
+def path_id(kind: str, prefixes: str, example: str) -> dict[str, Any]:
+    return {"name": "id", "in": "path", "required": True,
+            "schema": {"type": "string", "pattern": f"^[{prefixes}][0-9]+$"},
             "description": f"a {kind} id", "example": example}
 
 
@@ -129,10 +130,10 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         "Run a target", body=SubmitJob,
         responses={201: event("the new job, pending", headers=CREATED), **SUBMIT_ERRORS}),
     ("GET", "/v1/jobs/{id}"): Operation(
-        "One job", parameters=(path_id("job", "j12"),),
+        "One job", parameters=(path_id("job", JOB_PREFIX, "j12"),),
         responses={200: event("its current state"), 404: NOT_FOUND}),
     ("POST", "/v1/jobs/{id}/cancel"): Operation(
-        "Cancel a job", parameters=(path_id("job", "j12"),),
+        "Cancel a job", parameters=(path_id("job", JOB_PREFIX, "j12"),),
         description="Answers once it has stopped (its command gets SIGTERM, then SIGKILL).",
         responses={200: event("its final state"), **CANCEL_ERRORS}),
     ("GET", "/v1/batches"): Operation(
@@ -142,10 +143,10 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         "Run several targets as one batch", body=SubmitBatch,
         responses={201: event("the new batch, pending", headers=CREATED), **SUBMIT_ERRORS}),
     ("GET", "/v1/batches/{id}"): Operation(
-        "One batch", parameters=(path_id("batch", "b3"),),
+        "One batch", parameters=(path_id("batch", BATCH_PREFIX, "b3"),),
         responses={200: event("its current state"), 404: NOT_FOUND}),
     ("POST", "/v1/batches/{id}/cancel"): Operation(
-        "Cancel a batch and its operations", parameters=(path_id("batch", "b3"),),
+        "Cancel a batch and its operations", parameters=(path_id("batch", BATCH_PREFIX, "b3"),),
         responses={200: event("its final state"), **CANCEL_ERRORS}),
     ("GET", "/v1/status"): Operation(
         "What is queued or running",
@@ -153,7 +154,7 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         responses={200: events("active", "queued and running batches and jobs")}),
     ("GET", "/v1/status/{id}"): Operation(
         "A job or batch, or its progress live",
-        parameters=(path_id("job or batch", "j12"), STREAM),
+        parameters=(path_id("job or batch", JOB_PREFIX + BATCH_PREFIX, "j12"), STREAM),
         description=("With `stream=true`: first the current state, then each (throttled) "
                      "update, last the final state; then the stream closes."),
         responses={
