@@ -11,19 +11,25 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from matrixjobs.models import TERMINAL, Job, Status
+from matrixjobs.models import Job, Status
 
-OUTCOMES = tuple(status.value for status in Status if status in TERMINAL)
 MATRIX_KINDS = ("sent", "edited")
 # Jobs are builds and deploys: seconds to hours.
 DURATION_BUCKETS = (0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200)
 # A free worker starts a due job within milliseconds; a busy queue makes it wait minutes.
 WAIT_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
+
+
+@dataclass(frozen=True, slots=True)
+class TargetSeries:
+    finished: dict[Status, Counter]  # by outcome
+    duration: Histogram
 
 
 class Metrics:
@@ -53,12 +59,11 @@ class Metrics:
             "Sends the homeserver refused with a rate limit (429).", registry=registry)
         self._gauges = ScrapedGauges()
         registry.register(self._gauges)
+        # Each target's children, looked up once: `labels()` costs more than the update.
+        self._series: dict[str, TargetSeries] = {}
         for target in targets:
-            for outcome in OUTCOMES:
-                self._jobs_total.labels(target, outcome)
-            self._duration.labels(target)
-        for kind in MATRIX_KINDS:
-            self._matrix_events.labels(kind)
+            self._series_of(target)
+        self._sent, self._edited = (self._matrix_events.labels(kind) for kind in MATRIX_KINDS)
 
     # -- fed by the progress monitor -----------------------------------------------------------
 
@@ -73,22 +78,31 @@ class Metrics:
         run = self._running.pop(job.id, None)
         if not job.status.terminal:
             return  # waiting for a retry: it is counted once it ends
-        target = self._target(job) if run is None else run[0]
-        self._jobs_total.labels(target, job.status.value).inc()
+        series = self._series_of(self._target(job) if run is None else run[0])
+        series.finished[job.status].inc()
         if run is not None and job.finished_at is not None:
-            self._duration.labels(target).observe(max(job.finished_at - run[1], 0.0))
+            series.duration.observe(max(job.finished_at - run[1], 0.0))
 
     def _target(self, job: Job) -> str:
         target = job.data.get("target")
         return target if isinstance(target, str) and target in self._targets else job.type
 
+    def _series_of(self, target: str) -> TargetSeries:
+        series = self._series.get(target)
+        if series is None:
+            series = self._series[target] = TargetSeries(
+                finished={status: self._jobs_total.labels(target, status.value)
+                          for status in Status if status.terminal},
+                duration=self._duration.labels(target))
+        return series
+
     # -- fed by the Matrix bot -----------------------------------------------------------------
 
     def matrix_sent(self) -> None:
-        self._matrix_events.labels("sent").inc()
+        self._sent.inc()
 
     def matrix_edited(self) -> None:
-        self._matrix_events.labels("edited").inc()
+        self._edited.inc()
 
     def matrix_rate_limited(self) -> None:
         self._rate_limited.inc()

@@ -399,7 +399,8 @@ async def test_wrong_method_names_every_method_the_path_takes(svc):
 
 
 @pytest.mark.parametrize("path", ["/v1/jobs", "/v1/status/j1?stream=true", "/healthz/",
-                                  "/v1/healthz", "/mcp", "/nowhere"])
+                                  "/v1/healthz", "/mcp", "/nowhere", "/metrics",
+                                  "/v1/openapi.json"])
 async def test_token_is_required_on_every_endpoint_but_healthz(service, path):
     svc = await service(api={"token": TOKEN})
     async with svc.client() as client:
