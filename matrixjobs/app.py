@@ -1,8 +1,9 @@
 """The service: wires config → store → queue and workers → monitor, then the interfaces.
 
 `App` is also the core's public face. Interfaces (Matrix, HTTP API, MCP) get
-the App and call `submit`, `submit_batch`, `cancel`, `status`, `watch`, `jobs`
-and `batches`; they never reach into the store or queue themselves.
+the App and call `submit`, `submit_batch`, `cancel`, `status`, `watch`, `jobs`,
+`batches` and `scrape_metrics`, and count what they do on `metrics`; they never
+reach into the store or queue themselves.
 """
 
 from __future__ import annotations
@@ -14,8 +15,11 @@ from collections.abc import AsyncIterator, Sequence
 from types import TracebackType
 from typing import Protocol
 
+from prometheus_client import CollectorRegistry
+
 from matrixjobs.config import Config
 from matrixjobs.errors import NotFoundError
+from matrixjobs.metrics import Metrics
 from matrixjobs.models import BATCH_PREFIX, Batch, Job, ProgressMessage, Status, parse_id
 from matrixjobs.progress.events import JobProgressEvent, event_of
 from matrixjobs.progress.monitor import ProgressMonitor
@@ -58,7 +62,8 @@ class App:
         self.handlers.register(COMMAND_TYPE, self._commands)
         load_user_handlers(config, self.handlers)
         self.store = store or create_store(config.store)
-        self.monitor = ProgressMonitor(config.progress.interval_ms)
+        self.metrics = Metrics(self.targets.names())
+        self.monitor = ProgressMonitor(config.progress.interval_ms, observers=[self.metrics])
         self.queue = JobQueue(self.store, self.monitor, self.handlers, config.queue)
         self.components: list[Component] = []
         self._supervisor = Supervisor()
@@ -213,6 +218,16 @@ class App:
         self, statuses: Sequence[Status] | None = None, limit: int = 50
     ) -> list[Batch]:
         return await self.store.list_batches(statuses, limit=limit)
+
+    async def scrape_metrics(self) -> CollectorRegistry:
+        """The metrics, with the gauges read now."""
+        self.metrics.set_gauges(
+            jobs=await self.store.count_jobs(),
+            # This process's worker slots; a shared store would count every host's.
+            workers=self.config.queue.workers,
+            subscribers=self.monitor.subscriber_count,
+        )
+        return self.metrics.registry
 
 
 def _canonical(subject: str) -> str:

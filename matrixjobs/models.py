@@ -26,6 +26,7 @@ INTERRUPTED_BY_STOP = "the service stopped mid-run; it runs again when the servi
 
 JOB_PREFIX = "j"
 BATCH_PREFIX = "b"
+MAX_ID = 2**63 - 1  # SQLite's largest integer: a larger number is no id we issued
 
 
 def job_id(number: int) -> str:
@@ -39,9 +40,12 @@ def batch_id(number: int) -> str:
 def parse_id(text: str) -> tuple[str, int] | None:
     """Split 'j42' / 'b7' into ('j', 42); None when it is not an id we issue."""
     text = text.strip().lower()
-    if len(text) < 2 or text[0] not in (JOB_PREFIX, BATCH_PREFIX) or not text[1:].isdigit():
+    digits = text[1:]
+    # ASCII only: isdigit() alone takes '١٢' (Arabic-Indic) for 12.
+    if text[:1] not in (JOB_PREFIX, BATCH_PREFIX) or not (digits.isascii() and digits.isdigit()):
         return None
-    return text[0], int(text[1:])
+    number = int(digits)
+    return (text[0], number) if number <= MAX_ID else None
 
 
 @dataclass(slots=True)

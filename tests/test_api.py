@@ -24,6 +24,7 @@ from matrixjobs.api import ApiServer
 from matrixjobs.api.client import ApiClient, user_agent
 from matrixjobs.app import App
 from matrixjobs.errors import ConfigError, MatrixJobsError
+from matrixjobs.models import parse_id
 from matrixjobs.service import build_service
 from matrixjobs.store.sqlite import SqliteStore
 
@@ -349,6 +350,9 @@ BAD_REQUESTS = [
     ("GET", "/v1/batches/b999", None, 404, "not_found"),
     ("GET", "/v1/status/j999", None, 404, "not_found"),
     ("GET", "/v1/status/nonsense", None, 404, "not_found"),
+    ("GET", "/v1/jobs/j99999999999999999999", None, 404, "not_found"),
+    ("GET", "/v1/status/b99999999999999999999?stream=true", None, 404, "not_found"),
+    ("POST", "/v1/batches/b99999999999999999999/cancel", None, 404, "not_found"),
     ("GET", "/v1/status/j999?stream=true", None, 404, "not_found"),
     ("GET", "/v1/status/j1?stream=maybe", None, 400, "bad_query"),
     ("POST", "/v1/jobs/j999/cancel", None, 404, "not_found"),
@@ -357,6 +361,8 @@ BAD_REQUESTS = [
     ("GET", "/v1/jobs?status=running", None, 400, "bad_query"),
     ("GET", "/v1/jobs?limit=0", None, 400, "bad_query"),
     ("GET", "/v1/batches?limit=ten", None, 400, "bad_query"),
+    ("GET", "/v1/jobs?limt=5", None, 400, "bad_query"),
+    ("GET", "/v1/status/j1?stram=true", None, 400, "bad_query"),
     ("GET", "/v1/nothing", None, 404, "not_found"),
     ("DELETE", "/v1/jobs", None, 405, "method_not_allowed"),
 ]
@@ -375,11 +381,27 @@ async def test_bad_request_answers_json_error(svc, method, path, body, status, c
         assert svc.app.monitor.subscriber_count == 0
 
 
+def test_only_ascii_digits_within_sqlite_integers_make_an_id():
+    assert parse_id(" J12 ") == ("j", 12)
+    assert parse_id(f"b{2**63 - 1}") == ("b", 2**63 - 1)
+    assert parse_id(f"b{2**63}") is None
+    assert parse_id("j\u0661\u0662") is None  # Arabic-Indic "12"
+
+
+async def test_wrong_method_names_every_method_the_path_takes(svc):
+    async with svc.client() as client:
+        for path in ("/v1/jobs", "/v1/batches"):
+            response = await client.delete(path)
+            assert_error(response, 405, "method_not_allowed")
+            assert set(response.headers["allow"].split(", ")) == {"GET", "HEAD", "POST"}
+
+
 # -- auth ---------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("path", ["/v1/jobs", "/v1/status/j1?stream=true", "/healthz/",
-                                  "/v1/healthz", "/mcp", "/nowhere"])
+                                  "/v1/healthz", "/mcp", "/nowhere", "/metrics",
+                                  "/v1/openapi.json"])
 async def test_token_is_required_on_every_endpoint_but_healthz(service, path):
     svc = await service(api={"token": TOKEN})
     async with svc.client() as client:

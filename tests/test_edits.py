@@ -8,6 +8,7 @@ import time
 from matrixjobs.matrix.edits import EditScheduler, RateLimitedError, SendFailedError
 from matrixjobs.matrix.ratelimit import TokenBucket
 from matrixjobs.matrix.render import render_error
+from matrixjobs.metrics import Metrics
 from matrixjobs.models import Job, ProgressMessage, Status
 from matrixjobs.progress.events import ProgressInfo, job_event
 
@@ -157,6 +158,27 @@ async def test_rate_limit_response_backs_off_and_retries(store, caplog):
     assert not await sched.send_next()
     clock.now += 3.01
     assert await sched.send_next() and len(sender.sent) == 1
+
+
+async def test_sends_edits_and_429s_are_counted_once_each(store):
+    metrics = Metrics([])
+    sched, sender, clock = scheduler(store, rate=0, counter=metrics)
+    sender.fail_with = [RateLimitedError(3.0)]
+    sched.track("!room", "@a:x", "$cmd", state(clock))
+    clock.now += 0.5
+    await sched.send_next()  # refused with a 429: nothing went out
+    clock.now += 3.01
+    await sched.send_next()
+    sched.update(state(clock, current=5))
+    sched.update(state(clock, Status.COMPLETED, current=10))
+    sched.reply("!room", "$other", sched._render(state(clock), clock.now))
+    await drain(sched, clock, clock.now + 2)
+    assert len(sender.sent) == 3  # the first message, its final edit, the reply
+    counted = {(s.name, s.labels.get("kind")): s.value for family in metrics.registry.collect()
+               for s in family.samples if s.name.endswith("_total")}
+    assert counted[("matrixjobs_matrix_events_total", "sent")] == 2
+    assert counted[("matrixjobs_matrix_events_total", "edited")] == 1
+    assert counted[("matrixjobs_matrix_rate_limited_total", None)] == 1
 
 
 async def test_transient_failures_back_off_and_permanent_ones_give_up(store):

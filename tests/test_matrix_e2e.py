@@ -7,10 +7,13 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import httpx2
 import pytest
 from helpers import MATRIX_TARGETS, make_config
 from matrix_people import BotMessage, Person, bot_messages
+from prometheus_client.parser import text_string_to_metric_families
 
+from matrixjobs.api import ApiServer
 from matrixjobs.app import App
 from matrixjobs.service import build_service
 
@@ -127,6 +130,23 @@ async def test_build_keeps_one_message_current_until_it_completes(scene):
         assert content["m.new_content"]["formatted_body"]
     jobs = [m for m in await scene.messages() if m.reply_to == command]
     assert len(jobs) == 1
+    expected = {"sent": 1, "edited": len(message.edits)}
+    for _ in range(50):  # the bot counts a send once its answer is back: a moment after
+        if (counted := await matrix_events(scene.app)) == expected:
+            break
+        await asyncio.sleep(0.1)
+    assert counted == expected
+
+
+async def matrix_events(app: App) -> dict[str, float]:
+    """The bot's sends as GET /metrics counts them."""
+    [api] = [c for c in app.components if isinstance(c, ApiServer)]
+    async with httpx2.AsyncClient(base_url=api.url) as client:
+        text = (await client.get("/metrics")).text
+    [family] = [f for f in text_string_to_metric_families(text)
+                if f.name == "matrixjobs_matrix_events"]
+    return {sample.labels["kind"]: sample.value for sample in family.samples
+            if sample.name.endswith("_total")}
 
 
 async def test_failed_build_shows_the_output_tail(scene):

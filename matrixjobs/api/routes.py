@@ -1,11 +1,13 @@
-"""The endpoints of /v1 and /healthz; each calls the core's public API on `App`."""
+"""The endpoints of /v1, /healthz and /metrics; each calls the core's public API on `App`."""
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
+from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
 from starlette.requests import Request
 from starlette.responses import Response
@@ -41,7 +43,8 @@ class SubmitJob(Body):
 
 
 class SubmitBatch(Body):
-    targets: list[StrictStr]
+    # Checked by the queue (422 bad_batch, as for a batch too large), said in the schema.
+    targets: list[StrictStr] = Field(json_schema_extra={"minItems": 1})
     name: StrictStr | None = Field(default=None, min_length=1, max_length=200)
 
 
@@ -53,12 +56,11 @@ class Endpoints:
     def routes(self) -> list[Route]:
         return [
             Route("/healthz", self.healthz, methods=["GET"]),
-            Route("/v1/jobs", self.list_jobs, methods=["GET"]),
-            Route("/v1/jobs", self.submit_job, methods=["POST"]),
+            Route("/metrics", self.metrics, methods=["GET"]),
+            by_method("/v1/jobs", GET=self.list_jobs, POST=self.submit_job),
             Route("/v1/jobs/{id}", self.get_job, methods=["GET"]),
             Route("/v1/jobs/{id}/cancel", self.cancel_job, methods=["POST"]),
-            Route("/v1/batches", self.list_batches, methods=["GET"]),
-            Route("/v1/batches", self.submit_batch, methods=["POST"]),
+            by_method("/v1/batches", GET=self.list_batches, POST=self.submit_batch),
             Route("/v1/batches/{id}", self.get_batch, methods=["GET"]),
             Route("/v1/batches/{id}/cancel", self.cancel_batch, methods=["POST"]),
             Route("/v1/status", self.active, methods=["GET"]),
@@ -72,6 +74,12 @@ class Endpoints:
         if self.app.accepting:
             return json_response(json.dumps({"status": "ok", "version": __version__}))
         return json_response(json.dumps({"status": "stopping", "version": __version__}), 503)
+
+    async def metrics(self, request: Request) -> Response:
+        """Prometheus text format 0.0.4, whatever the scraper asks for: in OpenMetrics the
+        `matrixjobs_jobs` gauge and the `matrixjobs_jobs_total` counter would clash."""
+        registry = await self.app.scrape_metrics()
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_PLAIN_0_0_4)
 
     # -- jobs ------------------------------------------------------------------------------------
 
@@ -121,6 +129,7 @@ class Endpoints:
 
     async def status(self, request: Request) -> Response | EventStream:
         subject = request.path_params["id"]
+        known_query(request, "stream")
         if not flag(request, "stream"):
             return event_response(await self.app.status(subject))
         updates = self.app.watch(subject)
@@ -131,6 +140,17 @@ class Endpoints:
             raise
         return EventStream(first, updates, self.streams)
 
+
+
+def by_method(path: str, **handlers: Callable[[Request], Awaitable[Response]]) -> Route:
+    """One route for all methods of a path: with a route per method, a 405's `Allow`
+    header would name only the first route's methods."""
+
+    async def dispatch(request: Request) -> Response:
+        method = "GET" if request.method == "HEAD" else request.method
+        return await handlers[method](request)
+
+    return Route(path, dispatch, methods=list(handlers))
 
 
 # -- reading requests -----------------------------------------------------------------------------
@@ -175,7 +195,17 @@ def subject_of(request: Request, prefix: str) -> str:
     return f"{parsed[0]}{parsed[1]}"
 
 
+def known_query(request: Request, *names: str) -> None:
+    """Refuse parameters we do not take: a typo (`?limt=5`) would silently change the
+    answer, as unknown fields of a body would (those are refused too)."""
+    unknown = sorted(set(request.query_params) - set(names))
+    if unknown:
+        raise ApiError(400, "bad_query", f"unknown query parameter '{unknown[0]}'; "
+                                         f"this endpoint takes: {', '.join(names)}")
+
+
 def list_filters(request: Request) -> tuple[list[Status] | None, int]:
+    known_query(request, "status", "limit")
     words = [word.strip() for value in request.query_params.getlist("status")
              for word in value.split(",") if word.strip()]
     statuses = None

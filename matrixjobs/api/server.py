@@ -34,6 +34,7 @@ from matrixjobs.api.errors import (
     on_http_error,
     on_unexpected_error,
 )
+from matrixjobs.api.openapi import openapi_route
 from matrixjobs.api.routes import Endpoints
 from matrixjobs.api.stream import OpenStreams
 from matrixjobs.app import App
@@ -81,8 +82,9 @@ def build_asgi_app(
                 await stack.enter_async_context(enter())
             yield
 
+    routes = Endpoints(app, OpenStreams() if streams is None else streams).routes()
     return Starlette(
-        routes=[*Endpoints(app, OpenStreams() if streams is None else streams).routes(), *mounts],
+        routes=[*routes, openapi_route(routes), *mounts],
         middleware=middleware,
         exception_handlers={
             ApiError: on_api_error,

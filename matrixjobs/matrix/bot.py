@@ -164,6 +164,7 @@ class MatrixBot:
         self.scheduler = EditScheduler(
             sender, app.store, TokenBucket(config.rate_per_s, config.rate_burst),
             interval_ms / 1000, config.max_edits_per_message, config.notify_after_s,
+            counter=app.metrics,
         )
         self.synced = asyncio.Event()
         # The homeserver's clock when we started: older messages are never acted on.

@@ -61,6 +61,16 @@ class Sender(Protocol):
         """
 
 
+class SendCounter(Protocol):
+    """Told of each message that went out, each edit and each 429 (the service's metrics)."""
+
+    def matrix_sent(self) -> None: ...
+
+    def matrix_edited(self) -> None: ...
+
+    def matrix_rate_limited(self) -> None: ...
+
+
 @dataclass(slots=True)
 class Slot:
     """One progress message: the state last shown and the newest state known."""
@@ -143,8 +153,10 @@ class EditScheduler:
         render: Callable[[JobProgressEvent, float], Rendered] = render_progress,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
+        counter: SendCounter | None = None,
     ) -> None:
         self.sender = sender
+        self._counter = counter
         self.store = store
         self.bucket = bucket
         self.interval_s = interval_s
@@ -314,10 +326,13 @@ class EditScheduler:
                 await self.sender.send(choice.room_id, message_content(
                     choice.rendered, choice.reply_to, choice.mentions), choice.txn_id)
                 self._replies.popleft()
+                self._count_sent(edit=False)
             else:
                 await self._send_state(choice)
         except RateLimitedError as exc:
             self.bucket.limited(exc.retry_after_s)
+            if self._counter is not None:
+                self._counter.matrix_rate_limited()
             now = self._monotonic()
             if now - self._warned_at >= RATE_WARNING_EVERY_S:
                 self._warned_at = now
@@ -337,6 +352,14 @@ class EditScheduler:
         self.sent += 1
         self._backoff = 1.0
 
+    def _count_sent(self, edit: bool) -> None:
+        if self._counter is None:
+            return
+        if edit:
+            self._counter.matrix_edited()
+        else:
+            self._counter.matrix_sent()
+
     async def _send_state(self, slot: Slot) -> None:
         if slot.event_id is None:
             if slot.first is None:
@@ -345,6 +368,7 @@ class EditScheduler:
             slot.event_id = await self.sender.send(
                 slot.room_id, message_content(rendered, slot.reply_to),
                 f"mj-{slot.subject_id}-first")
+            self._count_sent(edit=False)
             final = event.terminal and not slot.unsure
             await self.store.save_message(ProgressMessage(
                 slot.subject_id, slot.room_id, slot.event_id, slot.requester, slot.reply_to,
@@ -358,6 +382,7 @@ class EditScheduler:
             digest = hashlib.sha1(json.dumps(content, sort_keys=True).encode()).hexdigest()
             await self.sender.send(slot.room_id, content,
                                    f"mj-{slot.subject_id}-{slot.edits + 1}-{digest[:12]}")
+            self._count_sent(edit=True)
             slot.edits += 1
             await self.store.update_message(slot.subject_id, slot.edits, event.terminal)
         slot.shown = event

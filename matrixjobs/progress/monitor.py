@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from matrixjobs.models import Batch, Job
 from matrixjobs.progress.events import (
@@ -69,6 +70,15 @@ class BatchTracker:
         return next(reversed(self.running.values()), None)
 
 
+class LifecycleObserver(Protocol):
+    """Told of every run's start and every settled run, each once, in commit order, with
+    the job as the store has it (e.g. the metrics); never dropped, unlike events."""
+
+    def job_started(self, job: Job) -> None: ...
+
+    def job_settled(self, job: Job) -> None: ...
+
+
 class ProgressMonitor:
     def __init__(
         self,
@@ -76,8 +86,10 @@ class ProgressMonitor:
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
         max_pending: int = 1000,
+        observers: Sequence[LifecycleObserver] = (),
     ) -> None:
         self.interval = interval_ms / 1000
+        self._observers = tuple(observers)
         self._clock = clock
         self._monotonic = monotonic
         self._max_pending = max_pending
@@ -93,6 +105,8 @@ class ProgressMonitor:
         self._publish(job.id, lambda: job_event(job, self._clock()))
 
     def job_started(self, job: Job, reporter: ProgressReporter) -> None:
+        for observer in self._observers:
+            observer.job_started(job)
         tracker = JobTracker(job=job, reporter=reporter, last_emit=self._monotonic())
         self._jobs[job.id] = tracker
         batch = self._batches.get(job.batch_id) if job.batch_id else None
@@ -103,6 +117,8 @@ class ProgressMonitor:
 
     def job_settled(self, job: Job) -> None:
         """A run ended: the job is terminal, or pending again for a retry."""
+        for observer in self._observers:
+            observer.job_settled(job)
         tracker = self._jobs.pop(job.id, None)
         if tracker is not None:
             self._sample(tracker)

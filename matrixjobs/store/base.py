@@ -121,6 +121,10 @@ class Store(abc.ABC):
         """Newest first."""
 
     @abc.abstractmethod
+    async def count_jobs(self) -> dict[Status, int]:
+        """How many jobs are in each state (states with none may be missing)."""
+
+    @abc.abstractmethod
     async def list_batches(
         self, statuses: Sequence[Status] | None = None, limit: int = 50
     ) -> list[Batch]:

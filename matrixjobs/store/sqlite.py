@@ -652,6 +652,12 @@ class SqliteStore(Store):
         ) as cursor:
             return [_job(row) for row in await cursor.fetchall()]
 
+    async def count_jobs(self) -> dict[Status, int]:
+        async with self._lock, self.db.execute(
+            "SELECT status, count(*) FROM jobs GROUP BY status"
+        ) as cursor:
+            return {Status(status): count for status, count in await cursor.fetchall()}
+
     async def list_batches(
         self, statuses: Sequence[Status] | None = None, limit: int = 50
     ) -> list[Batch]:

@@ -1,0 +1,243 @@
+"""The API's OpenAPI 3.1 document, served at /v1/openapi.json.
+
+It is built from the route table: every route must have an entry in OPERATIONS
+(and every entry a route), or the server refuses to start. Request bodies and
+the job-progress event come from their pydantic models; error codes from
+`api/errors.py`. /mcp is left out: it speaks MCP's streamable HTTP (JSON-RPC),
+which the MCP specification describes.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+
+from matrixjobs import __version__
+from matrixjobs.api.errors import CORE_ERRORS, HTTP_CODES, OTHER_CORE_ERROR
+from matrixjobs.api.routes import (
+    DEFAULT_LIMIT,
+    MAX_BODY_BYTES,
+    MAX_LIMIT,
+    SubmitBatch,
+    SubmitJob,
+    json_response,
+)
+from matrixjobs.api.stream import NDJSON
+from matrixjobs.models import BATCH_PREFIX, JOB_PREFIX, Status
+from matrixjobs.progress.events import JobProgressEvent
+
+PATH = "/v1/openapi.json"
+JSON = "application/json"
+SCHEMAS = "#/components/schemas/"
+# Errors the API layer itself answers (routes.py), beside the core's and Starlette's.
+API_ERRORS = frozenset({(400, "bad_json"), (400, "bad_body"), (400, "bad_query"),
+                        (413, "body_too_large")})
+ERRORS = (API_ERRORS | {(status, code) for _, status, code in CORE_ERRORS}
+          | {OTHER_CORE_ERROR} | set(HTTP_CODES.items()))
+
+
+@dataclass(frozen=True)
+class Operation:
+    summary: str
+    responses: dict[int, dict[str, Any]]
+    body: type[BaseModel] | None = None
+    parameters: Sequence[dict[str, Any]] = ()
+    public: bool = False  # answered without the token
+    description: str | None = None
+
+
+def ref(name: str) -> dict[str, str]:
+    return {"$ref": SCHEMAS + name}
+
+
+def answer(description: str, schema: dict[str, Any], media: str = JSON,
+           **extra: Any) -> dict[str, Any]:
+    return {"description": description, "content": {media: {"schema": schema}}, **extra}
+
+
+def event(description: str, **extra: Any) -> dict[str, Any]:
+    return answer(description, ref("JobProgressEvent"), **extra)
+
+
+def events(key: str, description: str) -> dict[str, Any]:
+    return answer(description, {
+        "type": "object", "required": [key],
+        "properties": {key: {"type": "array", "items": ref("JobProgressEvent")}},
+    })
+
+
+def error(description: str, status: int) -> dict[str, Any]:
+    """The error shape, with the codes the API answers with this status."""
+    codes = sorted(code for answered, code in ERRORS if answered == status)
+    return answer(description, {"allOf": [ref("Error"), {
+        "properties": {"error": {"properties": {"code": {"enum": codes}}}}}]})
+
+
+def path_id(kind: str, prefixes: str, example: str) -> dict[str, Any]:
+    return {"name": "id", "in": "path", "required": True,
+            "schema": {"type": "string", "pattern": f"^[{prefixes}][0-9]+$"},
+            "description": f"a {kind} id", "example": example}
+
+
+CREATED = {"Location": {"description": "the new job's or batch's URL",
+                        "schema": {"type": "string"}}}
+LIST_PARAMETERS = (
+    {"name": "status", "in": "query", "style": "form", "explode": True,
+     "description": "only these states (repeat it, or separate them with commas)",
+     "schema": {"type": "array", "items": {"enum": [status.value for status in Status]}}},
+    {"name": "limit", "in": "query", "description": "at most this many, newest first",
+     "schema": {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT,
+                "default": DEFAULT_LIMIT}},
+)
+STREAM = {"name": "stream", "in": "query", "schema": {"type": "boolean", "default": False},
+          "description": "follow it: NDJSON, one event per line, until it ends"}
+HEALTH = ref("Health")
+BAD_QUERY = error("a bad query parameter", 400)
+NOT_FOUND = error("no such job or batch (or not an id)", 404)
+SUBMIT_ERRORS = {
+    400: error("the body is not JSON or not the expected object", 400),
+    404: error("an unknown target", 404),
+    413: error(f"a body over {MAX_BODY_BYTES} bytes", 413),
+    422: error("arguments the target does not allow, or an empty or oversized batch", 422),
+    503: error("the service is shutting down", 503),
+}
+CANCEL_ERRORS = {404: NOT_FOUND, 409: error("it had already finished", 409)}
+
+OPERATIONS: dict[tuple[str, str], Operation] = {
+    ("GET", "/healthz"): Operation(
+        "Whether the service takes work", public=True,
+        description="For probes: no token needed, and it tells nothing but this.",
+        responses={200: answer("it takes work", HEALTH),
+                   503: answer("it is stopping", HEALTH)}),
+    ("GET", "/metrics"): Operation(
+        "Prometheus metrics (text format 0.0.4)",
+        description="What each metric means: deploy/README.md, section 12.",
+        responses={200: answer("the metrics", {"type": "string"}, "text/plain")}),
+    ("GET", PATH): Operation(
+        "This document", responses={200: answer("OpenAPI 3.1", {"type": "object"})}),
+    ("GET", "/v1/jobs"): Operation(
+        "List jobs", parameters=LIST_PARAMETERS,
+        responses={200: events("jobs", "jobs, newest first"), 400: BAD_QUERY}),
+    ("POST", "/v1/jobs"): Operation(
+        "Run a target", body=SubmitJob,
+        responses={201: event("the new job, pending", headers=CREATED), **SUBMIT_ERRORS}),
+    ("GET", "/v1/jobs/{id}"): Operation(
+        "One job", parameters=(path_id("job", JOB_PREFIX, "j12"),),
+        responses={200: event("its current state"), 404: NOT_FOUND}),
+    ("POST", "/v1/jobs/{id}/cancel"): Operation(
+        "Cancel a job", parameters=(path_id("job", JOB_PREFIX, "j12"),),
+        description="Answers once it has stopped (its command gets SIGTERM, then SIGKILL).",
+        responses={200: event("its final state"), **CANCEL_ERRORS}),
+    ("GET", "/v1/batches"): Operation(
+        "List batches", parameters=LIST_PARAMETERS,
+        responses={200: events("batches", "batches, newest first"), 400: BAD_QUERY}),
+    ("POST", "/v1/batches"): Operation(
+        "Run several targets as one batch", body=SubmitBatch,
+        responses={201: event("the new batch, pending", headers=CREATED), **SUBMIT_ERRORS}),
+    ("GET", "/v1/batches/{id}"): Operation(
+        "One batch", parameters=(path_id("batch", BATCH_PREFIX, "b3"),),
+        responses={200: event("its current state"), 404: NOT_FOUND}),
+    ("POST", "/v1/batches/{id}/cancel"): Operation(
+        "Cancel a batch and its operations", parameters=(path_id("batch", BATCH_PREFIX, "b3"),),
+        responses={200: event("its final state"), **CANCEL_ERRORS}),
+    ("GET", "/v1/status"): Operation(
+        "What is queued or running",
+        description="Batches, then jobs outside a batch (a batch's operations show in it).",
+        responses={200: events("active", "queued and running batches and jobs")}),
+    ("GET", "/v1/status/{id}"): Operation(
+        "A job or batch, or its progress live",
+        parameters=(path_id("job or batch", JOB_PREFIX + BATCH_PREFIX, "j12"), STREAM),
+        description=("With `stream=true`: first the current state, then each (throttled) "
+                     "update, last the final state; then the stream closes."),
+        responses={
+            200: {"description": "its state; streamed, one event per line",
+                  "content": {JSON: {"schema": ref("JobProgressEvent")},
+                              NDJSON: {"schema": {"type": "string"}}}},
+            400: BAD_QUERY, 404: NOT_FOUND}),
+}
+
+AUTH_ERRORS = {
+    401: error("the service has a token and the request did not carry it", 401),
+    403: error("the service has no token and the request came from a foreign host or "
+               "another site's page", 403),
+}
+
+
+def openapi_route(routes: Sequence[BaseRoute]) -> Route:
+    """The route serving the document of `routes` and of itself."""
+    body = json.dumps(document(operations_of(routes) | {("GET", PATH)}))
+
+    async def serve(request: Request) -> Response:
+        return json_response(body)
+
+    return Route(PATH, serve, methods=["GET"])
+
+
+def operations_of(routes: Sequence[BaseRoute]) -> set[tuple[str, str]]:
+    """(method, path) of every route (HEAD goes with GET without saying)."""
+    return {(method, route.path) for route in routes if isinstance(route, Route)
+            for method in route.methods or () if method != "HEAD"}
+
+
+def document(served: set[tuple[str, str]]) -> dict[str, Any]:
+    """The OpenAPI document of the `served` operations, each of which OPERATIONS must
+    describe (and nothing else)."""
+    if missing := served - OPERATIONS.keys():
+        raise LookupError(f"routes without an OpenAPI description: {sorted(missing)}")
+    if stale := OPERATIONS.keys() - served:
+        raise LookupError(f"OpenAPI descriptions of routes that do not exist: {sorted(stale)}")
+    paths: dict[str, dict[str, Any]] = {}
+    for (method, path), operation in OPERATIONS.items():
+        paths.setdefault(path, {})[method.lower()] = _operation(operation)
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "matrixjobs", "version": __version__,
+                 "description": "Run configured targets as jobs and follow their progress. "
+                                "The job-progress event is described in docs/events.md."},
+        "paths": paths,
+        "components": {"schemas": _schemas(), "securitySchemes": {"bearer": {
+            "type": "http", "scheme": "bearer",
+            "description": "needed when the service has a token (MATRIXJOBS_API_TOKEN)"}}},
+        "security": [{"bearer": []}],
+    }
+
+
+def _operation(operation: Operation) -> dict[str, Any]:
+    spec: dict[str, Any] = {"summary": operation.summary}
+    if operation.description:
+        spec["description"] = operation.description
+    if operation.parameters:
+        spec["parameters"] = list(operation.parameters)
+    if operation.body is not None:
+        spec["requestBody"] = {"required": True, "content": {
+            JSON: {"schema": ref(operation.body.__name__)}}}
+    responses = dict(operation.responses)
+    if operation.public:
+        spec["security"] = []
+    else:
+        responses |= AUTH_ERRORS
+    spec["responses"] = {str(status): responses[status] for status in sorted(responses)}
+    return spec
+
+
+def _schemas() -> dict[str, Any]:
+    _, generated = models_json_schema(
+        [(JobProgressEvent, "serialization"), (SubmitJob, "validation"),
+         (SubmitBatch, "validation")],
+        by_alias=True, ref_template=SCHEMAS + "{model}")
+    return {
+        **generated["$defs"],
+        "Error": {"type": "object", "required": ["error"], "properties": {"error": {
+            "type": "object", "required": ["code", "message"],
+            "properties": {"code": {"type": "string"}, "message": {"type": "string"}}}}},
+        "Health": {"type": "object", "required": ["status", "version"], "properties": {
+            "status": {"enum": ["ok", "stopping"]}, "version": {"type": "string"}}},
+    }
