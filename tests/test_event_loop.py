@@ -27,7 +27,8 @@ JOB_TIMEOUT_S = 60.0
 RSS_GROWTH_LIMIT = 25 * 1024 * 1024
 SLOW_CALLBACK = re.compile(r"Executing (.*) took (\d+\.\d+) seconds")
 
-# Mixed on stdout and stderr: many short lines, long lines, CR redraws and ::progress lines.
+# Mixed on stdout and stderr: many short lines, long lines, CR redraws and ::progress lines;
+# the target also has a progress_regex, as people write them (unanchored).
 FLOOD = """
 import os, sys
 total = int(sys.argv[1]) * 1024 * 1024
@@ -48,7 +49,7 @@ while written < total:
     if kind == 0:
         out(fd, b"".join(b"short line %d\\n" % n for n in range(5000)))
     elif kind == 1:
-        out(fd, b"x" * 300_000 + b"\\n")
+        out(fd, b"1" * 300_000 + b"\\n")  # digits: the progress_regex backtracks here
     elif kind == 2:
         out(fd, b"".join(b"\\rredraw %d" % n for n in range(3000)) + b"\\n")
     else:
@@ -69,6 +70,7 @@ def write_config(directory: Path) -> Path:
         listen = "127.0.0.1:0"
         [targets.flood]
         command = [{sys.executable!r}, "flood.py", "{OUTPUT_MB}"]
+        progress_regex = '(?P<current>\\d+)\\s*/\\s*(?P<total>\\d+)'
         max_retries = 0
     """))
     return config
