@@ -165,6 +165,31 @@ async def test_non_loopback_address_with_token_starts(service):
         assert ok.status_code == 200
 
 
+async def test_resolving_the_listen_address_leaves_the_event_loop_free(service, monkeypatch):
+    real_getaddrinfo = socket.getaddrinfo
+
+    def slow_dns(*args, **kwargs):
+        time.sleep(1.0)  # a resolver that takes its time, as DNS for a host name may
+        return real_getaddrinfo(*args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", slow_dns)
+    gaps: list[float] = []
+
+    async def tick() -> None:
+        last = time.monotonic()
+        while True:
+            await asyncio.sleep(0.02)
+            gaps.append(time.monotonic() - last)
+            last = time.monotonic()
+
+    ticker = asyncio.create_task(tick())
+    try:
+        await service()
+    finally:
+        ticker.cancel()
+    assert max(gaps) < 0.5
+
+
 async def test_unix_socket(service, tmp_path):
     path = tmp_path / "api.sock"
     path.touch()  # not a socket: refused

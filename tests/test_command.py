@@ -790,3 +790,14 @@ def test_parser_tail_holds_only_the_last_20_lines():
     p, _ = parser()
     p.feed("".join(f"line {i}\n" for i in range(100)))
     assert list(p.tail) == [f"line {i}" for i in range(80, 100)]
+
+
+def test_parser_matches_progress_only_in_a_long_lines_start_so_backtracking_stays_short():
+    # Unbounded, this pattern backtracks over every digit run: ~4 s for this one line.
+    p, reporter = parser(r"(?P<current>\d+)\s*/\s*(?P<total>\d+)")
+    started = time.monotonic()
+    p.feed("1" * 20_000 + "\n")
+    p.feed("copied 3/12 " + "x" * 20_000 + "\n")
+    assert time.monotonic() - started < 0.5
+    assert reporter.state == (3.0, 12.0, None)
+    assert list(p.tail) == ["1" * LINE_LIMIT]

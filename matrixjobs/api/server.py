@@ -152,7 +152,7 @@ class ApiServer:
 
     async def start(self) -> None:
         self.streams = OpenStreams()
-        sock = bind(self.config.address)
+        sock = await bind(self.config.address)
         self.address = bound_address(sock, self.config.address)
         allowed = None
         if isinstance(self.address, TcpAddress):
@@ -217,9 +217,13 @@ class ApiServer:
                 self.address.path.unlink()
 
 
-def bind(address: TcpAddress | UnixAddress) -> socket.socket:
+async def bind(address: TcpAddress | UnixAddress) -> socket.socket:
     try:
-        sock = bind_unix(address) if isinstance(address, UnixAddress) else bind_tcp(address)
+        if isinstance(address, UnixAddress):
+            sock = bind_unix(address)
+        else:
+            # A host name may take DNS seconds to resolve: not on the event loop.
+            sock = await asyncio.to_thread(bind_tcp, address)
     except OSError as exc:
         reason = exc.strerror or str(exc)
         raise MatrixJobsError(f"the API cannot listen on {address}: {reason}") from None

@@ -79,13 +79,16 @@ class OutputParser:
             self._partial = ""
 
     def line(self, line: str) -> None:
+        # Only a line's start counts: progress lines are short, and a backtracking
+        # progress_regex over a 20 kB line takes seconds, all of it on the event loop.
+        line = line[:LINE_LIMIT]
         if not line.strip():
             return
         if line.startswith("::progress") and self._builtin(line):
             return
         if self.pattern is not None and self._custom(line):
             return
-        self.tail.append(line[:LINE_LIMIT])
+        self.tail.append(line)
 
     def _custom(self, line: str) -> bool:
         match = self.pattern.search(line) if self.pattern is not None else None
