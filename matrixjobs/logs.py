@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import re
+import threading
 from collections.abc import Iterable
+from logging.handlers import QueueHandler, QueueListener
 
 MASK = "***"
 # Tokens by shape too, for ones not known yet when logged (a fresh login's, in a dump).
@@ -105,9 +108,85 @@ def service_handler(handler: logging.Handler, journald: bool = False) -> logging
     return handler
 
 
+# Lines waiting for the writer thread; beyond this they are dropped (and counted).
+BACKLOG = 10_000
+# How long the last lines may take to go out at exit (a stuck reader must not hold it).
+CLOSE_WAIT_S = 2.0
+
+
+class BackgroundHandler(QueueHandler):
+    """Writes through `target` from a thread: when stderr's reader stalls (a busy or hung
+    journald), a write would block, and with it the event loop and everything on it.
+    Records beyond BACKLOG are dropped and counted, and a line says so once writing
+    resumes."""
+
+    def __init__(self, target: logging.Handler, backlog: int = BACKLOG) -> None:
+        super().__init__(queue.Queue(backlog))
+        self.dropped = 0
+        self._unreported = 0
+        self._closed = False
+        self._listener = QueueListener(self.queue, target, respect_handler_level=True)
+        self._listener.start()
+
+    def enqueue(self, record: logging.LogRecord) -> None:
+        if self._unreported and self._offer(self._drop_note()):
+            self._unreported = 0
+        if not self._offer(record):
+            self.dropped += 1
+            self._unreported += 1
+
+    def _offer(self, record: logging.LogRecord) -> bool:
+        try:
+            self.queue.put_nowait(record)
+        except queue.Full:
+            return False
+        return True
+
+    def _drop_note(self) -> logging.LogRecord:
+        return logging.makeLogRecord({
+            "name": __name__, "levelno": logging.WARNING, "levelname": "WARNING",
+            "msg": f"{self._unreported} log lines were dropped: the log's reader was not "
+                   "keeping up",
+        })
+
+    def close(self) -> None:
+        """Let queued lines out, but wait at most CLOSE_WAIT_S for a reader that stalls.
+        Closed again by logging at exit: only the first time counts."""
+        if not self._closed:
+            self._closed = True
+            stopper = threading.Thread(target=self._listener.stop, daemon=True)
+            stopper.start()
+            stopper.join(CLOSE_WAIT_S)
+        super().close()
+
+
+class FdHandler(logging.Handler):
+    """Writes each line straight to a file descriptor, without Python's buffered stream or
+    a handler lock: only BackgroundHandler's thread writes here, and when that thread is
+    stuck in a write nobody reads, nothing else (logging's flush at exit) may wait on it."""
+
+    def __init__(self, fd: int) -> None:
+        super().__init__()
+        self.fd = fd
+
+    def createLock(self) -> None:
+        self.lock = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            data = memoryview((self.format(record) + "\n").encode(errors="replace"))
+            while data:
+                data = data[os.write(self.fd, data):]
+        except Exception:
+            self.handleError(record)
+
+
 def setup_logging(level: str) -> None:
     root = logging.getLogger()
-    root.handlers[:] = [service_handler(logging.StreamHandler(), journald=to_journal())]
+    stream = service_handler(FdHandler(2), journald=to_journal())
+    front = BackgroundHandler(stream)
+    front.addFilter(LibraryFilter())  # before the queue: held-back records cost nothing
+    root.handlers[:] = [front]
     root.setLevel(getattr(logging, level.upper()))
     quiet_libraries()
 

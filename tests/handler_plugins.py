@@ -18,3 +18,10 @@ class NotAHandler:
 class ExplodesOnCreate:
     def __init__(self) -> None:
         raise RuntimeError("no database configured")
+
+
+class Crashes:
+    """Fails with an unexpected exception: the service logs its traceback."""
+
+    async def run(self, job: Any, progress: Any) -> None:
+        raise RuntimeError("the handler crashed " + "with a long explanation " * 10)

@@ -134,3 +134,80 @@ def test_a_job_with_50_mb_of_output_never_blocks_the_loop_for_a_second(tmp_path)
     assert stored_output(tmp_path)[-1] == "flood done"  # every byte was read
     assert not blocked_callbacks(log)
     assert rss_peak - rss_before < RSS_GROWTH_LIMIT
+
+
+def test_a_log_reader_that_stops_reading_never_freezes_the_service(tmp_path):
+    """stderr is a pipe nobody reads (a hung journald): it fills after 64 KiB of log. Jobs
+    that log tracebacks keep running, the API keeps answering, SIGTERM still stops it."""
+    import os
+    import signal
+    import subprocess
+    import tempfile
+
+    from service_process import child_env
+
+    socket_dir = tempfile.mkdtemp(prefix="mjl")  # unix socket paths are short
+    sock = os.path.join(socket_dir, "api.sock")
+    config = tmp_path / "config.toml"
+    config.write_text(textwrap.dedent(f"""
+        [store]
+        path = "state/jobs.db"
+        [api]
+        listen = "unix:{sock}"
+        [handlers]
+        crash = "handler_plugins:Crashes"
+        [targets.crash]
+        handler = "crash"
+        max_retries = 0
+    """))
+    env = {**child_env(), "PYTHONPATH": str(Path(__file__).parent)}
+    service = subprocess.Popen([sys.executable, "-m", "matrixjobs", "run", "--config",
+                                str(config)], cwd=tmp_path, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 30
+        while not os.path.exists(sock):
+            assert service.poll() is None and time.monotonic() < deadline, "never listened"
+            time.sleep(0.05)
+        jobs = 300  # a traceback each, about 1 KB: far more than the pipe holds
+        for _ in range(jobs):
+            started = time.monotonic()
+            assert unix_request(sock, "POST", "/v1/jobs", {"target": "crash"})[0] == 201
+            assert time.monotonic() - started < BLOCKED_S
+        deadline = time.monotonic() + 60
+        while unix_request(sock, "GET", "/v1/jobs?status=failed&limit=1000")[1].count(
+                '"id"') < jobs:
+            assert time.monotonic() < deadline, "the failed jobs never all ended"
+            time.sleep(0.2)
+        service.send_signal(signal.SIGTERM)
+        stopping = time.monotonic()
+        assert service.wait(15) == 0
+        # Lines still queued wait at most CLOSE_WAIT_S (2 s) for a reader that never comes.
+        assert time.monotonic() - stopping < 6
+    finally:
+        if service.poll() is None:
+            service.kill()
+            service.wait()
+    log = service.stderr.read().decode()
+    service.stderr.close()
+    assert "RuntimeError: the handler crashed" in log  # what fitted in the pipe
+
+
+def unix_request(sock: str, method: str, path: str, body: object = None) -> tuple[int, str]:
+    import http.client
+    import socket
+
+    class Connection(http.client.HTTPConnection):
+        def connect(self) -> None:
+            self.sock = socket.socket(socket.AF_UNIX)
+            self.sock.settimeout(BLOCKED_S * 5)
+            self.sock.connect(sock)
+
+    connection = Connection("localhost")
+    try:
+        data = None if body is None else json.dumps(body)
+        connection.request(method, path, data, {"Content-Type": "application/json"})
+        response = connection.getresponse()
+        return response.status, response.read().decode()
+    finally:
+        connection.close()

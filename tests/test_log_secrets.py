@@ -100,7 +100,7 @@ async def use_the_service(synapse, tmp_path: Path, bot: str, alice: EncryptedPer
                                       headers={"Authorization": f"Bearer {API_TOKEN}"}
                                       ) as api:
             assert (await api.get("/v1/jobs")).status_code == 200
-            assert (await api.get(f"/v1/jobs?access_token={API_TOKEN}")).status_code == 200
+            assert (await api.get(f"/v1/jobs?access_token={API_TOKEN}")).status_code == 400
             wrong = await api.get("/v1/jobs", headers={"Authorization": f"Bearer {PASSWORD}"})
             assert wrong.status_code == 401
     finally:

@@ -3,10 +3,19 @@
 from __future__ import annotations
 
 import logging
+import threading
+import time
 
 import pytest
 
-from matrixjobs.logs import ServiceFormatter, mask, service_handler, setup_logging, to_journal
+from matrixjobs.logs import (
+    BackgroundHandler,
+    ServiceFormatter,
+    mask,
+    service_handler,
+    setup_logging,
+    to_journal,
+)
 
 
 def record(level: int, message: str, *args: object) -> logging.LogRecord:
@@ -111,3 +120,43 @@ def test_a_library_that_lowers_its_own_level_is_still_held_back():
     finally:
         root.handlers[:] = handlers
         root.setLevel(level)
+
+
+class Stuck(logging.Handler):
+    """A target whose reader stalls until released."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release_reader = threading.Event()
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.release_reader.wait(5)
+        self.lines.append(record.getMessage())
+
+
+def test_a_stalled_log_reader_costs_dropped_lines_said_later_not_a_blocked_caller():
+    target = Stuck()
+    handler = BackgroundHandler(target, backlog=5)
+    logger = logging.getLogger("matrixjobs.test.stalled")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        started = time.monotonic()
+        for n in range(50):
+            logger.warning("line %d", n)
+        assert time.monotonic() - started < 0.5
+        assert 40 <= handler.dropped < 50
+        target.release_reader.set()
+        deadline = time.monotonic() + 5
+        while handler.queue.qsize():  # the backlog goes out once the reader reads
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        logger.warning("after")
+        handler.close()
+        assert target.lines[-2].endswith("log lines were dropped: the log's reader was not "
+                                         "keeping up")
+        assert target.lines[-1] == "after"
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = True
