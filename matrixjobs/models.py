@@ -26,6 +26,8 @@ INTERRUPTED_BY_STOP = "the service stopped mid-run; it runs again when the servi
 
 JOB_PREFIX = "j"
 BATCH_PREFIX = "b"
+# Ids number SQLite rows: ASCII digits below 2**63, which 18 digits always are.
+ID_DIGITS = 18
 
 
 def job_id(number: int) -> str:
@@ -39,9 +41,11 @@ def batch_id(number: int) -> str:
 def parse_id(text: str) -> tuple[str, int] | None:
     """Split 'j42' / 'b7' into ('j', 42); None when it is not an id we issue."""
     text = text.strip().lower()
-    if len(text) < 2 or text[0] not in (JOB_PREFIX, BATCH_PREFIX) or not text[1:].isdigit():
+    kind, digits = text[:1], text[1:]
+    if (kind not in (JOB_PREFIX, BATCH_PREFIX) or not digits.isascii() or not digits.isdigit()
+            or len(digits) > ID_DIGITS):
         return None
-    return text[0], int(text[1:])
+    return kind, int(digits)
 
 
 @dataclass(slots=True)
