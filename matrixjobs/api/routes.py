@@ -15,7 +15,7 @@ from matrixjobs import __version__
 from matrixjobs.api.errors import ApiError
 from matrixjobs.api.stream import EventStream, OpenStreams
 from matrixjobs.app import App
-from matrixjobs.errors import NotFoundError
+from matrixjobs.errors import NotFoundError, echo
 from matrixjobs.models import BATCH_PREFIX, JOB_PREFIX, Status, parse_id
 from matrixjobs.progress.events import JobProgressEvent, event_of
 
@@ -136,6 +136,8 @@ async def read_body(request: Request, model: type[BodyT]) -> BodyT:
             raise ApiError(413, "body_too_large", f"request body over {MAX_BODY_BYTES} bytes")
     try:
         data = json.loads(raw)
+    except RecursionError:
+        raise ApiError(400, "bad_json", "request body is nested too deeply") from None
     except ValueError as exc:
         raise ApiError(400, "bad_json", f"request body is not valid JSON: {exc}") from None
     try:
@@ -163,7 +165,7 @@ def subject_of(request: Request, prefix: str) -> str:
     parsed = parse_id(text)
     kind = "job" if prefix == JOB_PREFIX else "batch"
     if parsed is None or parsed[0] != prefix:
-        raise NotFoundError(f"no {kind} '{text}' ({kind} ids look like {prefix}12)")
+        raise NotFoundError(f"no {kind} '{echo(text)}' ({kind} ids look like {prefix}12)")
     return f"{parsed[0]}{parsed[1]}"
 
 
