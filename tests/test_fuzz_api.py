@@ -66,8 +66,15 @@ to_json = st.builds(lambda value, ascii_only: json.dumps(value, ensure_ascii=asc
 nested = st.builds(lambda opener, depth: (opener * depth).encode(),
                    st.sampled_from(["[", '{"a":', '{"target":[']),
                    st.sampled_from([10, 1_000, 5_000, 30_000]))
-huge = st.builds(lambda size: b'{"target": "' + b"x" * size + b'"}',
-                 st.sampled_from([MAX_BODY - 20, MAX_BODY, 4 * MAX_BODY]))
+huge = st.one_of(
+    st.builds(lambda size: b'{"target": "' + b"x" * size + b'"}',
+              st.sampled_from([MAX_BODY - 20, MAX_BODY, 4 * MAX_BODY])),
+    # Many wrong items, or a long unknown key: each one a validation error to describe.
+    st.builds(lambda item, count: b'{"targets": [' + b",".join([item] * count) + b"]}",
+              st.sampled_from([b"1", b"null", b'"plain"', b"[]"]),
+              st.sampled_from([60, 1_000, 10_000])),
+    st.builds(lambda key: b'{"' + key + b'": 1, "target": "plain"}',
+              st.sampled_from([b"k" * 300, b"\\u202e" * 5_000, b"k" * 60_000])))
 bodies = st.one_of(to_json, to_json, st.binary(max_size=64), nested, huge,
                    st.sampled_from([b"", b"null", b"NaN", b'{"target": "plain"', b"\xff\xfe",
                                     b'{"target": "\\ud800"}', b'{"targets": ["plain"], '
@@ -209,3 +216,19 @@ def test_ids_that_are_not_ours_are_not_found_in_short(api, subject):
     assert response.status_code == 404
     assert error_of(response)["code"] == "not_found"
     assert len(error_of(response)["message"]) < 100
+
+
+def test_thousands_of_wrong_items_are_described_in_short(api):
+    response = api.post("/v1/batches", b'{"targets": [' + b",".join([b"1"] * 10_000) + b"]}",
+                        None)
+    assert response.status_code == 400
+    assert error_of(response) == {"code": "bad_body", "message": (
+        "targets.0: Input should be a valid string; targets.1: Input should be a valid "
+        "string; targets.2: Input should be a valid string; and 9997 more")}
+
+
+def test_a_long_unknown_field_is_named_in_short(api):
+    response = api.post("/v1/jobs", b'{"' + b"k" * 60_000 + b'": 1, "target": "plain"}', None)
+    assert response.status_code == 400
+    assert error_of(response) == {"code": "bad_body",
+                                  "message": f"{'k' * 40}…: unknown field"}

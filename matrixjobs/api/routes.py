@@ -24,6 +24,7 @@ DEFAULT_LIMIT = 50
 MAX_LIMIT = 1000
 TRUE_WORDS = frozenset({"true", "1", "yes", "on"})
 FALSE_WORDS = frozenset({"false", "0", "no", "off", ""})
+SHOWN_PROBLEMS = 3
 
 
 class Body(BaseModel):
@@ -147,15 +148,19 @@ async def read_body(request: Request, model: type[BodyT]) -> BodyT:
 
 
 def describe_errors(exc: ValidationError) -> str:
+    """The first few problems (a body of 64 KiB can hold thousands), keys shown in short."""
     problems = []
-    for error in exc.errors():
-        where = ".".join(str(part) for part in error["loc"]) or "body"
+    errors = exc.errors()
+    for error in errors[:SHOWN_PROBLEMS]:
+        where = echo(".".join(str(part) for part in error["loc"])) or "body"
         if error["type"] == "missing":
             problems.append(f"{where}: required")
         elif error["type"] == "extra_forbidden":
             problems.append(f"{where}: unknown field")
         else:
             problems.append(f"{where}: {error['msg']}")
+    if len(errors) > SHOWN_PROBLEMS:
+        problems.append(f"and {len(errors) - SHOWN_PROBLEMS} more")
     return "; ".join(problems)
 
 
