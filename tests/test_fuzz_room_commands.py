@@ -89,7 +89,7 @@ def words(draw: st.DrawFn) -> list[str]:
 
 @st.composite
 def quoted_command(draw: st.DrawFn) -> str:
-    """A command whose words are quoted so the parser can read them back."""
+    """A command of quoted words (shlex.join), as a careful client would send it."""
     args = draw(words())
     if draw(st.booleans()):
         args = [draw(st.sampled_from(list(TARGETS))), *args]
