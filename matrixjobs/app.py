@@ -18,7 +18,7 @@ from typing import Protocol
 from prometheus_client import CollectorRegistry
 
 from matrixjobs.config import Config
-from matrixjobs.errors import NotFoundError
+from matrixjobs.errors import NotFoundError, echo
 from matrixjobs.metrics import Metrics
 from matrixjobs.models import BATCH_PREFIX, Batch, Job, ProgressMessage, Status, parse_id
 from matrixjobs.progress.events import JobProgressEvent, event_of
@@ -233,5 +233,5 @@ class App:
 def _canonical(subject: str) -> str:
     parsed = parse_id(subject)
     if parsed is None:
-        raise NotFoundError(f"'{subject}' is not a job or batch id (like j12 or b3)")
+        raise NotFoundError(f"'{echo(subject)}' is not a job or batch id (like j12 or b3)")
     return f"{parsed[0]}{parsed[1]}"

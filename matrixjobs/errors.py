@@ -4,6 +4,16 @@ Every error a user can cause carries a short message meant to be shown as is
 (in the room, the CLI or the API).
 """
 
+ECHO_LIMIT = 40
+
+
+def echo(text: str) -> str:
+    """User input as a message may repeat it: at most ECHO_LIMIT characters, and with
+    control and format characters (RTL overrides, zero-width spaces) written as escapes,
+    so they cannot reorder or hide the rest of the message."""
+    clipped = text if len(text) <= ECHO_LIMIT else text[:ECHO_LIMIT] + "…"
+    return "".join(char if char.isprintable() else ascii(char)[1:-1] for char in clipped)
+
 
 class MatrixJobsError(Exception):
     """Base class: the message is safe and meant for people."""
@@ -20,7 +30,7 @@ class StoreError(MatrixJobsError):
 class UnknownTargetError(MatrixJobsError):
     def __init__(self, name: str, available: list[str]) -> None:
         listed = ", ".join(available) if available else "none configured"
-        super().__init__(f"unknown target '{name}' (available: {listed})")
+        super().__init__(f"unknown target '{echo(name)}' (available: {listed})")
         self.name = name
         self.available = available
 

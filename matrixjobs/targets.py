@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 from matrixjobs.config import TargetConfig
-from matrixjobs.errors import BadArgumentsError, UnknownTargetError
+from matrixjobs.errors import BadArgumentsError, UnknownTargetError, echo
 from matrixjobs.models import JobSpec
 
 COMMAND_TYPE = "command"
@@ -46,9 +46,8 @@ class Targets:
             if not isinstance(arg, str):
                 raise BadArgumentsError(f"arguments for '{name}' must be strings")
             if len(arg) > MAX_ARG_LENGTH or "\x00" in arg or not pattern.fullmatch(arg):
-                shown = arg if len(arg) <= 40 else arg[:40] + "…"
                 raise BadArgumentsError(
-                    f"argument '{shown}' not allowed for '{name}' "
+                    f"argument '{echo(arg)}' not allowed for '{name}' "
                     f"(each must match {pattern.pattern})"
                 )
         return list(args)

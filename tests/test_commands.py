@@ -2,7 +2,7 @@
 
 import pytest
 
-from matrixjobs.matrix.commands import Command, CommandSyntaxError, parse
+from matrixjobs.matrix.commands import MAX_LENGTH, Command, CommandSyntaxError, parse
 
 
 @pytest.mark.parametrize(
@@ -32,6 +32,13 @@ def test_custom_prefix():
     assert parse("jobs: build docs", "jobs: ") == Command("build", ("docs",))
     assert parse("jobs:build docs", "jobs:") == Command("build", ("docs",))
     assert parse("!build docs", "jobs:") is None
+
+
+def test_a_command_longer_than_any_valid_one_is_refused_unread():
+    assert parse("!build " + "a" * (MAX_LENGTH - 6), "!") == Command("build", ("a" * 9994,))
+    with pytest.raises(CommandSyntaxError, match="too long"):
+        parse("!build " + "a" * (MAX_LENGTH - 5), "!")
+    assert parse("hello " + "a" * 65536, "!") is None
 
 
 def test_unclosed_quote_is_a_clear_error():

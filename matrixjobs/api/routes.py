@@ -18,7 +18,7 @@ from matrixjobs.api.client import USER_AGENT_PREFIX
 from matrixjobs.api.errors import ApiError
 from matrixjobs.api.stream import EventStream, OpenStreams
 from matrixjobs.app import App
-from matrixjobs.errors import NotFoundError
+from matrixjobs.errors import NotFoundError, echo
 from matrixjobs.models import BATCH_PREFIX, JOB_PREFIX, Status, parse_id
 from matrixjobs.progress.events import JobProgressEvent, event_of
 
@@ -28,6 +28,7 @@ DEFAULT_LIMIT = 50
 MAX_LIMIT = 1000
 TRUE_WORDS = frozenset({"true", "1", "yes", "on"})
 FALSE_WORDS = frozenset({"false", "0", "no", "off", ""})
+SHOWN_PROBLEMS = 3
 
 
 class Body(BaseModel):
@@ -164,6 +165,8 @@ async def read_body(request: Request, model: type[BodyT]) -> BodyT:
             raise ApiError(413, "body_too_large", f"request body over {MAX_BODY_BYTES} bytes")
     try:
         data = json.loads(raw)
+    except RecursionError:
+        raise ApiError(400, "bad_json", "request body is nested too deeply") from None
     except ValueError as exc:
         raise ApiError(400, "bad_json", f"request body is not valid JSON: {exc}") from None
     try:
@@ -173,15 +176,19 @@ async def read_body(request: Request, model: type[BodyT]) -> BodyT:
 
 
 def describe_errors(exc: ValidationError) -> str:
+    """The first few problems (a body of 64 KiB can hold thousands), keys shown in short."""
     problems = []
-    for error in exc.errors():
-        where = ".".join(str(part) for part in error["loc"]) or "body"
+    errors = exc.errors()
+    for error in errors[:SHOWN_PROBLEMS]:
+        where = echo(".".join(str(part) for part in error["loc"])) or "body"
         if error["type"] == "missing":
             problems.append(f"{where}: required")
         elif error["type"] == "extra_forbidden":
             problems.append(f"{where}: unknown field")
         else:
             problems.append(f"{where}: {error['msg']}")
+    if len(errors) > SHOWN_PROBLEMS:
+        problems.append(f"and {len(errors) - SHOWN_PROBLEMS} more")
     return "; ".join(problems)
 
 
@@ -191,7 +198,7 @@ def subject_of(request: Request, prefix: str) -> str:
     parsed = parse_id(text)
     kind = "job" if prefix == JOB_PREFIX else "batch"
     if parsed is None or parsed[0] != prefix:
-        raise NotFoundError(f"no {kind} '{text}' ({kind} ids look like {prefix}12)")
+        raise NotFoundError(f"no {kind} '{echo(text)}' ({kind} ids look like {prefix}12)")
     return f"{parsed[0]}{parsed[1]}"
 
 

@@ -17,6 +17,8 @@ Wording decisions worth knowing:
 * Output tails, errors and handler messages are cut to `LINE_LIMIT` characters a
   line and the tail to `TAIL_LINES` lines, so an edit (which carries the text
   twice plus the escaped HTML) stays well under Matrix's 64 KiB event limit.
+* A job's name (its target and arguments, as typed) is cut to `NAME_LIMIT`
+  characters: a message never repeats a long command back to the room.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from html import escape
 
+from matrixjobs.errors import echo
 from matrixjobs.models import Status
 from matrixjobs.progress import wording
 from matrixjobs.progress.events import JobProgressEvent
@@ -36,6 +39,7 @@ FILLED = "🟩"
 EMPTY = "⬜"
 TAIL_LINES = 20
 LINE_LIMIT = 200
+NAME_LIMIT = 80
 
 STATUS_EMOJI: dict[Status, str] = {
     Status.PENDING: "⏳",
@@ -120,6 +124,10 @@ def _clip(text: str, limit: int = LINE_LIMIT) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+def _name(event: JobProgressEvent) -> str:
+    return _clip(event.name, NAME_LIMIT)
+
+
 def _first_line(text: str) -> str:
     lines = text.strip().splitlines()
     return _clip(lines[0]) if lines else ""
@@ -135,8 +143,8 @@ def _waiting_for_retry(event: JobProgressEvent) -> bool:
 def _title(event: JobProgressEvent) -> tuple[str, str]:
     word = "waiting to retry" if _waiting_for_retry(event) else STATUS_WORD[event.status]
     emoji = STATUS_EMOJI[event.status]
-    text = f"{emoji} {event.name} ({event.id}) — {word}"
-    html = f"{emoji} <b>{escape(event.name)}</b> (<code>{escape(event.id)}</code>) — {word}"
+    text = f"{emoji} {_name(event)} ({event.id}) — {word}"
+    html = f"{emoji} <b>{escape(_name(event))}</b> (<code>{escape(event.id)}</code>) — {word}"
     return text, html
 
 
@@ -257,10 +265,10 @@ def render_final_notice(event: JobProgressEvent, requester: str, now: float) -> 
     """The reply that pings the requester when a long job or batch ends."""
     emoji = STATUS_EMOJI[event.status]
     outcome = _outcome(event, now)
-    text = f"{requester} {emoji} {event.name} ({event.id}) {outcome}"
+    text = f"{requester} {emoji} {_name(event)} ({event.id}) {outcome}"
     link = f'<a href="https://matrix.to/#/{escape(requester)}">{escape(requester)}</a>'
     html = (
-        f"{link} {emoji} <b>{escape(event.name)}</b> (<code>{escape(event.id)}</code>) "
+        f"{link} {emoji} <b>{escape(_name(event))}</b> (<code>{escape(event.id)}</code>) "
         f"{escape(outcome)}"
     )
     return Rendered(text, html)
@@ -302,9 +310,9 @@ def _list_line(event: JobProgressEvent, now: float) -> tuple[str, str]:
     if event.status is Status.PROCESSING and percentage is not None:
         state += f" {wording.percent(percentage)}"
     age = wording.age(event.created_at, now)
-    text = f"{emoji} {event.id} {event.name} — {state} · {age}"
+    text = f"{emoji} {event.id} {_name(event)} — {state} · {age}"
     html = (
-        f"{emoji} <code>{escape(event.id)}</code> <b>{escape(event.name)}</b> "
+        f"{emoji} <code>{escape(event.id)}</code> <b>{escape(_name(event))}</b> "
         f"— {state} · {age}"
     )
     return text, html
@@ -331,9 +339,9 @@ def _summary_line(event: JobProgressEvent, now: float) -> tuple[str, str]:
     bar = progress_bar(percentage, MINI_BAR_CELLS)
     shown = wording.percent(percentage) if percentage is not None else "…"
     timing = wording.timing(event, now)
-    text = f"{emoji} {event.id} {event.name} {bar} {shown} · {timing}"
+    text = f"{emoji} {event.id} {_name(event)} {bar} {shown} · {timing}"
     html = (
-        f"{emoji} <code>{escape(event.id)}</code> <b>{escape(event.name)}</b> "
+        f"{emoji} <code>{escape(event.id)}</code> <b>{escape(_name(event))}</b> "
         f"{bar} {shown} · {timing}"
     )
     return text, html
@@ -358,7 +366,7 @@ def render_denied() -> Rendered:
 
 def render_unknown_command(name: str, prefix: str) -> Rendered:
     """`name` is the command word; a leading prefix is not doubled."""
-    command = name if name.startswith(prefix) else f"{prefix}{name}"
+    command = echo(name if name.startswith(prefix) else f"{prefix}{name}")
     text = f"❓ Unknown command {command}. Try {prefix}help."
     html = (
         f"❓ Unknown command <code>{escape(command)}</code>. "

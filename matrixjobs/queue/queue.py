@@ -39,6 +39,7 @@ from matrixjobs.errors import (
     PermanentJobError,
     ShuttingDownError,
     UnknownJobTypeError,
+    echo,
 )
 from matrixjobs.models import (
     BATCH_PREFIX,
@@ -417,7 +418,7 @@ class JobQueue:
         """Cancel a job or batch; return it in the state it ended in."""
         parsed = parse_id(subject)
         if parsed is None:
-            raise NotFoundError(f"'{subject}' is not a job or batch id (like j12 or b3)")
+            raise NotFoundError(f"'{echo(subject)}' is not a job or batch id (like j12 or b3)")
         subject = f"{parsed[0]}{parsed[1]}"
         if parsed[0] == BATCH_PREFIX:
             return await self._cancel_batch(subject)
