@@ -44,6 +44,9 @@ def parse_id(text: str) -> tuple[str, int] | None:
     # ASCII only: isdigit() alone takes '١٢' (Arabic-Indic) for 12.
     if text[:1] not in (JOB_PREFIX, BATCH_PREFIX) or not (digits.isascii() and digits.isdigit()):
         return None
+    # Length first: int() refuses (ValueError) more than 4300 digits.
+    if len(digits) > len(str(MAX_ID)):
+        return None
     number = int(digits)
     return (text[0], number) if number <= MAX_ID else None
 

@@ -411,6 +411,7 @@ def test_only_ascii_digits_within_sqlite_integers_make_an_id():
     assert parse_id(f"b{2**63 - 1}") == ("b", 2**63 - 1)
     assert parse_id(f"b{2**63}") is None
     assert parse_id("j\u0661\u0662") is None  # Arabic-Indic "12"
+    assert parse_id("j" + "9" * 5000) is None  # more digits than int() reads
 
 
 async def test_wrong_method_names_every_method_the_path_takes(svc):

@@ -160,7 +160,9 @@ def test_a_log_reader_that_stops_reading_never_freezes_the_service(tmp_path):
         handler = "crash"
         max_retries = 0
     """))
-    env = {**child_env(), "PYTHONPATH": str(Path(__file__).parent)}
+    here = str(Path(__file__).parent)
+    env = child_env()
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [here, env.get("PYTHONPATH")]))
     service = subprocess.Popen([sys.executable, "-m", "matrixjobs", "run", "--config",
                                 str(config)], cwd=tmp_path, env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
