@@ -30,7 +30,7 @@ from matrixjobs.progress.events import JobProgressEvent, event_of
 from matrixjobs.progress.monitor import ProgressMonitor
 from matrixjobs.queue.command import CommandHandler
 from matrixjobs.queue.handlers import HandlerRegistry, load_user_handlers
-from matrixjobs.queue.joblog import JobLogs
+from matrixjobs.queue.joblog import JobLogs, tail
 from matrixjobs.queue.queue import JobQueue
 from matrixjobs.store import Store, create_store
 from matrixjobs.supervisor import Supervisor
@@ -234,11 +234,7 @@ class App:
 
     async def log_tail(self, job_id: str, lines: int, max_bytes: int) -> str:
         """The last `lines` lines of a job's log, at most `max_bytes` of them (UTF-8)."""
-        kept = "".join((await self.log(job_id)).splitlines(keepends=True)[-lines:])
-        data = kept.encode()
-        if len(data) <= max_bytes:
-            return kept
-        return data[len(data) - max_bytes:].decode(errors="ignore").partition("\n")[2]
+        return tail(await self.log(job_id), lines, max_bytes)
 
     async def follow_log(self, job_id: str) -> AsyncIterator[str]:
         """A job's log, then its output as it comes, until the run going on (or the next

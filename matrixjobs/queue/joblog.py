@@ -181,6 +181,15 @@ def _newest(text: str, budget: int) -> str:
     return note + "\n" + kept.decode("utf-8", "replace")
 
 
+def tail(text: str, lines: int, max_bytes: int) -> str:
+    """The last `lines` lines of `text`, fewer if they are more than `max_bytes` (UTF-8)."""
+    kept = "".join(text.splitlines(keepends=True)[-lines:])
+    data = kept.encode()
+    if len(data) <= max_bytes:
+        return kept
+    return data[len(data) - max_bytes:].decode(errors="ignore").partition("\n")[2]
+
+
 class JobLogs:
     """The logs of the runs going on now, by job id, and who waits for a run to start."""
 
