@@ -135,6 +135,11 @@ async def test_failed_build_shows_the_output_tail(scene):
     assert message.current.startswith("❌")
     assert "exit code 3" in message.current and "compiler exploded" in message.current
     assert "<pre><code>" in message.current_html
+    command = await scene.say("!logs j1 2")
+    reply = await scene.reply_to(command)
+    assert reply.current == ("📜 j1: the last 2 lines of its log\n```\ncompiler exploded\n"
+                             "── failed: exit code 3 ──\n```")
+    assert "<pre><code>compiler exploded\n" in reply.current_html
 
 
 async def test_batch_shows_counts_and_errors(scene):

@@ -179,7 +179,7 @@ class MatrixBot:
         self._commands: dict[str, Callable[[str, RoomMessageText, Command], Awaitable[None]]] = {
             "build": self._build, "batch": self._batch, "status": self._status,
             "cancel": self._cancel, "jobs": self._jobs, "targets": self._targets,
-            "help": self._help,
+            "help": self._help, "logs": self._logs,
         }
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -544,7 +544,8 @@ class MatrixBot:
             self._reply(room_id, event,
                         render.render_unknown_command(command.name, self.config.command_prefix))
             return
-        if command.name in ("build", "batch", "cancel") and not self.access.allows(event.sender):
+        if command.name in ("build", "batch", "cancel", "logs") and not self.access.allows(
+                event.sender):
             log.info("matrix: denied %s to %s in %s", command.name, event.sender, room_id)
             # One ⛔ per person now and then: a stranger must not drain the send budget.
             if self.access.reply_to_denied and _now_and_then(self._denied_at, event.sender):
@@ -601,6 +602,19 @@ class MatrixBot:
             raise MatrixJobsError(f"usage: {self.config.command_prefix}cancel ID")
         result = await self.app.cancel(command.args[0])
         self._reply(room_id, event, render.render_cancelled(result.id, str(result.status)))
+
+    async def _logs(self, room_id: str, event: RoomMessageText, command: Command) -> None:
+        usage = f"usage: {self.config.command_prefix}logs ID [LINES]"
+        if not 1 <= len(command.args) <= 2:
+            raise MatrixJobsError(usage)
+        lines = render.LOG_LINES
+        if len(command.args) == 2:
+            if not command.args[1].isdigit() or int(command.args[1]) < 1:
+                raise MatrixJobsError(usage)
+            lines = min(int(command.args[1]), render.MAX_LOG_LINES)
+        job_id = command.args[0]
+        text = await self.app.log_tail(job_id, lines, render.MAX_LOG_BYTES)
+        self._reply(room_id, event, render.render_log(job_id.strip().lower(), text))
 
     async def _jobs(self, room_id: str, event: RoomMessageText, command: Command) -> None:
         items: list[Job | Batch] = [*await self.app.batches(limit=10)]
