@@ -34,6 +34,7 @@ from nio import (
     RoomMessageText,
     RoomSendResponse,
     SyncResponse,
+    UploadResponse,
     WhoamiResponse,
 )
 
@@ -113,6 +114,27 @@ class NioSender:
         raise SendFailedError(str(response), permanent=response.status_code in PERMANENT_ERRORS)
 
 
+    async def upload(self, room_id: str, data: bytes, filename: str,
+                     content_type: str) -> dict[str, Any]:
+        room = self.client.rooms.get(room_id)
+        if room is None:
+            raise SendFailedError(f"not in room {room_id}", permanent=True)
+        try:
+            response, keys = await self.client.upload(
+                lambda *_: data, content_type=content_type, filename=filename,
+                encrypt=room.encrypted, filesize=len(data))
+        except NETWORK_ERRORS as exc:
+            raise SendFailedError(f"{type(exc).__name__}: {exc}") from None
+        if isinstance(response, UploadResponse):
+            if keys is None:
+                return {"url": response.content_uri}
+            return {"file": {"url": response.content_uri, "mimetype": content_type, **keys}}
+        assert isinstance(response, ErrorResponse)
+        if response.status_code == "M_LIMIT_EXCEEDED" or _http_status(response) == 429:
+            raise RateLimitedError(_retry_after_s(response))
+        raise SendFailedError(str(response), permanent=response.status_code in PERMANENT_ERRORS)
+
+
 def _server_time_ms(response: Any) -> int:
     """The homeserver's clock from a response's Date header (1 s resolution), minus 1 s."""
     transport = getattr(response, "transport_response", None)
@@ -164,6 +186,7 @@ class MatrixBot:
         self.scheduler = EditScheduler(
             sender, app.store, TokenBucket(config.rate_per_s, config.rate_burst),
             interval_ms / 1000, config.max_edits_per_message, config.notify_after_s,
+            load_log=app.log,
         )
         self.synced = asyncio.Event()
         # The homeserver's clock when we started: older messages are never acted on.
