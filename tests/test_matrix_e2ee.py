@@ -221,7 +221,7 @@ async def test_build_and_batch_in_an_encrypted_room_and_again_after_a_restart(en
         assert message.current.startswith("✅") and "slow 2" in message.current
         await asyncio.to_thread(assert_encrypted_edits, scene, message)
         builds = [job for job in await app.jobs() if job.batch_id is None]
-        assert len(builds) == 2 and len(await app.batches()) == 1, "nothing ran twice"
+        assert len(builds) == 3 and len(await app.batches()) == 1, "nothing ran twice"
     finally:
         await app.stop()
 
