@@ -447,11 +447,18 @@ class SqliteStore(Store):
             await self._save_logs(logs, "AND status = 'processing'")
 
     async def _save_logs(self, logs: dict[str, str], condition: str) -> None:
-        await self.db.executemany(
-            f"INSERT INTO job_logs (job_id, text) SELECT id, ? FROM jobs WHERE id = ? {condition} "
-            "ON CONFLICT (job_id) DO UPDATE SET text = excluded.text",
-            [(text, _number(job_id)) for job_id, text in logs.items()],
-        )
+        """One INSERT … SELECT FROM (VALUES …) per chunk: a per-row statement would cost
+        tiny jobs a third of their throughput."""
+        rows = [(_number(job_id), text) for job_id, text in logs.items()]
+        for start in range(0, len(rows), ROWS_PER_STATEMENT):
+            chunk = rows[start:start + ROWS_PER_STATEMENT]
+            await self.db.execute(
+                "INSERT INTO job_logs (job_id, text) SELECT jobs.id, v.column2 "
+                f"FROM (VALUES {_placeholders(len(chunk), 2)}) AS v "
+                f"JOIN jobs ON jobs.id = v.column1 WHERE true {condition} "
+                "ON CONFLICT (job_id) DO UPDATE SET text = excluded.text",
+                [value for row in chunk for value in row],
+            )
 
     async def get_log(self, job_id: str) -> str | None:
         number = _checked_number(job_id, "j")
