@@ -4,7 +4,8 @@ Each side gets a fresh database file in a temporary directory, N trivial jobs
 are enqueued and run to completion, and the clock runs from just before the
 first enqueue until every job is done.
 
-ours   App with the default store settings (WAL, synchronous=FULL: one fsync per
+ours   (each job writes one line to its log, so each keeps a log) App with the default
+       store settings (WAL, synchronous=FULL: one fsync per
        commit), `--workers` concurrent workers, jobs enqueued with
        `queue.enqueue_many` in chunks of `--chunk` (one commit per chunk). The
        workers are running from `app.start()`, so processing overlaps enqueueing.
@@ -18,6 +19,8 @@ ours   App with the default store settings (WAL, synchronous=FULL: one fsync per
                     subscriber makes the monitor build ~3 events per job, which
                     the default run does not pay, so this is slower (a measure of
                     that cost).
+nologs the same with job logs off ([logs] max_bytes = 0): log capture's cost is the
+       ratio of the two (printed as "with/without job logs").
 huey   SqliteHuey defaults (WAL, SQLite's default synchronous, FULL here: checked and
        printed), one task call per job (huey has no bulk enqueue), then one
        worker thread running huey's own `Worker.loop` (from
@@ -31,7 +34,8 @@ Usage: python bench/queue_throughput.py [--jobs 10000] [--workers 4] [--chunk 50
                                         [--rounds 1] [--wait poll|subscribe] [--dir DIR]
 
 The last line printed is JSON only:
-  {"ours": jobs/s, "anchor": huey jobs/s, "ratio": ours/anchor, "jobs": N, ...}
+  {"ours": jobs/s, "anchor": huey jobs/s, "ratio": ours/anchor,
+   "ours_without_logs": jobs/s, "logs_ratio": ours/ours_without_logs, "jobs": N, ...}
 """
 
 from __future__ import annotations
@@ -68,6 +72,7 @@ class NoopHandler:
         self.all_ran = asyncio.Event()
 
     async def run(self, job: Job, progress: ProgressReporter) -> None:
+        progress.log(f"{job.id} ran\n")  # one line of output: a log to keep per job
         self.runs += 1
         if self.runs >= self.expected:
             self.all_ran.set()
@@ -77,10 +82,12 @@ class NoopHandler:
 # -- ours ----------------------------------------------------------------------------------------
 
 
-async def _ours(n: int, workers: int, chunk: int, directory: Path, wait: str) -> dict[str, Any]:
+async def _ours(n: int, workers: int, chunk: int, directory: Path, wait: str,
+                logs: bool) -> dict[str, Any]:
     config = Config.model_validate({
         "store": {"path": str(directory / "mj.db")},
         "queue": {"workers": workers},
+        **({} if logs else {"logs": {"max_bytes": 0}}),
     })
     assert config.store.synchronous == "full"
     handler = NoopHandler(n)
@@ -132,9 +139,10 @@ async def _ours(n: int, workers: int, chunk: int, directory: Path, wait: str) ->
             "synchronous": synchronous}
 
 
-def run_ours(n: int, workers: int, chunk: int, base: str | None, wait: str) -> dict[str, Any]:
+def run_ours(n: int, workers: int, chunk: int, base: str | None, wait: str,
+             logs: bool = True) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="mj-bench-", dir=base) as tmp:
-        return asyncio.run(_ours(n, workers, chunk, Path(tmp), wait))
+        return asyncio.run(_ours(n, workers, chunk, Path(tmp), wait, logs))
 
 
 # -- huey ----------------------------------------------------------------------------------------
@@ -208,16 +216,17 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     n: int = args.jobs
 
-    results: dict[str, list[dict[str, Any]]] = {"ours": [], "huey": []}
+    results: dict[str, list[dict[str, Any]]] = {"ours": [], "nologs": [], "huey": []}
     for round_ in range(args.rounds):
-        order = ("ours", "huey") if round_ % 2 == 0 else ("huey", "ours")
+        order = ("ours", "nologs", "huey") if round_ % 2 == 0 else ("huey", "nologs", "ours")
         for side in order:
-            if side == "ours":
-                result = run_ours(n, args.workers, args.chunk, args.dir, args.wait)
-            else:
+            if side == "huey":
                 result = run_huey(n, args.dir)
+            else:
+                result = run_ours(n, args.workers, args.chunk, args.dir, args.wait,
+                                  logs=side == "ours")
             results[side].append(result)
-            print(f"  round {round_ + 1} {side:<4}: {result['seconds']:7.3f} s "
+            print(f"  round {round_ + 1} {side:<6}: {result['seconds']:7.3f} s "
                   f"({n / result['seconds']:8.0f} jobs/s; enqueue phase "
                   f"{result['enqueue_s']:.3f} s)", flush=True)
 
@@ -225,6 +234,7 @@ def main() -> None:
     enqueue = {side: statistics.median(r["enqueue_s"] for r in rs) for side, rs in results.items()}
     rate = {side: n / s for side, s in seconds.items()}
     ratio = rate["ours"] / rate["huey"]
+    logs_ratio = rate["ours"] / rate["nologs"]
     ours_sync = results["ours"][0]["synchronous"]
     huey_sync = results["huey"][0]["synchronous"]
     print(f"{n:,} jobs, median of {args.rounds} round(s):")
@@ -234,11 +244,16 @@ def main() -> None:
     print(f"  SqliteHuey (1 thread worker, journal={results['huey'][0]['journal_mode']}, "
           f"synchronous={SYNC_NAMES.get(huey_sync, huey_sync)}): "
           f"{seconds['huey']:.3f} s = {rate['huey']:,.0f} jobs/s")
+    print(f"  matrixjobs without job logs ([logs] max_bytes = 0): {seconds['nologs']:.3f} s = "
+          f"{rate['nologs']:,.0f} jobs/s")
     print(f"  ratio ours/huey: {ratio:.2f}x  (target >= 3)")
+    print(f"  ratio with/without job logs: {logs_ratio:.3f}  (target >= 0.9)")
     print(json.dumps({
         "ours": round(rate["ours"], 1),
         "anchor": round(rate["huey"], 1),
         "ratio": round(ratio, 3),
+        "ours_without_logs": round(rate["nologs"], 1),
+        "logs_ratio": round(logs_ratio, 3),
         "jobs": n,
         "workers": args.workers,
         "chunk": args.chunk,

@@ -2,8 +2,8 @@
 
 `App` is also the core's public face. Interfaces (Matrix, HTTP API, MCP) get
 the App and call `submit`, `submit_batch`, `cancel`, `status`, `watch`, `jobs`,
-`batches` and `scrape_metrics`, and count what they do on `metrics`; they never
-reach into the store or queue themselves.
+`batches`, the `log` family and `scrape_metrics`, and count what they do on `metrics`;
+they never reach into the store or queue themselves.
 """
 
 from __future__ import annotations
@@ -19,12 +19,22 @@ from prometheus_client import CollectorRegistry
 
 from matrixjobs.config import Config
 from matrixjobs.errors import NotFoundError, echo
+from matrixjobs.logs import redact
 from matrixjobs.metrics import Metrics
-from matrixjobs.models import BATCH_PREFIX, Batch, Job, ProgressMessage, Status, parse_id
+from matrixjobs.models import (
+    BATCH_PREFIX,
+    JOB_PREFIX,
+    Batch,
+    Job,
+    ProgressMessage,
+    Status,
+    parse_id,
+)
 from matrixjobs.progress.events import JobProgressEvent, event_of
 from matrixjobs.progress.monitor import ProgressMonitor
 from matrixjobs.queue.command import CommandHandler
 from matrixjobs.queue.handlers import HandlerRegistry, load_user_handlers
+from matrixjobs.queue.joblog import JobLogs, tail
 from matrixjobs.queue.queue import JobQueue
 from matrixjobs.store import Store, create_store
 from matrixjobs.supervisor import Supervisor
@@ -35,6 +45,9 @@ log = logging.getLogger(__name__)
 RETENTION_SWEEP_S = 3600.0
 ACTIVE = (Status.PENDING, Status.PROCESSING)
 ACTIVE_LIMIT = 1000
+# How often a follow of a job that is not running looks at the store again, in case its
+# run started and ended in between.
+FOLLOW_RECHECK_S = 1.0
 
 
 class Component(Protocol):
@@ -64,7 +77,9 @@ class App:
         self.store = store or create_store(config.store)
         self.metrics = Metrics(self.targets.names())
         self.monitor = ProgressMonitor(config.progress.interval_ms, observers=[self.metrics])
-        self.queue = JobQueue(self.store, self.monitor, self.handlers, config.queue)
+        self.job_logs = JobLogs(config.logs.max_bytes, redact)
+        self.queue = JobQueue(self.store, self.monitor, self.handlers, config.queue,
+                              self.job_logs)
         self.components: list[Component] = []
         self._supervisor = Supervisor()
         self._started = False
@@ -211,6 +226,42 @@ class App:
                 if job.batch_id is None]
         return [self.live(item) for item in [*batches, *jobs]]
 
+    async def log(self, job_id: str) -> str:
+        """A job's whole log as it stands ("" before its first output)."""
+        job_id = _job_id(job_id)
+        live = self.job_logs.live(job_id)
+        if live is not None:
+            return live.text()
+        text = await self.store.get_log(job_id)
+        if text is None and await self.store.get_job(job_id) is None:
+            raise NotFoundError(f"no job {job_id}")
+        return text or ""
+
+    async def log_tail(self, job_id: str, lines: int, max_bytes: int) -> str:
+        """The last `lines` lines of a job's log, at most `max_bytes` of them (UTF-8)."""
+        return tail(await self.log(job_id), lines, max_bytes)
+
+    async def follow_log(self, job_id: str) -> AsyncIterator[str]:
+        """A job's log, then its output as it comes, until the run going on (or the next
+        one to start) ends. The first chunk comes at once (maybe empty): the job exists."""
+        job_id = _job_id(job_id)
+        if self.job_logs.live(job_id) is None and await self.store.get_job(job_id) is None:
+            raise NotFoundError(f"no job {job_id}")
+        yield ""
+        while (live := self.job_logs.live(job_id)) is None:
+            job = await self.store.get_job(job_id)
+            if job is None or (job.status.terminal and self.job_logs.live(job_id) is None):
+                yield await self.store.get_log(job_id) or ""
+                return
+            await self.job_logs.started(job_id, FOLLOW_RECHECK_S)
+        text, follower = live.follow()
+        try:
+            yield text
+            async for chunk in follower.chunks():
+                yield chunk
+        finally:
+            live.unfollow(follower)
+
     async def jobs(self, statuses: Sequence[Status] | None = None, limit: int = 50) -> list[Job]:
         return await self.store.list_jobs(statuses, limit=limit)
 
@@ -228,6 +279,13 @@ class App:
             subscribers=self.monitor.subscriber_count,
         )
         return self.metrics.registry
+
+
+def _job_id(subject: str) -> str:
+    parsed = parse_id(subject)
+    if parsed is None or parsed[0] != JOB_PREFIX:
+        raise NotFoundError(f"'{subject}' is not a job id (like j12)")
+    return f"{parsed[0]}{parsed[1]}"
 
 
 def _canonical(subject: str) -> str:

@@ -233,6 +233,23 @@ class ProgressConfig(Section):
     interval_ms: Int = Field(default=500, ge=10, le=600_000)
 
 
+# Below this a log could not hold a head and a tail of a few cut pieces of a long line.
+MIN_LOG_BYTES = 65536
+
+
+class LogsConfig(Section):
+    """The whole output of each job (docs/logs.md)."""
+
+    max_bytes: Int = Field(default=1024 * 1024, ge=0, le=1024**3)
+
+    @field_validator("max_bytes")
+    @classmethod
+    def _max_bytes(cls, value: int) -> int:
+        if 0 < value < MIN_LOG_BYTES:
+            raise ValueError(f"must be 0 (keep no logs) or at least {MIN_LOG_BYTES}")
+        return value
+
+
 @dataclass(frozen=True, slots=True)
 class TcpAddress:
     host: str
@@ -423,6 +440,7 @@ class Config(Section):
     store: StoreConfig = StoreConfig()
     queue: QueueConfig = QueueConfig()
     progress: ProgressConfig = ProgressConfig()
+    logs: LogsConfig = LogsConfig()
     api: ApiConfig = ApiConfig()
     mcp: McpConfig = McpConfig()
     targets: dict[str, TargetConfig] = Field(default_factory=dict)

@@ -196,3 +196,10 @@ def quiet_libraries() -> None:
     even made (peewee would format every statement with its pickles)."""
     for name, level in LIBRARY_LEVELS.items():
         logging.getLogger(name).setLevel(level)
+
+
+def redact(text: str) -> str:
+    """`text` with every known secret (see `mask`) and token-shaped field masked."""
+    for secret in _secrets:
+        text = text.replace(secret, MASK)
+    return TOKEN_FIELD.sub(rf"\1{MASK}", text)

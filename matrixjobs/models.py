@@ -130,6 +130,8 @@ class Outcome:
     retry_at: float | None = None
     # False when the run was stopped by a shutdown, which is no fault of the job's.
     count_retry: bool = True
+    # The job's whole log once this run ended; None: nothing new to save.
+    log: str | None = None
 
 
 @dataclass(slots=True)

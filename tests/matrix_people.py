@@ -11,6 +11,7 @@ import contextlib
 import itertools
 import time
 import urllib.parse
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,15 @@ class Person:
             "m.new_content": {"msgtype": "m.text", "body": new_body},
             "m.relates_to": {"rel_type": "m.replace", "event_id": original},
         })
+
+    def download(self, mxc: str) -> bytes:
+        """A file from the media repository (authenticated media, spec v1.11)."""
+        server_name, media_id = mxc.removeprefix("mxc://").split("/", 1)
+        request = urllib.request.Request(
+            f"{self.server.base_url}/_matrix/client/v1/media/download/{server_name}/{media_id}",
+            headers={"Authorization": f"Bearer {self.token}"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return bytes(response.read())
 
     def timeline(self, room_id: str, limit: int = 500,
                  event_type: str = "m.room.message") -> list[dict[str, Any]]:

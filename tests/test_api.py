@@ -708,3 +708,41 @@ async def test_each_submit_records_who_asked_and_a_claimed_name_is_not_taken(svc
         assert forged.json()["requester"] == "api"
     async with ApiClient(svc.api.url, client="mcp") as api:
         assert (await api.submit("quick", [])).requester == "mcp"
+
+
+# -- job logs -----------------------------------------------------------------------------------
+
+
+async def test_log_of_a_finished_job_is_its_text(svc):
+    async with svc.client() as client:
+        job_id = await submit(client, "quick")
+        await final_state(svc.app, job_id)
+        response = await client.get(f"/v1/jobs/{job_id}/log")
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "text/plain; charset=utf-8"
+    assert response.text.splitlines()[1:] == ["done", "── completed ──"]
+
+
+async def test_log_of_an_unknown_or_a_batch_id_is_404(svc):
+    async with svc.client() as client:
+        for path in ("/v1/jobs/j999/log", "/v1/jobs/b1/log", "/v1/jobs/j999/log?follow=true"):
+            assert_error(await client.get(path), 404, "not_found")
+        assert_error(await client.get("/v1/jobs/j1/log?follow=maybe"), 400, "bad_query")
+
+
+async def test_log_follow_streams_a_running_job_and_ends_when_it_ends(svc):
+    async with svc.client() as client:
+        job_id = await submit(client, "count", "30")
+        await started(svc.app, job_id)
+        chunks = []
+        async with client.stream("GET", f"/v1/jobs/{job_id}/log",
+                                 params={"follow": "true"}) as response:
+            async for chunk in response.aiter_text():
+                chunks.append(chunk)
+        assert response.headers["transfer-encoding"] == "chunked"
+        assert response.headers["content-type"] == "text/plain; charset=utf-8"
+    assert len(chunks) >= 2, chunks  # output came while it ran, not all at the end
+    text = "".join(chunks)
+    assert text.splitlines()[-2:] == ["::progress 30/30 step 30", "── completed ──"]
+    assert text == await svc.app.log(job_id)
+    assert (await svc.app.status(job_id)).status == "completed"

@@ -260,3 +260,25 @@ async def test_wrong_token_is_a_clear_error(service):
     assert "token" in wrong.err and "401" in wrong.err and "MATRIXJOBS_API_TOKEN" in wrong.err
     right = await run_cli(svc.url, "submit", "quick", "--wait", token=TOKEN)
     assert right.code == 0, right
+
+
+# -- logs ---------------------------------------------------------------------------------------
+
+
+async def test_logs_prints_the_whole_log_and_unknown_ids_exit_1(svc):
+    job = await svc.app.submit("fail")
+    await final_state(svc.app, job.id)
+    result = await run_cli(svc.url, "logs", job.id)
+    assert result.code == 0, result
+    assert result.out == await svc.app.log(job.id)
+    assert result.lines[1:] == ["::progress 1/2 half way", "── failed: exit code 3 ──"]
+    missing = await run_cli(svc.url, "logs", "j999")
+    assert missing.code == 1 and "no job j999" in missing.err, missing
+
+
+async def test_logs_follow_prints_output_until_the_job_ends(svc):
+    job = await svc.app.submit("count", ["10"])
+    result = await run_cli(svc.url, "logs", job.id, "-f")
+    assert result.code == 0, result
+    assert result.lines[-2:] == ["::progress 10/10 step 10", "── completed ──"]
+    assert (await svc.app.status(job.id)).status == "completed"

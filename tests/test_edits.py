@@ -26,6 +26,7 @@ class Recorder:
         self.sent: list[tuple[float, str, dict]] = []
         self.fail_with: list[Exception] = []
         self.txn_ids: list[str] = []
+        self.uploads: list[tuple[str, bytes, str, str]] = []
         self.clock: Clock | None = None
 
     async def send(self, room_id, content, txn_id):
@@ -34,6 +35,10 @@ class Recorder:
         self.txn_ids.append(txn_id)
         self.sent.append((self.clock.now, room_id, content))
         return f"$event{len(self.sent)}"
+
+    async def upload(self, room_id, data, filename, content_type):
+        self.uploads.append((room_id, data, filename, content_type))
+        return {"url": f"mxc://test/{len(self.uploads)}"}
 
 
 def scheduler(store, rate=0.2, burst=10, interval=0.5, **kwargs):
@@ -357,3 +362,44 @@ async def test_flush_gives_up_at_its_timeout_and_says_what_is_left(store):
     assert time.monotonic() - began < 1.0
     assert len(sender.sent) == 1
     assert sender.sent[0][2]["m.relates_to"]["m.in_reply_to"]["event_id"] == "$cmd1"
+
+
+async def test_a_failed_job_gets_its_log_as_a_file_in_a_thread_after_its_final_edit(store):
+    async def load_log(job_id):
+        return f"the log of {job_id}\n"
+
+    sched, sender, clock = scheduler(store, rate=0, load_log=load_log)
+    sched.track("!room", "@alice:x", "$cmd", state(clock, job_id="j7"))
+    await drain(sched, clock, clock.now + 1)
+    sched.update(state(clock, Status.FAILED, job_id="j7"))
+    sched.track("!room", "@alice:x", "$cmd2", state(clock, Status.COMPLETED, job_id="j8"))
+    await drain(sched, clock, clock.now + 1)
+    assert sender.uploads == [("!room", b"the log of j7\n", "j7-docs.log", "text/plain")]
+    contents = [content for _, _, content in sender.sent]
+    assert "❌" in contents[1]["m.new_content"]["body"]  # the final edit went first
+    [attachment] = [c for c in contents if c["msgtype"] == "m.file"]
+    assert attachment == {
+        "msgtype": "m.file", "body": "j7-docs.log", "filename": "j7-docs.log",
+        "info": {"mimetype": "text/plain", "size": 14}, "url": "mxc://test/1",
+        "m.mentions": {},
+        "m.relates_to": {"rel_type": "m.thread", "event_id": "$event1", "is_falling_back": True,
+                         "m.in_reply_to": {"event_id": "$event1"}},
+    }
+    assert len(sender.sent) == 4  # j7: first message, final edit, file; j8: one message
+    assert sched.backlog == 0
+
+
+async def test_a_file_whose_send_failed_is_sent_again_without_a_second_upload(store):
+    async def load_log(job_id):
+        return "log\n"
+
+    sched, sender, clock = scheduler(store, rate=0, load_log=load_log)
+    sched.track("!room", "@alice:x", "$cmd", state(clock, job_id="j7"))
+    await drain(sched, clock, clock.now + 1)
+    sched.update(state(clock, Status.FAILED, job_id="j7"))
+    await sched.send_next()  # the final edit
+    sender.fail_with.append(SendFailedError("network down"))
+    await drain(sched, clock, clock.now + 5)
+    assert len(sender.uploads) == 1
+    assert [c["msgtype"] for _, _, c in sender.sent].count("m.file") == 1
+    assert sender.txn_ids[-1] == "mj-j7-log"

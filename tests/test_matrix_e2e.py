@@ -155,6 +155,23 @@ async def test_failed_build_shows_the_output_tail(scene):
     assert message.current.startswith("❌")
     assert "exit code 3" in message.current and "compiler exploded" in message.current
     assert "<pre><code>" in message.current_html
+    command = await scene.say("!logs j1 2")
+    reply = await scene.reply_to(command)
+    assert reply.current == ("📜 j1: the last 2 lines of its log\n```\ncompiler exploded\n"
+                             "── failed: exit code 3 ──\n```")
+    assert "<pre><code>compiler exploded\n" in reply.current_html
+    # The whole log as a file, in a thread under the progress message.
+    [attachment] = await eventually(lambda: [
+        event for event in scene.alice.timeline(scene.room)
+        if event["content"].get("msgtype") == "m.file"])
+    content = attachment["content"]
+    assert attachment["sender"] == scene.bot_id
+    assert content["body"] == content["filename"] == "j1-broken.log"
+    assert content["m.relates_to"]["rel_type"] == "m.thread"
+    assert content["m.relates_to"]["event_id"] == message.event_id
+    data = await in_thread(scene.alice.download, content["url"])
+    assert data == (await scene.app.log("j1")).encode()
+    assert content["info"] == {"mimetype": "text/plain", "size": len(data)}
 
 
 async def test_batch_shows_counts_and_errors(scene):

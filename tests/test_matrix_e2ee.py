@@ -21,6 +21,7 @@ from aiohttp import ClientConnectionError
 from helpers import MATRIX_TARGETS, final_state, make_config
 from matrix_people import BotMessage, EncryptedPerson
 from nio import MegolmEvent, ToDeviceMessage, ToDeviceResponse
+from nio.crypto.attachments import decrypt_attachment
 from nio.store import DefaultStore
 from pydantic import SecretStr
 
@@ -155,6 +156,29 @@ def assert_encrypted_edits(scene: EncryptedScene, message: BotMessage) -> None:
         assert edit["content"]["m.new_content"]["body"] == edit["content"]["body"][2:]
 
 
+async def assert_encrypted_log_file(scene: EncryptedScene, message: BotMessage,
+                                    log_text: str) -> None:
+    """The failed job's log came as an encrypted m.file in a thread under its message,
+    and decrypts to the log."""
+    assert scene.alice is not None
+    deadline = time.monotonic() + 30
+    while not (files := [m.original["content"] for m in
+                         scene.alice.messages_of(scene.room, scene.bot_id)
+                         if m.original["content"].get("msgtype") == "m.file"]):
+        assert time.monotonic() < deadline, "no log file"
+        await asyncio.sleep(0.2)
+    [content] = files
+    assert content["m.relates_to"]["rel_type"] == "m.thread"
+    assert content["m.relates_to"]["event_id"] == message.event_id
+    assert "url" not in content, "an encrypted room gets an encrypted file"
+    file = content["file"]
+    ciphertext = await asyncio.to_thread(scene.alice.http.download, file["url"])
+    assert ciphertext != log_text.encode()
+    plain = decrypt_attachment(ciphertext, file["key"]["k"], file["hashes"]["sha256"],
+                               file["iv"])
+    assert plain == log_text.encode() and b"compiler exploded" in plain
+
+
 async def test_build_and_batch_in_an_encrypted_room_and_again_after_a_restart(encrypted):
     scene = encrypted
     app = await start_bot(scene.config())
@@ -176,6 +200,11 @@ async def test_build_and_batch_in_an_encrypted_room_and_again_after_a_restart(en
         command = await scene.alice.send(scene.room, "!batch quick slow quick")
         message = await scene.reply_to(command, finished)
         assert message.current.startswith("✅") and "3/3" in message.current
+
+        command = await scene.alice.send(scene.room, "!build broken")
+        message = await scene.reply_to(command, finished)
+        assert message.current.startswith("❌")
+        await assert_encrypted_log_file(scene, message, await app.log("j5"))
     finally:
         await app.stop()
 
@@ -192,7 +221,7 @@ async def test_build_and_batch_in_an_encrypted_room_and_again_after_a_restart(en
         assert message.current.startswith("✅") and "slow 2" in message.current
         await asyncio.to_thread(assert_encrypted_edits, scene, message)
         builds = [job for job in await app.jobs() if job.batch_id is None]
-        assert len(builds) == 2 and len(await app.batches()) == 1, "nothing ran twice"
+        assert len(builds) == 3 and len(await app.batches()) == 1, "nothing ran twice"
     finally:
         await app.stop()
 

@@ -31,9 +31,11 @@ TOKEN = "mcp-test-token"
 COUNT = counting_target(0.03)
 SLOW = SLOW_TARGET
 QUIET = python_target("import time; time.sleep(1.2)")
-TARGETS = {"count": COUNT, "slow": SLOW, "quiet": QUIET}
+# 3000 lines of 100 characters: more than the `logs` tool gives at once.
+WORDY = python_target("for n in range(3000): print(f'{n:05d}' + 'x' * 94)")
+TARGETS = {"count": COUNT, "slow": SLOW, "quiet": QUIET, "wordy": WORDY}
 MODES = ["auto", "legacy"]
-TOOLS = {"status", "list_jobs", "submit_build", "submit_batch", "cancel"}
+TOOLS = {"status", "list_jobs", "submit_build", "submit_batch", "cancel", "logs"}
 
 
 class Service:
@@ -181,6 +183,21 @@ async def test_errors_are_tool_errors(connect):
         assert await call_error(client, "status", id="j1", max_wait_s=-1)
 
 
+async def test_logs_gives_the_last_lines_within_its_bound(connect, svc):
+    async with connect() as client:
+        job = await call(client, "submit_build", target="wordy")
+        await final_state(svc.app, job["id"])
+        three = await call(client, "logs", id=job["id"], lines=3)
+        assert three["text"].splitlines() == [
+            "02998" + "x" * 94, "02999" + "x" * 94, "── completed ──"]
+        assert three["lines"] == 3
+        most = await call(client, "logs", id=job["id"], lines=2000)
+        assert len(most["text"].encode()) <= mcp_server.MAX_LOG_BYTES
+        assert most["text"].endswith("02999" + "x" * 94 + "\n── completed ──\n")
+        assert most["text"].startswith("0")  # starts at a whole line
+        assert "no job j999" in await call_error(client, "logs", id="j999")
+
+
 async def test_batch_streams_to_its_end(connect):
     seen: list[float] = []
 
@@ -254,6 +271,9 @@ async def test_stdio_subprocess_against_the_service(svc, mode):
         assert progress and progress == sorted(set(progress))
         assert "no job j999" in await call_error(client, "status", id="j999")
         assert "unknown target" in await call_error(client, "submit_build", target="nope")
+        logs = await call(client, "logs", id=job["id"], lines=2)
+        assert logs["text"] == "::progress 5/5 step 5\n── completed ──\n"
+        assert "no job j999" in await call_error(client, "logs", id="j999")
 
 
 @pytest.mark.parametrize("mode", MODES)

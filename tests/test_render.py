@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
 import pytest
 
 from matrixjobs.matrix.render import (
+    MAX_LOG_BYTES,
     STATUS_EMOJI,
     Rendered,
     progress_bar,
@@ -17,6 +19,7 @@ from matrixjobs.matrix.render import (
     render_final_notice,
     render_help,
     render_jobs,
+    render_log,
     render_progress,
     render_status_summary,
     render_targets,
@@ -339,3 +342,16 @@ def test_cancel_reply_depends_on_how_the_job_ended() -> None:
     assert render_cancelled("j12", Status.CANCELLED).body == "🚫 Cancelled j12."
     assert render_cancelled("j12", "completed").body == "j12 had already finished (completed)."
     assert render_cancelled("b3", Status.FAILED).html == "b3 had already finished (failed)."
+
+
+def test_log_reply_is_a_code_block_well_under_the_event_limit_at_worst() -> None:
+    rendered = render_log("j3", "a < b\n& done\n")
+    assert rendered.body == "📜 j3: the last 2 lines of its log\n```\na < b\n& done\n```"
+    assert rendered.html.endswith("<pre><code>a &lt; b\n&amp; done\n</code></pre>")
+    assert render_log("j3", "").body == "📜 j3 has no output yet."
+    worst = ('"\x00' * MAX_LOG_BYTES)[:MAX_LOG_BYTES]
+    worst_case = render_log("j3", worst)
+    content = json.dumps({"msgtype": "m.notice", "body": worst_case.body,
+                          "format": "org.matrix.custom.html",
+                          "formatted_body": worst_case.html})
+    assert len(content) * 4 / 3 < 60 * 1024  # base64 of the encrypted payload

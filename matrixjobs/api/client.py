@@ -145,6 +145,22 @@ class ApiClient:
         except httpx2.TransportError as exc:
             raise ServiceUnreachable(self.url, describe_error(exc)) from None
 
+    async def log(self, job_id: str, follow: bool = False) -> AsyncIterator[str]:
+        """A job's log as text, in pieces; with `follow`, until its run ends."""
+        params = {"follow": "true"} if follow else None
+        try:
+            async with self._http.stream(
+                "GET", f"/v1/jobs/{_segment(job_id)}/log", params=params,
+                timeout=httpx2.Timeout(None if follow else 30.0, connect=5.0),
+            ) as response:
+                if response.status_code >= 400:
+                    await response.aread()
+                    raise failure(response)
+                async for text in response.aiter_text():
+                    yield text
+        except httpx2.TransportError as exc:
+            raise ServiceUnreachable(self.url, describe_error(exc)) from None
+
     # -- plumbing ---------------------------------------------------------------------------
 
     async def _list(

@@ -99,6 +99,8 @@ LIST_PARAMETERS = (
 )
 STREAM = {"name": "stream", "in": "query", "schema": {"type": "boolean", "default": False},
           "description": "follow it: NDJSON, one event per line, until it ends"}
+FOLLOW = {"name": "follow", "in": "query", "schema": {"type": "boolean", "default": False},
+          "description": "keep sending the log until the run ends"}
 HEALTH = ref("Health")
 BAD_QUERY = error("a bad query parameter", 400)
 NOT_FOUND = error("no such job or batch (or not an id)", 404)
@@ -136,6 +138,14 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         "Cancel a job", parameters=(path_id("job", JOB_PREFIX, "j12"),),
         description="Answers once it has stopped (its command gets SIGTERM, then SIGKILL).",
         responses={200: event("its final state"), **CANCEL_ERRORS}),
+    ("GET", "/v1/jobs/{id}/log"): Operation(
+        "A job's whole log", parameters=(path_id("job", JOB_PREFIX, "j12"), FOLLOW),
+        description=("Each run's output (stdout and stderr in order) under a header per "
+                     "attempt, capped per job as docs/logs.md says; empty when there is none. "
+                     "With `follow=true` it is sent as it comes, until the run going on (or "
+                     "the next to start) ends."),
+        responses={200: answer("the log", {"type": "string"}, "text/plain"),
+                   400: BAD_QUERY, 404: NOT_FOUND}),
     ("GET", "/v1/batches"): Operation(
         "List batches", parameters=LIST_PARAMETERS,
         responses={200: events("batches", "batches, newest first"), 400: BAD_QUERY}),

@@ -16,7 +16,13 @@ from starlette.routing import Route
 from matrixjobs import __version__
 from matrixjobs.api.client import USER_AGENT_PREFIX
 from matrixjobs.api.errors import ApiError
-from matrixjobs.api.stream import EventStream, OpenStreams
+from matrixjobs.api.stream import (
+    TEXT,
+    ChunkStream,
+    OpenStreams,
+    event_stream,
+    text_stream,
+)
 from matrixjobs.app import App
 from matrixjobs.errors import NotFoundError, echo
 from matrixjobs.models import BATCH_PREFIX, JOB_PREFIX, Status, parse_id
@@ -62,6 +68,7 @@ class Endpoints:
             Route("/v1/jobs/{id}", self.get_job, methods=["GET"]),
             Route("/v1/jobs/{id}/cancel", self.cancel_job, methods=["POST"]),
             by_method("/v1/batches", GET=self.list_batches, POST=self.submit_batch),
+            Route("/v1/jobs/{id}/log", self.job_log, methods=["GET"]),
             Route("/v1/batches/{id}", self.get_batch, methods=["GET"]),
             Route("/v1/batches/{id}/cancel", self.cancel_batch, methods=["POST"]),
             Route("/v1/status", self.active, methods=["GET"]),
@@ -102,6 +109,20 @@ class Endpoints:
         subject = subject_of(request, JOB_PREFIX)
         return event_response(event_of(await self.app.cancel(subject), time.time()))
 
+    async def job_log(self, request: Request) -> Response | ChunkStream[str]:
+        """The job's whole log as text; with ?follow=true, then its output as it comes
+        until the run going on (or the next to start) ends."""
+        subject = subject_of(request, JOB_PREFIX)
+        if not flag(request, "follow"):
+            return Response(await self.app.log(subject), media_type=TEXT)
+        chunks = self.app.follow_log(subject)
+        try:
+            first = await anext(chunks)  # NotFoundError → 404 before the stream starts
+        except BaseException:
+            await chunks.aclose()
+            raise
+        return text_stream(first, chunks, self.streams)
+
     # -- batches ---------------------------------------------------------------------------------
 
     async def list_batches(self, request: Request) -> Response:
@@ -128,7 +149,7 @@ class Endpoints:
     async def active(self, request: Request) -> Response:
         return list_response("active", await self.app.active())
 
-    async def status(self, request: Request) -> Response | EventStream:
+    async def status(self, request: Request) -> Response | ChunkStream[JobProgressEvent]:
         subject = request.path_params["id"]
         known_query(request, "stream")
         if not flag(request, "stream"):
@@ -139,7 +160,7 @@ class Endpoints:
         except BaseException:
             await updates.aclose()
             raise
-        return EventStream(first, updates, self.streams)
+        return event_stream(first, updates, self.streams)
 
 
 

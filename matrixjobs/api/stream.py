@@ -1,6 +1,7 @@
-"""NDJSON progress streams: one job-progress event per line, closed without leaks.
+"""Streamed responses, closed without leaks: NDJSON progress (one job-progress event
+per line) and a job's log as text while it is written.
 
-A stream ends when its job or batch ends, when the client goes away, or when
+A stream ends when its job or batch (or the followed run) ends, when the client goes away, or when
 the server shuts down. In every case the core's watch generator (and with it
 the monitor subscription) is closed before the request's task finishes.
 """
@@ -9,7 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
+from typing import Generic, TypeVar
 
 from starlette.types import Message, Receive, Scope, Send
 
@@ -21,6 +23,9 @@ HEADERS = [
     (b"cache-control", b"no-cache"),
     (b"x-accel-buffering", b"no"),  # tell nginx & co. not to buffer the stream
 ]
+T = TypeVar("T")
+TEXT = "text/plain; charset=utf-8"
+TEXT_HEADERS = [(b"content-type", TEXT.encode()), *HEADERS[1:]]
 
 
 class OpenStreams:
@@ -46,28 +51,35 @@ class OpenStreams:
             deadline.reschedule(now)
 
 
-class EventStream:
-    """An ASGI response that writes `first`, then everything `updates` yields."""
+class ChunkStream(Generic[T]):
+    """An ASGI response that writes `first`, then (with `follow`) every item `rest`
+    yields as `encode` turns it into bytes."""
 
     def __init__(
         self,
-        first: JobProgressEvent,
-        updates: AsyncGenerator[JobProgressEvent, None],
+        first: bytes,
+        rest: AsyncGenerator[T, None],
+        encode: Callable[[T], bytes],
+        follow: bool,
         streams: OpenStreams,
+        headers: list[tuple[bytes, bytes]],
     ) -> None:
         self.first = first
-        self.updates = updates
+        self.rest = rest
+        self.encode = encode
+        self.follow = follow
         self.streams = streams
+        self.headers = headers
         self.client_gone = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
-            await send(_line(self.first))
-            if not self.first.terminal and not self.streams.closing:
+            await send({"type": "http.response.start", "status": 200, "headers": self.headers})
+            await send(_body(self.first))
+            if self.follow and not self.streams.closing:
                 await self._follow(receive, send)
         finally:
-            await self.updates.aclose()
+            await self.rest.aclose()
         if not self.client_gone:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
 
@@ -78,8 +90,10 @@ class EventStream:
                 self.streams.add(deadline)
                 listener = asyncio.create_task(self._until_disconnect(receive, deadline))
                 try:
-                    async for event in self.updates:
-                        await send(_line(event))
+                    async for item in self.rest:
+                        chunk = self.encode(item)
+                        if chunk:
+                            await send(_body(chunk))
                 finally:
                     self.streams.discard(deadline)
                     listener.cancel()
@@ -92,6 +106,24 @@ class EventStream:
         deadline.reschedule(asyncio.get_running_loop().time())
 
 
-def _line(event: JobProgressEvent) -> Message:
-    return {"type": "http.response.body", "body": (event.to_json() + "\n").encode(),
-            "more_body": True}
+def event_stream(
+    first: JobProgressEvent,
+    updates: AsyncGenerator[JobProgressEvent, None],
+    streams: OpenStreams,
+) -> ChunkStream[JobProgressEvent]:
+    """NDJSON: `first`, then every update (none when `first` is terminal)."""
+    return ChunkStream(_line(first), updates, _line, not first.terminal, streams, HEADERS)
+
+
+def text_stream(first: str, rest: AsyncGenerator[str, None],
+                streams: OpenStreams) -> ChunkStream[str]:
+    """text/plain: `first`, then each piece of `rest` as it comes (a log being written)."""
+    return ChunkStream(first.encode(), rest, str.encode, True, streams, TEXT_HEADERS)
+
+
+def _line(event: JobProgressEvent) -> bytes:
+    return (event.to_json() + "\n").encode()
+
+
+def _body(chunk: bytes) -> Message:
+    return {"type": "http.response.body", "body": chunk, "more_body": True}

@@ -1,4 +1,4 @@
-"""The client commands: status, submit, batch, cancel, jobs (talking to the API)."""
+"""The client commands: status, submit, batch, cancel, jobs, logs (talking to the API)."""
 
 from __future__ import annotations
 
@@ -116,6 +116,14 @@ async def cmd_cancel(api: ApiClient, args: argparse.Namespace, mode: Mode) -> in
     return EXIT_OK
 
 
+async def cmd_logs(api: ApiClient, args: argparse.Namespace, mode: Mode) -> int:
+    """The log is text whatever the mode: it is the job's own output."""
+    async for text in api.log(args.id, follow=args.follow):
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    return EXIT_OK
+
+
 # -- following ----------------------------------------------------------------------------------
 
 
@@ -194,7 +202,8 @@ EPILOG = (
 
 
 def add_client_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    """Register status, submit, batch, cancel and jobs on the main parser's subcommands."""
+    """Register status, submit, batch, cancel, jobs and logs on the main parser's
+    subcommands."""
 
     def client_parser(name: str, help_text: str, command: Command) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text, description=help_text, epilog=EPILOG)
@@ -237,3 +246,9 @@ def add_client_commands(commands: argparse._SubParsersAction) -> None:  # type: 
 
     jobs = client_parser("jobs", "list recent jobs", cmd_jobs)
     jobs.add_argument("--limit", type=int, default=RECENT_LIMIT, help="how many (default 20)")
+
+    logs = client_parser("logs", "print a job's whole output (every attempt)", cmd_logs)
+    logs.add_argument("id", metavar="ID", help="a job (j12)")
+    logs.add_argument("-f", "--follow", action="store_true",
+                      help="then print its output as it comes, until the run going on (or "
+                           "the next to start) ends")

@@ -34,6 +34,7 @@ from nio import (
     RoomMessageText,
     RoomSendResponse,
     SyncResponse,
+    UploadResponse,
     WhoamiResponse,
 )
 
@@ -113,6 +114,27 @@ class NioSender:
         raise SendFailedError(str(response), permanent=response.status_code in PERMANENT_ERRORS)
 
 
+    async def upload(self, room_id: str, data: bytes, filename: str,
+                     content_type: str) -> dict[str, Any]:
+        room = self.client.rooms.get(room_id)
+        if room is None:
+            raise SendFailedError(f"not in room {room_id}", permanent=True)
+        try:
+            response, keys = await self.client.upload(
+                lambda *_: data, content_type=content_type, filename=filename,
+                encrypt=room.encrypted, filesize=len(data))
+        except NETWORK_ERRORS as exc:
+            raise SendFailedError(f"{type(exc).__name__}: {exc}") from None
+        if isinstance(response, UploadResponse):
+            if keys is None:
+                return {"url": response.content_uri}
+            return {"file": {"url": response.content_uri, "mimetype": content_type, **keys}}
+        assert isinstance(response, ErrorResponse)
+        if response.status_code == "M_LIMIT_EXCEEDED" or _http_status(response) == 429:
+            raise RateLimitedError(_retry_after_s(response))
+        raise SendFailedError(str(response), permanent=response.status_code in PERMANENT_ERRORS)
+
+
 def _server_time_ms(response: Any) -> int:
     """The homeserver's clock from a response's Date header (1 s resolution), minus 1 s."""
     transport = getattr(response, "transport_response", None)
@@ -165,6 +187,7 @@ class MatrixBot:
             sender, app.store, TokenBucket(config.rate_per_s, config.rate_burst),
             interval_ms / 1000, config.max_edits_per_message, config.notify_after_s,
             counter=app.metrics,
+            load_log=app.log,
         )
         self.synced = asyncio.Event()
         # The homeserver's clock when we started: older messages are never acted on.
@@ -180,7 +203,7 @@ class MatrixBot:
         self._commands: dict[str, Callable[[str, RoomMessageText, Command], Awaitable[None]]] = {
             "build": self._build, "batch": self._batch, "status": self._status,
             "cancel": self._cancel, "jobs": self._jobs, "targets": self._targets,
-            "help": self._help,
+            "help": self._help, "logs": self._logs,
         }
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -545,7 +568,8 @@ class MatrixBot:
             self._reply(room_id, event,
                         render.render_unknown_command(command.name, self.config.command_prefix))
             return
-        if command.name in ("build", "batch", "cancel") and not self.access.allows(event.sender):
+        if command.name in ("build", "batch", "cancel", "logs") and not self.access.allows(
+                event.sender):
             log.info("matrix: denied %s to %s in %s", command.name, event.sender, room_id)
             # One ⛔ per person now and then: a stranger must not drain the send budget.
             if self.access.reply_to_denied and _now_and_then(self._denied_at, event.sender):
@@ -602,6 +626,19 @@ class MatrixBot:
             raise MatrixJobsError(f"usage: {self.config.command_prefix}cancel ID")
         result = await self.app.cancel(command.args[0])
         self._reply(room_id, event, render.render_cancelled(result.id, str(result.status)))
+
+    async def _logs(self, room_id: str, event: RoomMessageText, command: Command) -> None:
+        usage = f"usage: {self.config.command_prefix}logs ID [LINES]"
+        if not 1 <= len(command.args) <= 2:
+            raise MatrixJobsError(usage)
+        lines = render.LOG_LINES
+        if len(command.args) == 2:
+            if not command.args[1].isdigit() or int(command.args[1]) < 1:
+                raise MatrixJobsError(usage)
+            lines = min(int(command.args[1]), render.MAX_LOG_LINES)
+        job_id = command.args[0]
+        text = await self.app.log_tail(job_id, lines, render.MAX_LOG_BYTES)
+        self._reply(room_id, event, render.render_log(job_id.strip().lower(), text))
 
     async def _jobs(self, room_id: str, event: RoomMessageText, command: Command) -> None:
         items: list[Job | Batch] = [*await self.app.batches(limit=10)]

@@ -6,6 +6,11 @@ matters first — final states, then replies and first messages, then progress
 edits round-robin — and keeps back enough of its budget that every live
 message's final edit can go out at once. Edits always target the original
 event, carry the full `m.new_content`, and never exceed `max_edits` per message.
+
+A job that failed also gets its whole log as a file (`m.file`) in a thread
+under its progress message, once the final edit is out: queued with the
+replies, so it waits behind final states and within the same budget, and the
+progress message stays the job's only message in the room's timeline.
 """
 
 from __future__ import annotations
@@ -16,16 +21,18 @@ import hashlib
 import itertools
 import json
 import logging
+import re
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from matrixjobs.errors import NotFoundError
 from matrixjobs.matrix.ratelimit import TokenBucket
 from matrixjobs.matrix.render import Rendered, render_final_notice, render_progress
-from matrixjobs.models import ProgressMessage
+from matrixjobs.models import ProgressMessage, Status
 from matrixjobs.progress.events import JobProgressEvent
 from matrixjobs.store.base import Store
 
@@ -36,6 +43,8 @@ MAX_REPLIES = 50
 MAX_BACKOFF_S = 60.0
 RATE_WARNING_EVERY_S = 60.0
 FLUSH_POLL_S = 0.05  # while flushing, the shortest wait for budget or after a failed send
+LOG_TYPE = "text/plain"
+UNSAFE_IN_FILENAME = re.compile(r"[^A-Za-z0-9_.-]+")
 
 
 class RateLimitedError(Exception):
@@ -59,6 +68,12 @@ class Sender(Protocol):
         The homeserver sends a retried `txn_id` only once, so a send whose answer was
         lost can be repeated without posting twice.
         """
+
+    async def upload(self, room_id: str, data: bytes, filename: str,
+                     content_type: str) -> dict[str, Any]:
+        """Upload a file for `room_id`; return the fields that point an m.file at it:
+        `url`, or in an encrypted room `file` (the encrypted file's url and key). Raises
+        like `send`."""
 
 
 class SendCounter(Protocol):
@@ -107,6 +122,45 @@ class Reply:
     txn_id: str = field(default_factory=lambda: f"mj-reply-{uuid.uuid4().hex}")
 
 
+@dataclass(slots=True)
+class Attachment:
+    """A failed job's log, to go in a thread under its progress message."""
+
+    room_id: str
+    thread_root: str
+    subject_id: str
+    filename: str
+    txn_id: str
+    # Set once uploaded, so a retried send does not upload again.
+    file: dict[str, Any] | None = None
+    size: int = 0
+
+
+def log_filename(event: JobProgressEvent) -> str:
+    """`j12-docs.log`: the job and what it ran, safe as a file name anywhere."""
+    name = UNSAFE_IN_FILENAME.sub("_", event.name).strip("._")[:60]
+    return f"{event.id}-{name}.log" if name else f"{event.id}.log"
+
+
+def file_content(attachment: Attachment) -> dict[str, Any]:
+    """An m.file in the thread under the progress message (spec "Threading"); clients
+    without threads see it as a reply to that message."""
+    return {
+        "msgtype": "m.file",
+        "body": attachment.filename,
+        "filename": attachment.filename,
+        "info": {"mimetype": LOG_TYPE, "size": attachment.size},
+        **(attachment.file or {}),
+        "m.mentions": {},
+        "m.relates_to": {
+            "rel_type": "m.thread",
+            "event_id": attachment.thread_root,
+            "is_falling_back": True,
+            "m.in_reply_to": {"event_id": attachment.thread_root},
+        },
+    }
+
+
 def message_content(rendered: Rendered, reply_to: str | None = None,
                     mentions: Sequence[str] = ()) -> dict[str, Any]:
     content: dict[str, Any] = {
@@ -151,6 +205,7 @@ class EditScheduler:
         max_edits: int = 200,
         notify_after_s: float = 30.0,
         render: Callable[[JobProgressEvent, float], Rendered] = render_progress,
+        load_log: Callable[[str], Awaitable[str]] | None = None,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
         counter: SendCounter | None = None,
@@ -163,10 +218,11 @@ class EditScheduler:
         self.max_edits = max(max_edits, 1)
         self.notify_after_s = notify_after_s
         self._render = render
+        self._load_log = load_log
         self._clock = clock
         self._monotonic = monotonic
         self._slots: dict[str, Slot] = {}
-        self._replies: deque[Reply] = deque()
+        self._replies: deque[Reply | Attachment] = deque()
         self._order = itertools.count()
         self._changed = asyncio.Event()
         self._paused_until = 0.0
@@ -258,7 +314,7 @@ class EditScheduler:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._changed.wait(), timeout)
 
-    def _pick(self) -> Slot | Reply | None:
+    def _pick(self) -> Slot | Reply | Attachment | None:
         now = self._monotonic()
         if now < self._paused_until:
             return None
@@ -319,12 +375,16 @@ class EditScheduler:
 
     # -- sending ------------------------------------------------------------------------------
 
-    async def _send(self, choice: Slot | Reply) -> None:
+    async def _send(self, choice: Slot | Reply | Attachment) -> None:
         self.bucket.take()
         try:
             if isinstance(choice, Reply):
                 await self.sender.send(choice.room_id, message_content(
                     choice.rendered, choice.reply_to, choice.mentions), choice.txn_id)
+                self._replies.popleft()
+                self._count_sent(edit=False)
+            elif isinstance(choice, Attachment):
+                await self._send_attachment(choice)
                 self._replies.popleft()
                 self._count_sent(edit=False)
             else:
@@ -389,7 +449,28 @@ class EditScheduler:
         slot.last_sent = self._monotonic()
         if event.terminal:
             del self._slots[slot.subject_id]
+            self._attach_log(slot, event)
             self._notify_if_long(slot, event)
+
+    def _attach_log(self, slot: Slot, event: JobProgressEvent) -> None:
+        if (self._load_log is None or event.status is not Status.FAILED
+                or event.type != "job" or slot.event_id is None):
+            return
+        self._replies.append(Attachment(slot.room_id, slot.event_id, slot.subject_id,
+                                        log_filename(event), f"mj-{slot.subject_id}-log"))
+        self._changed.set()
+
+    async def _send_attachment(self, attachment: Attachment) -> None:
+        if attachment.file is None:
+            assert self._load_log is not None
+            try:
+                data = (await self._load_log(attachment.subject_id)).encode()
+            except NotFoundError as exc:  # deleted by retention meanwhile
+                raise SendFailedError(str(exc), permanent=True) from None
+            attachment.file = await self.sender.upload(
+                attachment.room_id, data, attachment.filename, LOG_TYPE)
+            attachment.size = len(data)
+        await self.sender.send(attachment.room_id, file_content(attachment), attachment.txn_id)
 
     def _notify_if_long(self, slot: Slot, event: JobProgressEvent) -> None:
         begun = event.started_at or event.created_at
@@ -399,11 +480,11 @@ class EditScheduler:
                        render_final_notice(event, slot.requester, self._clock()),
                        mentions=[slot.requester])
 
-    def _failed(self, choice: Slot | Reply, exc: SendFailedError) -> None:
+    def _failed(self, choice: Slot | Reply | Attachment, exc: SendFailedError) -> None:
         where = choice.room_id
         if exc.permanent:
             log.warning("giving up a message in %s: %s", where, exc)
-            if isinstance(choice, Reply):
+            if isinstance(choice, Reply | Attachment):
                 self._replies.popleft()
             else:
                 self._slots.pop(choice.subject_id, None)

@@ -40,6 +40,12 @@ EMPTY = "⬜"
 TAIL_LINES = 20
 LINE_LIMIT = 200
 NAME_LIMIT = 80
+LOG_LINES = 30
+MAX_LOG_LINES = 200
+# `!logs` text is sent twice (body and HTML), each byte up to 6 in JSON (a control
+# character is written \u0000) and in HTML ('"' is &quot;), then base64 in an encrypted
+# room (4/3): 16 bytes a byte at worst, so 3500 stay under Matrix's 64 KiB event limit.
+MAX_LOG_BYTES = 3500
 
 STATUS_EMOJI: dict[Status, str] = {
     Status.PENDING: "⏳",
@@ -62,6 +68,7 @@ COMMANDS: tuple[tuple[str, str], ...] = (
     ("batch TARGET [TARGET…]", "run several targets as one batch"),
     ("status [ID]", "show one job or batch, or everything that is active"),
     ("cancel ID", "cancel a job or batch"),
+    ("logs ID [N]", f"the last N lines of a job's output (default {LOG_LINES})"),
     ("jobs", "list recent and active jobs"),
     ("targets", "list what can be built"),
     ("help", "show this help"),
@@ -354,6 +361,17 @@ def render_status_summary(events: list[JobProgressEvent], now: float) -> Rendere
         return _single("Nothing is running.")
     title = f"Active ({len(active)}):"
     return _listing(title, [_summary_line(event, now) for event in active])
+
+
+def render_log(job_id: str, text: str) -> Rendered:
+    """The end of a job's log as a code block."""
+    if not text:
+        return _single(f"📜 {job_id} has no output yet.")
+    count = text.count("\n")
+    message = _Message()
+    message.line(f"📜 {job_id}: the last {count} lines of its log")
+    message.block(f"```\n{text}```", f"<pre><code>{escape(text)}</code></pre>")
+    return message.rendered()
 
 
 def render_error(text: str) -> Rendered:

@@ -18,6 +18,7 @@ from matrixjobs.app import App
 from matrixjobs.errors import MatrixJobsError, NotFoundError
 from matrixjobs.models import Status
 from matrixjobs.progress.events import JobProgressEvent, event_of
+from matrixjobs.queue.joblog import tail
 
 T = TypeVar("T")
 
@@ -45,6 +46,10 @@ class Backend(Protocol):
     async def batches(
         self, statuses: Sequence[Status] | None, limit: int
     ) -> list[JobProgressEvent]: ...
+
+    async def log_tail(self, job_id: str, lines: int, max_bytes: int) -> str:
+        """The last `lines` lines of a job's log, at most `max_bytes` of them."""
+        ...
 
 
 class AppBackend:
@@ -78,6 +83,9 @@ class AppBackend:
         self, statuses: Sequence[Status] | None, limit: int
     ) -> list[JobProgressEvent]:
         return [self.app.live(batch) for batch in await self.app.batches(statuses, limit)]
+
+    async def log_tail(self, job_id: str, lines: int, max_bytes: int) -> str:
+        return await self.app.log_tail(job_id, lines, max_bytes)
 
 
 class HttpBackend:
@@ -118,6 +126,14 @@ class HttpBackend:
         self, statuses: Sequence[Status] | None, limit: int
     ) -> list[JobProgressEvent]:
         return await _translated(self.api.batches(_statuses(statuses), limit))
+
+    async def log_tail(self, job_id: str, lines: int, max_bytes: int) -> str:
+        # The API gives the whole log (at most [logs] max_bytes); the tail is cut here.
+        try:
+            text = "".join([piece async for piece in self.api.log(job_id)])
+        except (ApiFailure, ServiceUnreachable) as exc:
+            raise _error(exc) from None
+        return tail(text, lines, max_bytes)
 
 
 def _statuses(statuses: Sequence[Status] | None) -> str | None:

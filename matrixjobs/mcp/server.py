@@ -1,8 +1,8 @@
-"""The MCP server: five tools over a `Backend` (the core in-process, or the HTTP API).
+"""The MCP server: six tools over a `Backend` (the core in-process, or the HTTP API).
 
 Tools: `status` (optionally streaming progress), `list_jobs`, `submit_build`,
-`submit_batch`, `cancel`. Results are pydantic models, so clients get
-`structuredContent` (camelCase, the same `job-progress` JSON as the HTTP API)
+`submit_batch`, `cancel`, `logs` (the end of a job's output). Results are pydantic
+models, so clients get `structuredContent` (camelCase, the same `job-progress` JSON as the HTTP API)
 beside the text.
 
 Streaming `status` (stream=true, with an id): every job-progress event of that
@@ -38,6 +38,10 @@ from matrixjobs.progress.events import CamelModel, JobProgressEvent
 
 HEARTBEAT_S = 50.0
 MAX_LIMIT = 1000
+DEFAULT_LOG_LINES = 100
+MAX_LOG_LINES = 2000
+# Enough to read a failure, small enough for a model's context.
+MAX_LOG_BYTES = 32 * 1024
 
 INSTRUCTIONS = """\
 matrixjobs runs configured build targets as queued jobs and reports their progress.
@@ -56,6 +60,14 @@ class StatusResult(CamelModel):
     ended_by: Literal["now", "finished", "max_wait", "shutdown"] | None = None
     notifications: int = 0
     active: list[JobProgressEvent] | None = None
+
+
+class LogResult(CamelModel):
+    """The end of a job's log: its last `lines` lines, at most MAX_LOG_BYTES."""
+
+    id: str
+    text: str
+    lines: int
 
 
 class JobList(CamelModel):
@@ -153,6 +165,19 @@ def build_mcp_server(
         """Cancel a pending or running job, or every unfinished job of a batch."""
         async with errors():
             return await backend.cancel(id.strip())
+
+    @server.tool(name="logs")
+    async def logs(
+        id: Annotated[str, Field(min_length=1, description="a job id (j12)")],
+        lines: Annotated[int, Field(
+            ge=1, le=MAX_LOG_LINES,
+            description=f"how many of the last lines (at most {MAX_LOG_BYTES // 1024} KiB)",
+        )] = DEFAULT_LOG_LINES,
+    ) -> LogResult:
+        """The end of a job's output (stdout and stderr, every attempt), as it stands."""
+        async with errors():
+            text = await backend.log_tail(id.strip(), lines, MAX_LOG_BYTES)
+        return LogResult(id=id.strip(), text=text, lines=text.count("\n"))
 
     return server
 

@@ -1,10 +1,11 @@
 """The built-in `command` handler: run a configured target as a subprocess.
 
 The argv comes from the config with the (already checked) user arguments
-appended; nothing goes through a shell. Output is read line by line (CR counts
-as a line end, for tools that redraw a progress line) and progress is taken
-from `::progress CURRENT/TOTAL [message]`, `::progress PERCENT% [message]`
-or the target's `progress_regex`.
+appended; nothing goes through a shell. Output (stdout and stderr share one
+pipe, so it stays in the order it was written) goes whole to the job's log; it
+is also read line by line (CR counts as a line end, for tools that redraw a
+progress line) and progress is taken from `::progress CURRENT/TOTAL [message]`,
+`::progress PERCENT% [message]` or the target's `progress_regex`.
 """
 
 from __future__ import annotations
@@ -194,8 +195,12 @@ class CommandHandler:
         async def read() -> None:
             decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
             while chunk := await stdout.read(READ_CHUNK):
-                parser.feed(decoder.decode(chunk))
-            parser.feed(decoder.decode(b"", final=True))
+                text = decoder.decode(chunk)
+                parser.feed(text)
+                parser.progress.log(text)
+            text = decoder.decode(b"", final=True)
+            parser.feed(text)
+            parser.progress.log(text)
             parser.close()
 
         reader = asyncio.create_task(read())

@@ -24,6 +24,7 @@ import os
 import secrets
 import socket
 import time
+import traceback
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -57,6 +58,7 @@ from matrixjobs.progress.events import clean_progress
 from matrixjobs.progress.monitor import ProgressMonitor
 from matrixjobs.progress.reporter import ProgressReporter
 from matrixjobs.queue.handlers import HandlerRegistry
+from matrixjobs.queue.joblog import JobLogs, RunLog
 from matrixjobs.store.base import BatchCancel, Store
 
 log = logging.getLogger(__name__)
@@ -84,6 +86,7 @@ class Running:
     reporter: ProgressReporter
     task: asyncio.Task[Outcome]
     started: float = 0.0
+    log: RunLog | None = None
 
 
 class JobQueue:
@@ -93,12 +96,14 @@ class JobQueue:
         monitor: ProgressMonitor,
         handlers: HandlerRegistry,
         config: QueueConfig,
+        logs: JobLogs,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
         self.monitor = monitor
         self.handlers = handlers
         self.config = config
+        self.logs = logs
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self._clock = clock
         self._running: dict[str, Running] = {}
@@ -330,16 +335,22 @@ class JobQueue:
         if job.id in self._cancel_requested:
             self._finish(job, Outcome(job.id, Status.CANCELLED, self._clock(), error="cancelled"))
             return
-        reporter = ProgressReporter()
-        task = asyncio.create_task(self._run(job, reporter), name=f"job-{job.id}")
-        running = Running(job, reporter, task, time.monotonic())
+        run_log = self.logs.create(job)
+        reporter = ProgressReporter() if run_log is None else ProgressReporter(run_log.write)
+        task = asyncio.create_task(self._run(job, reporter, run_log), name=f"job-{job.id}")
+        running = Running(job, reporter, task, time.monotonic(), run_log)
         self._running[job.id] = running
         task.add_done_callback(lambda _: self._ended(running))
         self.monitor.job_started(job, reporter)
 
-    async def _run(self, job: Job, reporter: ProgressReporter) -> Outcome:
+    async def _run(self, job: Job, reporter: ProgressReporter,
+                   run_log: RunLog | None) -> Outcome:
         deadline = asyncio.timeout(job.timeout_s)
         try:
+            if run_log is not None:
+                if job.retry_count or job.error:  # it ran before
+                    run_log.earlier = await self._earlier_log(job)
+                self.logs.publish(job.id, run_log)
             handler = self.handlers.get(job.type)
             async with deadline:
                 result = await handler.run(job, reporter)
@@ -361,7 +372,15 @@ class JobQueue:
             return self._failure(job, str(exc), retryable=True)
         except BaseException as exc:  # SystemExit from a handler must not stop the service
             log.info("job %s (%s) failed: %r", job.id, job.name, exc, exc_info=exc)
+            reporter.log("".join(traceback.format_exception(exc)))
             return self._failure(job, _describe(exc), retryable=True)
+
+    async def _earlier_log(self, job: Job) -> str:
+        try:
+            return await self.store.get_log(job.id) or ""
+        except Exception:  # the run matters more than its earlier runs' output
+            log.warning("job %s: cannot read the log of its earlier runs", job.id, exc_info=True)
+            return ""
 
     def _ended(self, running: Running) -> None:
         """The task's done callback: it runs even if the task was cancelled before it began."""
@@ -373,6 +392,8 @@ class JobQueue:
         else:
             outcome = task.result()
         outcome.progress = _progress(running.reporter)
+        if running.log is not None:
+            outcome.log = self.logs.end(job.id, _footer(outcome, running.log.empty))
         self._running.pop(job.id, None)
         self._finish(job, outcome)
         took = time.monotonic() - running.started
@@ -411,6 +432,9 @@ class JobQueue:
             if progress is not None:
                 snapshots[job_id] = progress
         await self.store.heartbeat(self.owner, snapshots, self._clock(), self.config.lease_s)
+        unsaved = self.logs.unsaved()
+        if unsaved:
+            await self.store.save_logs(unsaved)
 
     # -- cancelling -------------------------------------------------------------------------------
 
@@ -522,6 +546,23 @@ def _apply(job: Job, outcome: Outcome) -> None:
         job.status = outcome.status
         job.finished_at = outcome.finished_at
         job.result = outcome.result
+
+
+def _footer(outcome: Outcome, empty: bool) -> str | None:
+    """How a run ended, as the last line of its log; None for a silent success."""
+    if outcome.retry_at is not None:
+        if not outcome.count_retry:
+            return "stopped with the service; it runs again after the restart"
+        return f"failed: {_first_line(outcome.error)}; it runs again"
+    if outcome.status == Status.COMPLETED:
+        return None if empty else "completed"
+    if outcome.status == Status.CANCELLED:
+        return "cancelled"
+    return f"failed: {_first_line(outcome.error)}"
+
+
+def _first_line(text: str | None) -> str:
+    return (text or "").partition("\n")[0]
 
 
 def _progress(reporter: ProgressReporter) -> Progress | None:

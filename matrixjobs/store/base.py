@@ -70,7 +70,8 @@ class Store(abc.ABC):
     async def settle_and_claim(
         self, outcomes: Sequence[Outcome], owner: str, limit: int, now: float, lease_s: float
     ) -> Cycle:
-        """Record finished runs, then claim up to `limit` due pending jobs for `owner`.
+        """Record finished runs (with their logs), then claim up to `limit` due pending
+        jobs for `owner`.
 
         Outcomes apply only to jobs still `processing` for `owner`.
         """
@@ -147,5 +148,15 @@ class Store(abc.ABC):
     async def set_setting(self, key: str, value: str) -> None: ...
 
     @abc.abstractmethod
+    async def save_logs(self, logs: dict[str, str]) -> None:
+        """Replace the logs of these jobs (id → whole text) while they are `processing`;
+        a job's final log comes with its outcome (Outcome.log) instead."""
+
+    @abc.abstractmethod
+    async def get_log(self, job_id: str) -> str | None:
+        """A job's saved log; None when it has none (yet)."""
+
+    @abc.abstractmethod
     async def purge_finished(self, before: float) -> int:
-        """Delete jobs and batches that finished before `before`; return how many rows."""
+        """Delete jobs and batches that finished before `before`, with their logs; return
+        how many rows."""

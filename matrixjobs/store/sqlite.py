@@ -111,6 +111,13 @@ MIGRATIONS: list[str] = [
     ALTER TABLE jobs ADD COLUMN requester TEXT;
     ALTER TABLE batches ADD COLUMN requester TEXT;
     """,
+    # each job's whole output (docs/logs.md), deleted with the job
+    """
+    CREATE TABLE job_logs (
+        job_id INTEGER PRIMARY KEY REFERENCES jobs(id) ON DELETE CASCADE,
+        text TEXT NOT NULL
+    );
+    """,
 ]
 
 JOB_COLUMNS = (
@@ -366,6 +373,8 @@ class SqliteStore(Store):
         cycle = Cycle()
         async with self._transaction():
             touched = await self._settle(outcomes, owner)
+            await self._save_logs({o.job_id: o.log for o in outcomes if o.log is not None},
+                                  "")
             if limit > 0:
                 cycle.claimed = await self._claim(owner, limit, now, now + lease_s)
                 touched.update(j.batch_id for j in cycle.claimed if j.batch_id)
@@ -432,6 +441,31 @@ class SqliteStore(Store):
                 "WHERE id = ? AND status = 'processing'",
                 [(p.current, p.total, p.message, _number(jid)) for jid, p in progress.items()],
             )
+
+    async def save_logs(self, logs: dict[str, str]) -> None:
+        async with self._transaction():
+            await self._save_logs(logs, "AND status = 'processing'")
+
+    async def _save_logs(self, logs: dict[str, str], condition: str) -> None:
+        """One INSERT … SELECT FROM (VALUES …) per chunk: a per-row statement would cost
+        tiny jobs a third of their throughput."""
+        rows = [(_number(job_id), text) for job_id, text in logs.items()]
+        for start in range(0, len(rows), ROWS_PER_STATEMENT):
+            chunk = rows[start:start + ROWS_PER_STATEMENT]
+            await self.db.execute(
+                "INSERT INTO job_logs (job_id, text) SELECT jobs.id, v.column2 "
+                f"FROM (VALUES {_placeholders(len(chunk), 2)}) AS v "
+                f"JOIN jobs ON jobs.id = v.column1 WHERE true {condition} "
+                "ON CONFLICT (job_id) DO UPDATE SET text = excluded.text",
+                [value for row in chunk for value in row],
+            )
+
+    async def get_log(self, job_id: str) -> str | None:
+        number = _checked_number(job_id, "j")
+        if number is None:
+            return None
+        async with self._lock:
+            return await self._scalar("SELECT text FROM job_logs WHERE job_id = ?", (number,))
 
     async def recover_interrupted(self, owner: str, now: float,
                                   stopped_owner: str | None = None) -> Recovery:
