@@ -33,7 +33,7 @@ SLOW = SLOW_TARGET
 QUIET = python_target("import time; time.sleep(1.2)")
 TARGETS = {"count": COUNT, "slow": SLOW, "quiet": QUIET}
 MODES = ["auto", "legacy"]
-TOOLS = {"status", "list_jobs", "submit_build", "submit_batch", "cancel"}
+TOOLS = {"status", "list_jobs", "submit_build", "submit_batch", "rerun", "cancel"}
 
 
 class Service:
@@ -152,6 +152,16 @@ async def test_status_now_max_wait_and_cancel(connect, svc):
         assert cancelled["status"] == "cancelled"
         assert "already" in (await call_error(client, "cancel", id=job["id"])).lower()
     assert (await svc.app.status(job["id"])).status == "cancelled"
+
+
+async def test_rerun_queues_the_same_target_again(connect, svc):
+    async with connect() as client:
+        job = await call(client, "submit_build", target="count", args=["2"])
+        rerun = await call(client, "rerun", id=job["id"])
+        assert rerun["id"] != job["id"] and rerun["name"] == "count 2"
+        assert rerun["requester"] == "mcp"
+        assert "no job j999" in (await call_error(client, "rerun", id="j999")).lower()
+    assert (await final_state(svc.app, rerun["id"])).status == "completed"
 
 
 async def test_cancelled_stream_stops_watching_not_the_job(connect, svc):

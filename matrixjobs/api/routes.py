@@ -57,10 +57,12 @@ class Endpoints:
             Route("/v1/jobs", self.submit_job, methods=["POST"]),
             Route("/v1/jobs/{id}", self.get_job, methods=["GET"]),
             Route("/v1/jobs/{id}/cancel", self.cancel_job, methods=["POST"]),
+            Route("/v1/jobs/{id}/rerun", self.rerun_job, methods=["POST"]),
             Route("/v1/batches", self.list_batches, methods=["GET"]),
             Route("/v1/batches", self.submit_batch, methods=["POST"]),
             Route("/v1/batches/{id}", self.get_batch, methods=["GET"]),
             Route("/v1/batches/{id}/cancel", self.cancel_batch, methods=["POST"]),
+            Route("/v1/batches/{id}/rerun", self.rerun_batch, methods=["POST"]),
             Route("/v1/status", self.active, methods=["GET"]),
             Route("/v1/status/{id}", self.status, methods=["GET"]),
         ]
@@ -93,6 +95,9 @@ class Endpoints:
         subject = subject_of(request, JOB_PREFIX)
         return event_response(event_of(await self.app.cancel(subject), time.time()))
 
+    async def rerun_job(self, request: Request) -> Response:
+        return await self._rerun(request, JOB_PREFIX, "jobs")
+
     # -- batches ---------------------------------------------------------------------------------
 
     async def list_batches(self, request: Request) -> Response:
@@ -113,6 +118,14 @@ class Endpoints:
     async def cancel_batch(self, request: Request) -> Response:
         subject = subject_of(request, BATCH_PREFIX)
         return event_response(event_of(await self.app.cancel(subject), time.time()))
+
+    async def rerun_batch(self, request: Request) -> Response:
+        return await self._rerun(request, BATCH_PREFIX, "batches")
+
+    async def _rerun(self, request: Request, prefix: str, collection: str) -> Response:
+        subject = subject_of(request, prefix)
+        rerun = await self.app.rerun(subject, requester=requester_of(request))
+        return created(event_of(rerun, time.time()), f"/v1/{collection}/{rerun.id}")
 
     # -- status ----------------------------------------------------------------------------------
 
