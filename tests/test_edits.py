@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import time
 
-from matrixjobs.matrix.edits import EditScheduler, RateLimitedError, SendFailedError
+from matrixjobs.matrix.edits import EditScheduler, Pings, RateLimitedError, SendFailedError
 from matrixjobs.matrix.ratelimit import TokenBucket
 from matrixjobs.matrix.render import render_error
 from matrixjobs.models import Job, ProgressMessage, Status
@@ -188,7 +188,7 @@ async def test_edits_per_message_are_capped_but_the_final_one_still_goes(store):
 
 
 async def test_long_job_ends_with_a_reply_that_mentions_the_requester(store):
-    sched, sender, clock = scheduler(store, rate=0, notify_after_s=30)
+    sched, sender, clock = scheduler(store, rate=0, pings=Pings(long_s=30))
     started = clock.now
     sched.track("!room", "@alice:x", "$cmd", state(clock, Status.PENDING))
     await drain(sched, clock, clock.now + 0.1)
@@ -335,3 +335,49 @@ async def test_flush_gives_up_at_its_timeout_and_says_what_is_left(store):
     assert time.monotonic() - began < 1.0
     assert len(sender.sent) == 1
     assert sender.sent[0][2]["m.relates_to"]["m.in_reply_to"]["event_id"] == "$cmd1"
+
+
+async def finish_quickly(sched, clock, status, job_id="j1"):
+    """Track a job, end it in `status` a second later, and send everything."""
+    started = clock.now
+    sched.track("!room", "@alice:x", "$cmd", state(clock, Status.PENDING, job_id=job_id))
+    await drain(sched, clock, clock.now + 0.6)
+    clock.now += 1
+    sched.update(state(clock, status, current=10, job_id=job_id, started=started))
+    await drain(sched, clock, clock.now + 0.6)
+
+
+def pings(sender):
+    return [content for _, _, content in sender.sent if content["m.mentions"]]
+
+
+async def test_a_short_success_pings_nobody_but_a_short_failure_does(store):
+    sched, sender, clock = scheduler(store, rate=0)
+    await finish_quickly(sched, clock, Status.COMPLETED)
+    assert pings(sender) == []
+    await finish_quickly(sched, clock, Status.FAILED, job_id="j2")
+    [ping] = pings(sender)
+    assert ping["body"].startswith("@alice:x ❌ docs (j2) failed")
+
+
+async def test_a_fix_pings_and_says_fixed(store):
+    async def previous(subject: str) -> Status | None:
+        return Status.FAILED if subject == "j2" else Status.COMPLETED
+
+    sched, sender, clock = scheduler(store, rate=0, pings=Pings(previous=previous))
+    await finish_quickly(sched, clock, Status.COMPLETED)
+    assert pings(sender) == []  # passed last time too
+    await finish_quickly(sched, clock, Status.COMPLETED, job_id="j2")
+    [ping] = pings(sender)
+    assert ping["body"].startswith("@alice:x ✅ docs (j2) fixed, completed in 1s")
+
+
+async def test_pings_can_be_turned_off(store):
+    async def previous(subject: str) -> Status | None:
+        return Status.FAILED
+
+    sched, sender, clock = scheduler(store, rate=0, pings=Pings(on=(), long_s=0,
+                                                                previous=previous))
+    await finish_quickly(sched, clock, Status.FAILED)
+    await finish_quickly(sched, clock, Status.COMPLETED, job_id="j2")
+    assert pings(sender) == [] and len(sender.sent) == 4

@@ -19,13 +19,13 @@ import logging
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from matrixjobs.matrix.ratelimit import TokenBucket
 from matrixjobs.matrix.render import Rendered, render_final_notice, render_progress
-from matrixjobs.models import ProgressMessage
+from matrixjobs.models import ProgressMessage, Status
 from matrixjobs.progress.events import JobProgressEvent
 from matrixjobs.store.base import Store
 
@@ -36,6 +36,7 @@ MAX_REPLIES = 50
 MAX_BACKOFF_S = 60.0
 RATE_WARNING_EVERY_S = 60.0
 FLUSH_POLL_S = 0.05  # while flushing, the shortest wait for budget or after a failed send
+PING_FAILED, PING_FIXED, PING_LONG = "failed", "fixed", "long"
 
 
 class RateLimitedError(Exception):
@@ -131,6 +132,29 @@ def edit_content(original_event_id: str, rendered: Rendered) -> dict[str, Any]:
     }
 
 
+@dataclass(frozen=True, slots=True)
+class Pings:
+    """When a finished job or batch pings its requester (a reply mentioning them; the edit
+    to its final state notifies nobody). `on` holds PING_FAILED (it failed), PING_FIXED (it
+    completed, and the same work failed the last time it ran, as `previous` tells) and
+    PING_LONG (it ran `long_s` or longer, whatever the outcome)."""
+
+    on: Collection[str] = (PING_FAILED, PING_FIXED, PING_LONG)
+    long_s: float = 30.0
+    previous: Callable[[str], Awaitable[Status | None]] | None = None
+
+    async def fixed(self, event: JobProgressEvent) -> bool:
+        return (event.status is Status.COMPLETED and self.previous is not None
+                and await self.previous(event.id) is Status.FAILED)
+
+    def due(self, event: JobProgressEvent, fixed: bool) -> bool:
+        begun = event.started_at or event.created_at
+        ended = event.finished_at or event.updated_at
+        long = (ended - begun).total_seconds() >= self.long_s
+        return ((PING_FAILED in self.on and event.status is Status.FAILED)
+                or (PING_FIXED in self.on and fixed) or (PING_LONG in self.on and long))
+
+
 class EditScheduler:
     def __init__(
         self,
@@ -139,7 +163,7 @@ class EditScheduler:
         bucket: TokenBucket,
         interval_s: float,
         max_edits: int = 200,
-        notify_after_s: float = 30.0,
+        pings: Pings = Pings(),
         render: Callable[[JobProgressEvent, float], Rendered] = render_progress,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
@@ -149,7 +173,7 @@ class EditScheduler:
         self.bucket = bucket
         self.interval_s = interval_s
         self.max_edits = max(max_edits, 1)
-        self.notify_after_s = notify_after_s
+        self.pings = pings
         self._render = render
         self._clock = clock
         self._monotonic = monotonic
@@ -364,14 +388,13 @@ class EditScheduler:
         slot.last_sent = self._monotonic()
         if event.terminal:
             del self._slots[slot.subject_id]
-            self._notify_if_long(slot, event)
+            await self._ping(slot, event)
 
-    def _notify_if_long(self, slot: Slot, event: JobProgressEvent) -> None:
-        begun = event.started_at or event.created_at
-        ended = event.finished_at or event.updated_at
-        if (ended - begun).total_seconds() >= self.notify_after_s:
+    async def _ping(self, slot: Slot, event: JobProgressEvent) -> None:
+        fixed = await self.pings.fixed(event)
+        if self.pings.due(event, fixed):
             self.reply(slot.room_id, slot.reply_to,
-                       render_final_notice(event, slot.requester, self._clock()),
+                       render_final_notice(event, slot.requester, self._clock(), fixed),
                        mentions=[slot.requester])
 
     def _failed(self, choice: Slot | Reply, exc: SendFailedError) -> None:
