@@ -629,8 +629,9 @@ class MatrixBot:
                 or not self.access.allows(event.sender)):
             return
         if not await self.crypto.accepts(room_id, event):
-            log.warning("matrix: ignoring reaction %s from %s in %s: not from a trusted "
-                        "session", event.event_id, event.sender, room_id)
+            log.warning("matrix: ignoring reaction %s from %s in %s: sent in clear into an "
+                        "encrypted room, or from a session not trusted", event.event_id,
+                        event.sender, room_id)
             return
         subject = await self.app.shown_by(room_id, event.reacts_to)
         if subject is None:
