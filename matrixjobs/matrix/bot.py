@@ -533,7 +533,10 @@ class MatrixBot:
                 await self._on_message(room_id, event)
         except Exception:
             log.exception("matrix: handling %s in %s failed", event.event_id, room_id)
-            self._reply(room_id, event, render.render_error("internal error; see the log"))
+            # A reaction cannot be shown as a reply's target; the message it is on can.
+            answer = event.reacts_to if isinstance(event, ReactionEvent) else event.event_id
+            self.scheduler.reply(room_id, answer,
+                                 render.render_error("internal error; see the log"))
 
     async def _on_message(self, room_id: str, event: RoomMessageText) -> None:
         if not self._is_new(event):
@@ -569,8 +572,7 @@ class MatrixBot:
         except MatrixJobsError as exc:
             self._reply(room_id, event, render.render_error(str(exc)))
 
-    def _reply(self, room_id: str, event: RoomMessageText | ReactionEvent,
-               rendered: render.Rendered) -> None:
+    def _reply(self, room_id: str, event: RoomMessageText, rendered: render.Rendered) -> None:
         self.scheduler.reply(room_id, event.event_id, rendered)
 
     async def _build(self, room_id: str, event: RoomMessageText, command: Command) -> None:
@@ -625,15 +627,7 @@ class MatrixBot:
         batch. Anything else (other keys, people, messages; old or untrusted reactions; ❌
         on finished work) is ignored without a word: a reaction asks for no answer."""
         key = event.key.replace(EMOJI_SELECTOR, "")
-        if (key not in (CANCEL_KEY, RERUN_KEY) or not self._is_new(event)
-                or not self.access.allows(event.sender)):
-            return
-        if not await self.crypto.accepts(room_id, event):
-            log.warning("matrix: ignoring reaction %s from %s in %s: sent in clear into an "
-                        "encrypted room, or from a session not trusted", event.event_id,
-                        event.sender, room_id)
-            return
-        subject = await self.app.shown_by(room_id, event.reacts_to)
+        subject = await self._reacted_on(room_id, event, key)
         if subject is None:
             return
         log.info("matrix: %s reacted %s on %s", event.sender, key, subject)
@@ -650,6 +644,18 @@ class MatrixBot:
             return  # a replayed reaction, or ❌ on work that is over
         except MatrixJobsError as exc:
             self.scheduler.reply(room_id, event.reacts_to, render.render_error(str(exc)))
+
+    async def _reacted_on(self, room_id: str, event: ReactionEvent, key: str) -> str | None:
+        """The job or batch whose progress message a reaction to act on is on, else None."""
+        if (key not in (CANCEL_KEY, RERUN_KEY) or not self._is_new(event)
+                or not self.access.allows(event.sender)):
+            return None
+        if not await self.crypto.accepts(room_id, event):
+            log.warning("matrix: ignoring reaction %s from %s in %s: sent in clear into an "
+                        "encrypted room, or from a session not trusted", event.event_id,
+                        event.sender, room_id)
+            return None
+        return await self.app.shown_by(room_id, event.reacts_to)
 
     async def _jobs(self, room_id: str, event: RoomMessageText, command: Command) -> None:
         items: list[Job | Batch] = [*await self.app.batches(limit=10)]
