@@ -1,7 +1,7 @@
 """The service: wires config → store → queue and workers → monitor, then the interfaces.
 
 `App` is also the core's public face. Interfaces (Matrix, HTTP API, MCP) get
-the App and call `submit`, `submit_batch`, `cancel`, `status`, `watch`, `jobs`,
+the App and call `submit`, `submit_batch`, `rerun`, `cancel`, `status`, `watch`, `jobs`,
 `batches`, the `log` family and `scrape_metrics`, and count what they do on `metrics`;
 they never reach into the store or queue themselves.
 """
@@ -18,7 +18,14 @@ from typing import Protocol
 from prometheus_client import CollectorRegistry
 
 from matrixjobs.config import Config
-from matrixjobs.errors import NotFoundError, echo
+from matrixjobs.errors import (
+    BadArgumentsError,
+    MatrixJobsError,
+    NotFoundError,
+    TargetGoneError,
+    UnknownTargetError,
+    echo,
+)
 from matrixjobs.logs import redact
 from matrixjobs.metrics import Metrics
 from matrixjobs.models import (
@@ -26,6 +33,7 @@ from matrixjobs.models import (
     JOB_PREFIX,
     Batch,
     Job,
+    JobSpec,
     ProgressMessage,
     Status,
     parse_id,
@@ -178,6 +186,49 @@ class App:
         batch, _ = await self.queue.enqueue_batch(name or " ".join(targets), specs, dedupe_key,
                                                   show)
         return batch
+
+    async def rerun(
+        self, subject: str, requester: str | None = None, dedupe_key: str | None = None,
+        show: ProgressMessage | None = None,
+    ) -> Job | Batch:
+        """Queue a job's target again with the same arguments (one operation of a batch
+        reruns alone), or a batch's operations as a new batch; checked against today's
+        targets. Running ones too: a rerun is the same submit anyone allowed could type."""
+        subject = _canonical(subject)
+        if subject.startswith(BATCH_PREFIX):
+            batch = await self.store.get_batch(subject)
+            if batch is None:
+                raise NotFoundError(f"no batch {subject}")
+            operations = await self.store.list_jobs(batch_id=subject, limit=batch.total)
+            specs = [self._again(job, requester) for job in reversed(operations)]
+            rerun, _ = await self.queue.enqueue_batch(batch.name, specs, dedupe_key, show)
+            return rerun
+        job = await self.store.get_job(subject)
+        if job is None:
+            raise NotFoundError(f"no job {subject}")
+        [rerun_job] = await self.queue.enqueue_many([self._again(job, requester)], dedupe_key,
+                                                    show)
+        return rerun_job
+
+    def _again(self, job: Job, requester: str | None) -> JobSpec:
+        target, args = job.data.get("target"), job.data.get("args", [])
+        if not isinstance(target, str) or not isinstance(args, list):
+            raise MatrixJobsError(f"cannot rerun {job.id}: it did not run a configured target")
+        try:
+            return self.targets.spec(target, args, requester)
+        except UnknownTargetError:
+            raise TargetGoneError(job.id, target, self.targets.names()) from None
+        except BadArgumentsError as exc:
+            raise BadArgumentsError(f"cannot rerun {job.id}: {exc}") from None
+
+    async def previous_outcome(self, subject: str) -> Status | None:
+        """How the same work (same target and arguments; a batch: same name) ended the
+        last time before `subject` finished, cancelled runs skipped."""
+        return await self.store.previous_outcome(subject)
+
+    async def shown_by(self, room_id: str, event_id: str) -> str | None:
+        """The job or batch whose progress message is `event_id` in `room_id`."""
+        return await self.store.message_subject(room_id, event_id)
 
     async def cancel(self, subject: str) -> Job | Batch:
         return await self.queue.cancel(subject)

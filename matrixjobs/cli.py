@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--config", default=default_config, help="TOML config file")
     check.set_defaults(handler=cmd_check_config)
 
-    add_client_commands(commands)  # status, submit, batch, cancel, jobs: via the HTTP API
+    add_client_commands(commands)  # status, submit, batch, rerun, cancel, jobs: via the API
     add_ops_commands(commands)  # init, doctor
 
     mcp = commands.add_parser(

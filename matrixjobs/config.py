@@ -96,6 +96,10 @@ class MatrixConfig(Section):
     command_prefix: str = Field(default="!", min_length=1, max_length=8)
     rooms: list[str] = Field(default_factory=list)
     notify_after_s: Float = Field(default=30.0, ge=0)
+    # When a finished job pings its requester: it failed, it fixed what failed the last
+    # time, it ran notify_after_s or longer.
+    ping: list[Literal["failed", "fixed", "long"]] = Field(
+        default_factory=lambda: ["failed", "fixed", "long"])
     # The homeserver's message rate limit as the bot should assume it (Synapse's
     # rc_message defaults); rate_per_s = 0 when an admin has exempted the bot.
     rate_per_s: Float = Field(default=0.2, ge=0)

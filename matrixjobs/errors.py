@@ -35,6 +35,17 @@ class UnknownTargetError(MatrixJobsError):
         self.available = available
 
 
+class TargetGoneError(UnknownTargetError):
+    """A job to run again names a target the configuration no longer has."""
+
+    def __init__(self, subject_id: str, name: str, available: list[str]) -> None:
+        listed = ", ".join(available) if available else "none configured"
+        MatrixJobsError.__init__(self, f"cannot rerun {subject_id}: its target '{name}' is no "
+                                       f"longer configured (available: {listed})")
+        self.name = name
+        self.available = available
+
+
 class BadArgumentsError(MatrixJobsError):
     """Arguments given for a target are not allowed."""
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from nio import (
+    Api,
     AsyncClient,
     AsyncClientConfig,
     MegolmEvent,
@@ -66,6 +67,19 @@ class Person:
         path = (f"/_matrix/client/v3/rooms/{_quote(room_id)}/send/m.room.message/"
                 f"t{next(_txn)}-{self.user_id}")
         return str(self.call("PUT", path, payload)["event_id"])
+
+    def react(self, room_id: str, event_id: str, key: str) -> str:
+        """An m.reaction (annotation) on `event_id`, as clients send one."""
+        content = {"m.relates_to": {"rel_type": "m.annotation", "event_id": event_id,
+                                    "key": key}}
+        path = (f"/_matrix/client/v3/rooms/{_quote(room_id)}/send/m.reaction/"
+                f"t{next(_txn)}-{self.user_id}")
+        return str(self.call("PUT", path, content)["event_id"])
+
+    def redact(self, room_id: str, event_id: str) -> None:
+        path = (f"/_matrix/client/v3/rooms/{_quote(room_id)}/redact/{event_id}/"
+                f"t{next(_txn)}-{self.user_id}")
+        self.call("PUT", path, {})
 
     def edit(self, room_id: str, original: str, new_body: str) -> str:
         return self.send(room_id, "", {
@@ -252,6 +266,21 @@ class EncryptedPerson:
         response = await self.client.room_send(
             room_id, "m.room.message", {"msgtype": "m.text", "body": body},
             ignore_unverified_devices=ignore_unverified_devices)
+        assert isinstance(response, RoomSendResponse), response
+        return str(response.event_id)
+
+    async def react(self, room_id: str, event_id: str, key: str) -> str:
+        """An encrypted m.reaction, as Element sends one into an encrypted room (nio's own
+        room_send would send a reaction in clear); the relation stays in clear."""
+        olm = self.client.olm
+        assert olm is not None
+        if olm.should_share_group_session(room_id):
+            await self.client.share_group_session(room_id, ignore_unverified_devices=True)
+        kind, content = self.client.encrypt(room_id, "m.reaction", {"m.relates_to": {
+            "rel_type": "m.annotation", "event_id": event_id, "key": key}})
+        method, path, data = Api.room_send(self.client.access_token, room_id, kind, content,
+                                           f"r{next(_txn)}")
+        response = await self.client._send(RoomSendResponse, method, path, data, (room_id,))
         assert isinstance(response, RoomSendResponse), response
         return str(response.event_id)
 

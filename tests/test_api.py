@@ -348,6 +348,27 @@ async def test_cancel_batch_answers_its_final_state_then_409(svc):
                      "already_finished")
 
 
+async def test_rerun_answers_201_with_the_new_job_or_batch_and_404_for_unknown_ids(svc):
+    async with svc.client() as client:
+        job = await submit(client, "count")
+        response = await client.post(f"/v1/jobs/{job}/rerun", headers={"User-Agent": "curl"})
+        assert response.status_code == 201, response.text
+        rerun = response.json()
+        assert rerun["id"] != job and rerun["name"] == "count"
+        assert rerun["requester"] == "api"
+        assert response.headers["location"] == f"/v1/jobs/{rerun['id']}"
+        batch = (await client.post("/v1/batches", json={"targets": ["quick", "count"],
+                                                         "name": "both"})).json()["id"]
+        response = await client.post(f"/v1/batches/{batch}/rerun")
+        assert response.status_code == 201, response.text
+        assert response.json()["name"] == "both" and response.json()["id"] != batch
+        assert response.headers["location"] == f"/v1/batches/{response.json()['id']}"
+        assert_error(await client.post("/v1/jobs/j999/rerun"), 404, "not_found")
+        assert_error(await client.post(f"/v1/jobs/{batch}/rerun"), 404, "not_found")
+        assert_error(await client.post("/v1/batches/b999/rerun"), 404, "not_found")
+        assert_error(await client.get(f"/v1/jobs/{job}/rerun"), 405, "method_not_allowed")
+
+
 # -- bad requests -------------------------------------------------------------------------------
 
 BAD_REQUESTS = [

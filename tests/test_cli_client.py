@@ -1,4 +1,4 @@
-"""The client commands (status, submit, batch, cancel, jobs) run as subprocesses against a
+"""The client commands (status, submit, batch, rerun, cancel, jobs) run as subprocesses against a
 real running service; the service lives in the test's event loop, so the CLI runs through
 asyncio subprocesses while the service keeps serving."""
 
@@ -192,6 +192,17 @@ async def test_cancel_a_running_job_then_again(svc):
     assert result.json_lines()[0]["status"] == "cancelled"
     again = await run_cli(svc.url, "cancel", job.id)
     assert again.code == 1 and "409" in again.err, again
+
+
+async def test_rerun_runs_it_again_and_waits(svc):
+    job = await svc.app.submit("count", ["2"])
+    await final_state(svc.app, job.id)
+    result = await run_cli(svc.url, "rerun", job.id, "--wait")
+    assert result.code == 0, result
+    assert result.lines[-1].startswith("j2 job count 2 completed"), result
+    assert (await svc.app.status("j2")).requester == "cli"
+    missing = await run_cli(svc.url, "rerun", "b7")
+    assert missing.code == 1 and "404" in missing.err, missing
 
 
 async def test_batch_wait(svc):

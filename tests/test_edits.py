@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import time
 
-from matrixjobs.matrix.edits import EditScheduler, RateLimitedError, SendFailedError
+from matrixjobs.matrix.edits import EditScheduler, Pings, RateLimitedError, SendFailedError
 from matrixjobs.matrix.ratelimit import TokenBucket
 from matrixjobs.matrix.render import render_error
 from matrixjobs.metrics import Metrics
@@ -215,7 +215,7 @@ async def test_edits_per_message_are_capped_but_the_final_one_still_goes(store):
 
 
 async def test_long_job_ends_with_a_reply_that_mentions_the_requester(store):
-    sched, sender, clock = scheduler(store, rate=0, notify_after_s=30)
+    sched, sender, clock = scheduler(store, rate=0, pings=Pings(long_s=30))
     started = clock.now
     sched.track("!room", "@alice:x", "$cmd", state(clock, Status.PENDING))
     await drain(sched, clock, clock.now + 0.1)
@@ -385,7 +385,7 @@ async def test_a_failed_job_gets_its_log_as_a_file_in_a_thread_after_its_final_e
         "m.relates_to": {"rel_type": "m.thread", "event_id": "$event1", "is_falling_back": True,
                          "m.in_reply_to": {"event_id": "$event1"}},
     }
-    assert len(sender.sent) == 4  # j7: first message, final edit, file; j8: one message
+    assert len(sender.sent) == 5  # j7: first message, final edit, failure ping, file; j8: one
     assert sched.backlog == 0
 
 
@@ -402,4 +402,50 @@ async def test_a_file_whose_send_failed_is_sent_again_without_a_second_upload(st
     await drain(sched, clock, clock.now + 5)
     assert len(sender.uploads) == 1
     assert [c["msgtype"] for _, _, c in sender.sent].count("m.file") == 1
-    assert sender.txn_ids[-1] == "mj-j7-log"
+    assert "mj-j7-log" in sender.txn_ids  # (the failure ping goes after it)
+
+
+async def finish_quickly(sched, clock, status, job_id="j1"):
+    """Track a job, end it in `status` a second later, and send everything."""
+    started = clock.now
+    sched.track("!room", "@alice:x", "$cmd", state(clock, Status.PENDING, job_id=job_id))
+    await drain(sched, clock, clock.now + 0.6)
+    clock.now += 1
+    sched.update(state(clock, status, current=10, job_id=job_id, started=started))
+    await drain(sched, clock, clock.now + 0.6)
+
+
+def pings(sender):
+    return [content for _, _, content in sender.sent if content["m.mentions"]]
+
+
+async def test_a_short_success_pings_nobody_but_a_short_failure_does(store):
+    sched, sender, clock = scheduler(store, rate=0)
+    await finish_quickly(sched, clock, Status.COMPLETED)
+    assert pings(sender) == []
+    await finish_quickly(sched, clock, Status.FAILED, job_id="j2")
+    [ping] = pings(sender)
+    assert ping["body"].startswith("@alice:x ❌ docs (j2) failed")
+
+
+async def test_a_fix_pings_and_says_fixed(store):
+    async def previous(subject: str) -> Status | None:
+        return Status.FAILED if subject == "j2" else Status.COMPLETED
+
+    sched, sender, clock = scheduler(store, rate=0, pings=Pings(previous=previous))
+    await finish_quickly(sched, clock, Status.COMPLETED)
+    assert pings(sender) == []  # passed last time too
+    await finish_quickly(sched, clock, Status.COMPLETED, job_id="j2")
+    [ping] = pings(sender)
+    assert ping["body"].startswith("@alice:x ✅ docs (j2) fixed, completed in 1s")
+
+
+async def test_pings_can_be_turned_off(store):
+    async def previous(subject: str) -> Status | None:
+        return Status.FAILED
+
+    sched, sender, clock = scheduler(store, rate=0, pings=Pings(on=(), long_s=0,
+                                                                previous=previous))
+    await finish_quickly(sched, clock, Status.FAILED)
+    await finish_quickly(sched, clock, Status.COMPLETED, job_id="j2")
+    assert pings(sender) == [] and len(sender.sent) == 4

@@ -9,8 +9,9 @@ from typing import Any
 
 import httpx2
 import pytest
-from helpers import MATRIX_TARGETS, make_config
+from helpers import MATRIX_TARGETS, make_config, python_target
 from matrix_people import BotMessage, Person, bot_messages
+from nio import Event, ReactionEvent
 from prometheus_client.parser import text_string_to_metric_families
 
 from matrixjobs.api import ApiServer
@@ -58,7 +59,7 @@ class Scene:
                     "password": "bot-password", "rate_per_s": 0, **matrix},
             access={"allowed_users": [self.alice.user_id]},
             progress={"interval_ms": 200},
-            targets=MATRIX_TARGETS,
+            targets={**MATRIX_TARGETS, **flaky_targets(self.tmp_path)},
         )
 
     async def open_room(self) -> str:
@@ -89,6 +90,21 @@ class Scene:
             assert time.monotonic() < deadline, f"no reply to {command}"
             await asyncio.sleep(0.2)
         return found
+
+
+def flaky_targets(tmp_path) -> dict[str, Any]:
+    """`flaky` fails while tmp_path/broken exists; `second_try` fails its first attempt."""
+    broken, tried = str(tmp_path / "broken"), str(tmp_path / "tried")
+    return {
+        "flaky": python_target(f"import os, sys; sys.exit(3 if os.path.exists({broken!r}) "
+                               "else 0)", max_retries=0),
+        "second_try": python_target(f"""
+            import os, sys
+            if not os.path.exists({tried!r}):
+                open({tried!r}, "w").close()
+                sys.exit(4)
+        """, max_retries=2),
+    }
 
 
 async def start_bot(config) -> App:
@@ -225,7 +241,8 @@ async def test_cancel_stops_the_job_and_the_message_says_so(scene):
 
 async def test_info_commands_answer(scene):
     command = await scene.say("!help")
-    assert "!build TARGET" in (await scene.reply_to(command)).current
+    help_text = (await scene.reply_to(command)).current
+    assert "!build TARGET" in help_text and "!rerun ID" in help_text
     command = await scene.say("!targets")
     reply = (await scene.reply_to(command)).current
     assert "slow" in reply and "Takes a while" in reply
@@ -269,9 +286,10 @@ async def test_old_commands_are_not_replayed_after_a_restart(synapse, tmp_path):
     app = await start_bot(config)
     await scene.open_room()
     command = await scene.say("!build quick")
-    await scene.reply_to(command, finished)
+    message = await scene.reply_to(command, finished)
     await app.stop()
     await scene.say("!build quick")  # sent while the bot is down: before it started
+    await in_thread(scene.alice.react, scene.room, message.event_id, "🔁")  # so is this
     app = await start_bot(config)
     try:
         await asyncio.sleep(2.0)
@@ -343,3 +361,79 @@ async def test_a_denied_user_cannot_flood_the_room_with_refusals(scene):
     refusals = [m for m in await scene.messages() if m.reply_to in commands]
     assert len(refusals) == 1
     assert await scene.app.jobs() == []
+
+
+async def test_reactions_rerun_and_cancel_for_allowed_users_only(scene):
+    command = await scene.say("!build quick")
+    first = await scene.reply_to(command, finished)
+    bot = scene.app.components[0]
+    as_bot = Person(scene.server, scene.bot_id, bot.client.access_token)
+    # Ignored: a stranger's 🔁, another emoji, 🔁 on a message that is not a progress
+    # message, the bot's own 🔁, and ❌ on a finished job.
+    await in_thread(scene.mallory.react, scene.room, first.event_id, "🔁")
+    await in_thread(scene.alice.react, scene.room, first.event_id, "👍")
+    await in_thread(scene.alice.react, scene.room, command, "🔁")
+    await in_thread(as_bot.react, scene.room, first.event_id, "🔁")
+    await in_thread(scene.alice.react, scene.room, first.event_id, "❌")
+    # Alice's 🔁 (as some clients send it, with U+FE0F) reruns it: a new progress message,
+    # answering the old one.
+    reaction = await in_thread(scene.alice.react, scene.room, first.event_id, "🔁\ufe0f")
+    second = await scene.reply_to(first.event_id, finished)
+    assert second.current.startswith("✅ quick (j2)")
+    assert [(job.id, job.requester) for job in await scene.app.jobs()] == [
+        ("j2", scene.alice.user_id), ("j1", scene.alice.user_id)]
+
+    # The same reaction replayed (as a sync could), or taken back, starts or stops nothing.
+    [source] = [e for e in await in_thread(scene.alice.timeline, scene.room, 50, "m.reaction")
+                if e["event_id"] == reaction]
+    replayed = Event.parse_event(source)
+    assert isinstance(replayed, ReactionEvent)
+    await bot._on_reaction(scene.room, replayed)
+    await in_thread(scene.alice.redact, scene.room, reaction)
+
+    # ❌ on a running job's message: a stranger's does nothing, Alice's cancels it.
+    command = await scene.say("!build slow 60")
+    running = await scene.reply_to(command, lambda body: body.startswith("🔄"))
+    await in_thread(scene.mallory.react, scene.room, running.event_id, "❌")
+    await asyncio.sleep(1.0)
+    assert (await scene.app.status("j3")).status == "processing"
+    await in_thread(scene.alice.react, scene.room, running.event_id, "❌")
+    assert (await scene.reply_to(command, finished)).current.startswith("🚫")
+    await asyncio.sleep(1.0)
+    assert len(await scene.app.jobs()) == 3
+    answers = sorted(message.reply_to for message in await scene.messages())
+    assert answers == sorted([command, first.reply_to, first.event_id]), "no other replies"
+
+
+async def test_rerun_command_and_pings_for_failures_and_fixes_only(scene):
+    broken = scene.tmp_path / "broken"
+    broken.touch()
+    command = await scene.say("!build flaky")
+    assert (await scene.reply_to(command, finished)).current.startswith("❌")
+    ping = await scene.reply_to(command, lambda body: body.startswith(scene.alice.user_id))
+    assert "❌ flaky (j1) failed" in ping.current
+    assert ping.original["content"]["m.mentions"] == {"user_ids": [scene.alice.user_id]}
+
+    broken.unlink()
+    fix = await scene.say("!rerun j1")
+    assert (await scene.reply_to(fix, finished)).current.startswith("✅ flaky (j2)")
+    ping = await scene.reply_to(fix, lambda body: body.startswith(scene.alice.user_id))
+    assert "✅ flaky (j2) fixed, completed" in ping.current
+
+    again = await scene.say("!rerun j2")
+    await scene.reply_to(again, finished)
+    retried = await scene.say("!build second_try")
+    message = await scene.reply_to(retried, finished)
+    assert message.current.startswith("✅") and "Passed on attempt 2 of 3" in message.current
+
+    usage = await scene.say("!rerun")
+    assert "usage: !rerun ID" in (await scene.reply_to(usage)).current
+    unknown = await scene.say("!rerun j99")
+    assert "no job j99" in (await scene.reply_to(unknown)).current
+    denied = await scene.say("!rerun j1", who=scene.mallory)
+    assert (await scene.reply_to(denied)).current.startswith("⛔")
+    await asyncio.sleep(1.0)
+    # A success like the time before, and a first run that needed a retry: no ping.
+    assert [m.reply_to for m in await scene.messages()].count(again) == 1
+    assert [m.reply_to for m in await scene.messages()].count(retried) == 1
+    assert len(await scene.app.jobs()) == 4

@@ -476,6 +476,32 @@ async def test_a_room_encrypted_after_the_bot_joined(encrypted):
         await app.stop()
 
 
+async def test_an_encrypted_reaction_reruns_and_a_cleartext_one_is_ignored(encrypted, caplog):
+    scene = encrypted
+    caplog.set_level(logging.INFO, logger="matrixjobs.matrix")
+    app = await start_bot(scene.config())
+    try:
+        await scene.open_room()
+        alice = scene.alice
+        assert alice is not None
+        await alice.trust(scene.bot_id)
+        command = await alice.send(scene.room, "!build quick")
+        first = await scene.reply_to(command, finished)
+        # Sent in clear into an encrypted room (as nio itself sends reactions): no device
+        # vouches for it, so it is ignored like a cleartext command.
+        clear = await asyncio.to_thread(alice.http.react, scene.room, first.event_id, "🔁")
+        await logged(caplog, f"ignoring reaction {clear} from {alice.user_id}")
+        assert len(await app.jobs()) == 1
+        reaction = await alice.react(scene.room, first.event_id, "🔁")
+        assert "m.relates_to" in {e["event_id"]: e for e in await asyncio.to_thread(
+            alice.http.timeline, scene.room, 50, "m.room.encrypted")}[reaction]["content"]
+        second = await scene.reply_to(first.event_id, finished)
+        assert second.current.startswith("✅ quick (j2)")
+        assert len(await app.jobs()) == 2
+    finally:
+        await app.stop()
+
+
 # -- what the bot refuses, and whom it answers -----------------------------------------------
 
 

@@ -35,7 +35,7 @@ QUIET = python_target("import time; time.sleep(1.2)")
 WORDY = python_target("for n in range(3000): print(f'{n:05d}' + 'x' * 94)")
 TARGETS = {"count": COUNT, "slow": SLOW, "quiet": QUIET, "wordy": WORDY}
 MODES = ["auto", "legacy"]
-TOOLS = {"status", "list_jobs", "submit_build", "submit_batch", "cancel", "logs"}
+TOOLS = {"status", "list_jobs", "submit_build", "submit_batch", "rerun", "cancel", "logs"}
 
 
 class Service:
@@ -154,6 +154,16 @@ async def test_status_now_max_wait_and_cancel(connect, svc):
         assert cancelled["status"] == "cancelled"
         assert "already" in (await call_error(client, "cancel", id=job["id"])).lower()
     assert (await svc.app.status(job["id"])).status == "cancelled"
+
+
+async def test_rerun_queues_the_same_target_again(connect, svc):
+    async with connect() as client:
+        job = await call(client, "submit_build", target="count", args=["2"])
+        rerun = await call(client, "rerun", id=job["id"])
+        assert rerun["id"] != job["id"] and rerun["name"] == "count 2"
+        assert rerun["requester"] == "mcp"
+        assert "no job j999" in (await call_error(client, "rerun", id="j999")).lower()
+    assert (await final_state(svc.app, rerun["id"])).status == "completed"
 
 
 async def test_cancelled_stream_stops_watching_not_the_job(connect, svc):

@@ -272,6 +272,36 @@ def test_final_notice_for_failed_batch_counts_failed_operations() -> None:
     assert "❌ docs, api, web (b7) failed: 1 of 3 operations failed" in rendered.body
 
 
+@pytest.mark.parametrize(("status", "retry_count", "max_retries", "said"), [
+    (Status.COMPLETED, 1, 2, "passed on attempt 2 of 3"),
+    (Status.COMPLETED, 0, 2, None),  # a first-try success says nothing
+    (Status.FAILED, 2, 2, "failed on attempt 3 of 3"),
+    (Status.FAILED, 0, 2, "failed on attempt 1 of 3, not retried"),
+    (Status.FAILED, 0, 0, None),  # no retries configured: nothing to count
+    (Status.CANCELLED, 1, 2, None),
+])
+def test_a_finished_job_says_on_which_attempt_it_ended(status: Status, retry_count: int,
+                                                         max_retries: int,
+                                                         said: str | None) -> None:
+    job = make_job(status=status, retry_count=retry_count, max_retries=max_retries,
+                   finished_at=NOW - 5, error="exit code 2" if status is Status.FAILED else None)
+    event = job_event(job, NOW)
+    message = render_progress(event, NOW).body
+    notice = render_final_notice(event, "@alice:x", NOW).body
+    if said is None:
+        assert "attempt" not in message and "attempt" not in notice
+    else:
+        assert f"🔁 {said[0].upper()}{said[1:]}" in lines(render_progress(event, NOW))
+        assert notice.endswith(f", {said}")
+
+
+def test_final_notice_of_a_fix_says_fixed() -> None:
+    job = make_job(status=Status.COMPLETED, started_at=NOW - 10, finished_at=NOW - 5)
+    rendered = render_final_notice(job_event(job, NOW), "@alice:x", NOW, fixed=True)
+    assert rendered.body == "@alice:x ✅ docs (j12) fixed, completed in 5s"
+    assert "fixed, completed in 5s" in rendered.html
+
+
 # -- command replies ---------------------------------------------------------------------
 
 

@@ -121,12 +121,13 @@ class ApiClient:
     async def submit_batch(self, targets: list[str]) -> JobProgressEvent:
         return event_from(await self._request("POST", "/v1/batches", {"targets": targets}))
 
+    async def rerun(self, subject: str) -> JobProgressEvent:
+        return event_from(await self._request("POST", f"{_path_of(subject)}/rerun"))
+
     async def cancel(self, subject: str) -> JobProgressEvent:
-        parsed = parse_id(subject)
-        kind = "batches" if parsed is not None and parsed[0] == BATCH_PREFIX else "jobs"
         # Cancelling answers once the job stopped (SIGTERM, grace period, SIGKILL).
         return event_from(
-            await self._request("POST", f"/v1/{kind}/{_segment(subject)}/cancel", timeout=120.0)
+            await self._request("POST", f"{_path_of(subject)}/cancel", timeout=120.0)
         )
 
     async def stream(self, subject: str) -> AsyncIterator[JobProgressEvent]:
@@ -202,6 +203,13 @@ def failure(response: httpx2.Response) -> ApiFailure:
         text = response.text.strip()[:200] or response.reason_phrase
         status = response.status_code
         return ApiFailure(status, "http_error", f"HTTP {status}: {text}")
+
+
+def _path_of(subject: str) -> str:
+    """/v1/batches/b3 for a batch id, else /v1/jobs/… (which answers 404 for a non-id)."""
+    parsed = parse_id(subject)
+    kind = "batches" if parsed is not None and parsed[0] == BATCH_PREFIX else "jobs"
+    return f"/v1/{kind}/{_segment(subject)}"
 
 
 def _segment(subject: str) -> str:

@@ -112,6 +112,13 @@ SUBMIT_ERRORS = {
     503: error("the service is shutting down", 503),
 }
 CANCEL_ERRORS = {404: NOT_FOUND, 409: error("it had already finished", 409)}
+RERUN_ERRORS = {
+    404: error("no such job or batch, or its target is no longer configured", 404),
+    422: error("its arguments (or operations) are no longer allowed", 422),
+    503: error("the service is shutting down", 503),
+}
+RERUN = ("The same target and arguments again (for a batch: the same operations), checked "
+         "against the current targets; no body. Finished or running work alike.")
 
 OPERATIONS: dict[tuple[str, str], Operation] = {
     ("GET", "/healthz"): Operation(
@@ -146,6 +153,9 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
                      "the next to start) ends."),
         responses={200: answer("the log", {"type": "string"}, "text/plain"),
                    400: BAD_QUERY, 404: NOT_FOUND}),
+    ("POST", "/v1/jobs/{id}/rerun"): Operation(
+        "Run a job again", parameters=(path_id("job", JOB_PREFIX, "j12"),), description=RERUN,
+        responses={201: event("the new job, pending", headers=CREATED), **RERUN_ERRORS}),
     ("GET", "/v1/batches"): Operation(
         "List batches", parameters=LIST_PARAMETERS,
         responses={200: events("batches", "batches, newest first"), 400: BAD_QUERY}),
@@ -158,6 +168,10 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
     ("POST", "/v1/batches/{id}/cancel"): Operation(
         "Cancel a batch and its operations", parameters=(path_id("batch", BATCH_PREFIX, "b3"),),
         responses={200: event("its final state"), **CANCEL_ERRORS}),
+    ("POST", "/v1/batches/{id}/rerun"): Operation(
+        "Run a batch again", parameters=(path_id("batch", BATCH_PREFIX, "b3"),),
+        description=RERUN,
+        responses={201: event("the new batch, pending", headers=CREATED), **RERUN_ERRORS}),
     ("GET", "/v1/status"): Operation(
         "What is queued or running",
         description="Batches, then jobs outside a batch (a batch's operations show in it).",

@@ -69,8 +69,10 @@ class Endpoints:
             Route("/v1/jobs/{id}/cancel", self.cancel_job, methods=["POST"]),
             by_method("/v1/batches", GET=self.list_batches, POST=self.submit_batch),
             Route("/v1/jobs/{id}/log", self.job_log, methods=["GET"]),
+            Route("/v1/jobs/{id}/rerun", self.rerun_job, methods=["POST"]),
             Route("/v1/batches/{id}", self.get_batch, methods=["GET"]),
             Route("/v1/batches/{id}/cancel", self.cancel_batch, methods=["POST"]),
+            Route("/v1/batches/{id}/rerun", self.rerun_batch, methods=["POST"]),
             Route("/v1/status", self.active, methods=["GET"]),
             Route("/v1/status/{id}", self.status, methods=["GET"]),
         ]
@@ -123,6 +125,9 @@ class Endpoints:
             raise
         return text_stream(first, chunks, self.streams)
 
+    async def rerun_job(self, request: Request) -> Response:
+        return await self._rerun(request, JOB_PREFIX, "jobs")
+
     # -- batches ---------------------------------------------------------------------------------
 
     async def list_batches(self, request: Request) -> Response:
@@ -143,6 +148,14 @@ class Endpoints:
     async def cancel_batch(self, request: Request) -> Response:
         subject = subject_of(request, BATCH_PREFIX)
         return event_response(event_of(await self.app.cancel(subject), time.time()))
+
+    async def rerun_batch(self, request: Request) -> Response:
+        return await self._rerun(request, BATCH_PREFIX, "batches")
+
+    async def _rerun(self, request: Request, prefix: str, collection: str) -> Response:
+        subject = subject_of(request, prefix)
+        rerun = await self.app.rerun(subject, requester=requester_of(request))
+        return created(event_of(rerun, time.time()), f"/v1/{collection}/{rerun.id}")
 
     # -- status ----------------------------------------------------------------------------------
 

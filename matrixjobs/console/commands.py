@@ -1,4 +1,4 @@
-"""The client commands: status, submit, batch, cancel, jobs, logs (talking to the API)."""
+"""The client commands: status, submit, batch, rerun, cancel, jobs, logs (talking to the API)."""
 
 from __future__ import annotations
 
@@ -92,6 +92,11 @@ async def cmd_submit(api: ApiClient, args: argparse.Namespace, mode: Mode) -> in
 
 async def cmd_batch(api: ApiClient, args: argparse.Namespace, mode: Mode) -> int:
     created = await api.submit_batch(list(args.targets))
+    return await after_submit(api, created, args, mode)
+
+
+async def cmd_rerun(api: ApiClient, args: argparse.Namespace, mode: Mode) -> int:
+    created = await api.rerun(args.id)
     return await after_submit(api, created, args, mode)
 
 
@@ -202,7 +207,7 @@ EPILOG = (
 
 
 def add_client_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    """Register status, submit, batch, cancel, jobs and logs on the main parser's
+    """Register status, submit, batch, rerun, cancel, jobs and logs on the main parser's
     subcommands."""
 
     def client_parser(name: str, help_text: str, command: Command) -> argparse.ArgumentParser:
@@ -240,6 +245,13 @@ def add_client_commands(commands: argparse._SubParsersAction) -> None:  # type: 
     batch.add_argument("targets", nargs="+", metavar="TARGET")
     batch.add_argument("--wait", action="store_true", help="follow the batch until it ends")
     poll_option(batch)
+
+    rerun = client_parser("rerun", "run a job's target (or a batch's targets) again with the "
+                                   "same arguments", cmd_rerun)
+    rerun.add_argument("id", metavar="ID", help="a job (j12) or batch (b3)")
+    rerun.add_argument("--wait", action="store_true", help="follow the new job or batch until "
+                                                           "it ends")
+    poll_option(rerun)
 
     cancel = client_parser("cancel", "cancel a job or batch", cmd_cancel)
     cancel.add_argument("id", metavar="ID", help="a job (j12) or batch (b3)")

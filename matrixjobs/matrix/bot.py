@@ -29,6 +29,7 @@ from nio import (
     MegolmEvent,
     MessageDirection,
     OlmTrustError,
+    ReactionEvent,
     RoomMemberEvent,
     RoomMessagesResponse,
     RoomMessageText,
@@ -40,7 +41,7 @@ from nio import (
 
 from matrixjobs.app import App
 from matrixjobs.config import AccessConfig, MatrixConfig
-from matrixjobs.errors import AlreadySubmittedError, MatrixJobsError
+from matrixjobs.errors import AlreadyFinishedError, AlreadySubmittedError, MatrixJobsError
 from matrixjobs.logs import mask
 from matrixjobs.matrix import render
 from matrixjobs.matrix.commands import Command, CommandSyntaxError, parse
@@ -59,10 +60,10 @@ from matrixjobs.matrix.crypto_store import (
     PrivateStore,
     load_pickle_key,
 )
-from matrixjobs.matrix.edits import EditScheduler, RateLimitedError, SendFailedError
+from matrixjobs.matrix.edits import EditScheduler, Pings, RateLimitedError, SendFailedError
 from matrixjobs.matrix.ratelimit import TokenBucket
 from matrixjobs.models import Batch, Job, ProgressMessage
-from matrixjobs.progress.events import JobProgressEvent, batch_event, job_event
+from matrixjobs.progress.events import event_of
 from matrixjobs.progress.subscription import Subscription
 from matrixjobs.supervisor import Supervisor
 
@@ -83,6 +84,12 @@ SETTING_TOKEN = "matrix.access_token"
 NETWORK_ERRORS = (ClientError, TimeoutError, OSError)
 # Raised by nio while encrypting (a device not yet judged, members not loaded): try again.
 CRYPTO_ERRORS = (LocalProtocolError, EncryptionError, GroupEncryptionError, OlmTrustError)
+# Commands that start or stop work: only allowed users may give them.
+GUARDED = frozenset({"build", "batch", "rerun", "cancel", "logs"})
+# Reactions on a progress message that act on its job or batch. Clients send the emoji
+# with or without the emoji presentation selector (U+FE0F); both count.
+CANCEL_KEY, RERUN_KEY = "❌", "🔁"
+EMOJI_SELECTOR = "\ufe0f"
 
 
 class NioSender:
@@ -185,7 +192,8 @@ class MatrixBot:
         sender = NioSender(self.client, self.crypto)
         self.scheduler = EditScheduler(
             sender, app.store, TokenBucket(config.rate_per_s, config.rate_burst),
-            interval_ms / 1000, config.max_edits_per_message, config.notify_after_s,
+            interval_ms / 1000, config.max_edits_per_message,
+            Pings(config.ping, config.notify_after_s, app.previous_outcome),
             counter=app.metrics,
             load_log=app.log,
         )
@@ -201,9 +209,9 @@ class MatrixBot:
         self._undecryptable_at: dict[str, float] = {}
         self._untrusted_at: dict[str, float] = {}
         self._commands: dict[str, Callable[[str, RoomMessageText, Command], Awaitable[None]]] = {
-            "build": self._build, "batch": self._batch, "status": self._status,
-            "cancel": self._cancel, "jobs": self._jobs, "targets": self._targets,
-            "help": self._help, "logs": self._logs,
+            "build": self._build, "batch": self._batch, "rerun": self._rerun,
+            "status": self._status, "cancel": self._cancel, "jobs": self._jobs,
+            "targets": self._targets, "help": self._help, "logs": self._logs,
         }
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -453,7 +461,7 @@ class MatrixBot:
                 log.exception("matrix: reading the timeline of %s failed", room_id)
                 continue
             for event in events:
-                if isinstance(event, RoomMessageText):
+                if isinstance(event, RoomMessageText | ReactionEvent):
                     self._handle_soon(room_id, event)
                 elif isinstance(event, MegolmEvent) and self._is_new(event):
                     await self._undecryptable_new(room_id, event)
@@ -466,14 +474,14 @@ class MatrixBot:
             log.warning("matrix: asking for the room key of %s failed (%s); it waits for its "
                         "key all the same", event.event_id, exc)
 
-    def _handle_soon(self, room_id: str, event: RoomMessageText) -> None:
+    def _handle_soon(self, room_id: str, event: RoomMessageText | ReactionEvent) -> None:
         # Its own task: a slow command (a cancel waiting for a process to die) must not
         # hold up the sync loop.
         task = asyncio.create_task(self._on_message_safely(room_id, event))
         self._handling.add(task)
         task.add_done_callback(self._handling.discard)
 
-    def _is_new(self, event: RoomMessageText | MegolmEvent) -> bool:
+    def _is_new(self, event: RoomMessageText | ReactionEvent | MegolmEvent) -> bool:
         """Not ours, and sent after we started: older messages are never acted on."""
         return (event.sender != self.client.user_id
                 and event.server_timestamp >= self._started_ms)
@@ -487,7 +495,7 @@ class MatrixBot:
         except (*NETWORK_ERRORS, LocalProtocolError) as exc:
             log.warning("matrix: key upkeep failed (%s); trying again after the next sync", exc)
         for room_id, event in self.crypto.decrypt_pending():
-            if isinstance(event, RoomMessageText):
+            if isinstance(event, RoomMessageText | ReactionEvent):
                 self._handle_soon(room_id, event)
 
     async def _new_events(self, room_id: str, timeline: Any, since: str | None) -> list[Any]:
@@ -540,12 +548,19 @@ class MatrixBot:
 
     # -- commands ---------------------------------------------------------------------------
 
-    async def _on_message_safely(self, room_id: str, event: RoomMessageText) -> None:
+    async def _on_message_safely(self, room_id: str,
+                                 event: RoomMessageText | ReactionEvent) -> None:
         try:
-            await self._on_message(room_id, event)
+            if isinstance(event, ReactionEvent):
+                await self._on_reaction(room_id, event)
+            else:
+                await self._on_message(room_id, event)
         except Exception:
             log.exception("matrix: handling %s in %s failed", event.event_id, room_id)
-            self._reply(room_id, event, render.render_error("internal error; see the log"))
+            # A reaction cannot be shown as a reply's target; the message it is on can.
+            answer = event.reacts_to if isinstance(event, ReactionEvent) else event.event_id
+            self.scheduler.reply(room_id, answer,
+                                 render.render_error("internal error; see the log"))
 
     async def _on_message(self, room_id: str, event: RoomMessageText) -> None:
         if not self._is_new(event):
@@ -568,8 +583,7 @@ class MatrixBot:
             self._reply(room_id, event,
                         render.render_unknown_command(command.name, self.config.command_prefix))
             return
-        if command.name in ("build", "batch", "cancel", "logs") and not self.access.allows(
-                event.sender):
+        if command.name in GUARDED and not self.access.allows(event.sender):
             log.info("matrix: denied %s to %s in %s", command.name, event.sender, room_id)
             # One ⛔ per person now and then: a stranger must not drain the send budget.
             if self.access.reply_to_denied and _now_and_then(self._denied_at, event.sender):
@@ -588,28 +602,31 @@ class MatrixBot:
     async def _build(self, room_id: str, event: RoomMessageText, command: Command) -> None:
         if not command.args:
             raise MatrixJobsError(f"usage: {self.config.command_prefix}build TARGET [ARGS…]")
+        where = _where(room_id, event)
         job = await self.app.submit(command.args[0], command.args[1:],
-                                    dedupe_key=event.event_id, show=self._where(room_id, event),
+                                    dedupe_key=event.event_id, show=where,
                                     requester=event.sender)
-        await self._show(room_id, event, job_event(job, time.time()))
+        await self._show(where, job)
 
     async def _batch(self, room_id: str, event: RoomMessageText, command: Command) -> None:
         if not command.args:
             raise MatrixJobsError(
                 f"usage: {self.config.command_prefix}batch TARGET [TARGET…]")
+        where = _where(room_id, event)
         batch = await self.app.submit_batch(list(command.args), dedupe_key=event.event_id,
-                                            show=self._where(room_id, event),
-                                            requester=event.sender)
-        await self._show(room_id, event, batch_event(batch, time.time()))
+                                            show=where, requester=event.sender)
+        await self._show(where, batch)
 
-    @staticmethod
-    def _where(room_id: str, event: RoomMessageText) -> ProgressMessage:
-        # Stored with the job in one transaction: a restart always finds and shows it.
-        return ProgressMessage("", room_id, None, event.sender, event.event_id)
+    async def _rerun(self, room_id: str, event: RoomMessageText, command: Command) -> None:
+        if len(command.args) != 1:
+            raise MatrixJobsError(f"usage: {self.config.command_prefix}rerun ID")
+        where = _where(room_id, event)
+        await self._show(where, await self.app.rerun(command.args[0], event.sender,
+                                                     event.event_id, where))
 
-    async def _show(self, room_id: str, event: RoomMessageText,
-                    first: JobProgressEvent) -> None:
-        self.scheduler.track(room_id, event.sender, event.event_id, first)
+    async def _show(self, where: ProgressMessage, item: Job | Batch) -> None:
+        first = event_of(item, time.time())
+        self.scheduler.track(where.room_id, where.requester, where.reply_to, first)
         # The job may have moved on while we were submitting it.
         self.scheduler.update(await self.app.status(first.id))
 
@@ -639,6 +656,43 @@ class MatrixBot:
         job_id = command.args[0]
         text = await self.app.log_tail(job_id, lines, render.MAX_LOG_BYTES)
         self._reply(room_id, event, render.render_log(job_id.strip().lower(), text))
+
+    # -- reactions --------------------------------------------------------------------------
+
+    async def _on_reaction(self, room_id: str, event: ReactionEvent) -> None:
+        """❌ or 🔁 from an allowed user on a progress message: cancel or rerun its job or
+        batch. Anything else (other keys, people, messages; old or untrusted reactions; ❌
+        on finished work) is ignored without a word: a reaction asks for no answer."""
+        key = event.key.replace(EMOJI_SELECTOR, "")
+        subject = await self._reacted_on(room_id, event, key)
+        if subject is None:
+            return
+        log.info("matrix: %s reacted %s on %s", event.sender, key, subject)
+        try:
+            if key == CANCEL_KEY:
+                await self.app.cancel(subject)  # the message's edit to 🚫 is the answer
+                return
+            # The new message answers the old progress message: clients show that one as
+            # the quote (a reaction cannot be shown as a reply's target).
+            where = ProgressMessage("", room_id, None, event.sender, event.reacts_to)
+            await self._show(where, await self.app.rerun(subject, event.sender,
+                                                         event.event_id, where))
+        except (AlreadySubmittedError, AlreadyFinishedError):
+            return  # a replayed reaction, or ❌ on work that is over
+        except MatrixJobsError as exc:
+            self.scheduler.reply(room_id, event.reacts_to, render.render_error(str(exc)))
+
+    async def _reacted_on(self, room_id: str, event: ReactionEvent, key: str) -> str | None:
+        """The job or batch whose progress message a reaction to act on is on, else None."""
+        if (key not in (CANCEL_KEY, RERUN_KEY) or not self._is_new(event)
+                or not self.access.allows(event.sender)):
+            return None
+        if not await self.crypto.accepts(room_id, event):
+            log.warning("matrix: ignoring reaction %s from %s in %s: sent in clear into an "
+                        "encrypted room, or from a session not trusted", event.event_id,
+                        event.sender, room_id)
+            return None
+        return await self.app.shown_by(room_id, event.reacts_to)
 
     async def _jobs(self, room_id: str, event: RoomMessageText, command: Command) -> None:
         items: list[Job | Batch] = [*await self.app.batches(limit=10)]
@@ -710,6 +764,12 @@ class MatrixBot:
         async for event in self._events:
             if self.scheduler.tracks(event.id):
                 self.scheduler.update(event)
+
+
+def _where(room_id: str, command: RoomMessageText) -> ProgressMessage:
+    """Where a command's job is shown: a reply to the command. Stored with the job in one
+    transaction, so a restart always finds and shows it."""
+    return ProgressMessage("", room_id, None, command.sender, command.event_id)
 
 
 def _now_and_then(last: dict[str, float], sender: str) -> bool:

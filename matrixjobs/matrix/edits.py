@@ -25,7 +25,7 @@ import re
 import time
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -45,6 +45,7 @@ RATE_WARNING_EVERY_S = 60.0
 FLUSH_POLL_S = 0.05  # while flushing, the shortest wait for budget or after a failed send
 LOG_TYPE = "text/plain"
 UNSAFE_IN_FILENAME = re.compile(r"[^A-Za-z0-9_.-]+")
+PING_FAILED, PING_FIXED, PING_LONG = "failed", "fixed", "long"
 
 
 class RateLimitedError(Exception):
@@ -195,6 +196,29 @@ def edit_content(original_event_id: str, rendered: Rendered) -> dict[str, Any]:
     }
 
 
+@dataclass(frozen=True, slots=True)
+class Pings:
+    """When a finished job or batch pings its requester (a reply mentioning them; the edit
+    to its final state notifies nobody). `on` holds PING_FAILED (it failed), PING_FIXED (it
+    completed, and the same work failed the last time it ran, as `previous` tells) and
+    PING_LONG (it ran `long_s` or longer, whatever the outcome)."""
+
+    on: Collection[str] = (PING_FAILED, PING_FIXED, PING_LONG)
+    long_s: float = 30.0
+    previous: Callable[[str], Awaitable[Status | None]] | None = None
+
+    async def fixed(self, event: JobProgressEvent) -> bool:
+        return (event.status is Status.COMPLETED and self.previous is not None
+                and await self.previous(event.id) is Status.FAILED)
+
+    def due(self, event: JobProgressEvent, fixed: bool) -> bool:
+        begun = event.started_at or event.created_at
+        ended = event.finished_at or event.updated_at
+        long = (ended - begun).total_seconds() >= self.long_s
+        return ((PING_FAILED in self.on and event.status is Status.FAILED)
+                or (PING_FIXED in self.on and fixed) or (PING_LONG in self.on and long))
+
+
 class EditScheduler:
     def __init__(
         self,
@@ -203,7 +227,7 @@ class EditScheduler:
         bucket: TokenBucket,
         interval_s: float,
         max_edits: int = 200,
-        notify_after_s: float = 30.0,
+        pings: Pings = Pings(),
         render: Callable[[JobProgressEvent, float], Rendered] = render_progress,
         load_log: Callable[[str], Awaitable[str]] | None = None,
         clock: Callable[[], float] = time.time,
@@ -216,7 +240,7 @@ class EditScheduler:
         self.bucket = bucket
         self.interval_s = interval_s
         self.max_edits = max(max_edits, 1)
-        self.notify_after_s = notify_after_s
+        self.pings = pings
         self._render = render
         self._load_log = load_log
         self._clock = clock
@@ -450,7 +474,7 @@ class EditScheduler:
         if event.terminal:
             del self._slots[slot.subject_id]
             self._attach_log(slot, event)
-            self._notify_if_long(slot, event)
+            await self._ping(slot, event)
 
     def _attach_log(self, slot: Slot, event: JobProgressEvent) -> None:
         if (self._load_log is None or event.status is not Status.FAILED
@@ -472,12 +496,11 @@ class EditScheduler:
             attachment.size = len(data)
         await self.sender.send(attachment.room_id, file_content(attachment), attachment.txn_id)
 
-    def _notify_if_long(self, slot: Slot, event: JobProgressEvent) -> None:
-        begun = event.started_at or event.created_at
-        ended = event.finished_at or event.updated_at
-        if (ended - begun).total_seconds() >= self.notify_after_s:
+    async def _ping(self, slot: Slot, event: JobProgressEvent) -> None:
+        fixed = await self.pings.fixed(event)
+        if self.pings.due(event, fixed):
             self.reply(slot.room_id, slot.reply_to,
-                       render_final_notice(event, slot.requester, self._clock()),
+                       render_final_notice(event, slot.requester, self._clock(), fixed),
                        mentions=[slot.requester])
 
     def _failed(self, choice: Slot | Reply | Attachment, exc: SendFailedError) -> None:

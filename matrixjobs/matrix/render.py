@@ -67,6 +67,7 @@ COMMANDS: tuple[tuple[str, str], ...] = (
     ("build TARGET [ARGS…]", "run a configured target"),
     ("batch TARGET [TARGET…]", "run several targets as one batch"),
     ("status [ID]", "show one job or batch, or everything that is active"),
+    ("rerun ID", "run a job or batch again with the same arguments"),
     ("cancel ID", "cancel a job or batch"),
     ("logs ID [N]", f"the last N lines of a job's output (default {LOG_LINES})"),
     ("jobs", "list recent and active jobs"),
@@ -239,6 +240,9 @@ def render_progress(event: JobProgressEvent, now: float) -> Rendered:
         text = _clip(event.message)
         message.line(text, f"<i>{escape(text)}</i>")
     message.line(_timing_line(event, now))
+    tries = wording.attempts(event)
+    if tries:
+        message.line(f"🔁 {tries[0].upper()}{tries[1:]}")
     _add_batch_errors(message, event)
     if _waiting_for_retry(event):
         _add_retry(message, event)
@@ -268,10 +272,13 @@ def _failure_reason(event: JobProgressEvent) -> str:
     return _first_line(event.error or "") or "unknown error"
 
 
-def render_final_notice(event: JobProgressEvent, requester: str, now: float) -> Rendered:
-    """The reply that pings the requester when a long job or batch ends."""
+def render_final_notice(event: JobProgressEvent, requester: str, now: float,
+                        fixed: bool = False) -> Rendered:
+    """The reply that pings the requester when a job or batch ends; `fixed`: the same work
+    failed the last time it ran."""
     emoji = STATUS_EMOJI[event.status]
-    outcome = _outcome(event, now)
+    outcome = ", ".join(part for part in (
+        "fixed" if fixed else "", _outcome(event, now), wording.attempts(event)) if part)
     text = f"{requester} {emoji} {_name(event)} ({event.id}) {outcome}"
     link = f'<a href="https://matrix.to/#/{escape(requester)}">{escape(requester)}</a>'
     html = (

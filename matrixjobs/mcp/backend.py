@@ -34,6 +34,8 @@ class Backend(Protocol):
 
     async def submit_batch(self, targets: Sequence[str]) -> JobProgressEvent: ...
 
+    async def rerun(self, subject: str) -> JobProgressEvent: ...
+
     async def cancel(self, subject: str) -> JobProgressEvent: ...
 
     async def active(self) -> list[JobProgressEvent]:
@@ -69,6 +71,9 @@ class AppBackend:
 
     async def submit_batch(self, targets: Sequence[str]) -> JobProgressEvent:
         return self.app.live(await self.app.submit_batch(targets, requester="mcp"))
+
+    async def rerun(self, subject: str) -> JobProgressEvent:
+        return self.app.live(await self.app.rerun(subject, requester="mcp"))
 
     async def cancel(self, subject: str) -> JobProgressEvent:
         return event_of(await self.app.cancel(subject), time.time())
@@ -112,6 +117,9 @@ class HttpBackend:
 
     async def submit_batch(self, targets: Sequence[str]) -> JobProgressEvent:
         return await _translated(self.api.submit_batch(list(targets)))
+
+    async def rerun(self, subject: str) -> JobProgressEvent:
+        return await _translated(self.api.rerun(subject))
 
     async def cancel(self, subject: str) -> JobProgressEvent:
         return await _translated(self.api.cancel(subject))

@@ -1,7 +1,7 @@
 """The MCP server: six tools over a `Backend` (the core in-process, or the HTTP API).
 
 Tools: `status` (optionally streaming progress), `list_jobs`, `submit_build`,
-`submit_batch`, `cancel`, `logs` (the end of a job's output). Results are pydantic
+`submit_batch`, `rerun`, `cancel`, `logs` (the end of a job's output). Results are pydantic
 models, so clients get `structuredContent` (camelCase, the same `job-progress` JSON as the HTTP API)
 beside the text.
 
@@ -48,7 +48,7 @@ matrixjobs runs configured build targets as queued jobs and reports their progre
 Submit with submit_build (one target) or submit_batch (several); follow a job or batch
 with status(id, stream=true), which sends progress notifications and returns when it ends
 (set max_wait_s if your client times out requests, then call again). Ids look like j12
-(jobs) and b3 (batches)."""
+(jobs) and b3 (batches). rerun(id) runs a job or batch again with the same arguments."""
 
 
 class StatusResult(CamelModel):
@@ -157,6 +157,15 @@ def build_mcp_server(
         """Queue several targets as one batch; returns the new batch."""
         async with errors():
             return await backend.submit_batch(targets)
+
+    @server.tool(name="rerun")
+    async def rerun(
+        id: Annotated[str, Field(min_length=1, description="a job (j12) or batch (b3) id")],
+    ) -> JobProgressEvent:
+        """Run a job's target (or a batch's targets) again with the same arguments; returns
+        the new job or batch. One operation of a batch reruns alone."""
+        async with errors():
+            return await backend.rerun(id.strip())
 
     @server.tool(name="cancel")
     async def cancel(

@@ -7,6 +7,8 @@ Pure functions of numbers and events; the clock comes in as `now` (epoch seconds
 * Durations are compact and cut, not rounded: "4s", "1m 05s", "2h 03m", "3d 4h".
 * Counts drop a needless ".0": "3/10", "2.5/10"; an unknown total reads "34 done";
   a batch counts its finished operations: "2/3 operations".
+* Attempts are said only when there could be more than one: "passed on attempt 2 of 3"
+  (a first-try success says nothing), "failed on attempt 3 of 3".
 """
 
 from __future__ import annotations
@@ -106,3 +108,19 @@ def timing(event: JobProgressEvent, now: float) -> str:
         text = f"took {spent}" if event.terminal else f"{spent} elapsed"
     estimate = eta(event)
     return f"{text} · {estimate}" if estimate else text
+
+
+def attempts(event: JobProgressEvent) -> str:
+    """How many tries a finished job took, when that tells something: 'passed on attempt
+    2 of 3', 'failed on attempt 3 of 3', 'failed on attempt 1 of 3, not retried' (a failure
+    no retry can fix); '' for a first-try success, a job without retries, or a batch."""
+    details = event.job_details
+    if details is None or not event.terminal or details.max_retries == 0:
+        return ""
+    attempt, of = details.retry_count + 1, details.max_retries + 1
+    if event.status is Status.COMPLETED and attempt > 1:
+        return f"passed on attempt {attempt} of {of}"
+    if event.status is Status.FAILED:
+        left = ", not retried" if attempt < of else ""
+        return f"failed on attempt {attempt} of {of}{left}"
+    return ""

@@ -132,7 +132,17 @@ class Store(abc.ABC):
         """Newest first."""
 
     @abc.abstractmethod
+    async def previous_outcome(self, subject_id: str) -> Status | None:
+        """How the last run of the same work ended before `subject_id` finished: the status
+        of the job (batch) with the same name that finished last before it, completed or
+        failed (a cancelled run says nothing about the work). None when there is none."""
+
+    @abc.abstractmethod
     async def save_message(self, message: ProgressMessage, now: float) -> None: ...
+
+    @abc.abstractmethod
+    async def message_subject(self, room_id: str, event_id: str) -> str | None:
+        """The job or batch whose progress message is `event_id` in `room_id`, if any."""
 
     @abc.abstractmethod
     async def update_message(self, subject_id: str, edits: int, final: bool) -> None: ...

@@ -563,6 +563,15 @@ class SqliteStore(Store):
                  message.reply_to, message.edits, int(message.final), now),
             )
 
+    async def message_subject(self, room_id: str, event_id: str) -> str | None:
+        # No index on event_id: asked once per reaction, over rows that retention bounds.
+        async with self._lock:
+            rows = await self.db.execute_fetchall(
+                "SELECT subject_id FROM progress_messages WHERE event_id = ? AND room_id = ?",
+                (event_id, room_id),
+            )
+        return rows[0][0] if rows else None
+
     async def update_message(self, subject_id: str, edits: int, final: bool) -> None:
         async with self._transaction():
             await self.db.execute(
@@ -668,6 +677,22 @@ class SqliteStore(Store):
             batch = _batch(row)
             batch.errors = await self._batch_errors(number)
         return batch
+
+    async def previous_outcome(self, subject_id: str) -> Status | None:
+        parsed = parse_id(subject_id)
+        if parsed is None:
+            return None
+        table = "batches" if parsed[0] == "b" else "jobs"
+        async with self._lock:
+            value = await self._scalar(
+                f"SELECT earlier.status FROM {table} AS this JOIN {table} AS earlier "
+                "ON earlier.name = this.name AND earlier.id != this.id "
+                "WHERE this.id = ? AND earlier.status IN ('completed', 'failed') "
+                "AND earlier.finished_at <= this.finished_at "
+                "ORDER BY earlier.finished_at DESC, earlier.id DESC LIMIT 1",
+                (parsed[1],),
+            )
+        return None if value is None else Status(value)
 
     async def list_jobs(
         self,
