@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from typing import TypeVar
+from urllib.parse import quote
 
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
 from starlette.requests import Request
@@ -16,6 +17,7 @@ from matrixjobs.api.client import USER_AGENT_PREFIX
 from matrixjobs.api.errors import ApiError
 from matrixjobs.api.stream import EventStream, OpenStreams
 from matrixjobs.app import App
+from matrixjobs.config import MatrixConfig
 from matrixjobs.errors import NotFoundError
 from matrixjobs.models import BATCH_PREFIX, JOB_PREFIX, Status, parse_id
 from matrixjobs.progress.events import JobProgressEvent, event_of
@@ -77,7 +79,7 @@ class Endpoints:
 
     async def list_jobs(self, request: Request) -> Response:
         statuses, limit = list_filters(request)
-        jobs = await self.app.jobs(statuses, limit)
+        jobs = await self.app.jobs(statuses, limit, batch=request.query_params.get("batch"))
         return list_response("jobs", [self.app.live(job) for job in jobs])
 
     async def submit_job(self, request: Request) -> Response:
@@ -87,7 +89,7 @@ class Endpoints:
 
     async def get_job(self, request: Request) -> Response:
         subject = subject_of(request, JOB_PREFIX)
-        return event_response(await self.app.status(subject))
+        return event_response(await self.with_message_url(await self.app.status(subject)))
 
     async def cancel_job(self, request: Request) -> Response:
         subject = subject_of(request, JOB_PREFIX)
@@ -108,11 +110,18 @@ class Endpoints:
 
     async def get_batch(self, request: Request) -> Response:
         subject = subject_of(request, BATCH_PREFIX)
-        return event_response(await self.app.status(subject))
+        return event_response(await self.with_message_url(await self.app.status(subject)))
 
     async def cancel_batch(self, request: Request) -> Response:
         subject = subject_of(request, BATCH_PREFIX)
         return event_response(event_of(await self.app.cancel(subject), time.time()))
+
+    async def with_message_url(self, event: JobProgressEvent) -> JobProgressEvent:
+        message = await self.app.progress_message(event.id)
+        if message is None or message.event_id is None:
+            return event
+        url = matrix_to(message.room_id, message.event_id, self.app.config.matrix)
+        return event.model_copy(update={"message_url": url})
 
     # -- status ----------------------------------------------------------------------------------
 
@@ -213,6 +222,15 @@ def requester_of(request: Request) -> str:
         if agent.startswith(f"{USER_AGENT_PREFIX}{client}/"):
             return client
     return "api"
+
+
+def matrix_to(room_id: str, event_id: str, matrix: MatrixConfig | None) -> str:
+    """A matrix.to permalink; `via` names the bot's server, which is in the room (room ids
+    of recent room versions carry no server name)."""
+    link = f"https://matrix.to/#/{quote(room_id, safe='')}/{quote(event_id, safe='')}"
+    if matrix is None:
+        return link
+    return f"{link}?via={quote(matrix.user_id.partition(':')[2], safe='')}"
 
 
 def json_response(body: str, status: int = 200, headers: dict[str, str] | None = None) -> Response:

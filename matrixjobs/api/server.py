@@ -27,6 +27,7 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.types import ASGIApp
 
 from matrixjobs.api.auth import BearerAuth, LoopbackGuard, host_name
+from matrixjobs.api.dashboard import Dashboard
 from matrixjobs.api.errors import (
     ApiError,
     on_api_error,
@@ -81,8 +82,11 @@ def build_asgi_app(
                 await stack.enter_async_context(enter())
             yield
 
+    streams = OpenStreams() if streams is None else streams
+    secret = None if token is None else token.get_secret_value()
     return Starlette(
-        routes=[*Endpoints(app, OpenStreams() if streams is None else streams).routes(), *mounts],
+        routes=[*Endpoints(app, streams).routes(), *Dashboard(app, streams, secret).routes(),
+                *mounts],
         middleware=middleware,
         exception_handlers={
             ApiError: on_api_error,
