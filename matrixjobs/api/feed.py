@@ -32,7 +32,7 @@ from matrixjobs.api.stream import OpenStreams
 from matrixjobs.app import ACTIVE, App
 from matrixjobs.errors import NotFoundError
 from matrixjobs.matrix.render import STATUS_WORD
-from matrixjobs.models import BATCH_PREFIX, Batch, Job
+from matrixjobs.models import BATCH_PREFIX
 from matrixjobs.progress import wording
 from matrixjobs.progress.events import JobProgressEvent
 from matrixjobs.progress.subscription import Subscription
@@ -65,8 +65,10 @@ def texts(event: JobProgressEvent, now: float) -> dict[str, object]:
     }
 
 
-def item_json(event: JobProgressEvent, now: float) -> str:
-    return f'{{"event":{event.to_json()},"text":{json.dumps(texts(event, now))}}}'
+def item_json(event: JobProgressEvent, now: float, stamped: bool = False) -> str:
+    """An item of a snapshot; `stamped`: a message of its own, with the time it was worded."""
+    stamp = f',"sentAt":{now}' if stamped else ""
+    return f'{{"event":{event.to_json()},"text":{json.dumps(texts(event, now))}{stamp}}}'
 
 
 def sse_message(kind: str, seq: int, data: str) -> bytes:
@@ -93,8 +95,11 @@ class FeedClient:
         """Everything waiting as one write; a keep-alive comment after `wait_s` of quiet."""
         if not self._messages:
             self._ready.clear()
+            # asyncio.timeout, not wait_for: 3.11's wait_for can swallow the cancellation
+            # that ends the stream (shutdown, disconnect) when a message lands at that moment.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._ready.wait(), wait_s)
+                async with asyncio.timeout(wait_s):
+                    await self._ready.wait()
         chunk = b"".join(self._messages) or KEEPALIVE
         self._messages.clear()
         return chunk
@@ -154,15 +159,15 @@ class DashboardFeed:
 
     async def _snapshot_events(self, focus: str | None) -> list[JobProgressEvent]:
         app = self.app
-        found: dict[str, Job | Batch] = {}
         lists = [await app.batches(ACTIVE, ACTIVE_LIMIT), await app.jobs(ACTIVE, ACTIVE_LIMIT),
                  await app.batches(None, RECENT_BATCHES), await app.jobs(None, RECENT_JOBS)]
+        found: dict[str, JobProgressEvent] = {}
         for item in (item for listed in lists for item in listed):
-            found.setdefault(item.id, item)
-        events = [app.live(item) for item in found.values()]
-        if focus is not None and focus not in found:
-            events.extend(await self._focus_events(focus))
-        return events
+            if item.id not in found:
+                found[item.id] = app.live(item)
+        if focus is not None:
+            found.update((event.id, event) for event in await self._focus_events(focus))
+        return list(found.values())
 
     async def _focus_events(self, focus: str) -> list[JobProgressEvent]:
         """The page's own job or batch, however old, and a batch's operations."""
@@ -193,7 +198,7 @@ class DashboardFeed:
                     self._broadcast("refresh", event)
 
     def _broadcast(self, kind: str, event: JobProgressEvent) -> None:
-        message = sse_message(kind, self._next(), item_json(event, time.time()))
+        message = sse_message(kind, self._next(), item_json(event, time.time(), stamped=True))
         for client in self.clients:
             client.put(message)
 
