@@ -96,8 +96,17 @@ async def test_right_token_sets_an_httponly_strict_cookie_that_is_not_the_token(
     assert f"{COOKIE}={session_value(TOKEN)}" in cookie
     for flag in ("HttpOnly", "SameSite=Strict", "Path=/"):
         assert flag in cookie
-    assert "Secure" not in cookie  # plain http on loopback; https adds it
+    assert "Secure" not in cookie  # plain http on loopback
     assert jobs.status_code == 200 and page.status_code == 200
+
+
+async def test_login_from_an_https_page_behind_a_proxy_gets_a_secure_cookie(tmp_path):
+    async with running(tmp_path, api={"token": TOKEN}) as svc, svc.client() as client:
+        host = svc.url.partition("://")[2]
+        response = await client.post("/login", data={"token": TOKEN},
+                                     headers={"Origin": f"https://{host}"})
+    assert response.status_code == 303
+    assert "; Secure" in response.headers["set-cookie"]
 
 
 async def test_a_session_from_an_old_token_is_refused(tmp_path):

@@ -133,20 +133,27 @@ class Dashboard:
         if not hmac.compare_digest(given.encode(), self.token.encode()):
             self.throttle.failed(address)
             return self.form("Wrong token.", 401, CHALLENGE)
-        secure = request.url.scheme == "https"
-        return RedirectResponse("/", 303, {"Set-Cookie": session_cookie(self.token, secure)})
+        return RedirectResponse("/", 303, {"Set-Cookie": session_cookie(self.token,
+                                                                        over_https(request))})
 
     async def logout(self, request: Request) -> Response:
         if not same_origin("POST", request.headers):
             raise ApiError(403, "forbidden", "logout only from this server's own pages")
-        secure = request.url.scheme == "https"
-        return RedirectResponse("/login", 303, {"Set-Cookie": cleared_cookie(secure)})
+        return RedirectResponse("/login", 303,
+                                {"Set-Cookie": cleared_cookie(over_https(request))})
 
     def form(self, error: str = "", status: int = 200,
              headers: dict[str, str] | None = None) -> Response:
         html = self.login_form.substitute(error=escape(error))
         return Response(html, status, headers={**SECURITY_HEADERS, **(headers or {})},
                         media_type=CONTENT_TYPES[".html"])
+
+
+def over_https(request: Request) -> bool:
+    """Whether the browser sees this page over https: served so, or (behind a TLS proxy,
+    which reaches us over plain http) its form posted from an https origin."""
+    return (request.url.scheme == "https"
+            or request.headers.get("origin", "").startswith("https://"))
 
 
 async def read_token(request: Request) -> str:
