@@ -5,7 +5,7 @@ from __future__ import annotations
 import hmac
 
 from starlette.datastructures import Headers
-from starlette.responses import RedirectResponse
+from starlette.responses import RedirectResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from matrixjobs.api.errors import error_response
@@ -40,27 +40,30 @@ class BearerAuth:
                 or path.startswith(OPEN_PREFIX)):
             await self.app(scope, receive, send)
             return
+        refusal = self._refusal(scope, path)
+        if refusal is None:
+            await self.app(scope, receive, send)
+        else:
+            await refusal(scope, receive, send)
+
+    def _refusal(self, scope: Scope, path: str) -> Response | None:
+        """None to let the request in, else the answer that keeps it out."""
         headers = Headers(scope=scope)
         scheme, _, credentials = headers.get("authorization", "").partition(" ")
         if scheme.lower() == "bearer" and credentials.strip():
             if hmac.compare_digest(credentials.strip().encode(), self._token):
-                await self.app(scope, receive, send)
-                return
-            message = "wrong API token"
-        elif has_session(headers, self._session):
+                return None
+            return error_response(401, "unauthorized", "wrong API token", CHALLENGE)
+        if has_session(headers, self._session):
             if same_origin(scope.get("method", "GET"), headers):
-                await self.app(scope, receive, send)
-                return
-            message = "requests with the dashboard's session must come from its own pages"
-            await error_response(403, "forbidden", message)(scope, receive, send)
-            return
-        elif path in PAGES:
-            await RedirectResponse("/login", 303)(scope, receive, send)
-            return
-        else:
-            message = (f"this API needs a token: send 'Authorization: Bearer <token>' "
-                       f"(or the {COOKIE} cookie from /login)")
-        await error_response(401, "unauthorized", message, CHALLENGE)(scope, receive, send)
+                return None
+            return error_response(403, "forbidden", "requests with the dashboard's session "
+                                                    "must come from its own pages")
+        if path in PAGES:
+            return RedirectResponse("/login", 303)
+        message = (f"this API needs a token: send 'Authorization: Bearer <token>' "
+                   f"(or the {COOKIE} cookie from /login)")
+        return error_response(401, "unauthorized", message, CHALLENGE)
 
 
 class LoopbackGuard:

@@ -92,13 +92,8 @@ function pageLink(event) {
 }
 
 function step(event) {
-  return event.batchDetails?.currentOperation
-    ? `${event.batchDetails.currentOperation}: ${event.message ?? ""}`.replace(/: $/, "")
-    : event.message ?? "";
-}
-
-function time(item) {
-  return item.text.timing;
+  const operation = event.batchDetails?.currentOperation;
+  return [operation, event.message].filter(Boolean).join(": ");
 }
 
 function target(event) {
@@ -137,7 +132,7 @@ function row(item) {
     el("td", { class: "status", text: item.text.status }),
     progressCell(item),
     el("td", { text: step(event) }),
-    el("td", { text: time(item) }),
+    el("td", { text: item.text.timing }),
     el("td", { text: event.requester ?? "" }),
     el("td", { text: item.text.attempt }),
   ]);
@@ -177,7 +172,7 @@ function renderDetail() {
   const facts = [
     ...fact("Status", item.text.status),
     ...fact("Step", step(event)),
-    ...fact("Time", time(item)),
+    ...fact("Time", item.text.timing),
     ...fact("Requester", event.requester),
     ...fact("Attempt", item.text.attempt),
     ...fact("Error", event.error),
@@ -202,7 +197,7 @@ function renderOperations() {
     el("td", { class: "status", text: item.text.status }),
     progressCell(item),
     el("td", { text: item.event.message ?? "" }),
-    el("td", { text: time(item) }),
+    el("td", { text: item.text.timing }),
     el("td", { text: item.text.attempt }),
   ]));
   $("operations").querySelector("tbody").replaceChildren(...rows);
