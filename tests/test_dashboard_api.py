@@ -10,7 +10,9 @@ import pytest
 from dashboard_service import TOKEN, running, sse_messages
 
 from matrixjobs.api import feed
+from matrixjobs.api.routes import matrix_to
 from matrixjobs.api.session import COOKIE, LoginThrottle, session_value
+from matrixjobs.config import MatrixConfig
 from matrixjobs.models import ProgressMessage
 from matrixjobs.progress import wording
 from matrixjobs.progress.events import JobProgressEvent
@@ -332,3 +334,8 @@ async def test_a_page_too_slow_to_read_is_cut_off_and_resyncs(tmp_path, monkeypa
         client.put(f"message {number}\n".encode())
     assert client.overflowed
     assert await client.take(0.01) == b"message 0\nmessage 1\nmessage 2\n"
+
+
+def test_matrix_to_link_names_the_bot_s_server_as_via():
+    matrix = MatrixConfig(homeserver="https://matrix.example.org", user_id="@bot:example.org")
+    assert matrix_to("!abc", "$e1", matrix) == "https://matrix.to/#/%21abc/%24e1?via=example.org"
