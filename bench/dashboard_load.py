@@ -221,7 +221,7 @@ def report(result: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     p50, p99 = percentile(delays, 0.50) * 1000, percentile(delays, 0.99) * 1000
     cpu, seconds = result["cpu_cores"], result["seconds"]
     print(f"{args.jobs} running jobs, {args.pages} pages, interval {args.interval_ms} ms, "
-          f"measured {seconds:.1f} s (all jobs running {result['ramp_s']:.1f} s after submit)")
+          f"measured {seconds:.1f} s (all running {result['ramp_s']:.1f} s after the last submit)")
     print(f"update events received: {len(delays)} ({len(delays) / args.pages / seconds:.0f}/s "
           f"per page)")
     print(f"event delay: p50 {p50:.1f} ms, p99 {p99:.1f} ms (target < {P99_TARGET_MS:.0f} ms), "
