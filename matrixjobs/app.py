@@ -313,8 +313,14 @@ class App:
         finally:
             live.unfollow(follower)
 
-    async def jobs(self, statuses: Sequence[Status] | None = None, limit: int = 50) -> list[Job]:
-        return await self.store.list_jobs(statuses, limit=limit)
+    async def jobs(
+        self, statuses: Sequence[Status] | None = None, limit: int = 50, batch: str | None = None
+    ) -> list[Job]:
+        """Newest first; `batch` (an id like b3) keeps that batch's operations only."""
+        batch_id = None if batch is None else _canonical(batch)
+        if batch_id is not None and not batch_id.startswith(BATCH_PREFIX):
+            raise NotFoundError(f"'{batch}' is not a batch id (like b3)")
+        return await self.store.list_jobs(statuses, batch_id=batch_id, limit=limit)
 
     async def batches(
         self, statuses: Sequence[Status] | None = None, limit: int = 50
@@ -330,6 +336,12 @@ class App:
             subscribers=self.monitor.subscriber_count,
         )
         return self.metrics.registry
+
+
+    async def progress_message(self, subject: str) -> ProgressMessage | None:
+        """Where a room shows this job's or batch's progress, once that message was sent."""
+        message = await self.store.get_message(_canonical(subject))
+        return message if message is not None and message.event_id is not None else None
 
 
 def _job_id(subject: str) -> str:

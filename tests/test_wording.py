@@ -95,6 +95,22 @@ def test_timing(event, text):
     assert wording.eta(event) == ("ETA 30s" if "ETA" in text else "")
 
 
+@pytest.mark.parametrize(("event", "text"), [
+    (job(), "attempt 1/3"),
+    (job(status=Status.PENDING, retry_count=1), "attempt 2/3"),  # waiting for its retry
+    (job(retry_count=2, max_retries=2), "attempt 3/3"),
+    (job(max_retries=0), "attempt 1/1"),
+])
+def test_attempt(event, text):
+    assert wording.attempt(event) == text
+
+
+def test_a_batch_has_no_attempt():
+    batch = Batch(id="b3", name="all", status=Status.PROCESSING, total=3, completed=1,
+                  created_at=NOW - 10, started_at=NOW - 9)
+    assert wording.attempt(batch_event(batch, NOW)) == ""
+
+
 @pytest.mark.parametrize("event", [
     job(at(999, 1000), eta=65),
     job(at(34, None), status=Status.COMPLETED, finished_at=NOW),

@@ -1,40 +1,69 @@
-"""Bearer-token check in front of every endpoint (the API's and, later, MCP's)."""
+"""Token check in front of every endpoint (the API's, MCP's and the dashboard's)."""
 
 from __future__ import annotations
 
 import hmac
 
 from starlette.datastructures import Headers
+from starlette.responses import RedirectResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from matrixjobs.api.errors import error_response
+from matrixjobs.api.session import COOKIE, has_session, same_origin, session_value
 
 CHALLENGE = {"WWW-Authenticate": 'Bearer realm="matrixjobs"'}
-# Probes (systemd, containers, load balancers) hold no token; this path tells only whether
-# the service answers and its version.
-OPEN_PATHS = frozenset({"/healthz"})
+# Open without a token: probes (systemd, containers, load balancers) hold none, and
+# /healthz tells only whether the service answers and its version; the login form and
+# logout must be reachable to get or drop a session. /static/ (OPEN_PREFIX) holds the
+# dashboard's script and style sheet, the same for everyone and free of data.
+OPEN_PATHS = frozenset({"/healthz", "/login", "/logout"})
+OPEN_PREFIX = "/static/"
+# Pages a person opens: without a session they lead to the login form, not a JSON 401.
+PAGES = frozenset({"/"})
 
 
 class BearerAuth:
-    """Pure ASGI middleware: streaming responses pass through untouched."""
+    """Pure ASGI middleware: streaming responses pass through untouched.
+
+    A request gets in with `Authorization: Bearer <token>`, or with the dashboard's
+    session cookie if it comes from a page of this host (see `same_origin`).
+    """
 
     def __init__(self, app: ASGIApp, token: str) -> None:
         self.app = app
         self._token = token.encode()
+        self._session = session_value(token).encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] not in ("http", "websocket") or scope["path"] in OPEN_PATHS:
+        path = scope.get("path", "")
+        if (scope["type"] not in ("http", "websocket") or path in OPEN_PATHS
+                or path.startswith(OPEN_PREFIX)):
             await self.app(scope, receive, send)
             return
-        scheme, _, credentials = Headers(scope=scope).get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not credentials.strip():
-            message = "this API needs a token: send 'Authorization: Bearer <token>'"
-        elif not hmac.compare_digest(credentials.strip().encode(), self._token):
-            message = "wrong API token"
+        refusal = self._refusal(scope, path)
+        if refusal is None:
+            await self.app(scope, receive, send)
         else:
-            await self.app(scope, receive, send)
-            return
-        await error_response(401, "unauthorized", message, CHALLENGE)(scope, receive, send)
+            await refusal(scope, receive, send)
+
+    def _refusal(self, scope: Scope, path: str) -> Response | None:
+        """None to let the request in, else the answer that keeps it out."""
+        headers = Headers(scope=scope)
+        scheme, _, credentials = headers.get("authorization", "").partition(" ")
+        if scheme.lower() == "bearer" and credentials.strip():
+            if hmac.compare_digest(credentials.strip().encode(), self._token):
+                return None
+            return error_response(401, "unauthorized", "wrong API token", CHALLENGE)
+        if has_session(headers, self._session):
+            if same_origin(scope.get("method", "GET"), headers):
+                return None
+            return error_response(403, "forbidden", "requests with the dashboard's session "
+                                                    "must come from its own pages")
+        if path in PAGES:
+            return RedirectResponse("/login", 303)
+        message = (f"this API needs a token: send 'Authorization: Bearer <token>' "
+                   f"(or the {COOKIE} cookie from /login)")
+        return error_response(401, "unauthorized", message, CHALLENGE)
 
 
 class LoopbackGuard:

@@ -101,6 +101,8 @@ STREAM = {"name": "stream", "in": "query", "schema": {"type": "boolean", "defaul
           "description": "follow it: NDJSON, one event per line, until it ends"}
 FOLLOW = {"name": "follow", "in": "query", "schema": {"type": "boolean", "default": False},
           "description": "keep sending the log until the run ends"}
+BATCH_FILTER = {"name": "batch", "in": "query", "description": "only this batch's operations",
+                "schema": {"type": "string", "pattern": f"^[{BATCH_PREFIX}][0-9]+$"}}
 HEALTH = ref("Health")
 BAD_QUERY = error("a bad query parameter", 400)
 NOT_FOUND = error("no such job or batch (or not an id)", 404)
@@ -133,8 +135,9 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
     ("GET", PATH): Operation(
         "This document", responses={200: answer("OpenAPI 3.1", {"type": "object"})}),
     ("GET", "/v1/jobs"): Operation(
-        "List jobs", parameters=LIST_PARAMETERS,
-        responses={200: events("jobs", "jobs, newest first"), 400: BAD_QUERY}),
+        "List jobs", parameters=(*LIST_PARAMETERS, BATCH_FILTER),
+        responses={200: events("jobs", "jobs, newest first"), 400: BAD_QUERY,
+                   404: error("`batch` is not a batch id", 404)}),
     ("POST", "/v1/jobs"): Operation(
         "Run a target", body=SubmitJob,
         responses={201: event("the new job, pending", headers=CREATED), **SUBMIT_ERRORS}),
@@ -172,6 +175,19 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         "Run a batch again", parameters=(path_id("batch", BATCH_PREFIX, "b3"),),
         description=RERUN,
         responses={201: event("the new batch, pending", headers=CREATED), **RERUN_ERRORS}),
+    ("GET", "/v1/events"): Operation(
+        "Every job and batch, live (server-sent events; what the dashboard shows)",
+        parameters=({"name": "focus", "in": "query",
+                     "description": "also this job, or this batch and its operations",
+                     "schema": {"type": "string", "pattern": "^[jb][0-9]+$"}},),
+        description=("`event: snapshot` first (queued and running work, the newest finished "
+                     "jobs and batches), then `event: update` per job-progress event and "
+                     "`event: refresh` each second for active work with no news; each data line "
+                     "is `{\"event\", \"text\", \"sentAt\"}` with the texts worded by the "
+                     "service. Endless until the client leaves or the service stops; a "
+                     "reconnect starts with a new snapshot. README, \"Web dashboard\"."),
+        responses={200: answer("the stream", {"type": "string"}, "text/event-stream"),
+                   400: BAD_QUERY}),
     ("GET", "/v1/status"): Operation(
         "What is queued or running",
         description="Batches, then jobs outside a batch (a batch's operations show in it).",
@@ -191,7 +207,8 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
 AUTH_ERRORS = {
     401: error("the service has a token and the request did not carry it", 401),
     403: error("the service has no token and the request came from a foreign host or "
-               "another site's page", 403),
+               "another site's page, or the dashboard's session cookie came from another "
+               "site's page", 403),
 }
 
 

@@ -6,6 +6,7 @@ import json
 import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
+from urllib.parse import quote
 
 from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
@@ -24,6 +25,7 @@ from matrixjobs.api.stream import (
     text_stream,
 )
 from matrixjobs.app import App
+from matrixjobs.config import MatrixConfig
 from matrixjobs.errors import NotFoundError, echo
 from matrixjobs.models import BATCH_PREFIX, JOB_PREFIX, Status, parse_id
 from matrixjobs.progress.events import JobProgressEvent, event_of
@@ -94,8 +96,8 @@ class Endpoints:
     # -- jobs ------------------------------------------------------------------------------------
 
     async def list_jobs(self, request: Request) -> Response:
-        statuses, limit = list_filters(request)
-        jobs = await self.app.jobs(statuses, limit)
+        statuses, limit = list_filters(request, "batch")
+        jobs = await self.app.jobs(statuses, limit, batch=request.query_params.get("batch"))
         return list_response("jobs", [self.app.live(job) for job in jobs])
 
     async def submit_job(self, request: Request) -> Response:
@@ -105,7 +107,7 @@ class Endpoints:
 
     async def get_job(self, request: Request) -> Response:
         subject = subject_of(request, JOB_PREFIX)
-        return event_response(await self.app.status(subject))
+        return event_response(await self.with_message_url(await self.app.status(subject)))
 
     async def cancel_job(self, request: Request) -> Response:
         subject = subject_of(request, JOB_PREFIX)
@@ -143,7 +145,7 @@ class Endpoints:
 
     async def get_batch(self, request: Request) -> Response:
         subject = subject_of(request, BATCH_PREFIX)
-        return event_response(await self.app.status(subject))
+        return event_response(await self.with_message_url(await self.app.status(subject)))
 
     async def cancel_batch(self, request: Request) -> Response:
         subject = subject_of(request, BATCH_PREFIX)
@@ -156,6 +158,13 @@ class Endpoints:
         subject = subject_of(request, prefix)
         rerun = await self.app.rerun(subject, requester=requester_of(request))
         return created(event_of(rerun, time.time()), f"/v1/{collection}/{rerun.id}")
+
+    async def with_message_url(self, event: JobProgressEvent) -> JobProgressEvent:
+        message = await self.app.progress_message(event.id)
+        if message is None or message.event_id is None:
+            return event
+        url = matrix_to(message.room_id, message.event_id, self.app.config.matrix)
+        return event.model_copy(update={"message_url": url})
 
     # -- status ----------------------------------------------------------------------------------
 
@@ -245,8 +254,9 @@ def known_query(request: Request, *names: str) -> None:
                                          f"this endpoint takes: {', '.join(names)}")
 
 
-def list_filters(request: Request) -> tuple[list[Status] | None, int]:
-    known_query(request, "status", "limit")
+def list_filters(request: Request, *more: str) -> tuple[list[Status] | None, int]:
+    """`status` and `limit`; `more` names the other parameters the endpoint takes."""
+    known_query(request, "status", "limit", *more)
     words = [word.strip() for value in request.query_params.getlist("status")
              for word in value.split(",") if word.strip()]
     statuses = None
@@ -284,6 +294,15 @@ def requester_of(request: Request) -> str:
         if agent.startswith(f"{USER_AGENT_PREFIX}{client}/"):
             return client
     return "api"
+
+
+def matrix_to(room_id: str, event_id: str, matrix: MatrixConfig | None) -> str:
+    """A matrix.to permalink; `via` names the bot's server, which is in the room (room ids
+    of recent room versions carry no server name)."""
+    link = f"https://matrix.to/#/{quote(room_id, safe='')}/{quote(event_id, safe='')}"
+    if matrix is None:
+        return link
+    return f"{link}?via={quote(matrix.user_id.partition(':')[2], safe='')}"
 
 
 def json_response(body: str, status: int = 200, headers: dict[str, str] | None = None) -> Response:

@@ -27,6 +27,7 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.types import ASGIApp
 
 from matrixjobs.api.auth import BearerAuth, LoopbackGuard, host_name
+from matrixjobs.api.dashboard import Dashboard
 from matrixjobs.api.errors import (
     ApiError,
     on_api_error,
@@ -82,9 +83,12 @@ def build_asgi_app(
                 await stack.enter_async_context(enter())
             yield
 
-    routes = Endpoints(app, OpenStreams() if streams is None else streams).routes()
+    streams = OpenStreams() if streams is None else streams
+    secret = None if token is None else token.get_secret_value()
+    dashboard = Dashboard(app, streams, secret)
+    routes = [*Endpoints(app, streams).routes(), *dashboard.api_routes()]
     return Starlette(
-        routes=[*routes, openapi_route(routes), *mounts],
+        routes=[*routes, openapi_route(routes), *dashboard.pages(), *mounts],
         middleware=middleware,
         exception_handlers={
             ApiError: on_api_error,

@@ -60,6 +60,9 @@ class JobProgressEvent(CamelModel):
     finished_at: datetime | None = None
     eta_seconds: float | None = None
     requester: str | None = None
+    # A matrix.to link to the room message showing this progress; set by the API on
+    # single-item answers only (a store read each), never by the monitor.
+    message_url: str | None = None
 
     @property
     def terminal(self) -> bool:

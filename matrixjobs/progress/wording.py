@@ -86,6 +86,14 @@ def eta(event: JobProgressEvent) -> str:
     return f"ETA {duration(event.eta_seconds)}"
 
 
+def attempt(event: JobProgressEvent) -> str:
+    """'attempt 2/3' for a job (its first run is attempt 1), '' for a batch."""
+    details = event.job_details
+    if details is None:
+        return ""
+    return f"attempt {details.retry_count + 1}/{details.max_retries + 1}"
+
+
 def run_seconds(event: JobProgressEvent, now: float) -> float:
     """Run time (start → finish or now); time in the queue when it never started."""
     start = event.started_at or event.created_at

@@ -152,6 +152,10 @@ class Store(abc.ABC):
         """Progress messages whose final state has not been shown yet, oldest first."""
 
     @abc.abstractmethod
+    async def get_message(self, subject_id: str) -> ProgressMessage | None:
+        """The message that shows this job's or batch's progress, if any."""
+
+    @abc.abstractmethod
     async def get_setting(self, key: str) -> str | None: ...
 
     @abc.abstractmethod

@@ -587,6 +587,15 @@ class SqliteStore(Store):
             )
         return [ProgressMessage(s, r, e, q, t, n, bool(f)) for s, r, e, q, t, n, f in rows]
 
+    async def get_message(self, subject_id: str) -> ProgressMessage | None:
+        async with self._lock:
+            rows = await self.db.execute_fetchall(
+                "SELECT subject_id, room_id, event_id, requester, reply_to, edits, final "
+                "FROM progress_messages WHERE subject_id = ?", (subject_id,)
+            )
+        return next((ProgressMessage(s, r, e, q, t, n, bool(f))
+                     for s, r, e, q, t, n, f in rows), None)
+
     async def get_setting(self, key: str) -> str | None:
         async with self._lock:
             rows = await self.db.execute_fetchall("SELECT value FROM settings WHERE key = ?",

@@ -1,0 +1,254 @@
+"""The dashboard's live stream: `GET /v1/events`, server-sent events for every job and batch.
+
+One monitor subscription serves every open page: each event is worded and
+encoded once, then handed to each page's buffer. A stream starts with
+`event: snapshot` (active jobs and batches, recent finished ones, and the
+`focus` id with a batch's operations), then sends `event: update` per progress
+event and `event: refresh` for an active item that had no update for
+`REFRESH_S`, so its "12s elapsed" keeps moving without the page polling or
+wording anything itself. Every message is `{"event": <job-progress event>,
+"text": {...}, "sentAt": epoch s}` (a snapshot: `{"items": [...], "sentAt"}`).
+
+Reconnecting (EventSource does it after `retry`) always starts with a fresh
+snapshot; `Last-Event-ID` is ignored, as a snapshot is both cheaper than a
+replay buffer and always right. A page that reads too slowly to keep
+`CLIENT_LIMIT` messages in check is disconnected and resyncs the same way.
+A comment line every `KEEPALIVE_S` keeps proxies from cutting an idle stream;
+shutdown ends every stream with a complete response (OpenStreams).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections import deque
+from collections.abc import Iterable
+
+from starlette.types import Message, Receive, Scope, Send
+
+from matrixjobs.api.stream import OpenStreams
+from matrixjobs.app import ACTIVE, App
+from matrixjobs.errors import NotFoundError
+from matrixjobs.matrix.render import STATUS_WORD
+from matrixjobs.models import BATCH_PREFIX
+from matrixjobs.progress import wording
+from matrixjobs.progress.events import JobProgressEvent
+from matrixjobs.progress.subscription import Subscription
+
+HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
+REFRESH_S = 1.0
+KEEPALIVE_S = 15.0
+RETRY_MS = 2000
+CLIENT_LIMIT = 5000
+RECENT_JOBS = 50
+RECENT_BATCHES = 20
+ACTIVE_LIMIT = 1000
+KEEPALIVE = b": keep-alive\n\n"
+
+
+def texts(event: JobProgressEvent, now: float) -> dict[str, object]:
+    """What the page shows, worded here (progress/wording.py), never in the page."""
+    return {
+        "status": STATUS_WORD[event.status],
+        "percent": wording.shown_percent(event),
+        "bar": wording.shown_percentage(event),
+        "counts": wording.counts(event),
+        "eta": wording.eta(event),
+        "timing": wording.timing(event, now),
+        "attempt": wording.attempt(event),
+    }
+
+
+def item_json(event: JobProgressEvent, now: float, stamped: bool = False) -> str:
+    """An item of a snapshot; `stamped`: a message of its own, with the time it was worded."""
+    stamp = f',"sentAt":{now}' if stamped else ""
+    return f'{{"event":{event.to_json()},"text":{json.dumps(texts(event, now))}{stamp}}}'
+
+
+def sse_message(kind: str, seq: int, data: str) -> bytes:
+    return f"id: {seq}\nevent: {kind}\ndata: {data}\n\n".encode()
+
+
+class FeedClient:
+    """One page's buffer of encoded messages."""
+
+    def __init__(self, limit: int = CLIENT_LIMIT) -> None:
+        self.limit = limit
+        self.overflowed = False
+        self._messages: deque[bytes] = deque()
+        self._ready = asyncio.Event()
+
+    def put(self, message: bytes) -> None:
+        if len(self._messages) >= self.limit:
+            self.overflowed = True
+        else:
+            self._messages.append(message)
+        self._ready.set()
+
+    async def take(self, wait_s: float) -> bytes:
+        """Everything waiting as one write; a keep-alive comment after `wait_s` of quiet."""
+        if not self._messages:
+            self._ready.clear()
+            # asyncio.timeout, not wait_for: 3.11's wait_for can swallow the cancellation
+            # that ends the stream (shutdown, disconnect) when a message lands at that moment.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait_s):
+                    await self._ready.wait()
+        chunk = b"".join(self._messages) or KEEPALIVE
+        self._messages.clear()
+        return chunk
+
+
+class DashboardFeed:
+    """The shared half: runs while at least one page is connected."""
+
+    def __init__(self, app: App, refresh_s: float = REFRESH_S) -> None:
+        self.app = app
+        self.refresh_s = refresh_s
+        self.clients: set[FeedClient] = set()
+        self._seq = 0
+        # Active ids → (latest event, monotonic time it was last sent), for refreshes.
+        self._active: dict[str, tuple[JobProgressEvent, float]] = {}
+        self._subscription: Subscription | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def join(self) -> FeedClient:
+        """A new page's buffer; updates from now on land in it (before its snapshot is read,
+        so nothing falls between the two)."""
+        if not self.clients:
+            self._subscription = self.app.monitor.subscribe()
+            self._tasks = [asyncio.create_task(self._pump(self._subscription), name="feed"),
+                           asyncio.create_task(self._refresh(), name="feed-refresh")]
+        client = FeedClient()
+        self.clients.add(client)
+        return client
+
+    def leave(self, client: FeedClient) -> None:
+        self.clients.discard(client)
+        if self.clients or self._subscription is None:
+            return
+        self._subscription.close()
+        self._subscription = None
+        for task in self._tasks:
+            task.cancel()
+        self._tasks = []
+        self._active.clear()
+
+    async def snapshot(self, focus: str | None) -> bytes:
+        events = await self._snapshot_events(focus)
+        self.track(events)
+        now = time.time()
+        items = ",".join(item_json(event, now) for event in events)
+        return sse_message("snapshot", self._next(), f'{{"items":[{items}],"sentAt":{now}}}')
+
+    def track(self, events: Iterable[JobProgressEvent]) -> None:
+        """Refresh these active items too, though no update about them came yet. A snapshot's
+        event can be newer than the last update (it reads the live state), and a page keeps
+        the newest it has seen, so a refresh must carry at least that."""
+        sent = time.monotonic()
+        for event in events:
+            known = self._active.get(event.id)
+            if not event.terminal and (known is None or known[0].updated_at < event.updated_at):
+                self._active[event.id] = (event, known[1] if known else sent)
+
+    async def _snapshot_events(self, focus: str | None) -> list[JobProgressEvent]:
+        app = self.app
+        lists = [await app.batches(ACTIVE, ACTIVE_LIMIT), await app.jobs(ACTIVE, ACTIVE_LIMIT),
+                 await app.batches(None, RECENT_BATCHES), await app.jobs(None, RECENT_JOBS)]
+        found: dict[str, JobProgressEvent] = {}
+        for item in (item for listed in lists for item in listed):
+            if item.id not in found:
+                found[item.id] = app.live(item)
+        if focus is not None:
+            found.update((event.id, event) for event in await self._focus_events(focus))
+        return list(found.values())
+
+    async def _focus_events(self, focus: str) -> list[JobProgressEvent]:
+        """The page's own job or batch, however old, and a batch's operations."""
+        try:
+            events = [await self.app.status(focus)]
+            if focus.startswith(BATCH_PREFIX):
+                jobs = await self.app.jobs(None, ACTIVE_LIMIT, batch=focus)
+                events.extend(self.app.live(job) for job in jobs)
+        except NotFoundError:
+            return []  # the page says so
+        return events
+
+    async def _pump(self, subscription: Subscription) -> None:
+        async for event in subscription:
+            if event.terminal:
+                self._active.pop(event.id, None)
+            else:
+                self._active[event.id] = (event, time.monotonic())
+            self._broadcast("update", event)
+
+    async def _refresh(self) -> None:
+        while True:
+            await asyncio.sleep(self.refresh_s / 2)
+            stale = time.monotonic() - self.refresh_s
+            for event, sent in list(self._active.values()):
+                if sent <= stale:
+                    self._active[event.id] = (event, time.monotonic())
+                    self._broadcast("refresh", event)
+
+    def _broadcast(self, kind: str, event: JobProgressEvent) -> None:
+        message = sse_message(kind, self._next(), item_json(event, time.time(), stamped=True))
+        for client in self.clients:
+            client.put(message)
+
+    def _next(self) -> int:
+        self._seq += 1
+        return self._seq
+
+
+class SseStream:
+    """An ASGI response: `retry`, the snapshot, then the feed until disconnect or shutdown."""
+
+    def __init__(self, feed: DashboardFeed, streams: OpenStreams, focus: str | None) -> None:
+        self.feed = feed
+        self.streams = streams
+        self.focus = focus
+        self.client_gone = False
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        client = self.feed.join()
+        try:
+            snapshot = await self.feed.snapshot(self.focus)
+            await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
+            await send(_chunk(f"retry: {RETRY_MS}\n\n".encode() + snapshot))
+            if not self.streams.closing:
+                await self._follow(client, receive, send)
+        finally:
+            self.feed.leave(client)
+        if not self.client_gone:
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _follow(self, client: FeedClient, receive: Receive, send: Send) -> None:
+        # Ended early by rescheduling the deadline: on disconnect or shutdown.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(None) as deadline:
+                self.streams.add(deadline)
+                listener = asyncio.create_task(self._until_disconnect(receive, deadline))
+                try:
+                    while not client.overflowed:
+                        await send(_chunk(await client.take(KEEPALIVE_S)))
+                finally:
+                    self.streams.discard(deadline)
+                    listener.cancel()
+
+    async def _until_disconnect(self, receive: Receive, deadline: asyncio.Timeout) -> None:
+        message: Message = {}
+        while message.get("type") != "http.disconnect":
+            message = await receive()
+        self.client_gone = True
+        deadline.reschedule(asyncio.get_running_loop().time())
+
+
+def _chunk(body: bytes) -> Message:
+    return {"type": "http.response.body", "body": body, "more_body": True}

@@ -1,0 +1,112 @@
+"""The dashboard's login session: a cookie derived from the API token, and its guards.
+
+The cookie never holds the token: it is an HMAC of a fixed label keyed with the
+token, so it stops working the moment the token changes, and reading it (from
+a browser profile, say) does not reveal the token the API and CLI use.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import time
+from collections import deque
+from urllib.parse import urlsplit
+
+from starlette.datastructures import Headers
+
+COOKIE = "matrixjobs_session"
+LABEL = b"matrixjobs dashboard session v1"
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+def session_value(token: str) -> str:
+    return hmac.new(token.encode(), LABEL, hashlib.sha256).hexdigest()
+
+
+def session_cookie(token: str, secure: bool) -> str:
+    """The Set-Cookie value of a fresh session (a browser-session cookie: no Max-Age)."""
+    flags = "; Secure" if secure else ""
+    return f"{COOKIE}={session_value(token)}; Path=/; HttpOnly; SameSite=Strict{flags}"
+
+
+def cleared_cookie(secure: bool) -> str:
+    flags = "; Secure" if secure else ""
+    return f"{COOKIE}=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0{flags}"
+
+
+def has_session(headers: Headers, expected: bytes) -> bool:
+    """Whether the request carries the right session cookie (compared in constant time)."""
+    for part in headers.get("cookie", "").split(";"):
+        name, _, value = part.strip().partition("=")
+        if name == COOKIE and hmac.compare_digest(value.encode(), expected):
+            return True
+    return False
+
+
+def named_origin(headers: Headers) -> bool | None:
+    """Whether the page the request comes from (`Origin`, else `Referer`) is of this very
+    host: True, False, or None when the request names none."""
+    host = headers.get("host", "")
+    origin = headers.get("origin")
+    if origin is not None:
+        return origin.partition("://")[2].rstrip("/") == host
+    referer = headers.get("referer")
+    if referer is not None:
+        return urlsplit(referer).netloc == host
+    return None
+
+
+def same_origin(method: str, headers: Headers) -> bool:
+    """Whether a cookie-carried request comes from a page of this very host.
+
+    Browsers send `Origin` on cross-site requests and on every POST; a state-changing
+    request must prove its origin (by `Origin`, else `Referer`). A GET naming neither
+    is a plain navigation and passes; SameSite=Strict keeps the cookie off cross-site
+    ones anyway, this is the second lock.
+    """
+    verdict = named_origin(headers)
+    return method in SAFE_METHODS if verdict is None else verdict
+
+
+class LoginThrottle:
+    """At most `attempts` failed logins per client address in `window_s` seconds.
+
+    Guessing a token through the form is then hopeless, and a locked-out address
+    costs one small deque. The table forgets quiet addresses once it grows past
+    `max_addresses`, so a flood of addresses cannot grow it without bound.
+    """
+
+    def __init__(self, attempts: int = 5, window_s: float = 60.0,
+                 max_addresses: int = 4096) -> None:
+        self.attempts = attempts
+        self.window_s = window_s
+        self.max_addresses = max_addresses
+        self._failures: dict[str, deque[float]] = {}
+
+    def wait_s(self, address: str, now: float | None = None) -> float:
+        """0 if this address may try now, else the seconds until it may."""
+        now = time.monotonic() if now is None else now
+        failures = self._recent(address, now)
+        if failures is None or len(failures) < self.attempts:
+            return 0.0
+        return failures[0] + self.window_s - now
+
+    def failed(self, address: str, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        if len(self._failures) >= self.max_addresses:
+            self._forget_quiet(now)
+        self._failures.setdefault(address, deque(maxlen=self.attempts)).append(now)
+
+    def _recent(self, address: str, now: float) -> deque[float] | None:
+        failures = self._failures.get(address)
+        while failures and failures[0] <= now - self.window_s:
+            failures.popleft()
+        return failures
+
+    def _forget_quiet(self, now: float) -> None:
+        for address in list(self._failures):
+            if not self._recent(address, now):
+                del self._failures[address]
+        if len(self._failures) >= self.max_addresses:
+            self._failures.clear()  # all of them busy: a flood; start over rather than grow
