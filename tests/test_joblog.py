@@ -20,7 +20,8 @@ MIB = 1024 * 1024
 
 
 def run_log(max_bytes: int = 65536) -> RunLog:
-    return RunLog("── attempt 1 of 1 ──", max_bytes, lambda text: text.replace(SECRET, MASK))
+    return RunLog(lambda: "── attempt 1 of 1 ──", max_bytes,
+                  lambda text: text.replace(SECRET, MASK))
 
 
 def test_a_run_over_the_cap_keeps_its_head_and_tail_and_says_what_was_cut():
@@ -72,6 +73,15 @@ def test_a_silent_run_has_no_log():
     log = run_log()
     log.close(None)
     assert log.empty and log.text() == ""
+
+
+async def test_output_without_a_final_newline_is_kept_when_the_job_succeeds(tmp_path,
+                                                                           running_app):
+    app = await running_app(make_config(tmp_path, targets={
+        "terse": python_target("import sys; sys.stdout.write('done, no newline')")}))
+    job = await app.submit("terse")
+    assert (await final_state(app, job.id)).status == Status.COMPLETED
+    assert "done, no newline\n── completed ──" in await app.log(job.id)
 
 
 async def test_a_follower_gets_what_came_before_and_after_it_joined_then_the_end():

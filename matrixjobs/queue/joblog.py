@@ -14,6 +14,7 @@ job is bounded by `max_bytes` plus what its followers have not read yet
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
@@ -29,8 +30,13 @@ FOLLOW_BUFFER_CHARS = 1024 * 1024
 
 
 def header(job: Job, now: float) -> str:
-    started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(now))
-    return f"── attempt {job.retry_count + 1} of {job.max_retries + 1} · {started} ──"
+    return f"── attempt {job.retry_count + 1} of {job.max_retries + 1} · {_utc(int(now))} ──"
+
+
+@functools.lru_cache(maxsize=4)
+def _utc(second: int) -> str:
+    # Cached: many short runs start within the same second (strftime is a tenth of a run).
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(second))
 
 
 def cut_note(size: int, lines: int, what: str) -> str:
@@ -79,7 +85,14 @@ class Follower:
 class RunLog:
     """One run's output as it arrives, with the job's earlier runs before it."""
 
-    def __init__(self, first_line: str, max_bytes: int, redact: Callable[[str], str]) -> None:
+    __slots__ = ("_cut_bytes", "_cut_lines", "_first_line", "_followers", "_half", "_head",
+                 "_head_bytes", "_max_bytes", "_partial", "_redact", "_tail", "_tail_bytes",
+                 "changed", "earlier")
+
+    def __init__(self, first_line: Callable[[], str], max_bytes: int,
+                 redact: Callable[[str], str]) -> None:
+        """`first_line` makes the run's header, once it has output: a silent run (most short
+        ones) keeps no log and should not pay for one."""
         self.earlier = ""
         self.changed = False
         self._first_line = first_line
@@ -89,19 +102,23 @@ class RunLog:
         self._partial = ""
         self._head: list[str] = []
         self._head_bytes = 0
-        self._tail: deque[str] = deque()
+        self._tail: deque[str] | None = None  # made when the head is full: most runs never
         self._tail_bytes = 0
         self._cut_bytes = 0
         self._cut_lines = 0
-        self._followers: set[Follower] = set()
+        self._followers: set[Follower] | None = None
 
     @property
     def empty(self) -> bool:
-        return not self._head
+        return not self._head and not self._partial
 
     def write(self, text: str) -> None:
         """Add output; only whole lines (or pieces of a very long one) are kept."""
-        lines = (self._partial + text).replace("\r\n", "\n").replace("\r", "\n").split("\n")
+        if self._partial:
+            text = self._partial + text
+        if "\r" in text:
+            text = text.replace("\r\n", "\n").replace("\r", "\n")
+        lines = text.split("\n")
         self._partial = lines.pop()
         for line in lines:
             self._add_pieces(line)
@@ -117,45 +134,54 @@ class RunLog:
             self._partial = ""
         if footer is not None:
             self._add(f"── {footer} ──")
-        for follower in self._followers:
-            follower.close()
-        self._followers.clear()
+        if self._followers:
+            for follower in self._followers:
+                follower.close()
+            self._followers = None
 
     def follow(self) -> tuple[str, Follower]:
         """Everything so far and a follower for what comes next, with nothing lost between."""
         follower = Follower()
+        if self._followers is None:
+            self._followers = set()
         self._followers.add(follower)
         return self.text(), follower
 
     def unfollow(self, follower: Follower) -> None:
-        self._followers.discard(follower)
+        if self._followers:
+            self._followers.discard(follower)
 
     def text(self) -> str:
         """The job's log as it stands: earlier runs, then this run's head, cut note, tail."""
         parts = list(self._head)
         if self._cut_lines:
             parts.append(cut_note(self._cut_bytes, self._cut_lines, "of this attempt") + "\n")
-        parts.extend(self._tail)
+        parts.extend(self._tail or ())
         own = "".join(parts)
         budget = self._max_bytes - NOTES_BYTES - self._head_bytes - self._tail_bytes
         return _newest(self.earlier, budget) + own
 
     def _add_pieces(self, line: str) -> None:
-        for start in range(0, max(len(line), 1), PIECE_CHARS):
+        if len(line) <= PIECE_CHARS:
+            self._add(self._redact(line))
+            return
+        for start in range(0, len(line), PIECE_CHARS):
             self._add(self._redact(line[start:start + PIECE_CHARS]))
 
     def _add(self, line: str) -> None:
         if not self._head:
-            self._keep(self._first_line + "\n")
+            self._keep(self._first_line() + "\n")
         self._keep(line + "\n")
 
     def _keep(self, line: str) -> None:
         self.changed = True
-        size = len(line.encode("utf-8", "replace"))
-        if not self._cut_lines and not self._tail and self._head_bytes + size <= self._half:
+        size = len(line) if line.isascii() else len(line.encode("utf-8", "replace"))
+        if self._tail is None and self._head_bytes + size <= self._half:
             self._head.append(line)
             self._head_bytes += size
         else:
+            if self._tail is None:
+                self._tail = deque()
             self._tail.append(line)
             self._tail_bytes += size
             while self._tail_bytes > self._half and len(self._tail) > 1:
@@ -164,8 +190,9 @@ class RunLog:
                 self._tail_bytes -= dropped_size
                 self._cut_bytes += dropped_size
                 self._cut_lines += 1
-        for follower in self._followers:
-            follower.push(line)
+        if self._followers:
+            for follower in self._followers:
+                follower.push(line)
 
 
 def _newest(text: str, budget: int) -> str:
@@ -209,7 +236,8 @@ class JobLogs:
         """A log for a run about to start; None when logs are off."""
         if not self.enabled:
             return None
-        return RunLog(header(job, self._clock()), self.max_bytes, self._redact)
+        now = self._clock()
+        return RunLog(lambda: header(job, now), self.max_bytes, self._redact)
 
     def publish(self, job_id: str, log: RunLog) -> None:
         """The run started (its earlier runs' log is in `log.earlier`): others may read it."""
