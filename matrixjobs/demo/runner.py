@@ -324,7 +324,8 @@ class Demo:
             f"  password    {user.password}",
             f"  room        {ROOM_NAME}   ({room_id})",
             "  commands    !help · !targets · !build docs · !batch docs api site lint · "
-            "!status · !jobs · !cancel ID",
+            "!status · !jobs · !logs ID · !rerun ID · !cancel ID (or react ❌ / 🔁)",
+            f"In a browser: the dashboard at {api}/",
             f"From a shell: matrixjobs status --watch --api {api}",
             f"The bot is exempt from Synapse's message rate limit, so its edits follow the "
             f"progress every {app.config.progress.interval_ms} ms; the demo user keeps "
