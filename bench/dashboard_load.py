@@ -36,9 +36,7 @@ import json
 import os
 import re
 import secrets
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -47,10 +45,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx2
+from service import start_service, stop_service
 
 P99_TARGET_MS = 200.0
 CPU_TARGET_CORES = 1.0
-STARTUP_TIMEOUT_S = 30.0
 UPDATED_AT = re.compile(rb'"updatedAt":"([^"]+)"')
 
 JOB_CODE = """
@@ -89,35 +87,6 @@ args_pattern = "[0-9.]{{1,10}}"
 max_retries = 0
 """)
     return path
-
-
-def start_service(config: Path, log: Path, token: str) -> tuple[subprocess.Popen[bytes], str]:
-    env = {**os.environ, "MATRIXJOBS_API_TOKEN": token}
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "matrixjobs", "run", "--config", str(config)],
-            stdout=out, stderr=subprocess.STDOUT, cwd=config.parent, env=env,
-        )
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        found = re.search(r"API listening on (http://127\.0\.0\.1:\d+)", log.read_text())
-        if found:
-            return proc, found.group(1)
-        if proc.poll() is not None:
-            break
-        time.sleep(0.05)
-    proc.kill()
-    raise RuntimeError(f"the service did not start:\n{log.read_text()[-3000:]}")
-
-
-def stop_service(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def proc_cpu_s(pid: int) -> float:
@@ -248,7 +217,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="dashboard-load-") as tmp:
         directory = Path(tmp)
         config = write_config(directory, args.jobs, args.interval_ms)
-        proc, url = start_service(config, directory / "service.log", token)
+        proc, url = start_service(config, directory / "service.log",
+                                  {"MATRIXJOBS_API_TOKEN": token})
         try:
             result = asyncio.run(measure(url, token, proc.pid, args))
         finally:

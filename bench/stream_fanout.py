@@ -36,11 +36,8 @@ import asyncio
 import contextlib
 import json
 import os
-import re
 import resource
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -48,9 +45,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from service import start_service, stop_service
+
 TARGET_MS = 200.0
 TERMINAL = {"completed", "failed", "cancelled"}
-STARTUP_TIMEOUT_S = 30.0
 
 JOB_CODE = """
 import sys, time
@@ -89,35 +87,6 @@ max_retries = 0
     path = directory / "config.toml"
     path.write_text(text)
     return path
-
-
-def start_service(config: Path, log: Path) -> tuple[subprocess.Popen[bytes], str]:
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "matrixjobs", "run", "--config", str(config),
-             "--log-level", "info"],
-            stdout=out, stderr=subprocess.STDOUT, cwd=config.parent,
-        )
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        found = re.search(r"API listening on (http://127\.0\.0\.1:\d+)", log.read_text())
-        if found:
-            return proc, found.group(1)
-        if proc.poll() is not None:
-            break
-        time.sleep(0.05)
-    proc.kill()
-    raise RuntimeError(f"the service did not start:\n{log.read_text()[-3000:]}")
-
-
-def stop_service(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def proc_status(pid: int) -> dict[str, int]:

@@ -24,14 +24,13 @@ import contextlib
 import json
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import AsyncGenerator, Iterable
 
-from starlette.types import Message, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
-from matrixjobs.api.stream import OpenStreams
+from matrixjobs.api.stream import LiveResponse, OpenStreams, body
 from matrixjobs.app import ACTIVE, App
 from matrixjobs.errors import NotFoundError
-from matrixjobs.matrix.render import STATUS_WORD
 from matrixjobs.models import BATCH_PREFIX
 from matrixjobs.progress import wording
 from matrixjobs.progress.events import JobProgressEvent
@@ -55,7 +54,7 @@ KEEPALIVE = b": keep-alive\n\n"
 def texts(event: JobProgressEvent, now: float) -> dict[str, object]:
     """What the page shows, worded here (progress/wording.py), never in the page."""
     return {
-        "status": STATUS_WORD[event.status],
+        "status": wording.STATUS_WORD[event.status],
         "percent": wording.shown_percent(event),
         "bar": wording.shown_percentage(event),
         "counts": wording.counts(event),
@@ -207,48 +206,29 @@ class DashboardFeed:
         return self._seq
 
 
-class SseStream:
+class SseStream(LiveResponse):
     """An ASGI response: `retry`, the snapshot, then the feed until disconnect or shutdown."""
 
     def __init__(self, feed: DashboardFeed, streams: OpenStreams, focus: str | None) -> None:
+        super().__init__(streams)
         self.feed = feed
-        self.streams = streams
         self.focus = focus
-        self.client_gone = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         client = self.feed.join()
         try:
             snapshot = await self.feed.snapshot(self.focus)
             await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
-            await send(_chunk(f"retry: {RETRY_MS}\n\n".encode() + snapshot))
+            await send(body(f"retry: {RETRY_MS}\n\n".encode() + snapshot))
             if not self.streams.closing:
-                await self._follow(client, receive, send)
+                await self.pump(receive, send, _messages(client))
         finally:
             self.feed.leave(client)
-        if not self.client_gone:
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-
-    async def _follow(self, client: FeedClient, receive: Receive, send: Send) -> None:
-        # Ended early by rescheduling the deadline: on disconnect or shutdown.
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(None) as deadline:
-                self.streams.add(deadline)
-                listener = asyncio.create_task(self._until_disconnect(receive, deadline))
-                try:
-                    while not client.overflowed:
-                        await send(_chunk(await client.take(KEEPALIVE_S)))
-                finally:
-                    self.streams.discard(deadline)
-                    listener.cancel()
-
-    async def _until_disconnect(self, receive: Receive, deadline: asyncio.Timeout) -> None:
-        message: Message = {}
-        while message.get("type") != "http.disconnect":
-            message = await receive()
-        self.client_gone = True
-        deadline.reschedule(asyncio.get_running_loop().time())
+        await self.finish(send)
 
 
-def _chunk(body: bytes) -> Message:
-    return {"type": "http.response.body", "body": body, "more_body": True}
+async def _messages(client: FeedClient) -> AsyncGenerator[bytes, None]:
+    """The client's messages (a keep-alive comment when there are none for a while),
+    until it falls too far behind."""
+    while not client.overflowed:
+        yield await client.take(KEEPALIVE_S)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import TypeVar
 from urllib.parse import quote
 
@@ -44,6 +44,7 @@ class Body(BaseModel):
 
 
 BodyT = TypeVar("BodyT", bound=Body)
+T = TypeVar("T")
 
 
 class SubmitJob(Body):
@@ -117,15 +118,11 @@ class Endpoints:
         """The job's whole log as text; with ?follow=true, then its output as it comes
         until the run going on (or the next to start) ends."""
         subject = subject_of(request, JOB_PREFIX)
+        known_query(request, "follow")
         if not flag(request, "follow"):
             return Response(await self.app.log(subject), media_type=TEXT)
         chunks = self.app.follow_log(subject)
-        try:
-            first = await anext(chunks)  # NotFoundError → 404 before the stream starts
-        except BaseException:
-            await chunks.aclose()
-            raise
-        return text_stream(first, chunks, self.streams)
+        return text_stream(await opened(chunks), chunks, self.streams)
 
     async def rerun_job(self, request: Request) -> Response:
         return await self._rerun(request, JOB_PREFIX, "jobs")
@@ -177,12 +174,7 @@ class Endpoints:
         if not flag(request, "stream"):
             return event_response(await self.app.status(subject))
         updates = self.app.watch(subject)
-        try:
-            first = await anext(updates)  # NotFoundError → 404 before the stream starts
-        except BaseException:
-            await updates.aclose()
-            raise
-        return event_stream(first, updates, self.streams)
+        return event_stream(await opened(updates), updates, self.streams)
 
 
 
@@ -243,6 +235,16 @@ def subject_of(request: Request, prefix: str) -> str:
     if parsed is None or parsed[0] != prefix:
         raise NotFoundError(f"no {kind} '{echo(text)}' ({kind} ids look like {prefix}12)")
     return f"{parsed[0]}{parsed[1]}"
+
+
+async def opened(stream: AsyncGenerator[T, None]) -> T:
+    """A stream's first item, before the answer starts: a NotFoundError becomes a 404, and
+    the stream is closed on any error."""
+    try:
+        return await anext(stream)
+    except BaseException:
+        await stream.aclose()
+        raise
 
 
 def known_query(request: Request, *names: str) -> None:

@@ -51,7 +51,42 @@ class OpenStreams:
             deadline.reschedule(now)
 
 
-class ChunkStream(Generic[T]):
+class LiveResponse:
+    """What every streamed answer shares: it ends at once when the client goes away or the
+    service stops (OpenStreams), and says nothing more to a client that left."""
+
+    def __init__(self, streams: OpenStreams) -> None:
+        self.streams = streams
+        self.client_gone = False
+
+    async def pump(self, receive: Receive, send: Send, chunks: AsyncGenerator[bytes, None]
+                   ) -> None:
+        """Send `chunks` until they end, the client leaves or the service stops."""
+        # Ended early by rescheduling the deadline: on disconnect or shutdown.
+        with contextlib.suppress(TimeoutError):
+            async with contextlib.aclosing(chunks), asyncio.timeout(None) as deadline:
+                self.streams.add(deadline)
+                listener = asyncio.create_task(self._until_disconnect(receive, deadline))
+                try:
+                    async for chunk in chunks:
+                        await send(body(chunk))
+                finally:
+                    self.streams.discard(deadline)
+                    listener.cancel()
+
+    async def finish(self, send: Send) -> None:
+        if not self.client_gone:
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _until_disconnect(self, receive: Receive, deadline: asyncio.Timeout) -> None:
+        message: Message = {}
+        while message.get("type") != "http.disconnect":
+            message = await receive()
+        self.client_gone = True
+        deadline.reschedule(asyncio.get_running_loop().time())
+
+
+class ChunkStream(LiveResponse, Generic[T]):
     """An ASGI response that writes `first`, then (with `follow`) every item `rest`
     yields as `encode` turns it into bytes."""
 
@@ -64,46 +99,27 @@ class ChunkStream(Generic[T]):
         streams: OpenStreams,
         headers: list[tuple[bytes, bytes]],
     ) -> None:
+        super().__init__(streams)
         self.first = first
         self.rest = rest
         self.encode = encode
         self.follow = follow
-        self.streams = streams
         self.headers = headers
-        self.client_gone = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await send({"type": "http.response.start", "status": 200, "headers": self.headers})
-            await send(_body(self.first))
+            await send(body(self.first))
             if self.follow and not self.streams.closing:
-                await self._follow(receive, send)
+                await self.pump(receive, send, self._encoded())
         finally:
             await self.rest.aclose()
-        if not self.client_gone:
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        await self.finish(send)
 
-    async def _follow(self, receive: Receive, send: Send) -> None:
-        # Ended early by rescheduling the deadline: on disconnect or shutdown.
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(None) as deadline:
-                self.streams.add(deadline)
-                listener = asyncio.create_task(self._until_disconnect(receive, deadline))
-                try:
-                    async for item in self.rest:
-                        chunk = self.encode(item)
-                        if chunk:
-                            await send(_body(chunk))
-                finally:
-                    self.streams.discard(deadline)
-                    listener.cancel()
-
-    async def _until_disconnect(self, receive: Receive, deadline: asyncio.Timeout) -> None:
-        message: Message = {}
-        while message.get("type") != "http.disconnect":
-            message = await receive()
-        self.client_gone = True
-        deadline.reschedule(asyncio.get_running_loop().time())
+    async def _encoded(self) -> AsyncGenerator[bytes, None]:
+        async for item in self.rest:
+            if chunk := self.encode(item):
+                yield chunk
 
 
 def event_stream(
@@ -125,5 +141,5 @@ def _line(event: JobProgressEvent) -> bytes:
     return (event.to_json() + "\n").encode()
 
 
-def _body(chunk: bytes) -> Message:
+def body(chunk: bytes) -> Message:
     return {"type": "http.response.body", "body": chunk, "more_body": True}

@@ -55,14 +55,6 @@ STATUS_EMOJI: dict[Status, str] = {
     Status.CANCELLED: "🚫",
 }
 
-STATUS_WORD: dict[Status, str] = {
-    Status.PENDING: "queued",
-    Status.PROCESSING: "running",
-    Status.COMPLETED: "completed",
-    Status.FAILED: "failed",
-    Status.CANCELLED: "cancelled",
-}
-
 COMMANDS: tuple[tuple[str, str], ...] = (
     ("build TARGET [ARGS…]", "run a configured target"),
     ("batch TARGET [TARGET…]", "run several targets as one batch"),
@@ -149,7 +141,7 @@ def _waiting_for_retry(event: JobProgressEvent) -> bool:
 
 
 def _title(event: JobProgressEvent) -> tuple[str, str]:
-    word = "waiting to retry" if _waiting_for_retry(event) else STATUS_WORD[event.status]
+    word = "waiting to retry" if _waiting_for_retry(event) else wording.STATUS_WORD[event.status]
     emoji = STATUS_EMOJI[event.status]
     text = f"{emoji} {_name(event)} ({event.id}) — {word}"
     html = f"{emoji} <b>{escape(_name(event))}</b> (<code>{escape(event.id)}</code>) — {word}"
@@ -262,7 +254,7 @@ def _outcome(event: JobProgressEvent, now: float) -> str:
         return f"cancelled after {spent}"
     if event.status is Status.FAILED:
         return f"failed: {_failure_reason(event)} (after {spent})"
-    return STATUS_WORD[event.status]
+    return wording.STATUS_WORD[event.status]
 
 
 def _failure_reason(event: JobProgressEvent) -> str:
@@ -319,7 +311,7 @@ def render_targets(targets: list[tuple[str, str, bool]]) -> Rendered:
 
 def _list_line(event: JobProgressEvent, now: float) -> tuple[str, str]:
     emoji = STATUS_EMOJI[event.status]
-    state = STATUS_WORD[event.status]
+    state = wording.STATUS_WORD[event.status]
     percentage = event.progress.percentage if event.progress else None
     if event.status is Status.PROCESSING and percentage is not None:
         state += f" {wording.percent(percentage)}"

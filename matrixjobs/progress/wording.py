@@ -19,6 +19,14 @@ from datetime import datetime
 from matrixjobs.models import Status
 from matrixjobs.progress.events import JobProgressEvent
 
+STATUS_WORD: dict[Status, str] = {
+    Status.PENDING: "queued",
+    Status.PROCESSING: "running",
+    Status.COMPLETED: "completed",
+    Status.FAILED: "failed",
+    Status.CANCELLED: "cancelled",
+}
+
 
 def number(value: float) -> str:
     """3.0 → '3', 2.5 → '2.5', 1/3 → '0.33'; not a number → '?'."""
