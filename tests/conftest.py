@@ -7,12 +7,15 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import httpx2
 import pytest
 from helpers import make_config
 from synapse_fixtures import make_synapse_fixture
 
+from matrixjobs.api import ApiServer
 from matrixjobs.app import App
 from matrixjobs.config import Config
+from matrixjobs.service import build_service
 from matrixjobs.store.sqlite import SqliteStore
 
 
@@ -49,6 +52,32 @@ async def running_app(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
         return app
 
     yield start
+    for app in apps:
+        await app.stop()
+
+
+@pytest.fixture
+async def api_service(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
+    """Factory: `app, client = await api_service(token=None, targets=…, **sections)`: a
+    running service with its API, and an HTTP client carrying the token (if one is given
+    it is the service's too); all stopped at teardown."""
+    apps: list[App] = []
+    clients: list[httpx2.AsyncClient] = []
+
+    async def start(token: str | None = None, **sections: Any) -> tuple[App, httpx2.AsyncClient]:
+        api = {"listen": "127.0.0.1:0", **({"token": token} if token else {}),
+               **sections.pop("api", {})}
+        app = build_service(make_config(tmp_path / f"s{len(apps)}", api=api, **sections))
+        apps.append(app)
+        await app.start()
+        [server] = [c for c in app.components if isinstance(c, ApiServer)]
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        clients.append(httpx2.AsyncClient(base_url=server.url, headers=headers, timeout=20.0))
+        return app, clients[-1]
+
+    yield start
+    for client in clients:
+        await client.aclose()
     for app in apps:
         await app.stop()
 

@@ -4,20 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import httpx2
 import pytest
-from helpers import final_state, make_config, python_target
+from helpers import final_state, python_target
 from prometheus_client.parser import text_string_to_metric_families
 
-from matrixjobs.api import ApiServer
 from matrixjobs.app import App
 from matrixjobs.metrics import Metrics
 from matrixjobs.models import Job, Status
-from matrixjobs.service import build_service
 
 TOKEN = "metrics-test-token"
 TARGETS = {
@@ -30,27 +27,14 @@ Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
 @pytest.fixture
-async def service(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
-    """Factory: `app, client = await service(api={...})`; all stopped at teardown."""
-    apps: list[App] = []
-    clients: list[httpx2.AsyncClient] = []
+def service(api_service: Callable[..., Any]) -> Callable[..., Any]:
+    """Factory: `app, client = await service(token=None, **sections)`, with TARGETS."""
 
-    async def start(token: str | None = None, **sections: Any) -> tuple[App, httpx2.AsyncClient]:
+    def start(token: str | None = None, **sections: Any) -> Any:
         sections.setdefault("targets", TARGETS)
-        sections["api"] = {"listen": "127.0.0.1:0", **sections.get("api", {})}
-        app = build_service(make_config(tmp_path / f"s{len(apps)}", **sections))
-        apps.append(app)
-        await app.start()
-        [api] = [c for c in app.components if isinstance(c, ApiServer)]
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        clients.append(httpx2.AsyncClient(base_url=api.url, headers=headers, timeout=20.0))
-        return app, clients[-1]
+        return api_service(token, **sections)
 
-    yield start
-    for client in clients:
-        await client.aclose()
-    for app in apps:
-        await app.stop()
+    return start
 
 
 async def scrape(client: httpx2.AsyncClient) -> Samples:

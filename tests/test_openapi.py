@@ -5,24 +5,20 @@ from __future__ import annotations
 import copy
 import json
 import re
-from collections.abc import AsyncIterator, Callable
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import httpx2
 import jsonschema
 import pytest
-from helpers import final_state, make_config, python_target
+from helpers import final_state, python_target
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
-from matrixjobs.api import ApiServer
 from matrixjobs.api.dashboard import Dashboard
 from matrixjobs.api.openapi import OPERATIONS, document, operations_of
 from matrixjobs.api.server import build_asgi_app
 from matrixjobs.api.stream import OpenStreams
-from matrixjobs.app import App
-from matrixjobs.service import build_service
 
 TOKEN = "openapi-test-token"
 TARGETS = {
@@ -33,26 +29,14 @@ TARGETS = {
 
 
 @pytest.fixture
-async def service(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
-    """Factory: `app, client = await service(token=...)`; stopped at teardown."""
-    apps: list[App] = []
-    clients: list[httpx2.AsyncClient] = []
+def service(api_service: Callable[..., Any]) -> Callable[..., Any]:
+    """Factory: `app, client = await service(token=None, **sections)`, with TARGETS."""
 
-    async def start(token: str | None = None) -> tuple[App, httpx2.AsyncClient]:
-        api: dict[str, Any] = {"listen": "127.0.0.1:0", **({"token": token} if token else {})}
-        app = build_service(make_config(tmp_path / f"s{len(apps)}", targets=TARGETS, api=api))
-        apps.append(app)
-        await app.start()
-        [server] = [c for c in app.components if isinstance(c, ApiServer)]
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        clients.append(httpx2.AsyncClient(base_url=server.url, headers=headers, timeout=20.0))
-        return app, clients[-1]
+    def start(token: str | None = None, **sections: Any) -> Any:
+        sections.setdefault("targets", TARGETS)
+        return api_service(token, **sections)
 
-    yield start
-    for client in clients:
-        await client.aclose()
-    for app in apps:
-        await app.stop()
+    return start
 
 
 class Document:
