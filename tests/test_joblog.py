@@ -10,7 +10,7 @@ import pytest
 from helpers import final_state, make_config, python_target
 
 from matrixjobs.errors import NotFoundError
-from matrixjobs.logs import MASK
+from matrixjobs.logs import MASK, mask
 from matrixjobs.models import Job, JobSpec, Status
 from matrixjobs.queue.handlers import HandlerRegistry
 from matrixjobs.queue.joblog import PIECE_CHARS, RunLog
@@ -64,9 +64,25 @@ def test_a_secret_split_across_two_reads_is_masked():
 def test_a_line_without_end_is_cut_into_pieces_as_it_comes():
     log = run_log(MIB)
     log.write("x" * (PIECE_CHARS * 3 + 10))
-    assert log.text().count("\n") == 1 + 3  # the header and three whole pieces so far
+    # The header and two pieces so far: the last HOLDBACK_CHARS and more wait for output.
+    assert log.text().count("\n") == 1 + 2
     log.close(None)
     assert [len(line) for line in log.text().splitlines()[1:]] == [PIECE_CHARS] * 3 + [10]
+
+
+def test_a_secret_in_a_line_longer_than_a_piece_is_masked_wherever_it_falls():
+    for offset in (PIECE_CHARS - 5, PIECE_CHARS * 2 - 3):
+        log = run_log(MIB)
+        line = "x" * offset + SECRET + "y" * 5000
+        log.write(line[:PIECE_CHARS + 100])  # arrives in two writes, then ends
+        log.write(line[PIECE_CHARS + 100:] + "\n")
+        log.close(None)
+        assert SECRET not in log.text().replace("\n", "")
+        assert MASK in log.text()
+        unended = run_log(MIB)  # and the same line still coming, not yet ended
+        unended.write(line[:PIECE_CHARS + 300])
+        unended.write(line[PIECE_CHARS + 300:])
+        assert SECRET not in unended.text().replace("\n", "")
 
 
 def test_a_silent_run_has_no_log():
@@ -239,3 +255,42 @@ async def test_fifty_mb_of_output_is_capped_and_memory_stays_flat(tmp_path, runn
     assert text.endswith("the end\n── completed ──\n")
     assert "of this attempt cut ──" in text
     assert peak < 12 * MIB, f"peak {peak / MIB:.1f} MiB while reading 55 MB of output"
+
+
+async def test_a_known_secret_a_target_prints_is_masked_in_its_error_and_step_message(
+        tmp_path, running_app):
+    mask(["step-secret-4711-abcdef"])
+    app = await running_app(make_config(tmp_path, queue={"max_retries": 0}, targets={
+        "leak": python_target("""
+            import sys, time
+            print("::progress 1/2 token is step-secret-4711-abcdef", flush=True)
+            time.sleep(0.3)
+            print("my token step-secret-4711-abcdef", flush=True)
+            sys.exit(1)
+        """)}))
+    job = await app.submit("leak")
+    seen = [event async for event in app.watch(job.id)]
+    assert seen[-1].status == Status.FAILED
+    shown = " ".join(f"{event.message} {event.error}" for event in seen)
+    assert "step-secret-4711-abcdef" not in shown
+    assert f"my token {MASK}" in seen[-1].error and any(
+        event.message == f"token is {MASK}" for event in seen)
+    stored = await app.store.get_job(job.id)
+    assert "step-secret-4711-abcdef" not in f"{stored.error} {stored.progress}"
+
+
+async def test_a_silent_success_after_a_failed_attempt_closes_the_log_as_completed(
+        tmp_path, running_app):
+    app = await running_app(make_config(tmp_path, targets={"flaky": python_target(f"""
+        import pathlib, sys
+        marker = pathlib.Path({str(tmp_path / "ran-once")!r})
+        if not marker.exists():
+            marker.touch()
+            print("first try breaks")
+            sys.exit(1)
+    """, max_retries=1)}))
+    job = await app.submit("flaky")
+    assert (await final_state(app, job.id)).status == Status.COMPLETED
+    lines = (await app.log(job.id)).splitlines()
+    assert lines[-1] == "── completed ──" and lines[-2].startswith("── attempt 2 of 2")
+    assert "first try breaks" in lines

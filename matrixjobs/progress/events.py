@@ -9,6 +9,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict
 from pydantic.alias_generators import to_camel
 
+from matrixjobs.logs import redact
 from matrixjobs.models import Batch, Job, Status
 
 MESSAGE_LIMIT = 500
@@ -88,7 +89,8 @@ def clean_progress(
     if tot is not None and tot <= 0:
         tot = None
     percentage = None if tot is None else round(min(cur / tot, 1.0) * 100, 1)
-    text = None if message is None else str(message)[:MESSAGE_LIMIT]
+    # Masked before it is cut, so a cut cannot leave half a secret showing.
+    text = None if message is None else redact(str(message)[:MESSAGE_LIMIT * 2])[:MESSAGE_LIMIT]
     return ProgressInfo(current=cur, total=tot, percentage=percentage), text
 
 

@@ -23,6 +23,9 @@ from matrixjobs.models import Job
 
 # A line longer than this (characters) is kept as several lines.
 PIECE_CHARS = 4096
+# What of a line with no end yet waits for more output before it is cut: a secret up to
+# this long is never split between two pieces.
+HOLDBACK_CHARS = 256
 # Room for the header, the cut notes and the footer within max_bytes.
 NOTES_BYTES = 512
 # How far a follower may fall behind before the oldest lines it has not read are dropped.
@@ -122,10 +125,13 @@ class RunLog:
         self._partial = lines.pop()
         for line in lines:
             self._add_pieces(line)
-        if len(self._partial) >= PIECE_CHARS:
-            whole = len(self._partial) - len(self._partial) % PIECE_CHARS
-            self._add_pieces(self._partial[:whole])
-            self._partial = self._partial[whole:]
+        if len(self._partial) >= PIECE_CHARS + HOLDBACK_CHARS:
+            # Masked whole before it is cut, and its end waits for the next write: a
+            # secret is never split between two pieces (nor between this write and the next).
+            partial = self._redact(self._partial)
+            whole = (len(partial) - HOLDBACK_CHARS) // PIECE_CHARS * PIECE_CHARS
+            self._add_pieces(partial[:whole])
+            self._partial = partial[whole:]
 
     def close(self, footer: str | None) -> None:
         """The run ended: flush the last unfinished line and say how it ended."""
@@ -162,11 +168,12 @@ class RunLog:
         return _newest(self.earlier, budget) + own
 
     def _add_pieces(self, line: str) -> None:
+        line = self._redact(line)  # whole, before a cut could split a secret
         if len(line) <= PIECE_CHARS:
-            self._add(self._redact(line))
+            self._add(line)
             return
         for start in range(0, len(line), PIECE_CHARS):
-            self._add(self._redact(line[start:start + PIECE_CHARS]))
+            self._add(line[start:start + PIECE_CHARS])
 
     def _add(self, line: str) -> None:
         if not self._head:

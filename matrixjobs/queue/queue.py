@@ -42,6 +42,7 @@ from matrixjobs.errors import (
     UnknownJobTypeError,
     echo,
 )
+from matrixjobs.logs import redact
 from matrixjobs.models import (
     BATCH_PREFIX,
     INTERRUPTED_BY_STOP,
@@ -393,7 +394,10 @@ class JobQueue:
             outcome = task.result()
         outcome.progress = _progress(running.reporter)
         if running.log is not None:
-            outcome.log = self.logs.end(job.id, _footer(outcome, running.log.empty))
+            # A silent success after earlier runs still says so: their last line
+            # reads "it runs again".
+            silent = running.log.empty and not running.log.earlier
+            outcome.log = self.logs.end(job.id, _footer(outcome, silent))
         self._running.pop(job.id, None)
         self._finish(job, outcome)
         took = time.monotonic() - running.started
@@ -412,6 +416,9 @@ class JobQueue:
                        retry_at=now, count_retry=False)
 
     def _failure(self, job: Job, error: str, retryable: bool) -> Outcome:
+        """A failed run; its error (often the end of the job's output) is masked like its
+        log: it is shown in the room, the API, the dashboard and MCP."""
+        error = redact(error)
         now = self._clock()
         if retryable and job.retry_count < job.max_retries:
             delay = min(self.config.retry_backoff_s * 2**job.retry_count, MAX_BACKOFF_S)
