@@ -424,9 +424,14 @@ class TargetProblem(Exception):
     """Why a command target cannot start; the message says it for people."""
 
 
+# A wrong-token throttle slows one address, not a guesser with many: length does that.
+MIN_API_TOKEN_CHARS = 16
+
+
 class WarningTopic(StrEnum):
     CREDENTIALS = "credentials"
     TARGET = "target"
+    API = "api"
 
 
 @dataclass(frozen=True, slots=True)
@@ -491,6 +496,12 @@ class Config(Section):
             found.append(ConfigWarning(
                 WarningTopic.CREDENTIALS, "matrix: no password or access token; the bot "
                 "cannot log in (set MATRIXJOBS_PASSWORD or MATRIXJOBS_ACCESS_TOKEN)"))
+        token = self.api_token
+        if token is not None and len(token.get_secret_value()) < MIN_API_TOKEN_CHARS:
+            found.append(ConfigWarning(
+                WarningTopic.API, f"api: the token is shorter than {MIN_API_TOKEN_CHARS} "
+                "characters and could be guessed; use a random one, e.g. python3 -c "
+                "'import secrets; print(secrets.token_urlsafe(32))'"))
         for name, target in self.targets.items():
             if target.command is None:
                 continue

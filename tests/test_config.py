@@ -753,6 +753,16 @@ def test_matrix_without_credentials_is_warned_about(tmp_path):
     assert not any("no password" in w for w in with_env)
 
 
+def test_a_short_api_token_is_warned_about_without_showing_it(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text("")
+    short = load_config(path, environ={"MATRIXJOBS_API_TOKEN": "hunter2abc"}).warnings()
+    [warning] = [w for w in short if w.startswith("api:")]
+    assert "shorter than 16 characters" in warning and "hunter2abc" not in warning
+    long = load_config(path, environ={"MATRIXJOBS_API_TOKEN": "x" * 16}).warnings()
+    assert not any(w.startswith("api:") for w in long)
+
+
 def test_program_that_is_not_executable_is_warned_about(conf_dir):
     # The queue's exec fails on it just like on a missing one.
     (conf_dir / "build.sh").write_text("#!/bin/sh\n", encoding="utf-8")

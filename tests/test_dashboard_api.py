@@ -148,23 +148,33 @@ async def test_login_posted_by_another_site_is_refused(tmp_path):
     assert COOKIE not in response.headers.get("set-cookie", "")
 
 
-async def test_wrong_logins_are_throttled_per_address(tmp_path):
+async def test_wrong_tokens_are_throttled_per_address_but_the_right_one_always_gets_in(
+        tmp_path, caplog):
     async with running(tmp_path, api={"token": TOKEN}) as svc, svc.client() as client:
         for _ in range(LoginThrottle().attempts):
             assert (await client.post("/login", data={"token": "guess"})).status_code == 401
-        locked = await client.post("/login", data={"token": TOKEN})
-    assert locked.status_code == 429
-    assert "Too many wrong tokens" in locked.text
-    assert COOKIE not in locked.headers.get("set-cookie", "")
+        slowed = await client.post("/login", data={"token": "guess"})
+        assert slowed.status_code == 429 and "Too many wrong tokens" in slowed.text
+        assert COOKIE not in slowed.headers.get("set-cookie", "")
+        # Wrong bearer tokens count against the same address, and get told when to retry.
+        bearer = await client.get("/v1/jobs", headers={"Authorization": "Bearer guess"})
+        assert bearer.status_code == 429 and int(bearer.headers["retry-after"]) >= 1
+        assert bearer.json()["error"]["code"] == "too_many_requests"
+        # A stranger's wrong tokens never lock out whoever holds the right one.
+        right = await client.post("/login", data={"token": TOKEN})
+        assert right.status_code == 303 and COOKIE in right.headers["set-cookie"]
+        api = await client.get("/v1/jobs", headers={"Authorization": f"Bearer {TOKEN}"})
+        assert api.status_code == 200
+    assert "more than 5 wrong tokens from 127.0.0.1" in caplog.text
 
 
 def test_throttle_forgets_failures_after_its_window():
     throttle = LoginThrottle(attempts=2, window_s=10.0)
-    throttle.failed("10.0.0.1", now=100.0)
-    throttle.failed("10.0.0.1", now=101.0)
-    assert throttle.wait_s("10.0.0.1", now=102.0) == pytest.approx(8.0)
-    assert throttle.wait_s("10.0.0.2", now=102.0) == 0.0
-    assert throttle.wait_s("10.0.0.1", now=110.5) == 0.0
+    assert throttle.failed("10.0.0.1", now=100.0) == 0.0
+    assert throttle.failed("10.0.0.1", now=101.0) == 0.0
+    assert throttle.failed("10.0.0.1", now=102.0) == pytest.approx(8.0)
+    assert throttle.failed("10.0.0.2", now=102.0) == 0.0
+    assert throttle.failed("10.0.0.1", now=112.5) == 0.0  # the old ones aged out
 
 
 def test_throttle_table_stays_bounded_under_a_flood_of_addresses():

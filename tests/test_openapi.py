@@ -18,6 +18,7 @@ from referencing.jsonschema import DRAFT202012
 from matrixjobs.api.dashboard import Dashboard
 from matrixjobs.api.openapi import OPERATIONS, document, operations_of
 from matrixjobs.api.server import build_asgi_app
+from matrixjobs.api.session import LoginThrottle
 from matrixjobs.api.stream import OpenStreams
 
 TOKEN = "openapi-test-token"
@@ -111,7 +112,7 @@ async def test_every_route_is_documented_and_nothing_else(service):
     spec = (await fetch_document(client)).spec
     routes = operations_of(build_asgi_app(app).routes)
     # The dashboard's pages are for browsers, not API clients: the one rule left out.
-    pages = operations_of(Dashboard(app, OpenStreams(), None).pages())
+    pages = operations_of(Dashboard(app, OpenStreams(), None, LoginThrottle()).pages())
     assert pages == {("GET", "/"), ("GET", "/static/{name}"), ("GET", "/login"),
                      ("POST", "/login"), ("POST", "/logout")}
     documented = {(method.upper(), path) for path, operations in spec["paths"].items()

@@ -9,7 +9,14 @@ from starlette.responses import RedirectResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from matrixjobs.api.errors import error_response
-from matrixjobs.api.session import COOKIE, has_session, same_origin, session_value
+from matrixjobs.api.session import (
+    COOKIE,
+    LoginThrottle,
+    client_address,
+    has_session,
+    same_origin,
+    session_value,
+)
 
 CHALLENGE = {"WWW-Authenticate": 'Bearer realm="matrixjobs"'}
 # Open without a token: probes (systemd, containers, load balancers) hold none, and
@@ -29,10 +36,11 @@ class BearerAuth:
     session cookie if it comes from a page of this host (see `same_origin`).
     """
 
-    def __init__(self, app: ASGIApp, token: str) -> None:
+    def __init__(self, app: ASGIApp, token: str, throttle: LoginThrottle) -> None:
         self.app = app
         self._token = token.encode()
         self._session = session_value(token).encode()
+        self._throttle = throttle
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
@@ -53,6 +61,11 @@ class BearerAuth:
         if scheme.lower() == "bearer" and credentials.strip():
             if hmac.compare_digest(credentials.strip().encode(), self._token):
                 return None
+            wait_s = self._throttle.failed(client_address(scope))
+            if wait_s > 0:
+                return error_response(429, "too_many_requests", "too many wrong tokens; "
+                                      f"try again in {int(wait_s) + 1} s",
+                                      {"Retry-After": str(int(wait_s) + 1)})
             return error_response(401, "unauthorized", "wrong API token", CHALLENGE)
         if has_session(headers, self._session):
             if same_origin(scope.get("method", "GET"), headers):

@@ -28,6 +28,7 @@ from matrixjobs.api.routes import known_query
 from matrixjobs.api.session import (
     LoginThrottle,
     cleared_cookie,
+    client_address,
     named_origin,
     same_origin,
     session_cookie,
@@ -75,13 +76,14 @@ def load_static() -> dict[str, StaticFile]:
 
 
 class Dashboard:
-    def __init__(self, app: App, streams: OpenStreams, token: str | None) -> None:
+    def __init__(self, app: App, streams: OpenStreams, token: str | None,
+                 throttle: LoginThrottle) -> None:
         self.app = app
         self.token = token
         self.files = load_static()
         self.feed = DashboardFeed(app)
         self.streams = streams
-        self.throttle = LoginThrottle()
+        self.throttle = throttle
         self.login_form = Template(self.files.pop("login.html").body.decode())
 
     def pages(self) -> list[Route]:
@@ -130,13 +132,12 @@ class Dashboard:
         # The token proves itself; only a page of another site posting here is refused.
         if named_origin(request.headers) is False:
             return self.form("This form only works from this server's own login page.", 403)
-        address = request.client.host if request.client else "?"
-        wait_s = self.throttle.wait_s(address)
-        if wait_s > 0:
-            return self.form(f"Too many wrong tokens; try again in {int(wait_s) + 1} s.", 429)
         given = await read_token(request)
         if not hmac.compare_digest(given.encode(), self.token.encode()):
-            self.throttle.failed(address)
+            wait_s = self.throttle.failed(client_address(request.scope))
+            if wait_s > 0:
+                return self.form(f"Too many wrong tokens; try again in {int(wait_s) + 1} s.",
+                                 429)
             return self.form("Wrong token.", 401, CHALLENGE)
         return RedirectResponse("/", 303, {"Set-Cookie": session_cookie(self.token,
                                                                         over_https(request))})

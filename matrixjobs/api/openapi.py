@@ -39,7 +39,7 @@ JSON = "application/json"
 SCHEMAS = "#/components/schemas/"
 # Errors the API layer itself answers (routes.py), beside the core's and Starlette's.
 API_ERRORS = frozenset({(400, "bad_json"), (400, "bad_body"), (400, "bad_query"),
-                        (413, "body_too_large")})
+                        (413, "body_too_large"), (429, "too_many_requests")})
 ERRORS = (API_ERRORS | {(status, code) for _, status, code in CORE_ERRORS}
           | {OTHER_CORE_ERROR} | set(HTTP_CODES.items()))
 
@@ -209,6 +209,8 @@ AUTH_ERRORS = {
     403: error("the service has no token and the request came from a foreign host or "
                "another site's page, or the dashboard's session cookie came from another "
                "site's page", 403),
+    429: error("more than 5 wrong tokens from this address within a minute (a right token "
+               "always gets in); `Retry-After` says when to try again", 429),
 }
 
 

@@ -37,6 +37,7 @@ from matrixjobs.api.errors import (
 )
 from matrixjobs.api.openapi import openapi_route
 from matrixjobs.api.routes import Endpoints
+from matrixjobs.api.session import LoginThrottle
 from matrixjobs.api.stream import OpenStreams
 from matrixjobs.app import App
 from matrixjobs.config import ApiConfig, TcpAddress, UnixAddress
@@ -71,8 +72,10 @@ def build_asgi_app(
     limits the Host header and cross-origin requests are refused.
     """
     middleware = []
+    throttle = LoginThrottle()  # wrong tokens counted alike from headers and the login form
     if token is not None:
-        middleware.append(Middleware(BearerAuth, token=token.get_secret_value()))
+        middleware.append(Middleware(BearerAuth, token=token.get_secret_value(),
+                                     throttle=throttle))
     elif allowed_hosts is not None:
         middleware.append(Middleware(LoopbackGuard, allowed_hosts=allowed_hosts))
 
@@ -85,7 +88,7 @@ def build_asgi_app(
 
     streams = OpenStreams() if streams is None else streams
     secret = None if token is None else token.get_secret_value()
-    dashboard = Dashboard(app, streams, secret)
+    dashboard = Dashboard(app, streams, secret, throttle)
     routes = [*Endpoints(app, streams).routes(), *dashboard.api_routes()]
     return Starlette(
         routes=[*routes, openapi_route(routes), *dashboard.pages(), *mounts],

@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import time
 from collections import deque
 from urllib.parse import urlsplit
 
 from starlette.datastructures import Headers
+from starlette.types import Scope
+
+log = logging.getLogger(__name__)
 
 COOKIE = "matrixjobs_session"
 LABEL = b"matrixjobs dashboard session v1"
@@ -69,12 +73,20 @@ def same_origin(method: str, headers: Headers) -> bool:
     return method in SAFE_METHODS if verdict is None else verdict
 
 
-class LoginThrottle:
-    """At most `attempts` failed logins per client address in `window_s` seconds.
+def client_address(scope: Scope) -> str:
+    client = scope.get("client")
+    return str(client[0]) if client else "?"
 
-    Guessing a token through the form is then hopeless, and a locked-out address
-    costs one small deque. The table forgets quiet addresses once it grows past
-    `max_addresses`, so a flood of addresses cannot grow it without bound.
+
+class LoginThrottle:
+    """Wrong tokens per client address, from the login form and bearer headers alike.
+
+    The right token always gets in: a stranger sending wrong ones must not lock anyone
+    out (behind a reverse proxy every visitor shares its address). An address past
+    `attempts` wrong tokens in `window_s` seconds is answered 429 and logged once per
+    window. No throttle stops a guesser with many addresses or parallel requests: the
+    token's length does (a short one is warned about at start). The table forgets quiet
+    addresses once it grows past `max_addresses`, so a flood cannot grow it without bound.
     """
 
     def __init__(self, attempts: int = 5, window_s: float = 60.0,
@@ -84,19 +96,22 @@ class LoginThrottle:
         self.max_addresses = max_addresses
         self._failures: dict[str, deque[float]] = {}
 
-    def wait_s(self, address: str, now: float | None = None) -> float:
-        """0 if this address may try now, else the seconds until it may."""
-        now = time.monotonic() if now is None else now
-        failures = self._recent(address, now)
-        if failures is None or len(failures) < self.attempts:
-            return 0.0
-        return failures[0] + self.window_s - now
-
-    def failed(self, address: str, now: float | None = None) -> None:
+    def failed(self, address: str, now: float | None = None) -> float:
+        """Count a wrong token; the seconds this address should wait, 0 if not over."""
         now = time.monotonic() if now is None else now
         if len(self._failures) >= self.max_addresses:
             self._forget_quiet(now)
-        self._failures.setdefault(address, deque(maxlen=self.attempts)).append(now)
+        failures = self._recent(address, now)
+        if failures is None:
+            failures = self._failures[address] = deque(maxlen=self.attempts + 1)
+        before = len(failures)
+        failures.append(now)
+        if before < self.attempts:
+            return 0.0
+        if before == self.attempts:  # crossed now: once until its failures age out
+            log.warning("api: more than %d wrong tokens from %s within %.0f s", self.attempts,
+                        address, self.window_s)
+        return failures[0] + self.window_s - now
 
     def _recent(self, address: str, now: float) -> deque[float] | None:
         failures = self._failures.get(address)
