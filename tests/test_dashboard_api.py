@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from pathlib import Path
 
 import pytest
 from dashboard_service import TOKEN, running, sse_messages
 
-from matrixjobs.api import feed
+from matrixjobs.api import dashboard, feed
 from matrixjobs.api.routes import matrix_to
 from matrixjobs.api.session import COOKIE, LoginThrottle, session_value
 from matrixjobs.config import MatrixConfig
@@ -337,13 +338,57 @@ async def test_stopping_the_service_ends_event_streams_cleanly(tmp_path):
     assert svc.app.monitor.subscriber_count == 0
 
 
-async def test_a_page_too_slow_to_read_is_cut_off_and_resyncs(tmp_path, monkeypatch):
-    monkeypatch.setattr(feed, "CLIENT_LIMIT", 3)
-    client = feed.FeedClient(limit=3)
+async def test_a_page_buffer_past_its_byte_limit_is_cut_off_and_let_go():
+    client = feed.FeedClient(limit_bytes=30)
+    ended = []
+    client.on_overflow = lambda: ended.append(True)
+    client.put(b"message 0\n")
+    client.put(b"message 1\n")
+    assert not client.overflowed and await client.take(0.01) == b"message 0\nmessage 1\n"
     for number in range(5):
         client.put(f"message {number}\n".encode())
-    assert client.overflowed
-    assert await client.take(0.01) == b"message 0\nmessage 1\nmessage 2\n"
+    assert client.overflowed and ended == [True]  # the stream is ended at once, once
+    assert await client.take(0.01) == feed.KEEPALIVE  # and its backlog is dropped
+
+
+async def test_writes_to_a_page_are_cut_into_chunks():
+    client = feed.FeedClient()
+    for _ in range(3):
+        client.put(b"x" * (feed.CHUNK_BYTES // 2 + 1))
+    assert len(await client.take(0.01)) == feed.CHUNK_BYTES // 2 + 1
+
+
+async def test_a_page_that_never_reads_is_cut_off_and_the_service_keeps_answering(tmp_path,
+                                                                              monkeypatch):
+    monkeypatch.setattr(feed, "CLIENT_LIMIT_BYTES", 64 * 1024)
+    async with running(tmp_path, queue={"workers": 40}) as svc:
+        host, port = svc.url.removeprefix("http://").split(":")
+        # A tiny receive window, set before connecting: the connection stalls at once.
+        raw = socket.socket()
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        raw.connect((host, int(port)))
+        _, writer = await asyncio.open_connection(sock=raw)
+        writer.transport.pause_reading()
+        writer.write(f"GET /v1/events HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode())
+        await writer.drain()
+        monitor = svc.app.monitor  # the page's feed holds the one subscription while it lasts
+        await wait_for(lambda: monitor.subscriber_count == 1, timeout=5.0)
+        for _ in range(40):
+            await svc.submit("count", "200", token=None)
+        await wait_for(lambda: monitor.subscriber_count == 0, timeout=30.0)  # cut off
+        async with svc.client() as client:
+            assert (await client.get("/v1/status")).status_code == 200
+        writer.close()
+
+
+async def test_more_pages_than_the_limit_get_a_clear_503(tmp_path, monkeypatch):
+    monkeypatch.setattr(dashboard, "MAX_PAGES", 1)
+    async with running(tmp_path) as svc, svc.client() as client, \
+            client.stream("GET", "/v1/events") as first:
+        await anext(sse_messages(first))
+        second = await client.get("/v1/events")
+    assert second.status_code == 503
+    assert "dashboard pages are open already" in second.json()["error"]["message"]
 
 
 def test_matrix_to_link_names_the_bot_s_server_as_via():

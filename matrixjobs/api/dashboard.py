@@ -23,7 +23,7 @@ from starlette.routing import Route
 
 from matrixjobs.api.auth import CHALLENGE
 from matrixjobs.api.errors import ApiError
-from matrixjobs.api.feed import DashboardFeed, SseStream
+from matrixjobs.api.feed import MAX_PAGES, DashboardFeed, SseStream
 from matrixjobs.api.routes import known_query
 from matrixjobs.api.session import (
     LoginThrottle,
@@ -117,6 +117,9 @@ class Dashboard:
 
     async def events(self, request: Request) -> SseStream:
         known_query(request, "focus")
+        if len(self.feed.clients) >= MAX_PAGES:
+            raise ApiError(503, "unavailable", f"{MAX_PAGES} dashboard pages are open already; "
+                                               "close one and reload")
         return SseStream(self.feed, self.streams, request.query_params.get("focus"))
 
     # -- the session -------------------------------------------------------------------------------

@@ -11,8 +11,10 @@ wording anything itself. Every message is `{"event": <job-progress event>,
 
 Reconnecting (EventSource does it after `retry`) always starts with a fresh
 snapshot; `Last-Event-ID` is ignored, as a snapshot is both cheaper than a
-replay buffer and always right. A page that reads too slowly to keep
-`CLIENT_LIMIT` messages in check is disconnected and resyncs the same way.
+replay buffer and always right. A page whose unread backlog passes
+`CLIENT_LIMIT_BYTES` is cut off at once and resyncs the same way; at most `MAX_PAGES`
+streams are open at a time. Queued work is refreshed every `PENDING_REFRESH_S` (its
+"queued for" moves in those steps), running work every `REFRESH_S`.
 A comment line every `KEEPALIVE_S` keeps proxies from cutting an idle stream;
 shutdown ends every stream with a complete response (OpenStreams).
 """
@@ -24,14 +26,14 @@ import contextlib
 import json
 import time
 from collections import deque
-from collections.abc import AsyncGenerator, Iterable
+from collections.abc import AsyncGenerator, Callable, Iterable
 
 from starlette.types import Receive, Scope, Send
 
 from matrixjobs.api.stream import LiveResponse, OpenStreams, body
 from matrixjobs.app import ACTIVE, App
 from matrixjobs.errors import NotFoundError
-from matrixjobs.models import BATCH_PREFIX
+from matrixjobs.models import BATCH_PREFIX, Status
 from matrixjobs.progress import wording
 from matrixjobs.progress.events import JobProgressEvent
 from matrixjobs.progress.subscription import Subscription
@@ -42,9 +44,13 @@ HEADERS = [
     (b"x-accel-buffering", b"no"),
 ]
 REFRESH_S = 1.0
+# Hundreds of queued jobs refreshed every second would be most of the stream.
+PENDING_REFRESH_S = 10.0
 KEEPALIVE_S = 15.0
 RETRY_MS = 2000
-CLIENT_LIMIT = 5000
+CLIENT_LIMIT_BYTES = 1024 * 1024  # a page's unread backlog before it is cut off
+CHUNK_BYTES = 64 * 1024  # at most this much in one write to a page
+MAX_PAGES = 100  # open event streams; more get 503
 RECENT_JOBS = 50
 RECENT_BATCHES = 20
 ACTIVE_LIMIT = 1000
@@ -75,23 +81,34 @@ def sse_message(kind: str, seq: int, data: str) -> bytes:
 
 
 class FeedClient:
-    """One page's buffer of encoded messages."""
+    """One page's buffer of encoded messages, at most `limit_bytes`: a page that does not
+    read (a frozen tab, a stalled connection) overflows it and is cut off at once (it
+    resyncs with a new snapshot when it reconnects), so its backlog cannot grow."""
 
-    def __init__(self, limit: int = CLIENT_LIMIT) -> None:
-        self.limit = limit
+    def __init__(self, limit_bytes: int = CLIENT_LIMIT_BYTES) -> None:
+        self.limit_bytes = limit_bytes
         self.overflowed = False
+        self.on_overflow: Callable[[], None] = lambda: None
         self._messages: deque[bytes] = deque()
+        self._bytes = 0
         self._ready = asyncio.Event()
 
     def put(self, message: bytes) -> None:
-        if len(self._messages) >= self.limit:
+        if self.overflowed:
+            return
+        if self._bytes + len(message) > self.limit_bytes:
             self.overflowed = True
+            self._messages.clear()
+            self._bytes = 0
+            self.on_overflow()
         else:
             self._messages.append(message)
+            self._bytes += len(message)
         self._ready.set()
 
     async def take(self, wait_s: float) -> bytes:
-        """Everything waiting as one write; a keep-alive comment after `wait_s` of quiet."""
+        """What is waiting, as one write of at most CHUNK_BYTES (a stalled connection then
+        holds no more than that); a keep-alive comment after `wait_s` of quiet."""
         if not self._messages:
             self._ready.clear()
             # asyncio.timeout, not wait_for: 3.11's wait_for can swallow the cancellation
@@ -99,9 +116,14 @@ class FeedClient:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(wait_s):
                     await self._ready.wait()
-        chunk = b"".join(self._messages) or KEEPALIVE
-        self._messages.clear()
-        return chunk
+        taken: list[bytes] = []
+        size = 0
+        while self._messages and (not taken or size + len(self._messages[0]) <= CHUNK_BYTES):
+            message = self._messages.popleft()
+            taken.append(message)
+            size += len(message)
+        self._bytes -= size
+        return b"".join(taken) or KEEPALIVE
 
 
 class DashboardFeed:
@@ -190,9 +212,10 @@ class DashboardFeed:
     async def _refresh(self) -> None:
         while True:
             await asyncio.sleep(self.refresh_s / 2)
-            stale = time.monotonic() - self.refresh_s
+            now = time.monotonic()
             for event, sent in list(self._active.values()):
-                if sent <= stale:
+                every = self.refresh_s if event.status is Status.PROCESSING else PENDING_REFRESH_S
+                if sent <= now - every:
                     self._active[event.id] = (event, time.monotonic())
                     self._broadcast("refresh", event)
 
@@ -216,6 +239,7 @@ class SseStream(LiveResponse):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         client = self.feed.join()
+        client.on_overflow = self.end_now
         try:
             snapshot = await self.feed.snapshot(self.focus)
             await send({"type": "http.response.start", "status": 200, "headers": HEADERS})

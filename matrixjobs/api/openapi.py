@@ -187,7 +187,7 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
                      "service. Endless until the client leaves or the service stops; a "
                      "reconnect starts with a new snapshot. README, \"Web dashboard\"."),
         responses={200: answer("the stream", {"type": "string"}, "text/event-stream"),
-                   400: BAD_QUERY}),
+                   400: BAD_QUERY, 503: error("too many pages have it open", 503)}),
     ("GET", "/v1/status"): Operation(
         "What is queued or running",
         description="Batches, then jobs outside a batch (a batch's operations show in it).",

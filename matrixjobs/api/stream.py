@@ -58,6 +58,12 @@ class LiveResponse:
     def __init__(self, streams: OpenStreams) -> None:
         self.streams = streams
         self.client_gone = False
+        self._deadline: asyncio.Timeout | None = None
+
+    def end_now(self) -> None:
+        """End the stream at its next step (e.g. a reader too slow to keep up)."""
+        if self._deadline is not None:
+            self._deadline.reschedule(asyncio.get_running_loop().time())
 
     async def pump(self, receive: Receive, send: Send, chunks: AsyncGenerator[bytes, None]
                    ) -> None:
@@ -65,6 +71,7 @@ class LiveResponse:
         # Ended early by rescheduling the deadline: on disconnect or shutdown.
         with contextlib.suppress(TimeoutError):
             async with contextlib.aclosing(chunks), asyncio.timeout(None) as deadline:
+                self._deadline = deadline
                 self.streams.add(deadline)
                 listener = asyncio.create_task(self._until_disconnect(receive, deadline))
                 try:

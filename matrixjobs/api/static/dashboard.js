@@ -4,6 +4,9 @@
 "use strict";
 
 const FINISHED_SHOWN = 50;
+// Finished items the page remembers (filters search these): a page left open for days
+// must not keep every job it ever saw.
+const FINISHED_KEPT = 500;
 const items = new Map(); // id -> {event, text}
 let source = null;
 let route = { kind: "list" };
@@ -42,6 +45,7 @@ function connect() {
     if (known && known.event.updatedAt > item.event.updatedAt && !isTerminal(item.event)) return;
     if (known && isTerminal(known.event) && !isTerminal(item.event)) return;
     items.set(item.event.id, item);
+    if (isTerminal(item.event)) prune();
     scheduleRender();
   };
   source.addEventListener("update", upsert);
@@ -53,6 +57,16 @@ async function onStreamError() {
   $("connection").textContent = "reconnecting…";
   const probe = await fetch("/v1/status", { method: "GET" }).catch(() => null);
   if (probe && probe.status === 401) window.location.assign("/login");
+}
+
+function prune() {
+  const finished = [...items.values()].filter(
+    (item) => isTerminal(item.event) && item.event.id !== route.id);
+  if (finished.length <= FINISHED_KEPT) return;
+  finished.sort((a, b) => ((a.event.finishedAt ?? "") > (b.event.finishedAt ?? "") ? 1 : -1));
+  for (const item of finished.slice(0, finished.length - FINISHED_KEPT)) {
+    items.delete(item.event.id);
+  }
 }
 
 function isTerminal(event) {
