@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import textwrap
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from helpers import make_config
+from pg_fixtures import create_database, drop_database
 from synapse_fixtures import make_synapse_fixture
 
 from matrixjobs.app import App
@@ -35,6 +36,14 @@ async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
     await store.open()
     yield store
     await store.close()
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """The URL of a fresh PostgreSQL database, dropped after the test."""
+    url = create_database()
+    yield url
+    drop_database(url)
 
 
 @pytest.fixture
