@@ -46,6 +46,25 @@ def pg_url() -> Iterator[str]:
     drop_database(url)
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest) -> Iterator[str | None]:
+    """Each backend in turn: None for SQLite, else a fresh PostgreSQL database's URL."""
+    if request.param == "sqlite":
+        yield None
+        return
+    url = create_database()
+    yield url
+    drop_database(url)
+
+
+def on_backend(config: Config, url: str | None) -> Config:
+    """`config` with its store on PostgreSQL at `url` (None: unchanged)."""
+    if url is None:
+        return config
+    store = config.store.model_copy(update={"backend": "postgresql", "url": url})
+    return config.model_copy(update={"store": store})
+
+
 @pytest.fixture
 async def running_app(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
     """Factory: `app = await running_app(config_or_none, handlers=...)`; stopped at teardown."""
