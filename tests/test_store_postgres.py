@@ -196,3 +196,17 @@ def test_run_with_an_unreachable_database_exits_like_a_config_error(tmp_path):
     assert result.returncode == 1
     assert f"cannot connect to PostgreSQL at 127.0.0.1:{port}/j" in result.stderr
     assert "pw-9x" not in result.stderr
+
+
+async def test_connections_the_server_dropped_are_replaced_not_used(pg_url):
+    store = PostgresStore(pg_url)
+    await store.open()
+    try:
+        [job] = await store.add_jobs([spec()], time.time())
+        with psycopg.connect(pg_url, autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                          "WHERE datname = current_database() AND pid != pg_backend_pid()")
+        assert (await store.get_job(job.id)).name == "x"
+        await store.add_jobs([spec("after")], time.time())
+    finally:
+        await store.close()

@@ -194,6 +194,8 @@ class PostgresStore(Store):
                 await self._hold_owner_lock(self._owner_conn)
             self._pool = AsyncConnectionPool(
                 self._url, min_size=1, max_size=POOL_SIZE, open=False, configure=_configure,
+                # A connection the server dropped (restart, failover) is replaced, not used.
+                check=AsyncConnectionPool.check_connection,
                 kwargs=self._connect_kwargs(), name="matrixjobs",
             )
             await self._pool.open(wait=True, timeout=CONNECT_TIMEOUT_S)
@@ -238,7 +240,7 @@ class PostgresStore(Store):
                     f"matrixjobs understands ({len(MIGRATIONS)}); upgrade matrixjobs"
                 )
             for number in range(version, len(MIGRATIONS)):
-                await conn.execute(MIGRATIONS[number])  # type: ignore[arg-type]
+                await conn.execute(MIGRATIONS[number])
                 await conn.execute("INSERT INTO schema_version (version, applied_at) "
                                    "VALUES (%s, now())", (number + 1,))
 
@@ -580,7 +582,7 @@ class PostgresStore(Store):
 async def _rows(
     conn: psycopg.AsyncConnection[Any], sql: str, params: Sequence[Any] = ()
 ) -> list[tuple[Any, ...]]:
-    cursor = await conn.execute(sql, params)  # type: ignore[arg-type]
+    cursor = await conn.execute(sql, params)
     return await cursor.fetchall() if cursor.description else []
 
 
