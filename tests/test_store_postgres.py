@@ -6,6 +6,7 @@ What every backend must do is in test_store_contract.py.
 from __future__ import annotations
 
 import asyncio
+import getpass
 import json
 import socket
 import subprocess
@@ -133,43 +134,56 @@ async def test_a_nul_in_output_is_stored_as_a_replacement_character(pg_url):
         await store.close()
 
 
-def write_config(directory: Path, url: str, port: int) -> Path:
+# Says whether the database URL (a secret) reached the target's environment.
+HELLO = "import os; print('url seen' if 'MATRIXJOBS_DATABASE_URL' in os.environ else 'no url')"
+
+
+def write_config(directory: Path, url: str | None, port: int) -> Path:
     directory.mkdir(exist_ok=True)
     config = directory / "config.toml"
     config.write_text(textwrap.dedent(f"""
         [store]
         backend = "postgresql"
-        url = "{url}"
+        {f'url = "{url}"' if url else ""}
         [api]
         listen = "127.0.0.1:{port}"
         [targets.hello]
-        command = [{sys.executable!r}, "-c", "print('::progress 1/1 hi')"]
+        command = [{sys.executable!r}, "-c", "{HELLO}"]
     """))
     return config
 
 
-def api(port: int, method: str, path: str, body: dict | None = None) -> dict:
+def with_password(url: str, password: str) -> str:
+    """The test server trusts local users: a password in the URL is carried, never checked."""
+    return url.replace("postgresql://", f"postgresql://{getpass.getuser()}:{password}@", 1)
+
+
+def api(port: int, method: str, path: str, body: dict | None = None) -> bytes:
     request = urllib.request.Request(
         f"http://127.0.0.1:{port}{path}", method=method,
         data=None if body is None else json.dumps(body).encode(),
         headers={"Content-Type": "application/json"},
     )
     with urllib.request.urlopen(request, timeout=10) as response:
-        return json.loads(response.read())
+        return response.read()
 
 
 @pytest.mark.timeout(60)
 def test_a_real_service_runs_a_job_submitted_over_the_api_on_postgresql(tmp_path, pg_url):
     port = free_port()
-    service = Service(tmp_path, write_config(tmp_path, pg_url, port))
+    secret_url = with_password(pg_url, "db-pass-7431")
+    service = Service(tmp_path, write_config(tmp_path, None, port),
+                      env={"MATRIXJOBS_DATABASE_URL": secret_url})
     try:
         service.wait_until_started()
         assert "store PostgreSQL at 127.0.0.1:5432/mj_test_" in service.log
-        job = api(port, "POST", "/v1/jobs", {"target": "hello"})
+        job = json.loads(api(port, "POST", "/v1/jobs", {"target": "hello"}))
         deadline = time.monotonic() + 20
-        while (state := api(port, "GET", f"/v1/jobs/{job['id']}"))["status"] != "completed":
+        while (state := json.loads(api(port, "GET", f"/v1/jobs/{job['id']}")))["status"] != (
+                "completed"):
             assert time.monotonic() < deadline, state
             time.sleep(0.1)
+        assert b"no url" in api(port, "GET", f"/v1/jobs/{job['id']}/log")
         # A second service on the same database is refused, and says so.
         second = subprocess.run(
             [sys.executable, "-m", "matrixjobs", "run", "--config",
@@ -180,6 +194,7 @@ def test_a_real_service_runs_a_job_submitted_over_the_api_on_postgresql(tmp_path
         assert "in use by another matrixjobs process" in second.stderr
     finally:
         service.stop()
+    assert "db-pass-7431" not in service.log
     with psycopg.connect(pg_url) as conn:
         [(status,)] = conn.execute("SELECT status FROM jobs")
     assert status == "completed"
