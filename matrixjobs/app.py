@@ -44,7 +44,7 @@ from matrixjobs.queue.command import CommandHandler
 from matrixjobs.queue.handlers import HandlerRegistry, load_user_handlers
 from matrixjobs.queue.joblog import JobLogs, tail
 from matrixjobs.queue.queue import JobQueue
-from matrixjobs.store import Store, create_store
+from matrixjobs.store import Store, create_store, describe_store
 from matrixjobs.supervisor import Supervisor
 from matrixjobs.targets import COMMAND_TYPE, Targets
 
@@ -110,7 +110,7 @@ class App:
         for component in self.components:
             await component.start()
         log.info("matrixjobs started: store %s, %d workers, targets: %s",
-                 self.config.store.path, self.config.queue.workers,
+                 describe_store(self.config.store), self.config.queue.workers,
                  ", ".join(self.targets.names()) or "none")
 
     async def ready(self) -> None:

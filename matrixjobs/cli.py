@@ -20,6 +20,7 @@ from matrixjobs.logs import mask, setup_logging
 from matrixjobs.ops.commands import add_ops_commands
 from matrixjobs.queue.handlers import HandlerRegistry, load_user_handlers
 from matrixjobs.service import build_service
+from matrixjobs.store import describe_store
 
 MCP_DEFAULT_API = "http://127.0.0.1:8765"
 
@@ -98,7 +99,7 @@ def describe(config: Config) -> str:
         token = "token required" if config.api_token is not None else "no token"
         api = f"{config.api.listen} ({token})"
     return (
-        f"config OK\n  store: {config.store.path}\n  workers: {config.queue.workers}\n"
+        f"config OK\n  store: {describe_store(config.store)}\n  workers: {config.queue.workers}\n"
         f"  targets: {targets}\n  matrix: {matrix}\n  api: {api}"
     )
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from dotenv import dotenv_values
 from pydantic import (
@@ -39,7 +39,7 @@ from pydantic import (
 from matrixjobs.errors import ConfigError
 
 SECRET_ENV = ("MATRIXJOBS_PASSWORD", "MATRIXJOBS_ACCESS_TOKEN", "MATRIXJOBS_API_TOKEN",
-              "MATRIXJOBS_PICKLE_KEY")
+              "MATRIXJOBS_PICKLE_KEY", "MATRIXJOBS_DATABASE_URL")
 # Shorter is guessable; `matrixjobs init` and the bot write 43 random characters.
 MIN_PICKLE_KEY_LEN = 16
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -215,11 +215,36 @@ class AccessConfig(Section):
 
 
 class StoreConfig(Section):
-    backend: Literal["sqlite"] = "sqlite"
+    backend: Literal["sqlite", "postgresql"] = "sqlite"
+    # SQLite's file; with either backend the bot's crypto store and pickle key sit beside it.
     path: Path = Path("matrixjobs.db")
     # FULL fsyncs every commit: a finished job survives power loss, not only a crash.
     synchronous: Literal["full", "normal"] = "full"
     retention_days: Float = Field(default=7.0, gt=0)
+    # PostgreSQL without its password: the file is shareable. MATRIXJOBS_DATABASE_URL (the
+    # whole URL, password included) wins over it.
+    url: str | None = None
+
+    _database_url: SecretStr | None = PrivateAttr(default=None)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        if value is not None and (problem := _database_url_problem(value, from_env=False)):
+            raise ValueError(problem)
+        return value
+
+    @property
+    def database_url(self) -> SecretStr | None:
+        """Where the PostgreSQL store is: MATRIXJOBS_DATABASE_URL, else `url`."""
+        if self._database_url is not None:
+            return self._database_url
+        return None if self.url is None else SecretStr(self.url)
+
+    def database_password(self) -> SecretStr | None:
+        url = self.database_url
+        password = urlsplit(url.get_secret_value()).password if url is not None else None
+        return SecretStr(unquote(password)) if password else None
 
 
 class QueueConfig(Section):
@@ -480,7 +505,7 @@ class Config(Section):
 
     def secrets(self) -> list[SecretStr]:
         """Every secret this config holds, for masking in logs."""
-        found = [self.api_token]
+        found = [self.api_token, self.store.database_password()]
         if self.matrix is not None:
             found += [self.matrix.password, self.matrix.access_token, self.matrix.pickle_key]
         return [secret for secret in found if secret is not None]
@@ -592,13 +617,44 @@ def _complete(
     if isinstance(address, UnixAddress) and not address.path.is_absolute():
         api = api.model_copy(update={"listen": str(UnixAddress(base / address.path))})
     completed = config.model_copy(update={
-        "store": config.store.model_copy(update={"path": store_path}),
+        "store": _complete_store(config.store, store_path, secrets),
         "targets": targets,
         "matrix": matrix,
         "api": api,
     })
     if "MATRIXJOBS_API_TOKEN" in secrets:
         completed._api_token = SecretStr(secrets["MATRIXJOBS_API_TOKEN"])
+    return completed
+
+
+DATABASE_URL_HELP = "expected a URL like postgresql://matrixjobs@db.example.org:5432/matrixjobs"
+
+
+def _database_url_problem(value: str, from_env: bool) -> str | None:
+    try:
+        parts = urlsplit(value)
+        password = parts.password
+        parts.port  # noqa: B018 - raises ValueError on a port that is no number
+    except ValueError:
+        return DATABASE_URL_HELP
+    if parts.scheme not in ("postgresql", "postgres"):
+        return DATABASE_URL_HELP
+    if password is not None and not from_env:
+        return ("must not hold a password (the config file is meant to be shareable): put "
+                "the whole URL in MATRIXJOBS_DATABASE_URL instead")
+    return None
+
+
+def _complete_store(store: StoreConfig, path: Path, secrets: dict[str, str]) -> StoreConfig:
+    completed = store.model_copy(update={"path": path})
+    url = secrets.get("MATRIXJOBS_DATABASE_URL")
+    if url:
+        if problem := _database_url_problem(url, from_env=True):
+            raise ConfigError(f"MATRIXJOBS_DATABASE_URL: {problem}")  # never echo the URL
+        completed._database_url = SecretStr(url)
+    if completed.backend == "postgresql" and completed.database_url is None:
+        raise ConfigError('store.backend = "postgresql" needs store.url (without the password) '
+                          "or MATRIXJOBS_DATABASE_URL")
     return completed
 
 

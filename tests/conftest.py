@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import textwrap
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx2
 import pytest
 from helpers import make_config
+from pg_fixtures import create_database, drop_database
 from synapse_fixtures import make_synapse_fixture
 
 from matrixjobs.api import ApiServer
@@ -38,6 +39,33 @@ async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
     await store.open()
     yield store
     await store.close()
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """The URL of a fresh PostgreSQL database, dropped after the test."""
+    url = create_database()
+    yield url
+    drop_database(url)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest) -> Iterator[str | None]:
+    """Each backend in turn: None for SQLite, else a fresh PostgreSQL database's URL."""
+    if request.param == "sqlite":
+        yield None
+        return
+    url = create_database()
+    yield url
+    drop_database(url)
+
+
+def on_backend(config: Config, url: str | None) -> Config:
+    """`config` with its store on PostgreSQL at `url` (None: unchanged)."""
+    if url is None:
+        return config
+    store = config.store.model_copy(update={"backend": "postgresql", "url": url})
+    return config.model_copy(update={"store": store})
 
 
 @pytest.fixture

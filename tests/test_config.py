@@ -30,6 +30,7 @@ from matrixjobs.config import (
     parse_listen,
 )
 from matrixjobs.errors import ConfigError
+from matrixjobs.store import describe_store
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "config.example.toml"
 
@@ -897,3 +898,63 @@ def test_malformed_verified_devices_are_named_in_the_error(conf_dir, value, expe
 def test_verified_devices_must_be_lists_of_strings(conf_dir):
     message = invalid(conf_dir, MATRIX + 'verified_devices = { "@alice:example.org" = "X:Y" }\n')
     assert "matrix.verified_devices.@alice:example.org" in message
+
+
+# -- the PostgreSQL store ------------------------------------------------------------------------
+
+POSTGRES = """
+    [store]
+    backend = "postgresql"
+    url = "postgresql://matrixjobs@db.example.org:5433/jobs"
+"""
+
+
+def test_postgresql_url_from_the_file_and_the_whole_url_from_the_environment(conf_dir):
+    path = write(conf_dir, POSTGRES)
+    config = load_config(path, environ={})
+    assert config.store.database_url.get_secret_value() == (
+        "postgresql://matrixjobs@db.example.org:5433/jobs")
+    assert config.secrets() == []
+    env_url = "postgresql://matrixjobs:pa%40ss-w0rd-long@db.example.org:5433/jobs"
+    config = load_config(path, environ={"MATRIXJOBS_DATABASE_URL": env_url})
+    assert config.store.database_url.get_secret_value() == env_url
+    assert [s.get_secret_value() for s in config.secrets()] == ["pa@ss-w0rd-long"]
+    for text in (repr(config), config.model_dump_json(), describe_store(config.store)):
+        assert "pa%40ss" not in text and "pa@ss" not in text
+    assert describe_store(config.store) == "PostgreSQL at db.example.org:5433/jobs"
+
+
+def test_database_url_in_dotenv_is_enough_without_a_url_in_the_file(conf_dir):
+    path = write(conf_dir, '[store]\nbackend = "postgresql"\n')
+    (conf_dir / ".env").write_text("MATRIXJOBS_DATABASE_URL=postgresql://u:secret-pw@h/db\n",
+                                   encoding="utf-8")
+    config = load_config(path, environ={})
+    assert config.store.database_url.get_secret_value() == "postgresql://u:secret-pw@h/db"
+
+
+def test_a_password_in_the_files_url_is_refused_without_echoing_it(conf_dir):
+    path = write(conf_dir, POSTGRES.replace("matrixjobs@", "matrixjobs:hunter2-pw@"))
+    with pytest.raises(ConfigError, match=r"store\.url: must not hold a password") as raised:
+        load_config(path, environ={})
+    assert "hunter2-pw" not in str(raised.value)
+    assert "MATRIXJOBS_DATABASE_URL" in str(raised.value)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ('[store]\nbackend = "postgresql"\n', 'store.backend = "postgresql" needs store.url'),
+    ('[store]\nbackend = "postgresql"\nurl = "mysql://h/db"\n',
+     "store.url: expected a URL like postgresql://"),
+    ('[store]\nbackend = "postgresql"\nurl = "postgresql://h:port/db"\n',
+     "store.url: expected a URL like postgresql://"),
+    ('[store]\nbackend = "mongodb"\n', "store.backend: Input should be 'sqlite' or 'postgresql'"),
+])
+def test_store_mistakes_are_reported_so_a_person_can_act(conf_dir, text, expected):
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        load_config(write(conf_dir, text), environ={})
+
+
+def test_a_malformed_database_url_in_the_environment_is_not_echoed(conf_dir):
+    path = write(conf_dir, POSTGRES)
+    with pytest.raises(ConfigError, match="MATRIXJOBS_DATABASE_URL: expected a URL") as raised:
+        load_config(path, environ={"MATRIXJOBS_DATABASE_URL": "http://u:leaky-pw@h/db"})
+    assert "leaky-pw" not in str(raised.value)

@@ -1,4 +1,6 @@
-"""The SQLite store: schema, locking, bad database files, recovery."""
+"""The SQLite store's own concerns: its file, schema, locking and bad database files.
+
+What every backend must do is in test_store_contract.py."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from matrixjobs.errors import StoreError
-from matrixjobs.models import JobSpec, Outcome, Status
+from matrixjobs.models import JobSpec
 from matrixjobs.store.sqlite import MIGRATIONS, SqliteStore
 
 
@@ -77,87 +79,6 @@ async def test_unwritable_location_is_a_clear_error(tmp_path):
     blocker.write_text("")
     with pytest.raises(StoreError, match="cannot create store directory"):
         await SqliteStore(blocker / "sub" / "s.db").open()
-
-
-async def test_claim_takes_due_jobs_by_priority_then_age(store):
-    now = time.time()
-    _low, high = await store.add_jobs(
-        [spec("low"), JobSpec("t", {}, "high", priority=9, max_retries=0, timeout_s=5)], now
-    )
-    cycle = await store.settle_and_claim([], "me", 1, now, 60)
-    assert [j.id for j in cycle.claimed] == [high.id]
-    assert cycle.claimed[0].status == Status.PROCESSING
-
-
-async def test_outcome_of_a_job_someone_else_owns_is_ignored(store):
-    now = time.time()
-    [job] = await store.add_jobs([spec()], now)
-    await store.settle_and_claim([], "me", 1, now, 60)
-    await store.settle_and_claim([Outcome(job.id, Status.COMPLETED, now)], "intruder", 0, now, 60)
-    assert (await store.get_job(job.id)).status == Status.PROCESSING
-
-
-async def test_recovery_requeues_or_fails_orphaned_jobs(store):
-    now = time.time()
-    retry, last = await store.add_jobs([spec("retry", 1), spec("last", 0)], now)
-    await store.settle_and_claim([], "dead-process", 2, now, 60)
-    recovery = await store.recover_interrupted("new-process", now)
-    assert [j.id for j in recovery.requeued] == [retry.id]
-    assert [j.id for j in recovery.failed] == [last.id]
-    retried = await store.get_job(retry.id)
-    assert retried.status == Status.PENDING and retried.retry_count == 1
-    failed = await store.get_job(last.id)
-    assert failed.status == Status.FAILED and failed.error == "interrupted"
-
-
-async def test_heartbeat_saves_progress_snapshots(store):
-    from matrixjobs.models import Progress
-
-    now = time.time()
-    [job] = await store.add_jobs([spec()], now)
-    await store.settle_and_claim([], "me", 1, now, 60)
-    await store.heartbeat("me", {job.id: Progress(3, 10, "three")}, now, 60)
-    stored = await store.get_job(job.id)
-    assert (stored.progress.current, stored.progress.total, stored.progress.message) == (
-        3, 10, "three")
-
-
-async def test_list_filters_by_status(store):
-    now = time.time()
-    a, b = await store.add_jobs([spec("a"), spec("b")], now)
-    await store.settle_and_claim([], "me", 1, now, 60)
-    pending = await store.list_jobs([Status.PENDING])
-    assert [j.id for j in pending] == [b.id]
-    assert [j.id for j in await store.list_jobs()] == [b.id, a.id]
-
-
-async def test_a_dedupe_key_adds_work_only_once(store):
-    from matrixjobs.errors import AlreadySubmittedError
-
-    now = time.time()
-    [job] = await store.add_jobs([spec()], now, dedupe_key="$event1")
-    with pytest.raises(AlreadySubmittedError) as raised:
-        await store.add_jobs([spec()], now, dedupe_key="$event1")
-    assert raised.value.subject_id == job.id
-    batch, _ = await store.add_batch("b", [spec(), spec()], now, dedupe_key="$event2")
-    with pytest.raises(AlreadySubmittedError) as raised:
-        await store.add_batch("b", [spec()], now, dedupe_key="$event2")
-    assert raised.value.subject_id == batch.id
-    assert len(await store.list_jobs()) == 3
-
-
-async def test_progress_messages_and_settings_round_trip(store):
-    from matrixjobs.models import ProgressMessage
-
-    message = ProgressMessage("j1", "!room:x", "$orig", "@alice:x", "$cmd")
-    await store.save_message(message, time.time())
-    assert await store.open_messages() == [message]
-    await store.update_message("j1", edits=5, final=True)
-    assert await store.open_messages() == []
-    assert await store.get_setting("device_id") is None
-    await store.set_setting("device_id", "ABC")
-    await store.set_setting("device_id", "DEF")
-    assert await store.get_setting("device_id") == "DEF"
 
 
 async def test_a_store_of_the_first_schema_gains_requesters_and_keeps_its_jobs(tmp_path):

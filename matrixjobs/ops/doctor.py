@@ -31,6 +31,7 @@ from matrixjobs.ops.report import Report
 from matrixjobs.ops.store_probe import SCHEMA_VERSION, StoreProblem, StoreState, probe
 from matrixjobs.private import shared
 from matrixjobs.queue.handlers import HandlerRegistry, load_user_handlers
+from matrixjobs.store import describe_store
 
 # Config warnings the checks below repeat in detail (targets) or decide better (login:
 # the token the service saved in its store also works).
@@ -45,7 +46,12 @@ def doctor(config_path: Path, environ: Mapping[str, str] | None = None,
     config = check_config(report, config_path, env)
     if config is None:
         return report
-    store = check_store(report, config.store.path)
+    if config.store.backend == "sqlite":
+        store = check_store(report, config.store.path)
+    else:
+        store = None
+        report.warn("store", f"{describe_store(config.store)}: the doctor does not look into "
+                             "PostgreSQL stores yet (the service checks it at start)")
     if config.matrix is not None:
         check_pickle_key(report, config.matrix, config.store.path)
     check_private_files(report, config)

@@ -35,6 +35,18 @@ from matrixjobs.models import (
 )
 from matrixjobs.private import make_dirs, private_file, tighten
 from matrixjobs.store.base import BatchCancel, Cycle, Recovery, Store
+from matrixjobs.store.rows import (
+    BATCH_COLUMNS,
+    ERRORS_PER_BATCH,
+    JOB_COLUMNS,
+    batch_from_row,
+    batch_status,
+    checked_number,
+    dumps,
+    first_line,
+    job_from_row,
+    number_of,
+)
 
 # Each entry migrates from version N to N+1; PRAGMA user_version records N+1.
 MIGRATIONS: list[str] = [
@@ -120,16 +132,6 @@ MIGRATIONS: list[str] = [
     """,
 ]
 
-JOB_COLUMNS = (
-    "id, type, name, data, status, priority, retry_count, max_retries, timeout_s, batch_id, "
-    "run_after, created_at, started_at, finished_at, progress_current, progress_total, "
-    "progress_message, error, result, requester"
-)
-BATCH_COLUMNS = (
-    "id, name, status, total, completed, failed, cancelled, cancel_requested, "
-    "created_at, started_at, finished_at, requester"
-)
-ERRORS_PER_BATCH = 20
 MIN_SQLITE = (3, 35, 0)
 CANCELLED_BATCH = "coalesce(batch_id IN (SELECT id FROM batches WHERE cancel_requested = 1), 0)"
 # Rows per multi-row statement: well under SQLite's 32766 bound variables.
@@ -392,13 +394,13 @@ class SqliteStore(Store):
                 progress = (p.current, p.total, p.message) if p else (None, None, None)
                 retry = outcome.retry_at is not None
                 params += (
-                    _number(outcome.job_id),
+                    number_of(outcome.job_id),
                     Status.PENDING if retry else outcome.status,
                     int(retry and outcome.count_retry),
                     outcome.retry_at,
                     None if retry else outcome.finished_at,
                     outcome.error,
-                    None if retry else _dumps(outcome.result),
+                    None if retry else dumps(outcome.result),
                     *progress,
                 )
             rows = await self.db.execute_fetchall(
@@ -424,8 +426,8 @@ class SqliteStore(Store):
             f"RETURNING {JOB_COLUMNS}"
         )
         rows = await self.db.execute_fetchall(sql, (owner, lease_until, now, now, limit))
-        jobs = [_job(row) for row in rows]
-        jobs.sort(key=lambda j: (-j.priority, _number(j.id)))
+        jobs = [job_from_row(row) for row in rows]
+        jobs.sort(key=lambda j: (-j.priority, number_of(j.id)))
         return jobs
 
     async def heartbeat(
@@ -439,7 +441,7 @@ class SqliteStore(Store):
             await self.db.executemany(
                 "UPDATE jobs SET progress_current = ?, progress_total = ?, progress_message = ? "
                 "WHERE id = ? AND status = 'processing'",
-                [(p.current, p.total, p.message, _number(jid)) for jid, p in progress.items()],
+                [(p.current, p.total, p.message, number_of(jid)) for jid, p in progress.items()],
             )
 
     async def save_logs(self, logs: dict[str, str]) -> None:
@@ -449,7 +451,7 @@ class SqliteStore(Store):
     async def _save_logs(self, logs: dict[str, str], condition: str) -> None:
         """One INSERT … SELECT FROM (VALUES …) per chunk: a per-row statement would cost
         tiny jobs a third of their throughput."""
-        rows = [(_number(job_id), text) for job_id, text in logs.items()]
+        rows = [(number_of(job_id), text) for job_id, text in logs.items()]
         for start in range(0, len(rows), ROWS_PER_STATEMENT):
             chunk = rows[start:start + ROWS_PER_STATEMENT]
             await self.db.execute(
@@ -461,7 +463,7 @@ class SqliteStore(Store):
             )
 
     async def get_log(self, job_id: str) -> str | None:
-        number = _checked_number(job_id, "j")
+        number = checked_number(job_id, "j")
         if number is None:
             return None
         async with self._lock:
@@ -481,26 +483,26 @@ class SqliteStore(Store):
                 f"AND (cancel_requested = 1 OR {CANCELLED_BATCH}) RETURNING {JOB_COLUMNS}",
                 (now, owner),
             ) as cursor:
-                recovery.cancelled = [_job(row) for row in await cursor.fetchall()]
+                recovery.cancelled = [job_from_row(row) for row in await cursor.fetchall()]
             async with self.db.execute(
                 "UPDATE jobs SET status = 'pending', run_after = ?, error = ?, owner = NULL, "
                 f"lease_expires_at = NULL WHERE {stale} AND owner = ? RETURNING {JOB_COLUMNS}",
                 (now, INTERRUPTED_BY_STOP, owner, stopped_owner),
             ) as cursor:
-                recovery.resumed = [_job(row) for row in await cursor.fetchall()]
+                recovery.resumed = [job_from_row(row) for row in await cursor.fetchall()]
             async with self.db.execute(
                 "UPDATE jobs SET status = 'pending', retry_count = retry_count + 1, "
                 "run_after = ?, error = 'interrupted', owner = NULL, lease_expires_at = NULL "
                 f"WHERE {stale} AND retry_count < max_retries RETURNING {JOB_COLUMNS}",
                 (now, owner),
             ) as cursor:
-                recovery.requeued = [_job(row) for row in await cursor.fetchall()]
+                recovery.requeued = [job_from_row(row) for row in await cursor.fetchall()]
             async with self.db.execute(
                 "UPDATE jobs SET status = 'failed', finished_at = ?, error = 'interrupted', "
                 f"owner = NULL, lease_expires_at = NULL WHERE {stale} RETURNING {JOB_COLUMNS}",
                 (now, owner),
             ) as cursor:
-                recovery.failed = [_job(row) for row in await cursor.fetchall()]
+                recovery.failed = [job_from_row(row) for row in await cursor.fetchall()]
             ended = recovery.cancelled + recovery.resumed + recovery.requeued + recovery.failed
             touched = {j.batch_id for j in ended if j.batch_id}
             recovery.batches = await self._refresh_batches(touched, now)
@@ -513,7 +515,7 @@ class SqliteStore(Store):
             async with self.db.execute(
                 "UPDATE jobs SET status = 'cancelled', finished_at = ?, error = 'cancelled' "
                 f"WHERE id = ? AND status = 'pending' RETURNING {JOB_COLUMNS}",
-                (now, _number(job_id)),
+                (now, number_of(job_id)),
             ) as cursor:
                 row = await cursor.fetchone()
             batches = []
@@ -521,17 +523,17 @@ class SqliteStore(Store):
                 batches = await self._refresh_batches({batch_id(row[9])}, now)
         if row is None:
             return None
-        return _job(row), (batches[0] if batches else None)
+        return job_from_row(row), (batches[0] if batches else None)
 
     async def request_cancel(self, job_id: str) -> None:
         async with self._transaction():
             await self.db.execute(
                 "UPDATE jobs SET cancel_requested = 1 WHERE id = ? AND status = 'processing'",
-                (_number(job_id),),
+                (number_of(job_id),),
             )
 
     async def cancel_batch(self, batch_id_: str, now: float) -> BatchCancel | None:
-        number = _number(batch_id_)
+        number = number_of(batch_id_)
         async with self._transaction():
             await self.db.execute(
                 "UPDATE batches SET cancel_requested = 1 WHERE id = ? AND finished_at IS NULL",
@@ -542,7 +544,7 @@ class SqliteStore(Store):
                 f"WHERE batch_id = ? AND status = 'pending' RETURNING {JOB_COLUMNS}",
                 (now, number),
             ) as cursor:
-                cancelled = [_job(row) for row in await cursor.fetchall()]
+                cancelled = [job_from_row(row) for row in await cursor.fetchall()]
             async with self.db.execute(
                 "SELECT id FROM jobs WHERE batch_id = ? AND status = 'processing'", (number,)
             ) as cursor:
@@ -614,7 +616,7 @@ class SqliteStore(Store):
         """Recount each batch from its jobs, settle its status, and return it."""
         batches = []
         for bid in sorted(ids):
-            number = _number(bid)
+            number = number_of(bid)
             counts = {status: 0 for status in Status}
             async with self.db.execute(
                 "SELECT status, count(*) FROM jobs WHERE batch_id = ? GROUP BY status", (number,)
@@ -627,11 +629,11 @@ class SqliteStore(Store):
                 row = await cursor.fetchone()
             if row is None:
                 continue
-            batch = _batch(row)
+            batch = batch_from_row(row)
             batch.completed = counts[Status.COMPLETED]
             batch.failed = counts[Status.FAILED]
             batch.cancelled = counts[Status.CANCELLED]
-            batch.status = _batch_status(batch, counts)
+            batch.status = batch_status(batch, counts)
             if batch.status != Status.PENDING and batch.started_at is None:
                 batch.started_at = now
             if batch.status.terminal and batch.finished_at is None:
@@ -653,7 +655,7 @@ class SqliteStore(Store):
             (number, ERRORS_PER_BATCH),
         ) as cursor:
             rows = await cursor.fetchall()
-        return [f"{job_id(jid)} {name}: {_first_line(error)}" for jid, name, error in rows]
+        return [f"{job_id(jid)} {name}: {first_line(error)}" for jid, name, error in rows]
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -663,17 +665,17 @@ class SqliteStore(Store):
         return None if value is None else float(value)
 
     async def get_job(self, job_id_: str) -> Job | None:
-        number = _checked_number(job_id_, "j")
+        number = checked_number(job_id_, "j")
         if number is None:
             return None
         async with self._lock, self.db.execute(
             f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?", (number,)
         ) as cursor:
             row = await cursor.fetchone()
-        return None if row is None else _job(row)
+        return None if row is None else job_from_row(row)
 
     async def get_batch(self, batch_id_: str) -> Batch | None:
-        number = _checked_number(batch_id_, "b")
+        number = checked_number(batch_id_, "b")
         if number is None:
             return None
         async with self._lock:
@@ -683,7 +685,7 @@ class SqliteStore(Store):
                 row = await cursor.fetchone()
             if row is None:
                 return None
-            batch = _batch(row)
+            batch = batch_from_row(row)
             batch.errors = await self._batch_errors(number)
         return batch
 
@@ -712,13 +714,13 @@ class SqliteStore(Store):
         where, params = _status_filter(statuses)
         if batch_id is not None:
             where.append("batch_id = ?")
-            params.append(_number(batch_id))
+            params.append(number_of(batch_id))
         clause = f"WHERE {' AND '.join(where)}" if where else ""
         async with self._lock, self.db.execute(
             f"SELECT {JOB_COLUMNS} FROM jobs {clause} ORDER BY id DESC LIMIT ?",
             (*params, limit),
         ) as cursor:
-            return [_job(row) for row in await cursor.fetchall()]
+            return [job_from_row(row) for row in await cursor.fetchall()]
 
     async def count_jobs(self) -> dict[Status, int]:
         async with self._lock, self.db.execute(
@@ -736,9 +738,9 @@ class SqliteStore(Store):
                 f"SELECT {BATCH_COLUMNS} FROM batches {clause} ORDER BY id DESC LIMIT ?",
                 (*params, limit),
             ) as cursor:
-                batches = [_batch(row) for row in await cursor.fetchall()]
+                batches = [batch_from_row(row) for row in await cursor.fetchall()]
             for batch in batches:
-                batch.errors = await self._batch_errors(_number(batch.id))
+                batch.errors = await self._batch_errors(number_of(batch.id))
         return batches
 
     async def purge_finished(self, before: float) -> int:
@@ -759,17 +761,6 @@ class SqliteStore(Store):
         return removed
 
 
-def _batch_status(batch: Batch, counts: dict[Status, int]) -> Status:
-    if batch.finished < batch.total:
-        started = counts[Status.PROCESSING] or batch.finished or batch.started_at
-        return Status.PROCESSING if started else Status.PENDING
-    if batch.cancel_requested:
-        return Status.CANCELLED
-    if batch.failed or batch.cancelled:
-        return Status.FAILED
-    return Status.COMPLETED
-
-
 def _placeholders(rows: int, columns: int) -> str:
     row = "(" + ", ".join("?" * columns) + ")"
     return ", ".join([row] * rows)
@@ -782,53 +773,6 @@ def _status_filter(statuses: Sequence[Status] | None) -> tuple[list[str], list[A
     return [f"status IN ({marks})"], [str(s) for s in statuses]
 
 
-def _number(identifier: str) -> int:
-    return int(identifier[1:])
-
-
-def _checked_number(identifier: str, prefix: str) -> int | None:
-    parsed = parse_id(identifier)
-    return parsed[1] if parsed and parsed[0] == prefix else None
-
-
-def _dumps(value: Any) -> str | None:
-    return None if value is None else json.dumps(value, default=str)
-
-
-def _first_line(text: str | None) -> str:
-    lines = (text or "failed").strip().splitlines()
-    return (lines[-1] if lines else "failed")[:200]
-
-
-def _job(row: Sequence[Any]) -> Job:
-    (number, type_, name, data, status, priority, retry_count, max_retries, timeout_s,
-     batch_number, run_after, created_at, started_at, finished_at, p_current, p_total,
-     p_message, error, result, requester) = row
-    progress = None
-    if p_current is not None:
-        progress = Progress(p_current, p_total, p_message)
-    return Job(
-        id=job_id(number), type=type_, name=name, data=json.loads(data), status=Status(status),
-        priority=priority, retry_count=retry_count, max_retries=max_retries,
-        timeout_s=timeout_s, created_at=created_at,
-        batch_id=None if batch_number is None else batch_id(batch_number),
-        run_after=run_after, started_at=started_at, finished_at=finished_at,
-        progress=progress, error=error, result=None if result is None else json.loads(result),
-        requester=requester,
-    )
-
-
-def _batch(row: Sequence[Any]) -> Batch:
-    (number, name, status, total, completed, failed, cancelled, cancel_requested,
-     created_at, started_at, finished_at, requester) = row
-    return Batch(
-        id=batch_id(number), name=name, status=Status(status), total=total,
-        completed=completed, failed=failed, cancelled=cancelled,
-        cancel_requested=bool(cancel_requested), created_at=created_at,
-        started_at=started_at, finished_at=finished_at, requester=requester,
-    )
-
-
 def _explain(exc: sqlite3.DatabaseError) -> str:
     text = str(exc)
     if "not a database" in text or "malformed" in text:
@@ -836,4 +780,3 @@ def _explain(exc: sqlite3.DatabaseError) -> str:
     if "locked" in text:
         return f"{text} (another process holds a lock on it)"
     return text
-

@@ -1,0 +1,79 @@
+"""Rows as both backends write and read them: the column lists, and the mapping from a
+row to a Job or Batch, so the SQLite and PostgreSQL stores cannot disagree about them."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from matrixjobs.models import Batch, Job, Progress, Status, batch_id, job_id, parse_id
+
+JOB_COLUMNS = (
+    "id, type, name, data, status, priority, retry_count, max_retries, timeout_s, batch_id, "
+    "run_after, created_at, started_at, finished_at, progress_current, progress_total, "
+    "progress_message, error, result, requester"
+)
+BATCH_COLUMNS = (
+    "id, name, status, total, completed, failed, cancelled, cancel_requested, "
+    "created_at, started_at, finished_at, requester"
+)
+ERRORS_PER_BATCH = 20
+
+
+def batch_status(batch: Batch, counts: dict[Status, int]) -> Status:
+    if batch.finished < batch.total:
+        started = counts[Status.PROCESSING] or batch.finished or batch.started_at
+        return Status.PROCESSING if started else Status.PENDING
+    if batch.cancel_requested:
+        return Status.CANCELLED
+    if batch.failed or batch.cancelled:
+        return Status.FAILED
+    return Status.COMPLETED
+
+
+def number_of(identifier: str) -> int:
+    return int(identifier[1:])
+
+
+def checked_number(identifier: str, prefix: str) -> int | None:
+    parsed = parse_id(identifier)
+    return parsed[1] if parsed and parsed[0] == prefix else None
+
+
+def dumps(value: Any) -> str | None:
+    return None if value is None else json.dumps(value, default=str)
+
+
+def first_line(text: str | None) -> str:
+    lines = (text or "failed").strip().splitlines()
+    return (lines[-1] if lines else "failed")[:200]
+
+
+def job_from_row(row: Sequence[Any]) -> Job:
+    (number, type_, name, data, status, priority, retry_count, max_retries, timeout_s,
+     batch_number, run_after, created_at, started_at, finished_at, p_current, p_total,
+     p_message, error, result, requester) = row
+    progress = None
+    if p_current is not None:
+        progress = Progress(p_current, p_total, p_message)
+    return Job(
+        id=job_id(number), type=type_, name=name, data=json.loads(data), status=Status(status),
+        priority=priority, retry_count=retry_count, max_retries=max_retries,
+        timeout_s=timeout_s, created_at=created_at,
+        batch_id=None if batch_number is None else batch_id(batch_number),
+        run_after=run_after, started_at=started_at, finished_at=finished_at,
+        progress=progress, error=error, result=None if result is None else json.loads(result),
+        requester=requester,
+    )
+
+
+def batch_from_row(row: Sequence[Any]) -> Batch:
+    (number, name, status, total, completed, failed, cancelled, cancel_requested,
+     created_at, started_at, finished_at, requester) = row
+    return Batch(
+        id=batch_id(number), name=name, status=Status(status), total=total,
+        completed=completed, failed=failed, cancelled=cancelled,
+        cancel_requested=bool(cancel_requested), created_at=created_at,
+        started_at=started_at, finished_at=finished_at, requester=requester,
+    )
