@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(handler=cmd_check_config)
 
     add_client_commands(commands)  # status, submit, batch, rerun, cancel, jobs: via the API
-    add_ops_commands(commands)  # init, doctor
+    add_ops_commands(commands)  # init, doctor, migrate-store
 
     mcp = commands.add_parser(
         "mcp", help="MCP server on stdio (for an MCP client to launch), via the service's API",

@@ -630,6 +630,11 @@ def _complete(
 DATABASE_URL_HELP = "expected a URL like postgresql://matrixjobs@db.example.org:5432/matrixjobs"
 
 
+def database_url_problem(value: str) -> str | None:
+    """What is wrong with a whole PostgreSQL URL given outside the config (password allowed)."""
+    return _database_url_problem(value, from_env=True)
+
+
 def _database_url_problem(value: str, from_env: bool) -> str | None:
     try:
         parts = urlsplit(value)

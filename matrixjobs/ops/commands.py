@@ -1,4 +1,4 @@
-"""The `init` and `doctor` subcommands."""
+"""The `init`, `doctor` and `migrate-store` subcommands."""
 
 from __future__ import annotations
 
@@ -9,13 +9,15 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from matrixjobs.config import load_config
+from matrixjobs.errors import ConfigError
 from matrixjobs.exitcodes import EXIT_FAILED, EXIT_OK, EXIT_USAGE
-from matrixjobs.ops import init
+from matrixjobs.ops import init, migrate
 from matrixjobs.ops.doctor import doctor
 
 
 def add_ops_commands(commands: Any) -> None:
-    """Register `init` and `doctor` on the CLI's subparsers."""
+    """Register `init`, `doctor` and `migrate-store` on the CLI's subparsers."""
     default_config = os.environ.get("MATRIXJOBS_CONFIG", "config.toml")
 
     parser = commands.add_parser(
@@ -58,10 +60,44 @@ def add_ops_commands(commands: Any) -> None:
                         help="TOML config file")
     parser.set_defaults(handler=cmd_doctor)
 
+    parser = commands.add_parser(
+        "migrate-store", help="copy the SQLite store into an empty PostgreSQL database",
+        description="Copy jobs, batches, logs, the bot's progress messages, processed events "
+                    "and settings from the configured SQLite store into an empty PostgreSQL "
+                    "database, in one transaction, keeping every id. Stop the service "
+                    "first. The config file is not changed: the output says what to set.")
+    parser.add_argument("--config", type=Path, default=Path(default_config),
+                        help="TOML config file (names the SQLite store)")
+    parser.add_argument("--to", metavar="URL",
+                        help="postgresql://USER[:PASSWORD]@HOST:PORT/DATABASE (default: "
+                             "$MATRIXJOBS_DATABASE_URL, else [store] url); a password here "
+                             "is allowed and never printed, but lands in your shell history")
+    parser.set_defaults(handler=cmd_migrate_store)
+
 
 def cmd_doctor(args: argparse.Namespace) -> int:
     report = doctor(args.config)
     return EXIT_FAILED if report.failed else EXIT_OK
+
+
+def cmd_migrate_store(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    try:
+        url = migrate.target_url(args.to, config)
+    except migrate.MigrateRefused as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        migration = migrate.migrate(config, url)
+    except migrate.MigrateRefused as exc:
+        print(f"error: {exc}; nothing was copied", file=sys.stderr)
+        return EXIT_FAILED
+    migrate.report(migration, config, sys.stdout)
+    return EXIT_OK
 
 
 def cmd_init(args: argparse.Namespace, prompts: init.Prompts | None = None) -> int:

@@ -50,8 +50,7 @@ def doctor(config_path: Path, environ: Mapping[str, str] | None = None,
         store = check_store(report, config.store.path)
     else:
         store = None
-        report.warn("store", f"{describe_store(config.store)}: the doctor does not look into "
-                             "PostgreSQL stores yet (the service checks it at start)")
+        check_postgres(report, config)
     if config.matrix is not None:
         check_pickle_key(report, config.matrix, config.store.path)
     check_private_files(report, config)
@@ -96,6 +95,39 @@ def check_store(report: Report, path: Path) -> StoreState | None:
         report.ok("store", f"{path} (schema version {state.schema_version}; the service "
                            f"migrates it to {SCHEMA_VERSION} at start){running}")
     return state
+
+
+def check_postgres(report: Report, config: Config) -> None:
+    from matrixjobs.ops.pg_probe import PG_SCHEMA_VERSION, probe_postgres  # loads psycopg
+
+    url = config.store.database_url
+    if url is None:  # load_config refuses this
+        report.fail("store", describe_store(config.store))
+        return
+    try:
+        state = probe_postgres(url.get_secret_value())
+    except StoreProblem as exc:
+        report.fail("store", str(exc))
+        return
+    where = f"PostgreSQL at {state.where}"
+    if state.schema_version > PG_SCHEMA_VERSION:
+        report.fail("store", f"{where}: schema version {state.schema_version} is newer than "
+                             f"this matrixjobs understands ({PG_SCHEMA_VERSION}); upgrade it")
+    elif not state.can_write:
+        report.fail("store", f"{where}: the role may not "
+                             f"{'write the tables' if state.schema_version else 'create tables'}"
+                             "; GRANT it that")
+    elif state.schema_version == 0:
+        report.ok("store", f"{where} answers and has no matrixjobs tables yet; the service "
+                           "creates them at start")
+    else:
+        migrates = ("" if state.schema_version == PG_SCHEMA_VERSION else
+                    f"; the service migrates it to {PG_SCHEMA_VERSION} at start")
+        report.ok("store", f"{where} (schema version {state.schema_version}{migrates})")
+    if state.holder is not None:
+        report.ok("store owner", f"in use by {state.holder} (one process per database)")
+    else:
+        report.ok("store owner", "no matrixjobs process has it open")
 
 
 def check_pickle_key(report: Report, matrix: MatrixConfig, db: Path) -> None:

@@ -77,3 +77,21 @@ def batch_from_row(row: Sequence[Any]) -> Batch:
         cancel_requested=bool(cancel_requested), created_at=created_at,
         started_at=started_at, finished_at=finished_at, requester=requester,
     )
+
+
+MESSAGE_TABLE_COLUMNS = (
+    "subject_id, room_id, event_id, requester, reply_to, edits, final, created_at"
+)
+
+# Every table a store holds, parents before children (foreign keys), with every column:
+# what `migrate-store` copies. jobs adds what JOB_COLUMNS leaves out (cancel and lease).
+TABLES: tuple[tuple[str, str], ...] = (
+    ("batches", BATCH_COLUMNS),
+    ("jobs", f"{JOB_COLUMNS}, cancel_requested, owner, lease_expires_at"),
+    ("job_logs", "job_id, text"),
+    ("progress_messages", MESSAGE_TABLE_COLUMNS),
+    ("processed_events", "event_id, subject_id, processed_at"),
+    ("settings", "key, value"),
+)
+# Tables whose ids the stores hand out, as j12 and b3 that room messages name.
+NUMBERED_TABLES = ("batches", "jobs")
