@@ -39,10 +39,7 @@ class ServiceFormatter(logging.Formatter):
         self.journald = journald
 
     def format(self, record: logging.LogRecord) -> str:
-        text = super().format(record)
-        for secret in _secrets:
-            text = text.replace(secret, MASK)
-        text = TOKEN_FIELD.sub(rf"\1{MASK}", text)
+        text = redact(super().format(record))
         if not self.journald:
             return text
         # Every line of a traceback is its own journal entry: each gets the priority.
