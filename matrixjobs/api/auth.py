@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hmac
-
 from starlette.datastructures import Headers
 from starlette.responses import RedirectResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -12,7 +10,6 @@ from matrixjobs.api.errors import error_response
 from matrixjobs.api.session import (
     COOKIE,
     LoginThrottle,
-    client_address,
     has_session,
     same_origin,
     session_value,
@@ -38,7 +35,7 @@ class BearerAuth:
 
     def __init__(self, app: ASGIApp, token: str, throttle: LoginThrottle) -> None:
         self.app = app
-        self._token = token.encode()
+        self._token = token
         self._session = session_value(token).encode()
         self._throttle = throttle
 
@@ -59,9 +56,9 @@ class BearerAuth:
         headers = Headers(scope=scope)
         scheme, _, credentials = headers.get("authorization", "").partition(" ")
         if scheme.lower() == "bearer" and credentials.strip():
-            if hmac.compare_digest(credentials.strip().encode(), self._token):
+            wait_s = self._throttle.check(credentials.strip(), self._token, scope)
+            if wait_s is None:
                 return None
-            wait_s = self._throttle.failed(client_address(scope))
             if wait_s > 0:
                 return error_response(429, "too_many_requests", "too many wrong tokens; "
                                       f"try again in {int(wait_s) + 1} s",

@@ -10,7 +10,6 @@ the page is open to what LoopbackGuard lets in and /login leads straight to it.
 from __future__ import annotations
 
 import hashlib
-import hmac
 from dataclasses import dataclass
 from html import escape
 from importlib.resources import files
@@ -28,7 +27,6 @@ from matrixjobs.api.routes import known_query
 from matrixjobs.api.session import (
     LoginThrottle,
     cleared_cookie,
-    client_address,
     named_origin,
     same_origin,
     session_cookie,
@@ -135,9 +133,8 @@ class Dashboard:
         # The token proves itself; only a page of another site posting here is refused.
         if named_origin(request.headers) is False:
             return self.form("This form only works from this server's own login page.", 403)
-        given = await read_token(request)
-        if not hmac.compare_digest(given.encode(), self.token.encode()):
-            wait_s = self.throttle.failed(client_address(request.scope))
+        wait_s = self.throttle.check(await read_token(request), self.token, request.scope)
+        if wait_s is not None:
             if wait_s > 0:
                 return self.form(f"Too many wrong tokens; try again in {int(wait_s) + 1} s.",
                                  429)

@@ -96,6 +96,13 @@ class LoginThrottle:
         self.max_addresses = max_addresses
         self._failures: dict[str, deque[float]] = {}
 
+    def check(self, given: str, token: str, scope: Scope) -> float | None:
+        """None when `given` is the token; else the failure is counted and the answer is
+        the seconds its client should wait (0: just a wrong token)."""
+        if hmac.compare_digest(given.encode(), token.encode()):
+            return None
+        return self.failed(client_address(scope))
+
     def failed(self, address: str, now: float | None = None) -> float:
         """Count a wrong token; the seconds this address should wait, 0 if not over."""
         now = time.monotonic() if now is None else now
