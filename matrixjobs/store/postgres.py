@@ -47,12 +47,12 @@ from matrixjobs.store.rows import (
     ERRORS_PER_BATCH,
     JOB_COLUMNS,
     batch_from_row,
-    batch_status,
     checked_number,
     dumps,
     first_line,
     job_from_row,
     number_of,
+    recount,
 )
 
 # Each entry migrates from version N to N+1; schema_version holds one row per step applied.
@@ -749,14 +749,7 @@ async def _refresh_batches(
         if not rows:
             continue
         batch = batch_from_row(rows[0])
-        batch.completed = counts[Status.COMPLETED]
-        batch.failed = counts[Status.FAILED]
-        batch.cancelled = counts[Status.CANCELLED]
-        batch.status = batch_status(batch, counts)
-        if batch.status != Status.PENDING and batch.started_at is None:
-            batch.started_at = now
-        if batch.status.terminal and batch.finished_at is None:
-            batch.finished_at = now
+        recount(batch, counts, now)
         await conn.execute(
             "UPDATE batches SET status = %s, completed = %s, failed = %s, cancelled = %s, "
             "started_at = %s, finished_at = %s WHERE id = %s",

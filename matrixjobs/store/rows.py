@@ -21,6 +21,19 @@ BATCH_COLUMNS = (
 ERRORS_PER_BATCH = 20
 
 
+def recount(batch: Batch, counts: dict[Status, int], now: float) -> None:
+    """Settle `batch` from its jobs' counts by status: its tallies, its status, and when it
+    started and finished (the first time it is seen doing so)."""
+    batch.completed = counts[Status.COMPLETED]
+    batch.failed = counts[Status.FAILED]
+    batch.cancelled = counts[Status.CANCELLED]
+    batch.status = batch_status(batch, counts)
+    if batch.status != Status.PENDING and batch.started_at is None:
+        batch.started_at = now
+    if batch.status.terminal and batch.finished_at is None:
+        batch.finished_at = now
+
+
 def batch_status(batch: Batch, counts: dict[Status, int]) -> Status:
     if batch.finished < batch.total:
         started = counts[Status.PROCESSING] or batch.finished or batch.started_at

@@ -40,12 +40,12 @@ from matrixjobs.store.rows import (
     ERRORS_PER_BATCH,
     JOB_COLUMNS,
     batch_from_row,
-    batch_status,
     checked_number,
     dumps,
     first_line,
     job_from_row,
     number_of,
+    recount,
 )
 
 # Each entry migrates from version N to N+1; PRAGMA user_version records N+1.
@@ -630,14 +630,7 @@ class SqliteStore(Store):
             if row is None:
                 continue
             batch = batch_from_row(row)
-            batch.completed = counts[Status.COMPLETED]
-            batch.failed = counts[Status.FAILED]
-            batch.cancelled = counts[Status.CANCELLED]
-            batch.status = batch_status(batch, counts)
-            if batch.status != Status.PENDING and batch.started_at is None:
-                batch.started_at = now
-            if batch.status.terminal and batch.finished_at is None:
-                batch.finished_at = now
+            recount(batch, counts, now)
             await self.db.execute(
                 "UPDATE batches SET status = ?, completed = ?, failed = ?, cancelled = ?, "
                 "started_at = ?, finished_at = ? WHERE id = ?",
