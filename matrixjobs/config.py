@@ -40,8 +40,9 @@ from matrixjobs.errors import ConfigError
 
 SECRET_ENV = ("MATRIXJOBS_PASSWORD", "MATRIXJOBS_ACCESS_TOKEN", "MATRIXJOBS_API_TOKEN",
               "MATRIXJOBS_PICKLE_KEY", "MATRIXJOBS_DATABASE_URL")
-# Shorter is guessable; `matrixjobs init` and the bot write 43 random characters.
-MIN_PICKLE_KEY_LEN = 16
+# Pickle keys and API tokens shorter than this are guessable (a throttle slows one address,
+# not a guesser with many); `matrixjobs init` and the bot write 43 random characters.
+MIN_SECRET_LEN = 16
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 USER_RE = re.compile(r"^@[^:\s]+:[^\s]+$")
 # Room ids are opaque (`!abc:server`, or `!abc` from room version 12); aliases `#x:server`.
@@ -449,10 +450,6 @@ class TargetProblem(Exception):
     """Why a command target cannot start; the message says it for people."""
 
 
-# A wrong-token throttle slows one address, not a guesser with many: length does that.
-MIN_API_TOKEN_CHARS = 16
-
-
 class WarningTopic(StrEnum):
     CREDENTIALS = "credentials"
     TARGET = "target"
@@ -522,9 +519,9 @@ class Config(Section):
                 WarningTopic.CREDENTIALS, "matrix: no password or access token; the bot "
                 "cannot log in (set MATRIXJOBS_PASSWORD or MATRIXJOBS_ACCESS_TOKEN)"))
         token = self.api_token
-        if token is not None and len(token.get_secret_value()) < MIN_API_TOKEN_CHARS:
+        if token is not None and len(token.get_secret_value()) < MIN_SECRET_LEN:
             found.append(ConfigWarning(
-                WarningTopic.API, f"api: the token is shorter than {MIN_API_TOKEN_CHARS} "
+                WarningTopic.API, f"api: the token is shorter than {MIN_SECRET_LEN} "
                 "characters and could be guessed; use a random one, e.g. python3 -c "
                 "'import secrets; print(secrets.token_urlsafe(32))'"))
         for name, target in self.targets.items():
@@ -667,8 +664,8 @@ def _pickle_key(secrets: dict[str, str]) -> SecretStr | None:
     key = secrets.get("MATRIXJOBS_PICKLE_KEY")
     if not key:  # an empty line in an env file: unset, as systemd sees it
         return None
-    if len(key) < MIN_PICKLE_KEY_LEN or key != key.strip():
-        raise ConfigError(f"MATRIXJOBS_PICKLE_KEY must be at least {MIN_PICKLE_KEY_LEN} "
+    if len(key) < MIN_SECRET_LEN or key != key.strip():
+        raise ConfigError(f"MATRIXJOBS_PICKLE_KEY must be at least {MIN_SECRET_LEN} "
                           "characters without surrounding spaces (matrixjobs init writes a "
                           "random one)")
     return SecretStr(key)
