@@ -13,7 +13,13 @@ from typing import Any
 import psycopg
 
 from matrixjobs.ops.store_probe import StoreProblem
-from matrixjobs.store.postgres import CONNECT_TIMEOUT_S, MIGRATIONS, OWNER_LOCK, describe_url
+from matrixjobs.store.postgres import (
+    CONNECT_TIMEOUT_S,
+    MIGRATIONS,
+    OWNER_LOCK,
+    describe_url,
+    libpq_reason,
+)
 
 PG_SCHEMA_VERSION = len(MIGRATIONS)
 HOLDER_SQL = (
@@ -38,18 +44,15 @@ def probe_postgres(url: str) -> PgState:
         conn = psycopg.connect(url, autocommit=True, connect_timeout=int(CONNECT_TIMEOUT_S),
                                application_name="matrixjobs doctor")
     except psycopg.Error as exc:
-        raise StoreProblem(f"cannot connect to PostgreSQL at {where}: {_reason(exc)}") from None
+        raise StoreProblem(f"cannot connect to PostgreSQL at {where}: "
+                           f"{libpq_reason(exc)}") from None
     try:
         with contextlib.closing(conn):
             version = _schema_version(conn)
             return PgState(where, version, _can_write(conn, version),
                            _scalar(conn, HOLDER_SQL, (OWNER_LOCK,)))
     except psycopg.Error as exc:
-        raise StoreProblem(f"PostgreSQL at {where} answers, but: {_reason(exc)}") from None
-
-
-def _reason(exc: psycopg.Error) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__  # libpq never says the password
+        raise StoreProblem(f"PostgreSQL at {where} answers, but: {libpq_reason(exc)}") from None
 
 
 def _schema_version(conn: psycopg.Connection[Any]) -> int:

@@ -206,7 +206,7 @@ class PostgresStore(Store):
         except psycopg.Error as exc:
             await self.close()
             raise StoreError(f"cannot open store on PostgreSQL at {self.where}: "
-                             f"{_reason(exc)}") from None
+                             f"{libpq_reason(exc)}") from None
         except StoreError:
             await self.close()
             raise
@@ -222,7 +222,7 @@ class PostgresStore(Store):
             conn = await psycopg.AsyncConnection.connect(self._url, **self._connect_kwargs())
         except psycopg.Error as exc:
             raise StoreError(f"cannot connect to PostgreSQL at {self.where}: "
-                             f"{_reason(exc)}") from None
+                             f"{libpq_reason(exc)}") from None
         _adapt(conn)
         return conn
 
@@ -780,7 +780,7 @@ def _float(value: float | None) -> float | None:
     return None if value is None else float(value)
 
 
-def _reason(exc: psycopg.Error) -> str:
+def libpq_reason(exc: psycopg.Error) -> str:
     """libpq's own words on one line (they name host and port, never the password)."""
     return " ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or (
         type(exc).__name__)
