@@ -106,6 +106,7 @@ class Listener:
         return self._connected
 
     async def run(self) -> None:
+        """Listen until cancelled, reconnecting whenever the connection fails."""
         delay = BACKOFF_MIN_S
         while True:
             up_since = time.monotonic()
@@ -126,7 +127,7 @@ class Listener:
             self._url, autocommit=True, connect_timeout=int(CONNECT_TIMEOUT_S),
             application_name=name[:63], **KEEPALIVE)
         try:
-            await conn.execute(f"LISTEN {CHANNEL}")
+            await _answered(conn, f"LISTEN {CHANNEL}")
             self._up()
             await self._consume(conn)
         finally:
@@ -141,7 +142,7 @@ class Listener:
                 idle = False
                 self._deliver(note.payload)
             if idle:
-                await _probe(conn)
+                await _answered(conn, "SELECT 1")
 
     def _deliver(self, payload: str) -> None:
         message = parse_payload(payload)
@@ -170,24 +171,23 @@ class Listener:
             log.debug("LISTEN on PostgreSQL at %s still down: %s", self.where, reason)
             return
         self._down_since = time.monotonic()
-        log.warning("LISTEN on PostgreSQL at %s lost: %s; reconnecting (polling meanwhile)",
-                    self.where, reason)
+        log.warning("LISTEN on PostgreSQL at %s down: %s; reconnecting", self.where, reason)
 
 
-async def _probe(conn: psycopg.AsyncConnection[Any]) -> None:
-    """Raise psycopg.OperationalError unless the server answers within PROBE_TIMEOUT_S."""
+async def _answered(conn: psycopg.AsyncConnection[Any], statement: str) -> None:
+    """Run `statement`, or raise psycopg.OperationalError if no answer within PROBE_TIMEOUT_S."""
     # Cancelling a query makes psycopg send a cancel request and wait for it (seconds on a
     # black-holed path); shutting the socket down instead fails the query at once, and the
     # descriptor stays open until close(), so no other connection can reuse its number meanwhile.
     loop = asyncio.get_running_loop()
     timer = loop.call_later(PROBE_TIMEOUT_S, _shut_down, conn)
     try:
-        await conn.execute("SELECT 1")
+        await conn.execute(statement)
     except psycopg.OperationalError:
         if loop.time() < timer.when():
             raise
         raise psycopg.OperationalError(
-            f"no answer to a probe within {PROBE_TIMEOUT_S:g} s") from None
+            f"no answer to {statement!r} within {PROBE_TIMEOUT_S:g} s") from None
     finally:
         timer.cancel()
 
