@@ -110,6 +110,9 @@ class App:
         self._supervisor.every("lease-heartbeat", self.config.queue.lease_s / 3,
                                self.queue.heartbeat)
         self._supervisor.every("retention", RETENTION_SWEEP_S, self.purge)
+        listen = self.store.listen(self._announced, self._missed_news)
+        if listen is not None:
+            self._supervisor.keep("listener", listen)
         if self.store.shared:
             self._supervisor.keep("remote-feed", self.remote.run)
             self._supervisor.every("lease-recovery", self.config.queue.lease_s / 3,
@@ -124,6 +127,22 @@ class App:
         log.info("matrixjobs started (%s): store %s, %d workers, targets: %s", self.role,
                  describe_store(self.config.store), self.config.queue.workers,
                  ", ".join(self.targets.names()) or "none")
+
+    def _announced(self, kind: str, ids: list[str]) -> None:
+        """News from another process sharing the store."""
+        if kind == "cancel":
+            for job_id in ids:
+                self.queue.cancel_here(job_id)
+            return
+        if kind == "new":
+            self.queue.wake()
+        self.remote.changed(ids)
+
+    def _missed_news(self) -> None:
+        """The listener was deaf for a while: look at everything again."""
+        self.queue.wake()
+        self.remote.resync()
+        self._supervisor.once("heartbeat", self.queue.heartbeat)  # cancels it missed
 
     async def ready(self) -> None:
         """Return once every component serves."""

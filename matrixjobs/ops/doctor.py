@@ -124,10 +124,6 @@ def check_postgres(report: Report, config: Config) -> None:
         migrates = ("" if state.schema_version == PG_SCHEMA_VERSION else
                     f"; the service migrates it to {PG_SCHEMA_VERSION} at start")
         report.ok("store", f"{where} (schema version {state.schema_version}{migrates})")
-    if state.holder is not None:
-        report.ok("store owner", f"in use by {state.holder} (one process per database)")
-    else:
-        report.ok("store owner", "no matrixjobs process has it open")
 
 
 def check_pickle_key(report: Report, matrix: MatrixConfig, db: Path) -> None:

@@ -1,7 +1,6 @@
 """Look at the PostgreSQL store without changing it: safe while the service runs.
 
-Read-only queries on a connection of its own; never takes the owner lock, only asks
-who holds it.
+Read-only queries on a connection of its own.
 """
 
 from __future__ import annotations
@@ -13,21 +12,10 @@ from typing import Any
 import psycopg
 
 from matrixjobs.ops.store_probe import StoreProblem
-from matrixjobs.store.postgres import (
-    CONNECT_TIMEOUT_S,
-    MIGRATIONS,
-    OWNER_LOCK,
-    describe_url,
-    libpq_reason,
-)
+from matrixjobs.store.pg_conn import CONNECT_TIMEOUT_S, describe_url, libpq_reason
+from matrixjobs.store.postgres import MIGRATIONS
 
 PG_SCHEMA_VERSION = len(MIGRATIONS)
-HOLDER_SQL = (
-    "SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a USING (pid) "
-    "WHERE l.locktype = 'advisory' AND l.granted AND l.database = "
-    "(SELECT oid FROM pg_database WHERE datname = current_database()) "
-    "AND (l.classid::bigint << 32 | l.objid::bigint) = %s"
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,7 +23,6 @@ class PgState:
     where: str  # host:port/database
     schema_version: int
     can_write: bool
-    holder: str | None  # who holds the owner lock: "matrixjobs pid N on HOST"
 
 
 def probe_postgres(url: str) -> PgState:
@@ -49,8 +36,7 @@ def probe_postgres(url: str) -> PgState:
     try:
         with contextlib.closing(conn):
             version = _schema_version(conn)
-            return PgState(where, version, _can_write(conn, version),
-                           _scalar(conn, HOLDER_SQL, (OWNER_LOCK,)))
+            return PgState(where, version, _can_write(conn, version))
     except psycopg.Error as exc:
         raise StoreProblem(f"PostgreSQL at {where} answers, but: {libpq_reason(exc)}") from None
 

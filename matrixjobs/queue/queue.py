@@ -258,6 +258,10 @@ class JobQueue:
             timeout_s=self.config.default_timeout_s if spec.timeout_s is None else spec.timeout_s,
         )
 
+    def wake(self) -> None:
+        """Work may be due (another process added or gave back jobs): claim now."""
+        self._poke()
+
     def _poke(self) -> None:
         self._maybe_due = True
         self._pokes += 1

@@ -8,7 +8,7 @@ The queue, batches and monitor talk only to this class, so another backend
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from matrixjobs.models import Batch, Job, JobSpec, Outcome, Progress, ProgressMessage, Status
@@ -60,6 +60,14 @@ class Store(abc.ABC):
 
     # Whether other processes (workers on other hosts) share this store.
     shared: bool = False
+
+    def listen(self, on_message: Callable[[str, list[str]], None],
+               on_reconnect: Callable[[], None]) -> Callable[[], Awaitable[None]] | None:
+        """What runs to hear other processes' news: `on_message(kind, ids)` with kind "new"
+        (jobs to run), "cancel" (jobs to stop where they run) or "change" (jobs and batches
+        to read again); `on_reconnect()` after news may have been missed. None when no
+        other process shares the store."""
+        return None
 
     @abc.abstractmethod
     async def open(self) -> None:

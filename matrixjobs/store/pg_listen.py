@@ -25,7 +25,7 @@ from typing import Any
 
 import psycopg
 
-from matrixjobs.store.postgres import CONNECT_TIMEOUT_S, describe_url, libpq_reason
+from matrixjobs.store.pg_conn import CONNECT_TIMEOUT_S, describe_url, libpq_reason
 
 log = logging.getLogger(__name__)
 
