@@ -10,11 +10,12 @@ import re
 import shutil
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
 
-from matrixjobs.config import SECRET_ENV, QueueConfig
+from matrixjobs.config import SECRET_ENV, QueueConfig, WarningTopic, load_config
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 UNIT = DEPLOY / "matrixjobs.service"
@@ -139,6 +140,19 @@ def test_worker_unit_runs_the_worker_as_the_same_user_in_the_same_sandbox():
     drifted = {key for key in (main.keys() | worker.keys()) - WORKER_DIFFERS
                if main.get(key) != worker.get(key)}
     assert drifted == set(), {key: (main.get(key), worker.get(key)) for key in drifted}
+
+
+def test_readme_worker_config_is_valid_and_has_the_labels_its_target_runs_on(tmp_path):
+    readme = (DEPLOY / "README.md").read_text(encoding="utf-8")
+    block = re.search(r"worker\.toml` \(root:matrixjobs, 0640\):\n\n((?: {7}.*\n|\n)+)", readme)
+    assert block, "the worker.toml example in deploy/README.md moved: update this test"
+    path = tmp_path / "worker.toml"
+    path.write_text(textwrap.dedent(block[1]), encoding="utf-8")
+    config = load_config(path, environ={})
+    assert config.store.backend == "postgresql"
+    assert config.worker.labels == ["cuda12", "gpu"]
+    # Only the example's command is missing on this machine; its routing is consistent.
+    assert [w.topic for w in config.warning_items()] == [WarningTopic.TARGET]
 
 
 def test_env_example_names_only_secrets_the_config_reads():
