@@ -164,6 +164,37 @@ def test_check_config_warns_about_a_missing_executable_but_succeeds(tmp_path):
             "on PATH" in result.stderr.splitlines())
 
 
+def test_check_config_warns_about_a_runs_on_label_no_worker_of_a_sqlite_store_has(tmp_path):
+    config = write(tmp_path, """
+        [targets.train]
+        handler = "sitebuild"
+        runs_on = ["gpu"]
+    """)
+    result = cli(tmp_path, "check-config", "--config", str(config))
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines() == [
+        "warning: targets.train: runs_on gpu, but this node's worker labels are none and a "
+        "SQLite store has no other workers: its jobs would wait forever"]
+
+
+def test_check_config_warns_softly_about_a_runs_on_label_with_postgresql(tmp_path):
+    config = write(tmp_path, """
+        [store]
+        backend = "postgresql"
+        url = "postgresql://matrixjobs@db.example.org/matrixjobs"
+        [worker]
+        labels = ["arm64"]
+        [targets.train]
+        handler = "sitebuild"
+        runs_on = ["gpu"]
+    """)
+    result = cli(tmp_path, "check-config", "--config", str(config))
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines() == [
+        "warning: targets.train: runs only on workers labelled gpu; this node has none of "
+        "them, so another worker must take its jobs"]
+
+
 def test_check_config_rejects_a_homeserver_url_typo(tmp_path):
     config = write(tmp_path, """
         [matrix]
