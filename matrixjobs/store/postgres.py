@@ -42,6 +42,7 @@ from matrixjobs.models import (
     parse_id,
 )
 from matrixjobs.store.base import BatchCancel, Cycle, Recovery, Store
+from matrixjobs.store.pg_roles import RoleLocks
 from matrixjobs.store.rows import (
     BATCH_COLUMNS,
     ERRORS_PER_BATCH,
@@ -201,6 +202,7 @@ class PostgresStore(Store):
         self._owner_conn: psycopg.AsyncConnection[Any] | None = None
         self._pool: AsyncConnectionPool | None = None
         self._write_lock = asyncio.Lock()
+        self._roles = RoleLocks(url, self._connect_kwargs())
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -282,12 +284,34 @@ class PostgresStore(Store):
         )
 
     async def close(self) -> None:
+        await self._roles.close()
         if self._pool is not None:
             pool, self._pool = self._pool, None
             await pool.close()
         if self._owner_conn is not None:
             conn, self._owner_conn = self._owner_conn, None
             await conn.close()
+
+    # -- exclusive roles (see pg_roles.py) --------------------------------------------------
+
+    async def try_lead(self, role: str, lease_s: float) -> bool:
+        try:
+            return await self._roles.try_lead(role, lease_s)
+        except psycopg.Error as exc:
+            raise StoreError(f"PostgreSQL at {self.where}: cannot take the role {role}: "
+                             f"{libpq_reason(exc)}") from None
+
+    async def leading(self, role: str) -> bool:
+        return await self._roles.leading(role)
+
+    async def resign(self, role: str) -> None:
+        await self._roles.resign(role)
+
+    async def leader(self, role: str) -> str | None:
+        try:
+            return await self._roles.holder(role)
+        except psycopg.Error:
+            return None  # only said in a log line: who holds it is not worth an error
 
     @property
     def pool(self) -> AsyncConnectionPool:
