@@ -308,11 +308,10 @@ class MatrixBot:
         store, config = self.app.store, self.config
         if not self._open_crypto_store():
             return False
-        device = await store.get_setting(self._setting(SETTING_DEVICE)) or ""
-        saved_user = await store.get_setting(self._setting(SETTING_USER))
+        saved_user, device, saved_token = await self._saved_login()
         token = config.access_token.get_secret_value() if config.access_token else None
         if token is None and saved_user == config.user_id:
-            token = await store.get_setting(self._setting(SETTING_TOKEN)) or None
+            token = saved_token or None
         if token is not None:
             mask([token])
             self.client.access_token = token
@@ -345,6 +344,20 @@ class MatrixBot:
         await store.set_setting(self._setting(SETTING_DEVICE), response.device_id)
         await store.set_setting(self._setting(SETTING_TOKEN), response.access_token)
         return True
+
+    async def _saved_login(self) -> tuple[str | None, str, str | None]:
+        """The user, device and token this node saved. With a shared store, the login that
+        migrate-store copied from a one-node store is this node's if its crypto store has
+        that device (and no other node took it first)."""
+        keys = (SETTING_USER, SETTING_DEVICE, SETTING_TOKEN)
+        store = self.app.store
+        user, device, token = [await store.get_setting(self._setting(key)) for key in keys]
+        if device is None and self._setting(SETTING_DEVICE) != SETTING_DEVICE:
+            copied = [await store.get_setting(key) for key in keys]
+            if (copied[1] and (self.store_dir / f"{self.config.user_id}_{copied[1]}.db").exists()
+                    and await self._own_device(copied[1])):
+                user, device, token = copied
+        return user, device or "", token
 
     async def _own_device(self, device: str) -> bool:
         """With a shared store, is `device` this node's alone? A second node given the same
