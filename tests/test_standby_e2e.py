@@ -63,8 +63,8 @@ def node_config(directory: Path, name: str, workers: int, homeserver: str, bot: 
     return config
 
 
-def start(config: Path) -> Service:
-    return Service(config.parent, config, env={"MATRIXJOBS_PASSWORD": "bot-password"})
+def start(config: Path, env: dict[str, str] | None = None) -> Service:
+    return Service(config.parent, config, env=env or {"MATRIXJOBS_PASSWORD": "bot-password"})
 
 
 def wait_for(check, timeout=30.0):
@@ -151,3 +151,32 @@ def test_leader_whose_lock_session_ends_stops_answering_and_the_standby_answers(
     assert len(room.answers(command)) == 1
     assert nodes["a"].process.poll() is None  # a goes on serving its API, standing by
     assert re.search(r"bot: standing by \(held by matrixjobs pid \d+", nodes["a"].log)
+
+
+def test_one_access_token_on_two_nodes_is_refused_by_the_second(synapse, pg_url, tmp_path):
+    """A token is one device; the second node to lead would be it with another crypto store."""
+    account = synapse.register(f"tokenbot{os.urandom(3).hex()}", password="bot-password")
+    alice = Person.register(synapse, f"tokenalice{os.urandom(3).hex()}")
+    room = alice.create_room([account["user_id"]])
+    env = {"MATRIXJOBS_ACCESS_TOKEN": account["access_token"]}
+    first, second = (node_config(tmp_path / name, f"node-{name}", 1, synapse.base_url,
+                                 account["user_id"], alice.user_id, pg_url)
+                     for name in ("a", "b"))
+    a, b = start(first, env), None
+    try:
+        a.wait_for_log("matrix: logged in as")
+        wait_for(lambda: account["user_id"] in alice.members(room))
+        b = start(second, env)
+        b.wait_for_log("bot: standing by")
+        os.kill(a.process.pid, signal.SIGKILL)
+        b.wait_for_log(f"device {account['device_id']} is already the bot's device on node "
+                       "node-a (the same access token?)", timeout=LEASE_S + 5)
+        assert "matrix: logged in as" not in b.log
+        assert account["access_token"] not in b.log
+        command = alice.send(room, "!targets")
+        time.sleep(2)
+        assert Room(alice, room, account["user_id"]).answers(command) == []
+    finally:
+        a.stop()
+        if b is not None:
+            b.stop()
