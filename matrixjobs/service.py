@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from matrixjobs.app import App
 from matrixjobs.config import Config
+from matrixjobs.errors import ConfigError
 from matrixjobs.standby import BOT_ROLE, HotStandby
 
 
@@ -20,7 +21,7 @@ def build_service(config: Config) -> App:
         def bot() -> MatrixBot:
             return MatrixBot(app, matrix, config.access, config.progress.interval_ms)
 
-        if config.store.backend == "postgresql":
+        if app.store.shared:
             # Nodes sharing the store: one runs the bot, the others stand by (standby.py).
             app.components.append(HotStandby(app.store, BOT_ROLE, config.queue.lease_s, bot))
         else:
@@ -35,3 +36,13 @@ def build_service(config: Config) -> App:
             mount_mcp(api, app)
         app.components.append(api)
     return app
+
+
+def build_worker(config: Config) -> App:
+    """`matrixjobs worker`: the queue alone, on a store other processes share."""
+    if config.store.backend != "postgresql":
+        raise ConfigError('a worker needs a PostgreSQL store (store.backend = "postgresql") '
+                          "that the service shares; with SQLite, `matrixjobs run` runs the jobs")
+    if config.queue.workers == 0:
+        raise ConfigError("queue.workers = 0: a worker with no job slots would do nothing")
+    return App(config, role="worker")

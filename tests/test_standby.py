@@ -23,7 +23,7 @@ async def stores(pg_url: str) -> AsyncIterator[Callable[[], PostgresStore]]:
     opened: list[PostgresStore] = []
 
     async def make() -> PostgresStore:
-        store = PostgresStore(pg_url, single_owner=False)
+        store = PostgresStore(pg_url)
         await store.open()
         opened.append(store)
         return store
@@ -96,7 +96,7 @@ async def test_a_sqlite_store_always_leads(tmp_path):
 async def test_an_unreachable_database_is_a_short_error_naming_it():
     from matrixjobs.errors import StoreError
 
-    store = PostgresStore("postgresql://127.0.0.1:1/nowhere", single_owner=False)
+    store = PostgresStore("postgresql://127.0.0.1:1/nowhere")
     with pytest.raises(StoreError, match=r"127\.0\.0\.1:1/nowhere: cannot take the role"):
         await store.try_lead(BOT_ROLE, LEASE_S)
 

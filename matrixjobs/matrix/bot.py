@@ -363,7 +363,7 @@ class MatrixBot:
         """With a shared store, is `device` this node's alone? A second node given the same
         access token would be the same device with another crypto store: encrypted rooms
         break for both, so it refuses (and says why) instead."""
-        if self.app.config.store.backend != "postgresql" or not device:
+        if not self.app.store.shared or not device:
             return True
         key, me = f"{SETTING_DEVICE_OF}{device}", self.app.config.worker.name
         owner = await self.app.store.get_setting(key)
@@ -381,7 +381,7 @@ class MatrixBot:
         """The key of a setting of this node's own login. Nodes sharing a store (hot
         standby) must each be a device of their own: one device with two crypto stores
         cannot decrypt. Each keeps its device and token under its worker name."""
-        if self.app.config.store.backend == "postgresql":
+        if self.app.store.shared:
             return f"{key}@{self.app.config.worker.name}"
         return key
 
