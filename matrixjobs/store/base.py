@@ -218,3 +218,23 @@ class Store(abc.ABC):
     async def purge_finished(self, before: float) -> int:
         """Delete jobs and batches that finished before `before`, with their logs; return
         how many rows."""
+
+    # -- exclusive roles: one process of those sharing the store does a job (the bot) ------
+
+    async def try_lead(self, role: str, lease_s: float) -> bool:
+        """Take `role` unless another process holds it; True while this one holds it. A
+        holder that dies or loses the database frees it within `lease_s`. A store only one
+        process can open (SQLite) always leads."""
+        return True
+
+    async def leading(self, role: str) -> bool:
+        """Whether this process still holds `role`, confirmed now (False once it was lost)."""
+        return True
+
+    async def resign(self, role: str) -> None:
+        """Give `role` up, or stop waiting for it."""
+        return None  # nothing to give up where every process leads
+
+    async def leader(self, role: str) -> str | None:
+        """Who holds `role` (the process's connection name), when the store can tell."""
+        return None

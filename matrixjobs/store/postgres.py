@@ -46,6 +46,7 @@ from matrixjobs.models import (
 from matrixjobs.store.base import BatchCancel, Cycle, Heartbeat, Recovery, Store, heartbeat_of
 from matrixjobs.store.pg_conn import CONNECT_TIMEOUT_S, describe_url, libpq_reason
 from matrixjobs.store.pg_listen import Listener, notify
+from matrixjobs.store.pg_roles import RoleLocks
 from matrixjobs.store.rows import (
     BATCH_COLUMNS,
     ERRORS_PER_BATCH,
@@ -200,6 +201,7 @@ class PostgresStore(Store):
         self.where = describe_url(url)
         self._pool: AsyncConnectionPool | None = None
         self._write_lock = asyncio.Lock()
+        self._roles = RoleLocks(url, self._connect_kwargs())
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -261,9 +263,31 @@ class PostgresStore(Store):
                                    "VALUES (%s, now())", (number + 1,))
 
     async def close(self) -> None:
+        await self._roles.close()
         if self._pool is not None:
             pool, self._pool = self._pool, None
             await pool.close()
+
+    # -- exclusive roles (see pg_roles.py) --------------------------------------------------
+
+    async def try_lead(self, role: str, lease_s: float) -> bool:
+        try:
+            return await self._roles.try_lead(role, lease_s)
+        except psycopg.Error as exc:
+            raise StoreError(f"PostgreSQL at {self.where}: cannot take the role {role}: "
+                             f"{libpq_reason(exc)}") from None
+
+    async def leading(self, role: str) -> bool:
+        return await self._roles.leading(role)
+
+    async def resign(self, role: str) -> None:
+        await self._roles.resign(role)
+
+    async def leader(self, role: str) -> str | None:
+        try:
+            return await self._roles.holder(role)
+        except psycopg.Error:
+            return None  # only said in a log line: who holds it is not worth an error
 
     @property
     def pool(self) -> AsyncConnectionPool:
