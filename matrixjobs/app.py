@@ -57,6 +57,10 @@ ACTIVE_LIMIT = 1000
 # How often a follow of a job that is not running looks at the store again, in case its
 # run started and ended in between.
 FOLLOW_RECHECK_S = 1.0
+# How much of a log cut meanwhile a follower of another process's job sees again.
+REFOLLOW_CHARS = 4096
+# How often a process that shares its store saves its jobs' logs, for followers elsewhere.
+LOG_SAVE_S = 2.0
 
 
 class Component(Protocol):
@@ -121,6 +125,7 @@ class App:
                 self._supervisor.every("progress-flush",
                                        self.config.progress.interval_ms / 1000,
                                        self.queue.flush_progress)
+                self._supervisor.every("log-flush", LOG_SAVE_S, self.queue.flush_logs)
         await self.purge()
         for component in self.components:
             await component.start()
@@ -335,6 +340,10 @@ class App:
             if job is None or (job.status.terminal and self.job_logs.live(job_id) is None):
                 yield await self.store.get_log(job_id) or ""
                 return
+            if self.store.shared and job.status == Status.PROCESSING:
+                async for chunk in self._follow_stored(job_id):  # it runs on another process
+                    yield chunk
+                return
             await self.job_logs.started(job_id, FOLLOW_RECHECK_S)
         text, follower = live.follow()
         try:
@@ -343,6 +352,24 @@ class App:
                 yield chunk
         finally:
             live.unfollow(follower)
+
+    async def _follow_stored(self, job_id: str) -> AsyncIterator[str]:
+        """A log another process writes: what it saves (every LOG_SAVE_S), until the run
+        ends there."""
+        sent = ""
+        while True:
+            job = await self.store.get_job(job_id)
+            text = await self.store.get_log(job_id) or ""
+            if text.startswith(sent):
+                chunk = text[len(sent):]
+            else:  # the log was cut to its head and tail meanwhile: go on from its end
+                chunk = f"\n[… the log was cut; its last part follows]\n{text[-REFOLLOW_CHARS:]}"
+            if chunk:
+                yield chunk
+            sent = text
+            if job is None or job.status != Status.PROCESSING:
+                return
+            await asyncio.sleep(FOLLOW_RECHECK_S)
 
     async def jobs(
         self, statuses: Sequence[Status] | None = None, limit: int = 50, batch: str | None = None

@@ -338,3 +338,35 @@ def test_run_reports_a_bad_config_without_traceback(tmp_path):
     assert_clean_error(result)
     assert "queue.workers" in result.stderr
     assert not (tmp_path / "matrixjobs.db").exists()
+
+
+def test_worker_needs_a_postgresql_store(tmp_path):
+    config = write(tmp_path, GOOD_CONFIG)
+    result = cli(tmp_path, "worker", "--config", str(config), timeout=EXIT_TIMEOUT_S)
+    assert_clean_error(result)
+    assert "a worker needs a PostgreSQL store" in result.stderr
+    assert not (tmp_path / "matrixjobs.db").exists()
+
+
+def test_worker_with_no_job_slots_is_refused(tmp_path):
+    config = write(tmp_path, """
+        [store]
+        backend = "postgresql"
+        url = "postgresql://127.0.0.1:1/none"
+        [queue]
+        workers = 0
+    """)
+    result = cli(tmp_path, "worker", "--config", str(config), timeout=EXIT_TIMEOUT_S)
+    assert_clean_error(result)
+    assert "queue.workers = 0: a worker with no job slots would do nothing" in result.stderr
+
+
+def test_worker_names_an_unreachable_database_by_host_and_port(tmp_path):
+    config = write(tmp_path, """
+        [store]
+        backend = "postgresql"
+        url = "postgresql://127.0.0.1:1/jobs"
+    """)
+    result = cli(tmp_path, "worker", "--config", str(config), timeout=30)
+    assert_clean_error(result)
+    assert "cannot connect to PostgreSQL at 127.0.0.1:1/jobs" in result.stderr

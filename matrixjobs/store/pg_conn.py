@@ -7,6 +7,11 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
 CONNECT_TIMEOUT_S = 5.0
+# A host or network lost without a word (no RST) would leave a query waiting for the
+# kernel's retransmission timeout (many minutes): keepalives and tcp_user_timeout end such
+# a connection within seconds. Values in seconds, tcp_user_timeout in milliseconds.
+KEEPALIVE = {"keepalives": 1, "keepalives_idle": 2, "keepalives_interval": 1,
+             "keepalives_count": 2, "tcp_user_timeout": 3000}
 
 
 def describe_url(url: str) -> str:

@@ -44,7 +44,7 @@ from matrixjobs.models import (
     parse_id,
 )
 from matrixjobs.store.base import BatchCancel, Cycle, Heartbeat, Recovery, Store, heartbeat_of
-from matrixjobs.store.pg_conn import CONNECT_TIMEOUT_S, describe_url, libpq_reason
+from matrixjobs.store.pg_conn import CONNECT_TIMEOUT_S, KEEPALIVE, describe_url, libpq_reason
 from matrixjobs.store.pg_listen import Listener, notify
 from matrixjobs.store.pg_roles import RoleLocks
 from matrixjobs.store.rows import (
@@ -233,7 +233,7 @@ class PostgresStore(Store):
         # The name tells which process a session is, in pg_stat_activity.
         name = f"matrixjobs pid {os.getpid()} on {socket.gethostname()}"
         return {"autocommit": True, "connect_timeout": int(CONNECT_TIMEOUT_S),
-                "application_name": name[:63]}
+                "application_name": name[:63], **KEEPALIVE}
 
     async def _connect(self) -> psycopg.AsyncConnection[Any]:
         try:
