@@ -389,7 +389,7 @@ class App:
         """The metrics, with the gauges read now."""
         self.metrics.set_gauges(
             jobs=await self.store.count_jobs(),
-            # This process's worker slots; a shared store would count every host's.
+            # This process's job slots: each process of a fleet is scraped on its own.
             workers=self.config.queue.workers,
             subscribers=self.monitor.subscriber_count,
         )
