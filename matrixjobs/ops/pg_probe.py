@@ -12,6 +12,7 @@ from typing import Any
 
 import psycopg
 
+from matrixjobs.models import Worker
 from matrixjobs.ops.store_probe import StoreProblem
 from matrixjobs.store.postgres import (
     CONNECT_TIMEOUT_S,
@@ -20,6 +21,7 @@ from matrixjobs.store.postgres import (
     describe_url,
     libpq_reason,
 )
+from matrixjobs.store.rows import RUNNING_BY_OWNER, WORKER_COLUMNS, with_running, worker_from_row
 
 PG_SCHEMA_VERSION = len(MIGRATIONS)
 HOLDER_SQL = (
@@ -36,6 +38,7 @@ class PgState:
     schema_version: int
     can_write: bool
     holder: str | None  # who holds the owner lock: "matrixjobs pid N on HOST"
+    workers: list[Worker]  # every worker row, silent ones too
 
 
 def probe_postgres(url: str) -> PgState:
@@ -50,7 +53,7 @@ def probe_postgres(url: str) -> PgState:
         with contextlib.closing(conn):
             version = _schema_version(conn)
             return PgState(where, version, _can_write(conn, version),
-                           _scalar(conn, HOLDER_SQL, (OWNER_LOCK,)))
+                           _scalar(conn, HOLDER_SQL, (OWNER_LOCK,)), _workers(conn))
     except psycopg.Error as exc:
         raise StoreProblem(f"PostgreSQL at {where} answers, but: {libpq_reason(exc)}") from None
 
@@ -66,6 +69,16 @@ def _can_write(conn: psycopg.Connection[Any], version: int) -> bool:
         return bool(_scalar(conn, "SELECT coalesce(has_schema_privilege(current_schema(), "
                                   "'CREATE'), false)"))
     return bool(_scalar(conn, "SELECT has_table_privilege('jobs', 'INSERT, UPDATE, DELETE')"))
+
+
+def _workers(conn: psycopg.Connection[Any]) -> list[Worker]:
+    if _scalar(conn, "SELECT to_regclass('workers')") is None:  # before migration 2
+        return []
+    with conn.transaction():  # one snapshot of the rows and the jobs they hold
+        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        rows = conn.execute(f"SELECT {WORKER_COLUMNS} FROM workers ORDER BY name, id").fetchall()
+        running = conn.execute(RUNNING_BY_OWNER).fetchall()
+    return with_running([worker_from_row(row) for row in rows], running)
 
 
 def _scalar(conn: psycopg.Connection[Any], query: str, params: tuple[Any, ...] = ()) -> Any:
