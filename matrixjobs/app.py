@@ -135,7 +135,6 @@ class App:
         if running and grace_s > 0:
             log.info("stopping: %d running jobs get up to %gs to finish", running, grace_s)
         await self.queue.stop(grace_s)
-        await self._unregister_worker()
         self.monitor.tick()  # publish the final and requeued states before the interfaces go
         for component in reversed(self.components):
             try:
@@ -143,6 +142,8 @@ class App:
             except Exception:
                 log.exception("stopping %r failed", component)
         await self._supervisor.stop()
+        # Last, once no heartbeat can write the row again.
+        await self._unregister_worker()
         await self.store.close()
         log.info("matrixjobs stopped")
 

@@ -25,7 +25,7 @@ from matrixjobs import __version__
 from matrixjobs.api import ApiServer
 from matrixjobs.api.client import ApiClient, user_agent
 from matrixjobs.app import App
-from matrixjobs.errors import ConfigError, MatrixJobsError
+from matrixjobs.errors import ConfigError, MatrixJobsError, StoreError
 from matrixjobs.models import Worker, parse_id
 from matrixjobs.service import build_service
 from matrixjobs.store.sqlite import SqliteStore
@@ -477,6 +477,21 @@ async def test_workers_lists_this_node_with_its_running_job_and_a_silent_one(ser
         assert [w.name for w in await store.list_workers()] == ["build-02"]
     finally:
         await store.close()
+
+
+class LosesTheDatabaseAtStop(SqliteStore):
+    async def unregister_worker(self, worker_id: str) -> None:
+        raise StoreError("database gone")
+
+
+async def test_a_worker_row_that_cannot_be_removed_at_stop_is_a_warning(tmp_path, caplog):
+    config = make_config(tmp_path, targets=TARGETS)
+    app = App(config, store=LosesTheDatabaseAtStop(tmp_path / "s.db"))
+    await app.start()
+    await app.stop()
+    assert "could not remove this worker's row (StoreError)" in caplog.text
+    with pytest.raises(StoreError, match="not open"):  # the stop went on to close it
+        await app.store.list_workers()
 
 
 # -- auth ---------------------------------------------------------------------------------------
