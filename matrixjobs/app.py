@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 import time
 from collections.abc import AsyncIterator, Sequence
 from types import TracebackType
@@ -17,6 +19,7 @@ from typing import Protocol
 
 from prometheus_client import CollectorRegistry
 
+from matrixjobs import __version__
 from matrixjobs.config import Config
 from matrixjobs.errors import (
     BadArgumentsError,
@@ -36,6 +39,7 @@ from matrixjobs.models import (
     JobSpec,
     ProgressMessage,
     Status,
+    Worker,
     parse_id,
 )
 from matrixjobs.progress.events import JobProgressEvent, event_of
@@ -83,7 +87,7 @@ class App:
         role: str = "run",
     ) -> None:
         self.config = config
-        self.role = role  # "run" (the service) or "worker" (jobs only)
+        self.role = role  # "run" (the service) or "worker" (`matrixjobs worker`)
         self.targets = Targets(config.targets)
         self.handlers = handlers or HandlerRegistry()
         self._commands = CommandHandler(self.targets, config.queue.kill_grace_s)
@@ -110,6 +114,8 @@ class App:
             await self.store.close()
             raise
         self._started = True
+        if self.config.queue.workers > 0:
+            await self.store.register_worker(self._worker_row())
         self._supervisor.keep("progress-monitor", self.monitor.run)
         self._supervisor.every("lease-heartbeat", self.config.queue.lease_s / 3,
                                self.queue.heartbeat)
@@ -170,8 +176,26 @@ class App:
             except Exception:
                 log.exception("stopping %r failed", component)
         await self._supervisor.stop()
+        # Last, once no heartbeat can write the row again.
+        await self._unregister_worker()
         await self.store.close()
         log.info("matrixjobs stopped")
+
+    def _worker_row(self) -> Worker:
+        now = time.time()
+        return Worker(id=self.queue.owner, name=self.config.worker.name,
+                      host=socket.gethostname(), pid=os.getpid(), role=self.role,
+                      labels=self.config.worker.labels, slots=self.config.queue.workers,
+                      version=__version__, started_at=now, heartbeat_at=now)
+
+    async def _unregister_worker(self) -> None:
+        if self.config.queue.workers == 0:
+            return
+        try:
+            await self.store.unregister_worker(self.queue.owner)
+        except Exception as exc:  # the stop goes on; the row turns silent and is purged
+            log.warning("could not remove this worker's row (%s): others will see it "
+                        "as silent until retention removes it", type(exc).__name__)
 
     @property
     def accepting(self) -> bool:
@@ -384,6 +408,10 @@ class App:
         self, statuses: Sequence[Status] | None = None, limit: int = 50
     ) -> list[Batch]:
         return await self.store.list_batches(statuses, limit=limit)
+
+    async def workers(self) -> list[Worker]:
+        """Every process that runs jobs from this store, silent ones too."""
+        return await self.store.list_workers()
 
     async def scrape_metrics(self) -> CollectorRegistry:
         """The metrics, with the gauges read now."""

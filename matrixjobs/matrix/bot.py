@@ -42,6 +42,7 @@ from nio import (
 from matrixjobs.app import App
 from matrixjobs.config import AccessConfig, MatrixConfig
 from matrixjobs.errors import AlreadyFinishedError, AlreadySubmittedError, MatrixJobsError
+from matrixjobs.fleet import worker_state
 from matrixjobs.logs import mask
 from matrixjobs.matrix import render
 from matrixjobs.matrix.commands import Command, CommandSyntaxError, parse
@@ -214,6 +215,7 @@ class MatrixBot:
             "build": self._build, "batch": self._batch, "rerun": self._rerun,
             "status": self._status, "cancel": self._cancel, "jobs": self._jobs,
             "targets": self._targets, "help": self._help, "logs": self._logs,
+            "workers": self._workers,
         }
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -761,6 +763,11 @@ class MatrixBot:
         listed = [(name, target.description, target.args_pattern is not None)
                   for name, target in self.app.targets.items()]
         self._reply(room_id, event, render.render_targets(listed))
+
+    async def _workers(self, room_id: str, event: RoomMessageText, command: Command) -> None:
+        now, lease_s = time.time(), self.app.config.queue.lease_s
+        states = [worker_state(worker, now, lease_s) for worker in await self.app.workers()]
+        self._reply(room_id, event, render.render_workers(states, now))
 
     async def _help(self, room_id: str, event: RoomMessageText, command: Command) -> None:
         self._reply(room_id, event, render.render_help(self.config.command_prefix))

@@ -11,9 +11,11 @@ from typing import Any
 
 import psycopg
 
+from matrixjobs.models import Worker
 from matrixjobs.ops.store_probe import StoreProblem
 from matrixjobs.store.pg_conn import CONNECT_TIMEOUT_S, describe_url, libpq_reason
 from matrixjobs.store.postgres import MIGRATIONS
+from matrixjobs.store.rows import RUNNING_BY_OWNER, WORKER_COLUMNS, with_running, worker_from_row
 
 PG_SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -23,6 +25,7 @@ class PgState:
     where: str  # host:port/database
     schema_version: int
     can_write: bool
+    workers: list[Worker]  # every worker row, silent ones too
 
 
 def probe_postgres(url: str) -> PgState:
@@ -36,7 +39,7 @@ def probe_postgres(url: str) -> PgState:
     try:
         with contextlib.closing(conn):
             version = _schema_version(conn)
-            return PgState(where, version, _can_write(conn, version))
+            return PgState(where, version, _can_write(conn, version), _workers(conn))
     except psycopg.Error as exc:
         raise StoreProblem(f"PostgreSQL at {where} answers, but: {libpq_reason(exc)}") from None
 
@@ -52,6 +55,16 @@ def _can_write(conn: psycopg.Connection[Any], version: int) -> bool:
         return bool(_scalar(conn, "SELECT coalesce(has_schema_privilege(current_schema(), "
                                   "'CREATE'), false)"))
     return bool(_scalar(conn, "SELECT has_table_privilege('jobs', 'INSERT, UPDATE, DELETE')"))
+
+
+def _workers(conn: psycopg.Connection[Any]) -> list[Worker]:
+    if _scalar(conn, "SELECT to_regclass('workers')") is None:  # before migration 2
+        return []
+    with conn.transaction():  # one snapshot of the rows and the jobs they hold
+        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        rows = conn.execute(f"SELECT {WORKER_COLUMNS} FROM workers ORDER BY name, id").fetchall()
+        running = conn.execute(RUNNING_BY_OWNER).fetchall()
+    return with_running([worker_from_row(row) for row in rows], running)
 
 
 def _scalar(conn: psycopg.Connection[Any], query: str, params: tuple[Any, ...] = ()) -> Any:

@@ -11,7 +11,16 @@ import abc
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
-from matrixjobs.models import Batch, Job, JobSpec, Outcome, Progress, ProgressMessage, Status
+from matrixjobs.models import (
+    Batch,
+    Job,
+    JobSpec,
+    Outcome,
+    Progress,
+    ProgressMessage,
+    Status,
+    Worker,
+)
 
 
 @dataclass(slots=True)
@@ -217,7 +226,20 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def purge_finished(self, before: float) -> int:
         """Delete jobs and batches that finished before `before`, with their logs; return
-        how many rows."""
+        how many rows. Worker rows silent since before `before` go too (not counted)."""
+
+    @abc.abstractmethod
+    async def register_worker(self, worker: Worker) -> None:
+        """Write this process's row in the workers table (replacing one with its id)."""
+
+    @abc.abstractmethod
+    async def unregister_worker(self, worker_id: str) -> None:
+        """Delete a worker's row: it stopped cleanly (unknown ids are no error)."""
+
+    @abc.abstractmethod
+    async def list_workers(self) -> list[Worker]:
+        """Every worker row, silent ones too, by name then id; each with `running`, the ids
+        of the jobs `processing` for it, in id order."""
 
     # -- exclusive roles: one process of those sharing the store does a job (the bot) ------
 

@@ -39,6 +39,7 @@ from matrixjobs.models import (
     Progress,
     ProgressMessage,
     Status,
+    Worker,
     batch_id,
     job_id,
     parse_id,
@@ -51,6 +52,8 @@ from matrixjobs.store.rows import (
     BATCH_COLUMNS,
     ERRORS_PER_BATCH,
     JOB_COLUMNS,
+    RUNNING_BY_OWNER,
+    WORKER_COLUMNS,
     batch_from_row,
     checked_number,
     dumps,
@@ -58,6 +61,9 @@ from matrixjobs.store.rows import (
     job_from_row,
     number_of,
     recount,
+    with_running,
+    worker_from_row,
+    worker_values,
 )
 
 # Each entry migrates from version N to N+1; schema_version holds one row per step applied.
@@ -532,6 +538,31 @@ class PostgresStore(Store):
                 "ON CONFLICT (key) DO UPDATE SET value = excluded.value", (key, value),
             )
 
+    # -- the fleet -------------------------------------------------------------------------
+
+    async def register_worker(self, worker: Worker) -> None:
+        async with self._transaction() as conn:
+            await conn.execute(
+                f"INSERT INTO workers ({WORKER_COLUMNS}) VALUES "
+                "(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (id) DO UPDATE SET "
+                "name = excluded.name, host = excluded.host, pid = excluded.pid, "
+                "role = excluded.role, labels = excluded.labels, slots = excluded.slots, "
+                "version = excluded.version, started_at = excluded.started_at, "
+                "heartbeat_at = excluded.heartbeat_at", worker_values(worker),
+            )
+
+    async def unregister_worker(self, worker_id: str) -> None:
+        async with self._transaction() as conn:
+            await conn.execute("DELETE FROM workers WHERE id = %s", (worker_id,))
+
+    async def list_workers(self) -> list[Worker]:
+        # One snapshot, so a job that moves between workers is not seen on both or neither.
+        async with self.pool.connection() as conn, conn.transaction():
+            await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            rows = await _rows(conn, f"SELECT {WORKER_COLUMNS} FROM workers ORDER BY name, id")
+            running = await _rows(conn, RUNNING_BY_OWNER)
+        return with_running([worker_from_row(row) for row in rows], running)
+
     # -- reading ---------------------------------------------------------------------------
 
     async def next_due(self) -> float | None:
@@ -626,6 +657,7 @@ class PostgresStore(Store):
             ):
                 cursor = await conn.execute(sql, (before,))
                 removed += max(cursor.rowcount, 0)
+            await conn.execute("DELETE FROM workers WHERE heartbeat_at < %s", (before,))
             await conn.execute(
                 "DELETE FROM progress_messages WHERE created_at < %s AND subject_id NOT IN "
                 "(SELECT 'j' || id FROM jobs UNION ALL SELECT 'b' || id FROM batches)",
