@@ -61,6 +61,7 @@ ACTIVE_LIMIT = 1000
 # How often a follow of a job that is not running looks at the store again, in case its
 # run started and ended in between.
 FOLLOW_RECHECK_S = 1.0
+WORKERS_CACHE_S = 2.0
 # How much of a log cut meanwhile a follower of another process's job sees again.
 REFOLLOW_CHARS = 4096
 # How often a process that shares its store saves its jobs' logs, for followers elsewhere.
@@ -102,6 +103,7 @@ class App:
         self.remote = RemoteFeed(self.store, self.monitor, self.queue)
         self.components: list[Component] = []
         self._supervisor = Supervisor()
+        self._labels_cache: tuple[float, list[set[str]]] | None = None
         self._started = False
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -307,7 +309,7 @@ class App:
         job = await self.store.get_job(subject)
         if job is None:
             raise NotFoundError(f"no job {subject}")
-        return event_of(job, time.time())
+        return await self._explained(job, event_of(job, time.time()))
 
     def live(self, item: Job | Batch) -> JobProgressEvent:
         """The state of a listed job or batch: live (progress, ETA) while running."""
@@ -335,7 +337,8 @@ class App:
         batches = await self.store.list_batches(ACTIVE, limit=limit)
         jobs = [job for job in await self.store.list_jobs(ACTIVE, limit=limit)
                 if job.batch_id is None]
-        return [self.live(item) for item in [*batches, *jobs]]
+        return [*(self.live(batch) for batch in batches),
+                *[await self._explained(job, self.live(job)) for job in jobs]]
 
     async def log(self, job_id: str) -> str:
         """A job's whole log as it stands ("" before its first output)."""
@@ -412,6 +415,27 @@ class App:
     async def workers(self) -> list[Worker]:
         """Every process that runs jobs from this store, silent ones too."""
         return await self.store.list_workers()
+
+    async def _explained(self, job: Job, event: JobProgressEvent) -> JobProgressEvent:
+        """A pending job that no live worker can take says so, in its message."""
+        if job.status != Status.PENDING or not job.runs_on or event.message is not None:
+            return event
+        labels = await self._live_labels()
+        if any(set(job.runs_on) <= have for have in labels):
+            return event
+        return event.model_copy(
+            update={"message": f"waiting for a worker with {', '.join(job.runs_on)}"})
+
+    async def _live_labels(self) -> list[set[str]]:
+        """The label sets of the live workers (read at most every WORKERS_CACHE_S: a list of
+        many waiting jobs asks once)."""
+        now = time.monotonic()
+        if self._labels_cache is None or now - self._labels_cache[0] > WORKERS_CACHE_S:
+            lease_s, wall = self.config.queue.lease_s, time.time()
+            labels = [set(worker.labels) for worker in await self.store.list_workers()
+                      if worker.alive(wall, lease_s)]
+            self._labels_cache = (now, labels)
+        return self._labels_cache[1]
 
     async def scrape_metrics(self) -> CollectorRegistry:
         """The metrics, with the gauges read now."""

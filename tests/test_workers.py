@@ -210,3 +210,35 @@ def _alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
     except FileNotFoundError:
         return False
+
+
+@pytest.mark.timeout(90)
+def test_a_job_no_live_worker_can_take_waits_says_why_and_runs_once_one_can(tmp_path, pg_url):
+    port = free_port()
+    targets = {"train": {**STEPS, "runs_on": ["gpu"]}, "steps": STEPS}
+    node = start(tmp_path / "node", node_config(tmp_path / "node", pg_url, targets, workers=0,
+                                                api_port=port), "run", "node")
+    plain = start(tmp_path / "w1", node_config(tmp_path / "w1", pg_url, targets, name="w1"),
+                  "worker", "w1")
+    gpu = None
+    try:
+        job = api(port, "POST", "/v1/jobs", {"target": "train"})
+        assert job["jobDetails"]["runsOn"] == ["gpu"]
+        other = api(port, "POST", "/v1/jobs", {"target": "steps"})
+        wait_for(lambda: job_state(port, other["id"])["status"] == "completed", 20,
+                 "the unlabelled job done by w1")
+        waiting = job_state(port, job["id"])
+        assert (waiting["status"], waiting["message"]) == (
+            "pending", "waiting for a worker with gpu")
+        workers = {w["name"]: w for w in api(port, "GET", "/v1/workers")["workers"]}
+        assert workers["w1"]["alive"] and workers["w1"]["labels"] == []
+        gpu = start(tmp_path / "w2", node_config(tmp_path / "w2", pg_url, targets, name="w2",
+                                                 labels=("gpu",)), "worker", "w2")
+        final = wait_for(lambda: (s := job_state(port, job["id"]))["status"] == "completed"
+                         and s, 20, "the gpu job done")
+    finally:
+        plain.stop()
+        if gpu is not None:
+            gpu.stop()
+        node.stop()
+    assert (final["worker"], final["message"]) == ("w2", "step 20")
