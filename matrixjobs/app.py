@@ -100,7 +100,9 @@ class App:
         self.job_logs = JobLogs(config.logs.max_bytes, redact)
         self.queue = JobQueue(self.store, self.monitor, self.handlers, config.queue,
                               self.job_logs, config.worker)
-        self.remote = RemoteFeed(self.store, self.monitor, self.queue)
+        # Only nodes with interfaces show other processes' jobs; a worker has no one to tell.
+        self.remote = (RemoteFeed(self.store, self.monitor, self.queue)
+                       if self.store.shared and role == "run" else None)
         self.components: list[Component] = []
         self._supervisor = Supervisor()
         self._labels_cache: tuple[float, list[set[str]]] | None = None
@@ -125,8 +127,9 @@ class App:
         listen = self.store.listen(self._announced, self._missed_news)
         if listen is not None:
             self._supervisor.keep("listener", listen)
-        if self.store.shared:
+        if self.remote is not None:
             self._supervisor.keep("remote-feed", self.remote.run)
+        if self.store.shared:
             self._supervisor.every("lease-recovery", self.config.queue.lease_s / 3,
                                    self.queue.recover_expired)
             if self.config.queue.workers:
@@ -149,12 +152,14 @@ class App:
             return
         if kind == "new":
             self.queue.wake()
-        self.remote.changed(ids)
+        if self.remote is not None:
+            self.remote.changed(ids)
 
     def _missed_news(self) -> None:
         """The listener was deaf for a while: look at everything again."""
         self.queue.wake()
-        self.remote.resync()
+        if self.remote is not None:
+            self.remote.resync()
         self._supervisor.once("heartbeat", self.queue.heartbeat)  # cancels it missed
 
     async def ready(self) -> None:

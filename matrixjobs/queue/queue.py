@@ -270,9 +270,13 @@ class JobQueue:
     # -- the dispatcher --------------------------------------------------------------------------
 
     async def _dispatch(self) -> None:
+        failing = False
         while True:
             try:
                 if await self._cycle():
+                    if failing:
+                        log.info("store cycle works again; outcomes saved")
+                        failing = False
                     continue
                 if self._closing:
                     return
@@ -284,7 +288,13 @@ class JobQueue:
                     log.exception("store failed while stopping; %d outcomes not saved",
                                   len(self._outcomes))
                     return
-                log.exception("store cycle failed; retrying in %.0fs", STORE_RETRY_S)
+                # Once per outage: a lost database fails every cycle until it is back.
+                if failing:
+                    log.debug("store cycle failed again", exc_info=True)
+                else:
+                    log.exception("store cycle failed; retrying every %.0fs (%d outcomes "
+                                  "wait)", STORE_RETRY_S, len(self._outcomes))
+                failing = True
                 await asyncio.sleep(STORE_RETRY_S)
 
     async def _cycle(self) -> bool:
