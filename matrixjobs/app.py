@@ -87,7 +87,7 @@ class App:
         self.monitor = ProgressMonitor(config.progress.interval_ms, observers=[self.metrics])
         self.job_logs = JobLogs(config.logs.max_bytes, redact)
         self.queue = JobQueue(self.store, self.monitor, self.handlers, config.queue,
-                              self.job_logs)
+                              self.job_logs, config.worker)
         self.components: list[Component] = []
         self._supervisor = Supervisor()
         self._started = False

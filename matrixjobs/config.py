@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -36,7 +37,7 @@ from pydantic import (
     model_validator,
 )
 
-from matrixjobs.errors import ConfigError
+from matrixjobs.errors import ConfigError, echo
 
 SECRET_ENV = ("MATRIXJOBS_PASSWORD", "MATRIXJOBS_ACCESS_TOKEN", "MATRIXJOBS_API_TOKEN",
               "MATRIXJOBS_PICKLE_KEY", "MATRIXJOBS_DATABASE_URL")
@@ -249,7 +250,8 @@ class StoreConfig(Section):
 
 
 class QueueConfig(Section):
-    workers: Int = Field(default=4, ge=1, le=256)
+    # 0: this node runs no jobs (it serves the bot, API and MCP; `matrixjobs worker`s run them)
+    workers: Int = Field(default=4, ge=0, le=256)
     max_retries: Int = Field(default=2, ge=0, le=100)
     retry_backoff_s: Float = Field(default=5.0, ge=0)
     default_timeout_s: Float = Field(default=3600.0, gt=0)
@@ -257,6 +259,33 @@ class QueueConfig(Section):
     kill_grace_s: Float = Field(default=10.0, ge=0)
     shutdown_grace_s: Float = Field(default=30.0, ge=0)
     max_batch_size: Int = Field(default=50, ge=1, le=10_000)
+
+
+def _labels(value: list[str]) -> list[str]:
+    for label in value:
+        if not NAME_RE.match(label):
+            raise ValueError(f"label '{echo(label)}' must be letters, digits, '_', '.', '-' "
+                             "(at most 64)")
+    return sorted(set(value))
+
+
+class WorkerConfig(Section):
+    """Who this process is among the workers sharing a PostgreSQL store."""
+
+    # Unique per process in a fleet: it names the worker in events, `!workers` and logs.
+    name: str = Field(default_factory=lambda: socket.gethostname()[:64] or "worker")
+    # A job whose target says `runs_on = [...]` runs only on a worker with all of them.
+    labels: list[str] = Field(default_factory=list)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not NAME_RE.match(value):
+            raise ValueError(f"'{echo(value)}' must be letters, digits, '_', '.', '-' "
+                             "(at most 64)")
+        return value
+
+    _check_labels = field_validator("labels")(_labels)
 
 
 class ProgressConfig(Section):
@@ -387,6 +416,10 @@ class TargetConfig(Section):
     priority: Int = 0
     progress_regex: str | None = None
     args_pattern: str | None = None
+    # Labels a worker must all have to run this target (e.g. ["gpu"]).
+    runs_on: list[str] = Field(default_factory=list)
+
+    _check_runs_on = field_validator("runs_on")(_labels)
 
     @field_validator("command")
     @classmethod
@@ -470,6 +503,7 @@ class Config(Section):
     access: AccessConfig = AccessConfig()
     store: StoreConfig = StoreConfig()
     queue: QueueConfig = QueueConfig()
+    worker: WorkerConfig = WorkerConfig()
     progress: ProgressConfig = ProgressConfig()
     logs: LogsConfig = LogsConfig()
     api: ApiConfig = ApiConfig()
@@ -494,6 +528,14 @@ class Config(Section):
             if not HANDLER_REF_RE.match(ref):
                 raise ValueError(f"handlers.{name}: expected 'package.module:Class', got '{ref}'")
         return value
+
+    @model_validator(mode="after")
+    def _someone_runs_jobs(self) -> Config:
+        if self.queue.workers == 0 and self.store.backend == "sqlite":
+            raise ValueError("queue.workers = 0 runs no jobs here, and a SQLite store has no "
+                             'other workers: use store.backend = "postgresql" with `matrixjobs '
+                             "worker` processes, or workers >= 1")
+        return self
 
     @property
     def api_token(self) -> SecretStr | None:

@@ -62,6 +62,7 @@ class JobSpec:
     max_retries: int | None = None
     timeout_s: float | None = None
     requester: str | None = None  # who asked: a Matrix user id, "api", "cli", "mcp"…
+    runs_on: list[str] = field(default_factory=list)  # labels its worker must all have
 
 
 @dataclass(slots=True)
@@ -91,6 +92,8 @@ class Job:
     error: str | None = None
     result: Any = None
     requester: str | None = None
+    runs_on: list[str] = field(default_factory=list)
+    worker: str | None = None  # the name of the worker that runs it, or last ran it
 
 
 @dataclass(slots=True)
@@ -146,3 +149,24 @@ class ProgressMessage:
     reply_to: str
     edits: int = 0
     final: bool = False
+
+
+@dataclass(slots=True)
+class Worker:
+    """A process that runs jobs from a shared store: its row in the workers table."""
+
+    id: str  # the queue's owner id (host:pid:random), unique per process start
+    name: str  # [worker] name
+    host: str
+    pid: int
+    role: str  # "run" (the service) or "worker" (`matrixjobs worker`)
+    labels: list[str]
+    slots: int  # how many jobs it runs at once ([queue] workers)
+    version: str
+    started_at: float
+    heartbeat_at: float
+    running: list[str] = field(default_factory=list)  # ids of the jobs it holds now
+
+    def alive(self, now: float, lease_s: float) -> bool:
+        """Whether it has beaten recently enough that its jobs' leases still hold."""
+        return now - self.heartbeat_at < lease_s

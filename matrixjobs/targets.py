@@ -69,4 +69,5 @@ class Targets:
             max_retries=target.max_retries,
             timeout_s=target.timeout_s,
             requester=requester,
+            runs_on=list(target.runs_on),
         )

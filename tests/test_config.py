@@ -26,6 +26,7 @@ from matrixjobs.config import (
     TcpAddress,
     UnixAddress,
     WarningTopic,
+    WorkerConfig,
     load_config,
     parse_listen,
 )
@@ -107,7 +108,7 @@ def test_example_config_documents_every_key():
     text = EXAMPLE.read_text(encoding="utf-8")
     keys = set(re.findall(r"^#?\s*([a-z_]+)\s*=", text, flags=re.MULTILINE))
     for model in (MatrixConfig, AccessConfig, StoreConfig, QueueConfig, ProgressConfig,
-                  ApiConfig, TargetConfig):
+                  ApiConfig, TargetConfig, WorkerConfig):
         missing = set(model.model_fields) - keys
         assert not missing, f"{model.__name__}: {missing} not in config.example.toml"
     for section in Config.model_fields:
@@ -321,7 +322,7 @@ def test_bad_target_name_is_rejected(conf_dir):
 
 
 @pytest.mark.parametrize(("section", "key", "value"), [
-    ("queue", "workers", "0"),
+    ("queue", "workers", "-1"),
     ("queue", "workers", "257"),
     ("queue", "max_retries", "-1"),
     ("queue", "lease_s", "0.5"),
@@ -334,6 +335,26 @@ def test_out_of_range_number_names_the_key(conf_dir, section, key, value):
         {key} = {value}
     """)
     assert f"{section}.{key}: Input should be" in message
+
+
+def test_no_workers_with_sqlite_is_refused(conf_dir):
+    message = invalid(conf_dir, """
+        [queue]
+        workers = 0
+    """)
+    assert "queue.workers = 0 runs no jobs here, and a SQLite store has no other workers" in message
+
+
+def test_labels_and_runs_on_are_checked_and_sorted(conf_dir):
+    message = invalid(conf_dir, """
+        [worker]
+        labels = ["gpu", "has space"]
+    """)
+    assert "worker.labels: label 'has space' must be letters, digits" in message
+    config = Config.model_validate({"worker": {"name": "b1", "labels": ["gpu", "arm", "gpu"]},
+                                    "targets": {"t": {"command": ["x"], "runs_on": ["gpu"]}}})
+    assert config.worker.labels == ["arm", "gpu"]
+    assert config.targets["t"].runs_on == ["gpu"]
 
 
 def test_out_of_range_target_timeout_names_the_target(conf_dir):

@@ -30,7 +30,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from matrixjobs.config import QueueConfig
+from matrixjobs.config import QueueConfig, WorkerConfig
 from matrixjobs.errors import (
     AlreadyFinishedError,
     BadBatchError,
@@ -98,9 +98,11 @@ class JobQueue:
         handlers: HandlerRegistry,
         config: QueueConfig,
         logs: JobLogs,
+        worker: WorkerConfig | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
+        self.worker = worker or WorkerConfig()
         self.monitor = monitor
         self.handlers = handlers
         self.config = config
@@ -271,7 +273,7 @@ class JobQueue:
         try:
             cycle = await self.store.settle_and_claim(
                 [outcome for _, outcome in outcomes], self.owner, want, self._clock(),
-                self.config.lease_s,
+                self.config.lease_s, self.worker.labels, self.worker.name,
             )
         except BaseException:
             self._outcomes[:0] = outcomes  # nothing was committed: keep them for the next try

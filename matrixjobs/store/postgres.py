@@ -132,6 +132,25 @@ MIGRATIONS: list[str] = [
         text TEXT NOT NULL
     );
     """,
+    # Workers on many hosts: routing labels (JSON, as SQLite keeps them), who runs a job,
+    # and one row per live process with its heartbeat.
+    """
+    ALTER TABLE jobs ADD COLUMN runs_on TEXT NOT NULL DEFAULT '[]';
+    ALTER TABLE jobs ADD COLUMN worker TEXT;
+    CREATE INDEX jobs_leases ON jobs (lease_expires_at) WHERE status = 'processing';
+    CREATE TABLE workers (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL,
+        host TEXT NOT NULL,
+        pid INTEGER NOT NULL,
+        role TEXT NOT NULL,
+        labels TEXT NOT NULL,
+        slots INTEGER NOT NULL,
+        version TEXT NOT NULL,
+        started_at DOUBLE PRECISION NOT NULL,
+        heartbeat_at DOUBLE PRECISION NOT NULL
+    );
+    """,
 ]
 
 # Advisory lock keys (any 64-bit numbers, fixed forever): "mj" + a purpose.
@@ -326,14 +345,16 @@ class PostgresStore(Store):
     # -- running work ----------------------------------------------------------------------
 
     async def settle_and_claim(
-        self, outcomes: Sequence[Outcome], owner: str, limit: int, now: float, lease_s: float
+        self, outcomes: Sequence[Outcome], owner: str, limit: int, now: float, lease_s: float,
+        labels: Sequence[str] = (), worker: str | None = None,
     ) -> Cycle:
         cycle = Cycle()
         async with self._transaction() as conn:
             touched = await _settle(conn, outcomes, owner)
             await _save_logs(conn, {o.job_id: o.log for o in outcomes if o.log is not None}, "")
             if limit > 0:
-                cycle.claimed = await _claim(conn, owner, limit, now, now + lease_s)
+                cycle.claimed = await _claim(conn, owner, limit, now, now + lease_s, labels,
+                                             worker)
                 touched.update(j.batch_id for j in cycle.claimed if j.batch_id)
             cycle.batches = await _refresh_batches(conn, touched, now)
         return cycle
@@ -645,15 +666,16 @@ async def _insert_jobs(
         return []
     rows = await _rows(
         conn, "INSERT INTO jobs (type, name, data, status, priority, max_retries, timeout_s, "
-        "batch_id, created_at, requester) SELECT s.type, s.name, s.data, 'pending', s.priority, "
-        "s.max_retries, s.timeout_s, %s, %s, s.requester FROM unnest(%s::text[], %s::text[], "
-        "%s::text[], %s::bigint[], %s::int[], %s::float8[], %s::text[]) WITH ORDINALITY "
-        "AS s(type, name, data, priority, max_retries, timeout_s, requester, n) "
+        "batch_id, created_at, requester, runs_on) SELECT s.type, s.name, s.data, 'pending', "
+        "s.priority, s.max_retries, s.timeout_s, %s, %s, s.requester, s.runs_on "
+        "FROM unnest(%s::text[], %s::text[], %s::text[], %s::bigint[], %s::int[], "
+        "%s::float8[], %s::text[], %s::text[]) WITH ORDINALITY "
+        "AS s(type, name, data, priority, max_retries, timeout_s, requester, runs_on, n) "
         "ORDER BY s.n RETURNING id",
         (batch_number, now, [s.type for s in specs], [s.name for s in specs],
          [json.dumps(s.data) for s in specs], [s.priority for s in specs],
          [s.max_retries for s in specs], [_float(s.timeout_s) for s in specs],
-         [s.requester for s in specs]),
+         [s.requester for s in specs], [json.dumps(sorted(s.runs_on)) for s in specs]),
     )
     # Identities are drawn in insertion order, which ORDER BY s.n fixes; RETURNING's order
     # is not promised, so pair them up by sorting.
@@ -663,7 +685,7 @@ async def _insert_jobs(
             status=Status.PENDING, priority=spec.priority, retry_count=0,
             max_retries=spec.max_retries or 0, timeout_s=spec.timeout_s or 0.0,
             created_at=now, batch_id=None if batch_number is None else batch_id(batch_number),
-            requester=spec.requester)
+            requester=spec.requester, runs_on=sorted(spec.runs_on))
         for number, spec in zip(numbers, specs, strict=True)
     ]
 
@@ -703,15 +725,17 @@ async def _settle(
 
 
 async def _claim(
-    conn: psycopg.AsyncConnection[Any], owner: str, limit: int, now: float, lease_until: float
+    conn: psycopg.AsyncConnection[Any], owner: str, limit: int, now: float, lease_until: float,
+    labels: Sequence[str], worker: str | None,
 ) -> list[Job]:
     jobs = await _jobs(
         conn, "UPDATE jobs SET status = 'processing', owner = %s, lease_expires_at = %s, "
-        "started_at = coalesce(started_at, %s) WHERE id IN (SELECT id FROM jobs "
+        "started_at = coalesce(started_at, %s), worker = %s WHERE id IN (SELECT id FROM jobs "
         f"WHERE status = 'pending' AND run_after <= %s AND NOT {CANCELLED_BATCH} "
+        "AND (runs_on = '[]' OR runs_on::jsonb <@ %s::jsonb) "
         "ORDER BY priority DESC, id LIMIT %s FOR UPDATE SKIP LOCKED) "
         f"RETURNING {JOB_COLUMNS}",
-        (owner, lease_until, now, now, limit),
+        (owner, lease_until, now, worker, now, json.dumps(list(labels)), limit),
     )
     jobs.sort(key=lambda j: (-j.priority, number_of(j.id)))
     return jobs

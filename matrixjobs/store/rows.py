@@ -7,12 +7,12 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from matrixjobs.models import Batch, Job, Progress, Status, batch_id, job_id, parse_id
+from matrixjobs.models import Batch, Job, Progress, Status, Worker, batch_id, job_id, parse_id
 
 JOB_COLUMNS = (
     "id, type, name, data, status, priority, retry_count, max_retries, timeout_s, batch_id, "
     "run_after, created_at, started_at, finished_at, progress_current, progress_total, "
-    "progress_message, error, result, requester"
+    "progress_message, error, result, requester, runs_on, worker"
 )
 BATCH_COLUMNS = (
     "id, name, status, total, completed, failed, cancelled, cancel_requested, "
@@ -66,7 +66,7 @@ def first_line(text: str | None) -> str:
 def job_from_row(row: Sequence[Any]) -> Job:
     (number, type_, name, data, status, priority, retry_count, max_retries, timeout_s,
      batch_number, run_after, created_at, started_at, finished_at, p_current, p_total,
-     p_message, error, result, requester) = row
+     p_message, error, result, requester, runs_on, worker) = row
     progress = None
     if p_current is not None:
         progress = Progress(p_current, p_total, p_message)
@@ -77,7 +77,7 @@ def job_from_row(row: Sequence[Any]) -> Job:
         batch_id=None if batch_number is None else batch_id(batch_number),
         run_after=run_after, started_at=started_at, finished_at=finished_at,
         progress=progress, error=error, result=None if result is None else json.loads(result),
-        requester=requester,
+        requester=requester, runs_on=json.loads(runs_on), worker=worker,
     )
 
 
@@ -95,6 +95,23 @@ def batch_from_row(row: Sequence[Any]) -> Batch:
 MESSAGE_TABLE_COLUMNS = (
     "subject_id, room_id, event_id, requester, reply_to, edits, final, created_at"
 )
+
+WORKER_COLUMNS = "id, name, host, pid, role, labels, slots, version, started_at, heartbeat_at"
+
+
+def worker_from_row(row: Sequence[Any]) -> Worker:
+    (id_, name, host, pid, role, labels, slots, version, started_at, heartbeat_at) = row
+    return Worker(id=id_, name=name, host=host, pid=pid, role=role, labels=json.loads(labels),
+                  slots=slots, version=version, started_at=started_at,
+                  heartbeat_at=heartbeat_at)
+
+
+def worker_values(worker: Worker) -> tuple[Any, ...]:
+    """The row of WORKER_COLUMNS for `worker`."""
+    return (worker.id, worker.name, worker.host, worker.pid, worker.role,
+            json.dumps(sorted(worker.labels)), worker.slots, worker.version, worker.started_at,
+            worker.heartbeat_at)
+
 
 # Every table a store holds, parents before children (foreign keys), with every column:
 # what `migrate-store` copies. jobs adds what JOB_COLUMNS leaves out (cancel and lease).

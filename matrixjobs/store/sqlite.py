@@ -130,6 +130,23 @@ MIGRATIONS: list[str] = [
         text TEXT NOT NULL
     );
     """,
+    # routing (a target's runs_on labels, JSON), which worker ran a job, and the workers
+    """
+    ALTER TABLE jobs ADD COLUMN runs_on TEXT NOT NULL DEFAULT '[]';
+    ALTER TABLE jobs ADD COLUMN worker TEXT;
+    CREATE TABLE workers (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL,
+        host TEXT NOT NULL,
+        pid INTEGER NOT NULL,
+        role TEXT NOT NULL,
+        labels TEXT NOT NULL,
+        slots INTEGER NOT NULL,
+        version TEXT NOT NULL,
+        started_at REAL NOT NULL,
+        heartbeat_at REAL NOT NULL
+    );
+    """,
 ]
 
 MIN_SQLITE = (3, 35, 0)
@@ -344,10 +361,10 @@ class SqliteStore(Store):
                 assert spec.max_retries is not None and spec.timeout_s is not None
                 params += (spec.type, spec.name, json.dumps(spec.data), Status.PENDING,
                            spec.priority, spec.max_retries, spec.timeout_s, batch_number, now,
-                           spec.requester)
+                           spec.requester, json.dumps(sorted(spec.runs_on)))
             rows = await self.db.execute_fetchall(
                 "INSERT INTO jobs (type, name, data, status, priority, max_retries, timeout_s, "
-                f"batch_id, created_at, requester) VALUES {_placeholders(len(chunk), 10)} "
+                f"batch_id, created_at, requester, runs_on) VALUES {_placeholders(len(chunk), 11)} "
                 "RETURNING id",
                 params,
             )
@@ -361,7 +378,7 @@ class SqliteStore(Store):
                     max_retries=spec.max_retries or 0, timeout_s=spec.timeout_s or 0.0,
                     created_at=now,
                     batch_id=None if batch_number is None else batch_id(batch_number),
-                    requester=spec.requester,
+                    requester=spec.requester, runs_on=sorted(spec.runs_on),
                 )
                 for number, spec in zip(numbers, chunk, strict=True)
             ]
@@ -370,7 +387,8 @@ class SqliteStore(Store):
     # -- running work ----------------------------------------------------------------------
 
     async def settle_and_claim(
-        self, outcomes: Sequence[Outcome], owner: str, limit: int, now: float, lease_s: float
+        self, outcomes: Sequence[Outcome], owner: str, limit: int, now: float, lease_s: float,
+        labels: Sequence[str] = (), worker: str | None = None,
     ) -> Cycle:
         cycle = Cycle()
         async with self._transaction():
@@ -378,7 +396,8 @@ class SqliteStore(Store):
             await self._save_logs({o.job_id: o.log for o in outcomes if o.log is not None},
                                   "")
             if limit > 0:
-                cycle.claimed = await self._claim(owner, limit, now, now + lease_s)
+                cycle.claimed = await self._claim(owner, limit, now, now + lease_s, labels,
+                                                  worker)
                 touched.update(j.batch_id for j in cycle.claimed if j.batch_id)
             cycle.batches = await self._refresh_batches(touched, now)
         return cycle
@@ -417,15 +436,19 @@ class SqliteStore(Store):
             touched.update(batch_id(row[0]) for row in rows if row[0] is not None)
         return touched
 
-    async def _claim(self, owner: str, limit: int, now: float, lease_until: float) -> list[Job]:
+    async def _claim(self, owner: str, limit: int, now: float, lease_until: float,
+                     labels: Sequence[str], worker: str | None) -> list[Job]:
         sql = (
             "UPDATE jobs SET status = 'processing', owner = ?, lease_expires_at = ?, "
-            "started_at = COALESCE(started_at, ?) "
+            "started_at = COALESCE(started_at, ?), worker = ? "
             "WHERE id IN (SELECT id FROM jobs WHERE status = 'pending' AND run_after <= ? "
-            f"AND NOT {CANCELLED_BATCH} ORDER BY priority DESC, id LIMIT ?) "
+            f"AND NOT {CANCELLED_BATCH} AND (runs_on = '[]' OR NOT EXISTS (SELECT 1 FROM "
+            "json_each(jobs.runs_on) AS need WHERE need.value NOT IN (SELECT value FROM "
+            "json_each(?)))) ORDER BY priority DESC, id LIMIT ?) "
             f"RETURNING {JOB_COLUMNS}"
         )
-        rows = await self.db.execute_fetchall(sql, (owner, lease_until, now, now, limit))
+        rows = await self.db.execute_fetchall(
+            sql, (owner, lease_until, now, worker, now, json.dumps(list(labels)), limit))
         jobs = [job_from_row(row) for row in rows]
         jobs.sort(key=lambda j: (-j.priority, number_of(j.id)))
         return jobs
