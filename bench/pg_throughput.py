@@ -211,7 +211,7 @@ class Ours(Side):
 
     @contextlib.asynccontextmanager
     async def store(self, url: str) -> AsyncIterator[PostgresStore]:
-        store = PostgresStore(url)
+        store = PostgresStore(url, single_owner=False)  # a client beside the workers
         await store.open()
         try:
             yield store
@@ -439,38 +439,46 @@ async def progress_latency(server: str, jobs: int, seconds: float) -> list[float
                              str(bench_config(directory / "worker.toml", workers=jobs,
                                               worker_name="bench-progress")),
                              "--log-level", LOG_LEVEL], env, "worker")
-            async with httpx2.AsyncClient(base_url=api, timeout=30) as client:
-                received: list[tuple[float, str]] = []
-                listening = asyncio.Event()
-                reader = asyncio.create_task(read_updates(client, received, listening))
-                await asyncio.wait_for(listening.wait(), READY_TIMEOUT_S)
-                ids: set[str] = set()
-                for _ in range(jobs):
-                    response = await client.post("/v1/jobs",
-                                                 json={"target": "tick", "args": [str(seconds)]})
-                    response.raise_for_status()
-                    ids.add(response.json()["id"])
-
-                async def all_ended() -> bool:
-                    ended = {event["id"] for _, event in map(parse, received)
-                             if event["status"] in ("completed", "failed", "cancelled")}
-                    return ids <= ended
-
-                await wait_for(all_ended, f"{jobs} tick jobs to end", seconds + READY_TIMEOUT_S,
-                               processes)
-                reader.cancel()
+            received = await run_ticks(api, jobs, seconds, processes)
         finally:
             await processes.stop()
             stop_service(service)
-    latencies = []
-    for at, data in received:
-        _, event = parse((at, data))
-        message = event.get("message")
-        if event["status"] == "processing" and message:
-            latencies.append(at - float(message))
+    latencies = [at - float(event["message"]) for at, event in map(parse, received)
+                 if event["status"] == "processing" and event.get("message")]
     if not latencies:
         raise RuntimeError("no progress update arrived")
     return latencies
+
+
+async def run_ticks(api: str, jobs: int, seconds: float,
+                    processes: Processes) -> list[tuple[float, str]]:
+    """Submit `jobs` tick jobs through the API and keep the updates about them until all
+    ended: [(receipt time, the SSE message's data)]."""
+    received: list[tuple[float, str]] = []
+    async with httpx2.AsyncClient(base_url=api, timeout=30) as client:
+        listening = asyncio.Event()
+        reader = asyncio.create_task(read_updates(client, received, listening))
+        try:
+            await asyncio.wait_for(listening.wait(), READY_TIMEOUT_S)
+            ids: set[str] = set()
+            for _ in range(jobs):
+                response = await client.post("/v1/jobs",
+                                             json={"target": "tick", "args": [str(seconds)]})
+                response.raise_for_status()
+                ids.add(response.json()["id"])
+
+            async def all_ended() -> bool:
+                ended = {event["id"] for _, event in map(parse, received)
+                         if event["status"] in ("completed", "failed", "cancelled")}
+                return ids <= ended
+
+            await wait_for(all_ended, f"{jobs} tick jobs to end", seconds + READY_TIMEOUT_S,
+                           processes)
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, httpx2.HTTPError):
+                await reader
+    return received
 
 
 def parse(item: tuple[float, str]) -> tuple[float, dict[str, Any]]:
