@@ -44,6 +44,7 @@ from matrixjobs.queue.command import CommandHandler
 from matrixjobs.queue.handlers import HandlerRegistry, load_user_handlers
 from matrixjobs.queue.joblog import JobLogs, tail
 from matrixjobs.queue.queue import JobQueue
+from matrixjobs.queue.remote import RemoteFeed
 from matrixjobs.store import Store, create_store, describe_store
 from matrixjobs.supervisor import Supervisor
 from matrixjobs.targets import COMMAND_TYPE, Targets
@@ -75,8 +76,10 @@ class App:
         config: Config,
         handlers: HandlerRegistry | None = None,
         store: Store | None = None,
+        role: str = "run",
     ) -> None:
         self.config = config
+        self.role = role  # "run" (the service) or "worker" (jobs only)
         self.targets = Targets(config.targets)
         self.handlers = handlers or HandlerRegistry()
         self._commands = CommandHandler(self.targets, config.queue.kill_grace_s)
@@ -88,6 +91,7 @@ class App:
         self.job_logs = JobLogs(config.logs.max_bytes, redact)
         self.queue = JobQueue(self.store, self.monitor, self.handlers, config.queue,
                               self.job_logs, config.worker)
+        self.remote = RemoteFeed(self.store, self.monitor, self.queue)
         self.components: list[Component] = []
         self._supervisor = Supervisor()
         self._started = False
@@ -106,10 +110,18 @@ class App:
         self._supervisor.every("lease-heartbeat", self.config.queue.lease_s / 3,
                                self.queue.heartbeat)
         self._supervisor.every("retention", RETENTION_SWEEP_S, self.purge)
+        if self.store.shared:
+            self._supervisor.keep("remote-feed", self.remote.run)
+            self._supervisor.every("lease-recovery", self.config.queue.lease_s / 3,
+                                   self.queue.recover_expired)
+            if self.config.queue.workers:
+                self._supervisor.every("progress-flush",
+                                       self.config.progress.interval_ms / 1000,
+                                       self.queue.flush_progress)
         await self.purge()
         for component in self.components:
             await component.start()
-        log.info("matrixjobs started: store %s, %d workers, targets: %s",
+        log.info("matrixjobs started (%s): store %s, %d workers, targets: %s", self.role,
                  describe_store(self.config.store), self.config.queue.workers,
                  ", ".join(self.targets.names()) or "none")
 

@@ -7,9 +7,10 @@ import asyncio
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from matrixjobs import __version__
+from matrixjobs.app import App
 from matrixjobs.config import Config, load_config
 from matrixjobs.console.commands import add_client_commands
 from matrixjobs.daemon import serve
@@ -19,7 +20,7 @@ from matrixjobs.exitcodes import EXIT_FAILED, EXIT_OK
 from matrixjobs.logs import mask, setup_logging
 from matrixjobs.ops.commands import add_ops_commands
 from matrixjobs.queue.handlers import HandlerRegistry, load_user_handlers
-from matrixjobs.service import build_service
+from matrixjobs.service import build_service, build_worker
 from matrixjobs.store import describe_store
 
 MCP_DEFAULT_API = "http://127.0.0.1:8765"
@@ -40,6 +41,16 @@ def build_parser() -> argparse.ArgumentParser:
                      choices=["debug", "info", "warning", "error"],
                      help="matrixjobs' own lines; other libraries always log warnings only")
     run.set_defaults(handler=cmd_run)
+
+    worker = commands.add_parser(
+        "worker", help="run jobs only, from a PostgreSQL store shared with the service",
+        description="Run jobs from the PostgreSQL store that `matrixjobs run` nodes share; no "
+                    "Matrix, no API. Runs until SIGTERM/SIGINT, like `run`.")
+    worker.add_argument("--config", default=default_config, help="TOML config file")
+    worker.add_argument("--log-level", default="info",
+                        choices=["debug", "info", "warning", "error"],
+                        help="matrixjobs' own lines; other libraries always log warnings only")
+    worker.set_defaults(handler=cmd_worker)
 
     check = commands.add_parser("check-config", help="validate a config file and exit")
     check.add_argument("--config", default=default_config, help="TOML config file")
@@ -105,11 +116,19 @@ def describe(config: Config) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    return _serve(args, build_service)
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    return _serve(args, build_worker)
+
+
+def _serve(args: argparse.Namespace, build: Callable[[Config], App]) -> int:
     setup_logging(args.log_level)
     try:
         config = load_config(args.config)
         mask(secret.get_secret_value() for secret in config.secrets())
-        app = build_service(config)
+        app = build(config)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from matrixjobs.app import App
 from matrixjobs.config import Config
+from matrixjobs.errors import ConfigError
 
 
 def build_service(config: Config) -> App:
@@ -26,3 +27,13 @@ def build_service(config: Config) -> App:
             mount_mcp(api, app)
         app.components.append(api)
     return app
+
+
+def build_worker(config: Config) -> App:
+    """`matrixjobs worker`: the queue alone, on a store other processes share."""
+    if config.store.backend != "postgresql":
+        raise ConfigError('a worker needs a PostgreSQL store (store.backend = "postgresql") '
+                          "that the service shares; with SQLite, `matrixjobs run` runs the jobs")
+    if config.queue.workers == 0:
+        raise ConfigError("queue.workers = 0: a worker with no job slots would do nothing")
+    return App(config, role="worker")

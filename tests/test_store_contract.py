@@ -194,9 +194,10 @@ async def test_logs_are_saved_while_running_and_replaced_by_the_final_one(store)
 # -- recovery and cancelling ----------------------------------------------------------------
 
 async def test_recovery_requeues_or_fails_orphaned_jobs(store):
+    """At start, the jobs an earlier run of the same worker left are orphans at once."""
     retry, last = await store.add_jobs([spec("retry", 1), spec("last", 0)], NOW)
-    await store.settle_and_claim([], "dead-process", 2, NOW, 60)
-    recovery = await store.recover_interrupted("new-process", NOW + 1)
+    await store.settle_and_claim([], "dead-process", 2, NOW, 60, worker="node-a")
+    recovery = await store.recover_interrupted("new-process", NOW + 1, worker="node-a")
     assert [j.id for j in recovery.requeued] == [retry.id]
     assert [j.id for j in recovery.failed] == [last.id]
     retried = await store.get_job(retry.id)
@@ -209,10 +210,11 @@ async def test_recovery_requeues_or_fails_orphaned_jobs(store):
 
 async def test_recovery_resumes_a_stopped_owners_jobs_and_honours_cancels(store):
     resumed, cancelled, mine = await store.add_jobs([spec("r", 0), spec("c"), spec("m")], NOW)
-    await claim(store, limit=2, owner="stopped")
-    await claim(store, limit=1, owner="new")
+    await store.settle_and_claim([], "stopped", 2, NOW, 60, worker="node-a")
+    await store.settle_and_claim([], "new", 1, NOW, 60, worker="node-a")
     await store.request_cancel(cancelled.id)
-    recovery = await store.recover_interrupted("new", NOW, stopped_owner="stopped")
+    recovery = await store.recover_interrupted("new", NOW, stopped_owner="stopped",
+                                               worker="node-a")
     assert [j.id for j in recovery.cancelled] == [cancelled.id]
     assert [j.id for j in recovery.resumed] == [resumed.id]
     assert recovery.requeued == recovery.failed == []
@@ -220,6 +222,65 @@ async def test_recovery_resumes_a_stopped_owners_jobs_and_honours_cancels(store)
     assert (back.status, back.retry_count, back.error) == (
         Status.PENDING, 0, INTERRUPTED_BY_STOP)
     assert (await store.get_job(mine.id)).status == Status.PROCESSING
+
+
+async def test_expired_leases_are_recovered_by_anyone_and_live_ones_kept(store):
+    dead, alive, last = await store.add_jobs([spec("d", 1), spec("a", 1), spec("l", 0)], NOW)
+    await store.settle_and_claim([], "dead", 1, NOW, 10, worker="w1")
+    await store.settle_and_claim([], "alive", 1, NOW, 10, worker="w2")
+    await store.settle_and_claim([], "dead2", 1, NOW, 10, worker="w3")
+    beat = await store.heartbeat("alive", {}, NOW + 8, 10, [alive.id])
+    assert (beat.lost, beat.cancel) == ([], [])
+    assert (await store.recover_expired(NOW + 9)).requeued == []
+    recovery = await store.recover_expired(NOW + 11)
+    assert [j.id for j in recovery.requeued] == [dead.id]
+    assert [j.id for j in recovery.failed] == [last.id]
+    assert (await store.get_job(alive.id)).status == Status.PROCESSING
+    # The dead worker's outcome comes too late: its job was taken back (fencing).
+    await store.settle_and_claim([Outcome(dead.id, Status.COMPLETED, NOW + 12)], "dead", 0,
+                                 NOW + 12, 10)
+    assert (await store.get_job(dead.id)).status == Status.PENDING
+    # ...and its heartbeat tells it so.
+    assert (await store.heartbeat("dead", {}, NOW + 12, 10, [dead.id])).lost == [dead.id]
+
+
+async def test_heartbeat_reports_cancels_asked_for_elsewhere(store):
+    job, other = await store.add_jobs([spec("j"), spec("o")], NOW)
+    await claim(store, limit=2, owner="runner")
+    await store.request_cancel(job.id)
+    beat = await store.heartbeat("runner", {job.id: Progress(1, 2, "half")}, NOW, 60,
+                                 [job.id, other.id])
+    assert (beat.lost, beat.cancel) == ([], [job.id])
+    assert (await store.get_job(job.id)).progress == Progress(1, 2, "half")
+
+
+async def test_save_progress_only_for_the_owner(store):
+    job, = await store.add_jobs([spec("j")], NOW)
+    await claim(store, limit=1, owner="runner")
+    await store.save_progress({job.id: Progress(3, 4, "x")}, "someone-else")
+    assert (await store.get_job(job.id)).progress is None
+    await store.save_progress({job.id: Progress(3, 4, "x")}, "runner")
+    assert (await store.get_job(job.id)).progress == Progress(3, 4, "x")
+    assert [j.id for j in await store.get_jobs([job.id, "j999", "b1"])] == [job.id]
+
+
+async def test_claims_route_by_labels_and_record_the_worker(store):
+    anywhere, gpu, gpu_arm = await store.add_jobs([
+        spec("any"), JobSpec(type="t", data={}, name="g", max_retries=0, timeout_s=5,
+                             runs_on=["gpu"]),
+        JobSpec(type="t", data={}, name="ga", max_retries=0, timeout_s=5,
+                runs_on=["gpu", "arm"])], NOW)
+    assert gpu.runs_on == ["gpu"] and gpu_arm.runs_on == ["arm", "gpu"]
+    plain = await store.settle_and_claim([], "p", 10, NOW, 60, labels=[], worker="plain")
+    assert [j.id for j in plain.claimed] == [anywhere.id]
+    assert plain.claimed[0].worker == "plain"
+    only_gpu = await store.settle_and_claim([], "g", 10, NOW, 60, labels=["gpu"], worker="g1")
+    assert [j.id for j in only_gpu.claimed] == [gpu.id]
+    both = await store.settle_and_claim([], "b", 10, NOW, 60, labels=["arm", "gpu", "x"],
+                                        worker="b1")
+    assert [j.id for j in both.claimed] == [gpu_arm.id]
+    stored = await store.get_job(gpu_arm.id)
+    assert (stored.worker, stored.runs_on) == ("b1", ["arm", "gpu"])
 
 
 async def test_cancel_pending_cancels_only_pending_jobs(store):

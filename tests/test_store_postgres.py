@@ -46,7 +46,7 @@ import asyncio, sys, time
 from matrixjobs.store.postgres import PostgresStore
 
 async def main():
-    store = PostgresStore(sys.argv[1], single_owner=False)
+    store = PostgresStore(sys.argv[1])
     await asyncio.sleep(float(sys.argv[2]) - time.time())
     await store.open()
     await store.close()
@@ -86,20 +86,9 @@ async def test_an_unreachable_server_is_named_by_host_and_port_never_the_passwor
     assert "s3cret-pw" not in message
 
 
-async def test_a_second_owner_of_the_database_is_refused_until_the_first_closes(pg_url):
-    first = PostgresStore(pg_url)
-    await first.open()
-    with pytest.raises(StoreError, match=r"in use by another matrixjobs process \(matrixjobs pid"):
-        await PostgresStore(pg_url).open()
-    await first.close()
-    second = PostgresStore(pg_url)
-    await second.open()
-    await second.close()
-
-
 async def test_concurrent_claims_never_take_the_same_job(pg_url):
-    """SKIP LOCKED: two stores on one database (single_owner off) split the work."""
-    stores = [PostgresStore(pg_url, single_owner=False) for _ in range(2)]
+    """SKIP LOCKED: two stores on one database split the work."""
+    stores = [PostgresStore(pg_url) for _ in range(2)]
     for store in stores:
         await store.open()
     try:
@@ -184,14 +173,6 @@ def test_a_real_service_runs_a_job_submitted_over_the_api_on_postgresql(tmp_path
             assert time.monotonic() < deadline, state
             time.sleep(0.1)
         assert b"no url" in api(port, "GET", f"/v1/jobs/{job['id']}/log")
-        # A second service on the same database is refused, and says so.
-        second = subprocess.run(
-            [sys.executable, "-m", "matrixjobs", "run", "--config",
-             str(write_config(tmp_path / "second", pg_url, free_port()))],
-            env=child_env(), capture_output=True, text=True, timeout=30,
-        )
-        assert second.returncode == 1
-        assert "in use by another matrixjobs process" in second.stderr
     finally:
         service.stop()
     assert "db-pass-7431" not in service.log

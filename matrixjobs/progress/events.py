@@ -43,6 +43,7 @@ class JobDetails(CamelModel):
     retry_count: int
     max_retries: int
     batch_id: str | None = None
+    runs_on: list[str] | None = None  # labels its worker must have; None: any worker
 
 
 class JobProgressEvent(CamelModel):
@@ -61,6 +62,7 @@ class JobProgressEvent(CamelModel):
     finished_at: datetime | None = None
     eta_seconds: float | None = None
     requester: str | None = None
+    worker: str | None = None  # the worker (its [worker] name) that runs or last ran a job
     # A matrix.to link to the room message showing this progress; set by the API on
     # single-item answers only (a store read each), never by the monitor.
     message_url: str | None = None
@@ -122,7 +124,7 @@ def job_event(
         progress=progress,
         job_details=JobDetails(
             job_type=job.type, priority=job.priority, retry_count=job.retry_count,
-            max_retries=job.max_retries, batch_id=job.batch_id,
+            max_retries=job.max_retries, batch_id=job.batch_id, runs_on=job.runs_on or None,
         ),
         error=job.error if job.status in (Status.FAILED, Status.PENDING) else None,
         created_at=timestamp(job.created_at),
@@ -131,6 +133,7 @@ def job_event(
         finished_at=timestamp(job.finished_at),
         eta_seconds=None if job.status.terminal else eta_seconds,
         requester=job.requester,
+        worker=job.worker,
     )
 
 

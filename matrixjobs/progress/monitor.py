@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from matrixjobs.models import Batch, Job
+from matrixjobs.models import Batch, Job, Status
 from matrixjobs.progress.events import (
     JobProgressEvent,
     ProgressInfo,
@@ -56,6 +56,7 @@ class JobTracker:
     rate: RateEstimate = field(default_factory=RateEstimate)
     dirty: bool = False
     last_emit: float = 0.0
+    remote: bool = False  # run by another process: its progress comes from the store
 
 
 @dataclass(slots=True)
@@ -107,13 +108,53 @@ class ProgressMonitor:
     def job_started(self, job: Job, reporter: ProgressReporter) -> None:
         for observer in self._observers:
             observer.job_started(job)
-        tracker = JobTracker(job=job, reporter=reporter, last_emit=self._monotonic())
+        self._track(JobTracker(job=job, reporter=reporter, last_emit=self._monotonic()))
+
+    def _track(self, tracker: JobTracker) -> None:
+        job = tracker.job
         self._jobs[job.id] = tracker
         batch = self._batches.get(job.batch_id) if job.batch_id else None
         if batch is not None:
             batch.running[job.id] = tracker
             batch.dirty = True
         self._publish(job.id, lambda: job_event(job, self._clock()))
+
+    def job_remote(self, job: Job) -> None:
+        """A job another process runs, queued or settled, as the store has it now: published
+        as if it ran here (throttled progress included). Observers are not told: the
+        process that runs it tells its own."""
+        tracker = self._jobs.get(job.id)
+        if tracker is not None and not tracker.remote:
+            return  # it runs here: the local reporter knows better
+        if job.status == Status.PROCESSING:
+            if tracker is None:
+                tracker = JobTracker(job=job, reporter=ProgressReporter(),
+                                     last_emit=self._monotonic(), remote=True)
+                self._track(tracker)
+            tracker.job = job
+            progress = job.progress
+            state = None if progress is None else (progress.current, progress.total,
+                                                   progress.message)
+            if state is not None and state != tracker.reporter.state:
+                tracker.reporter.report(*state)
+            return
+        if tracker is not None:
+            self._untrack(tracker)
+        self._publish(job.id, lambda: self._job_event(job, tracker))
+
+    def forget(self, job_id: str) -> None:
+        """Stop following a job without saying anything: another process runs it now."""
+        tracker = self._jobs.get(job_id)
+        if tracker is not None:
+            self._untrack(tracker)
+
+    def _untrack(self, tracker: JobTracker) -> None:
+        self._jobs.pop(tracker.job.id, None)
+        self._sample(tracker)
+        batch = self._batches.get(tracker.job.batch_id) if tracker.job.batch_id else None
+        if batch is not None:
+            batch.running.pop(tracker.job.id, None)
+            batch.dirty = True
 
     def job_settled(self, job: Job) -> None:
         """A run ended: the job is terminal, or pending again for a retry."""

@@ -18,6 +18,7 @@ than once for the same job; make handlers idempotent where that matters.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -60,7 +61,7 @@ from matrixjobs.progress.monitor import ProgressMonitor
 from matrixjobs.progress.reporter import ProgressReporter
 from matrixjobs.queue.handlers import HandlerRegistry
 from matrixjobs.queue.joblog import JobLogs, RunLog
-from matrixjobs.store.base import BatchCancel, Store
+from matrixjobs.store.base import BatchCancel, Recovery, Store
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,9 @@ PREFETCH_WINDOW_S = 0.02
 PREFETCH_MAX_JOBS = 500
 MAX_BACKOFF_S = 3600.0
 STORE_RETRY_S = 1.0
+# How often a cancel waiting for a job that runs on another process looks at the store
+# (a settle announced by that process ends the wait sooner).
+SETTLE_POLL_S = 0.5
 
 
 # Written when a stop begins: if the stop is then cut short (a second signal), the next
@@ -88,6 +92,7 @@ class Running:
     task: asyncio.Task[Outcome]
     started: float = 0.0
     log: RunLog | None = None
+    saved: object = None  # the reporter state last saved for other processes
 
 
 class JobQueue:
@@ -114,6 +119,8 @@ class JobQueue:
         self._average_run_s: float | None = None
         self._outcomes: list[tuple[Job, Outcome]] = []
         self._cancel_requested: set[str] = set()
+        self._remote_cancel: set[str] = set()  # of _cancel_requested: asked for elsewhere
+        self._lost: set[str] = set()  # running here, but another node holds them now
         self._settle_waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._wakeup = asyncio.Event()
         self._maybe_due = True
@@ -125,10 +132,27 @@ class JobQueue:
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:
-        stopped = await self.store.get_setting(SETTING_STOPPING_OWNER)
-        recovery = await self.store.recover_interrupted(self.owner, self._clock(), stopped)
+        stopped = await self.store.get_setting(self._stopping_key)
+        recovery = await self.store.recover_interrupted(self.owner, self._clock(), stopped,
+                                                        self.worker.name)
         if stopped:
-            await self.store.set_setting(SETTING_STOPPING_OWNER, "")
+            await self.store.set_setting(self._stopping_key, "")
+        self._publish_recovery(recovery)
+        self._accepting = True
+        self._dispatcher = asyncio.create_task(self._dispatch(), name="matrixjobs-dispatcher")
+
+    @property
+    def _stopping_key(self) -> str:
+        # Per worker name: processes sharing a store each record their own stop.
+        if not self.store.shared:
+            return SETTING_STOPPING_OWNER
+        return f"{SETTING_STOPPING_OWNER}:{self.worker.name}"
+
+    async def recover_expired(self) -> None:
+        """Take back the jobs of workers that died or lost the store (their lease ran out)."""
+        self._publish_recovery(await self.store.recover_expired(self._clock()))
+
+    def _publish_recovery(self, recovery: Recovery) -> None:
         for job in recovery.cancelled:
             log.info("job %s (%s) was being cancelled when the service stopped; cancelled",
                      job.id, job.name)
@@ -147,15 +171,15 @@ class JobQueue:
             self.monitor.job_settled(job)
         for batch in recovery.batches:
             self.monitor.batch_updated(batch)
-        self._accepting = True
-        self._dispatcher = asyncio.create_task(self._dispatch(), name="matrixjobs-dispatcher")
+        if recovery.requeued or recovery.resumed:
+            self._poke()
 
     async def stop(self, grace_s: float = 0.0) -> None:
         """Stop taking work; give running jobs `grace_s`, then requeue the rest."""
         self._accepting = False
         if self._running:
             try:
-                await self.store.set_setting(SETTING_STOPPING_OWNER, self.owner)
+                await self.store.set_setting(self._stopping_key, self.owner)
             except Exception:  # the stop itself must go on
                 log.warning("could not record the stop: if it is cut short, the running "
                             "jobs each spend a retry when they run again")
@@ -336,6 +360,7 @@ class JobQueue:
 
     def _start(self, job: Job) -> None:
         if job.id in self._cancel_requested:
+            self._remote_cancel.discard(job.id)
             self._finish(job, Outcome(job.id, Status.CANCELLED, self._clock(), error="cancelled"))
             return
         run_log = self.logs.create(job)
@@ -394,6 +419,12 @@ class JobQueue:
             outcome = self._failure(job, _describe(error), retryable=True)
         else:
             outcome = task.result()
+        if job.id in self._remote_cancel:
+            self._remote_cancel.discard(job.id)
+            self._cancel_requested.discard(job.id)
+        if job.id in self._lost:
+            self._drop_lost(running)
+            return
         outcome.progress = _progress(running.reporter)
         if running.log is not None:
             # A silent success after earlier runs still says so: their last line
@@ -431,21 +462,92 @@ class JobQueue:
         self._outcomes.append((job, outcome))
         self._wakeup.set()
 
+    def settled_elsewhere(self, job_id: str) -> None:
+        """Another process committed an outcome for `job_id`: end waits for it."""
+        for waiter in self._settle_waiters.pop(job_id, ()):
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def flush_progress(self) -> None:
+        """Save the progress that changed since the last flush, for other processes."""
+        changed: dict[str, Progress] = {}
+        states = {}
+        for job_id, running in self._running.items():
+            state = running.reporter.state
+            if state is running.saved:
+                continue
+            progress = _progress(running.reporter)
+            states[job_id] = state
+            if progress is not None:
+                changed[job_id] = progress
+        if changed:
+            await self.store.save_progress(changed, self.owner)
+        for job_id, state in states.items():
+            running = self._running.get(job_id)
+            if running is not None:
+                running.saved = state
+
+    def runs(self, job_id: str) -> bool:
+        """Whether this process runs (or has claimed) `job_id`."""
+        return job_id in self._running or any(job.id == job_id for job in self._ready)
+
     # -- leases ---------------------------------------------------------------------------------
 
     async def heartbeat(self) -> None:
-        """Extend our leases and save each running job's latest progress."""
+        """Extend our leases and save each running job's latest progress; stop the jobs we
+        no longer hold and those whose cancel was asked for elsewhere."""
         snapshots = {}
         for job_id, running in self._running.items():
             progress = _progress(running.reporter)
             if progress is not None:
                 snapshots[job_id] = progress
-        await self.store.heartbeat(self.owner, snapshots, self._clock(), self.config.lease_s)
+        held = [*self._running, *(job.id for job in self._ready)]
+        beat = await self.store.heartbeat(self.owner, snapshots, self._clock(),
+                                          self.config.lease_s, held)
+        for job_id in beat.lost:
+            self.lose(job_id)
+        for job_id in beat.cancel:
+            self.cancel_here(job_id)
         unsaved = self.logs.unsaved()
         if unsaved:
             await self.store.save_logs(unsaved)
 
+    def lose(self, job_id: str) -> None:
+        """Another node took `job_id` over (our lease ran out): stop our run of it; its
+        outcome would be refused anyway (fencing)."""
+        if job_id in self._lost:
+            return
+        running = self._running.get(job_id)
+        if running is not None:
+            log.warning("job %s (%s): its lease ran out and another worker took it over; "
+                        "stopping the run here", job_id, running.job.name)
+            self._lost.add(job_id)
+            running.task.cancel()
+            return
+        for ready in self._ready:
+            if ready.id == job_id:
+                self._ready.remove(ready)
+                return
+
+    def _drop_lost(self, running: Running) -> None:
+        job = running.job
+        self._lost.discard(job.id)
+        self._running.pop(job.id, None)
+        if running.log is not None:
+            self.logs.end(job.id, "stopped here: another worker took this job over")
+        self.monitor.forget(job.id)
+        self._fill()
+
     # -- cancelling -------------------------------------------------------------------------------
+
+    def cancel_here(self, job_id: str) -> None:
+        """A cancel asked for on another node: stop the job if it runs here."""
+        if job_id in self._cancel_requested:
+            return
+        if job_id in self._running or any(job.id == job_id for job in self._ready):
+            self._cancel_requested.add(job_id)
+            self._remote_cancel.add(job_id)
+            self._interrupt(job_id)
 
     async def cancel(self, subject: str) -> Job | Batch:
         """Cancel a job or batch; return it in the state it ended in."""
@@ -529,13 +631,25 @@ class JobQueue:
                 return
 
     async def _settled(self, job_id: str) -> None:
-        """Wait until the current run of `job_id` has its outcome committed."""
+        """Wait until the current run of `job_id` has its outcome committed (here, or by
+        the process that runs it)."""
         waiter = asyncio.get_running_loop().create_future()
         self._settle_waiters.setdefault(job_id, []).append(waiter)
+        deadline = time.monotonic() + self.config.kill_grace_s + 30
         try:
-            await asyncio.wait_for(waiter, self.config.kill_grace_s + 30)
-        except TimeoutError:
-            log.warning("job %s did not stop in time after cancel", job_id)
+            while not waiter.done():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    log.warning("job %s did not stop in time after cancel", job_id)
+                    return
+                elsewhere = self.store.shared and job_id not in self._running
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(waiter),
+                                           min(left, SETTLE_POLL_S) if elsewhere else left)
+                if elsewhere and not waiter.done():
+                    job = await self.store.get_job(job_id)
+                    if job is None or job.status != Status.PROCESSING:
+                        return
         finally:
             waiters = self._settle_waiters.get(job_id)
             if waiters is not None and waiter in waiters:

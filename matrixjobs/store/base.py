@@ -34,6 +34,21 @@ class Recovery:
 
 
 @dataclass(slots=True)
+class Heartbeat:
+    """What a heartbeat learnt about the jobs its worker runs."""
+
+    lost: list[str] = field(default_factory=list)  # no longer ours: stop them, drop outcomes
+    cancel: list[str] = field(default_factory=list)  # cancel asked for (maybe on another host)
+
+
+def heartbeat_of(running: Sequence[str], held: Sequence[tuple[object, object]]) -> Heartbeat:
+    """`held`: (job number, cancel requested) of each job the owner still holds."""
+    ours = {f"j{number}": bool(cancel) for number, cancel in held}
+    return Heartbeat(lost=[job for job in running if job not in ours],
+                     cancel=sorted(job for job, cancel in ours.items() if cancel))
+
+
+@dataclass(slots=True)
 class BatchCancel:
     batch: Batch
     cancelled: list[Job]
@@ -42,6 +57,9 @@ class BatchCancel:
 
 class Store(abc.ABC):
     """Durable jobs and batches. Specs passed in have max_retries and timeout_s resolved."""
+
+    # Whether other processes (workers on other hosts) share this store.
+    shared: bool = False
 
     @abc.abstractmethod
     async def open(self) -> None:
@@ -78,17 +96,31 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def heartbeat(
-        self, owner: str, progress: dict[str, Progress], now: float, lease_s: float
-    ) -> None:
-        """Extend the leases of `owner`'s running jobs and save their progress snapshots."""
+        self, owner: str, progress: dict[str, Progress], now: float, lease_s: float,
+        running: Sequence[str] = (),
+    ) -> Heartbeat:
+        """Extend the leases of `owner`'s running jobs and its worker row, and save their
+        progress snapshots. Says which of `running` (the jobs the owner runs) it no longer
+        holds and which are to be cancelled."""
+
+    @abc.abstractmethod
+    async def save_progress(self, progress: dict[str, Progress], owner: str) -> None:
+        """Save the progress of jobs `owner` runs, for other processes to show."""
 
     @abc.abstractmethod
     async def recover_interrupted(self, owner: str, now: float,
-                                  stopped_owner: str | None = None) -> Recovery:
-        """Settle jobs whose worker died: cancel those whose cancel was requested, requeue
-        (retry_count < max_retries) or fail ("interrupted") the rest. Jobs of
+                                  stopped_owner: str | None = None,
+                                  worker: str | None = None) -> Recovery:
+        """At start: settle jobs whose worker died: cancel those whose cancel was requested,
+        requeue (retry_count < max_retries) or fail ("interrupted") the rest. Jobs of
         `stopped_owner` (a service told to stop, then forced out) go back to pending
-        without spending a retry: they were not the reason it died."""
+        without spending a retry: they were not the reason it died. A shared store takes
+        only jobs whose lease ran out or that `worker` (this process's name) ran before."""
+
+    @abc.abstractmethod
+    async def recover_expired(self, now: float) -> Recovery:
+        """Any time: settle, as recover_interrupted does, the running jobs whose lease ran
+        out (their worker died or lost the store)."""
 
     @abc.abstractmethod
     async def request_cancel(self, job_id: str) -> None:
@@ -111,6 +143,10 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def get_batch(self, batch_id: str) -> Batch | None: ...
+
+    @abc.abstractmethod
+    async def get_jobs(self, job_ids: Sequence[str]) -> list[Job]:
+        """The jobs of these ids that exist, in id order."""
 
     @abc.abstractmethod
     async def list_jobs(

@@ -1,12 +1,14 @@
 """The PostgreSQL store: psycopg 3 (async) through a psycopg_pool connection pool.
 
-Same contract and semantics as the SQLite store. This increment keeps SQLite's
-single-owner model: one `matrixjobs run` owns a database at a time, proven by a
-session advisory lock held on a connection of its own for the store's lifetime,
-which is what lets `recover_interrupted` treat every job another owner left in
-`processing` as interrupted. Writes of this process are serialised (as SQLite's
-one writer is), so its transactions never wait on each other; claims still use
-`FOR UPDATE SKIP LOCKED` so that several processes can share the table later.
+Same contract and semantics as the SQLite store, shared by any number of processes
+(`matrixjobs run` and `matrixjobs worker`) on any hosts. Each holds the jobs it claimed
+under a lease that its heartbeat extends; any live process recovers the jobs whose lease
+ran out (`recover_expired`), and an outcome applies only while its owner still holds the
+job (fencing). Claims use `FOR UPDATE SKIP LOCKED`. Writes of one process are serialised
+(as SQLite's one writer is), so its transactions never wait on each other; across
+processes every transaction locks job rows before batch rows, so they cannot deadlock.
+
+Lease times are each host's clock: hosts must keep NTP time, as skew eats into `lease_s`.
 
 Migrations are applied under a transaction-level advisory lock, so processes
 that start at once apply each step exactly once.
@@ -41,7 +43,7 @@ from matrixjobs.models import (
     job_id,
     parse_id,
 )
-from matrixjobs.store.base import BatchCancel, Cycle, Recovery, Store
+from matrixjobs.store.base import BatchCancel, Cycle, Heartbeat, Recovery, Store, heartbeat_of
 from matrixjobs.store.rows import (
     BATCH_COLUMNS,
     ERRORS_PER_BATCH,
@@ -153,9 +155,10 @@ MIGRATIONS: list[str] = [
     """,
 ]
 
-# Advisory lock keys (any 64-bit numbers, fixed forever): "mj" + a purpose.
+# Advisory lock keys (any 64-bit numbers, fixed forever): "mj" + a purpose. (0x6D6A_0002
+# was the single-owner lock of the first PostgreSQL release.)
 MIGRATION_LOCK = 0x6D6A_0001
-OWNER_LOCK = 0x6D6A_0002
+RECOVERY_LOCK = 0x6D6A_0003
 CONNECT_TIMEOUT_S = 5.0
 POOL_SIZE = 4
 CANCELLED_BATCH = "coalesce(batch_id IN (SELECT id FROM batches WHERE cancel_requested), false)"
@@ -194,23 +197,21 @@ def describe_url(url: str) -> str:
 
 
 class PostgresStore(Store):
-    def __init__(self, url: str, single_owner: bool = True) -> None:
+    shared = True
+
+    def __init__(self, url: str) -> None:
         self._url = url
         self.where = describe_url(url)
-        self.single_owner = single_owner
-        self._owner_conn: psycopg.AsyncConnection[Any] | None = None
         self._pool: AsyncConnectionPool | None = None
         self._write_lock = asyncio.Lock()
 
     # -- lifecycle -------------------------------------------------------------------------
 
     async def open(self) -> None:
-        # Its own connection outside the pool: a session lock lives as long as its session.
-        self._owner_conn = await self._connect()
         try:
-            await self._migrate(self._owner_conn)
-            if self.single_owner:
-                await self._hold_owner_lock(self._owner_conn)
+            conn = await self._connect()
+            async with conn:
+                await self._migrate(conn)
             self._pool = AsyncConnectionPool(
                 self._url, min_size=1, max_size=POOL_SIZE, open=False, configure=_configure,
                 # A connection the server dropped (restart, failover) is replaced, not used.
@@ -231,7 +232,7 @@ class PostgresStore(Store):
             raise
 
     def _connect_kwargs(self) -> dict[str, Any]:
-        # The name tells who holds the owner lock, in pg_stat_activity and our own refusal.
+        # The name tells which process a session is, in pg_stat_activity.
         name = f"matrixjobs pid {os.getpid()} on {socket.gethostname()}"
         return {"autocommit": True, "connect_timeout": int(CONNECT_TIMEOUT_S),
                 "application_name": name[:63]}
@@ -263,31 +264,10 @@ class PostgresStore(Store):
                 await conn.execute("INSERT INTO schema_version (version, applied_at) "
                                    "VALUES (%s, now())", (number + 1,))
 
-    async def _hold_owner_lock(self, conn: psycopg.AsyncConnection[Any]) -> None:
-        cursor = await conn.execute("SELECT pg_try_advisory_lock(%s)", (OWNER_LOCK,))
-        row = await cursor.fetchone()
-        if row and row[0]:
-            return
-        cursor = await conn.execute(
-            "SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a USING (pid) "
-            "WHERE l.locktype = 'advisory' AND l.granted AND l.database = "
-            "(SELECT oid FROM pg_database WHERE datname = current_database()) "
-            "AND (l.classid::bigint << 32 | l.objid::bigint) = %s", (OWNER_LOCK,),
-        )
-        holder = await cursor.fetchone()
-        raise StoreError(
-            f"store on PostgreSQL at {self.where} is in use by another matrixjobs process "
-            f"({holder[0] if holder and holder[0] else 'unknown'}); this release runs one "
-            "process per database"
-        )
-
     async def close(self) -> None:
         if self._pool is not None:
             pool, self._pool = self._pool, None
             await pool.close()
-        if self._owner_conn is not None:
-            conn, self._owner_conn = self._owner_conn, None
-            await conn.close()
 
     @property
     def pool(self) -> AsyncConnectionPool:
@@ -360,24 +340,24 @@ class PostgresStore(Store):
         return cycle
 
     async def heartbeat(
-        self, owner: str, progress: dict[str, Progress], now: float, lease_s: float
-    ) -> None:
+        self, owner: str, progress: dict[str, Progress], now: float, lease_s: float,
+        running: Sequence[str] = (),
+    ) -> Heartbeat:
         async with self._transaction() as conn:
-            await conn.execute(
-                "UPDATE jobs SET lease_expires_at = %s "
-                "WHERE status = 'processing' AND owner = %s", (now + lease_s, owner),
+            held = await _rows(
+                conn, "UPDATE jobs SET lease_expires_at = %s "
+                "WHERE status = 'processing' AND owner = %s "
+                f"RETURNING id, cancel_requested OR {CANCELLED_BATCH}", (now + lease_s, owner),
             )
-            if progress:
-                await conn.execute(
-                    "UPDATE jobs SET progress_current = p.current, progress_total = p.total, "
-                    "progress_message = p.message FROM unnest(%s::bigint[], %s::float8[], "
-                    "%s::float8[], %s::text[]) AS p(id, current, total, message) "
-                    "WHERE jobs.id = p.id AND jobs.status = 'processing'",
-                    ([number_of(j) for j in progress],
-                     [_float(p.current) for p in progress.values()],
-                     [_float(p.total) for p in progress.values()],
-                     [p.message for p in progress.values()]),
-                )
+            await conn.execute("UPDATE workers SET heartbeat_at = %s WHERE id = %s",
+                               (now, owner))
+            await _save_progress(conn, progress, owner)
+        return heartbeat_of(running, held)
+
+    async def save_progress(self, progress: dict[str, Progress], owner: str) -> None:
+        if progress:
+            async with self._transaction() as conn:
+                await _save_progress(conn, progress, owner)
 
     async def save_logs(self, logs: dict[str, str]) -> None:
         async with self._transaction() as conn:
@@ -390,35 +370,24 @@ class PostgresStore(Store):
         return await self._scalar("SELECT text FROM job_logs WHERE job_id = %s", (number,))
 
     async def recover_interrupted(self, owner: str, now: float,
-                                  stopped_owner: str | None = None) -> Recovery:
-        recovery = Recovery()
-        # Single-owner database (see module doc): any other owner's running job is orphaned.
-        stale = "status = 'processing' AND (owner IS NULL OR owner != %s)"
-        clear = "owner = NULL, lease_expires_at = NULL"
+                                  stopped_owner: str | None = None,
+                                  worker: str | None = None) -> Recovery:
+        # Jobs whose lease ran out, and those our previous run left (worker names are
+        # unique per process, so a job of ours under another owner is an orphan).
+        stale = ("status = 'processing' AND owner IS DISTINCT FROM %s "
+                 "AND (lease_expires_at < %s OR worker = %s)")
         async with self._transaction() as conn:
-            # A cancel asked for before the crash still holds.
-            recovery.cancelled = await _jobs(
-                conn, f"UPDATE jobs SET status = 'cancelled', finished_at = %s, "
-                f"error = 'cancelled', {clear} WHERE (status = 'pending' OR ({stale})) "
-                f"AND (cancel_requested OR {CANCELLED_BATCH}) RETURNING {JOB_COLUMNS}",
-                (now, owner))
-            recovery.resumed = await _jobs(
-                conn, f"UPDATE jobs SET status = 'pending', run_after = %s, error = %s, {clear} "
-                f"WHERE {stale} AND owner = %s RETURNING {JOB_COLUMNS}",
-                (now, INTERRUPTED_BY_STOP, owner, stopped_owner))
-            recovery.requeued = await _jobs(
-                conn, "UPDATE jobs SET status = 'pending', retry_count = retry_count + 1, "
-                f"run_after = %s, error = 'interrupted', {clear} "
-                f"WHERE {stale} AND retry_count < max_retries RETURNING {JOB_COLUMNS}",
-                (now, owner))
-            recovery.failed = await _jobs(
-                conn, f"UPDATE jobs SET status = 'failed', finished_at = %s, "
-                f"error = 'interrupted', {clear} WHERE {stale} RETURNING {JOB_COLUMNS}",
-                (now, owner))
-            ended = recovery.cancelled + recovery.resumed + recovery.requeued + recovery.failed
-            touched = {j.batch_id for j in ended if j.batch_id}
-            recovery.batches = await _refresh_batches(conn, touched, now)
-        return recovery
+            return await _recover(conn, stale, (owner, now, worker), now, stopped_owner)
+
+    async def recover_expired(self, now: float) -> Recovery:
+        async with self._transaction() as conn:
+            # One node at a time sweeps: two sweeps would lock the same rows in any order.
+            [(free,)] = await _rows(conn, "SELECT pg_try_advisory_xact_lock(%s)",
+                                    (RECOVERY_LOCK,))
+            if not free:
+                return Recovery()
+            return await _recover(conn, "status = 'processing' AND lease_expires_at < %s",
+                                  (now,), now, None)
 
     # -- cancelling ------------------------------------------------------------------------
 
@@ -444,17 +413,20 @@ class PostgresStore(Store):
     async def cancel_batch(self, batch_id_: str, now: float) -> BatchCancel | None:
         number = number_of(batch_id_)
         async with self._transaction() as conn:
+            # Jobs before their batch, as every other transaction locks them.
+            cancelled = await _jobs(
+                conn, "UPDATE jobs SET status = 'cancelled', finished_at = %s, "
+                "error = 'cancelled' WHERE batch_id = %s AND status = 'pending' "
+                f"AND EXISTS (SELECT 1 FROM batches WHERE id = %s AND finished_at IS NULL) "
+                f"RETURNING {JOB_COLUMNS}", (now, number, number))
+            running = [job_id(row[0]) for row in await _rows(
+                conn, "UPDATE jobs SET cancel_requested = true WHERE batch_id = %s "
+                "AND status = 'processing' RETURNING id", (number,))]
+            running.sort(key=number_of)
             await conn.execute(
                 "UPDATE batches SET cancel_requested = true "
                 "WHERE id = %s AND finished_at IS NULL", (number,),
             )
-            cancelled = await _jobs(
-                conn, "UPDATE jobs SET status = 'cancelled', finished_at = %s, "
-                "error = 'cancelled' WHERE batch_id = %s AND status = 'pending' "
-                f"RETURNING {JOB_COLUMNS}", (now, number))
-            running = [job_id(row[0]) for row in await _rows(
-                conn, "SELECT id FROM jobs WHERE batch_id = %s AND status = 'processing' "
-                "ORDER BY id", (number,))]
             batches = await _refresh_batches(conn, {batch_id_}, now)
         if not batches:
             return None
@@ -515,6 +487,13 @@ class PostgresStore(Store):
             return None
         rows = await self._fetch(f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = %s", (number,))
         return job_from_row(rows[0]) if rows else None
+
+    async def get_jobs(self, job_ids: Sequence[str]) -> list[Job]:
+        numbers = [n for n in (checked_number(j, "j") for j in job_ids) if n is not None]
+        rows = await self._fetch(
+            f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = ANY(%s::bigint[]) ORDER BY id",
+            (numbers,))
+        return [job_from_row(row) for row in rows]
 
     async def get_batch(self, batch_id_: str) -> Batch | None:
         number = checked_number(batch_id_, "b")
@@ -609,6 +588,53 @@ async def _rows(
 
 async def _jobs(conn: psycopg.AsyncConnection[Any], sql: str, params: Sequence[Any]) -> list[Job]:
     return [job_from_row(row) for row in await _rows(conn, sql, params)]
+
+
+async def _recover(
+    conn: psycopg.AsyncConnection[Any], stale: str, params: tuple[Any, ...], now: float,
+    stopped_owner: str | None,
+) -> Recovery:
+    """Settle the `stale` jobs (their worker is gone): cancel those whose cancel was asked
+    for, resume `stopped_owner`'s without spending a retry, requeue or fail the rest."""
+    recovery = Recovery()
+    clear = "owner = NULL, lease_expires_at = NULL"
+    recovery.cancelled = await _jobs(
+        conn, f"UPDATE jobs SET status = 'cancelled', finished_at = %s, error = 'cancelled', "
+        f"{clear} WHERE {stale} AND (cancel_requested OR {CANCELLED_BATCH}) "
+        f"RETURNING {JOB_COLUMNS}", (now, *params))
+    if stopped_owner is not None:
+        recovery.resumed = await _jobs(
+            conn, f"UPDATE jobs SET status = 'pending', run_after = %s, error = %s, {clear} "
+            f"WHERE {stale} AND owner = %s RETURNING {JOB_COLUMNS}",
+            (now, INTERRUPTED_BY_STOP, *params, stopped_owner))
+    recovery.requeued = await _jobs(
+        conn, "UPDATE jobs SET status = 'pending', retry_count = retry_count + 1, "
+        f"run_after = %s, error = 'interrupted', {clear} "
+        f"WHERE {stale} AND retry_count < max_retries RETURNING {JOB_COLUMNS}", (now, *params))
+    recovery.failed = await _jobs(
+        conn, f"UPDATE jobs SET status = 'failed', finished_at = %s, error = 'interrupted', "
+        f"{clear} WHERE {stale} RETURNING {JOB_COLUMNS}", (now, *params))
+    ended = recovery.cancelled + recovery.resumed + recovery.requeued + recovery.failed
+    recovery.batches = await _refresh_batches(conn, {j.batch_id for j in ended if j.batch_id},
+                                              now)
+    return recovery
+
+
+async def _save_progress(
+    conn: psycopg.AsyncConnection[Any], progress: dict[str, Progress], owner: str
+) -> None:
+    if not progress:
+        return
+    await conn.execute(
+        "UPDATE jobs SET progress_current = p.current, progress_total = p.total, "
+        "progress_message = p.message FROM unnest(%s::bigint[], %s::float8[], "
+        "%s::float8[], %s::text[]) AS p(id, current, total, message) "
+        "WHERE jobs.id = p.id AND jobs.status = 'processing' AND jobs.owner = %s",
+        ([number_of(j) for j in progress],
+         [_float(p.current) for p in progress.values()],
+         [_float(p.total) for p in progress.values()],
+         [p.message for p in progress.values()], owner),
+    )
 
 
 async def _claim_key(conn: psycopg.AsyncConnection[Any], key: str | None, now: float) -> None:

@@ -34,7 +34,7 @@ from matrixjobs.models import (
     parse_id,
 )
 from matrixjobs.private import make_dirs, private_file, tighten
-from matrixjobs.store.base import BatchCancel, Cycle, Recovery, Store
+from matrixjobs.store.base import BatchCancel, Cycle, Heartbeat, Recovery, Store, heartbeat_of
 from matrixjobs.store.rows import (
     BATCH_COLUMNS,
     ERRORS_PER_BATCH,
@@ -454,18 +454,31 @@ class SqliteStore(Store):
         return jobs
 
     async def heartbeat(
-        self, owner: str, progress: dict[str, Progress], now: float, lease_s: float
-    ) -> None:
+        self, owner: str, progress: dict[str, Progress], now: float, lease_s: float,
+        running: Sequence[str] = (),
+    ) -> Heartbeat:
         async with self._transaction():
-            await self.db.execute(
-                "UPDATE jobs SET lease_expires_at = ? WHERE status = 'processing' AND owner = ?",
-                (now + lease_s, owner),
+            held = await self.db.execute_fetchall(
+                "UPDATE jobs SET lease_expires_at = ? WHERE status = 'processing' AND owner = ? "
+                f"RETURNING id, cancel_requested OR {CANCELLED_BATCH}", (now + lease_s, owner),
             )
-            await self.db.executemany(
-                "UPDATE jobs SET progress_current = ?, progress_total = ?, progress_message = ? "
-                "WHERE id = ? AND status = 'processing'",
-                [(p.current, p.total, p.message, number_of(jid)) for jid, p in progress.items()],
-            )
+            await self.db.execute("UPDATE workers SET heartbeat_at = ? WHERE id = ?",
+                                  (now, owner))
+            await self._save_progress(progress, owner)
+        return heartbeat_of(running, [(row[0], row[1]) for row in held])
+
+    async def save_progress(self, progress: dict[str, Progress], owner: str) -> None:
+        if progress:
+            async with self._transaction():
+                await self._save_progress(progress, owner)
+
+    async def _save_progress(self, progress: dict[str, Progress], owner: str) -> None:
+        await self.db.executemany(
+            "UPDATE jobs SET progress_current = ?, progress_total = ?, progress_message = ? "
+            "WHERE id = ? AND status = 'processing' AND owner = ?",
+            [(p.current, p.total, p.message, number_of(jid), owner)
+             for jid, p in progress.items()],
+        )
 
     async def save_logs(self, logs: dict[str, str]) -> None:
         async with self._transaction():
@@ -493,43 +506,47 @@ class SqliteStore(Store):
             return await self._scalar("SELECT text FROM job_logs WHERE job_id = ?", (number,))
 
     async def recover_interrupted(self, owner: str, now: float,
-                                  stopped_owner: str | None = None) -> Recovery:
-        recovery = Recovery()
+                                  stopped_owner: str | None = None,
+                                  worker: str | None = None) -> Recovery:
         # Single-owner database (see module doc): any other owner's running job is orphaned.
         stale = "status = 'processing' AND (owner IS NULL OR owner != ?)"
         async with self._transaction():
-            # A cancel asked for before the crash still holds.
-            async with self.db.execute(
-                "UPDATE jobs SET status = 'cancelled', finished_at = ?, error = 'cancelled', "
-                "owner = NULL, lease_expires_at = NULL "
-                f"WHERE (status = 'pending' OR ({stale})) "
-                f"AND (cancel_requested = 1 OR {CANCELLED_BATCH}) RETURNING {JOB_COLUMNS}",
-                (now, owner),
-            ) as cursor:
-                recovery.cancelled = [job_from_row(row) for row in await cursor.fetchall()]
-            async with self.db.execute(
-                "UPDATE jobs SET status = 'pending', run_after = ?, error = ?, owner = NULL, "
-                f"lease_expires_at = NULL WHERE {stale} AND owner = ? RETURNING {JOB_COLUMNS}",
-                (now, INTERRUPTED_BY_STOP, owner, stopped_owner),
-            ) as cursor:
-                recovery.resumed = [job_from_row(row) for row in await cursor.fetchall()]
-            async with self.db.execute(
-                "UPDATE jobs SET status = 'pending', retry_count = retry_count + 1, "
-                "run_after = ?, error = 'interrupted', owner = NULL, lease_expires_at = NULL "
-                f"WHERE {stale} AND retry_count < max_retries RETURNING {JOB_COLUMNS}",
-                (now, owner),
-            ) as cursor:
-                recovery.requeued = [job_from_row(row) for row in await cursor.fetchall()]
-            async with self.db.execute(
-                "UPDATE jobs SET status = 'failed', finished_at = ?, error = 'interrupted', "
-                f"owner = NULL, lease_expires_at = NULL WHERE {stale} RETURNING {JOB_COLUMNS}",
-                (now, owner),
-            ) as cursor:
-                recovery.failed = [job_from_row(row) for row in await cursor.fetchall()]
-            ended = recovery.cancelled + recovery.resumed + recovery.requeued + recovery.failed
-            touched = {j.batch_id for j in ended if j.batch_id}
-            recovery.batches = await self._refresh_batches(touched, now)
+            return await self._recover(stale, (owner,), now, stopped_owner)
+
+    async def recover_expired(self, now: float) -> Recovery:
+        async with self._transaction():
+            return await self._recover("status = 'processing' AND lease_expires_at < ?",
+                                       (now,), now, None)
+
+    async def _recover(self, stale: str, params: tuple[Any, ...], now: float,
+                       stopped_owner: str | None) -> Recovery:
+        recovery = Recovery()
+        clear = "owner = NULL, lease_expires_at = NULL"
+        # A cancel asked for before the crash still holds.
+        recovery.cancelled = await self._jobs(
+            f"UPDATE jobs SET status = 'cancelled', finished_at = ?, error = 'cancelled', {clear} "
+            f"WHERE {stale} AND (cancel_requested = 1 OR {CANCELLED_BATCH}) "
+            f"RETURNING {JOB_COLUMNS}", (now, *params))
+        if stopped_owner is not None:
+            recovery.resumed = await self._jobs(
+                f"UPDATE jobs SET status = 'pending', run_after = ?, error = ?, {clear} "
+                f"WHERE {stale} AND owner = ? RETURNING {JOB_COLUMNS}",
+                (now, INTERRUPTED_BY_STOP, *params, stopped_owner))
+        recovery.requeued = await self._jobs(
+            "UPDATE jobs SET status = 'pending', retry_count = retry_count + 1, "
+            f"run_after = ?, error = 'interrupted', {clear} "
+            f"WHERE {stale} AND retry_count < max_retries RETURNING {JOB_COLUMNS}",
+            (now, *params))
+        recovery.failed = await self._jobs(
+            f"UPDATE jobs SET status = 'failed', finished_at = ?, error = 'interrupted', {clear} "
+            f"WHERE {stale} RETURNING {JOB_COLUMNS}", (now, *params))
+        ended = recovery.cancelled + recovery.resumed + recovery.requeued + recovery.failed
+        touched = {j.batch_id for j in ended if j.batch_id}
+        recovery.batches = await self._refresh_batches(touched, now)
         return recovery
+
+    async def _jobs(self, sql: str, params: Sequence[Any]) -> list[Job]:
+        return [job_from_row(row) for row in await self.db.execute_fetchall(sql, params)]
 
     # -- cancelling ------------------------------------------------------------------------
 
@@ -689,6 +706,18 @@ class SqliteStore(Store):
         ) as cursor:
             row = await cursor.fetchone()
         return None if row is None else job_from_row(row)
+
+    async def get_jobs(self, job_ids: Sequence[str]) -> list[Job]:
+        numbers = [n for n in (checked_number(j, "j") for j in job_ids) if n is not None]
+        jobs = []
+        async with self._lock:
+            for start in range(0, len(numbers), ROWS_PER_STATEMENT):
+                chunk = numbers[start:start + ROWS_PER_STATEMENT]
+                rows = await self.db.execute_fetchall(
+                    f"SELECT {JOB_COLUMNS} FROM jobs WHERE id IN "
+                    f"({', '.join('?' * len(chunk))}) ORDER BY id", chunk)
+                jobs += [job_from_row(row) for row in rows]
+        return sorted(jobs, key=lambda job: number_of(job.id))
 
     async def get_batch(self, batch_id_: str) -> Batch | None:
         number = checked_number(batch_id_, "b")

@@ -1,0 +1,96 @@
+"""Work done by other processes sharing the store, made visible on this node.
+
+Workers on other hosts save their jobs' progress at most once per `[progress]
+interval_ms` and announce the ids of what changed (PostgreSQL NOTIFY). This feed reads
+those jobs and batches back and hands them to the local monitor, which throttles them
+exactly as its own jobs; so the room, the streams, MCP and the CLI follow a job that
+runs elsewhere as one that runs here. A periodic full read covers announcements lost
+while the listening connection was down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable
+
+from matrixjobs.models import BATCH_PREFIX, JOB_PREFIX, Status
+from matrixjobs.progress.monitor import ProgressMonitor
+from matrixjobs.queue.queue import JobQueue
+from matrixjobs.store.base import Store
+
+log = logging.getLogger(__name__)
+
+# The full read of running work when no announcement came, in case one was lost.
+RESYNC_S = 5.0
+ACTIVE_LIMIT = 1000
+
+
+class RemoteFeed:
+    def __init__(self, store: Store, monitor: ProgressMonitor, queue: JobQueue) -> None:
+        self.store = store
+        self.monitor = monitor
+        self.queue = queue
+        self._ids: set[str] = set()
+        self._resync = True
+        self._wakeup = asyncio.Event()
+        self._followed: set[str] = set()  # remote jobs and batches seen unfinished
+
+    def changed(self, ids: Iterable[str]) -> None:
+        """Announced by another process: these jobs or batches changed."""
+        self._ids.update(ids)
+        self._wakeup.set()
+
+    def resync(self) -> None:
+        """Announcements may have been lost (the listener reconnected): read everything."""
+        self._resync = True
+        self._wakeup.set()
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), RESYNC_S)
+            except TimeoutError:
+                self._resync = True
+            self._wakeup.clear()
+            ids, self._ids = self._ids, set()
+            try:
+                if self._resync:
+                    self._resync = False
+                    ids |= await self._active()
+                await self._refresh(ids)
+            except Exception:  # the store is away: read it all once it is back
+                log.warning("cannot read other workers' jobs from the store; retrying",
+                            exc_info=True)
+                self._resync = True
+                await asyncio.sleep(1.0)
+
+    async def _active(self) -> set[str]:
+        active = (Status.PENDING, Status.PROCESSING)
+        jobs = await self.store.list_jobs([Status.PROCESSING], limit=ACTIVE_LIMIT)
+        batches = await self.store.list_batches(active, limit=ACTIVE_LIMIT)
+        # What we followed and no longer see active ended meanwhile: read its end too.
+        return {job.id for job in jobs} | {batch.id for batch in batches} | self._followed
+
+    async def _refresh(self, ids: set[str]) -> None:
+        job_ids = sorted(i for i in ids if i.startswith(JOB_PREFIX))
+        for job in await self.store.get_jobs(job_ids) if job_ids else []:
+            if self.queue.runs(job.id) or (job.worker == self.queue.worker.name
+                                           and job.status == Status.PROCESSING):
+                continue  # ours: the local reporter and queue tell the monitor
+            if job.status.terminal or job.status == Status.PENDING:
+                self._followed.discard(job.id)
+                self.queue.settled_elsewhere(job.id)
+            else:
+                self._followed.add(job.id)
+            self.monitor.job_remote(job)
+        for batch_id in sorted(i for i in ids if i.startswith(BATCH_PREFIX)):
+            batch = await self.store.get_batch(batch_id)
+            if batch is None:
+                self._followed.discard(batch_id)
+                continue
+            if batch.status.terminal:
+                self._followed.discard(batch_id)
+            else:
+                self._followed.add(batch_id)
+            self.monitor.batch_updated(batch)
