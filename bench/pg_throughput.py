@@ -211,7 +211,7 @@ class Ours(Side):
 
     @contextlib.asynccontextmanager
     async def store(self, url: str) -> AsyncIterator[PostgresStore]:
-        store = PostgresStore(url, single_owner=False)  # a client beside the workers
+        store = PostgresStore(url)
         await store.open()
         try:
             yield store
