@@ -4,21 +4,24 @@ Both sides run on the same PostgreSQL server (`--url`, default 127.0.0.1:5432); 
 measurement gets a fresh database, created here and dropped after. Both sides' jobs
 are in bench/pg_handlers.py (ours, `[handlers]`) and bench/pg_procrastinate.py
 (procrastinate tasks); both run `--concurrency` jobs at once per process (ours:
-`[queue] workers`, procrastinate: `worker --concurrency`), log at warning level, and
+`[queue] workers`, procrastinate: `worker --concurrency`), and
 keep their other defaults (connection pools: 4 connections each; ours keeps job logs
-and results, procrastinate keeps its jobs and events rows).
+and results, procrastinate keeps its jobs and events rows). Ours logs at info level
+(start and stop only), procrastinate at warning (its info logs every job).
 
-throughput  For each P in `--procs`: `--jobs` no-op jobs are added in bulk before any
-            worker runs (ours: the store's add_jobs, 1,000 jobs a transaction; theirs:
-            `batch_defer_async`, 1,000 a call), timed apart ("enqueue"), then the whole
-            database is ANALYZEd (`--no-analyze` skips it: a freshly filled table has no
-            statistics, which can change the claim plans; a live deployment has them).
-            Then P worker processes start, the database is polled until all jobs are
-            finished, and they are stopped. jobs/s = N / (the last job's end - the first
-            job's start), both read from the database afterwards (ours: jobs.started_at /
-            finished_at; theirs: procrastinate_events 'started' / 'succeeded'), so
-            process start-up is not counted; "incl. start-up" = N / (all finished, as seen
-            by polling every 0.1 s - the workers' spawn).
+throughput  For each P in `--procs`: P worker processes start and are left to settle until
+            all of them wait for work (ours: each logged "matrixjobs started"; theirs: P
+            rows in procrastinate_workers; then 0.5 s), so that P processes share the
+            whole backlog rather than the first one up draining it. Then `--jobs` no-op
+            jobs are added in one transaction (ours: the store's add_jobs, one INSERT;
+            theirs: `batch_defer_async`), timed apart ("enqueue"), and the database is
+            ANALYZEd at once (`--no-analyze` skips it: without statistics for the freshly
+            filled table procrastinate's fetch reads every waiting job, 4x slower; a
+            live deployment has them). The database is polled until all jobs are
+            finished. jobs/s = N / (the last job's end - the first job's start), both
+            read from the database afterwards (ours: jobs.started_at / finished_at;
+            theirs: procrastinate_events 'started' / 'succeeded'); "from the commit" =
+            N / (the last end - the enqueue's commit), which adds the wake-up.
 pickup      One idle worker process (a warm-up job has run, then 1 s idle); `--pickup-jobs`
             jobs are added one at a time, `--pickup-gap-ms` apart (ours: add_jobs with one
             job; theirs: defer_async). latency = the handler's time.time() as its first
@@ -78,13 +81,15 @@ from matrixjobs.store.postgres import PostgresStore
 
 BENCH = Path(__file__).resolve().parent
 SERVER = "postgresql://127.0.0.1:5432"
-CHUNK = 1000
 POLL_S = 0.1
 TIMEOUT_S = 600.0
 STOP_TIMEOUT_S = 30.0
 READY_TIMEOUT_S = 60.0
+IDLE_BEFORE_S = 0.5  # ready workers settle into waiting for work
+LAST_EVENTS_S = 1.0  # the updates a run node sends after the last job ended
 TIMEOUT_PER_JOB_S = 3600.0
 LOG_LEVEL = "warning"
+STARTED = "matrixjobs started (worker)"
 
 # -- databases and processes --------------------------------------------------------------------
 
@@ -124,6 +129,9 @@ class Processes:
             proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
                                     cwd=self.directory, env=env)
         self.procs.append((proc, log))
+
+    def logs(self) -> list[str]:
+        return [log.read_text(errors="replace") for _, log in self.procs]
 
     def check(self) -> None:
         """Raise if any of them has exited."""
@@ -183,7 +191,13 @@ class Side(abc.ABC):
         """Create the side's schema in the empty database `url`."""
 
     @abc.abstractmethod
-    async def enqueue_bulk(self, url: str, n: int) -> None: ...
+    async def enqueue_bulk(self, url: str, n: int) -> None:
+        """Add `n` no-op jobs in one transaction."""
+
+    @abc.abstractmethod
+    async def ready(self, conn: psycopg.AsyncConnection[Any], processes: Processes,
+                    count: int) -> bool:
+        """Whether `count` worker processes have started and wait for work."""
 
     @abc.abstractmethod
     def enqueuer(self, url: str) -> contextlib.AbstractAsyncContextManager[Any]:
@@ -224,8 +238,12 @@ class Ours(Side):
 
     async def enqueue_bulk(self, url: str, n: int) -> None:
         async with self.store(url) as store:
-            for offset in range(0, n, CHUNK):
-                await store.add_jobs([self.spec("noop")] * min(CHUNK, n - offset), time.time())
+            await store.add_jobs([self.spec("noop")] * n, time.time())
+
+    async def ready(self, conn: psycopg.AsyncConnection[Any], processes: Processes,
+                    count: int) -> bool:
+        # Logged once its queue runs (at info level, which logs nothing per job).
+        return sum(STARTED in text for text in processes.logs()) >= count
 
     @contextlib.asynccontextmanager
     async def enqueuer(self, url: str) -> AsyncIterator[Any]:
@@ -239,7 +257,7 @@ class Ours(Side):
         config = bench_config(directory / f"worker-{index}.toml", workers=concurrency,
                               worker_name=f"bench-{index}")
         argv = [sys.executable, "-m", "matrixjobs", "worker", "--config", str(config),
-                "--log-level", LOG_LEVEL]
+                "--log-level", "info"]
         return argv, child_env({"MATRIXJOBS_DATABASE_URL": url, STAMPS_ENV: str(stamps)})
 
 
@@ -273,8 +291,14 @@ class Procrastinate(Side):
     async def enqueue_bulk(self, url: str, n: int) -> None:
         async with self.app(url) as app:
             task = app.tasks["noop"]
-            for offset in range(0, n, CHUNK):
-                await task.batch_defer_async(*[{}] * min(CHUNK, n - offset))
+            await task.batch_defer_async(*[{}] * n)
+
+    async def ready(self, conn: psycopg.AsyncConnection[Any], processes: Processes,
+                    count: int) -> bool:
+        # A worker registers itself as it starts, before it fetches its first job.
+        cursor = await conn.execute("SELECT count(*) FROM procrastinate_workers")
+        row = await cursor.fetchone()
+        return row is not None and row[0] >= count
 
     @contextlib.asynccontextmanager
     async def enqueuer(self, url: str) -> AsyncIterator[Any]:
@@ -345,7 +369,7 @@ async def fetch_one(url: str, query: str) -> tuple[Any, ...]:
 @dataclasses.dataclass
 class Throughput:
     rate: float  # jobs/s, first start to last end in the database
-    wall_rate: float  # jobs/s, spawn to all finished
+    from_commit_rate: float  # jobs/s, the enqueue's commit to the last end (wake-up included)
     enqueue_s: float
 
 
@@ -354,33 +378,37 @@ async def throughput(side: Side, server: str, n: int, procs: int, concurrency: i
     with fresh_database(server) as url, tempfile.TemporaryDirectory(prefix="pg-bench-") as tmp:
         directory = Path(tmp)
         await side.setup(url, directory)
-        started = time.perf_counter()
-        await side.enqueue_bulk(url, n)
-        enqueue_s = time.perf_counter() - started
-        if analyze:
-            async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
-                await conn.execute("ANALYZE")
         processes = Processes(directory)
         async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+            async def all_ready() -> bool:
+                return await side.ready(conn, processes, procs)
+
             async def all_finished() -> bool:
                 cursor = await conn.execute(side.counts_sql)
                 row = await cursor.fetchone()
                 return row is not None and row[1] >= n
 
-            spawned = time.time()
             try:
                 for index in range(procs):
                     processes.start(*side.worker(url, directory, index, concurrency,
                                                  directory / "stamps"), f"worker-{index}")
+                await wait_for(all_ready, f"{side.name}: {procs} workers", READY_TIMEOUT_S,
+                               processes)
+                await asyncio.sleep(IDLE_BEFORE_S)
+                started = time.perf_counter()
+                await side.enqueue_bulk(url, n)
+                committed = time.time()
+                enqueue_s = time.perf_counter() - started
+                if analyze:
+                    await conn.execute("ANALYZE")
                 await wait_for(all_finished, f"{side.name}: {n} jobs", TIMEOUT_S, processes)
-                done = time.time()
             finally:
                 await processes.stop()
         _, finished, failed = await fetch_one(url, side.counts_sql)
         first, last = await fetch_one(url, side.span_sql)
     if failed or finished != n:
         raise RuntimeError(f"{side.name}: {finished} of {n} finished, {failed} failed")
-    return Throughput(n / (last - first), n / (done - spawned), enqueue_s)
+    return Throughput(n / (last - first), n / (last - committed), enqueue_s)
 
 
 # -- pickup latency -----------------------------------------------------------------------------
@@ -439,41 +467,42 @@ async def progress_latency(server: str, jobs: int, seconds: float) -> list[float
                              str(bench_config(directory / "worker.toml", workers=jobs,
                                               worker_name="bench-progress")),
                              "--log-level", LOG_LEVEL], env, "worker")
-            received = await run_ticks(api, jobs, seconds, processes)
+            received = await run_ticks(api, url, jobs, seconds, processes)
         finally:
             await processes.stop()
             stop_service(service)
     latencies = [at - float(event["message"]) for at, event in map(parse, received)
                  if event["status"] == "processing" and event.get("message")]
     if not latencies:
-        raise RuntimeError("no progress update arrived")
+        raise RuntimeError(f"no progress update of {jobs} jobs arrived on the run node's "
+                           "/v1/events")
     return latencies
 
 
-async def run_ticks(api: str, jobs: int, seconds: float,
+async def run_ticks(api: str, url: str, jobs: int, seconds: float,
                     processes: Processes) -> list[tuple[float, str]]:
     """Submit `jobs` tick jobs through the API and keep the updates about them until all
-    ended: [(receipt time, the SSE message's data)]."""
+    ended in the database (and a last interval after): [(receipt time, the SSE message's
+    data)]."""
     received: list[tuple[float, str]] = []
     async with httpx2.AsyncClient(base_url=api, timeout=30) as client:
         listening = asyncio.Event()
         reader = asyncio.create_task(read_updates(client, received, listening))
         try:
             await asyncio.wait_for(listening.wait(), READY_TIMEOUT_S)
-            ids: set[str] = set()
             for _ in range(jobs):
                 response = await client.post("/v1/jobs",
                                              json={"target": "tick", "args": [str(seconds)]})
                 response.raise_for_status()
-                ids.add(response.json()["id"])
+            async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+                async def all_ended() -> bool:
+                    cursor = await conn.execute(Ours.counts_sql)
+                    row = await cursor.fetchone()
+                    return row is not None and row[1] >= jobs
 
-            async def all_ended() -> bool:
-                ended = {event["id"] for _, event in map(parse, received)
-                         if event["status"] in ("completed", "failed", "cancelled")}
-                return ids <= ended
-
-            await wait_for(all_ended, f"{jobs} tick jobs to end", seconds + READY_TIMEOUT_S,
-                           processes)
+                await wait_for(all_ended, f"{jobs} tick jobs to end",
+                               seconds + READY_TIMEOUT_S, processes)
+            await asyncio.sleep(LAST_EVENTS_S)
         finally:
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError, httpx2.HTTPError):
@@ -529,18 +558,21 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--concurrency", type=int, default=10, help="jobs at once per process")
     parser.add_argument("--url", default=SERVER,
                         help="the PostgreSQL server to create the throwaway databases on")
-    parser.add_argument("--pickup-jobs", type=int, default=200)
+    parser.add_argument("--pickup-jobs", type=int, default=200, help="0: no pickup latency")
     parser.add_argument("--pickup-gap-ms", type=float, default=20.0)
-    parser.add_argument("--progress-jobs", type=int, default=100)
+    parser.add_argument("--progress-jobs", type=int, default=100,
+                        help="0: no progress latency")
     parser.add_argument("--progress-seconds", type=float, default=10.0)
     parser.add_argument("--skip-anchor", action="store_true", help="ours only")
     parser.add_argument("--skip-ours", action="store_true", help="procrastinate only")
     parser.add_argument("--no-analyze", dest="analyze", action="store_false",
                         help="no ANALYZE between the bulk enqueue and the workers")
     args = parser.parse_args()
-    if min(args.jobs, args.rounds, args.concurrency, args.pickup_jobs, args.progress_jobs) < 1:
-        parser.error("--jobs, --rounds, --concurrency, --pickup-jobs and --progress-jobs "
-                     "must be positive")
+    if min(args.jobs, args.rounds, args.concurrency) < 1:
+        parser.error("--jobs, --rounds and --concurrency must be positive")
+    if min(args.pickup_jobs, args.progress_jobs, args.pickup_gap_ms, args.progress_seconds) < 0:
+        parser.error("--pickup-jobs, --pickup-gap-ms, --progress-jobs and --progress-seconds "
+                     "must not be negative")
     if args.skip_anchor and args.skip_ours:
         parser.error("--skip-anchor and --skip-ours leave nothing to measure")
     try:
@@ -569,16 +601,16 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
                                           args.analyze)
                 rates.setdefault((side.name, procs), []).append(result)
                 print(f"  round {round_ + 1} {side.name:<13} {procs} proc: "
-                      f"{result.rate:8.0f} jobs/s ({result.wall_rate:6.0f} incl. start-up; "
+                      f"{result.rate:8.0f} jobs/s ({result.from_commit_rate:6.0f} from the commit; "
                       f"enqueue {result.enqueue_s:.2f} s)", flush=True)
-        for side in order:
+        for side in order if args.pickup_jobs else ():
             latencies = await pickup(side, args.url, args.pickup_jobs,
                                      args.pickup_gap_ms / 1000, args.concurrency)
             pickups.setdefault(side.name, []).extend(latencies)
             print(f"  round {round_ + 1} {side.name:<13} pickup p50 "
                   f"{percentile_ms(latencies, 0.5):.1f} ms, p99 "
                   f"{percentile_ms(latencies, 0.99):.1f} ms", flush=True)
-    progress = ([] if args.skip_ours else
+    progress = ([] if args.skip_ours or not args.progress_jobs else
                 await progress_latency(args.url, args.progress_jobs, args.progress_seconds))
     return {"rates": rates, "pickups": pickups, "progress": progress}
 
@@ -588,7 +620,7 @@ def report(args: argparse.Namespace, measured: dict[str, Any]) -> None:
 
     def rate(side: str, procs: int, wall: bool = False) -> float | None:
         results = rates.get((side, procs), [])
-        return median([r.wall_rate if wall else r.rate for r in results])
+        return median([r.from_commit_rate if wall else r.rate for r in results])
 
     def shown(value: float | None, digits: int = 0) -> str:
         return "-" if value is None else f"{value:,.{digits}f}"
@@ -598,7 +630,7 @@ def report(args: argparse.Namespace, measured: dict[str, Any]) -> None:
 
     print(f"{args.jobs:,} no-op jobs, concurrency {args.concurrency} per process, "
           f"median of {args.rounds} round(s); jobs/s from the first start to the last end "
-          f"(incl. process start-up in brackets):")
+          f"(from the enqueue's commit in brackets):")
     print(f"  {'procs':>5}  {'ours':>16}  {'procrastinate':>16}  {'ratio':>6}")
     for procs in args.procs:
         ours, anchor = rate("ours", procs), rate("procrastinate", procs)
