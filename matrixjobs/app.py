@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 import time
 from collections.abc import AsyncIterator, Sequence
 from types import TracebackType
@@ -17,6 +19,7 @@ from typing import Protocol
 
 from prometheus_client import CollectorRegistry
 
+from matrixjobs import __version__
 from matrixjobs.config import Config
 from matrixjobs.errors import (
     BadArgumentsError,
@@ -36,6 +39,7 @@ from matrixjobs.models import (
     JobSpec,
     ProgressMessage,
     Status,
+    Worker,
     parse_id,
 )
 from matrixjobs.progress.events import JobProgressEvent, event_of
@@ -57,6 +61,10 @@ ACTIVE_LIMIT = 1000
 # How often a follow of a job that is not running looks at the store again, in case its
 # run started and ended in between.
 FOLLOW_RECHECK_S = 1.0
+# How much of a log cut meanwhile a follower of another process's job sees again.
+REFOLLOW_CHARS = 4096
+# How often a process that shares its store saves its jobs' logs, for followers elsewhere.
+LOG_SAVE_S = 2.0
 
 
 class Component(Protocol):
@@ -79,7 +87,7 @@ class App:
         role: str = "run",
     ) -> None:
         self.config = config
-        self.role = role  # "run" (the service) or "worker" (jobs only)
+        self.role = role  # "run" (the service) or "worker" (`matrixjobs worker`)
         self.targets = Targets(config.targets)
         self.handlers = handlers or HandlerRegistry()
         self._commands = CommandHandler(self.targets, config.queue.kill_grace_s)
@@ -106,10 +114,15 @@ class App:
             await self.store.close()
             raise
         self._started = True
+        if self.config.queue.workers > 0:
+            await self.store.register_worker(self._worker_row())
         self._supervisor.keep("progress-monitor", self.monitor.run)
         self._supervisor.every("lease-heartbeat", self.config.queue.lease_s / 3,
                                self.queue.heartbeat)
         self._supervisor.every("retention", RETENTION_SWEEP_S, self.purge)
+        listen = self.store.listen(self._announced, self._missed_news)
+        if listen is not None:
+            self._supervisor.keep("listener", listen)
         if self.store.shared:
             self._supervisor.keep("remote-feed", self.remote.run)
             self._supervisor.every("lease-recovery", self.config.queue.lease_s / 3,
@@ -118,12 +131,29 @@ class App:
                 self._supervisor.every("progress-flush",
                                        self.config.progress.interval_ms / 1000,
                                        self.queue.flush_progress)
+                self._supervisor.every("log-flush", LOG_SAVE_S, self.queue.flush_logs)
         await self.purge()
         for component in self.components:
             await component.start()
         log.info("matrixjobs started (%s): store %s, %d workers, targets: %s", self.role,
                  describe_store(self.config.store), self.config.queue.workers,
                  ", ".join(self.targets.names()) or "none")
+
+    def _announced(self, kind: str, ids: list[str]) -> None:
+        """News from another process sharing the store."""
+        if kind == "cancel":
+            for job_id in ids:
+                self.queue.cancel_here(job_id)
+            return
+        if kind == "new":
+            self.queue.wake()
+        self.remote.changed(ids)
+
+    def _missed_news(self) -> None:
+        """The listener was deaf for a while: look at everything again."""
+        self.queue.wake()
+        self.remote.resync()
+        self._supervisor.once("heartbeat", self.queue.heartbeat)  # cancels it missed
 
     async def ready(self) -> None:
         """Return once every component serves."""
@@ -146,8 +176,26 @@ class App:
             except Exception:
                 log.exception("stopping %r failed", component)
         await self._supervisor.stop()
+        # Last, once no heartbeat can write the row again.
+        await self._unregister_worker()
         await self.store.close()
         log.info("matrixjobs stopped")
+
+    def _worker_row(self) -> Worker:
+        now = time.time()
+        return Worker(id=self.queue.owner, name=self.config.worker.name,
+                      host=socket.gethostname(), pid=os.getpid(), role=self.role,
+                      labels=self.config.worker.labels, slots=self.config.queue.workers,
+                      version=__version__, started_at=now, heartbeat_at=now)
+
+    async def _unregister_worker(self) -> None:
+        if self.config.queue.workers == 0:
+            return
+        try:
+            await self.store.unregister_worker(self.queue.owner)
+        except Exception as exc:  # the stop goes on; the row turns silent and is purged
+            log.warning("could not remove this worker's row (%s): others will see it "
+                        "as silent until retention removes it", type(exc).__name__)
 
     @property
     def accepting(self) -> bool:
@@ -316,6 +364,10 @@ class App:
             if job is None or (job.status.terminal and self.job_logs.live(job_id) is None):
                 yield await self.store.get_log(job_id) or ""
                 return
+            if self.store.shared and job.status == Status.PROCESSING:
+                async for chunk in self._follow_stored(job_id):  # it runs on another process
+                    yield chunk
+                return
             await self.job_logs.started(job_id, FOLLOW_RECHECK_S)
         text, follower = live.follow()
         try:
@@ -324,6 +376,24 @@ class App:
                 yield chunk
         finally:
             live.unfollow(follower)
+
+    async def _follow_stored(self, job_id: str) -> AsyncIterator[str]:
+        """A log another process writes: what it saves (every LOG_SAVE_S), until the run
+        ends there."""
+        sent = ""
+        while True:
+            job = await self.store.get_job(job_id)
+            text = await self.store.get_log(job_id) or ""
+            if text.startswith(sent):
+                chunk = text[len(sent):]
+            else:  # the log was cut to its head and tail meanwhile: go on from its end
+                chunk = f"\n[… the log was cut; its last part follows]\n{text[-REFOLLOW_CHARS:]}"
+            if chunk:
+                yield chunk
+            sent = text
+            if job is None or job.status != Status.PROCESSING:
+                return
+            await asyncio.sleep(FOLLOW_RECHECK_S)
 
     async def jobs(
         self, statuses: Sequence[Status] | None = None, limit: int = 50, batch: str | None = None
@@ -339,11 +409,15 @@ class App:
     ) -> list[Batch]:
         return await self.store.list_batches(statuses, limit=limit)
 
+    async def workers(self) -> list[Worker]:
+        """Every process that runs jobs from this store, silent ones too."""
+        return await self.store.list_workers()
+
     async def scrape_metrics(self) -> CollectorRegistry:
         """The metrics, with the gauges read now."""
         self.metrics.set_gauges(
             jobs=await self.store.count_jobs(),
-            # This process's worker slots; a shared store would count every host's.
+            # This process's job slots: each process of a fleet is scraped on its own.
             workers=self.config.queue.workers,
             subscribers=self.monitor.subscriber_count,
         )

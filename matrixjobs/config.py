@@ -487,6 +487,7 @@ class WarningTopic(StrEnum):
     CREDENTIALS = "credentials"
     TARGET = "target"
     API = "api"
+    ROUTING = "routing"
 
 
 @dataclass(frozen=True, slots=True)
@@ -573,6 +574,30 @@ class Config(Section):
                 target.resolve_executable()
             except TargetProblem as exc:
                 found.append(ConfigWarning(WarningTopic.TARGET, f"targets.{name}: {exc}"))
+        found += self._routing_warnings()
+        return found
+
+    def _routing_warnings(self) -> list[ConfigWarning]:
+        """Targets whose `runs_on` labels this node's worker lacks."""
+        if self.queue.workers == 0:  # runs no jobs: its labels say nothing about routing
+            return []
+        found = []
+        labels = set(self.worker.labels)
+        for name, target in self.targets.items():
+            missing = [label for label in target.runs_on if label not in labels]
+            if not missing:
+                continue
+            need = ", ".join(target.runs_on)
+            if self.store.backend == "sqlite":
+                text = (f"runs_on {need}, but this node's worker labels are "
+                        f"{', '.join(self.worker.labels) or 'none'} and a SQLite store has no "
+                        "other workers: its jobs would wait forever")
+            else:
+                lacks = ("has none of them" if len(missing) == len(target.runs_on)
+                         else f"lacks {', '.join(missing)}")
+                text = (f"runs only on workers labelled {need}; this node {lacks}, so "
+                        "another worker must take its jobs")
+            found.append(ConfigWarning(WarningTopic.ROUTING, f"targets.{name}: {text}"))
         return found
 
 

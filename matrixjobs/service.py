@@ -8,6 +8,7 @@ from __future__ import annotations
 from matrixjobs.app import App
 from matrixjobs.config import Config
 from matrixjobs.errors import ConfigError
+from matrixjobs.standby import BOT_ROLE, HotStandby
 
 
 def build_service(config: Config) -> App:
@@ -15,8 +16,16 @@ def build_service(config: Config) -> App:
     if config.matrix is not None:
         from matrixjobs.matrix.bot import MatrixBot  # only load nio when Matrix is on
 
-        app.components.append(
-            MatrixBot(app, config.matrix, config.access, config.progress.interval_ms))
+        matrix = config.matrix
+
+        def bot() -> MatrixBot:
+            return MatrixBot(app, matrix, config.access, config.progress.interval_ms)
+
+        if app.store.shared:
+            # Nodes sharing the store: one runs the bot, the others stand by (standby.py).
+            app.components.append(HotStandby(app.store, BOT_ROLE, config.queue.lease_s, bot))
+        else:
+            app.components.append(bot())
     if config.api.enabled:
         from matrixjobs.api import ApiServer  # only load the web stack when the API is on
 

@@ -17,14 +17,37 @@ class Supervisor:
         """Run `step` every `seconds` until stopped; an exception is logged, not fatal."""
 
         async def loop() -> None:
+            failing = False
             while True:
                 await asyncio.sleep(seconds)
                 try:
                     await step()
                 except Exception:
-                    log.exception("%s failed; will try again in %gs", name, seconds)
+                    # Once per outage (a lost database fails every step until it is back).
+                    if failing:
+                        log.debug("%s failed again", name, exc_info=True)
+                    else:
+                        log.exception("%s failed; trying again every %gs", name, seconds)
+                    failing = True
+                    continue
+                if failing:
+                    log.info("%s works again", name)
+                    failing = False
 
         self._tasks.append(asyncio.create_task(loop(), name=name))
+
+    def once(self, name: str, step: Callable[[], Awaitable[None]]) -> None:
+        """Run `step` once, now, in the background; an exception is logged, not fatal."""
+
+        async def run() -> None:
+            try:
+                await step()
+            except Exception:
+                log.warning("%s failed", name, exc_info=True)
+
+        task = asyncio.create_task(run(), name=name)
+        self._tasks.append(task)
+        task.add_done_callback(lambda done: done in self._tasks and self._tasks.remove(done))
 
     def keep(self, name: str, run: Callable[[], Awaitable[None]]) -> None:
         """Run a long-lived coroutine; restart it a second after it crashes."""

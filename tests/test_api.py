@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +25,8 @@ from matrixjobs import __version__
 from matrixjobs.api import ApiServer
 from matrixjobs.api.client import ApiClient, user_agent
 from matrixjobs.app import App
-from matrixjobs.errors import ConfigError, MatrixJobsError
-from matrixjobs.models import parse_id
+from matrixjobs.errors import ConfigError, MatrixJobsError, StoreError
+from matrixjobs.models import Worker, parse_id
 from matrixjobs.service import build_service
 from matrixjobs.store.sqlite import SqliteStore
 
@@ -409,6 +411,7 @@ BAD_REQUESTS = [
     ("GET", "/v1/batches?limit=ten", None, 400, "bad_query"),
     ("GET", "/v1/jobs?limt=5", None, 400, "bad_query"),
     ("GET", "/v1/status/j1?stram=true", None, 400, "bad_query"),
+    ("GET", "/v1/workers?x=1", None, 400, "bad_query"),
     ("GET", "/v1/nothing", None, 404, "not_found"),
     ("DELETE", "/v1/jobs", None, 405, "method_not_allowed"),
 ]
@@ -441,6 +444,54 @@ async def test_wrong_method_names_every_method_the_path_takes(svc):
             response = await client.delete(path)
             assert_error(response, 405, "method_not_allowed")
             assert set(response.headers["allow"].split(", ")) == {"GET", "HEAD", "POST"}
+
+
+# -- the fleet ----------------------------------------------------------------------------------
+
+
+async def test_workers_lists_this_node_with_its_running_job_and_a_silent_one(service, tmp_path):
+    svc = await service(queue={"workers": 2, "lease_s": 30},
+                        worker={"name": "build-01", "labels": ["gpu", "arm"]})
+    now = time.time()
+    await svc.app.store.register_worker(Worker(
+        id="gone:1:ab", name="build-02", host="gone", pid=1, role="worker", labels=[], slots=4,
+        version="0.0.9", started_at=now - 3600, heartbeat_at=now - 125))
+    async with svc.client() as client:
+        job_id = await submit(client, "slow")
+        await started(svc.app, job_id)
+        response = await client.get("/v1/workers")
+    assert response.status_code == 200 and response.headers["content-type"] == "application/json"
+    here, gone = response.json()["workers"]
+    assert {k: v for k, v in here.items() if not k.endswith("At")} == {
+        "id": svc.app.queue.owner, "name": "build-01", "host": socket.gethostname(),
+        "pid": os.getpid(), "role": "run", "labels": ["arm", "gpu"], "slots": 2,
+        "version": __version__, "running": [job_id], "alive": True, "silentFor": None}
+    assert here["startedAt"] == here["heartbeatAt"]
+    assert abs(datetime.fromisoformat(here["startedAt"]).timestamp() - now) < 5
+    assert (gone["name"], gone["alive"], gone["running"]) == ("build-02", False, [])
+    assert 125 <= gone["silentFor"] < 135
+    await svc.app.stop()  # a clean stop takes this node's row away; the silent one stays
+    store = SqliteStore(tmp_path / "matrixjobs.db")
+    await store.open()
+    try:
+        assert [w.name for w in await store.list_workers()] == ["build-02"]
+    finally:
+        await store.close()
+
+
+class LosesTheDatabaseAtStop(SqliteStore):
+    async def unregister_worker(self, worker_id: str) -> None:
+        raise StoreError("database gone")
+
+
+async def test_a_worker_row_that_cannot_be_removed_at_stop_is_a_warning(tmp_path, caplog):
+    config = make_config(tmp_path, targets=TARGETS)
+    app = App(config, store=LosesTheDatabaseAtStop(tmp_path / "s.db"))
+    await app.start()
+    await app.stop()
+    assert "could not remove this worker's row (StoreError)" in caplog.text
+    with pytest.raises(StoreError, match="not open"):  # the stop went on to close it
+        await app.store.list_workers()
 
 
 # -- auth ---------------------------------------------------------------------------------------

@@ -164,6 +164,37 @@ def test_check_config_warns_about_a_missing_executable_but_succeeds(tmp_path):
             "on PATH" in result.stderr.splitlines())
 
 
+def test_check_config_warns_about_a_runs_on_label_no_worker_of_a_sqlite_store_has(tmp_path):
+    config = write(tmp_path, """
+        [targets.train]
+        handler = "sitebuild"
+        runs_on = ["gpu"]
+    """)
+    result = cli(tmp_path, "check-config", "--config", str(config))
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines() == [
+        "warning: targets.train: runs_on gpu, but this node's worker labels are none and a "
+        "SQLite store has no other workers: its jobs would wait forever"]
+
+
+def test_check_config_warns_softly_about_a_runs_on_label_with_postgresql(tmp_path):
+    config = write(tmp_path, """
+        [store]
+        backend = "postgresql"
+        url = "postgresql://matrixjobs@db.example.org/matrixjobs"
+        [worker]
+        labels = ["arm64"]
+        [targets.train]
+        handler = "sitebuild"
+        runs_on = ["gpu"]
+    """)
+    result = cli(tmp_path, "check-config", "--config", str(config))
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines() == [
+        "warning: targets.train: runs only on workers labelled gpu; this node has none of "
+        "them, so another worker must take its jobs"]
+
+
 def test_check_config_rejects_a_homeserver_url_typo(tmp_path):
     config = write(tmp_path, """
         [matrix]
@@ -307,3 +338,35 @@ def test_run_reports_a_bad_config_without_traceback(tmp_path):
     assert_clean_error(result)
     assert "queue.workers" in result.stderr
     assert not (tmp_path / "matrixjobs.db").exists()
+
+
+def test_worker_needs_a_postgresql_store(tmp_path):
+    config = write(tmp_path, GOOD_CONFIG)
+    result = cli(tmp_path, "worker", "--config", str(config), timeout=EXIT_TIMEOUT_S)
+    assert_clean_error(result)
+    assert "a worker needs a PostgreSQL store" in result.stderr
+    assert not (tmp_path / "matrixjobs.db").exists()
+
+
+def test_worker_with_no_job_slots_is_refused(tmp_path):
+    config = write(tmp_path, """
+        [store]
+        backend = "postgresql"
+        url = "postgresql://127.0.0.1:1/none"
+        [queue]
+        workers = 0
+    """)
+    result = cli(tmp_path, "worker", "--config", str(config), timeout=EXIT_TIMEOUT_S)
+    assert_clean_error(result)
+    assert "queue.workers = 0: a worker with no job slots would do nothing" in result.stderr
+
+
+def test_worker_names_an_unreachable_database_by_host_and_port(tmp_path):
+    config = write(tmp_path, """
+        [store]
+        backend = "postgresql"
+        url = "postgresql://127.0.0.1:1/jobs"
+    """)
+    result = cli(tmp_path, "worker", "--config", str(config), timeout=30)
+    assert_clean_error(result)
+    assert "cannot connect to PostgreSQL at 127.0.0.1:1/jobs" in result.stderr

@@ -7,8 +7,10 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import socket
 import sys
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,7 @@ from helpers import counting_target, final_state, make_config, python_target
 
 from matrixjobs.api import ApiServer
 from matrixjobs.app import App
+from matrixjobs.models import Worker
 from matrixjobs.service import build_service
 
 TOKEN = "cli-s3cret"
@@ -57,25 +60,28 @@ class Result:
         return f"Result(code={self.code}, out={self.out!r}, err={self.err!r})"
 
 
-def cli_env(url: str, token: str | None = None) -> dict[str, str]:
+def cli_env(url: str, token: str | None = None,
+            extra_env: dict[str, str] | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MATRIXJOBS_")}
+    env |= extra_env or {}
     env["MATRIXJOBS_API_URL"] = url
     if token is not None:
         env["MATRIXJOBS_API_TOKEN"] = token
     return env
 
 
-async def spawn(url: str, *args: str, token: str | None = None) -> asyncio.subprocess.Process:
+async def spawn(url: str, *args: str, token: str | None = None,
+                extra_env: dict[str, str] | None = None) -> asyncio.subprocess.Process:
     return await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "matrixjobs", *args, env=cli_env(url, token),
+        sys.executable, "-m", "matrixjobs", *args, env=cli_env(url, token, extra_env),
         stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
 
 
 async def run_cli(url: str, *args: str, token: str | None = None,
-                  timeout: float = 20.0) -> Result:
-    process = await spawn(url, *args, token=token)
+                  timeout: float = 20.0, extra_env: dict[str, str] | None = None) -> Result:
+    process = await spawn(url, *args, token=token, extra_env=extra_env)
     try:
         out, err = await asyncio.wait_for(process.communicate(), timeout)
     except TimeoutError:
@@ -252,6 +258,41 @@ async def test_watch_all_discovers_a_job_submitted_after_it_started(svc):
     finally:
         process.terminate()
         await process.wait()
+
+
+# -- workers ------------------------------------------------------------------------------------
+
+
+async def test_workers_as_json_plain_lines_and_a_table(svc):
+    now = time.time()
+    await svc.app.store.register_worker(Worker(
+        id="gone:1:ab", name="build-02", host="gone", pid=1, role="worker", labels=["gpu"],
+        slots=4, version="0.0.9", started_at=now - 3600, heartbeat_at=now - 125))
+    job = await svc.app.submit("slow")
+    await started(svc.app, job.id)
+    as_json = await run_cli(svc.url, "workers", "--json")
+    assert as_json.code == 0, as_json
+    [answer] = as_json.json_lines()
+    here = svc.app.config.worker.name
+    assert {w["name"]: (w["running"], w["alive"]) for w in answer["workers"]} == {
+        "build-02": ([], False), here: ([job.id], True)}
+    plain = await run_cli(svc.url, "workers")
+    assert plain.code == 0, plain
+    lines = {line.split()[0]: line for line in plain.lines}
+    assert re.fullmatch(r"build-02 gone worker gpu 0/4 running 2m \d\ds ago "
+                        r"silent for 2m \d\ds", lines["build-02"]), plain
+    assert re.fullmatch(rf"{here} \S+ run - 1/4 running \d+s ago alive", lines[here]), plain
+    table = await run_cli(svc.url, "workers", extra_env={"FORCE_COLOR": "1", "COLUMNS": "160",
+                                                         "TTY_COMPATIBLE": "1"})
+    assert "last heartbeat" in table.out and "silent for 2m" in table.out, table
+
+
+async def test_workers_errors_as_the_other_commands(service):
+    svc = await service(token=TOKEN)
+    wrong = await run_cli(svc.url, "workers", token="not-it")
+    assert wrong.code == 1 and "401" in wrong.err, wrong
+    gone = await run_cli(f"http://127.0.0.1:{free_port()}", "workers")
+    assert gone.code == 3 and "cannot reach" in gone.err, gone
 
 
 # -- connection problems --------------------------------------------------------------------------

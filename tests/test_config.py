@@ -731,6 +731,79 @@ def test_missing_target_cwd_is_warned_about(conf_dir):
                for w in warnings), warnings
 
 
+POSTGRES_STORE = """
+    [store]
+    backend = "postgresql"
+    url = "postgresql://matrixjobs@db.example.org/matrixjobs"
+"""
+
+
+def routing_warnings(conf_dir: Path, text: str) -> list[str]:
+    config = load_config(write(conf_dir, text), environ={})
+    return [str(w) for w in config.warning_items() if w.topic is WarningTopic.ROUTING]
+
+
+def test_runs_on_a_label_this_sqlite_node_lacks_warns_that_jobs_wait_forever(conf_dir):
+    assert routing_warnings(conf_dir, """
+        [targets.train]
+        handler = "sitebuild"
+        runs_on = ["gpu"]
+    """) == ["targets.train: runs_on gpu, but this node's worker labels are none and a SQLite "
+             "store has no other workers: its jobs would wait forever"]
+
+
+def test_runs_on_warning_names_the_labels_this_sqlite_node_has(conf_dir):
+    assert routing_warnings(conf_dir, """
+        [worker]
+        labels = ["arm64"]
+        [targets.train]
+        handler = "sitebuild"
+        runs_on = ["gpu", "arm64"]
+    """) == ["targets.train: runs_on arm64, gpu, but this node's worker labels are arm64 and a "
+             "SQLite store has no other workers: its jobs would wait forever"]
+
+
+def test_runs_on_a_label_this_postgresql_node_lacks_warns_softly(conf_dir):
+    assert routing_warnings(conf_dir, POSTGRES_STORE + """
+        [worker]
+        labels = ["arm64"]
+        [targets.train]
+        handler = "sitebuild"
+        runs_on = ["gpu"]
+        [targets.cross]
+        handler = "sitebuild"
+        runs_on = ["gpu", "arm64"]
+    """) == [
+        "targets.train: runs only on workers labelled gpu; this node has none of them, so "
+        "another worker must take its jobs",
+        "targets.cross: runs only on workers labelled arm64, gpu; this node lacks gpu, so "
+        "another worker must take its jobs",
+    ]
+
+
+def test_runs_on_gives_no_warning_when_this_node_has_every_label(conf_dir):
+    assert routing_warnings(conf_dir, """
+        [worker]
+        labels = ["gpu", "arm64", "big"]
+        [targets.train]
+        handler = "sitebuild"
+        runs_on = ["gpu", "arm64"]
+        [targets.docs]
+        handler = "sitebuild"
+    """) == []
+
+
+def test_runs_on_gives_no_warning_on_a_node_that_runs_no_jobs(conf_dir):
+    """A bot/API-only node (workers = 0) leaves every job to the worker processes."""
+    assert routing_warnings(conf_dir, POSTGRES_STORE + """
+        [queue]
+        workers = 0
+        [targets.train]
+        handler = "sitebuild"
+        runs_on = ["gpu"]
+    """) == []
+
+
 # -- access ------------------------------------------------------------------------------------
 
 

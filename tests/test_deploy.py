@@ -1,4 +1,4 @@
-"""deploy/: the systemd unit passes systemd's own checks and agrees with the config defaults.
+"""deploy/: the systemd units pass systemd's own checks and agree with the config defaults.
 
 systemd is not PID 1 on the test machines, so the unit is verified, not started.
 """
@@ -10,17 +10,20 @@ import re
 import shutil
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
 
-from matrixjobs.config import SECRET_ENV, QueueConfig
+from matrixjobs.config import SECRET_ENV, QueueConfig, WarningTopic, load_config
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 UNIT = DEPLOY / "matrixjobs.service"
+WORKER_UNIT = DEPLOY / "matrixjobs-worker.service"
+UNITS = [UNIT, WORKER_UNIT]
 # The most time the bot spends flushing final edits on shutdown (shutdown contract).
 EDIT_FLUSH_S = 10.0
-# Exposure is systemd-analyze's 0-10 score in tenths; the unit scores 1.5 today.
+# Exposure is systemd-analyze's 0-10 score in tenths; both units score 1.5 today.
 MAX_EXPOSURE = 20
 
 needs_systemd_analyze = pytest.mark.skipif(
@@ -51,14 +54,14 @@ def seconds(timespan: str) -> float:
     return int(match[1]) * (60 if match[2] == "min" else 1)
 
 
-def unit_for_this_machine(tmp_path: Path) -> Path:
+def unit_for_this_machine(tmp_path: Path, shipped: Path = UNIT) -> Path:
     """The unit with ExecStart on this venv's real `matrixjobs` (verify checks it exists)."""
     script = Path(sys.executable).parent / "matrixjobs"
     assert script.is_file(), f"{script} missing: install the package into this venv"
-    text = UNIT.read_text(encoding="utf-8")
+    text = shipped.read_text(encoding="utf-8")
     exec_start = service_settings(text)["ExecStart"]
     program = exec_start.split()[0]
-    unit = tmp_path / UNIT.name
+    unit = tmp_path / shipped.name
     unit.write_text(text.replace(f"ExecStart={program} ", f"ExecStart={script} "),
                     encoding="utf-8")
     return unit
@@ -76,8 +79,9 @@ def verify(unit: Path) -> tuple[int, list[str]]:
 
 
 @needs_systemd_analyze
-def test_unit_passes_systemd_analyze_verify(tmp_path):
-    status, complaints = verify(unit_for_this_machine(tmp_path))
+@pytest.mark.parametrize("shipped", UNITS, ids=lambda unit: unit.name)
+def test_unit_passes_systemd_analyze_verify(tmp_path, shipped):
+    status, complaints = verify(unit_for_this_machine(tmp_path, shipped))
     assert status == 0, complaints
     assert complaints == []
 
@@ -94,10 +98,11 @@ def test_verify_reports_a_misspelled_key(tmp_path):
 
 
 @needs_systemd_analyze
-def test_unit_sandbox_keeps_exposure_low(tmp_path):
+@pytest.mark.parametrize("shipped", UNITS, ids=lambda unit: unit.name)
+def test_unit_sandbox_keeps_exposure_low(tmp_path, shipped):
     result = subprocess.run(
         ["systemd-analyze", "security", "--offline=true", f"--threshold={MAX_EXPOSURE}",
-         "--no-pager", str(unit_for_this_machine(tmp_path))],
+         "--no-pager", str(unit_for_this_machine(tmp_path, shipped))],
         capture_output=True, text=True, timeout=60,
     )
     score = re.search(r"Overall exposure level for \S+: (\S+)", result.stdout)
@@ -105,9 +110,10 @@ def test_unit_sandbox_keeps_exposure_low(tmp_path):
     assert result.returncode == 0, f"exposure {score[1]} is above {MAX_EXPOSURE / 10}"
 
 
-def test_stop_timeout_covers_the_shutdown_grace():
+@pytest.mark.parametrize("shipped", UNITS, ids=lambda unit: unit.name)
+def test_stop_timeout_covers_the_shutdown_grace(shipped):
     """SIGKILL must not cut off the graceful stop: grace, then kill grace, then edit flush."""
-    settings = service_settings(UNIT.read_text(encoding="utf-8"))
+    settings = service_settings(shipped.read_text(encoding="utf-8"))
     queue = QueueConfig()
     # shutdown_grace_s arrives with the lead's shutdown work; 30 s is its documented default.
     shutdown_grace_s = getattr(queue, "shutdown_grace_s", 30.0)
@@ -116,6 +122,37 @@ def test_stop_timeout_covers_the_shutdown_grace():
     assert seconds(settings["TimeoutStopSec"]) >= needed + 5, (
         f"TimeoutStopSec={settings['TimeoutStopSec']} leaves no margin over {needed:.0f} s"
     )
+
+
+# What the worker unit may set differently from the main unit, and why.
+WORKER_DIFFERS = {
+    "ExecStart",  # `worker --config …/worker.toml`
+    "RuntimeDirectory", "RuntimeDirectoryMode",  # only for the API's unix socket
+    "LimitNOFILE",  # for streaming API clients
+    "RestartSec",  # retries an unreachable database forever (StartLimitIntervalSec=0)
+}
+
+
+def test_worker_unit_runs_the_worker_as_the_same_user_in_the_same_sandbox():
+    main = service_settings(UNIT.read_text(encoding="utf-8"))
+    worker = service_settings(WORKER_UNIT.read_text(encoding="utf-8"))
+    assert worker["ExecStart"].split()[1:3] == ["worker", "--config"]
+    drifted = {key for key in (main.keys() | worker.keys()) - WORKER_DIFFERS
+               if main.get(key) != worker.get(key)}
+    assert drifted == set(), {key: (main.get(key), worker.get(key)) for key in drifted}
+
+
+def test_readme_worker_config_is_valid_and_has_the_labels_its_target_runs_on(tmp_path):
+    readme = (DEPLOY / "README.md").read_text(encoding="utf-8")
+    block = re.search(r"worker\.toml` \(root:matrixjobs, 0640\):\n\n((?: {7}.*\n|\n)+)", readme)
+    assert block, "the worker.toml example in deploy/README.md moved: update this test"
+    path = tmp_path / "worker.toml"
+    path.write_text(textwrap.dedent(block[1]), encoding="utf-8")
+    config = load_config(path, environ={})
+    assert config.store.backend == "postgresql"
+    assert config.worker.labels == ["cuda12", "gpu"]
+    # Only the example's command is missing on this machine; its routing is consistent.
+    assert [w.topic for w in config.warning_items()] == [WarningTopic.TARGET]
 
 
 def test_env_example_names_only_secrets_the_config_reads():

@@ -9,11 +9,13 @@ import sys
 from typing import Any
 
 import httpx2
+from fleet import node_config, start
 from helpers import make_config, python_target
 from mcp.client import Client
 from mcp.client.streamable_http import streamable_http_client
 
 from matrixjobs.api import ApiServer
+from matrixjobs.app import App
 from matrixjobs.service import build_service
 
 TOKEN = "agree-token"
@@ -66,7 +68,25 @@ def percentages(events: list[dict[str, Any]]) -> list[float]:
 async def test_stream_cli_and_mcp_agree_on_one_job(tmp_path):
     config = make_config(tmp_path, targets={"steps": STEPS},
                          api={"listen": "127.0.0.1:0", "token": TOKEN})
-    app = build_service(config)
+    await agree(build_service(config))
+
+
+async def test_they_agree_on_a_job_that_a_separate_worker_process_runs(tmp_path, pg_url):
+    """The service runs no jobs (workers = 0): a `matrixjobs worker` process does, and its
+    progress reaches the service's stream, the CLI and MCP through the shared store."""
+    config = make_config(tmp_path, targets={"steps": STEPS}, queue={"workers": 0},
+                         store={"backend": "postgresql", "url": pg_url},
+                         api={"listen": "127.0.0.1:0", "token": TOKEN})
+    worker = start(tmp_path / "w1", node_config(tmp_path / "w1", pg_url, {"steps": STEPS},
+                                                name="w1"), "worker", "w1")
+    try:
+        finals = await agree(build_service(config))
+    finally:
+        worker.stop()
+    assert {final["worker"] for final in finals} == {"w1"}
+
+
+async def agree(app: App) -> list[dict[str, Any]]:
     await app.start()
     try:
         [api] = [c for c in app.components if isinstance(c, ApiServer)]
@@ -89,3 +109,4 @@ async def test_stream_cli_and_mcp_agree_on_one_job(tmp_path):
         assert percentages(events) == sorted(percentages(events))
         assert len(events) >= 3  # live updates, not just the end
     assert mcp_progress == sorted(set(mcp_progress)) and len(mcp_progress) >= 2
+    return finals

@@ -16,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from matrixjobs.api import ApiServer
 from matrixjobs.app import App
+from matrixjobs.models import Worker
 from matrixjobs.service import build_service
 
 pytestmark = pytest.mark.timeout(120)
@@ -254,6 +255,18 @@ async def test_info_commands_answer(scene):
     assert "✅" in (await scene.reply_to(command)).current
     command = await scene.say("!status")
     assert "Nothing is running" in (await scene.reply_to(command)).current
+
+
+async def test_workers_command_lists_this_node_and_a_silent_worker(scene):
+    now = time.time()
+    await scene.app.store.register_worker(Worker(
+        id="gone:1:ab", name="build-02", host="gone", pid=1, role="worker", labels=["gpu"],
+        slots=2, version="0.0.9", started_at=now - 3600, heartbeat_at=now - 125))
+    command = await scene.say("!workers")
+    reply = (await scene.reply_to(command)).current
+    here = scene.app.config.worker.name
+    assert f"🟢 {here} 0/4 running · beat " in reply, reply
+    assert "🔴 build-02 (gpu) silent for 2m" in reply, reply
 
 
 async def test_invite_sent_while_the_bot_was_offline_is_accepted(synapse, tmp_path):

@@ -35,7 +35,8 @@ QUIET = python_target("import time; time.sleep(1.2)")
 WORDY = python_target("for n in range(3000): print(f'{n:05d}' + 'x' * 94)")
 TARGETS = {"count": COUNT, "slow": SLOW, "quiet": QUIET, "wordy": WORDY}
 MODES = ["auto", "legacy"]
-TOOLS = {"status", "list_jobs", "submit_build", "submit_batch", "rerun", "cancel", "logs"}
+TOOLS = {"status", "list_jobs", "submit_build", "submit_batch", "rerun", "cancel", "logs",
+         "workers"}
 
 
 class Service:
@@ -208,6 +209,16 @@ async def test_logs_gives_the_last_lines_within_its_bound(connect, svc):
         assert "no job j999" in await call_error(client, "logs", id="j999")
 
 
+async def test_workers_lists_this_node_with_its_running_job(connect, svc):
+    async with connect() as client:
+        job = await call(client, "submit_build", target="slow")
+        await wait_until(lambda: svc.app.monitor.current(job["id"]) is not None)
+        [here] = (await call(client, "workers"))["workers"]
+    assert (here["id"], here["role"], here["alive"], here["silentFor"]) == (
+        svc.app.queue.owner, "run", True, None)
+    assert here["running"] == [job["id"]] and here["slots"] == 4
+
+
 async def test_batch_streams_to_its_end(connect):
     seen: list[float] = []
 
@@ -283,6 +294,8 @@ async def test_stdio_subprocess_against_the_service(svc, mode):
         assert "unknown target" in await call_error(client, "submit_build", target="nope")
         logs = await call(client, "logs", id=job["id"], lines=2)
         assert logs["text"] == "::progress 5/5 step 5\n── completed ──\n"
+        [here] = (await call(client, "workers"))["workers"]
+        assert here["id"] == svc.app.queue.owner and here["running"] == []
         assert "no job j999" in await call_error(client, "logs", id="j999")
 
 

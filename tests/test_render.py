@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from matrixjobs.fleet import worker_state
 from matrixjobs.matrix.render import (
     MAX_LOG_BYTES,
     STATUS_EMOJI,
@@ -24,8 +25,9 @@ from matrixjobs.matrix.render import (
     render_status_summary,
     render_targets,
     render_unknown_command,
+    render_workers,
 )
-from matrixjobs.models import Batch, Job, Status
+from matrixjobs.models import Batch, Job, Status, Worker
 from matrixjobs.progress.events import JobProgressEvent, ProgressInfo, batch_event, job_event
 
 NOW = 1_700_000_000.0
@@ -308,7 +310,7 @@ def test_final_notice_of_a_fix_says_fixed() -> None:
 def test_help_lists_every_command_with_the_configured_prefix() -> None:
     rendered = render_help("?")
     for usage in ("build TARGET [ARGS…]", "batch TARGET [TARGET…]", "status [ID]",
-                  "cancel ID", "jobs", "targets", "help"):
+                  "cancel ID", "jobs", "targets", "workers", "help"):
         assert re.search(rf"^• \?{re.escape(usage)} — \S", rendered.body, re.MULTILINE), usage
         assert f"<code>?{usage}</code> — " in rendered.html
     assert "!" not in rendered.body
@@ -334,6 +336,24 @@ def test_jobs_list_is_one_line_per_job_with_status_percentage_and_age() -> None:
         "🔄 b7 docs, api, web — running 66% · 40s ago",
     ]
     assert "🔄 <code>j12</code> <b>docs</b> — running 34% · 1m 10s ago" in rendered.html
+
+
+def test_workers_list_says_load_and_beat_of_live_ones_and_how_long_others_are_silent() -> None:
+    def row(name: str, beat: float, labels: list[str], running: list[str]) -> Worker:
+        return Worker(id=f"{name}:1:ab", name=name, host="h", pid=1, role="worker",
+                      labels=labels, slots=4, version="1", started_at=NOW - 999,
+                      heartbeat_at=beat, running=running)
+
+    states = [worker_state(row("build-01", NOW - 3, ["gpu", "x<y"], ["j1", "j2"]), NOW, 30),
+              worker_state(row("build-02", NOW - 125, [], []), NOW, 30)]
+    rendered = render_workers(states, NOW)
+    assert lines(rendered) == [
+        "Workers:",
+        "🟢 build-01 (gpu, x<y) 2/4 running · beat 3s ago",
+        "🔴 build-02 silent for 2m 05s",
+    ]
+    assert "🟢 <b>build-01</b> (gpu, x&lt;y) 2/4 running · beat 3s ago" in rendered.html
+    assert render_workers([], NOW).body == "No workers."
 
 
 def test_jobs_list_when_empty() -> None:

@@ -20,6 +20,7 @@ from matrixjobs.models import (
     Progress,
     ProgressMessage,
     Status,
+    Worker,
 )
 from matrixjobs.store.base import Store
 from matrixjobs.store.postgres import PostgresStore
@@ -414,3 +415,47 @@ async def test_the_store_reopens_with_its_jobs(store):
     await store.close()
     await store.open()
     assert (await store.get_job(job.id)).name == "x"
+
+
+# -- the fleet ------------------------------------------------------------------------------
+
+def worker(id_: str, name: str, heartbeat_at: float = NOW, labels: list[str] | None = None
+           ) -> Worker:
+    return Worker(id=id_, name=name, host="h", pid=7, role="worker", labels=labels or [],
+                  slots=4, version="1.0", started_at=NOW - 10, heartbeat_at=heartbeat_at)
+
+
+async def test_workers_read_back_by_name_with_the_jobs_they_hold(store):
+    await store.register_worker(worker("id-b", "build-02", labels=["x86", "gpu"]))
+    await store.register_worker(worker("id-a", "build-01"))
+    jobs = await store.add_jobs([spec(f"n{i}") for i in range(11)], NOW)
+    assert await claim(store, 2, owner="id-b") == [jobs[0].id, jobs[1].id]
+    assert await claim(store, 9, owner="id-a") == [j.id for j in jobs[2:]]
+    await store.settle_and_claim([Outcome(jobs[2].id, Status.COMPLETED, NOW + 1)], "id-a", 0,
+                                 NOW + 1, 60)
+    a, b = await store.list_workers()
+    assert (a.name, b.name) == ("build-01", "build-02")
+    assert a.running == [j.id for j in jobs[3:]]  # j10 after j9: by number, not as text
+    expected = worker("id-b", "build-02", labels=["gpu", "x86"])
+    expected.running = [jobs[0].id, jobs[1].id]
+    assert b == expected  # every column as written, labels sorted
+
+
+async def test_registering_again_replaces_the_row_and_unregistering_deletes_it(store):
+    await store.register_worker(worker("id-a", "old"))
+    await store.register_worker(worker("id-a", "new", heartbeat_at=NOW + 5))
+    [row] = await store.list_workers()
+    assert (row.name, row.heartbeat_at, row.running) == ("new", NOW + 5, [])
+    await store.unregister_worker("id-a")
+    await store.unregister_worker("id-unknown")
+    assert await store.list_workers() == []
+
+
+async def test_silent_workers_stay_listed_until_retention_purges_them(store):
+    await store.register_worker(worker("id-quiet", "quiet", heartbeat_at=NOW - 600))
+    await store.register_worker(worker("id-live", "live", heartbeat_at=NOW))
+    live, quiet = await store.list_workers()
+    assert (live.name, quiet.name) == ("live", "quiet")
+    assert live.alive(NOW, 30) and not quiet.alive(NOW, 30)
+    assert await store.purge_finished(NOW - 60) == 0
+    assert [w.name for w in await store.list_workers()] == ["live"]

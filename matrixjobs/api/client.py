@@ -13,6 +13,7 @@ from urllib.parse import quote
 import httpx2
 
 from matrixjobs import __version__
+from matrixjobs.fleet import WorkerState
 from matrixjobs.models import BATCH_PREFIX, parse_id
 from matrixjobs.progress.events import JobProgressEvent
 
@@ -113,6 +114,11 @@ class ApiClient:
 
     async def status(self, subject: str) -> JobProgressEvent:
         return event_from(await self._request("GET", f"/v1/status/{_segment(subject)}"))
+
+    async def workers(self) -> list[WorkerState]:
+        """Every worker of the service's store, silent ones too."""
+        data = await self._request("GET", "/v1/workers")
+        return [WorkerState.model_validate(item) for item in data["workers"]]
 
     async def submit(self, target: str, args: list[str]) -> JobProgressEvent:
         body = {"target": target, "args": args}

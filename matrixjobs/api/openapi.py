@@ -31,6 +31,7 @@ from matrixjobs.api.routes import (
     json_response,
 )
 from matrixjobs.api.stream import NDJSON
+from matrixjobs.fleet import WorkerState
 from matrixjobs.models import BATCH_PREFIX, JOB_PREFIX, Status
 from matrixjobs.progress.events import JobProgressEvent
 
@@ -202,6 +203,15 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
                   "content": {JSON: {"schema": ref("JobProgressEvent")},
                               NDJSON: {"schema": {"type": "string"}}}},
             400: BAD_QUERY, 404: NOT_FOUND}),
+    ("GET", "/v1/workers"): Operation(
+        "The processes that run jobs from this store",
+        description=("Every worker row, by name: live ones and ones that went silent (no "
+                     "heartbeat for `[queue] lease_s`, by this service's clock) until retention "
+                     "removes them. `running` lists the jobs each holds now."),
+        responses={200: answer("the workers", {
+            "type": "object", "required": ["workers"],
+            "properties": {"workers": {"type": "array", "items": ref("WorkerState")}}}),
+            400: BAD_QUERY}),
 }
 
 AUTH_ERRORS = {
@@ -273,7 +283,8 @@ def _operation(operation: Operation) -> dict[str, Any]:
 
 def _schemas() -> dict[str, Any]:
     _, generated = models_json_schema(
-        [(JobProgressEvent, "serialization"), (SubmitJob, "validation"),
+        [(JobProgressEvent, "serialization"), (WorkerState, "serialization"),
+         (SubmitJob, "validation"),
          (SubmitBatch, "validation")],
         by_alias=True, ref_template=SCHEMAS + "{model}")
     return {

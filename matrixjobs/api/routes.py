@@ -27,6 +27,7 @@ from matrixjobs.api.stream import (
 from matrixjobs.app import App
 from matrixjobs.config import MatrixConfig
 from matrixjobs.errors import NotFoundError, echo
+from matrixjobs.fleet import worker_state
 from matrixjobs.models import BATCH_PREFIX, JOB_PREFIX, Status, parse_id
 from matrixjobs.progress.events import JobProgressEvent, event_of
 
@@ -78,6 +79,7 @@ class Endpoints:
             Route("/v1/batches/{id}/rerun", self.rerun_batch, methods=["POST"]),
             Route("/v1/status", self.active, methods=["GET"]),
             Route("/v1/status/{id}", self.status, methods=["GET"]),
+            Route("/v1/workers", self.workers, methods=["GET"]),
         ]
 
     async def healthz(self, request: Request) -> Response:
@@ -176,6 +178,13 @@ class Endpoints:
         updates = self.app.watch(subject)
         return event_stream(await opened(updates), updates, self.streams)
 
+    # -- the fleet -------------------------------------------------------------------------------
+
+    async def workers(self, request: Request) -> Response:
+        known_query(request)
+        now, lease_s = time.time(), self.app.config.queue.lease_s
+        states = [worker_state(w, now, lease_s).to_json() for w in await self.app.workers()]
+        return json_response(f'{{"workers":[{",".join(states)}]}}')
 
 
 def by_method(path: str, **handlers: Callable[[Request], Awaitable[Response]]) -> Route:
@@ -252,8 +261,9 @@ def known_query(request: Request, *names: str) -> None:
     answer, as unknown fields of a body would (those are refused too)."""
     unknown = sorted(set(request.query_params) - set(names))
     if unknown:
+        takes = f"takes: {', '.join(names)}" if names else "takes none"
         raise ApiError(400, "bad_query", f"unknown query parameter '{unknown[0]}'; "
-                                         f"this endpoint takes: {', '.join(names)}")
+                                         f"this endpoint {takes}")
 
 
 def list_filters(request: Request, *more: str) -> tuple[list[Status] | None, int]:

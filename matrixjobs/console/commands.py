@@ -1,4 +1,5 @@
-"""The client commands: status, submit, batch, rerun, cancel, jobs, logs (talking to the API)."""
+"""The client commands: status, submit, batch, rerun, cancel, jobs, logs, workers (talking to
+the API)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import asyncio
 import contextlib
 import re
 import sys
+import time
 from collections.abc import Awaitable, Callable
 
 from matrixjobs.api.client import (
@@ -14,11 +16,12 @@ from matrixjobs.api.client import (
     ApiFailure,
     ServiceUnreachable,
 )
-from matrixjobs.console.display import Board, Mode, pick_mode, print_events
+from matrixjobs.console.display import Board, Mode, pick_mode, print_events, print_workers
 from matrixjobs.exitcodes import EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE
 from matrixjobs.models import Status
 from matrixjobs.progress.events import JobProgressEvent
 
+JSON_EVENTS_HELP = "machine-readable output: one job-progress event (JSON) per line"
 DISCOVERY_LIMIT = 200
 RECENT_LIMIT = 20
 
@@ -82,6 +85,11 @@ async def cmd_status(api: ApiClient, args: argparse.Namespace, mode: Mode) -> in
 
 async def cmd_jobs(api: ApiClient, args: argparse.Namespace, mode: Mode) -> int:
     print_events(await api.jobs(limit=args.limit), mode, "recent jobs")
+    return EXIT_OK
+
+
+async def cmd_workers(api: ApiClient, args: argparse.Namespace, mode: Mode) -> int:
+    print_workers(await api.workers(), mode, time.time())
     return EXIT_OK
 
 
@@ -207,16 +215,16 @@ EPILOG = (
 
 
 def add_client_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    """Register status, submit, batch, rerun, cancel, jobs and logs on the main parser's
-    subcommands."""
+    """Register status, submit, batch, rerun, cancel, jobs, logs and workers on the main
+    parser's subcommands."""
 
-    def client_parser(name: str, help_text: str, command: Command) -> argparse.ArgumentParser:
+    def client_parser(name: str, help_text: str, command: Command,
+                      json_help: str = JSON_EVENTS_HELP) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text, description=help_text, epilog=EPILOG)
         sub.add_argument("--api", metavar="URL", default=None,
                          help="the service's API URL (default: $MATRIXJOBS_API_URL or "
                               "http://127.0.0.1:8765)")
-        sub.add_argument("--json", action="store_true",
-                         help="machine-readable output: one job-progress event (JSON) per line")
+        sub.add_argument("--json", action="store_true", help=json_help)
         sub.set_defaults(handler=lambda args: run(command, args))
         return sub
 
@@ -258,6 +266,10 @@ def add_client_commands(commands: argparse._SubParsersAction) -> None:  # type: 
 
     jobs = client_parser("jobs", "list recent jobs", cmd_jobs)
     jobs.add_argument("--limit", type=int, default=RECENT_LIMIT, help="how many (default 20)")
+
+    client_parser("workers", "list the processes that run jobs: labels, running jobs, last "
+                             "heartbeat, and those that went silent", cmd_workers,
+                  json_help='machine-readable output: the API\'s answer, {"workers": [...]}')
 
     logs = client_parser("logs", "print a job's whole output (every attempt)", cmd_logs)
     logs.add_argument("id", metavar="ID", help="a job (j12)")

@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn
 from rich.table import Table
 
+from matrixjobs.fleet import WorkerState
 from matrixjobs.models import Status
 from matrixjobs.progress import wording
 from matrixjobs.progress.events import JobProgressEvent
@@ -93,6 +94,31 @@ def print_events(events: Iterable[JobProgressEvent], mode: Mode, title: str = ""
         style = STATUS_STYLE.get(event.status, "")
         table.add_row(event.id, event.name, f"[{style}]{event.status.value}[/{style}]",
                       wording.shown_percent(event), detail_text(event), wording.eta(event))
+    console.print(table)
+
+
+def print_workers(workers: list[WorkerState], mode: Mode, now: float) -> None:
+    if mode is Mode.JSON:
+        print(f'{{"workers":[{",".join(worker.to_json() for worker in workers)}]}}', flush=True)
+        return
+    if mode is Mode.PLAIN:
+        for worker in workers:
+            print(" ".join((worker.name, worker.host, worker.role, ",".join(worker.labels) or "-",
+                            wording.load(worker), wording.age(worker.heartbeat_at, now),
+                            wording.liveness(worker))), flush=True)
+        return
+    console = Console()
+    if not workers:
+        console.print("[dim]workers: none[/dim]")
+        return
+    table = Table(title="workers", title_justify="left")
+    for column in ("name", "host", "role", "labels", "running", "last heartbeat", "state"):
+        table.add_column(column, overflow="fold")
+    for worker in workers:
+        style = "green" if worker.alive else "red"
+        table.add_row(worker.name, worker.host, worker.role, ", ".join(worker.labels),
+                      wording.load(worker), wording.age(worker.heartbeat_at, now),
+                      f"[{style}]{wording.liveness(worker)}[/{style}]")
     console.print(table)
 
 

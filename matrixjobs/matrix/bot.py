@@ -42,6 +42,7 @@ from nio import (
 from matrixjobs.app import App
 from matrixjobs.config import AccessConfig, MatrixConfig
 from matrixjobs.errors import AlreadyFinishedError, AlreadySubmittedError, MatrixJobsError
+from matrixjobs.fleet import worker_state
 from matrixjobs.logs import mask
 from matrixjobs.matrix import render
 from matrixjobs.matrix.commands import Command, CommandSyntaxError, parse
@@ -81,6 +82,8 @@ PERMANENT_ERRORS = frozenset({"M_FORBIDDEN", "M_NOT_FOUND", "M_TOO_LARGE", "M_BA
 SETTING_USER = "matrix.user_id"
 SETTING_DEVICE = "matrix.device_id"
 SETTING_TOKEN = "matrix.access_token"
+# + a device id: which node's device it is, with a shared store (hot standby)
+SETTING_DEVICE_OF = "matrix.device_node."
 NETWORK_ERRORS = (ClientError, TimeoutError, OSError)
 # Raised by nio while encrypting (a device not yet judged, members not loaded): try again.
 CRYPTO_ERRORS = (LocalProtocolError, EncryptionError, GroupEncryptionError, OlmTrustError)
@@ -212,6 +215,7 @@ class MatrixBot:
             "build": self._build, "batch": self._batch, "rerun": self._rerun,
             "status": self._status, "cancel": self._cancel, "jobs": self._jobs,
             "targets": self._targets, "help": self._help, "logs": self._logs,
+            "workers": self._workers,
         }
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -227,11 +231,7 @@ class MatrixBot:
     async def stop(self) -> None:
         """Called once the queue has stopped: the states left to show are final (or
         requeued), so send them now rather than after the next start."""
-        tasks = [*self._tasks, *self._handling]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await self._supervisor.stop()
+        await self._halt()
         if self._events is not None:
             if self.synced.is_set():
                 for event in self._events.take_all():
@@ -243,8 +243,23 @@ class MatrixBot:
                                 "the messages are brought up to date after the next start",
                                 left)
             self._events.close()
-        self._tasks.clear()
         await self.client.close()
+
+    async def drop(self) -> None:
+        """Stop without sending anything more: another node took over the bot (see
+        standby.py), and it brings the messages up to date from the store."""
+        await self._halt()
+        if self._events is not None:
+            self._events.close()
+        await self.client.close()
+
+    async def _halt(self) -> None:
+        tasks = [*self._tasks, *self._handling]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self._supervisor.stop()
+        self._tasks.clear()
 
     async def _main(self) -> None:
         await self._retry("login", self._login)
@@ -295,16 +310,17 @@ class MatrixBot:
         store, config = self.app.store, self.config
         if not self._open_crypto_store():
             return False
-        device = await store.get_setting(SETTING_DEVICE) or ""
-        saved_user = await store.get_setting(SETTING_USER)
+        saved_user, device, saved_token = await self._saved_login()
         token = config.access_token.get_secret_value() if config.access_token else None
         if token is None and saved_user == config.user_id:
-            token = await store.get_setting(SETTING_TOKEN) or None
+            token = saved_token or None
         if token is not None:
             mask([token])
             self.client.access_token = token
             whoami = await self.client.whoami()
             if isinstance(whoami, WhoamiResponse):
+                if not await self._own_device(whoami.device_id or device):
+                    return False
                 # The token's device decides which crypto store to load.
                 self.client.restore_login(config.user_id, whoami.device_id or device, token)
                 self._started_ms = _server_time_ms(whoami)
@@ -325,10 +341,51 @@ class MatrixBot:
             return False
         mask([response.access_token])
         self._started_ms = _server_time_ms(response)
-        await store.set_setting(SETTING_USER, config.user_id)
-        await store.set_setting(SETTING_DEVICE, response.device_id)
-        await store.set_setting(SETTING_TOKEN, response.access_token)
+        await self._own_device(response.device_id)
+        await store.set_setting(self._setting(SETTING_USER), config.user_id)
+        await store.set_setting(self._setting(SETTING_DEVICE), response.device_id)
+        await store.set_setting(self._setting(SETTING_TOKEN), response.access_token)
         return True
+
+    async def _saved_login(self) -> tuple[str | None, str, str | None]:
+        """The user, device and token this node saved. With a shared store, the login that
+        migrate-store copied from a one-node store is this node's if its crypto store has
+        that device (and no other node took it first)."""
+        keys = (SETTING_USER, SETTING_DEVICE, SETTING_TOKEN)
+        store = self.app.store
+        user, device, token = [await store.get_setting(self._setting(key)) for key in keys]
+        if device is None and self._setting(SETTING_DEVICE) != SETTING_DEVICE:
+            copied = [await store.get_setting(key) for key in keys]
+            if (copied[1] and (self.store_dir / f"{self.config.user_id}_{copied[1]}.db").exists()
+                    and await self._own_device(copied[1])):
+                user, device, token = copied
+        return user, device or "", token
+
+    async def _own_device(self, device: str) -> bool:
+        """With a shared store, is `device` this node's alone? A second node given the same
+        access token would be the same device with another crypto store: encrypted rooms
+        break for both, so it refuses (and says why) instead."""
+        if not self.app.store.shared or not device:
+            return True
+        key, me = f"{SETTING_DEVICE_OF}{device}", self.app.config.worker.name
+        owner = await self.app.store.get_setting(key)
+        if owner and owner != me:
+            log.error("matrix: device %s is already the bot's device on node %s (the same "
+                      "access token?). Each node sharing the store needs its own device: give "
+                      "this node the password (it logs in as a new device) or a token of its "
+                      "own (see deploy/README.md, Hot standby); retrying", device, owner)
+            return False
+        if owner is None:
+            await self.app.store.set_setting(key, me)
+        return True
+
+    def _setting(self, key: str) -> str:
+        """The key of a setting of this node's own login. Nodes sharing a store (hot
+        standby) must each be a device of their own: one device with two crypto stores
+        cannot decrypt. Each keeps its device and token under its worker name."""
+        if self.app.store.shared:
+            return f"{key}@{self.app.config.worker.name}"
+        return key
 
     def _open_crypto_store(self) -> bool:
         """The crypto store's directory, private, and the key nio pickles it with."""
@@ -401,8 +458,9 @@ class MatrixBot:
         self.client.olm = None
         self.client.restore_login(config.user_id, response.device_id, response.access_token)
         store = self.app.store
-        await store.set_setting(SETTING_DEVICE, response.device_id)
-        await store.set_setting(SETTING_TOKEN, response.access_token)
+        await self._own_device(response.device_id)
+        await store.set_setting(self._setting(SETTING_DEVICE), response.device_id)
+        await store.set_setting(self._setting(SETTING_TOKEN), response.access_token)
         # Signing the old device out deletes it and its keys: nobody encrypts for it again.
         method, path = Api.logout(old_token)[:2]
         signed_out = await self.client.send(method, path, "{}")
@@ -444,7 +502,7 @@ class MatrixBot:
                 continue
             if isinstance(response, ErrorResponse) and response.status_code == "M_UNKNOWN_TOKEN":
                 log.warning("matrix: the access token was revoked; logging in again")
-                await self.app.store.set_setting(SETTING_TOKEN, "")
+                await self.app.store.set_setting(self._setting(SETTING_TOKEN), "")
                 await self._retry("login", self._login)
                 continue
             log.warning("matrix: sync failed (%s); retrying in %.0fs", response, delay)
@@ -705,6 +763,11 @@ class MatrixBot:
         listed = [(name, target.description, target.args_pattern is not None)
                   for name, target in self.app.targets.items()]
         self._reply(room_id, event, render.render_targets(listed))
+
+    async def _workers(self, room_id: str, event: RoomMessageText, command: Command) -> None:
+        now, lease_s = time.time(), self.app.config.queue.lease_s
+        states = [worker_state(worker, now, lease_s) for worker in await self.app.workers()]
+        self._reply(room_id, event, render.render_workers(states, now))
 
     async def _help(self, room_id: str, event: RoomMessageText, command: Command) -> None:
         self._reply(room_id, event, render.render_help(self.config.command_prefix))

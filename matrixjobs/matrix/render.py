@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from html import escape
 
 from matrixjobs.errors import echo
+from matrixjobs.fleet import WorkerState
 from matrixjobs.models import Status
 from matrixjobs.progress import wording
 from matrixjobs.progress.events import JobProgressEvent
@@ -64,6 +65,7 @@ COMMANDS: tuple[tuple[str, str], ...] = (
     ("logs ID [N]", f"the last N lines of a job's output (default {LOG_LINES})"),
     ("jobs", "list recent and active jobs"),
     ("targets", "list what can be built"),
+    ("workers", "list the workers: their labels, running jobs, and those gone silent"),
     ("help", "show this help"),
 )
 
@@ -360,6 +362,24 @@ def render_status_summary(events: list[JobProgressEvent], now: float) -> Rendere
         return _single("Nothing is running.")
     title = f"Active ({len(active)}):"
     return _listing(title, [_summary_line(event, now) for event in active])
+
+
+def _worker_line(worker: WorkerState, now: float) -> tuple[str, str]:
+    labels = f" ({', '.join(worker.labels)})" if worker.labels else ""
+    if worker.alive:
+        emoji = "🟢"
+        state = f"{wording.load(worker)} · beat {wording.age(worker.heartbeat_at, now)}"
+    else:
+        emoji, state = "🔴", wording.liveness(worker)
+    text = _clip(f"{emoji} {worker.name}{labels} {state}")
+    return text, f"{emoji} <b>{escape(worker.name)}</b>{escape(labels)} {escape(state)}"
+
+
+def render_workers(workers: list[WorkerState], now: float) -> Rendered:
+    """`!workers`: one line per worker, silent ones too, in the order given."""
+    if not workers:
+        return _single("No workers.")
+    return _listing("Workers:", [_worker_line(worker, now) for worker in workers])
 
 
 def render_log(job_id: str, text: str) -> Rendered:

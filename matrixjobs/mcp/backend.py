@@ -16,6 +16,7 @@ from typing import Protocol, TypeVar
 from matrixjobs.api.client import ApiClient, ApiFailure, ServiceUnreachable
 from matrixjobs.app import App
 from matrixjobs.errors import MatrixJobsError, NotFoundError
+from matrixjobs.fleet import WorkerState, worker_state
 from matrixjobs.models import Status
 from matrixjobs.progress.events import JobProgressEvent, event_of
 from matrixjobs.queue.joblog import tail
@@ -51,6 +52,10 @@ class Backend(Protocol):
 
     async def log_tail(self, job_id: str, lines: int, max_bytes: int) -> str:
         """The last `lines` lines of a job's log, at most `max_bytes` of them."""
+        ...
+
+    async def workers(self) -> list[WorkerState]:
+        """Every worker of the store, silent ones too."""
         ...
 
 
@@ -91,6 +96,10 @@ class AppBackend:
 
     async def log_tail(self, job_id: str, lines: int, max_bytes: int) -> str:
         return await self.app.log_tail(job_id, lines, max_bytes)
+
+    async def workers(self) -> list[WorkerState]:
+        now, lease_s = time.time(), self.app.config.queue.lease_s
+        return [worker_state(worker, now, lease_s) for worker in await self.app.workers()]
 
 
 class HttpBackend:
@@ -142,6 +151,9 @@ class HttpBackend:
         except (ApiFailure, ServiceUnreachable) as exc:
             raise _error(exc) from None
         return tail(text, lines, max_bytes)
+
+    async def workers(self) -> list[WorkerState]:
+        return await _translated(self.api.workers())
 
 
 def _statuses(statuses: Sequence[Status] | None) -> str | None:

@@ -1,9 +1,9 @@
-"""The MCP server: six tools over a `Backend` (the core in-process, or the HTTP API).
+"""The MCP server: eight tools over a `Backend` (the core in-process, or the HTTP API).
 
 Tools: `status` (optionally streaming progress), `list_jobs`, `submit_build`,
-`submit_batch`, `rerun`, `cancel`, `logs` (the end of a job's output). Results are pydantic
-models, so clients get `structuredContent` (camelCase, the same `job-progress` JSON as the HTTP API)
-beside the text.
+`submit_batch`, `rerun`, `cancel`, `logs` (the end of a job's output), `workers` (the
+fleet). Results are pydantic models, so clients get `structuredContent` (camelCase, the
+same `job-progress` JSON as the HTTP API) beside the text.
 
 Streaming `status` (stream=true, with an id): every job-progress event of that
 job or batch becomes an MCP progress notification when the client sent a
@@ -31,6 +31,7 @@ from pydantic import Field
 
 from matrixjobs import __version__
 from matrixjobs.errors import MatrixJobsError
+from matrixjobs.fleet import WorkerState
 from matrixjobs.mcp.backend import Backend
 from matrixjobs.models import Status
 from matrixjobs.progress import wording
@@ -68,6 +69,10 @@ class LogResult(CamelModel):
     id: str
     text: str
     lines: int
+
+
+class WorkerList(CamelModel):
+    workers: list[WorkerState]
 
 
 class JobList(CamelModel):
@@ -187,6 +192,13 @@ def build_mcp_server(
         async with errors():
             text = await backend.log_tail(id.strip(), lines, MAX_LOG_BYTES)
         return LogResult(id=id.strip(), text=text, lines=text.count("\n"))
+
+    @server.tool(name="workers")
+    async def workers() -> WorkerList:
+        """The processes that run jobs: labels, running job ids, last heartbeat, and whether
+        each is alive or went silent (and for how long)."""
+        async with errors():
+            return WorkerList(workers=await backend.workers())
 
     return server
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TextIO
@@ -26,10 +27,13 @@ from matrixjobs.config import (
     load_config,
 )
 from matrixjobs.errors import ConfigError
+from matrixjobs.fleet import WorkerState, worker_state
+from matrixjobs.models import Worker
 from matrixjobs.ops.matrix_checks import MatrixChecks
 from matrixjobs.ops.report import Report
 from matrixjobs.ops.store_probe import SCHEMA_VERSION, StoreProblem, StoreState, probe
 from matrixjobs.private import shared
+from matrixjobs.progress import wording
 from matrixjobs.queue.handlers import HandlerRegistry, load_user_handlers
 from matrixjobs.store import describe_store
 
@@ -124,10 +128,34 @@ def check_postgres(report: Report, config: Config) -> None:
         migrates = ("" if state.schema_version == PG_SCHEMA_VERSION else
                     f"; the service migrates it to {PG_SCHEMA_VERSION} at start")
         report.ok("store", f"{where} (schema version {state.schema_version}{migrates})")
-    if state.holder is not None:
-        report.ok("store owner", f"in use by {state.holder} (one process per database)")
-    else:
-        report.ok("store owner", "no matrixjobs process has it open")
+    check_workers(report, config, state.workers, time.time())
+
+
+def check_workers(report: Report, config: Config, workers: list[Worker], now: float) -> None:
+    """Who runs jobs from the database, who went silent, and targets nobody live can run."""
+    states = [worker_state(worker, now, config.queue.lease_s) for worker in workers]
+    live = [state for state in states if state.alive]
+    for state in states:
+        labels = f"labels {', '.join(state.labels)}" if state.labels else "no labels"
+        about = f"{state.role} on {state.host} (pid {state.pid}), {labels}"
+        if state.alive:
+            report.ok(f"worker {state.name}", f"{about}, {wording.load(state)}")
+        else:
+            report.warn(f"worker {state.name}", f"{about}: {wording.liveness(state)}; its jobs "
+                                                "go to others as their leases expire")
+    if not live and config.queue.workers:
+        report.ok("workers", "none live; this node runs jobs once started")
+    elif not live:
+        report.warn("workers", "none live, and this node runs none ([queue] workers = 0): "
+                               "jobs wait until a `matrixjobs worker` starts")
+    for name, target in sorted(config.targets.items()):
+        if target.runs_on and not any(_can_run(state, target.runs_on) for state in live):
+            report.warn(f"targets.{name}", f"no live worker has {', '.join(target.runs_on)}; "
+                                           "its jobs will wait")
+
+
+def _can_run(worker: WorkerState, runs_on: list[str]) -> bool:
+    return set(runs_on) <= set(worker.labels)
 
 
 def check_pickle_key(report: Report, matrix: MatrixConfig, db: Path) -> None:

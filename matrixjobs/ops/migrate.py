@@ -1,9 +1,9 @@
 """`matrixjobs migrate-store`: move a deployment's SQLite store into PostgreSQL.
 
 The service must be stopped: the copy holds the SQLite store's lock, so the service
-cannot start meanwhile, and the PostgreSQL store's owner lock, so no service can start
-there either. Jobs the stopped service left `processing` are copied as they are; the
-next start recovers them as after a crash (requeued, or failed when out of retries).
+cannot start meanwhile; the target must hold no matrixjobs data. Jobs the stopped service
+left `processing` are copied with their lease ended: the first node to start recovers
+them as after a crash (requeued, or failed when out of retries).
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from matrixjobs.errors import StoreError
 from matrixjobs.models import Status
 from matrixjobs.ops.store_probe import StoreProblem, probe
 from matrixjobs.store.copier import Copied, copy_store
-from matrixjobs.store.postgres import PostgresStore, describe_url
+from matrixjobs.store.pg_conn import describe_url
+from matrixjobs.store.postgres import PostgresStore
 from matrixjobs.store.sqlite import SqliteStore
 
 

@@ -126,20 +126,21 @@ class ProgressMonitor:
         tracker = self._jobs.get(job.id)
         if tracker is not None and not tracker.remote:
             return  # it runs here: the local reporter knows better
-        if job.status == Status.PROCESSING:
-            if tracker is None:
-                tracker = JobTracker(job=job, reporter=ProgressReporter(),
-                                     last_emit=self._monotonic(), remote=True)
-                self._track(tracker)
+        if tracker is None and job.status == Status.PROCESSING:
+            tracker = JobTracker(job=job, reporter=ProgressReporter(),
+                                 last_emit=self._monotonic(), remote=True)
+            self._track(tracker)
+        if tracker is not None:
             tracker.job = job
             progress = job.progress
             state = None if progress is None else (progress.current, progress.total,
                                                    progress.message)
             if state is not None and state != tracker.reporter.state:
                 tracker.reporter.report(*state)
+        if job.status == Status.PROCESSING:
             return
         if tracker is not None:
-            self._untrack(tracker)
+            self._untrack(tracker)  # with the final progress the store has
         self._publish(job.id, lambda: self._job_event(job, tracker))
 
     def forget(self, job_id: str) -> None:

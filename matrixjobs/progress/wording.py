@@ -7,6 +7,7 @@ Pure functions of numbers and events; the clock comes in as `now` (epoch seconds
 * Durations are compact and cut, not rounded: "4s", "1m 05s", "2h 03m", "3d 4h".
 * Counts drop a needless ".0": "3/10", "2.5/10"; an unknown total reads "34 done";
   a batch counts its finished operations: "2/3 operations".
+* A worker: "2/4 running", its last heartbeat "3s ago", and "alive" or "silent for 2m 05s".
 * Attempts are said only when there could be more than one: "passed on attempt 2 of 3"
   (a first-try success says nothing), "failed on attempt 3 of 3".
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 import math
 from datetime import datetime
 
+from matrixjobs.fleet import WorkerState
 from matrixjobs.models import Status
 from matrixjobs.progress.events import JobProgressEvent
 
@@ -140,3 +142,15 @@ def attempts(event: JobProgressEvent) -> str:
         left = ", not retried" if attempt < of else ""
         return f"failed on attempt {attempt} of {of}{left}"
     return ""
+
+
+def load(worker: WorkerState) -> str:
+    """'2/4 running': the jobs it holds of the ones it may run at once."""
+    return f"{len(worker.running)}/{worker.slots} running"
+
+
+def liveness(worker: WorkerState) -> str:
+    """'alive', or 'silent for 2m 05s' once its heartbeat is older than the lease."""
+    if worker.silent_for is None:
+        return "alive"
+    return f"silent for {duration(worker.silent_for)}"

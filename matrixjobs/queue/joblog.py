@@ -276,6 +276,13 @@ class JobLogs:
                 found[job_id] = log.text()
         return found
 
+    def unsave(self, logs: dict[str, str]) -> None:
+        """These logs (from `unsaved`) could not be saved: offer them again next time."""
+        for job_id in logs:
+            log = self._live.get(job_id)
+            if log is not None:
+                log.changed = True
+
     async def started(self, job_id: str, timeout_s: float) -> None:
         """Return when a run of `job_id` starts, or after `timeout_s`."""
         waiter = asyncio.get_running_loop().create_future()

@@ -258,6 +258,10 @@ class JobQueue:
             timeout_s=self.config.default_timeout_s if spec.timeout_s is None else spec.timeout_s,
         )
 
+    def wake(self) -> None:
+        """Work may be due (another process added or gave back jobs): claim now."""
+        self._poke()
+
     def _poke(self) -> None:
         self._maybe_due = True
         self._pokes += 1
@@ -508,9 +512,17 @@ class JobQueue:
             self.lose(job_id)
         for job_id in beat.cancel:
             self.cancel_here(job_id)
+        await self.flush_logs()
+
+    async def flush_logs(self) -> None:
+        """Save the running jobs' logs that changed since the last save."""
         unsaved = self.logs.unsaved()
         if unsaved:
-            await self.store.save_logs(unsaved)
+            try:
+                await self.store.save_logs(unsaved)
+            except BaseException:
+                self.logs.unsave(unsaved)  # saved next time, not lost
+                raise
 
     def lose(self, job_id: str) -> None:
         """Another node took `job_id` over (our lease ran out): stop our run of it; its

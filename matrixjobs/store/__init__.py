@@ -25,7 +25,7 @@ def describe_store(config: StoreConfig) -> str:
     """Where the store is, for logs and check-config: never the database password."""
     if config.backend == "sqlite":
         return str(config.path)
-    from matrixjobs.store.postgres import describe_url
+    from matrixjobs.store.pg_conn import describe_url
 
     url = config.database_url
     return f"PostgreSQL at {describe_url(url.get_secret_value()) if url else '(no URL)'}"

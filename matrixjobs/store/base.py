@@ -8,10 +8,19 @@ The queue, batches and monitor talk only to this class, so another backend
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
-from matrixjobs.models import Batch, Job, JobSpec, Outcome, Progress, ProgressMessage, Status
+from matrixjobs.models import (
+    Batch,
+    Job,
+    JobSpec,
+    Outcome,
+    Progress,
+    ProgressMessage,
+    Status,
+    Worker,
+)
 
 
 @dataclass(slots=True)
@@ -60,6 +69,14 @@ class Store(abc.ABC):
 
     # Whether other processes (workers on other hosts) share this store.
     shared: bool = False
+
+    def listen(self, on_message: Callable[[str, list[str]], None],
+               on_reconnect: Callable[[], None]) -> Callable[[], Awaitable[None]] | None:
+        """What runs to hear other processes' news: `on_message(kind, ids)` with kind "new"
+        (jobs to run), "cancel" (jobs to stop where they run) or "change" (jobs and batches
+        to read again); `on_reconnect()` after news may have been missed. None when no
+        other process shares the store."""
+        return None
 
     @abc.abstractmethod
     async def open(self) -> None:
@@ -209,4 +226,37 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def purge_finished(self, before: float) -> int:
         """Delete jobs and batches that finished before `before`, with their logs; return
-        how many rows."""
+        how many rows. Worker rows silent since before `before` go too (not counted)."""
+
+    @abc.abstractmethod
+    async def register_worker(self, worker: Worker) -> None:
+        """Write this process's row in the workers table (replacing one with its id)."""
+
+    @abc.abstractmethod
+    async def unregister_worker(self, worker_id: str) -> None:
+        """Delete a worker's row: it stopped cleanly (unknown ids are no error)."""
+
+    @abc.abstractmethod
+    async def list_workers(self) -> list[Worker]:
+        """Every worker row, silent ones too, by name then id; each with `running`, the ids
+        of the jobs `processing` for it, in id order."""
+
+    # -- exclusive roles: one process of those sharing the store does a job (the bot) ------
+
+    async def try_lead(self, role: str, lease_s: float) -> bool:
+        """Take `role` unless another process holds it; True while this one holds it. A
+        holder that dies or loses the database frees it within `lease_s`. A store only one
+        process can open (SQLite) always leads."""
+        return True
+
+    async def leading(self, role: str) -> bool:
+        """Whether this process still holds `role`, confirmed now (False once it was lost)."""
+        return True
+
+    async def resign(self, role: str) -> None:
+        """Give `role` up, or stop waiting for it."""
+        return None  # nothing to give up where every process leads
+
+    async def leader(self, role: str) -> str | None:
+        """Who holds `role` (the process's connection name), when the store can tell."""
+        return None

@@ -36,6 +36,10 @@ async def copy_store(source: SqliteStore, target: PostgresStore) -> Copied:
                 await _write(conn, table, columns, rows[table])
             for table, last in last_ids.items():
                 await _continue_after(conn, table, last)
+            # The service that ran them is stopped: their leases are over, so the first
+            # node to start recovers them at once instead of after the copied lease.
+            await conn.execute("UPDATE jobs SET lease_expires_at = 0 "
+                               "WHERE status = 'processing'")
     except psycopg.Error as exc:
         raise StoreError(f"copying into PostgreSQL at {target.where} failed, nothing was "
                          f"written: {' '.join(str(exc).split())}") from None

@@ -25,7 +25,7 @@ from typing import Any
 
 import psycopg
 
-from matrixjobs.store.postgres import CONNECT_TIMEOUT_S, describe_url, libpq_reason
+from matrixjobs.store.pg_conn import CONNECT_TIMEOUT_S, KEEPALIVE, describe_url, libpq_reason
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +37,6 @@ IDLE_S = 1.0
 PROBE_TIMEOUT_S = 1.0
 BACKOFF_MIN_S = 0.1
 BACKOFF_MAX_S = 5.0
-# Keepalives catch a dead peer the probe cannot reach (the kernel's view of the socket);
-# values in seconds, tcp_user_timeout in milliseconds.
-KEEPALIVE = {"keepalives": 1, "keepalives_idle": 2, "keepalives_interval": 1,
-             "keepalives_count": 2, "tcp_user_timeout": 3000}
 
 
 def payloads(kind: str, ids: Sequence[str]) -> list[str]:

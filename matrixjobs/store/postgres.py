@@ -20,12 +20,12 @@ import asyncio
 import contextlib
 import json
 import os
+import secrets
 import socket
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
 import psycopg
-from psycopg.conninfo import conninfo_to_dict
 from psycopg.types.string import StrBinaryDumper, StrDumperUnknown
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
@@ -39,15 +39,21 @@ from matrixjobs.models import (
     Progress,
     ProgressMessage,
     Status,
+    Worker,
     batch_id,
     job_id,
     parse_id,
 )
 from matrixjobs.store.base import BatchCancel, Cycle, Heartbeat, Recovery, Store, heartbeat_of
+from matrixjobs.store.pg_conn import CONNECT_TIMEOUT_S, KEEPALIVE, describe_url, libpq_reason
+from matrixjobs.store.pg_listen import Listener, notify
+from matrixjobs.store.pg_roles import RoleLocks
 from matrixjobs.store.rows import (
     BATCH_COLUMNS,
     ERRORS_PER_BATCH,
     JOB_COLUMNS,
+    RUNNING_BY_OWNER,
+    WORKER_COLUMNS,
     batch_from_row,
     checked_number,
     dumps,
@@ -55,6 +61,9 @@ from matrixjobs.store.rows import (
     job_from_row,
     number_of,
     recount,
+    with_running,
+    worker_from_row,
+    worker_values,
 )
 
 # Each entry migrates from version N to N+1; schema_version holds one row per step applied.
@@ -155,11 +164,13 @@ MIGRATIONS: list[str] = [
     """,
 ]
 
+# What notifications announce (store/pg_listen.py): jobs to run, jobs to kill where they
+# run, and jobs or batches whose state or progress other nodes should read again.
+NEW, CANCEL, CHANGE = "new", "cancel", "change"
 # Advisory lock keys (any 64-bit numbers, fixed forever): "mj" + a purpose. (0x6D6A_0002
 # was the single-owner lock of the first PostgreSQL release.)
 MIGRATION_LOCK = 0x6D6A_0001
 RECOVERY_LOCK = 0x6D6A_0003
-CONNECT_TIMEOUT_S = 5.0
 POOL_SIZE = 4
 CANCELLED_BATCH = "coalesce(batch_id IN (SELECT id FROM batches WHERE cancel_requested), false)"
 MESSAGE_COLUMNS = "subject_id, room_id, event_id, requester, reply_to, edits, final"
@@ -186,24 +197,17 @@ async def _configure(conn: psycopg.AsyncConnection[Any]) -> None:
     _adapt(conn)
 
 
-def describe_url(url: str) -> str:
-    """`host:port/database` of a connection URL: what messages may name (never the password)."""
-    try:
-        parts = conninfo_to_dict(url)
-    except psycopg.ProgrammingError:
-        return "(an unreadable PostgreSQL URL)"
-    host = parts.get("host") or "localhost"
-    return f"{host}:{parts.get('port') or 5432}/{parts.get('dbname') or '(default database)'}"
-
-
 class PostgresStore(Store):
     shared = True
 
     def __init__(self, url: str) -> None:
         self._url = url
+        # Tells this store's notifications from other processes' (see `listen`).
+        self.origin = secrets.token_hex(6)
         self.where = describe_url(url)
         self._pool: AsyncConnectionPool | None = None
         self._write_lock = asyncio.Lock()
+        self._roles = RoleLocks(url, self._connect_kwargs())
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -235,7 +239,7 @@ class PostgresStore(Store):
         # The name tells which process a session is, in pg_stat_activity.
         name = f"matrixjobs pid {os.getpid()} on {socket.gethostname()}"
         return {"autocommit": True, "connect_timeout": int(CONNECT_TIMEOUT_S),
-                "application_name": name[:63]}
+                "application_name": name[:63], **KEEPALIVE}
 
     async def _connect(self) -> psycopg.AsyncConnection[Any]:
         try:
@@ -265,9 +269,31 @@ class PostgresStore(Store):
                                    "VALUES (%s, now())", (number + 1,))
 
     async def close(self) -> None:
+        await self._roles.close()
         if self._pool is not None:
             pool, self._pool = self._pool, None
             await pool.close()
+
+    # -- exclusive roles (see pg_roles.py) --------------------------------------------------
+
+    async def try_lead(self, role: str, lease_s: float) -> bool:
+        try:
+            return await self._roles.try_lead(role, lease_s)
+        except psycopg.Error as exc:
+            raise StoreError(f"PostgreSQL at {self.where}: cannot take the role {role}: "
+                             f"{libpq_reason(exc)}") from None
+
+    async def leading(self, role: str) -> bool:
+        return await self._roles.leading(role)
+
+    async def resign(self, role: str) -> None:
+        await self._roles.resign(role)
+
+    async def leader(self, role: str) -> str | None:
+        try:
+            return await self._roles.holder(role)
+        except psycopg.Error:
+            return None  # only said in a log line: who holds it is not worth an error
 
     @property
     def pool(self) -> AsyncConnectionPool:
@@ -301,6 +327,7 @@ class PostgresStore(Store):
             subject = jobs[0].id if len(jobs) == 1 else None
             await _record_key(conn, dedupe_key, subject)
             await _insert_message(conn, show, subject, now)
+            await self._announce(conn, NEW, [job.id for job in jobs])
         return jobs
 
     async def add_batch(
@@ -318,6 +345,7 @@ class PostgresStore(Store):
             jobs = await _insert_jobs(conn, specs, number, now)
             await _record_key(conn, dedupe_key, batch_id(number))
             await _insert_message(conn, show, batch_id(number), now)
+            await self._announce(conn, NEW, [batch_id(number), *(job.id for job in jobs)])
         batch = Batch(id=batch_id(number), name=name, status=Status.PENDING,
                       total=len(specs), created_at=now, requester=requester)
         return batch, jobs
@@ -337,6 +365,9 @@ class PostgresStore(Store):
                                              worker)
                 touched.update(j.batch_id for j in cycle.claimed if j.batch_id)
             cycle.batches = await _refresh_batches(conn, touched, now)
+            await self._announce(conn, NEW, [o.job_id for o in outcomes if o.retry_at is not None])
+            await self._announce(conn, CHANGE, [*(o.job_id for o in outcomes),
+                                                *(j.id for j in cycle.claimed), *sorted(touched)])
         return cycle
 
     async def heartbeat(
@@ -352,12 +383,14 @@ class PostgresStore(Store):
             await conn.execute("UPDATE workers SET heartbeat_at = %s WHERE id = %s",
                                (now, owner))
             await _save_progress(conn, progress, owner)
+            await self._announce(conn, CHANGE, list(progress))
         return heartbeat_of(running, held)
 
     async def save_progress(self, progress: dict[str, Progress], owner: str) -> None:
         if progress:
             async with self._transaction() as conn:
                 await _save_progress(conn, progress, owner)
+                await self._announce(conn, CHANGE, list(progress))
 
     async def save_logs(self, logs: dict[str, str]) -> None:
         async with self._transaction() as conn:
@@ -377,7 +410,9 @@ class PostgresStore(Store):
         stale = ("status = 'processing' AND owner IS DISTINCT FROM %s "
                  "AND (lease_expires_at < %s OR worker = %s)")
         async with self._transaction() as conn:
-            return await _recover(conn, stale, (owner, now, worker), now, stopped_owner)
+            recovery = await _recover(conn, stale, (owner, now, worker), now, stopped_owner)
+            await self._announce_recovery(conn, recovery)
+        return recovery
 
     async def recover_expired(self, now: float) -> Recovery:
         async with self._transaction() as conn:
@@ -386,8 +421,32 @@ class PostgresStore(Store):
                                     (RECOVERY_LOCK,))
             if not free:
                 return Recovery()
-            return await _recover(conn, "status = 'processing' AND lease_expires_at < %s",
-                                  (now,), now, None)
+            recovery = await _recover(conn, "status = 'processing' AND lease_expires_at < %s",
+                                      (now,), now, None)
+            await self._announce_recovery(conn, recovery)
+        return recovery
+
+    async def _announce_recovery(self, conn: psycopg.AsyncConnection[Any],
+                                 recovery: Recovery) -> None:
+        await self._announce(conn, NEW, [j.id for j in recovery.requeued + recovery.resumed])
+        ended = recovery.cancelled + recovery.resumed + recovery.requeued + recovery.failed
+        await self._announce(conn, CHANGE, [*(j.id for j in ended),
+                                            *(b.id for b in recovery.batches)])
+
+    async def _announce(self, conn: psycopg.AsyncConnection[Any], kind: str,
+                        ids: Sequence[str]) -> None:
+        """Tell the other processes (delivered when the transaction commits)."""
+        if ids:
+            await notify(conn, f"{kind}@{self.origin}", ids)
+
+    def listen(self, on_message: Callable[[str, list[str]], None],
+               on_reconnect: Callable[[], None]) -> Callable[[], Awaitable[None]]:
+        def announced(kind: str, ids: list[str]) -> None:
+            kind, _, origin = kind.partition("@")
+            if origin != self.origin:  # our own news: we knew first
+                on_message(kind, ids)
+
+        return Listener(self._url, announced, on_reconnect).run
 
     # -- cancelling ------------------------------------------------------------------------
 
@@ -401,6 +460,7 @@ class PostgresStore(Store):
                 return None
             job = jobs[0]
             batches = await _refresh_batches(conn, {job.batch_id} if job.batch_id else set(), now)
+            await self._announce(conn, CHANGE, [job.id, *(b.id for b in batches)])
         return job, (batches[0] if batches else None)
 
     async def request_cancel(self, job_id_: str) -> None:
@@ -409,6 +469,7 @@ class PostgresStore(Store):
                 "UPDATE jobs SET cancel_requested = true "
                 "WHERE id = %s AND status = 'processing'", (number_of(job_id_),),
             )
+            await self._announce(conn, CANCEL, [job_id_])
 
     async def cancel_batch(self, batch_id_: str, now: float) -> BatchCancel | None:
         number = number_of(batch_id_)
@@ -428,6 +489,8 @@ class PostgresStore(Store):
                 "WHERE id = %s AND finished_at IS NULL", (number,),
             )
             batches = await _refresh_batches(conn, {batch_id_}, now)
+            await self._announce(conn, CANCEL, running)
+            await self._announce(conn, CHANGE, [*(j.id for j in cancelled), batch_id_])
         if not batches:
             return None
         return BatchCancel(batch=batches[0], cancelled=cancelled, running=running)
@@ -474,6 +537,31 @@ class PostgresStore(Store):
                 "INSERT INTO settings (key, value) VALUES (%s, %s) "
                 "ON CONFLICT (key) DO UPDATE SET value = excluded.value", (key, value),
             )
+
+    # -- the fleet -------------------------------------------------------------------------
+
+    async def register_worker(self, worker: Worker) -> None:
+        async with self._transaction() as conn:
+            await conn.execute(
+                f"INSERT INTO workers ({WORKER_COLUMNS}) VALUES "
+                "(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (id) DO UPDATE SET "
+                "name = excluded.name, host = excluded.host, pid = excluded.pid, "
+                "role = excluded.role, labels = excluded.labels, slots = excluded.slots, "
+                "version = excluded.version, started_at = excluded.started_at, "
+                "heartbeat_at = excluded.heartbeat_at", worker_values(worker),
+            )
+
+    async def unregister_worker(self, worker_id: str) -> None:
+        async with self._transaction() as conn:
+            await conn.execute("DELETE FROM workers WHERE id = %s", (worker_id,))
+
+    async def list_workers(self) -> list[Worker]:
+        # One snapshot, so a job that moves between workers is not seen on both or neither.
+        async with self.pool.connection() as conn, conn.transaction():
+            await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            rows = await _rows(conn, f"SELECT {WORKER_COLUMNS} FROM workers ORDER BY name, id")
+            running = await _rows(conn, RUNNING_BY_OWNER)
+        return with_running([worker_from_row(row) for row in rows], running)
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -569,6 +657,7 @@ class PostgresStore(Store):
             ):
                 cursor = await conn.execute(sql, (before,))
                 removed += max(cursor.rowcount, 0)
+            await conn.execute("DELETE FROM workers WHERE heartbeat_at < %s", (before,))
             await conn.execute(
                 "DELETE FROM progress_messages WHERE created_at < %s AND subject_id NOT IN "
                 "(SELECT 'j' || id FROM jobs UNION ALL SELECT 'b' || id FROM batches)",
@@ -828,9 +917,3 @@ def _status_filter(statuses: Sequence[Status] | None) -> tuple[list[str], list[A
 def _float(value: float | None) -> float | None:
     """Arrays need one element type: an int among floats would make psycopg refuse the list."""
     return None if value is None else float(value)
-
-
-def libpq_reason(exc: psycopg.Error) -> str:
-    """libpq's own words on one line (they name host and port, never the password)."""
-    return " ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or (
-        type(exc).__name__)

@@ -113,6 +113,21 @@ def worker_values(worker: Worker) -> tuple[Any, ...]:
             worker.heartbeat_at)
 
 
+# The jobs each worker row holds now, as (owner, job number) rows in id order.
+RUNNING_BY_OWNER = (
+    "SELECT owner, id FROM jobs WHERE status = 'processing' AND owner IN (SELECT id FROM workers) "
+    "ORDER BY id"
+)
+
+
+def with_running(workers: list[Worker], running: Sequence[Sequence[Any]]) -> list[Worker]:
+    """Fill each worker's `running` from RUNNING_BY_OWNER's rows."""
+    by_id = {worker.id: worker for worker in workers}
+    for owner, number in running:
+        by_id[owner].running.append(job_id(number))
+    return workers
+
+
 # Every table a store holds, parents before children (foreign keys), with every column:
 # what `migrate-store` copies. jobs adds what JOB_COLUMNS leaves out (cancel and lease).
 TABLES: tuple[tuple[str, str], ...] = (

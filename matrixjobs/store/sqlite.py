@@ -29,6 +29,7 @@ from matrixjobs.models import (
     Progress,
     ProgressMessage,
     Status,
+    Worker,
     batch_id,
     job_id,
     parse_id,
@@ -39,6 +40,8 @@ from matrixjobs.store.rows import (
     BATCH_COLUMNS,
     ERRORS_PER_BATCH,
     JOB_COLUMNS,
+    RUNNING_BY_OWNER,
+    WORKER_COLUMNS,
     batch_from_row,
     checked_number,
     dumps,
@@ -46,6 +49,9 @@ from matrixjobs.store.rows import (
     job_from_row,
     number_of,
     recount,
+    with_running,
+    worker_from_row,
+    worker_values,
 )
 
 # Each entry migrates from version N to N+1; PRAGMA user_version records N+1.
@@ -650,6 +656,26 @@ class SqliteStore(Store):
                 "INSERT OR REPLACE INTO settings (key, value) VALUES (?, ?)", (key, value)
             )
 
+    # -- the fleet -------------------------------------------------------------------------
+
+    async def register_worker(self, worker: Worker) -> None:
+        async with self._transaction():
+            await self.db.execute(
+                f"INSERT OR REPLACE INTO workers ({WORKER_COLUMNS}) VALUES "
+                f"{_placeholders(1, 10)}", worker_values(worker),
+            )
+
+    async def unregister_worker(self, worker_id: str) -> None:
+        async with self._transaction():
+            await self.db.execute("DELETE FROM workers WHERE id = ?", (worker_id,))
+
+    async def list_workers(self) -> list[Worker]:
+        async with self._lock:
+            rows = await self.db.execute_fetchall(
+                f"SELECT {WORKER_COLUMNS} FROM workers ORDER BY name, id")
+            running = await self.db.execute_fetchall(RUNNING_BY_OWNER)
+        return with_running([worker_from_row(row) for row in rows], list(running))
+
     # -- batches ---------------------------------------------------------------------------
 
     async def _refresh_batches(self, ids: Iterable[str], now: float) -> list[Batch]:
@@ -798,6 +824,7 @@ class SqliteStore(Store):
             ):
                 cursor = await self.db.execute(sql, (before,))
                 removed += max(cursor.rowcount, 0)
+            await self.db.execute("DELETE FROM workers WHERE heartbeat_at < ?", (before,))
             await self.db.execute(
                 "DELETE FROM progress_messages WHERE created_at < ? AND subject_id NOT IN "
                 "(SELECT 'j' || id FROM jobs UNION ALL SELECT 'b' || id FROM batches)",
