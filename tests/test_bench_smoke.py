@@ -16,7 +16,7 @@ BENCH = Path(__file__).resolve().parent.parent / "bench" / "pg_throughput.py"
 def test_pg_throughput_bench_measures_ours_and_ends_with_its_json_line():
     run = subprocess.run(
         [sys.executable, str(BENCH), "--jobs", "200", "--procs", "1", "--skip-anchor",
-         "--pickup-jobs", "10", "--progress-jobs", "5", "--progress-seconds", "6",
+         "--pickup-jobs", "10", "--progress-jobs", "5", "--progress-seconds", "2",
          "--url", SERVER],
         capture_output=True, text=True, timeout=90, env=child_env(),
     )
