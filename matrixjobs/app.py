@@ -242,17 +242,29 @@ class App:
         AlreadySubmittedError; `show` records where its progress will be shown;
         `requester` says who asked (a Matrix user id, "api", "cli", …)."""
         spec = self.targets.spec(target, list(args), requester)
-        [job] = await self.queue.enqueue_many([spec], dedupe_key, show)
+        [job] = await self._enqueue([spec], dedupe_key, show)
         return job
+
+    async def _enqueue(self, specs: Sequence[JobSpec], dedupe_key: str | None,
+                       show: ProgressMessage | None) -> list[Job]:
+        jobs = await self.queue.enqueue_many(specs, dedupe_key, show)
+        if self.remote is not None:
+            self.remote.follow(jobs)  # another process may run them
+        return jobs
+
+    async def _enqueue_batch(self, name: str, specs: Sequence[JobSpec], dedupe_key: str | None,
+                             show: ProgressMessage | None) -> Batch:
+        batch, jobs = await self.queue.enqueue_batch(name, specs, dedupe_key, show)
+        if self.remote is not None:
+            self.remote.follow(jobs)
+        return batch
 
     async def submit_batch(
         self, targets: Sequence[str], name: str | None = None, dedupe_key: str | None = None,
         show: ProgressMessage | None = None, requester: str | None = None,
     ) -> Batch:
         specs = [self.targets.spec(target, requester=requester) for target in targets]
-        batch, _ = await self.queue.enqueue_batch(name or " ".join(targets), specs, dedupe_key,
-                                                  show)
-        return batch
+        return await self._enqueue_batch(name or " ".join(targets), specs, dedupe_key, show)
 
     async def rerun(
         self, subject: str, requester: str | None = None, dedupe_key: str | None = None,
@@ -268,13 +280,11 @@ class App:
                 raise NotFoundError(f"no batch {subject}")
             operations = await self.store.list_jobs(batch_id=subject, limit=batch.total)
             specs = [self._again(job, requester) for job in reversed(operations)]
-            rerun, _ = await self.queue.enqueue_batch(batch.name, specs, dedupe_key, show)
-            return rerun
+            return await self._enqueue_batch(batch.name, specs, dedupe_key, show)
         job = await self.store.get_job(subject)
         if job is None:
             raise NotFoundError(f"no job {subject}")
-        [rerun_job] = await self.queue.enqueue_many([self._again(job, requester)], dedupe_key,
-                                                    show)
+        [rerun_job] = await self._enqueue([self._again(job, requester)], dedupe_key, show)
         return rerun_job
 
     def _again(self, job: Job, requester: str | None) -> JobSpec:

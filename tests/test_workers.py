@@ -4,6 +4,7 @@ database connection cut through a proxy)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -14,7 +15,13 @@ from pathlib import Path
 
 import pytest
 from fleet import api, free_port, node_config, python_command, start, wait_for
+from helpers import make_config
 from tcp_proxy import ProxyProcess
+
+from matrixjobs.app import App
+from matrixjobs.models import Outcome, Status
+from matrixjobs.queue.remote import RESYNC_S
+from matrixjobs.store.postgres import PostgresStore
 
 STEPS = {"command": python_command("""
     import time
@@ -242,3 +249,35 @@ def test_a_job_no_live_worker_can_take_waits_says_why_and_runs_once_one_can(tmp_
             gpu.stop()
         node.stop()
     assert (final["worker"], final["message"]) == ("w2", "step 20")
+
+
+class DeafStore(PostgresStore):
+    """A store whose process hears no notifications (its listener is down, say)."""
+
+    def listen(self, on_message: object, on_reconnect: object) -> None:
+        return None
+
+
+async def test_without_notifications_the_periodic_read_still_shows_a_job_run_elsewhere(
+        tmp_path, pg_url):
+    """A job queued here, started and finished by another process between two of this
+    node's reads of the store, still ends in this node's streams."""
+    config = make_config(tmp_path, targets={"steps": STEPS}, queue={"workers": 0},
+                         store={"backend": "postgresql", "url": pg_url},
+                         api={"enabled": False})
+    app = App(config, store=DeafStore(pg_url))
+    other = PostgresStore(pg_url)
+    await app.start()
+    await other.open()
+    try:
+        job = await app.submit("steps")
+        events = app.monitor.subscribe(job.id)
+        [claimed] = (await other.settle_and_claim([], "elsewhere", 1, time.time(), 60,
+                                                  worker="w9")).claimed
+        await other.settle_and_claim([Outcome(claimed.id, Status.COMPLETED, time.time())],
+                                     "elsewhere", 0, time.time(), 60)
+        final = await asyncio.wait_for(anext(aiter(events)), RESYNC_S + 5)
+    finally:
+        await other.close()
+        await app.stop()
+    assert (final.id, final.status, final.worker) == (job.id, Status.COMPLETED, "w9")

@@ -14,7 +14,7 @@ import asyncio
 import logging
 from collections.abc import Iterable
 
-from matrixjobs.models import BATCH_PREFIX, JOB_PREFIX, Status
+from matrixjobs.models import BATCH_PREFIX, JOB_PREFIX, Job, Status
 from matrixjobs.progress.monitor import ProgressMonitor
 from matrixjobs.queue.queue import JobQueue
 from matrixjobs.store.base import Store
@@ -35,11 +35,19 @@ class RemoteFeed:
         self._resync = True
         self._wakeup = asyncio.Event()
         self._followed: set[str] = set()  # remote jobs and batches seen unfinished
+        self._seen: dict[str, tuple[object, ...]] = {}  # what was last told of each job
 
     def changed(self, ids: Iterable[str]) -> None:
         """Announced by another process: these jobs or batches changed."""
         self._ids.update(ids)
         self._wakeup.set()
+
+    def follow(self, jobs: Iterable[Job]) -> None:
+        """Jobs queued here, as the monitor already showed them: another process may run
+        them, and the periodic read must catch their end even if all news of it is lost."""
+        for job in jobs:
+            self._followed.add(job.id)
+            self._seen[job.id] = _state(job)
 
     def resync(self) -> None:
         """Announcements may have been lost (the listener reconnected): read everything."""
@@ -53,12 +61,13 @@ class RemoteFeed:
             except TimeoutError:
                 self._resync = True
             self._wakeup.clear()
-            ids, self._ids = self._ids, set()
+            announced, self._ids = self._ids, set()
             try:
+                found: set[str] = set()
                 if self._resync:
                     self._resync = False
-                    ids |= await self._active()
-                await self._refresh(ids)
+                    found = await self._active()
+                await self._refresh(announced | found, announced)
             except Exception:  # the store is away: read it all once it is back
                 log.warning("cannot read other workers' jobs from the store; retrying",
                             exc_info=True)
@@ -67,22 +76,34 @@ class RemoteFeed:
 
     async def _active(self) -> set[str]:
         active = (Status.PENDING, Status.PROCESSING)
-        jobs = await self.store.list_jobs([Status.PROCESSING], limit=ACTIVE_LIMIT)
+        # Pending ones too: one may start and end between two reads, with the news of it lost.
+        jobs = await self.store.list_jobs(active, limit=ACTIVE_LIMIT)
         batches = await self.store.list_batches(active, limit=ACTIVE_LIMIT)
         # What we followed and no longer see active ended meanwhile: read its end too.
         return {job.id for job in jobs} | {batch.id for batch in batches} | self._followed
 
-    async def _refresh(self, ids: set[str]) -> None:
+    async def _refresh(self, ids: set[str], announced: set[str]) -> None:
         job_ids = sorted(i for i in ids if i.startswith(JOB_PREFIX))
         for job in await self.store.get_jobs(job_ids) if job_ids else []:
             if self.queue.runs(job.id) or (job.worker == self.queue.worker.name
                                            and job.status == Status.PROCESSING):
-                continue  # ours: the local reporter and queue tell the monitor
-            if job.status.terminal or job.status == Status.PENDING:
+                self._seen.pop(job.id, None)  # ours: the local reporter and queue tell
+                self._followed.discard(job.id)  # the monitor, its end included
+                continue
+            state = _state(job)
+            first = job.id not in self._seen
+            if self._seen.get(job.id) == state:
+                continue  # nothing new since we last told the monitor
+            if job.status.terminal:
+                self._seen.pop(job.id, None)
                 self._followed.discard(job.id)
-                self.queue.settled_elsewhere(job.id)
             else:
+                self._seen[job.id] = state
                 self._followed.add(job.id)
+            if job.status != Status.PROCESSING:
+                self.queue.settled_elsewhere(job.id)
+            if first and job.status == Status.PENDING and job.id not in announced:
+                continue  # found waiting by a periodic read: whoever queued it said so
             self.monitor.job_remote(job)
         for batch_id in sorted(i for i in ids if i.startswith(BATCH_PREFIX)):
             batch = await self.store.get_batch(batch_id)
@@ -94,3 +115,10 @@ class RemoteFeed:
             else:
                 self._followed.add(batch_id)
             self.monitor.batch_updated(batch)
+
+
+def _state(job: Job) -> tuple[object, ...]:
+    """What a job's event shows that another process may change."""
+    progress = job.progress
+    return (job.status, job.worker, job.retry_count,
+            None if progress is None else (progress.current, progress.total, progress.message))
