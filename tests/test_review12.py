@@ -1,0 +1,102 @@
+"""Review of #12 (workers on many machines): reproductions of defects found by an
+adversarial reading, each against the real PostgreSQL server and, where the defect needs
+them, real `matrixjobs` processes. A test marked xfail(strict) fails on today's code."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import psycopg
+import pytest
+from fleet import api, free_port, node_config, python_command, start, wait_for
+
+from matrixjobs.models import JobSpec, Outcome, Status
+from matrixjobs.store.postgres import PostgresStore
+
+
+def spec(name: str = "op", retries: int = 0) -> JobSpec:
+    return JobSpec(type="t", data={}, name=name, max_retries=retries, timeout_s=60)
+
+
+async def _settle(store: PostgresStore, job_id: str, owner: str) -> None:
+    done = Outcome(job_id, Status.COMPLETED, time.time())
+    await store.settle_and_claim([done], owner, 0, time.time(), 60)
+
+
+@pytest.mark.xfail(strict=True, reason="_refresh_batches counts a batch's jobs before it "
+                   "locks the batch row: two workers settling the last jobs of one batch at "
+                   "once each write counts that miss the other's job (READ COMMITTED lost "
+                   "update); the batch stays 'processing' with completed=1 of 2 forever")
+async def test_a_batch_whose_last_jobs_end_on_two_workers_at_once_finishes(pg_url):
+    one, two = PostgresStore(pg_url), PostgresStore(pg_url)
+    await one.open()
+    await two.open()
+    try:
+        batch, _ = await one.add_batch("b", [spec("a"), spec("b")], time.time())
+        [first] = (await one.settle_and_claim([], "w1", 1, time.time(), 60)).claimed
+        [second] = (await two.settle_and_claim([], "w2", 1, time.time(), 60)).claimed
+        # A third session holds the batch row for a moment, as a third worker's settle of
+        # the same batch would: both settles count their jobs, then wait for the row.
+        async with await psycopg.AsyncConnection.connect(pg_url) as blocker:
+            async with blocker.transaction():
+                await blocker.execute("SELECT 1 FROM batches WHERE id = %s FOR UPDATE",
+                                      (int(batch.id[1:]),))
+                settles = asyncio.gather(_settle(one, first.id, "w1"),
+                                         _settle(two, second.id, "w2"))
+                await asyncio.sleep(0.5)
+            await settles
+        jobs = await one.list_jobs(batch_id=batch.id)
+        assert [j.status for j in jobs] == [Status.COMPLETED, Status.COMPLETED]
+        final = await one.get_batch(batch.id)
+        assert final is not None
+        assert (final.status, final.completed) == (Status.COMPLETED, 2)
+    finally:
+        await one.close()
+        await two.close()
+
+
+def recording(seconds: float, runs: Path, retries: int = 0) -> dict[str, object]:
+    """A target that notes each run (job id and pid) in `runs`, then works `seconds`."""
+    return {"command": python_command(f"""
+        import os, time
+        with open({str(runs)!r}, "a") as f:
+            f.write(os.environ["MATRIXJOBS_JOB_ID"] + " " + str(os.getpid()) + "\\n")
+        time.sleep({seconds})
+    """), "max_retries": retries}
+
+
+def job_state(port: int, job_id: str) -> dict[str, object]:
+    return api(port, "GET", f"/v1/jobs/{job_id}")
+
+
+@pytest.mark.xfail(strict=True, reason="JobQueue.start → recover_interrupted(worker=name) "
+                   "takes every 'processing' job of that worker name under another owner for "
+                   "an orphan of its own earlier run, so a second live process with the same "
+                   "[worker] name (default: the host name) fails or requeues the first's "
+                   "running jobs at its start")
+@pytest.mark.timeout(90)
+def test_a_second_worker_with_the_same_name_leaves_the_first_ones_jobs_alone(tmp_path, pg_url):
+    port = free_port()
+    runs = tmp_path / "runs"
+    targets = {"slow": recording(4.0, runs)}
+    node = start(tmp_path / "node", node_config(tmp_path / "node", pg_url, targets, workers=0,
+                                                api_port=port), "run", "node")
+    first = start(tmp_path / "a", node_config(tmp_path / "a", pg_url, targets, workers=1,
+                                              name="box"), "worker", "a")
+    second = None
+    try:
+        job = api(port, "POST", "/v1/jobs", {"target": "slow"})
+        wait_for(lambda: runs.exists() and runs.read_text(), 20, "the job running")
+        second = start(tmp_path / "b", node_config(tmp_path / "b", pg_url, targets, workers=1,
+                                                   name="box"), "worker", "b")
+        final = wait_for(lambda: (s := job_state(port, job["id"]))["status"]
+                         not in ("pending", "processing") and s, 30, "the job's end")
+    finally:
+        first.stop()
+        if second is not None:
+            second.stop()
+        node.stop()
+    assert (final["status"], final.get("error")) == ("completed", None), final
+    assert len(runs.read_text().splitlines()) == 1
