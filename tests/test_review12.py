@@ -105,7 +105,9 @@ def test_a_second_worker_with_the_same_name_leaves_the_first_ones_jobs_alone(tmp
     assert len(runs.read_text().splitlines()) == 1
 
 
-@pytest.mark.xfail(strict=True, reason="jobs claimed ahead (queue._ready, up to 500) are "
+# Not strict: whether jobs are claimed ahead at the moment of the kill depends on timing
+# (it failed in 4 of 5 runs here, 3 to 8 jobs failed without a run).
+@pytest.mark.xfail(strict=False, reason="jobs claimed ahead (queue._ready, up to 500) are "
                    "'processing' under the worker's lease though they never started; when the "
                    "worker dies, recovery charges each a retry and, with none left, fails "
                    "them 'interrupted' without a single run")
