@@ -1,6 +1,6 @@
 """Review of #12 (workers on many machines): reproductions of defects found by an
 adversarial reading, each against the real PostgreSQL server and, where the defect needs
-them, real `matrixjobs` processes. A test marked xfail(strict) fails on today's code."""
+them, real `matrixjobs` processes. A test marked xfail is a limitation known and documented."""
 
 from __future__ import annotations
 
@@ -28,10 +28,6 @@ async def _settle(store: PostgresStore, job_id: str, owner: str) -> None:
     await store.settle_and_claim([done], owner, 0, time.time(), 60)
 
 
-@pytest.mark.xfail(strict=True, reason="_refresh_batches counts a batch's jobs before it "
-                   "locks the batch row: two workers settling the last jobs of one batch at "
-                   "once each write counts that miss the other's job (READ COMMITTED lost "
-                   "update); the batch stays 'processing' with completed=1 of 2 forever")
 async def test_a_batch_whose_last_jobs_end_on_two_workers_at_once_finishes(pg_url):
     one, two = PostgresStore(pg_url), PostgresStore(pg_url)
     await one.open()
@@ -74,11 +70,6 @@ def job_state(port: int, job_id: str) -> dict[str, object]:
     return api(port, "GET", f"/v1/jobs/{job_id}")
 
 
-@pytest.mark.xfail(strict=True, reason="JobQueue.start → recover_interrupted(worker=name) "
-                   "takes every 'processing' job of that worker name under another owner for "
-                   "an orphan of its own earlier run, so a second live process with the same "
-                   "[worker] name (default: the host name) fails or requeues the first's "
-                   "running jobs at its start")
 @pytest.mark.timeout(90)
 def test_a_second_worker_with_the_same_name_leaves_the_first_ones_jobs_alone(tmp_path, pg_url):
     port = free_port()
@@ -105,12 +96,9 @@ def test_a_second_worker_with_the_same_name_leaves_the_first_ones_jobs_alone(tmp
     assert len(runs.read_text().splitlines()) == 1
 
 
-# Not strict: whether jobs are claimed ahead at the moment of the kill depends on timing
-# (it failed in 4 of 5 runs here, 3 to 8 jobs failed without a run).
-@pytest.mark.xfail(strict=False, reason="jobs claimed ahead (queue._ready, up to 500) are "
-                   "'processing' under the worker's lease though they never started; when the "
-                   "worker dies, recovery charges each a retry and, with none left, fails "
-                   "them 'interrupted' without a single run")
+# Whether jobs are claimed ahead at the moment of the kill depends on timing: before
+# claimed-ahead jobs were told apart, this failed in 4 of 5 runs (3 to 8 jobs failed
+# without a run); the contract test of `ahead` is the deterministic one.
 @pytest.mark.timeout(120)
 async def test_jobs_a_killed_worker_claimed_ahead_but_never_started_are_not_failed(
         tmp_path, pg_url):
@@ -164,10 +152,6 @@ async def test_a_node_with_its_clock_ahead_does_not_take_over_a_healthy_workers_
     assert beat.lost == []
 
 
-@pytest.mark.xfail(strict=True, reason="RemoteFeed forgets a job once it told its end "
-                   "(_seen.pop), so any later news of it (the claim's 'change' read after the "
-                   "job ended, then the settle's) publishes the same terminal event again; "
-                   "seen 1 job in ~500 on a run node with two real workers")
 async def test_a_job_run_elsewhere_ends_once_in_the_run_nodes_stream_however_often_announced(
         tmp_path, pg_url):
     config = make_config(tmp_path, targets={"t": {"command": ["true"]}},

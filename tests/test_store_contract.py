@@ -195,10 +195,11 @@ async def test_logs_are_saved_while_running_and_replaced_by_the_final_one(store)
 # -- recovery and cancelling ----------------------------------------------------------------
 
 async def test_recovery_requeues_or_fails_orphaned_jobs(store):
-    """At start, the jobs an earlier run of the same worker left are orphans at once."""
+    """At start, the jobs of processes known to be gone are orphans at once."""
     retry, last = await store.add_jobs([spec("retry", 1), spec("last", 0)], NOW)
     await store.settle_and_claim([], "dead-process", 2, NOW, 60, worker="node-a")
-    recovery = await store.recover_interrupted("new-process", NOW + 1, worker="node-a")
+    recovery = await store.recover_interrupted("new-process", NOW + 1,
+                                               orphans=["dead-process"])
     assert [j.id for j in recovery.requeued] == [retry.id]
     assert [j.id for j in recovery.failed] == [last.id]
     retried = await store.get_job(retry.id)
@@ -215,7 +216,7 @@ async def test_recovery_resumes_a_stopped_owners_jobs_and_honours_cancels(store)
     await store.settle_and_claim([], "new", 1, NOW, 60, worker="node-a")
     await store.request_cancel(cancelled.id)
     recovery = await store.recover_interrupted("new", NOW, stopped_owner="stopped",
-                                               worker="node-a")
+                                               orphans=["stopped"])
     assert [j.id for j in recovery.cancelled] == [cancelled.id]
     assert [j.id for j in recovery.resumed] == [resumed.id]
     assert recovery.requeued == recovery.failed == []
@@ -223,6 +224,22 @@ async def test_recovery_resumes_a_stopped_owners_jobs_and_honours_cancels(store)
     assert (back.status, back.retry_count, back.error) == (
         Status.PENDING, 0, INTERRUPTED_BY_STOP)
     assert (await store.get_job(mine.id)).status == Status.PROCESSING
+
+
+async def test_jobs_claimed_ahead_and_never_started_come_back_without_a_retry(store):
+    first, second, third = await store.add_jobs([spec("1", 0), spec("2", 0), spec("3", 0)], NOW)
+    claimed = (await store.settle_and_claim([], "dead", 3, NOW, 60, ahead=2)).claimed
+    assert [(j.id, j.started_at) for j in claimed] == [
+        (first.id, NOW), (second.id, None), (third.id, None)]
+    # The second started (told with the next cycle); the third never did.
+    await store.settle_and_claim([], "dead", 0, NOW + 1, 60, started=[second.id])
+    assert (await store.get_job(second.id)).started_at == NOW + 1
+    recovery = await store.recover_interrupted("new", NOW + 2, orphans=["dead"])
+    assert [j.id for j in recovery.resumed] == [third.id]
+    assert [j.id for j in recovery.failed] == [first.id, second.id]
+    back = await store.get_job(third.id)
+    assert (back.status, back.retry_count, back.error, back.started_at) == (
+        Status.PENDING, 0, None, None)
 
 
 async def test_expired_leases_are_recovered_by_anyone_and_live_ones_kept(store):

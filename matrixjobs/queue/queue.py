@@ -121,6 +121,9 @@ class JobQueue:
         self._cancel_requested: set[str] = set()
         self._remote_cancel: set[str] = set()  # of _cancel_requested: asked for elsewhere
         self._lost: set[str] = set()  # running here, but another node holds them now
+        self._held: set[str] = set()  # claimed by us, outcome not committed yet
+        self._ahead: set[str] = set()  # of _ready: claimed ahead, the store knows them so
+        self._started_ahead: list[str] = []  # started since the last cycle told the store
         self._settle_waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._wakeup = asyncio.Event()
         self._maybe_due = True
@@ -133,13 +136,32 @@ class JobQueue:
 
     async def start(self) -> None:
         stopped = await self.store.get_setting(self._stopping_key)
+        gone = [*await self._dead_here(), *([stopped] if stopped else [])]
         recovery = await self.store.recover_interrupted(self.owner, self._clock(), stopped,
-                                                        self.worker.name)
+                                                        gone)
         if stopped:
             await self.store.set_setting(self._stopping_key, "")
         self._publish_recovery(recovery)
         self._accepting = True
         self._dispatcher = asyncio.create_task(self._dispatch(), name="matrixjobs-dispatcher")
+
+    async def _dead_here(self) -> list[str]:
+        """The workers of this host whose process is gone (our own earlier run, say): their
+        jobs need not wait for their leases to run out."""
+        if not self.store.shared:
+            return []
+        host, dead = socket.gethostname(), []
+        now = self._clock()
+        for worker in await self.store.list_workers():
+            if worker.host == host and not _pid_alive(worker.pid):
+                dead.append(worker.id)
+                if worker.name == self.worker.name:
+                    await self.store.unregister_worker(worker.id)  # we replace it
+            elif worker.name == self.worker.name and worker.alive(now, self.config.lease_s):
+                log.warning("another live process is named %r (pid %d on %s): give each "
+                            "process sharing the store its own [worker] name", worker.name,
+                            worker.pid, worker.host)
+        return dead
 
     @property
     def _stopping_key(self) -> str:
@@ -305,17 +327,25 @@ class JobQueue:
         outcomes, self._outcomes = self._outcomes, []
         capacity = self.config.workers + self._prefetch() if self._accepting else 0
         want = capacity - len(self._running) - len(self._ready) if self._maybe_due else 0
-        if not outcomes and want <= 0:
+        started, self._started_ahead = self._started_ahead, []
+        if not outcomes and want <= 0 and not started:
             return False
+        # What no free slot takes at once is claimed ahead: it may never start here.
+        free = self.config.workers - len(self._running) - len(self._ready)
+        ahead = max(want - max(free, 0), 0) if want > 0 else 0
         pokes = self._pokes
         try:
             cycle = await self.store.settle_and_claim(
                 [outcome for _, outcome in outcomes], self.owner, want, self._clock(),
-                self.config.lease_s, self.worker.labels, self.worker.name,
+                self.config.lease_s, self.worker.labels, self.worker.name, ahead, started,
             )
         except BaseException:
             self._outcomes[:0] = outcomes  # nothing was committed: keep them for the next try
+            self._started_ahead[:0] = started
             raise
+        self._ahead.update(job.id for job in cycle.claimed[want - ahead:])
+        self._held.difference_update(job.id for job, _ in outcomes)
+        self._held.update(job.id for job in cycle.claimed)
         for job, outcome in outcomes:
             _apply(job, outcome)
             self.monitor.job_settled(job)
@@ -365,6 +395,7 @@ class JobQueue:
         """Give ahead-claimed jobs back to pending, as they were, keeping the first `keep`."""
         while len(self._ready) > keep:
             job = self._ready.pop()
+            self._ahead.discard(job.id)
             self._finish(job, Outcome(job.id, Status.PENDING, self._clock(),
                                       retry_at=self._clock(), count_retry=False))
 
@@ -373,6 +404,10 @@ class JobQueue:
             self._start(self._ready.popleft())
 
     def _start(self, job: Job) -> None:
+        if job.id in self._ahead:
+            self._ahead.discard(job.id)
+            self._started_ahead.append(job.id)  # the store learns it with the next cycle
+            job.started_at = job.started_at or self._clock()
         if job.id in self._cancel_requested:
             self._remote_cancel.discard(job.id)
             self._finish(job, Outcome(job.id, Status.CANCELLED, self._clock(), error="cancelled"))
@@ -502,8 +537,8 @@ class JobQueue:
                 running.saved = state
 
     def runs(self, job_id: str) -> bool:
-        """Whether this process runs (or has claimed) `job_id`."""
-        return job_id in self._running or any(job.id == job_id for job in self._ready)
+        """Whether this process holds `job_id`: claimed, and its outcome not committed yet."""
+        return job_id in self._held
 
     # -- leases ---------------------------------------------------------------------------------
 
@@ -549,11 +584,14 @@ class JobQueue:
         for ready in self._ready:
             if ready.id == job_id:
                 self._ready.remove(ready)
+                self._held.discard(job_id)
+                self._ahead.discard(job_id)
                 return
 
     def _drop_lost(self, running: Running) -> None:
         job = running.job
         self._lost.discard(job.id)
+        self._held.discard(job.id)
         self._running.pop(job.id, None)
         if running.log is not None:
             self.logs.end(job.id, "stopped here: another worker took this job over")
@@ -678,6 +716,16 @@ class JobQueue:
                 waiters.remove(waiter)
                 if not waiters:
                     del self._settle_waiters[job_id]
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
 
 
 def _apply(job: Job, outcome: Outcome) -> None:

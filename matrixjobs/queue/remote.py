@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import OrderedDict
 from collections.abc import Iterable
 
 from matrixjobs.models import BATCH_PREFIX, JOB_PREFIX, Job, Status
@@ -24,6 +25,9 @@ log = logging.getLogger(__name__)
 # The full read of running work when no announcement came, in case one was lost.
 RESYNC_S = 5.0
 ACTIVE_LIMIT = 1000
+# Ends told that are remembered, so that a late second announcement of one is not told
+# again: far more than can end within the few seconds news may arrive late.
+ENDED_KEPT = 10_000
 
 
 class RemoteFeed:
@@ -36,11 +40,18 @@ class RemoteFeed:
         self._wakeup = asyncio.Event()
         self._followed: set[str] = set()  # remote jobs and batches seen unfinished
         self._seen: dict[str, tuple[object, ...]] = {}  # what was last told of each job
+        self._ended: OrderedDict[str, None] = OrderedDict()  # ends told, newest last
 
     def changed(self, ids: Iterable[str]) -> None:
         """Announced by another process: these jobs or batches changed."""
         self._ids.update(ids)
         self._wakeup.set()
+
+    def _end(self, subject: str) -> None:
+        """Its end is told: later news of it (read late, or twice) is old news."""
+        self._ended[subject] = None
+        if len(self._ended) > ENDED_KEPT:
+            self._ended.popitem(last=False)
 
     def follow(self, jobs: Iterable[Job]) -> None:
         """Jobs queued here, as the monitor already showed them: another process may run
@@ -83,10 +94,13 @@ class RemoteFeed:
         return {job.id for job in jobs} | {batch.id for batch in batches} | self._followed
 
     async def _refresh(self, ids: set[str], announced: set[str]) -> None:
-        job_ids = sorted(i for i in ids if i.startswith(JOB_PREFIX))
-        for job in await self.store.get_jobs(job_ids) if job_ids else []:
-            if self.queue.runs(job.id) or (job.worker == self.queue.worker.name
-                                           and job.status == Status.PROCESSING):
+        job_ids = sorted(i for i in ids if i.startswith(JOB_PREFIX) and i not in self._ended)
+        jobs = await self.store.get_jobs(job_ids) if job_ids else []
+        for gone in set(job_ids) - {job.id for job in jobs}:  # purged meanwhile
+            self._seen.pop(gone, None)
+            self._followed.discard(gone)
+        for job in jobs:
+            if self.queue.runs(job.id):
                 self._seen.pop(job.id, None)  # ours: the local reporter and queue tell
                 self._followed.discard(job.id)  # the monitor, its end included
                 continue
@@ -97,6 +111,7 @@ class RemoteFeed:
             if job.status.terminal:
                 self._seen.pop(job.id, None)
                 self._followed.discard(job.id)
+                self._end(job.id)
             else:
                 self._seen[job.id] = state
                 self._followed.add(job.id)
@@ -106,12 +121,15 @@ class RemoteFeed:
                 continue  # found waiting by a periodic read: whoever queued it said so
             self.monitor.job_remote(job)
         for batch_id in sorted(i for i in ids if i.startswith(BATCH_PREFIX)):
+            if batch_id in self._ended:
+                continue
             batch = await self.store.get_batch(batch_id)
             if batch is None:
                 self._followed.discard(batch_id)
                 continue
             if batch.status.terminal:
                 self._followed.discard(batch_id)
+                self._end(batch_id)
             else:
                 self._followed.add(batch_id)
             self.monitor.batch_updated(batch)

@@ -103,12 +103,18 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def settle_and_claim(
-        self, outcomes: Sequence[Outcome], owner: str, limit: int, now: float, lease_s: float
+        self, outcomes: Sequence[Outcome], owner: str, limit: int, now: float, lease_s: float,
+        labels: Sequence[str] = (), worker: str | None = None, ahead: int = 0,
+        started: Sequence[str] = (),
     ) -> Cycle:
         """Record finished runs (with their logs), then claim up to `limit` due pending
-        jobs for `owner`.
+        jobs for `owner` (whose worker is named `worker`): only jobs whose `runs_on` labels
+        are all among `labels`. The last `ahead` claimed wait for a free slot: until a
+        later call names them in `started`, recovery gives them back without spending a
+        retry (they never ran).
 
-        Outcomes apply only to jobs still `processing` for `owner`.
+        Outcomes apply only to jobs still `processing` for `owner`: a run whose lease
+        another node took over changes nothing (fencing).
         """
 
     @abc.abstractmethod
@@ -127,12 +133,13 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def recover_interrupted(self, owner: str, now: float,
                                   stopped_owner: str | None = None,
-                                  worker: str | None = None) -> Recovery:
+                                  orphans: Sequence[str] = ()) -> Recovery:
         """At start: settle jobs whose worker died: cancel those whose cancel was requested,
         requeue (retry_count < max_retries) or fail ("interrupted") the rest. Jobs of
         `stopped_owner` (a service told to stop, then forced out) go back to pending
         without spending a retry: they were not the reason it died. A shared store takes
-        only jobs whose lease ran out or that `worker` (this process's name) ran before."""
+        only jobs whose lease ran out or whose owner is among `orphans` (processes known
+        to be gone)."""
 
     @abc.abstractmethod
     async def recover_expired(self, now: float) -> Recovery:

@@ -52,6 +52,7 @@ from matrixjobs.store.rows import (
     BATCH_COLUMNS,
     ERRORS_PER_BATCH,
     JOB_COLUMNS,
+    QUALIFIED_JOB_COLUMNS,
     RUNNING_BY_OWNER,
     WORKER_COLUMNS,
     batch_from_row,
@@ -148,6 +149,8 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE jobs ADD COLUMN runs_on TEXT NOT NULL DEFAULT '[]';
     ALTER TABLE jobs ADD COLUMN worker TEXT;
+    -- claimed ahead of a free slot and not started yet: recovery gives it back, no retry spent
+    ALTER TABLE jobs ADD COLUMN claimed_ahead BOOLEAN NOT NULL DEFAULT false;
     CREATE INDEX jobs_leases ON jobs (lease_expires_at) WHERE status = 'processing';
     CREATE TABLE workers (
         id TEXT PRIMARY KEY,
@@ -354,15 +357,21 @@ class PostgresStore(Store):
 
     async def settle_and_claim(
         self, outcomes: Sequence[Outcome], owner: str, limit: int, now: float, lease_s: float,
-        labels: Sequence[str] = (), worker: str | None = None,
+        labels: Sequence[str] = (), worker: str | None = None, ahead: int = 0,
+        started: Sequence[str] = (),
     ) -> Cycle:
         cycle = Cycle()
         async with self._transaction() as conn:
+            await _lock_jobs(conn, "id = ANY(%s::bigint[]) AND status = 'processing' "
+                             "AND owner = %s", ([number_of(j) for j in
+                                                 {*(o.job_id for o in outcomes), *started}],
+                                                owner))
+            await _mark_started(conn, started, owner, now)
             touched = await _settle(conn, outcomes, owner)
             await _save_logs(conn, {o.job_id: o.log for o in outcomes if o.log is not None}, "")
             if limit > 0:
                 cycle.claimed = await _claim(conn, owner, limit, now, now + lease_s, labels,
-                                             worker)
+                                             worker, ahead)
                 touched.update(j.batch_id for j in cycle.claimed if j.batch_id)
             cycle.batches = await _refresh_batches(conn, touched, now)
             await self._announce(conn, NEW, [o.job_id for o in outcomes if o.retry_at is not None])
@@ -375,6 +384,7 @@ class PostgresStore(Store):
         running: Sequence[str] = (),
     ) -> Heartbeat:
         async with self._transaction() as conn:
+            await _lock_jobs(conn, "status = 'processing' AND owner = %s", (owner,))
             held = await _rows(
                 conn, "UPDATE jobs SET lease_expires_at = %s "
                 "WHERE status = 'processing' AND owner = %s "
@@ -404,13 +414,13 @@ class PostgresStore(Store):
 
     async def recover_interrupted(self, owner: str, now: float,
                                   stopped_owner: str | None = None,
-                                  worker: str | None = None) -> Recovery:
-        # Jobs whose lease ran out, and those our previous run left (worker names are
-        # unique per process, so a job of ours under another owner is an orphan).
+                                  orphans: Sequence[str] = ()) -> Recovery:
+        # Jobs whose lease ran out, and those of processes known to be gone.
         stale = ("status = 'processing' AND owner IS DISTINCT FROM %s "
-                 "AND (lease_expires_at < %s OR worker = %s)")
+                 "AND (lease_expires_at < %s OR owner = ANY(%s::text[]))")
         async with self._transaction() as conn:
-            recovery = await _recover(conn, stale, (owner, now, worker), now, stopped_owner)
+            recovery = await _recover(conn, stale, (owner, now, list(orphans)), now,
+                                      stopped_owner)
             await self._announce_recovery(conn, recovery)
         return recovery
 
@@ -474,7 +484,9 @@ class PostgresStore(Store):
     async def cancel_batch(self, batch_id_: str, now: float) -> BatchCancel | None:
         number = number_of(batch_id_)
         async with self._transaction() as conn:
-            # Jobs before their batch, as every other transaction locks them.
+            # Jobs (in id order) before their batch, as every other transaction locks them.
+            await _lock_jobs(conn, "batch_id = %s AND status IN ('pending', 'processing')",
+                             (number,))
             cancelled = await _jobs(
                 conn, "UPDATE jobs SET status = 'cancelled', finished_at = %s, "
                 "error = 'cancelled' WHERE batch_id = %s AND status = 'pending' "
@@ -687,12 +699,17 @@ async def _recover(
     for, resume `stopped_owner`'s without spending a retry, requeue or fail the rest."""
     recovery = Recovery()
     clear = "owner = NULL, lease_expires_at = NULL"
+    await _lock_jobs(conn, stale, params)
     recovery.cancelled = await _jobs(
         conn, f"UPDATE jobs SET status = 'cancelled', finished_at = %s, error = 'cancelled', "
         f"{clear} WHERE {stale} AND (cancel_requested OR {CANCELLED_BATCH}) "
         f"RETURNING {JOB_COLUMNS}", (now, *params))
+    # Claimed ahead, never started: as if never claimed.
+    recovery.resumed = await _jobs(
+        conn, f"UPDATE jobs SET status = 'pending', run_after = %s, claimed_ahead = false, "
+        f"{clear} WHERE {stale} AND claimed_ahead RETURNING {JOB_COLUMNS}", (now, *params))
     if stopped_owner is not None:
-        recovery.resumed = await _jobs(
+        recovery.resumed += await _jobs(
             conn, f"UPDATE jobs SET status = 'pending', run_after = %s, error = %s, {clear} "
             f"WHERE {stale} AND owner = %s RETURNING {JOB_COLUMNS}",
             (now, INTERRUPTED_BY_STOP, *params, stopped_owner))
@@ -709,11 +726,25 @@ async def _recover(
     return recovery
 
 
+async def _lock_jobs(
+    conn: psycopg.AsyncConnection[Any], where: str, params: Sequence[Any]
+) -> None:
+    """Lock the jobs a multi-row UPDATE is about to change, in id order. An UPDATE locks
+    rows in whatever order its plan meets them: two of them over overlapping rows (a
+    worker settling, another node cancelling the batch) could each hold a row the other
+    waits for. Taken in one order, the later one waits instead. (NO KEY UPDATE, as the
+    UPDATE itself takes, lets foreign-key checks of job_logs go on.)"""
+    await conn.execute(f"SELECT id FROM jobs WHERE {where} ORDER BY id FOR NO KEY UPDATE",
+                       params)
+
+
 async def _save_progress(
     conn: psycopg.AsyncConnection[Any], progress: dict[str, Progress], owner: str
 ) -> None:
     if not progress:
         return
+    await _lock_jobs(conn, "id = ANY(%s::bigint[]) AND status = 'processing' AND owner = %s",
+                     ([number_of(j) for j in progress], owner))
     await conn.execute(
         "UPDATE jobs SET progress_current = p.current, progress_total = p.total, "
         "progress_message = p.message FROM unnest(%s::bigint[], %s::float8[], "
@@ -818,10 +849,10 @@ async def _settle(
         "run_after = coalesce(o.retry_at, run_after), finished_at = o.finished_at, "
         "error = o.error, result = o.result, progress_current = o.current, "
         "progress_total = o.total, progress_message = o.message, "
-        "owner = NULL, lease_expires_at = NULL FROM unnest(%s::bigint[], %s::text[], "
-        "%s::int[], %s::float8[], %s::float8[], %s::text[], %s::text[], %s::float8[], "
-        "%s::float8[], %s::text[]) AS o(id, status, spent, retry_at, finished_at, error, "
-        "result, current, total, message) "
+        "owner = NULL, lease_expires_at = NULL, claimed_ahead = false "
+        "FROM unnest(%s::bigint[], %s::text[], %s::int[], %s::float8[], %s::float8[], "
+        "%s::text[], %s::text[], %s::float8[], %s::float8[], %s::text[]) "
+        "AS o(id, status, spent, retry_at, finished_at, error, result, current, total, message) "
         "WHERE jobs.id = o.id AND jobs.status = 'processing' AND jobs.owner = %s "
         "RETURNING jobs.batch_id",
         ([number_of(o.job_id) for o in outcomes],
@@ -841,19 +872,36 @@ async def _settle(
 
 async def _claim(
     conn: psycopg.AsyncConnection[Any], owner: str, limit: int, now: float, lease_until: float,
-    labels: Sequence[str], worker: str | None,
+    labels: Sequence[str], worker: str | None, ahead: int,
 ) -> list[Job]:
+    """Claim up to `limit` due jobs; the last `ahead` of them are claimed ahead of a free
+    slot: not started (no started_at) until `_mark_started` says so."""
     jobs = await _jobs(
-        conn, "UPDATE jobs SET status = 'processing', owner = %s, lease_expires_at = %s, "
-        "started_at = coalesce(started_at, %s), worker = %s WHERE id IN (SELECT id FROM jobs "
+        conn, "WITH locked AS (SELECT id, priority FROM jobs "
         f"WHERE status = 'pending' AND run_after <= %s AND NOT {CANCELLED_BATCH} "
         "AND (runs_on = '[]' OR runs_on::jsonb <@ %s::jsonb) "
-        "ORDER BY priority DESC, id LIMIT %s FOR UPDATE SKIP LOCKED) "
-        f"RETURNING {JOB_COLUMNS}",
-        (owner, lease_until, now, worker, now, json.dumps(list(labels)), limit),
+        "ORDER BY priority DESC, id LIMIT %s FOR UPDATE SKIP LOCKED), "
+        "picked AS (SELECT id, row_number() OVER (ORDER BY priority DESC, id) > %s AS ahead "
+        "FROM locked) "
+        "UPDATE jobs SET status = 'processing', owner = %s, lease_expires_at = %s, "
+        "worker = %s, claimed_ahead = picked.ahead, started_at = CASE WHEN picked.ahead "
+        "THEN jobs.started_at ELSE coalesce(jobs.started_at, %s) END "
+        f"FROM picked WHERE jobs.id = picked.id RETURNING {QUALIFIED_JOB_COLUMNS}",
+        (now, json.dumps(list(labels)), limit, limit - ahead, owner, lease_until, worker, now),
     )
     jobs.sort(key=lambda j: (-j.priority, number_of(j.id)))
     return jobs
+
+
+async def _mark_started(
+    conn: psycopg.AsyncConnection[Any], started: Sequence[str], owner: str, now: float
+) -> None:
+    """Jobs claimed ahead that began to run: from now on a crash spends a retry."""
+    if started:
+        await conn.execute(
+            "UPDATE jobs SET claimed_ahead = false, started_at = coalesce(started_at, %s) "
+            "WHERE id = ANY(%s::bigint[]) AND status = 'processing' AND owner = %s",
+            (now, [number_of(j) for j in started], owner))
 
 
 async def _save_logs(
@@ -877,16 +925,19 @@ async def _refresh_batches(
     batches = []
     for bid in sorted(ids):
         number = number_of(bid)
+        # Locked before counting: two processes settling the batch's last jobs at once
+        # would each count without the other's job and the later write would keep the
+        # stale count. The count, a statement after the lock, sees what the other committed.
+        rows = await _rows(conn, f"SELECT {BATCH_COLUMNS} FROM batches WHERE id = %s "
+                           "FOR UPDATE", (number,))
+        if not rows:
+            continue
         counts = {status: 0 for status in Status}
         for status, count in await _rows(
             conn, "SELECT status, count(*) FROM jobs WHERE batch_id = %s GROUP BY status",
             (number,),
         ):
             counts[Status(status)] = count
-        rows = await _rows(conn, f"SELECT {BATCH_COLUMNS} FROM batches WHERE id = %s",
-                           (number,))
-        if not rows:
-            continue
         batch = batch_from_row(rows[0])
         recount(batch, counts, now)
         await conn.execute(

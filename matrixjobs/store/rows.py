@@ -14,6 +14,8 @@ JOB_COLUMNS = (
     "run_after, created_at, started_at, finished_at, progress_current, progress_total, "
     "progress_message, error, result, requester, runs_on, worker"
 )
+# The same, named with their table: for statements that join jobs with another.
+QUALIFIED_JOB_COLUMNS = ", ".join(f"jobs.{column.strip()}" for column in JOB_COLUMNS.split(","))
 BATCH_COLUMNS = (
     "id, name, status, total, completed, failed, cancelled, cancel_requested, "
     "created_at, started_at, finished_at, requester"
@@ -132,7 +134,7 @@ def with_running(workers: list[Worker], running: Sequence[Sequence[Any]]) -> lis
 # what `migrate-store` copies. jobs adds what JOB_COLUMNS leaves out (cancel and lease).
 TABLES: tuple[tuple[str, str], ...] = (
     ("batches", BATCH_COLUMNS),
-    ("jobs", f"{JOB_COLUMNS}, cancel_requested, owner, lease_expires_at"),
+    ("jobs", f"{JOB_COLUMNS}, cancel_requested, owner, lease_expires_at, claimed_ahead"),
     ("job_logs", "job_id, text"),
     ("progress_messages", MESSAGE_TABLE_COLUMNS),
     ("processed_events", "event_id, subject_id, processed_at"),

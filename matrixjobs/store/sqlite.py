@@ -40,6 +40,7 @@ from matrixjobs.store.rows import (
     BATCH_COLUMNS,
     ERRORS_PER_BATCH,
     JOB_COLUMNS,
+    QUALIFIED_JOB_COLUMNS,
     RUNNING_BY_OWNER,
     WORKER_COLUMNS,
     batch_from_row,
@@ -140,6 +141,7 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE jobs ADD COLUMN runs_on TEXT NOT NULL DEFAULT '[]';
     ALTER TABLE jobs ADD COLUMN worker TEXT;
+    ALTER TABLE jobs ADD COLUMN claimed_ahead INTEGER NOT NULL DEFAULT 0;
     CREATE TABLE workers (
         id TEXT PRIMARY KEY,
         name TEXT NOT NULL,
@@ -394,16 +396,22 @@ class SqliteStore(Store):
 
     async def settle_and_claim(
         self, outcomes: Sequence[Outcome], owner: str, limit: int, now: float, lease_s: float,
-        labels: Sequence[str] = (), worker: str | None = None,
+        labels: Sequence[str] = (), worker: str | None = None, ahead: int = 0,
+        started: Sequence[str] = (),
     ) -> Cycle:
         cycle = Cycle()
         async with self._transaction():
+            if started:  # claimed ahead, and now running: a crash spends a retry
+                await self.db.executemany(
+                    "UPDATE jobs SET claimed_ahead = 0, started_at = COALESCE(started_at, ?) "
+                    "WHERE id = ? AND status = 'processing' AND owner = ?",
+                    [(now, number_of(job), owner) for job in started])
             touched = await self._settle(outcomes, owner)
             await self._save_logs({o.job_id: o.log for o in outcomes if o.log is not None},
                                   "")
             if limit > 0:
                 cycle.claimed = await self._claim(owner, limit, now, now + lease_s, labels,
-                                                  worker)
+                                                  worker, ahead)
                 touched.update(j.batch_id for j in cycle.claimed if j.batch_id)
             cycle.batches = await self._refresh_batches(touched, now)
         return cycle
@@ -433,7 +441,7 @@ class SqliteStore(Store):
                 "run_after = COALESCE(o.column4, run_after), finished_at = o.column5, "
                 "error = o.column6, result = o.column7, progress_current = o.column8, "
                 "progress_total = o.column9, progress_message = o.column10, "
-                "owner = NULL, lease_expires_at = NULL "
+                "owner = NULL, lease_expires_at = NULL, claimed_ahead = 0 "
                 f"FROM (VALUES {_placeholders(len(chunk), 10)}) AS o "
                 "WHERE jobs.id = o.column1 AND jobs.status = 'processing' AND jobs.owner = ? "
                 "RETURNING jobs.batch_id",
@@ -443,18 +451,23 @@ class SqliteStore(Store):
         return touched
 
     async def _claim(self, owner: str, limit: int, now: float, lease_until: float,
-                     labels: Sequence[str], worker: str | None) -> list[Job]:
+                     labels: Sequence[str], worker: str | None, ahead: int) -> list[Job]:
+        """Claim up to `limit` due jobs; the last `ahead` of them are claimed ahead of a
+        free slot: not started (no started_at) until settle_and_claim's `started` says so."""
         sql = (
             "UPDATE jobs SET status = 'processing', owner = ?, lease_expires_at = ?, "
-            "started_at = COALESCE(started_at, ?), worker = ? "
-            "WHERE id IN (SELECT id FROM jobs WHERE status = 'pending' AND run_after <= ? "
+            "worker = ?, claimed_ahead = picked.ahead, started_at = CASE WHEN picked.ahead "
+            "THEN jobs.started_at ELSE COALESCE(jobs.started_at, ?) END "
+            "FROM (SELECT id, row_number() OVER (ORDER BY priority DESC, id) > ? AS ahead "
+            "FROM jobs WHERE status = 'pending' AND run_after <= ? "
             f"AND NOT {CANCELLED_BATCH} AND (runs_on = '[]' OR NOT EXISTS (SELECT 1 FROM "
             "json_each(jobs.runs_on) AS need WHERE need.value NOT IN (SELECT value FROM "
-            "json_each(?)))) ORDER BY priority DESC, id LIMIT ?) "
-            f"RETURNING {JOB_COLUMNS}"
+            "json_each(?)))) ORDER BY priority DESC, id LIMIT ?) AS picked "
+            f"WHERE jobs.id = picked.id RETURNING {QUALIFIED_JOB_COLUMNS}"
         )
         rows = await self.db.execute_fetchall(
-            sql, (owner, lease_until, now, worker, now, json.dumps(list(labels)), limit))
+            sql, (owner, lease_until, worker, now, limit - ahead, now, json.dumps(list(labels)),
+                  limit))
         jobs = [job_from_row(row) for row in rows]
         jobs.sort(key=lambda j: (-j.priority, number_of(j.id)))
         return jobs
@@ -513,7 +526,7 @@ class SqliteStore(Store):
 
     async def recover_interrupted(self, owner: str, now: float,
                                   stopped_owner: str | None = None,
-                                  worker: str | None = None) -> Recovery:
+                                  orphans: Sequence[str] = ()) -> Recovery:
         # Single-owner database (see module doc): any other owner's running job is orphaned.
         stale = "status = 'processing' AND (owner IS NULL OR owner != ?)"
         async with self._transaction():
@@ -533,8 +546,12 @@ class SqliteStore(Store):
             f"UPDATE jobs SET status = 'cancelled', finished_at = ?, error = 'cancelled', {clear} "
             f"WHERE {stale} AND (cancel_requested = 1 OR {CANCELLED_BATCH}) "
             f"RETURNING {JOB_COLUMNS}", (now, *params))
+        # Claimed ahead, never started: as if never claimed.
+        recovery.resumed = await self._jobs(
+            f"UPDATE jobs SET status = 'pending', run_after = ?, claimed_ahead = 0, {clear} "
+            f"WHERE {stale} AND claimed_ahead = 1 RETURNING {JOB_COLUMNS}", (now, *params))
         if stopped_owner is not None:
-            recovery.resumed = await self._jobs(
+            recovery.resumed += await self._jobs(
                 f"UPDATE jobs SET status = 'pending', run_after = ?, error = ?, {clear} "
                 f"WHERE {stale} AND owner = ? RETURNING {JOB_COLUMNS}",
                 (now, INTERRUPTED_BY_STOP, *params, stopped_owner))
