@@ -130,10 +130,6 @@ async def test_jobs_a_killed_worker_claimed_ahead_but_never_started_are_not_fail
     assert len(never_ran) <= workers, f"{len(never_ran)} failed without running: {never_ran[:20]}"
 
 
-@pytest.mark.xfail(strict=True, reason="leases are each host's clock (documented: keep NTP): "
-                   "a node whose clock runs lease_s ahead takes over a healthy worker's job at "
-                   "its next sweep, and the worker's heartbeat then stops its run; using the "
-                   "database's clock for lease_expires_at would make skew harmless")
 async def test_a_node_with_its_clock_ahead_does_not_take_over_a_healthy_workers_job(pg_url):
     lease_s, skew = 10.0, 15.0
     worker, node = PostgresStore(pg_url), PostgresStore(pg_url)

@@ -5,6 +5,7 @@ Each test gets a fresh store of each kind (PostgreSQL: a database of its own).
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -243,23 +244,29 @@ async def test_jobs_claimed_ahead_and_never_started_come_back_without_a_retry(st
 
 
 async def test_expired_leases_are_recovered_by_anyone_and_live_ones_kept(store):
-    dead, alive, last = await store.add_jobs([spec("d", 1), spec("a", 1), spec("l", 0)], NOW)
-    await store.settle_and_claim([], "dead", 1, NOW, 10, worker="w1")
-    await store.settle_and_claim([], "alive", 1, NOW, 10, worker="w2")
-    await store.settle_and_claim([], "dead2", 1, NOW, 10, worker="w3")
-    beat = await store.heartbeat("alive", {}, NOW + 8, 10, [alive.id])
+    """Leases are timed by the store's clock (PostgreSQL: the server's): real time here."""
+    lease_s = 1.0
+    dead, alive, last = await store.add_jobs([spec("d", 1), spec("a", 1), spec("l", 0)],
+                                             time.time())
+    await store.settle_and_claim([], "dead", 1, time.time(), lease_s, worker="w1")
+    await store.settle_and_claim([], "alive", 1, time.time(), lease_s, worker="w2")
+    await store.settle_and_claim([], "dead2", 1, time.time(), lease_s, worker="w3")
+    assert (await store.recover_expired(time.time())).requeued == []
+    await asyncio.sleep(lease_s * 0.6)
+    beat = await store.heartbeat("alive", {}, time.time(), lease_s, [alive.id])
     assert (beat.lost, beat.cancel) == ([], [])
-    assert (await store.recover_expired(NOW + 9)).requeued == []
-    recovery = await store.recover_expired(NOW + 11)
+    await asyncio.sleep(lease_s * 0.6)
+    recovery = await store.recover_expired(time.time())
     assert [j.id for j in recovery.requeued] == [dead.id]
     assert [j.id for j in recovery.failed] == [last.id]
     assert (await store.get_job(alive.id)).status == Status.PROCESSING
     # The dead worker's outcome comes too late: its job was taken back (fencing).
-    await store.settle_and_claim([Outcome(dead.id, Status.COMPLETED, NOW + 12)], "dead", 0,
-                                 NOW + 12, 10)
+    await store.settle_and_claim([Outcome(dead.id, Status.COMPLETED, time.time())], "dead", 0,
+                                 time.time(), lease_s)
     assert (await store.get_job(dead.id)).status == Status.PENDING
     # ...and its heartbeat tells it so.
-    assert (await store.heartbeat("dead", {}, NOW + 12, 10, [dead.id])).lost == [dead.id]
+    assert (await store.heartbeat("dead", {}, time.time(), lease_s, [dead.id])).lost == [
+        dead.id]
 
 
 async def test_heartbeat_reports_cancels_asked_for_elsewhere(store):

@@ -8,7 +8,7 @@ job (fencing). Claims use `FOR UPDATE SKIP LOCKED`. Writes of one process are se
 (as SQLite's one writer is), so its transactions never wait on each other; across
 processes every transaction locks job rows before batch rows, so they cannot deadlock.
 
-Lease times are each host's clock: hosts must keep NTP time, as skew eats into `lease_s`.
+Leases are timed by the database server's clock, so hosts' clocks may differ.
 
 Migrations are applied under a transaction-level advisory lock, so processes
 that start at once apply each step exactly once.
@@ -167,6 +167,9 @@ MIGRATIONS: list[str] = [
     """,
 ]
 
+# Leases are timed by the database's clock, the one clock every host shares: a host whose
+# own clock is off must neither take over healthy workers' jobs nor keep dead ones.
+DB_NOW = "extract(epoch FROM clock_timestamp())"
 # What notifications announce (store/pg_listen.py): jobs to run, jobs to kill where they
 # run, and jobs or batches whose state or progress other nodes should read again.
 NEW, CANCEL, CHANGE = "new", "cancel", "change"
@@ -370,7 +373,7 @@ class PostgresStore(Store):
             touched = await _settle(conn, outcomes, owner)
             await _save_logs(conn, {o.job_id: o.log for o in outcomes if o.log is not None}, "")
             if limit > 0:
-                cycle.claimed = await _claim(conn, owner, limit, now, now + lease_s, labels,
+                cycle.claimed = await _claim(conn, owner, limit, now, lease_s, labels,
                                              worker, ahead)
                 touched.update(j.batch_id for j in cycle.claimed if j.batch_id)
             cycle.batches = await _refresh_batches(conn, touched, now)
@@ -386,9 +389,9 @@ class PostgresStore(Store):
         async with self._transaction() as conn:
             await _lock_jobs(conn, "status = 'processing' AND owner = %s", (owner,))
             held = await _rows(
-                conn, "UPDATE jobs SET lease_expires_at = %s "
+                conn, f"UPDATE jobs SET lease_expires_at = {DB_NOW} + %s "
                 "WHERE status = 'processing' AND owner = %s "
-                f"RETURNING id, cancel_requested OR {CANCELLED_BATCH}", (now + lease_s, owner),
+                f"RETURNING id, cancel_requested OR {CANCELLED_BATCH}", (lease_s, owner),
             )
             await conn.execute("UPDATE workers SET heartbeat_at = %s WHERE id = %s",
                                (now, owner))
@@ -417,10 +420,9 @@ class PostgresStore(Store):
                                   orphans: Sequence[str] = ()) -> Recovery:
         # Jobs whose lease ran out, and those of processes known to be gone.
         stale = ("status = 'processing' AND owner IS DISTINCT FROM %s "
-                 "AND (lease_expires_at < %s OR owner = ANY(%s::text[]))")
+                 f"AND (lease_expires_at < {DB_NOW} OR owner = ANY(%s::text[]))")
         async with self._transaction() as conn:
-            recovery = await _recover(conn, stale, (owner, now, list(orphans)), now,
-                                      stopped_owner)
+            recovery = await _recover(conn, stale, (owner, list(orphans)), now, stopped_owner)
             await self._announce_recovery(conn, recovery)
         return recovery
 
@@ -431,8 +433,8 @@ class PostgresStore(Store):
                                     (RECOVERY_LOCK,))
             if not free:
                 return Recovery()
-            recovery = await _recover(conn, "status = 'processing' AND lease_expires_at < %s",
-                                      (now,), now, None)
+            recovery = await _recover(
+                conn, f"status = 'processing' AND lease_expires_at < {DB_NOW}", (), now, None)
             await self._announce_recovery(conn, recovery)
         return recovery
 
@@ -871,7 +873,7 @@ async def _settle(
 
 
 async def _claim(
-    conn: psycopg.AsyncConnection[Any], owner: str, limit: int, now: float, lease_until: float,
+    conn: psycopg.AsyncConnection[Any], owner: str, limit: int, now: float, lease_s: float,
     labels: Sequence[str], worker: str | None, ahead: int,
 ) -> list[Job]:
     """Claim up to `limit` due jobs; the last `ahead` of them are claimed ahead of a free
@@ -883,11 +885,11 @@ async def _claim(
         "ORDER BY priority DESC, id LIMIT %s FOR UPDATE SKIP LOCKED), "
         "picked AS (SELECT id, row_number() OVER (ORDER BY priority DESC, id) > %s AS ahead "
         "FROM locked) "
-        "UPDATE jobs SET status = 'processing', owner = %s, lease_expires_at = %s, "
+        f"UPDATE jobs SET status = 'processing', owner = %s, lease_expires_at = {DB_NOW} + %s, "
         "worker = %s, claimed_ahead = picked.ahead, started_at = CASE WHEN picked.ahead "
         "THEN jobs.started_at ELSE coalesce(jobs.started_at, %s) END "
         f"FROM picked WHERE jobs.id = picked.id RETURNING {QUALIFIED_JOB_COLUMNS}",
-        (now, json.dumps(list(labels)), limit, limit - ahead, owner, lease_until, worker, now),
+        (now, json.dumps(list(labels)), limit, limit - ahead, owner, lease_s, worker, now),
     )
     jobs.sort(key=lambda j: (-j.priority, number_of(j.id)))
     return jobs
