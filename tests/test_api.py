@@ -438,6 +438,13 @@ def test_only_ascii_digits_within_sqlite_integers_make_an_id():
     assert parse_id("j" + "9" * 5000) is None  # more digits than int() reads
 
 
+async def test_an_unknown_query_parameter_is_named_short_and_escaped(svc):
+    async with svc.client() as client:
+        response = await client.get("/v1/workers", params={"\u202eevil" + "x" * 5000: "1"})
+    message = assert_error(response, 400, "bad_query")["message"]
+    assert "\\u202e" in message and "\u202e" not in message and len(message) < 200
+
+
 async def test_wrong_method_names_every_method_the_path_takes(svc):
     async with svc.client() as client:
         for path in ("/v1/jobs", "/v1/batches"):

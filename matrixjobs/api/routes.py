@@ -262,7 +262,7 @@ def known_query(request: Request, *names: str) -> None:
     unknown = sorted(set(request.query_params) - set(names))
     if unknown:
         takes = f"takes: {', '.join(names)}" if names else "takes none"
-        raise ApiError(400, "bad_query", f"unknown query parameter '{unknown[0]}'; "
+        raise ApiError(400, "bad_query", f"unknown query parameter '{echo(unknown[0])}'; "
                                          f"this endpoint {takes}")
 
 
