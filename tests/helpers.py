@@ -84,3 +84,16 @@ MATRIX_TARGETS = {
     "broken": python_target("import sys; print('compiler exploded'); sys.exit(3)",
                             max_retries=0, description="Always fails"),
 }
+
+
+def bot_tables(homeserver: str, bot: str, alice: str) -> str:
+    """The [matrix] and [access] tables of a test bot's TOML config: `alice` may run jobs;
+    no rate limit of our own (the test homeserver has none for the bot)."""
+    return textwrap.dedent(f"""
+        [matrix]
+        homeserver = "{homeserver}"
+        user_id = "{bot}"
+        rate_per_s = 0
+        [access]
+        allowed_users = ["{alice}"]
+    """)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import httpx2
 import pytest
+from helpers import bot_tables
 from matrix_people import BotMessage, EncryptedPerson
 from service_process import child_env
 
@@ -37,13 +38,7 @@ for i in range(1, 4):
 def write_config(directory: Path, homeserver: str, bot: str, alice: str) -> Path:
     (directory / "steps.py").write_text(STEPS)
     config = directory / "config.toml"
-    config.write_text(textwrap.dedent(f"""
-        [matrix]
-        homeserver = "{homeserver}"
-        user_id = "{bot}"
-        rate_per_s = 0
-        [access]
-        allowed_users = ["{alice}"]
+    config.write_text(bot_tables(homeserver, bot, alice) + textwrap.dedent(f"""
         [store]
         path = "state/jobs.db"
         [progress]

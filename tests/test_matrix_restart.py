@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import bot_tables
 from matrix_people import Person, bot_messages
 
 from matrixjobs.store.sqlite import SqliteStore
@@ -34,13 +35,7 @@ def write_config(directory: Path, homeserver: str, bot: str, alice: str,
                  grace_s: float = 30) -> Path:
     (directory / "slow.py").write_text(SLOW)
     config = directory / "config.toml"
-    config.write_text(textwrap.dedent(f"""
-        [matrix]
-        homeserver = "{homeserver}"
-        user_id = "{bot}"
-        rate_per_s = 0
-        [access]
-        allowed_users = ["{alice}"]
+    config.write_text(bot_tables(homeserver, bot, alice) + textwrap.dedent(f"""
         [store]
         path = "state/jobs.db"
         [queue]

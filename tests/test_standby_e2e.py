@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import bot_tables
 from matrix_people import Person, bot_messages
 from service_process import Service
 from test_standby import terminate_role_sessions
@@ -35,13 +36,7 @@ def node_config(directory: Path, name: str, workers: int, homeserver: str, bot: 
     directory.mkdir()
     (directory / "slow.py").write_text(SLOW)
     config = directory / "config.toml"
-    config.write_text(textwrap.dedent(f"""
-        [matrix]
-        homeserver = "{homeserver}"
-        user_id = "{bot}"
-        rate_per_s = 0
-        [access]
-        allowed_users = ["{alice}"]
+    config.write_text(bot_tables(homeserver, bot, alice) + textwrap.dedent(f"""
         [store]
         backend = "postgresql"
         url = "{pg_url}"
