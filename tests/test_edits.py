@@ -5,7 +5,13 @@ from __future__ import annotations
 import itertools
 import time
 
-from matrixjobs.matrix.edits import EditScheduler, Pings, RateLimitedError, SendFailedError
+from matrixjobs.matrix.edits import (
+    PING_FAILED,
+    EditScheduler,
+    Pings,
+    RateLimitedError,
+    SendFailedError,
+)
 from matrixjobs.matrix.ratelimit import TokenBucket
 from matrixjobs.matrix.render import render_error
 from matrixjobs.metrics import Metrics
@@ -438,6 +444,19 @@ async def test_a_fix_pings_and_says_fixed(store):
     await finish_quickly(sched, clock, Status.COMPLETED, job_id="j2")
     [ping] = pings(sender)
     assert ping["body"].startswith("@alice:x ✅ docs (j2) fixed, completed in 1s")
+
+
+async def test_the_store_is_not_asked_about_the_last_run_when_fixed_pings_are_off(store):
+    asked: list[str] = []
+
+    async def previous(subject: str) -> Status | None:
+        asked.append(subject)
+        return Status.FAILED
+
+    sched, sender, clock = scheduler(store, rate=0, pings=Pings(on=(PING_FAILED,),
+                                                                previous=previous))
+    await finish_quickly(sched, clock, Status.COMPLETED)
+    assert asked == [] and pings(sender) == []
 
 
 async def test_pings_can_be_turned_off(store):

@@ -208,8 +208,9 @@ class Pings:
     previous: Callable[[str], Awaitable[Status | None]] | None = None
 
     async def fixed(self, event: JobProgressEvent) -> bool:
-        return (event.status is Status.COMPLETED and self.previous is not None
-                and await self.previous(event.id) is Status.FAILED)
+        # The store is asked only when the answer can change whether it pings.
+        return (PING_FIXED in self.on and event.status is Status.COMPLETED
+                and self.previous is not None and await self.previous(event.id) is Status.FAILED)
 
     def due(self, event: JobProgressEvent, fixed: bool) -> bool:
         begun = event.started_at or event.created_at
