@@ -5,18 +5,23 @@ marked xfail(strict=True) reproduces a defect present today."""
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import time
 from collections import Counter
 
 import pytest
+import test_standby_e2e
 from fleet import node_config, start, wait_for
 from helpers import make_config
+from test_standby_e2e import LEASE_S
 
 from matrixjobs.app import App
 from matrixjobs.models import JobSpec
 from matrixjobs.progress.events import JobProgressEvent
 from matrixjobs.store.postgres import PostgresStore
+
+scene = test_standby_e2e.scene  # two bot nodes, a leading and b standing by
 
 # RemoteFeed's periodic full read (remote.RESYNC_S) plus a margin.
 AFTER_RESYNC_S = 6.5
@@ -86,3 +91,25 @@ async def test_a_job_that_ran_before_its_worker_was_killed_spends_a_retry(tmp_pa
         await store.close()
     again = sorted(job.id for job in recovery.resumed if job.id in ran)
     assert again == [], f"ran, then back to pending with no retry left: {again}"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_a_leader_frozen_past_its_lease_answers_nothing_once_thawed(scene):
+    room, nodes = scene
+    build = room.alice.send(room.room, "!build slow")
+    room.answer(build)
+    os.kill(nodes["a"].process.pid, signal.SIGSTOP)
+    try:
+        nodes["b"].wait_for_log("bot: leading", timeout=LEASE_S * 3)
+        nodes["b"].wait_for_log("matrix: logged in as")
+        during = room.alice.send(room.room, "!status")
+        room.answer(during)
+    finally:
+        os.kill(nodes["a"].process.pid, signal.SIGCONT)
+    nodes["a"].wait_for_log("bot: lost the lead", timeout=LEASE_S * 2)
+    after = room.alice.send(room.room, "!targets")
+    room.answer(after)
+    time.sleep(3)  # a's bot, were it still answering, would have by now
+    for command in (build, during, after):
+        assert len(room.answers(command)) == 1, command
