@@ -103,6 +103,8 @@ class App:
         # Only nodes with interfaces show other processes' jobs; a worker has no one to tell.
         self.remote = (RemoteFeed(self.store, self.monitor, self.queue)
                        if self.store.shared and role == "run" else None)
+        if self.remote is not None:
+            self.monitor.observe(self.remote)
         self.components: list[Component] = []
         self._supervisor = Supervisor()
         self._labels_cache: tuple[float, list[set[str]]] | None = None

@@ -269,6 +269,20 @@ async def test_expired_leases_are_recovered_by_anyone_and_live_ones_kept(store):
         dead.id]
 
 
+async def test_a_held_job_the_owner_does_not_name_keeps_no_lease(store):
+    """A claim whose answer never reached its process (the connection dropped at commit):
+    the process does not know the job, its heartbeats leave it out, and its lease runs out."""
+    lease_s = 0.5
+    known, stray = await store.add_jobs([spec("k"), spec("s")], time.time())
+    await store.settle_and_claim([], "w", 2, time.time(), lease_s)
+    await asyncio.sleep(lease_s * 0.6)
+    await store.heartbeat("w", {}, time.time(), lease_s, [known.id])
+    await asyncio.sleep(lease_s * 0.6)
+    recovery = await store.recover_expired(time.time())
+    assert [j.id for j in recovery.requeued] == [stray.id]
+    assert (await store.get_job(known.id)).status == Status.PROCESSING
+
+
 async def test_heartbeat_reports_cancels_asked_for_elsewhere(store):
     job, other = await store.add_jobs([spec("j"), spec("o")], NOW)
     await claim(store, limit=2, owner="runner")

@@ -90,7 +90,7 @@ class ProgressMonitor:
         observers: Sequence[LifecycleObserver] = (),
     ) -> None:
         self.interval = interval_ms / 1000
-        self._observers = tuple(observers)
+        self._observers = list(observers)
         self._clock = clock
         self._monotonic = monotonic
         self._max_pending = max_pending
@@ -98,6 +98,10 @@ class ProgressMonitor:
         self._batches: dict[str, BatchTracker] = {}
         self._all: set[Subscription] = set()
         self._by_id: dict[str, set[Subscription]] = {}
+
+    def observe(self, observer: LifecycleObserver) -> None:
+        """Tell `observer` too of every run's start and every settled run from now on."""
+        self._observers.append(observer)
 
     # -- what the queue tells us -------------------------------------------------------------
 

@@ -396,7 +396,7 @@ class JobQueue:
         while len(self._ready) > keep:
             job = self._ready.pop()
             self._ahead.discard(job.id)
-            self._finish(job, Outcome(job.id, Status.PENDING, self._clock(),
+            self._finish(job, Outcome(job.id, Status.PENDING, self._clock(), error=job.error,
                                       retry_at=self._clock(), count_retry=False))
 
     def _fill(self) -> None:
@@ -550,9 +550,11 @@ class JobQueue:
             progress = _progress(running.reporter)
             if progress is not None:
                 snapshots[job_id] = progress
-        held = [*self._running, *(job.id for job in self._ready)]
+        # Every job claimed and not settled yet (running, ready, or its outcome waiting): a
+        # job the store gave us in a transaction we never heard back from is not among
+        # them, so its lease runs out and another node takes it back.
         beat = await self.store.heartbeat(self.owner, snapshots, self._clock(),
-                                          self.config.lease_s, held)
+                                          self.config.lease_s, sorted(self._held))
         for job_id in beat.lost:
             self.lose(job_id)
         for job_id in beat.cancel:

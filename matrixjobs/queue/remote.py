@@ -53,6 +53,22 @@ class RemoteFeed:
         if len(self._ended) > ENDED_KEPT:
             self._ended.popitem(last=False)
 
+    # -- told by the monitor of this process's own runs (a LifecycleObserver) --------------
+
+    def job_started(self, job: Job) -> None:
+        """It runs here: the local reporter tells the monitor about it from now on."""
+        self._seen.pop(job.id, None)
+        self._followed.discard(job.id)
+
+    def job_settled(self, job: Job) -> None:
+        """Settled here (its run ended, or a recovery or cancel here): the monitor was told."""
+        if job.status.terminal:
+            self._seen.pop(job.id, None)
+            self._followed.discard(job.id)
+            self._end(job.id)
+        else:  # waiting again: another process may run it next
+            self.follow([job])
+
     def follow(self, jobs: Iterable[Job]) -> None:
         """Jobs queued here, as the monitor already showed them: another process may run
         them, and the periodic read must catch their end even if all news of it is lost."""

@@ -122,9 +122,11 @@ class Store(abc.ABC):
         self, owner: str, progress: dict[str, Progress], now: float, lease_s: float,
         running: Sequence[str] = (),
     ) -> Heartbeat:
-        """Extend the leases of `owner`'s running jobs and its worker row, and save their
-        progress snapshots. Says which of `running` (the jobs the owner runs) it no longer
-        holds and which are to be cancelled."""
+        """Extend the leases of the jobs in `running` (all the owner holds: running, ready,
+        or settling) and the owner's worker row, and save their progress snapshots. Says
+        which of `running` it no longer holds and which are to be cancelled. A job the
+        owner holds in the store but does not name (a claim whose answer it never got)
+        keeps its lease, which runs out: then any node takes it back."""
 
     @abc.abstractmethod
     async def save_progress(self, progress: dict[str, Progress], owner: str) -> None:

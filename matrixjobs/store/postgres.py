@@ -387,11 +387,12 @@ class PostgresStore(Store):
         running: Sequence[str] = (),
     ) -> Heartbeat:
         async with self._transaction() as conn:
-            await _lock_jobs(conn, "status = 'processing' AND owner = %s", (owner,))
+            ours = "status = 'processing' AND owner = %s AND id = ANY(%s::bigint[])"
+            numbers = [n for n in (checked_number(j, "j") for j in running) if n is not None]
+            await _lock_jobs(conn, ours, (owner, numbers))
             held = await _rows(
-                conn, f"UPDATE jobs SET lease_expires_at = {DB_NOW} + %s "
-                "WHERE status = 'processing' AND owner = %s "
-                f"RETURNING id, cancel_requested OR {CANCELLED_BATCH}", (lease_s, owner),
+                conn, f"UPDATE jobs SET lease_expires_at = {DB_NOW} + %s WHERE {ours} "
+                f"RETURNING id, cancel_requested OR {CANCELLED_BATCH}", (lease_s, owner, numbers),
             )
             await conn.execute("UPDATE workers SET heartbeat_at = %s WHERE id = %s",
                                (now, owner))

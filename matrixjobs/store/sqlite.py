@@ -477,9 +477,12 @@ class SqliteStore(Store):
         running: Sequence[str] = (),
     ) -> Heartbeat:
         async with self._transaction():
+            numbers = [n for n in (checked_number(j, "j") for j in running) if n is not None]
             held = await self.db.execute_fetchall(
                 "UPDATE jobs SET lease_expires_at = ? WHERE status = 'processing' AND owner = ? "
-                f"RETURNING id, cancel_requested OR {CANCELLED_BATCH}", (now + lease_s, owner),
+                "AND id IN (SELECT value FROM json_each(?)) "
+                f"RETURNING id, cancel_requested OR {CANCELLED_BATCH}",
+                (now + lease_s, owner, json.dumps(numbers)),
             )
             await self.db.execute("UPDATE workers SET heartbeat_at = ? WHERE id = ?",
                                   (now, owner))
