@@ -30,11 +30,21 @@ for i in range(1, 21):
     print(f"::progress {i}/20 step {i}", flush=True)
 """
 
+BROKEN = """
+import sys, time
+for i in range(1, 6):
+    time.sleep(0.3)
+    print(f"::progress {i}/10 step {i}", flush=True)
+print("it broke", flush=True)
+sys.exit(2)
+"""
+
 
 def node_config(directory: Path, name: str, workers: int, homeserver: str, bot: str,
                 alice: str, pg_url: str) -> Path:
     directory.mkdir()
     (directory / "slow.py").write_text(SLOW)
+    (directory / "broken.py").write_text(BROKEN)
     config = directory / "config.toml"
     config.write_text(bot_tables(homeserver, bot, alice) + textwrap.dedent(f"""
         [store]
@@ -54,6 +64,9 @@ def node_config(directory: Path, name: str, workers: int, homeserver: str, bot: 
         listen = "127.0.0.1:0"
         [targets.slow]
         command = [{sys.executable!r}, "slow.py"]
+        [targets.broken]
+        command = [{sys.executable!r}, "broken.py"]
+        max_retries = 0
     """))
     return config
 
@@ -175,3 +188,20 @@ def test_one_access_token_on_two_nodes_is_refused_by_the_second(synapse, pg_url,
         a.stop()
         if b is not None:
             b.stop()
+
+
+def test_the_leader_shows_a_job_another_node_runs_live_and_attaches_its_failed_log(scene):
+    """Node a answers but runs no jobs: the job runs on node b, and a's bot follows it
+    through the shared store, edit by edit, to ❌ with the log as a file."""
+    room, _ = scene
+    build = room.alice.send(room.room, "!build broken")
+    shown = room.answer(build)
+    [failed] = wait_for(lambda: [m for m in room.answers(build) if m.current.startswith("❌")])
+    assert failed.event_id == shown.event_id
+    bodies = [edit["content"]["m.new_content"]["body"] for edit in failed.edits]
+    assert any(body.startswith("🔄") and "%" in body for body in bodies), bodies  # live
+    assert "exit code 2" in failed.current and "it broke" in failed.current
+    [attachment] = wait_for(lambda: [
+        event for event in room.alice.timeline(room.room)
+        if event["sender"] == room.bot and event["content"].get("msgtype") == "m.file"])
+    assert attachment["content"]["body"].endswith("-broken.log")
