@@ -107,7 +107,7 @@ class App:
             self.monitor.observe(self.remote)
         self.components: list[Component] = []
         self._supervisor = Supervisor()
-        self._labels_cache: tuple[float, list[set[str]]] | None = None
+        self._workers_cache: tuple[float, list[Worker]] | None = None
         self._started = False
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -437,22 +437,21 @@ class App:
         """A pending job that no live worker can take says so, in its message."""
         if job.status != Status.PENDING or not job.runs_on or event.message is not None:
             return event
-        labels = await self._live_labels()
-        if any(set(job.runs_on) <= have for have in labels):
+        if any(worker.takes(job.runs_on) for worker in await self._live_workers()):
             return event
         return event.model_copy(
             update={"message": f"waiting for a worker with {', '.join(job.runs_on)}"})
 
-    async def _live_labels(self) -> list[set[str]]:
-        """The label sets of the live workers (read at most every WORKERS_CACHE_S: a list of
-        many waiting jobs asks once)."""
+    async def _live_workers(self) -> list[Worker]:
+        """The live workers (read at most every WORKERS_CACHE_S: a list of many waiting
+        jobs asks once)."""
         now = time.monotonic()
-        if self._labels_cache is None or now - self._labels_cache[0] > WORKERS_CACHE_S:
+        if self._workers_cache is None or now - self._workers_cache[0] > WORKERS_CACHE_S:
             lease_s, wall = self.config.queue.lease_s, time.time()
-            labels = [set(worker.labels) for worker in await self.store.list_workers()
-                      if worker.alive(wall, lease_s)]
-            self._labels_cache = (now, labels)
-        return self._labels_cache[1]
+            live = [worker for worker in await self.store.list_workers()
+                    if worker.alive(wall, lease_s)]
+            self._workers_cache = (now, live)
+        return self._workers_cache[1]
 
     async def scrape_metrics(self) -> CollectorRegistry:
         """The metrics, with the gauges read now."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -170,3 +171,7 @@ class Worker:
     def alive(self, now: float, lease_s: float) -> bool:
         """Whether it has beaten recently enough that its jobs' leases still hold."""
         return now - self.heartbeat_at < lease_s
+
+    def takes(self, runs_on: Sequence[str]) -> bool:
+        """Whether it may run a job whose target needs these labels (it has them all)."""
+        return set(runs_on) <= set(self.labels)

@@ -27,7 +27,7 @@ from matrixjobs.config import (
     load_config,
 )
 from matrixjobs.errors import ConfigError
-from matrixjobs.fleet import WorkerState, worker_state
+from matrixjobs.fleet import worker_state
 from matrixjobs.models import Worker
 from matrixjobs.ops.matrix_checks import MatrixChecks
 from matrixjobs.ops.report import Report
@@ -134,7 +134,7 @@ def check_postgres(report: Report, config: Config) -> None:
 def check_workers(report: Report, config: Config, workers: list[Worker], now: float) -> None:
     """Who runs jobs from the database, who went silent, and targets nobody live can run."""
     states = [worker_state(worker, now, config.queue.lease_s) for worker in workers]
-    live = [state for state in states if state.alive]
+    live = [worker for worker, state in zip(workers, states, strict=True) if state.alive]
     for state in states:
         labels = f"labels {', '.join(state.labels)}" if state.labels else "no labels"
         about = f"{state.role} on {state.host} (pid {state.pid}), {labels}"
@@ -149,13 +149,10 @@ def check_workers(report: Report, config: Config, workers: list[Worker], now: fl
         report.warn("workers", "none live, and this node runs none ([queue] workers = 0): "
                                "jobs wait until a `matrixjobs worker` starts")
     for name, target in sorted(config.targets.items()):
-        if target.runs_on and not any(_can_run(state, target.runs_on) for state in live):
+        if target.runs_on and not any(worker.takes(target.runs_on) for worker in live):
             report.warn(f"targets.{name}", f"no live worker has {', '.join(target.runs_on)}; "
                                            "its jobs will wait")
 
-
-def _can_run(worker: WorkerState, runs_on: list[str]) -> bool:
-    return set(runs_on) <= set(worker.labels)
 
 
 def check_pickle_key(report: Report, matrix: MatrixConfig, db: Path) -> None:
