@@ -227,6 +227,19 @@ async def test_recovery_resumes_a_stopped_owners_jobs_and_honours_cancels(store)
     assert (await store.get_job(mine.id)).status == Status.PROCESSING
 
 
+async def test_recovery_cancels_a_job_given_back_to_a_cancelled_batch(store):
+    """A claimed-ahead job released after its batch was cancelled waits, pending, for a
+    claim that never comes (claims skip cancelled batches): recovery ends it."""
+    batch, (ahead,) = await store.add_batch("b", [spec("a")], NOW)
+    await claim(store, limit=1, owner="dead")
+    await store.cancel_batch(batch.id, NOW)
+    await store.settle_and_claim([Outcome(ahead.id, Status.PENDING, NOW, retry_at=NOW,
+                                          count_retry=False)], "dead", 0, NOW, 60)
+    recovery = await store.recover_interrupted("new", NOW + 1, orphans=["dead"])
+    assert [j.id for j in recovery.cancelled] == [ahead.id]
+    assert (await store.get_batch(batch.id)).status == Status.CANCELLED
+
+
 async def test_jobs_claimed_ahead_and_never_started_come_back_without_a_retry(store):
     first, second, third = await store.add_jobs([spec("1", 0), spec("2", 0), spec("3", 0)], NOW)
     claimed = (await store.settle_and_claim([], "dead", 3, NOW, 60, ahead=2)).claimed

@@ -41,6 +41,11 @@ class Recovery:
     failed: list[Job] = field(default_factory=list)
     batches: list[Batch] = field(default_factory=list)
 
+    @property
+    def ended(self) -> list[Job]:
+        """Every job it settled, whatever became of it."""
+        return self.cancelled + self.resumed + self.requeued + self.failed
+
 
 @dataclass(slots=True)
 class Heartbeat:

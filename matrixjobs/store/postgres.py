@@ -6,7 +6,8 @@ under a lease that its heartbeat extends; any live process recovers the jobs who
 ran out (`recover_expired`), and an outcome applies only while its owner still holds the
 job (fencing). Claims use `FOR UPDATE SKIP LOCKED`. Writes of one process are serialised
 (as SQLite's one writer is), so its transactions never wait on each other; across
-processes every transaction locks job rows before batch rows, so they cannot deadlock.
+processes every transaction locks the job rows it changes in id order, then batch rows,
+so they do not deadlock.
 
 Leases are timed by the database server's clock, so hosts' clocks may differ.
 
@@ -442,8 +443,7 @@ class PostgresStore(Store):
     async def _announce_recovery(self, conn: psycopg.AsyncConnection[Any],
                                  recovery: Recovery) -> None:
         await self._announce(conn, NEW, [j.id for j in recovery.requeued + recovery.resumed])
-        ended = recovery.cancelled + recovery.resumed + recovery.requeued + recovery.failed
-        await self._announce(conn, CHANGE, [*(j.id for j in ended),
+        await self._announce(conn, CHANGE, [*(j.id for j in recovery.ended),
                                             *(b.id for b in recovery.batches)])
 
     async def _announce(self, conn: psycopg.AsyncConnection[Any], kind: str,
@@ -702,11 +702,13 @@ async def _recover(
     for, resume `stopped_owner`'s without spending a retry, requeue or fail the rest."""
     recovery = Recovery()
     clear = "owner = NULL, lease_expires_at = NULL"
-    await _lock_jobs(conn, stale, params)
+    # A cancel asked for before the crash still holds; and a job given back to pending
+    # after its batch was cancelled would wait for a claim that never comes.
+    cancel = f"(status = 'pending' OR ({stale})) AND (cancel_requested OR {CANCELLED_BATCH})"
+    await _lock_jobs(conn, f"({stale}) OR ({cancel})", (*params, *params))
     recovery.cancelled = await _jobs(
         conn, f"UPDATE jobs SET status = 'cancelled', finished_at = %s, error = 'cancelled', "
-        f"{clear} WHERE {stale} AND (cancel_requested OR {CANCELLED_BATCH}) "
-        f"RETURNING {JOB_COLUMNS}", (now, *params))
+        f"{clear} WHERE {cancel} RETURNING {JOB_COLUMNS}", (now, *params))
     # Claimed ahead, never started: as if never claimed.
     recovery.resumed = await _jobs(
         conn, f"UPDATE jobs SET status = 'pending', run_after = %s, claimed_ahead = false, "
@@ -723,9 +725,8 @@ async def _recover(
     recovery.failed = await _jobs(
         conn, f"UPDATE jobs SET status = 'failed', finished_at = %s, error = 'interrupted', "
         f"{clear} WHERE {stale} RETURNING {JOB_COLUMNS}", (now, *params))
-    ended = recovery.cancelled + recovery.resumed + recovery.requeued + recovery.failed
-    recovery.batches = await _refresh_batches(conn, {j.batch_id for j in ended if j.batch_id},
-                                              now)
+    recovery.batches = await _refresh_batches(
+        conn, {j.batch_id for j in recovery.ended if j.batch_id}, now)
     return recovery
 
 

@@ -544,11 +544,13 @@ class SqliteStore(Store):
                        stopped_owner: str | None) -> Recovery:
         recovery = Recovery()
         clear = "owner = NULL, lease_expires_at = NULL"
-        # A cancel asked for before the crash still holds.
+        # A cancel asked for before the crash still holds; and a job given back to pending
+        # after its batch was cancelled would wait for a claim that never comes.
         recovery.cancelled = await self._jobs(
             f"UPDATE jobs SET status = 'cancelled', finished_at = ?, error = 'cancelled', {clear} "
-            f"WHERE {stale} AND (cancel_requested = 1 OR {CANCELLED_BATCH}) "
-            f"RETURNING {JOB_COLUMNS}", (now, *params))
+            f"WHERE (status = 'pending' OR ({stale})) "
+            f"AND (cancel_requested = 1 OR {CANCELLED_BATCH}) RETURNING {JOB_COLUMNS}",
+            (now, *params))
         # Claimed ahead, never started: as if never claimed.
         recovery.resumed = await self._jobs(
             f"UPDATE jobs SET status = 'pending', run_after = ?, claimed_ahead = 0, {clear} "
@@ -566,8 +568,7 @@ class SqliteStore(Store):
         recovery.failed = await self._jobs(
             f"UPDATE jobs SET status = 'failed', finished_at = ?, error = 'interrupted', {clear} "
             f"WHERE {stale} RETURNING {JOB_COLUMNS}", (now, *params))
-        ended = recovery.cancelled + recovery.resumed + recovery.requeued + recovery.failed
-        touched = {j.batch_id for j in ended if j.batch_id}
+        touched = {j.batch_id for j in recovery.ended if j.batch_id}
         recovery.batches = await self._refresh_batches(touched, now)
         return recovery
 
