@@ -8,8 +8,9 @@ The queue, batches and monitor talk only to this class, so another backend
 from __future__ import annotations
 
 import abc
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from matrixjobs.models import (
     Batch,
@@ -20,6 +21,7 @@ from matrixjobs.models import (
     ProgressMessage,
     Status,
     Worker,
+    job_id,
 )
 
 
@@ -55,9 +57,9 @@ class Heartbeat:
     cancel: list[str] = field(default_factory=list)  # cancel asked for (maybe on another host)
 
 
-def heartbeat_of(running: Sequence[str], held: Sequence[tuple[object, object]]) -> Heartbeat:
-    """`held`: (job number, cancel requested) of each job the owner still holds."""
-    ours = {f"j{number}": bool(cancel) for number, cancel in held}
+def heartbeat_of(running: Sequence[str], held: Iterable[Sequence[Any]]) -> Heartbeat:
+    """`held`: rows of (job number, cancel requested), one per job the owner still holds."""
+    ours = {job_id(number): bool(cancel) for number, cancel in held}
     return Heartbeat(lost=[job for job in running if job not in ours],
                      cancel=sorted(job for job, cancel in ours.items() if cancel))
 

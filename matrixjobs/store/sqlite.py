@@ -487,7 +487,7 @@ class SqliteStore(Store):
             await self.db.execute("UPDATE workers SET heartbeat_at = ? WHERE id = ?",
                                   (now, owner))
             await self._save_progress(progress, owner)
-        return heartbeat_of(running, [(row[0], row[1]) for row in held])
+        return heartbeat_of(running, held)
 
     async def save_progress(self, progress: dict[str, Progress], owner: str) -> None:
         if progress:
