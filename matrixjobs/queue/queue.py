@@ -92,7 +92,7 @@ class Running:
     task: asyncio.Task[Outcome]
     started: float = 0.0
     log: RunLog | None = None
-    saved: object = None  # the reporter state last saved for other processes
+    saved: object = None  # the reporter state last saved in the store
 
 
 class JobQueue:
@@ -518,19 +518,28 @@ class JobQueue:
                 waiter.set_result(None)
 
     async def flush_progress(self) -> None:
-        """Save the progress that changed since the last flush, for other processes."""
+        """Save the progress that changed since the last save, for other processes."""
+        changed, states = self._unsaved_progress()
+        if changed:
+            await self.store.save_progress(changed, self.owner)
+        self._saved(states)
+
+    def _unsaved_progress(self) -> tuple[dict[str, Progress], dict[str, object]]:
+        """The progress of running jobs that changed since it was last saved, and the
+        reporter states it was read from (for `_saved` once the store has them)."""
         changed: dict[str, Progress] = {}
-        states = {}
+        states: dict[str, object] = {}
         for job_id, running in self._running.items():
             state = running.reporter.state
             if state is running.saved:
                 continue
-            progress = _progress(running.reporter)
             states[job_id] = state
+            progress = _progress(running.reporter)
             if progress is not None:
                 changed[job_id] = progress
-        if changed:
-            await self.store.save_progress(changed, self.owner)
+        return changed, states
+
+    def _saved(self, states: dict[str, object]) -> None:
         for job_id, state in states.items():
             running = self._running.get(job_id)
             if running is not None:
@@ -545,16 +554,13 @@ class JobQueue:
     async def heartbeat(self) -> None:
         """Extend our leases and save each running job's latest progress; stop the jobs we
         no longer hold and those whose cancel was asked for elsewhere."""
-        snapshots = {}
-        for job_id, running in self._running.items():
-            progress = _progress(running.reporter)
-            if progress is not None:
-                snapshots[job_id] = progress
+        snapshots, states = self._unsaved_progress()
         # Every job claimed and not settled yet (running, ready, or its outcome waiting): a
         # job the store gave us in a transaction we never heard back from is not among
         # them, so its lease runs out and another node takes it back.
         beat = await self.store.heartbeat(self.owner, snapshots, self._clock(),
                                           self.config.lease_s, sorted(self._held))
+        self._saved(states)
         for job_id in beat.lost:
             self.lose(job_id)
         for job_id in beat.cancel:
