@@ -3,6 +3,12 @@ and libpq's errors are named in messages (never with the password)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import os
+import socket
+from typing import Any
+
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
@@ -28,3 +34,27 @@ def libpq_reason(exc: psycopg.Error) -> str:
     """libpq's own words on one line (they name host and port, never the password)."""
     return " ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or (
         type(exc).__name__)
+
+
+async def answered(conn: psycopg.AsyncConnection[Any], statement: str, timeout_s: float) -> None:
+    """Run `statement`, or raise psycopg.OperationalError if no answer within `timeout_s`."""
+    # Cancelling a query makes psycopg send a cancel request and wait for it (seconds on a
+    # black-holed path); shutting the socket down instead fails the query at once, and the
+    # descriptor stays open until close(), so no other connection can reuse its number meanwhile.
+    loop = asyncio.get_running_loop()
+    timer = loop.call_later(timeout_s, _shut_down, conn)
+    try:
+        await conn.execute(statement)
+    except psycopg.OperationalError:
+        if loop.time() < timer.when():
+            raise
+        raise psycopg.OperationalError(
+            f"no answer to {statement!r} within {timeout_s:g} s") from None
+    finally:
+        timer.cancel()
+
+
+def _shut_down(conn: psycopg.AsyncConnection[Any]) -> None:
+    with contextlib.suppress(OSError, psycopg.Error), socket.socket(
+            fileno=os.dup(conn.pgconn.socket)) as sock:
+        sock.shutdown(socket.SHUT_RDWR)

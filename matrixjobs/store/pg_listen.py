@@ -15,7 +15,6 @@ tells the owner to re-read the state it may have missed.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import socket
@@ -25,7 +24,13 @@ from typing import Any
 
 import psycopg
 
-from matrixjobs.store.pg_conn import CONNECT_TIMEOUT_S, KEEPALIVE, describe_url, libpq_reason
+from matrixjobs.store.pg_conn import (
+    CONNECT_TIMEOUT_S,
+    KEEPALIVE,
+    answered,
+    describe_url,
+    libpq_reason,
+)
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +128,7 @@ class Listener:
             self._url, autocommit=True, connect_timeout=int(CONNECT_TIMEOUT_S),
             application_name=name[:63], **KEEPALIVE)
         try:
-            await _answered(conn, f"LISTEN {CHANNEL}")
+            await answered(conn, f"LISTEN {CHANNEL}", PROBE_TIMEOUT_S)
             self._up()
             await self._consume(conn)
         finally:
@@ -138,7 +143,7 @@ class Listener:
                 idle = False
                 self._deliver(note.payload)
             if idle:
-                await _answered(conn, "SELECT 1")
+                await answered(conn, "SELECT 1", PROBE_TIMEOUT_S)
 
     def _deliver(self, payload: str) -> None:
         message = parse_payload(payload)
@@ -168,27 +173,3 @@ class Listener:
             return
         self._down_since = time.monotonic()
         log.warning("LISTEN on PostgreSQL at %s down: %s; reconnecting", self.where, reason)
-
-
-async def _answered(conn: psycopg.AsyncConnection[Any], statement: str) -> None:
-    """Run `statement`, or raise psycopg.OperationalError if no answer within PROBE_TIMEOUT_S."""
-    # Cancelling a query makes psycopg send a cancel request and wait for it (seconds on a
-    # black-holed path); shutting the socket down instead fails the query at once, and the
-    # descriptor stays open until close(), so no other connection can reuse its number meanwhile.
-    loop = asyncio.get_running_loop()
-    timer = loop.call_later(PROBE_TIMEOUT_S, _shut_down, conn)
-    try:
-        await conn.execute(statement)
-    except psycopg.OperationalError:
-        if loop.time() < timer.when():
-            raise
-        raise psycopg.OperationalError(
-            f"no answer to {statement!r} within {PROBE_TIMEOUT_S:g} s") from None
-    finally:
-        timer.cancel()
-
-
-def _shut_down(conn: psycopg.AsyncConnection[Any]) -> None:
-    with contextlib.suppress(OSError, psycopg.Error), socket.socket(
-            fileno=os.dup(conn.pgconn.socket)) as sock:
-        sock.shutdown(socket.SHUT_RDWR)

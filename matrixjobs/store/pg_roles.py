@@ -28,6 +28,8 @@ from typing import Any
 
 import psycopg
 
+from matrixjobs.store.pg_conn import answered
+
 log = logging.getLogger(__name__)
 
 ROLE_KEY_BASE = 0x6D6A << 32
@@ -85,8 +87,8 @@ class RoleLocks:
         if lease_s is None or conn is None:
             return False
         try:
-            await asyncio.wait_for(conn.execute("SELECT 1"), lease_s / 6)
-        except (psycopg.Error, TimeoutError) as exc:
+            await answered(conn, "SELECT 1", lease_s / 6)
+        except psycopg.Error as exc:
             log.warning("role %s: its PostgreSQL session did not answer (%s); giving it up",
                         role, type(exc).__name__)
             await self.resign(role)
