@@ -144,34 +144,31 @@ class ProgressMonitor:
         if job.status == Status.PROCESSING:
             return
         if tracker is not None:
-            self._untrack(tracker)  # with the final progress the store has
+            self._untrack(job.id, job.batch_id)  # with the final progress the store has
         self._publish(job.id, lambda: self._job_event(job, tracker))
 
     def forget(self, job_id: str) -> None:
         """Stop following a job without saying anything: another process runs it now."""
         tracker = self._jobs.get(job_id)
         if tracker is not None:
-            self._untrack(tracker)
+            self._untrack(job_id, tracker.job.batch_id)
 
-    def _untrack(self, tracker: JobTracker) -> None:
-        self._jobs.pop(tracker.job.id, None)
-        self._sample(tracker)
-        batch = self._batches.get(tracker.job.batch_id) if tracker.job.batch_id else None
+    def _untrack(self, job_id: str, batch_id: str | None) -> JobTracker | None:
+        """Stop following a job (its last report sampled); its batch has changed."""
+        tracker = self._jobs.pop(job_id, None)
+        if tracker is not None:
+            self._sample(tracker)
+        batch = self._batches.get(batch_id) if batch_id else None
         if batch is not None:
-            batch.running.pop(tracker.job.id, None)
+            batch.running.pop(job_id, None)
             batch.dirty = True
+        return tracker
 
     def job_settled(self, job: Job) -> None:
         """A run ended: the job is terminal, or pending again for a retry."""
         for observer in self._observers:
             observer.job_settled(job)
-        tracker = self._jobs.pop(job.id, None)
-        if tracker is not None:
-            self._sample(tracker)
-        batch = self._batches.get(job.batch_id) if job.batch_id else None
-        if batch is not None:
-            batch.running.pop(job.id, None)
-            batch.dirty = True
+        tracker = self._untrack(job.id, job.batch_id)
         self._publish(job.id, lambda: self._job_event(job, tracker))
 
     def batch_updated(self, batch: Batch) -> None:
