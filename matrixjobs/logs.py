@@ -202,3 +202,27 @@ def redact(text: str) -> str:
             text = text.replace(secret, MASK)
     # The pattern's search costs more than this look, on every line of every job's output.
     return TOKEN_FIELD.sub(rf"\1{MASK}", text) if "access_token" in text else text
+
+
+class Outage:
+    """The log of a loop that retries a step: its first failure with the traceback, the
+    failures after it only at debug, and the step working again. A lost database fails
+    every try until it is back; one warning per outage says it without flooding."""
+
+    def __init__(self, logger: logging.Logger, what: str) -> None:
+        self._log = logger
+        self._what = what
+        self._down = False
+
+    def failed(self, message: str, *args: object) -> None:
+        """Call from an `except` block; `message` is said once per outage."""
+        if self._down:
+            self._log.debug("%s failed again", self._what, exc_info=True)
+        else:
+            self._log.exception(message, *args)
+        self._down = True
+
+    def worked(self) -> None:
+        if self._down:
+            self._log.info("%s works again", self._what)
+            self._down = False

@@ -6,6 +6,8 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
+from matrixjobs.logs import Outage
+
 log = logging.getLogger(__name__)
 
 
@@ -17,22 +19,15 @@ class Supervisor:
         """Run `step` every `seconds` until stopped; an exception is logged, not fatal."""
 
         async def loop() -> None:
-            failing = False
+            outage = Outage(log, name)
             while True:
                 await asyncio.sleep(seconds)
                 try:
                     await step()
                 except Exception:
-                    # Once per outage (a lost database fails every step until it is back).
-                    if failing:
-                        log.debug("%s failed again", name, exc_info=True)
-                    else:
-                        log.exception("%s failed; trying again every %gs", name, seconds)
-                    failing = True
+                    outage.failed("%s failed; trying again every %gs", name, seconds)
                     continue
-                if failing:
-                    log.info("%s works again", name)
-                    failing = False
+                outage.worked()
 
         self._tasks.append(asyncio.create_task(loop(), name=name))
 

@@ -10,6 +10,7 @@ import pytest
 
 from matrixjobs.logs import (
     BackgroundHandler,
+    Outage,
     ServiceFormatter,
     mask,
     service_handler,
@@ -160,3 +161,20 @@ def test_a_stalled_log_reader_costs_dropped_lines_said_later_not_a_blocked_calle
     finally:
         logger.removeHandler(handler)
         logger.propagate = True
+
+
+def test_an_outage_is_said_once_with_its_traceback_and_once_when_it_ends(caplog):
+    outage = Outage(logging.getLogger("matrixjobs.test"), "store cycle")
+    caplog.set_level(logging.DEBUG, logger="matrixjobs.test")
+    for _ in range(3):
+        try:
+            raise OSError("database gone")
+        except OSError:
+            outage.failed("store cycle failed; retrying every %ds", 1)
+    outage.worked()
+    outage.worked()
+    said = [(r.levelno, r.getMessage(), r.exc_info is not None) for r in caplog.records]
+    assert said == [(logging.ERROR, "store cycle failed; retrying every 1s", True),
+                    (logging.DEBUG, "store cycle failed again", True),
+                    (logging.DEBUG, "store cycle failed again", True),
+                    (logging.INFO, "store cycle works again", False)]

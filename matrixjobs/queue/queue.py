@@ -43,7 +43,7 @@ from matrixjobs.errors import (
     UnknownJobTypeError,
     echo,
 )
-from matrixjobs.logs import redact
+from matrixjobs.logs import Outage, redact
 from matrixjobs.models import (
     BATCH_PREFIX,
     INTERRUPTED_BY_STOP,
@@ -292,13 +292,11 @@ class JobQueue:
     # -- the dispatcher --------------------------------------------------------------------------
 
     async def _dispatch(self) -> None:
-        failing = False
+        outage = Outage(log, "store cycle")
         while True:
             try:
                 if await self._cycle():
-                    if failing:
-                        log.info("store cycle works again; outcomes saved")
-                        failing = False
+                    outage.worked()
                     continue
                 if self._closing:
                     return
@@ -310,13 +308,8 @@ class JobQueue:
                     log.exception("store failed while stopping; %d outcomes not saved",
                                   len(self._outcomes))
                     return
-                # Once per outage: a lost database fails every cycle until it is back.
-                if failing:
-                    log.debug("store cycle failed again", exc_info=True)
-                else:
-                    log.exception("store cycle failed; retrying every %.0fs (%d outcomes "
-                                  "wait)", STORE_RETRY_S, len(self._outcomes))
-                failing = True
+                outage.failed("store cycle failed; retrying every %.0fs (%d outcomes wait)",
+                              STORE_RETRY_S, len(self._outcomes))
                 await asyncio.sleep(STORE_RETRY_S)
 
     async def _cycle(self) -> bool:
