@@ -45,6 +45,7 @@ from matrixjobs.models import (
 from matrixjobs.progress.events import JobProgressEvent, event_of
 from matrixjobs.progress.monitor import ProgressMonitor
 from matrixjobs.queue.command import CommandHandler
+from matrixjobs.queue.containment import choose_runner, describe, shared_state
 from matrixjobs.queue.handlers import HandlerRegistry, load_user_handlers
 from matrixjobs.queue.joblog import JobLogs, tail
 from matrixjobs.queue.queue import JobQueue
@@ -91,7 +92,8 @@ class App:
         self.role = role  # "run" (the service) or "worker" (`matrixjobs worker`)
         self.targets = Targets(config.targets)
         self.handlers = handlers or HandlerRegistry()
-        self._commands = CommandHandler(self.targets, config.queue.kill_grace_s)
+        self._commands = CommandHandler(self.targets, config.queue.limits,
+                                        config.queue.kill_grace_s)
         self.handlers.register(COMMAND_TYPE, self._commands)
         load_user_handlers(config, self.handlers)
         self.store = store or create_store(config.store)
@@ -115,6 +117,8 @@ class App:
     async def start(self) -> None:
         await self.store.open()
         try:
+            if self.config.queue.workers > 0:
+                await self._contain()  # before recovery can start jobs
             await self.queue.start()
         except BaseException:
             await self.store.close()
@@ -145,6 +149,20 @@ class App:
         log.info("matrixjobs started (%s): store %s, %d workers, targets: %s", self.role,
                  describe_store(self.config.store), self.config.queue.workers,
                  ", ".join(self.targets.names()) or "none")
+
+    async def _contain(self) -> None:
+        """Choose how jobs are contained (ConfigError if a limit cannot be kept) and say it."""
+        runner = await asyncio.to_thread(choose_runner, self.config)
+        self._commands.runner = runner
+        log.info("jobs are contained by %s", runner.enforcement.mechanism)
+        for key, how in describe(runner):
+            log.info("  %s: %s", key, how)
+        for warning in runner.enforcement.warnings:
+            log.warning("%s", warning)
+        for name, directory in shared_state(self.config):
+            log.info("targets.%s runs in %s, which holds the store: its jobs see every "
+                        "file there but the store's and the keys; put the store in a "
+                        "directory of its own", name, directory)
 
     def _announced(self, kind: str, ids: list[str]) -> None:
         """News from another process sharing the store."""

@@ -27,6 +27,7 @@ from urllib.parse import unquote, urlsplit
 from dotenv import dotenv_values
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     PrivateAttr,
@@ -249,6 +250,58 @@ class StoreConfig(Section):
         return SecretStr(unquote(password)) if password else None
 
 
+SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE)
+SIZE_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+SIZE_HELP = 'expected bytes as a number or with a unit, like "512M" or "2G" (units of 1024)'
+
+
+def parse_size(value: int | str) -> int:
+    """Bytes from 1073741824, "1G", "1GiB" or "1024M": units are powers of 1024, as
+    systemd's MemoryMax= and ulimit read them."""
+    if isinstance(value, bool):
+        raise ValueError(SIZE_HELP)
+    if isinstance(value, int):
+        number = value
+    else:
+        match = SIZE_RE.match(value)
+        if match is None:
+            raise ValueError(SIZE_HELP)
+        number = int(match[1]) * SIZE_UNITS[match[2].upper()]
+    if number <= 0:
+        raise ValueError("must be more than 0")
+    return number
+
+
+def size_words(size: int) -> str:
+    """512 MiB, 1 GiB, 1536 KiB: the largest unit that divides it whole."""
+    for unit, factor in (("TiB", 1024**4), ("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if size % factor == 0:
+            return f"{size // factor} {unit}"
+    return f"{size} bytes"
+
+
+Size = Annotated[int, BeforeValidator(parse_size)]
+
+
+class LimitsConfig(Section):
+    """What one job may use (docs/guarantees.md says what enforces each on a host)."""
+
+    memory: Size | None = None  # bytes for the whole job (a cgroup) or each process (rlimit)
+    cpu_s: Int | None = Field(default=None, gt=0)  # CPU seconds of each process
+    processes: Int | None = Field(default=None, ge=2)  # processes and threads of the job
+    file_size: Size | None = None  # the largest file a job may write
+    open_files: Int | None = Field(default=None, ge=16)  # descriptors of each process
+
+    def over(self, defaults: LimitsConfig) -> LimitsConfig:
+        """These limits, with `defaults` wherever these set none."""
+        mine = self.model_dump(exclude_none=True)
+        return defaults.model_copy(update=mine)
+
+    @property
+    def any(self) -> bool:
+        return any(value is not None for value in self.model_dump().values())
+
+
 class QueueConfig(Section):
     # 0: this node runs no jobs (it serves the bot, API and MCP; `matrixjobs worker`s run them)
     workers: Int = Field(default=4, ge=0, le=256)
@@ -259,6 +312,12 @@ class QueueConfig(Section):
     kill_grace_s: Float = Field(default=10.0, ge=0)
     shutdown_grace_s: Float = Field(default=30.0, ge=0)
     max_batch_size: Int = Field(default=50, ge=1, le=10_000)
+    # How a job's processes are kept together (docs/guarantees.md): "auto" uses bubblewrap
+    # (a PID, mount and user namespace per job) where it works here and says loudly when
+    # it falls back to process groups; "bubblewrap" refuses to start without it; "none"
+    # runs jobs in process groups only (what escapes them: see doctor).
+    containment: Literal["auto", "bubblewrap", "none"] = "auto"
+    limits: LimitsConfig = LimitsConfig()  # every target's, unless it sets its own
 
 
 def _labels(value: list[str]) -> list[str]:
@@ -418,6 +477,10 @@ class TargetConfig(Section):
     args_pattern: str | None = None
     # Labels a worker must all have to run this target (e.g. ["gpu"]).
     runs_on: list[str] = Field(default_factory=list)
+    # Over [queue] limits key by key.
+    limits: LimitsConfig = LimitsConfig()
+    # false: the job gets a network namespace of its own with only its own loopback.
+    network: bool = True
 
     _check_runs_on = field_validator("runs_on")(_labels)
 
@@ -513,6 +576,7 @@ class Config(Section):
     handlers: dict[str, str] = Field(default_factory=dict)
 
     _api_token: SecretStr | None = PrivateAttr(default=None)
+    _source: Path | None = PrivateAttr(default=None)  # the file it was read from
 
     @field_validator("targets")
     @classmethod
@@ -542,6 +606,19 @@ class Config(Section):
     def api_token(self) -> SecretStr | None:
         """The token every API request must carry: MATRIXJOBS_API_TOKEN, else [api] token."""
         return self._api_token or self.api.token
+
+    def private_paths(self) -> tuple[list[Path], list[Path]]:
+        """What no job may see: the state directories, and the files holding secrets that
+        may sit beside a job's own files (store, keys, `.env`, the config itself)."""
+        db = self.store.path
+        matrix = self.matrix or MatrixConfig.model_construct(store_dir=None)
+        dirs = [db.parent, matrix.crypto_store_dir(db)]
+        files = [db, *(db.with_name(db.name + end) for end in ("-wal", "-shm", "-journal")),
+                 matrix.pickle_key_file(db)]
+        if self._source is not None:
+            files += [self._source, self._source.parent / ".env"]
+        files.append(Path.cwd() / ".env")
+        return list(dict.fromkeys(dirs)), list(dict.fromkeys(files))
 
     def secrets(self) -> list[SecretStr]:
         """Every secret this config holds, for masking in logs."""
@@ -626,6 +703,7 @@ def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> C
     except ValidationError as exc:
         raise ConfigError(f"{path}: invalid configuration:\n{format_errors(exc)}") from None
     completed = _complete(config, path.parent.resolve(), secrets, env.get("STATE_DIRECTORY"))
+    completed._source = path.resolve()
     try:
         completed.api.check_exposure(completed.api_token)
     except ConfigError as exc:

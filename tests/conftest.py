@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 import textwrap
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -18,6 +20,13 @@ from matrixjobs.app import App
 from matrixjobs.config import Config
 from matrixjobs.service import build_service
 from matrixjobs.store.sqlite import SqliteStore
+
+# Every job gets a private /tmp, so a test whose targets write files for the test to read
+# needs them outside /tmp: pytest's tmp_path (and everything else's temp files) go to
+# /var/tmp, which jobs share with the host as before.
+if os.environ.get("TMPDIR") is None and os.path.isdir("/var/tmp"):
+    os.environ["TMPDIR"] = "/var/tmp"
+    tempfile.tempdir = None  # computed again from TMPDIR
 
 
 @pytest.fixture

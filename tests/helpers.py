@@ -15,10 +15,17 @@ from matrixjobs.progress.events import JobProgressEvent
 PYTHON = sys.executable
 
 
+def state_dir(tmp_path: Path) -> Path:
+    """Where make_config puts the store (and beside it the crypto store and pickle key)."""
+    return tmp_path / "state"
+
+
 def make_config(tmp_path: Path, **sections: Any) -> Config:
     """A Config for tests: fast progress and retries, store in tmp_path, API on a free port."""
     raw: dict[str, Any] = {
-        "store": {"path": str(tmp_path / "matrixjobs.db")},
+        # A directory of its own, as StateDirectory= gives it: jobs cannot see into it, and
+        # the files a test's targets write in tmp_path stay visible to them.
+        "store": {"path": str(state_dir(tmp_path) / "matrixjobs.db")},
         "progress": {"interval_ms": 50},
         "queue": {"retry_backoff_s": 0.05, "kill_grace_s": 1.0},
         "api": {"listen": "127.0.0.1:0"},  # never a fixed port: tests run side by side

@@ -16,7 +16,14 @@ from typing import Any
 
 import httpx2
 import pytest
-from helpers import SLOW_TARGET, counting_target, final_state, make_config, python_target
+from helpers import (
+    SLOW_TARGET,
+    counting_target,
+    final_state,
+    make_config,
+    python_target,
+    state_dir,
+)
 from starlette.applications import Starlette
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
@@ -478,7 +485,7 @@ async def test_workers_lists_this_node_with_its_running_job_and_a_silent_one(ser
     assert (gone["name"], gone["alive"], gone["running"]) == ("build-02", False, [])
     assert 125 <= gone["silentFor"] < 135
     await svc.app.stop()  # a clean stop takes this node's row away; the silent one stays
-    store = SqliteStore(tmp_path / "matrixjobs.db")
+    store = SqliteStore(state_dir(tmp_path) / "matrixjobs.db")
     await store.open()
     try:
         assert [w.name for w in await store.list_workers()] == ["build-02"]

@@ -8,17 +8,18 @@ message and progress numbers (plus, where noted, the stored result's output).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import os
 import re
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from containment import gone_within, kill_marked, marked, new_marker
 from helpers import final_state, make_config, python_target
 
+from matrixjobs.app import App
 from matrixjobs.errors import BadArgumentsError, UnknownTargetError
 from matrixjobs.models import Status
 from matrixjobs.progress.reporter import ProgressReporter
@@ -39,53 +40,26 @@ async def run_to_end(running_app, tmp_path: Path, timeout: float = 15.0, **targe
     return app, job, await final_state(app, job.id, timeout=timeout)
 
 
-async def read_pids(path: Path, count: int, timeout: float = 10.0) -> list[int]:
-    """Wait until a script has written `count` pids (one a line) to `path`."""
+@pytest.fixture
+def marker() -> Iterator[str]:
+    """A token in the command lines of a test's job processes, to find them from outside
+    (inside its PID namespace a job's own pids mean nothing here)."""
+    found = new_marker()
+    yield found
+    kill_marked(found)
+
+
+async def running_marked(marker: str, app: App | None = None, job_id: str | None = None,
+                         message: str | None = None, timeout: float = 10.0) -> None:
+    """Wait until a process with `marker` runs (and, with `message`, the job says it)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if path.exists():
-            pids = path.read_text().split()
-            if len(pids) >= count:
-                return [int(pid) for pid in pids[:count]]
+        said = message is None or (app is not None and job_id is not None
+                                   and (await app.status(job_id)).message == message)
+        if said and marked(marker):
+            return
         await asyncio.sleep(0.02)
-    raise AssertionError(f"the script did not write {count} pids to {path} in {timeout}s")
-
-
-def is_gone(pid: int) -> bool:
-    """True when the process no longer runs (gone, or a zombie nobody reaped yet)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return True
-    return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
-
-
-async def wait_gone(pid: int, timeout: float = 3.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if is_gone(pid):
-            return True
-        await asyncio.sleep(0.02)
-    return is_gone(pid)
-
-
-def kill_quietly(pid: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.kill(pid, signal.SIGKILL)
-
-
-def write_pids_code(path: Path) -> str:
-    """Python lines that atomically write `pids` (a list of ints) to `path`."""
-    return (
-        f"tmp = {str(path) + '.tmp'!r}\n"
-        "with open(tmp, 'w') as f:\n"
-        "    f.write(' '.join(map(str, pids)) + '\\n')\n"
-        f"os.replace(tmp, {str(path)!r})\n"
-    )
+    raise AssertionError(f"no process with {marker} (and message {message!r}) in {timeout}s")
 
 
 # -- progress from the output ------------------------------------------------------------------
@@ -369,7 +343,7 @@ async def test_missing_executable_fails_at_once_without_retries(tmp_path, runnin
     _, _, final = await run_to_end(running_app, tmp_path, t=target)
     assert final.status == Status.FAILED
     assert final.error is not None
-    assert "executable not found" in final.error
+    assert final.error == f"executable '{missing}' not found"
     assert missing in final.error
     assert final.job_details is not None
     assert final.job_details.retry_count == 0
@@ -379,7 +353,7 @@ async def test_missing_executable_on_path_fails_without_retries(tmp_path, runnin
     target = {"command": ["matrixjobs-no-such-program-xyz"], "max_retries": 2}
     _, _, final = await run_to_end(running_app, tmp_path, t=target)
     assert final.status == Status.FAILED
-    assert final.error == "executable not found: matrixjobs-no-such-program-xyz"
+    assert final.error == "executable 'matrixjobs-no-such-program-xyz' not found on PATH"
     assert final.job_details is not None and final.job_details.retry_count == 0
 
 
@@ -527,134 +501,104 @@ async def test_each_job_sees_its_own_job_id(tmp_path, running_app):
 # -- timeout and cancel ------------------------------------------------------------------------
 
 
-async def test_timeout_fails_the_job_and_kills_the_process(tmp_path, running_app):
-    pidfile = tmp_path / "pids"
-    code = "import os, time\npids = [os.getpid()]\n" + write_pids_code(pidfile) + (
-        "time.sleep(30)\n"
-    )
+async def test_timeout_fails_the_job_and_kills_the_process(tmp_path, running_app, marker):
+    code = f"import time\ntime.sleep(30)  # {marker}\n"
     target = python_target(code, timeout_s=0.5, max_retries=0)
     app = await running_app(config(tmp_path, t=target))
     job = await app.submit("t")
-    (pid,) = await read_pids(pidfile, 1)
-    try:
-        final = await final_state(app, job.id, timeout=10)
-        assert final.status == Status.FAILED
-        assert final.error == "timed out after 0.5s"
-        assert await wait_gone(pid), f"process {pid} still runs after the timeout"
-    finally:
-        kill_quietly(pid)
+    await running_marked(marker)
+    final = await final_state(app, job.id, timeout=10)
+    assert final.status == Status.FAILED
+    assert final.error == "timed out after 0.5s"
+    gone_within(marker, 3)
 
 
-async def test_cancel_terminates_the_whole_process_group(tmp_path, running_app):
-    pidfile = tmp_path / "pids"
+async def test_cancel_terminates_the_whole_process_group(tmp_path, running_app, marker):
     code = (
-        "import os, subprocess, sys, time\n"
-        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
-        "pids = [os.getpid(), child.pid]\n"
-        + write_pids_code(pidfile)
-        + "print('::progress 1/2 waiting', flush=True)\n"
-        "time.sleep(60)\n"
+        "import subprocess, sys, time\n"
+        f"child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)  "
+        f"# {marker}'])\n"
+        "print('::progress 1/2 waiting', flush=True)\n"
+        f"time.sleep(60)  # {marker}\n"
     )
     app = await running_app(config(tmp_path, t=python_target(code)))
     job = await app.submit("t")
-    pids = await read_pids(pidfile, 2)
-    try:
-        assert not any(is_gone(pid) for pid in pids)
-        cancelled = await asyncio.wait_for(app.cancel(job.id), 10)
-        assert cancelled.status == Status.CANCELLED
-        final = await app.status(job.id)
-        assert final.status == Status.CANCELLED
-        assert final.error is None
-        for pid in pids:
-            assert await wait_gone(pid), f"process {pid} survived the cancel"
-    finally:
-        for pid in pids:
-            kill_quietly(pid)
+    await running_marked(marker, app, job.id, message="waiting")
+    cancelled = await asyncio.wait_for(app.cancel(job.id), 10)
+    assert cancelled.status == Status.CANCELLED
+    final = await app.status(job.id)
+    assert final.status == Status.CANCELLED
+    assert final.error is None
+    gone_within(marker, 3)
 
 
 async def test_cancel_sigkills_a_command_that_ignores_sigterm_after_the_grace(
-    tmp_path, running_app
+    tmp_path, running_app, marker
 ):
-    pidfile = tmp_path / "pids"
     code = (
-        "import os, signal, time\n"
+        "import signal, time\n"
         "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
-        "pids = [os.getpid()]\n"
-        + write_pids_code(pidfile)
-        + "time.sleep(60)\n"
+        "print('::progress 1/2 ignoring SIGTERM', flush=True)\n"
+        f"time.sleep(60)  # {marker}\n"
     )
     app = await running_app(config(tmp_path, t=python_target(code)))
     job = await app.submit("t")
-    (pid,) = await read_pids(pidfile, 1)
-    try:
-        started = time.monotonic()
-        cancelled = await asyncio.wait_for(app.cancel(job.id), 10)
-        elapsed = time.monotonic() - started
-        assert cancelled.status == Status.CANCELLED
-        assert await wait_gone(pid), f"process {pid} ignoring SIGTERM was never killed"
-        # It survived SIGTERM, so it took about the grace period (0.5 s) to go.
-        assert 0.4 <= elapsed < 5, elapsed
-    finally:
-        kill_quietly(pid)
+    await running_marked(marker, app, job.id, message="ignoring SIGTERM")
+    started = time.monotonic()
+    cancelled = await asyncio.wait_for(app.cancel(job.id), 10)
+    elapsed = time.monotonic() - started
+    assert cancelled.status == Status.CANCELLED
+    gone_within(marker, 3)
+    # It survived SIGTERM, so it took about the grace period (0.5 s) to go.
+    assert 0.4 <= elapsed < 5, elapsed
 
 
 async def test_command_that_exits_but_leaves_a_grandchild_holding_stdout_completes_promptly(
-    tmp_path, running_app
+    tmp_path, running_app, marker
 ):
-    pidfile = tmp_path / "pids"
     code = (
-        "import os, subprocess, sys\n"
-        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(30)'])\n"
-        "pids = [child.pid]\n"
-        + write_pids_code(pidfile)
-        + "print('::progress 1/1 left a daemon behind', flush=True)\n"
+        "import subprocess, sys\n"
+        f"child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(30)  "
+        f"# {marker}'])\n"
+        "print('::progress 1/1 left a daemon behind', flush=True)\n"
     )
     app = await running_app(config(tmp_path, t=python_target(code)))
     started = time.monotonic()
     job = await app.submit("t")
-    (grandchild,) = await read_pids(pidfile, 1)
     try:
-        try:
-            final = await final_state(app, job.id, timeout=6)
-        except TimeoutError:
-            pytest.fail("job still not finished 6 s after its command exited "
-                        "(waiting for the grandchild to close stdout)")
-        assert final.status == Status.COMPLETED
-        assert final.message == "left a daemon behind"
-        assert time.monotonic() - started < 5.5
-    finally:
-        kill_quietly(grandchild)
+        final = await final_state(app, job.id, timeout=6)
+    except TimeoutError:
+        pytest.fail("job still not finished 6 s after its command exited "
+                    "(waiting for the grandchild to close stdout)")
+    assert final.status == Status.COMPLETED
+    assert final.message == "left a daemon behind"
+    assert time.monotonic() - started < 5.5
+    gone_within(marker, 1)  # the job's end is the end of all it started
 
 
 async def test_cancel_is_prompt_when_a_grandchild_left_the_group_holding_stdout(
-    tmp_path, running_app
+    tmp_path, running_app, marker
 ):
-    """A daemon that called setsid() is out of reach of the group signals (systemd's
-    cgroup gets it); the job must still end at once when its own process dies."""
-    pidfile = tmp_path / "pids"
+    """A daemon that called setsid() is out of reach of the group signals; the job
+    still ends at once when its own process dies, and the daemon with it."""
     code = (
-        "import os, subprocess, sys, time\n"
-        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(30)'],"
-        " start_new_session=True)\n"
-        "pids = [os.getpid(), child.pid]\n"
-        + write_pids_code(pidfile)
-        + "time.sleep(60)\n"
+        "import subprocess, sys, time\n"
+        f"child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(30)  "
+        f"# {marker}'], start_new_session=True)\n"
+        "print('::progress 1/2 daemon started', flush=True)\n"
+        f"time.sleep(60)  # {marker}\n"
     )
     app = await running_app(make_config(tmp_path, queue={"kill_grace_s": 5.0},
                                         targets={"t": python_target(code)}))
     job = await app.submit("t")
-    leader, escaped = await read_pids(pidfile, 2)
-    try:
-        started = time.monotonic()
-        cancelled = await asyncio.wait_for(app.cancel(job.id), 10)
-        assert cancelled.status == Status.CANCELLED
-        assert await wait_gone(leader)
-        # The leader dies of SIGTERM at once: no waiting out the kill grace (5 s here)
-        # for a pipe the escaped grandchild keeps open.
-        assert time.monotonic() - started < 3
-    finally:
-        kill_quietly(leader)
-        kill_quietly(escaped)
+    await running_marked(marker, app, job.id, message="daemon started")
+    started = time.monotonic()
+    cancelled = await asyncio.wait_for(app.cancel(job.id), 10)
+    assert cancelled.status == Status.CANCELLED
+    # The leader dies of SIGTERM at once: no waiting out the kill grace (5 s here)
+    # for a pipe the escaped grandchild keeps open.
+    assert time.monotonic() - started < 3
+    gone_within(marker, 1)
 
 
 # -- awkward output ----------------------------------------------------------------------------

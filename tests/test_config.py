@@ -18,6 +18,7 @@ from matrixjobs.config import (
     AccessConfig,
     ApiConfig,
     Config,
+    LimitsConfig,
     MatrixConfig,
     ProgressConfig,
     QueueConfig,
@@ -101,14 +102,17 @@ def test_example_config_values_equal_the_model_defaults():
                            ("progress", ProgressConfig), ("api", ApiConfig)):
         for key, value in raw[section].items():
             default = model.model_fields[key].default
-            assert type(default)(value) == default, f"{section}.{key}"
+            if isinstance(value, dict):  # a table: a model of its own
+                assert type(default).model_validate(value) == default, f"{section}.{key}"
+            else:
+                assert type(default)(value) == default, f"{section}.{key}"
 
 
 def test_example_config_documents_every_key():
     text = EXAMPLE.read_text(encoding="utf-8")
     keys = set(re.findall(r"^#?\s*([a-z_]+)\s*=", text, flags=re.MULTILINE))
     for model in (MatrixConfig, AccessConfig, StoreConfig, QueueConfig, ProgressConfig,
-                  ApiConfig, TargetConfig, WorkerConfig):
+                  ApiConfig, TargetConfig, WorkerConfig, LimitsConfig):
         missing = set(model.model_fields) - keys
         assert not missing, f"{model.__name__}: {missing} not in config.example.toml"
     for section in Config.model_fields:
@@ -1052,3 +1056,44 @@ def test_a_malformed_database_url_in_the_environment_is_not_echoed(conf_dir):
     with pytest.raises(ConfigError, match="MATRIXJOBS_DATABASE_URL: expected a URL") as raised:
         load_config(path, environ={"MATRIXJOBS_DATABASE_URL": "http://u:leaky-pw@h/db"})
     assert "leaky-pw" not in str(raised.value)
+
+
+@pytest.mark.parametrize(("value", "parsed"), [
+    ('"512M"', 512 * 1024**2), ('"1G"', 1024**3), ('"1GiB"', 1024**3), ('"64k"', 65536),
+    ("1048576", 1048576), ('"3 G"', 3 * 1024**3),
+])
+def test_limit_sizes_read_as_systemd_reads_them(conf_dir, value, parsed):
+    path = write(conf_dir, f"""
+        [targets.t]
+        command = ["true"]
+        limits = {{ memory = {value}, file_size = {value} }}
+    """)
+    limits = load_config(path, environ={}).targets["t"].limits
+    assert (limits.memory, limits.file_size) == (parsed, parsed)
+
+
+@pytest.mark.parametrize(("limits", "error"), [
+    ('{ memory = "lots" }', 'targets.t.limits.memory: expected bytes as a number or with a '
+                            'unit, like "512M" or "2G" (units of 1024)'),
+    ('{ memory = "0M" }', "targets.t.limits.memory: must be more than 0"),
+    ('{ memory = true }', "targets.t.limits.memory: expected bytes"),
+    ("{ processes = 1 }", "targets.t.limits.processes: Input should be greater than or equal"),
+    ('{ cpu_s = "10" }', "targets.t.limits.cpu_s: expected an integer, got '10'"),
+    ("{ open_files = 8 }", "targets.t.limits.open_files: Input should be greater than or equal"),
+    ("{ swap = 1 }", "targets.t.limits.swap: unknown key"),
+])
+def test_a_bad_limit_is_a_config_error_naming_the_key(conf_dir, limits, error):
+    path = write(conf_dir, f"""
+        [targets.t]
+        command = ["true"]
+        limits = {limits}
+    """)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, environ={})
+    assert error in str(caught.value)
+
+
+def test_a_targets_limits_go_over_the_queues_key_by_key():
+    defaults = LimitsConfig(memory=2 * 1024**3, processes=512)
+    own = LimitsConfig(memory=256 * 1024**2, cpu_s=60)
+    assert own.over(defaults) == LimitsConfig(memory=256 * 1024**2, cpu_s=60, processes=512)

@@ -19,11 +19,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from containment import marked
 from service_process import Service
 
 pytestmark = pytest.mark.timeout(90)
 
-# ::progress steps, each `STEP_S` apart; the pid of every run goes to runs.txt.
+# ::progress steps, each `STEP_S` apart; the pid of every run goes to runs.txt (its pid in
+# its own PID namespace: the runs count, the numbers don't). The script's path, unique to a
+# test, finds its processes from outside.
 WORK = """
 import os, sys, time
 steps, step_s = int(sys.argv[1]), float(sys.argv[2])
@@ -52,7 +55,7 @@ def write_config(directory: Path, steps: int, step_s: float, grace_s: float,
         [api]
         listen = "127.0.0.1:0"
         [targets.work]
-        command = [{sys.executable!r}, "work.py", "{steps}", "{step_s}"]
+        command = [{sys.executable!r}, {str(directory / "work.py")!r}, "{steps}", "{step_s}"]
         max_retries = {max_retries}
     """) + textwrap.dedent(matrix))
     return config
@@ -118,17 +121,6 @@ def services() -> Iterator[list[Service]]:
 def runs(directory: Path) -> list[int]:
     path = directory / "runs.txt"
     return [int(pid) for pid in path.read_text().split()] if path.exists() else []
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie is dead for our purpose; its parent (the service) reaps it.
-    with contextlib.suppress(OSError), open(f"/proc/{pid}/stat") as stat:
-        return stat.read().split(")")[-1].split()[0] != "Z"
-    return True
 
 
 def job_row(directory: Path) -> tuple[str, int, str | None]:
@@ -254,8 +246,8 @@ def test_sigterm_past_the_grace_period_requeues_and_the_restart_runs_it(tmp_path
     service.process.send_signal(signal.SIGTERM)
     assert service.process.wait(20) == 0, service.log
     assert time.monotonic() - began < 0.5 + 2 + 3  # grace + kill grace + slack
-    [first] = runs(tmp_path)
-    assert not alive(first)
+    assert len(runs(tmp_path)) == 1
+    assert not marked(str(tmp_path / "work.py"))
     status, retries, error = job_row(tmp_path)
     assert (status, retries) == ("pending", 0)  # a stop costs no retry
     assert "service stopped" in error
@@ -279,8 +271,8 @@ def test_a_second_signal_kills_the_jobs_and_exits_at_once(tmp_path, services):
     service.process.send_signal(signal.SIGINT)
     assert service.process.wait(10) == 1
     assert time.monotonic() - began < 2
-    [first] = runs(tmp_path)
-    wait_for(lambda: not alive(first), timeout=5)
+    assert len(runs(tmp_path)) == 1
+    wait_for(lambda: not marked(str(tmp_path / "work.py")), timeout=5)
     db = tmp_path / "state" / "jobs.db"
     with contextlib.closing(sqlite3.connect(db)) as raw:
         assert raw.execute("PRAGMA integrity_check").fetchone() == ("ok",)

@@ -18,7 +18,7 @@ from urllib.parse import quote
 
 import pytest
 from aiohttp import ClientConnectionError
-from helpers import MATRIX_TARGETS, final_state, make_config
+from helpers import MATRIX_TARGETS, final_state, make_config, state_dir
 from matrix_people import BotMessage, EncryptedPerson
 from nio import MegolmEvent, ToDeviceMessage, ToDeviceResponse
 from nio.crypto.attachments import decrypt_attachment
@@ -208,7 +208,7 @@ async def test_build_and_batch_in_an_encrypted_room_and_again_after_a_restart(en
     finally:
         await app.stop()
 
-    store_dir = scene.tmp_path / "matrixjobs-crypto"
+    store_dir = state_dir(scene.tmp_path) / "matrixjobs-crypto"
     assert stat.S_IMODE(store_dir.stat().st_mode) == 0o700
 
     app = await start_bot(scene.config())
@@ -616,7 +616,7 @@ async def test_a_lost_crypto_store_needs_the_password_to_start_over_as_a_new_dev
         await scene.open_room()
     finally:
         await app.stop()
-    shutil.rmtree(scene.tmp_path / "matrixjobs-crypto")
+    shutil.rmtree(state_dir(scene.tmp_path) / "matrixjobs-crypto")
 
     # The saved token still works, but no crypto store holds its device's keys.
     app = build_service(scene.config(password=None))
@@ -790,7 +790,7 @@ async def test_a_crypto_store_of_the_default_key_is_rekeyed_keeping_device_and_s
     assert alice is not None
     caplog.set_level(logging.INFO)
     umask = os.umask(0o022)  # a shell's, not systemd's
-    crypto_dir = scene.tmp_path / "matrixjobs-crypto"
+    crypto_dir = state_dir(scene.tmp_path) / "matrixjobs-crypto"
     try:
         # The store as the bot left it before: pickled with nio's default key, and files
         # as the umask made them.
@@ -811,7 +811,7 @@ async def test_a_crypto_store_of_the_default_key_is_rekeyed_keeping_device_and_s
         old = DefaultStore(scene.bot_id, device, str(crypto_dir), DEFAULT_PICKLE_KEY)
         assert old.load_account().identity_keys == identity, "made with the default key"
         old.database.close()
-        for path in [*crypto_dir.iterdir(), *scene.tmp_path.glob("matrixjobs.db*")]:
+        for path in [*crypto_dir.iterdir(), *state_dir(scene.tmp_path).glob("matrixjobs.db*")]:
             path.chmod(0o644)
         crypto_dir.chmod(0o755)
 
@@ -834,12 +834,12 @@ async def test_a_crypto_store_of_the_default_key_is_rekeyed_keeping_device_and_s
     finally:
         os.umask(umask)
 
-    key_file = scene.tmp_path / "matrixjobs.pickle-key"
+    key_file = state_dir(scene.tmp_path) / "matrixjobs.pickle-key"
     key = key_file.read_text().strip()
     assert key not in caplog.text
     with pytest.raises(ValueError):
         DefaultStore(scene.bot_id, device, str(crypto_dir), DEFAULT_PICKLE_KEY).load_account()
-    private = [key_file, *crypto_dir.iterdir(), *scene.tmp_path.glob("matrixjobs.db*")]
+    private = [key_file, *crypto_dir.iterdir(), *state_dir(scene.tmp_path).glob("matrixjobs.db*")]
     assert modes(*private) == {path.name: 0o600 for path in private}
     assert modes(crypto_dir) == {crypto_dir.name: 0o700}
 
@@ -863,6 +863,6 @@ async def test_a_crypto_store_of_the_default_key_is_rekeyed_keeping_device_and_s
 
 def saved_device(tmp_path: Path) -> str:
     """The device id the bot saved in its SQLite store."""
-    with contextlib.closing(sqlite3.connect(tmp_path / "matrixjobs.db")) as db:
+    with contextlib.closing(sqlite3.connect(state_dir(tmp_path) / "matrixjobs.db")) as db:
         return str(db.execute("SELECT value FROM settings WHERE key = 'matrix.device_id'")
                    .fetchone()[0])

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import time
 import urllib.request
@@ -14,6 +13,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from containment import kill_marked, marked, new_marker, running_python
 from fleet import api, free_port, node_config, python_command, start, wait_for
 from helpers import make_config
 from tcp_proxy import ProxyProcess
@@ -81,12 +81,10 @@ def test_a_worker_runs_what_the_run_node_queues_and_its_stream_follows_it(tmp_pa
 @pytest.mark.timeout(90)
 def test_a_cancel_on_one_node_kills_the_job_on_its_worker_within_a_second(tmp_path, pg_url):
     port = free_port()
-    pids = tmp_path / "pids"
+    marker = new_marker()
     targets = {"sleeper": {"command": python_command(f"""
-        import os, time
-        with open({str(pids)!r}, "w") as f:
-            f.write(str(os.getpid()))
-        for step in range(600):
+        import time
+        for step in range(600):  # {marker}
             print(f"::progress {{step}}/600", flush=True)
             time.sleep(0.1)
     """)}}
@@ -96,17 +94,18 @@ def test_a_cancel_on_one_node_kills_the_job_on_its_worker_within_a_second(tmp_pa
                                                 name="w1"), "worker", "w1")
     try:
         job = api(port, "POST", "/v1/jobs", {"target": "sleeper"})
-        pid = int(wait_for(lambda: pids.exists() and pids.read_text(), 20, "job process"))
+        wait_for(lambda: marked(marker), 20, "job process")
         wait_for(lambda: job_state(port, job["id"])["status"] == "processing", 10, "processing")
         asked = time.monotonic()
         cancelled = api(port, "POST", f"/v1/jobs/{job['id']}/cancel")
-        wait_for(lambda: not _alive(pid), 5, "the job's process gone")
+        wait_for(lambda: not marked(marker), 5, "the job's processes gone")
         took = time.monotonic() - asked
     finally:
         worker.stop()
         node.stop()
+        kill_marked(marker)
     assert cancelled["status"] == "cancelled"
-    assert took < 1.0, f"the job's process lived {took:.2f} s after the cancel"
+    assert took < 1.0, f"the job's processes lived {took:.2f} s after the cancel"
 
 
 @pytest.mark.timeout(120)
@@ -196,6 +195,8 @@ def test_a_worker_cut_off_past_its_lease_does_not_finish_a_job_taken_over(tmp_pa
             wait_for(lambda: job_state(port, job["id"]).get("worker") == "w2", 20, "w2 took over")
             proxy.restore()
             first.wait_for_log("another worker took it over", timeout=15)
+            # w1's copy is gone within the kill grace (1 s) + 1 s: w2's is the only one.
+            wait_for(lambda: len(running_python(str(runs))) == 1, 2, "a single copy")
             final = wait_for(lambda: (s := job_state(port, job["id"]))["status"] == "completed"
                              and s, 30, "the job completed")
         finally:
@@ -205,18 +206,6 @@ def test_a_worker_cut_off_past_its_lease_does_not_finish_a_job_taken_over(tmp_pa
             node.stop()
     assert (final["worker"], final["jobDetails"]["retryCount"]) == ("w2", 1)
     assert len(runs.read_text().splitlines()) == 2
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie is dead for our purpose: its parent has not reaped it yet.
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 @pytest.mark.timeout(90)

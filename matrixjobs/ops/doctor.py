@@ -34,6 +34,7 @@ from matrixjobs.ops.report import Report
 from matrixjobs.ops.store_probe import SCHEMA_VERSION, StoreProblem, StoreState, probe
 from matrixjobs.private import shared
 from matrixjobs.progress import wording
+from matrixjobs.queue.containment import describe, pick_runner, shared_state, unenforceable
 from matrixjobs.queue.handlers import HandlerRegistry, load_user_handlers
 from matrixjobs.store import describe_store
 
@@ -59,6 +60,7 @@ def doctor(config_path: Path, environ: Mapping[str, str] | None = None,
         check_pickle_key(report, config.matrix, config.store.path)
     check_private_files(report, config)
     check_targets(report, config)
+    check_containment(report, config)
     check_api(report, config)
     if config.matrix is None:
         report.ok("matrix", "off (no [matrix] section): jobs run without the bot")
@@ -222,6 +224,32 @@ def check_targets(report: Report, config: Config) -> None:
 
 
 # -- api ----------------------------------------------------------------------------------------
+
+
+def check_containment(report: Report, config: Config) -> None:
+    """What contains jobs on this host (as this user), what enforces each limit, and the
+    limits that nothing here can keep (the service refuses to start with those)."""
+    if config.queue.workers == 0:
+        report.ok("containment", "this node runs no jobs ([queue] workers = 0)")
+        return
+    try:
+        runner = pick_runner(config, enable_cgroups=False)
+    except ConfigError as exc:
+        report.fail("containment", str(exc))
+        return
+    enforcement = runner.enforcement
+    if enforcement.warnings:
+        report.warn("containment", f"{enforcement.mechanism}: {' '.join(enforcement.warnings)}")
+    else:
+        report.ok("containment", enforcement.mechanism)
+    for key, how in describe(runner):
+        report.ok(key, how)
+    for problem in unenforceable(config, runner):
+        report.fail("limits", f"{problem}: the service will not start")
+    for name, directory in shared_state(config):
+        report.warn("containment", f"targets.{name} runs in {directory}, which holds the "
+                    "store: its jobs see every file there but the store's and the keys; "
+                    "put the store in a directory of its own ([store] path)")
 
 
 def check_api(report: Report, config: Config) -> None:

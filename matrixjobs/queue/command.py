@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import codecs
-import contextlib
 import os
 import re
-import signal
 from collections import deque
+from pathlib import Path
 from typing import Any
 
-from matrixjobs.config import SECRET_ENV, TargetConfig
+from matrixjobs.config import SECRET_ENV, LimitsConfig, TargetProblem
 from matrixjobs.errors import (
     BadArgumentsError,
     JobFailedError,
@@ -28,6 +27,7 @@ from matrixjobs.errors import (
 )
 from matrixjobs.models import Job
 from matrixjobs.progress.reporter import ProgressReporter
+from matrixjobs.queue.runner import EXIT_POLL_S, JobProcess, Launch, Runner
 from matrixjobs.targets import Targets
 
 TAIL_LINES = 20
@@ -35,7 +35,6 @@ LINE_LIMIT = 500
 READ_CHUNK = 65536
 # After the main process exits, how long its leftover children may keep the pipe open.
 DRAIN_S = 2.0
-EXIT_POLL_S = 0.1
 PROGRESS_LINE = re.compile(
     r"^::progress\s+(?:(?P<percent>\d+(?:\.\d+)?)%|(?P<current>\S+?)\s*/\s*(?P<total>\S+))"
     r"(?:\s+(?P<message>.*))?$"
@@ -43,14 +42,7 @@ PROGRESS_LINE = re.compile(
 
 
 class CommandFailedError(JobFailedError):
-    def __init__(self, returncode: int, tail: list[str]) -> None:
-        if returncode < 0:
-            try:
-                reason = f"killed by {signal.Signals(-returncode).name}"
-            except ValueError:
-                reason = f"killed by signal {-returncode}"
-        else:
-            reason = f"exit code {returncode}"
+    def __init__(self, reason: str, returncode: int, tail: list[str]) -> None:
         super().__init__("\n".join([reason, *tail]))
         self.returncode = returncode
         self.tail = tail
@@ -127,12 +119,45 @@ def _number(text: str | None) -> float | None:
 
 
 class CommandHandler:
-    def __init__(self, targets: Targets, kill_grace_s: float = 10.0) -> None:
+    def __init__(self, targets: Targets, limits: LimitsConfig,
+                 kill_grace_s: float = 10.0) -> None:
         self.targets = targets
+        self.limits = limits  # [queue] limits: every target's defaults
         self.kill_grace_s = kill_grace_s
-        self._groups: set[int] = set()  # process groups of the running targets
+        # Chosen once at start (queue/containment.py); None until then.
+        self.runner: Runner | None = None
+        self._running: set[JobProcess] = set()
 
     async def run(self, job: Job, progress: ProgressReporter) -> dict[str, Any]:
+        launch = self._launch(job)
+        if self.runner is None:
+            raise PermanentJobError("the service has not started")  # a bug, not bad input
+        try:
+            started = await self.runner.spawn(launch)
+        except PermissionError:
+            raise PermanentJobError(f"not allowed to execute: {launch.argv[0]}") from None
+        except OSError as exc:
+            raise PermanentJobError(
+                f"cannot start {launch.argv[0]}: {exc.strerror or exc}") from None
+        target = self.targets.get(str(job.data.get("target")))
+        parser = OutputParser(progress, re.compile(target.progress_regex)
+                              if target.progress_regex else None)
+        self._running.add(started)
+        try:
+            returncode = await self._collect(started, parser)
+            # Asked before close(), which removes what says whether a limit was hit.
+            reason = started.why(returncode, list(parser.tail)) if returncode else None
+        except BaseException:
+            await started.stop(self.kill_grace_s)
+            raise
+        finally:
+            self._running.discard(started)
+            await started.close()
+        if reason is not None:
+            raise CommandFailedError(reason, returncode, list(parser.tail))
+        return {"exitCode": 0, "output": list(parser.tail)[-5:]}
+
+    def _launch(self, job: Job) -> Launch:
         name = str(job.data.get("target"))
         try:
             target = self.targets.get(name)
@@ -141,54 +166,28 @@ class CommandHandler:
             raise PermanentJobError(str(exc)) from None
         if target.command is None:
             raise PermanentJobError(f"target '{name}' has no command")
-        argv = [*target.command, *args]
         if target.cwd is not None and not target.cwd.is_dir():
             raise PermanentJobError(f"working directory not found: {target.cwd}")
-        process = await self._spawn(argv, target, job)
-        parser = OutputParser(progress, re.compile(target.progress_regex)
-                              if target.progress_regex else None)
-        self._groups.add(process.pid)
         try:
-            returncode = await self._collect(process, parser)
-        except BaseException:
-            await self._terminate(process)
-            raise
-        finally:
-            self._groups.discard(process.pid)
-            _close_pipes(process)
-        if returncode != 0:
-            raise CommandFailedError(returncode, list(parser.tail))
-        return {"exitCode": 0, "output": list(parser.tail)[-5:]}
-
-    def kill_all(self) -> None:
-        for pgid in self._groups:
-            _signal_group(pgid, signal.SIGKILL)
-
-    async def _spawn(
-        self, argv: list[str], target: TargetConfig, job: Job
-    ) -> asyncio.subprocess.Process:
+            # Found here, as exec would find it: inside a sandbox a missing program
+            # would only be the sandbox's exit code.
+            program = target.resolve_executable()
+        except TargetProblem as exc:
+            raise PermanentJobError(str(exc)) from None
         env = {k: v for k, v in os.environ.items() if k not in SECRET_ENV}
         env.setdefault("PYTHONUNBUFFERED", "1")  # so Python targets' progress lines arrive live
         env.update(target.env)
-        env.update(MATRIXJOBS_JOB_ID=job.id, MATRIXJOBS_TARGET=str(job.data.get("target")))
-        try:
-            return await asyncio.create_subprocess_exec(
-                *argv,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.STDOUT,
-                cwd=target.cwd,
-                env=env,
-                start_new_session=True,  # its own process group, so cancel reaches children
-            )
-        except FileNotFoundError:
-            raise PermanentJobError(f"executable not found: {argv[0]}") from None
-        except PermissionError:
-            raise PermanentJobError(f"not allowed to execute: {argv[0]}") from None
-        except OSError as exc:
-            raise PermanentJobError(f"cannot start {argv[0]}: {exc.strerror or exc}") from None
+        env.update(MATRIXJOBS_JOB_ID=job.id, MATRIXJOBS_TARGET=name)
+        return Launch(argv=[program, *target.command[1:], *args],
+                      cwd=target.cwd or Path.cwd(), env=env, job_id=job.id,
+                      limits=target.limits.over(self.limits), network=target.network)
 
-    async def _collect(self, process: asyncio.subprocess.Process, parser: OutputParser) -> int:
+    def kill_all(self) -> None:
+        for started in self._running:
+            started.kill()
+
+    async def _collect(self, started: JobProcess, parser: OutputParser) -> int:
+        process = started.process
         assert process.stdout is not None
         stdout = process.stdout
 
@@ -196,6 +195,7 @@ class CommandHandler:
             decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
             while chunk := await stdout.read(READ_CHUNK):
                 text = decoder.decode(chunk)
+                started.output(text)
                 parser.feed(text)
                 parser.progress.log(text)
             text = decoder.decode(b"", final=True)
@@ -213,42 +213,10 @@ class CommandHandler:
                 return await process.wait()
             done, _ = await asyncio.wait({reader}, timeout=DRAIN_S)
             if not done:
-                _signal_group(process.pid, signal.SIGKILL)
+                started.kill()
                 await asyncio.wait({reader}, timeout=DRAIN_S)
         finally:
             if not reader.done():
                 reader.cancel()
         parser.close()
         return process.returncode
-
-    async def _terminate(self, process: asyncio.subprocess.Process) -> None:
-        """SIGTERM the whole process group, SIGKILL it after the grace period."""
-        _signal_group(process.pid, signal.SIGTERM)
-        try:
-            await asyncio.wait_for(_exited(process), self.kill_grace_s)
-        except TimeoutError:
-            _signal_group(process.pid, signal.SIGKILL)
-            await _exited(process)
-        except asyncio.CancelledError:
-            _signal_group(process.pid, signal.SIGKILL)
-            raise
-        # Children that ignored SIGTERM outlive the leader; they go too.
-        _signal_group(process.pid, signal.SIGKILL)
-
-
-def _signal_group(pgid: int, sig: signal.Signals) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, sig)
-
-
-async def _exited(process: asyncio.subprocess.Process) -> None:
-    # Not Process.wait(): it also waits for the pipes to close, which a grandchild that
-    # left the process group (setsid) can hold open forever.
-    while process.returncode is None:
-        await asyncio.sleep(EXIT_POLL_S)
-
-
-def _close_pipes(process: asyncio.subprocess.Process) -> None:
-    """Stop reading a finished target's output, even while an escaped grandchild still
-    holds the pipe; asyncio has no public way to close a child's pipes."""
-    process._transport.close()  # type: ignore[attr-defined]

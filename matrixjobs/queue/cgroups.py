@@ -1,0 +1,231 @@
+"""A cgroup per job, where this service may make them: the job's memory and process
+limits for the whole job, and the kernel's word when it hit one.
+
+- cgroup v2 (what systemd hosts run): our own cgroup must be delegated to us (the unit's
+  `Delegate=`). Children with controllers need a parent without processes, so the service
+  first moves itself into a leaf `service/`, then enables `memory` and `pids` for
+  `job-…` siblings. `memory.max`, `pids.max`, `cgroup.kill`; `memory.events` (oom_kill)
+  and `pids.events` (max) say that a limit was hit.
+- cgroup v1 (older hosts, and containers like the test machines): one directory per job
+  in the `memory` and `pids` hierarchies under ours, where we may write (root).
+  `memory.limit_in_bytes`, `pids.max`; `memory.oom_control` (oom_kill), `pids.events`.
+A job joins its cgroups before it execs (the spawn's preexec step), so nothing it starts
+is ever outside them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from matrixjobs.config import LimitsConfig
+
+log = logging.getLogger(__name__)
+
+ROOT = Path("/sys/fs/cgroup")
+V2_CANDIDATES = (ROOT, ROOT / "unified")  # unified, or the hybrid layout's v2 mount
+PREFIX = "matrixjobs-"
+LEAF = "service"
+CONTROLLERS = ("memory", "pids")
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text(encoding="ascii")
+    except OSError:
+        return None
+
+
+def _write(path: Path, value: str) -> bool:
+    try:
+        path.write_text(value, encoding="ascii")
+    except OSError:
+        return False
+    return True
+
+
+def own_cgroups(text: str | None = None) -> dict[str, str]:
+    """/proc/self/cgroup as {controller or "" for v2: path}."""
+    found: dict[str, str] = {}
+    for line in (text if text is not None else _read(Path("/proc/self/cgroup")) or "").splitlines():
+        _, controllers, path = line.split(":", 2)
+        for controller in controllers.split(",") if controllers else [""]:
+            found[controller.removeprefix("name=")] = path
+    return found
+
+
+def _counter(text: str | None, key: str) -> int:
+    for line in (text or "").splitlines():
+        name, _, value = line.partition(" ")
+        if name == key and value.strip().isdigit():
+            return int(value)
+    return 0
+
+
+@dataclass(slots=True)
+class JobCgroup:
+    """One job's cgroup directories (one on v2; one per controller on v1)."""
+
+    version: int
+    dirs: dict[str, Path]  # controller ("" on v2) → directory
+
+    @property
+    def procs(self) -> list[bytes]:
+        return [str(d / "cgroup.procs").encode() for d in dict.fromkeys(self.dirs.values())]
+
+    def join(self) -> Callable[[], None]:
+        """The spawn's preexec step: the child moves itself in ("0" means the writer)."""
+        procs = self.procs
+
+        def join() -> None:
+            for path in procs:
+                fd = os.open(path, os.O_WRONLY)
+                try:
+                    os.write(fd, b"0")
+                finally:
+                    os.close(fd)
+
+        return join
+
+    def hit(self) -> str | None:
+        """Which limit the kernel enforced on the job, if any: "memory" or "processes"."""
+        if "memory" in self.dirs:
+            events = "memory.events" if self.version == 2 else "memory.oom_control"
+            if _counter(_read(self.dirs["memory"] / events), "oom_kill"):
+                return "memory"
+        if "pids" in self.dirs and _counter(_read(self.dirs["pids"] / "pids.events"), "max"):
+            return "processes"
+        return None
+
+    def kill(self) -> None:
+        if self.version == 2:
+            _write(self.dirs[""] / "cgroup.kill", "1")
+
+    def remove(self) -> bool:
+        """rmdir each directory (only empty cgroups go); False if one stays."""
+        removed = True
+        for directory in dict.fromkeys(self.dirs.values()):
+            try:
+                directory.rmdir()
+            except FileNotFoundError:
+                pass
+            except OSError:
+                removed = False
+        return removed
+
+
+class Cgroups:
+    """Where this process makes its jobs' cgroups, and which limits they can hold."""
+
+    def __init__(self, version: int, bases: dict[str, Path], controllers: set[str]) -> None:
+        self.version = version
+        self.bases = bases  # controller ("" on v2) → our cgroup's directory
+        self.controllers = controllers  # of memory and pids, those our job cgroups have
+        self._made = 0
+
+    def describe(self) -> str:
+        places = ", ".join(sorted({str(b) for b in self.bases.values()}))
+        return f"cgroup v{self.version} ({places})"
+
+    def create(self, job_id: str, limits: LimitsConfig) -> JobCgroup | None:
+        self._made += 1
+        name = f"{PREFIX}{os.getpid()}-{job_id}-{self._made}"
+        if self.version == 2:
+            dirs = {"": self.bases[""] / name}
+            dirs.update({c: dirs[""] for c in self.controllers})
+        else:
+            dirs = {c: self.bases[c] / name for c in self.controllers}
+        cgroup = JobCgroup(self.version, dirs)
+        try:
+            for directory in dict.fromkeys(dirs.values()):
+                directory.mkdir()
+            self._limit(cgroup, limits)
+        except OSError as exc:
+            log.warning("job %s: cannot make its cgroup (%s); it runs without", job_id,
+                        exc.strerror or exc)
+            cgroup.remove()
+            return None
+        return cgroup
+
+    def _limit(self, cgroup: JobCgroup, limits: LimitsConfig) -> None:
+        dirs = cgroup.dirs
+        if limits.memory is not None and "memory" in dirs:
+            if self.version == 2:
+                (dirs["memory"] / "memory.max").write_text(str(limits.memory))
+                _write(dirs["memory"] / "memory.swap.max", "0")  # a limit, not a swap storm
+            else:
+                (dirs["memory"] / "memory.limit_in_bytes").write_text(str(limits.memory))
+                _write(dirs["memory"] / "memory.memsw.limit_in_bytes", str(limits.memory))
+        if limits.processes is not None and "pids" in dirs:
+            (dirs["pids"] / "pids.max").write_text(str(limits.processes))
+
+    def sweep(self) -> None:
+        """Remove the (empty) job cgroups of our processes that died before removing them."""
+        for base in set(self.bases.values()):
+            for directory in base.glob(f"{PREFIX}*"):
+                pid = directory.name.removeprefix(PREFIX).split("-", 1)[0]
+                if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+                    with contextlib.suppress(OSError):
+                        directory.rmdir()
+
+
+def detect(proc_cgroup: str | None = None, enable: bool = True) -> Cgroups | None:
+    """The cgroups this process may make jobs' cgroups in, with memory and pids if it can.
+    `enable`: on cgroup v2, enable them for our children (moving this process into a leaf
+    first); without it (doctor), only say what could be enabled."""
+    own = own_cgroups(proc_cgroup)
+    v2 = _v2(own.get(""), enable)
+    if v2 is not None and v2.controllers >= set(CONTROLLERS):
+        return v2
+    v1 = _v1(own)
+    if v1 is not None and len(v1.controllers) > len(v2.controllers if v2 else ()):
+        return v1
+    return v2
+
+
+def _v2(path: str | None, enable: bool) -> Cgroups | None:
+    if path is None:
+        return None
+    for mount in V2_CANDIDATES:
+        base = mount / path.lstrip("/")
+        if (mount / "cgroup.controllers").is_file() and os.access(base, os.W_OK):
+            offered = set((_read(base / "cgroup.controllers") or "").split())
+            controllers = (_enable(base, offered, root=path == "/") if enable
+                           else offered & set(CONTROLLERS))
+            return Cgroups(2, {"": base}, controllers)
+    return None
+
+
+def _enable(base: Path, offered: set[str], root: bool) -> set[str]:
+    """Enable memory and pids for our children; return those now enabled."""
+    wanted = [c for c in CONTROLLERS if c in offered]
+    if not wanted:
+        return set()
+    enabled = set((_read(base / "cgroup.subtree_control") or "").split())
+    if not set(wanted) <= enabled:
+        # The root cgroup may hold processes and have children with controllers; any other
+        # may not, so the service moves itself into a leaf first (Delegate= allows it).
+        if not root and _read(base / "cgroup.procs"):
+            leaf = base / LEAF
+            with contextlib.suppress(FileExistsError, OSError):
+                leaf.mkdir()
+            if not _write(leaf / "cgroup.procs", str(os.getpid())):
+                return enabled & set(CONTROLLERS)
+        _write(base / "cgroup.subtree_control", " ".join(f"+{c}" for c in wanted))
+        enabled = set((_read(base / "cgroup.subtree_control") or "").split())
+    return enabled & set(CONTROLLERS)
+
+
+def _v1(own: dict[str, str]) -> Cgroups | None:
+    bases: dict[str, Path] = {}
+    for controller in CONTROLLERS:
+        if controller not in own:
+            continue
+        base = ROOT / controller / own[controller].lstrip("/")
+        if base.is_dir() and os.access(base, os.W_OK):
+            bases[controller] = base
+    return Cgroups(1, bases, set(bases)) if bases else None

@@ -1,0 +1,68 @@
+"""Choosing the runner once at start, and refusing limits this host cannot keep."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from matrixjobs.config import Config
+from matrixjobs.errors import ConfigError
+from matrixjobs.queue.runner import GroupRunner, Runner
+from matrixjobs.queue.sandbox import sandbox_runner
+
+log = logging.getLogger(__name__)
+
+
+def choose_runner(config: Config, enable_cgroups: bool = True) -> Runner:
+    """bubblewrap where it works (or where `containment = "bubblewrap"` demands it), else
+    process groups; ConfigError if a target asks for a limit the runner cannot keep.
+    `enable_cgroups` False (doctor): look, but change no cgroup."""
+    runner = pick_runner(config, enable_cgroups)
+    problems = unenforceable(config, runner)
+    if problems:
+        raise ConfigError("limits this host cannot enforce "
+                          f"({runner.enforcement.mechanism}):\n  " + "\n  ".join(problems))
+    return runner
+
+
+def pick_runner(config: Config, enable_cgroups: bool = True) -> Runner:
+    """Blocking (it runs bubblewrap to see that it works): call it off the event loop."""
+    if config.queue.containment == "none":
+        return GroupRunner('[queue] containment = "none"')
+    sandbox, why_not = sandbox_runner(config, enable_cgroups)
+    if sandbox is None and config.queue.containment == "bubblewrap":
+        raise ConfigError(f'queue.containment = "bubblewrap": {why_not}')
+    return sandbox or GroupRunner(why_not)
+
+
+def unenforceable(config: Config, runner: Runner) -> list[str]:
+    """Each target's limits (over [queue] limits) that nothing here enforces."""
+    found = [f"queue.{problem}"
+             for problem in runner.enforcement.problems(config.queue.limits, network=True)]
+    for name, target in sorted(config.targets.items()):
+        if target.command is None:
+            continue
+        own = target.limits.over(config.queue.limits)
+        found += [f"targets.{name}.{problem}"
+                  for problem in runner.enforcement.problems(own, target.network)
+                  if f"queue.{problem}" not in found]
+    return found
+
+
+def describe(runner: Runner) -> list[tuple[str, str]]:
+    """What the start-up log and doctor say, per limit: what enforces it here."""
+    return [(f"limits.{name}" if name != "network" else "network = false",
+             how or "cannot be enforced here")
+            for name, how in runner.enforcement.limits.items()]
+
+
+def shared_state(config: Config) -> list[tuple[str, Path]]:
+    """Command targets that run where the store is: the sandbox cannot hide that directory
+    from them, only the store's and the keys' files in it."""
+    state = config.store.path.parent.resolve()
+    found = []
+    for name, target in sorted(config.targets.items()):
+        cwd = (target.cwd or Path.cwd()).resolve()
+        if target.command is not None and (cwd == state or state in cwd.parents):
+            found.append((name, cwd))
+    return found

@@ -1,0 +1,426 @@
+"""Contained jobs, tried from outside on a real `matrixjobs run`: nothing a job starts
+outlives it (cancel, timeout, a failed attempt, stop, SIGKILL of the service), a crash
+never leaves two copies running, jobs cannot read the service's secrets, and limits hold.
+As root (how CI runs) and as `nobody` (how the systemd unit runs)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from containment import (
+    escaping_script,
+    gone_within,
+    kill_marked,
+    marked,
+    needs_bwrap,
+    new_marker,
+    nobody_dir,
+    nobody_python,
+    nobody_uid,
+    wait_marked,
+)
+from fleet import api, free_port, wait_for
+from service_process import Service
+
+from matrixjobs.config import toml_list, toml_string
+
+KILL_GRACE_S = 1.0
+SHUTDOWN_GRACE_S = 1.0
+SECRET_VALUE = "api-token-nobody-may-read-0123456789"
+
+
+@dataclass
+class Place:
+    """Where a service runs: its directory, how to start Python there, as whom."""
+
+    directory: Path
+    who: str
+    python: list[str] | None = None
+    env: dict[str, str] | None = None
+
+
+@pytest.fixture(autouse=True)
+def bubblewrap() -> None:
+    needs_bwrap()
+
+
+@pytest.fixture(params=["root", "nobody"])
+def place(request, tmp_path) -> Iterator[Place]:
+    if request.param == "root":
+        if os.geteuid() != 0:
+            pytest.skip("the root variant needs root")
+        yield Place(tmp_path, "root")
+        return
+    python, env = nobody_python()
+    for directory in nobody_dir():
+        yield Place(directory, "nobody", python, env)
+
+
+@pytest.fixture
+def marker() -> Iterator[str]:
+    found = new_marker()
+    yield found
+    kill_marked(found)
+
+
+def write_config(place: Place, port: int, targets: dict[str, dict[str, Any]],
+                 **queue: Any) -> Path:
+    """The store in a directory of its own (as StateDirectory= gives it), targets run in
+    `place.directory`."""
+    queue = {"kill_grace_s": KILL_GRACE_S, "shutdown_grace_s": SHUTDOWN_GRACE_S,
+             "retry_backoff_s": 60, "max_retries": 0, **queue}
+    lines = ["[store]", 'path = "state/jobs.db"', "[queue]"]
+    lines += [f"{key} = {toml_value(value)}" for key, value in queue.items()]
+    lines += ["[progress]", "interval_ms = 50", "[api]", f'listen = "127.0.0.1:{port}"']
+    for name, spec in targets.items():
+        lines.append(f"[targets.{name}]")
+        lines += [f"{key} = {toml_value(value)}" for key, value in spec.items()]
+    config = place.directory / "config.toml"
+    config.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (place.directory / "state").mkdir(exist_ok=True)
+    if place.who == "nobody":
+        for path in (config, place.directory / "state"):
+            os.chown(path, nobody_uid(), -1)
+    return config
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return toml_string(value)
+    if isinstance(value, list):
+        return toml_list(value)
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + " }"
+    return str(value)
+
+
+def start(place: Place, config: Path, env: dict[str, str] | None = None) -> Service:
+    python = None
+    if place.who == "nobody":
+        python = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "--",
+                  *(place.python or [])]
+    service = Service(place.directory, config, env={**(place.env or {}), **(env or {})},
+                      python=python)
+    service.wait_until_started()
+    return service
+
+
+def shell(script: str, **extra: Any) -> dict[str, Any]:
+    return {"command": ["sh", "-c", script], **extra}
+
+
+def job(port: int, job_id: str) -> dict[str, Any]:
+    return api(port, "GET", f"/v1/jobs/{job_id}")
+
+
+@pytest.mark.timeout(60)
+def test_a_cancel_ends_every_process_of_the_job_within_the_grace(place, marker):
+    port = free_port()
+    config = write_config(place, port, {"escape": shell(escaping_script(marker))})
+    service = start(place, config)
+    try:
+        submitted = api(port, "POST", "/v1/jobs", {"target": "escape"})
+        wait_marked(marker, 5, 10)
+        asked = time.monotonic()
+        cancelled = api(port, "POST", f"/v1/jobs/{submitted['id']}/cancel")
+        left = gone_within(marker, KILL_GRACE_S + 1 - (time.monotonic() - asked))
+    finally:
+        service.stop()
+    assert cancelled["status"] == "cancelled"
+    assert left >= 0
+
+
+@pytest.mark.timeout(60)
+def test_a_timeout_ends_every_process_of_the_job(tmp_path, marker):
+    place = Place(tmp_path, "root")
+    port = free_port()
+    config = write_config(place, port, {"escape": shell(escaping_script(marker),
+                                                        timeout_s=1)})
+    service = start(place, config)
+    try:
+        submitted = api(port, "POST", "/v1/jobs", {"target": "escape"})
+        wait_marked(marker, 5, 10)
+        seen = time.monotonic()
+        gone_within(marker, 1 + KILL_GRACE_S + 1)
+        took = time.monotonic() - seen
+        final = wait_for(lambda: (j := job(port, submitted["id"]))["status"] == "failed" and j,
+                         10, "the job failed")
+    finally:
+        service.stop()
+    assert "timed out after 1s" in final["error"]
+    assert took <= 1 + KILL_GRACE_S + 1
+
+
+@pytest.mark.timeout(60)
+def test_a_failed_attempt_leaves_nothing_running_before_its_retry(tmp_path, marker):
+    place = Place(tmp_path, "root")
+    port = free_port()
+    config = write_config(place, port, {"escape": shell(escaping_script(marker, exit_code=3),
+                                                        max_retries=1)})
+    service = start(place, config)
+    try:
+        submitted = api(port, "POST", "/v1/jobs", {"target": "escape"})
+        failed = wait_for(lambda: (j := job(port, submitted["id"])).get("error") and j, 10,
+                          "the first attempt's end")
+        gone_within(marker, 1)
+    finally:
+        service.stop()
+    assert failed["status"] == "pending"  # its retry waits retry_backoff_s
+    assert failed["error"].startswith("exit code 3")
+
+
+@pytest.mark.timeout(60)
+def test_a_stopped_service_leaves_nothing_after_its_graces(tmp_path, marker):
+    place = Place(tmp_path, "root")
+    port = free_port()
+    config = write_config(place, port, {"escape": shell(escaping_script(marker))})
+    service = start(place, config)
+    try:
+        api(port, "POST", "/v1/jobs", {"target": "escape"})
+        wait_marked(marker, 5, 10)
+        asked = time.monotonic()
+        service.process.send_signal(signal.SIGTERM)
+        gone_within(marker, SHUTDOWN_GRACE_S + KILL_GRACE_S + 1)
+        took = time.monotonic() - asked
+        assert service.process.wait(20) == 0
+    finally:
+        service.stop()
+    assert took <= SHUTDOWN_GRACE_S + KILL_GRACE_S + 1
+
+
+@pytest.mark.timeout(60)
+def test_a_service_killed_by_sigkill_takes_every_job_process_within_a_second(place, marker):
+    port = free_port()
+    config = write_config(place, port, {"escape": shell(escaping_script(marker))})
+    service = start(place, config)
+    try:
+        api(port, "POST", "/v1/jobs", {"target": "escape"})
+        wait_marked(marker, 5, 10)
+        service.process.send_signal(signal.SIGKILL)
+        took = gone_within(marker, 1.0)
+    finally:
+        service.stop()
+    assert took <= 1.0
+
+
+@pytest.mark.timeout(90)
+def test_after_a_crash_the_recovered_attempt_is_the_only_copy_running(tmp_path, marker):
+    place = Place(tmp_path, "root")
+    port = free_port()
+    work = f"echo start; sleep {marker}; echo done"
+    config = write_config(place, port, {"deploy": shell(work, max_retries=1)}, lease_s=2)
+    service = start(place, config)
+    try:
+        submitted = api(port, "POST", "/v1/jobs", {"target": "deploy"})
+        wait_marked(marker, 2, 10)  # sh and its sleep
+        service.process.send_signal(signal.SIGKILL)
+        service.process.wait(10)
+        gone_within(marker, 1.0)  # before anything could start it again
+    finally:
+        service.stop()
+    service = start(place, config)
+    try:
+        wait_for(lambda: job(port, submitted["id"])["status"] == "processing"
+                 and len(marked(marker)) >= 2, 20, "the recovered attempt")
+        time.sleep(0.5)
+        sleeps = [pid for pid in marked(marker)
+                  if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"sleep\0")]
+        state = job(port, submitted["id"])
+    finally:
+        service.stop()
+    assert len(sleeps) == 1, sleeps
+    assert state["jobDetails"]["retryCount"] == 1
+
+
+# -- secrets ----------------------------------------------------------------------------------
+
+READ_EACH = """
+for f in "$@"; do
+  if [ -s "$f" ] && cat "$f" > /dev/null 2>&1; then echo "READ $f"; else echo "HIDDEN $f"; fi
+done
+"""
+
+
+@pytest.mark.parametrize("layout", ["state directory", "one directory"])
+@pytest.mark.timeout(60)
+def test_a_job_cannot_read_the_services_secrets(place, layout):
+    """'state directory': the store in a directory of its own (StateDirectory=) is hidden
+    whole; 'one directory': store, config and job share one, and each secret file is."""
+    port = free_port()
+    directory = place.directory
+    state = directory / "state" if layout == "state directory" else directory
+    store = state / "jobs.db"
+    secrets = [store, Path(f"{store}-wal"), Path(f"{store}-shm"),
+               state / "jobs.pickle-key", state / "jobs-crypto" / "matrixjobs.db",
+               directory / ".env", directory / "config.toml"]
+    mine = directory / "mine.txt"  # the job's own file: readable, so the check can fail
+    files = [str(p) for p in [*secrets, mine]]
+    config = write_config(place, port, {"peek": {
+        "command": ["sh", "-c", READ_EACH + 'cat "/proc/$(cat service.pid)/environ" '
+                    '> /dev/null 2>&1 && echo "READ environ" || echo "HIDDEN environ"',
+                    "peek", *files]}})
+    if layout == "one directory":
+        text = config.read_text().replace('path = "state/jobs.db"', 'path = "jobs.db"')
+        config.write_text(text)
+    (state / "jobs-crypto").mkdir(parents=True, exist_ok=True)
+    (state / "jobs-crypto" / "matrixjobs.db").write_text("olm account")
+    (state / "jobs.pickle-key").write_text("pickle key")
+    (directory / ".env").write_text(f"MATRIXJOBS_API_TOKEN={SECRET_VALUE}\n")
+    mine.write_text("the job's own")
+    if place.who == "nobody":
+        for path in [*state.rglob("*"), directory / ".env", mine]:
+            os.chown(path, nobody_uid(), -1)
+    service = start(place, config)
+    try:
+        (directory / "service.pid").write_text(str(service.process.pid))
+        headers_token = SECRET_VALUE
+        submitted = api_with(port, headers_token, "POST", "/v1/jobs", {"target": "peek"})
+        wait_for(lambda: api_with(port, headers_token, "GET",
+                                  f"/v1/jobs/{submitted['id']}")["status"] == "completed",
+                 20, "the job's end")
+        lines = log_lines(port, headers_token, submitted["id"])
+    finally:
+        service.stop()
+    assert f"READ {mine}" in lines, lines
+    for secret in secrets:
+        assert f"HIDDEN {secret}" in lines, lines
+    assert "HIDDEN environ" in lines, lines
+
+
+def api_with(port: int, token: str, method: str, path: str,
+             body: dict[str, Any] | None = None) -> Any:
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}{path}", method=method,
+        data=None if body is None else json.dumps(body).encode(),
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def log_lines(port: int, token: str | None, job_id: str) -> list[str]:
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/jobs/{job_id}/log",
+        headers={"Authorization": f"Bearer {token}"} if token else {})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return response.read().decode().splitlines()
+
+
+# -- network and limits ---------------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_without_network_a_job_cannot_reach_the_services_api(tmp_path):
+    place = Place(tmp_path, "root")
+    port = free_port()
+    connect = ("import socket, sys\n"
+               "try:\n"
+               f"    socket.create_connection(('127.0.0.1', {port}), timeout=2)\n"
+               "    print('CONNECTED')\n"
+               "except OSError as exc:\n"
+               "    print('REFUSED', exc)\n")
+    config = write_config(place, port, {
+        "offline": {"command": [sys.executable, "-c", connect], "network": False},
+        "online": {"command": [sys.executable, "-c", connect]}})
+    service = start(place, config)
+    try:
+        ids = [api(port, "POST", "/v1/jobs", {"target": t})["id"] for t in ("offline", "online")]
+        for job_id in ids:
+            wait_for(lambda j=job_id: job(port, j)["status"] == "completed", 20, "the end")
+        output = [log_lines(port, None, j) for j in ids]
+    finally:
+        service.stop()
+    assert any(line.startswith("REFUSED") for line in output[0]), output
+    assert "CONNECTED" in output[1], output  # the same check can succeed
+
+
+ALLOCATE_3_GIB = "b = bytearray(3 * 1024**3); print('allocated', len(b))"
+
+
+@pytest.mark.timeout(60)
+def test_a_job_over_its_memory_limit_fails_saying_so(place):
+    port = free_port()
+    python = (place.python or [sys.executable])[0]
+    config = write_config(place, port, {"hog": {
+        "command": [python, "-c", ALLOCATE_3_GIB], "limits": {"memory": "256M"}}})
+    service = start(place, config)
+    try:
+        submitted = api(port, "POST", "/v1/jobs", {"target": "hog"})
+        final = wait_for(lambda: (j := job(port, submitted["id"]))["status"] == "failed" and j,
+                         30, "the job failed")
+    finally:
+        service.stop()
+    assert final["error"].startswith("stopped: over its memory limit of 256 MiB"), final["error"]
+
+
+def fork_bomb(marker: str) -> str:
+    """The classic one: every process starts two more, for ever."""
+    return f"b() {{ sleep {marker} & b | b & }}; b; sleep {marker}"
+
+
+@pytest.mark.timeout(60)
+def test_a_fork_bomb_under_a_process_limit_ends_failed_and_the_service_answers(place, marker):
+    port = free_port()
+    config = write_config(place, port, {"bomb": shell(fork_bomb(marker),
+                                                      limits={"processes": 64})})
+    service = start(place, config)
+    try:
+        submitted = api(port, "POST", "/v1/jobs", {"target": "bomb"})
+        began = time.monotonic()
+        slowest = 0.0
+        while job(port, submitted["id"])["status"] in ("pending", "processing"):
+            asked = time.monotonic()
+            api(port, "GET", "/v1/status")
+            slowest = max(slowest, time.monotonic() - asked)
+            assert time.monotonic() - began < 10, "the fork bomb still runs after 10 s"
+            time.sleep(0.1)
+        final = job(port, submitted["id"])
+        gone_within(marker, 2)
+    finally:
+        service.stop()
+    assert final["status"] == "failed"
+    assert final["error"].startswith("stopped: more than 64 processes"), final["error"]
+    assert slowest < 1.0
+
+
+@pytest.mark.timeout(60)
+def test_a_limit_this_host_cannot_enforce_is_an_error_at_start(tmp_path):
+    """Process groups cannot hold a job to a number of processes."""
+    place = Place(tmp_path, "root")
+    config = write_config(place, free_port(), {"bomb": shell("true",
+                                                             limits={"processes": 64})},
+                          containment="none")
+    service = Service(tmp_path, config)
+    try:
+        assert service.process.wait(20) == 1
+    finally:
+        service.stop()
+    assert "targets.bomb.limits.processes: nothing on this host enforces it" in service.log
+    assert "Traceback" not in service.log
+
+
+@pytest.mark.timeout(60)
+def test_without_containment_the_service_says_so_loudly_and_still_runs_jobs(tmp_path, marker):
+    place = Place(tmp_path, "root")
+    port = free_port()
+    config = write_config(place, port, {"work": shell(f"sleep 0.{marker[-3:]}; echo ok")},
+                          containment="none")
+    service = start(place, config)
+    try:
+        submitted = api(port, "POST", "/v1/jobs", {"target": "work"})
+        wait_for(lambda: job(port, submitted["id"])["status"] == "completed", 20, "its end")
+    finally:
+        service.stop()
+    assert "WARNING" in service.log and "jobs are NOT contained" in service.log
+    assert "process groups only" in service.log
