@@ -406,7 +406,8 @@ class App:
                 async for chunk in self._follow_stored(job_id):  # it runs on another process
                     yield chunk
                 return
-            await self.job_logs.started(job_id, FOLLOW_RECHECK_S)
+            if self.job_logs.live(job_id) is None:  # it may have started during the read
+                await self.job_logs.started(job_id, FOLLOW_RECHECK_S)
         text, follower = live.follow()
         try:
             yield text

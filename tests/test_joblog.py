@@ -210,6 +210,40 @@ async def test_follow_waits_for_a_pending_job_and_ends_when_it_ends(tmp_path, ru
     assert (await app.store.get_job(first.id)).status == Status.COMPLETED
 
 
+async def test_a_follower_gets_a_run_that_started_while_it_read_the_store_at_once(
+    tmp_path, running_app
+):
+    """The run starts between the follower's look at the live logs and its wait for a
+    start: it must not sleep out the recheck interval (1 s) before following it."""
+    app = await running_app(make_config(tmp_path, queue={"workers": 1},
+                                         targets={"gated": GATED}))
+    gate1, gate2 = tmp_path / "gate1", tmp_path / "gate2"
+    await app.submit("gated", [str(gate1)])
+    second = await app.submit("gated", [str(gate2)])
+    read_job = app.store.get_job
+    reads = 0
+
+    async def read_while_it_starts(job_id: str) -> Job | None:
+        nonlocal reads
+        reads += 1
+        job = await read_job(job_id)  # still pending, as the follower then believes
+        if reads == 2:
+            gate1.touch()  # the first job ends and `second` starts meanwhile
+            while app.job_logs.live(job_id) is None:
+                await asyncio.sleep(0.01)
+        return job
+
+    app.store.get_job = read_while_it_starts
+    follow = app.follow_log(second.id)
+    assert await anext(follow) == ""
+    began = time.monotonic()
+    started = await anext(follow)  # what it wrote so far: at least its attempt's header
+    while "started" not in started:
+        started += await anext(follow)
+    assert time.monotonic() - began < 0.5
+    gate2.touch()
+
+
 async def test_follow_of_a_finished_job_gives_its_log_and_ends(tmp_path, running_app):
     app = await running_app(make_config(tmp_path, targets={"flaky": FLAKY}))
     job = await app.submit("flaky")
