@@ -5,9 +5,11 @@ As root (how CI runs) and as `nobody` (how the systemd unit runs)."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import signal
+import socket
 import sys
 import time
 import urllib.request
@@ -333,35 +335,106 @@ def test_without_network_a_job_cannot_reach_the_services_api(tmp_path):
     config = write_config(place, port, {
         "offline": {"command": [sys.executable, "-c", connect], "network": False},
         "online": {"command": [sys.executable, "-c", connect]}})
+    assert connections(place, config, port) == {"offline": "REFUSED", "online": "CONNECTED"}
+
+
+@pytest.mark.timeout(60)
+def test_without_network_a_job_cannot_reach_the_api_on_its_unix_socket(tmp_path):
+    place = Place(tmp_path, "root")
+    sock = tmp_path / "api.sock"
+    connect = ("import socket\n"
+               "s = socket.socket(socket.AF_UNIX)\n"
+               "try:\n"
+               f"    s.connect({str(sock)!r})\n"
+               "    print('CONNECTED')\n"
+               "except OSError as exc:\n"
+               "    print('REFUSED', exc)\n")
+    config = write_config(place, 0, {
+        "offline": {"command": [sys.executable, "-c", connect], "network": False},
+        "online": {"command": [sys.executable, "-c", connect]}})
+    config.write_text(config.read_text().replace('listen = "127.0.0.1:0"',
+                                                 f'listen = "unix:{sock}"'))
+    assert connections(place, config, None, sock) == {"offline": "REFUSED",
+                                                      "online": "CONNECTED"}
+
+
+def connections(place: Place, config: Path, port: int | None,
+                sock: Path | None = None) -> dict[str, str]:
+    """What the offline and online targets' connection attempts said."""
     service = start(place, config)
     try:
-        ids = [api(port, "POST", "/v1/jobs", {"target": t})["id"] for t in ("offline", "online")]
-        for job_id in ids:
-            wait_for(lambda j=job_id: job(port, j)["status"] == "completed", 20, "the end")
-        output = [log_lines(port, None, j) for j in ids]
+        said = {}
+        for target in ("offline", "online"):
+            submitted = over(port, sock, "POST", "/v1/jobs", {"target": target})
+            path = f"/v1/jobs/{submitted['id']}"
+            wait_for(lambda p=path: over(port, sock, "GET", p)["status"] == "completed",
+                     20, "the end")
+            log = over(port, sock, "GET", path + "/log", raw=True)
+            said[target] = next(word for word in ("REFUSED", "CONNECTED") if word in log)
     finally:
         service.stop()
-    assert any(line.startswith("REFUSED") for line in output[0]), output
-    assert "CONNECTED" in output[1], output  # the same check can succeed
+    return said
+
+
+class UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: Path) -> None:
+        super().__init__("localhost", timeout=30)
+        self.path = path
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.connect(str(self.path))
+
+
+def over(port: int | None, sock: Path | None, method: str, path: str,
+         body: dict[str, Any] | None = None, raw: bool = False) -> Any:
+    """The API over TCP or its unix socket."""
+    connection = (UnixConnection(sock) if sock is not None
+                  else http.client.HTTPConnection("127.0.0.1", port, timeout=30))
+    try:
+        connection.request(method, path, body=None if body is None else json.dumps(body),
+                           headers={"Content-Type": "application/json"})
+        text = connection.getresponse().read().decode()
+    finally:
+        connection.close()
+    return text if raw else json.loads(text)
 
 
 ALLOCATE_3_GIB = "b = bytearray(3 * 1024**3); print('allocated', len(b))"
 
 
-@pytest.mark.timeout(60)
-def test_a_job_over_its_memory_limit_fails_saying_so(place):
+def failure(place: Place, target: dict[str, Any]) -> str:
+    """The error of a job of `target` run to its end (it must fail)."""
     port = free_port()
-    python = (place.python or [sys.executable])[0]
-    config = write_config(place, port, {"hog": {
-        "command": [python, "-c", ALLOCATE_3_GIB], "limits": {"memory": "256M"}}})
-    service = start(place, config)
+    service = start(place, write_config(place, port, {"t": target}))
     try:
-        submitted = api(port, "POST", "/v1/jobs", {"target": "hog"})
+        submitted = api(port, "POST", "/v1/jobs", {"target": "t"})
         final = wait_for(lambda: (j := job(port, submitted["id"]))["status"] == "failed" and j,
                          30, "the job failed")
     finally:
         service.stop()
-    assert final["error"].startswith("stopped: over its memory limit of 256 MiB"), final["error"]
+    return final["error"]
+
+
+@pytest.mark.timeout(60)
+def test_a_job_over_its_memory_limit_fails_saying_so(place):
+    python = (place.python or [sys.executable])[0]
+    error = failure(place, {"command": [python, "-c", ALLOCATE_3_GIB],
+                            "limits": {"memory": "256M"}})
+    assert error.startswith("stopped: over its memory limit of 256 MiB"), error
+
+
+@pytest.mark.parametrize(("limits", "work", "reason"), [
+    ({"cpu_s": 1}, "while True: pass",
+     "stopped: over its CPU time limit of 1 s"),
+    ({"file_size": "1M"}, "open('big', 'wb').write(bytes(2 * 1024 * 1024))",
+     "stopped: wrote a file over its file size limit of 1 MiB"),
+])
+@pytest.mark.timeout(60)
+def test_a_job_over_its_cpu_or_file_size_limit_fails_saying_so(tmp_path, limits, work, reason):
+    error = failure(Place(tmp_path, "root"),
+                    {"command": [sys.executable, "-c", work], "limits": limits})
+    assert error.startswith(reason), error
 
 
 def fork_bomb(marker: str) -> str:

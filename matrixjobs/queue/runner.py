@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -29,6 +30,7 @@ EXIT_POLL_S = 0.1
 MEMORY_REFUSED = re.compile(
     r"MemoryError|Cannot allocate memory|bad_alloc|out of memory|OutOfMemoryError|"
     r"memory allocation of \d+ bytes failed", re.IGNORECASE)
+FILE_REFUSED = re.compile(r"File too large|EFBIG")
 LIMIT_NAMES = ("memory", "cpu_s", "processes", "file_size", "open_files")
 # prlimit(1) options for the limits enforced by rlimits (util-linux).
 PRLIMIT_OPTIONS = {"memory": "--as", "cpu_s": "--cpu", "processes": "--nproc",
@@ -134,10 +136,13 @@ class JobProcess:
         """Why it failed, in words ("exit code 3", "killed by SIGKILL", a limit's reason)."""
         if returncode < 0:
             return self._limit_signal(-returncode) or signal_words(-returncode)
-        memory = self.launch.limits.memory
-        if memory is not None and any(MEMORY_REFUSED.search(line) for line in tail[-3:]):
-            # RLIMIT_AS makes the allocation fail; the program says so and exits.
-            return limit_words("memory", memory)
+        # Refused by an rlimit rather than killed by a signal: the program (Python ignores
+        # SIGXFSZ) says so and exits.
+        limits = self.launch.limits
+        for name, said in (("memory", MEMORY_REFUSED), ("file_size", FILE_REFUSED)):
+            value = getattr(limits, name)
+            if value is not None and any(said.search(line) for line in tail[-3:]):
+                return limit_words(name, value)
         return f"exit code {returncode}"
 
     def _limit_signal(self, number: int) -> str | None:
@@ -163,6 +168,7 @@ class Runner(Protocol):
 def rlimit_argv(limits: LimitsConfig, enforcement: Enforcement) -> list[str]:
     """`prlimit --as=… -- ` for the limits this runner enforces with rlimits."""
     options = [f"{PRLIMIT_OPTIONS[name]}={value}"
+               + (f":{value + 1}" if name == "cpu_s" else "")  # SIGXCPU first, SIGKILL 1 s on
                for name, value in limits.model_dump(exclude_none=True).items()
                if (enforcement.limits.get(name) or "").startswith("RLIMIT")]
     if not options:
@@ -197,13 +203,21 @@ class GroupRunner:
 
     async def spawn(self, launch: Launch) -> JobProcess:
         argv = [*rlimit_argv(launch.limits, self.enforcement), *launch.argv]
-        process = await asyncio.create_subprocess_exec(
-            *argv,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-            cwd=launch.cwd,
-            env=launch.env,
-            start_new_session=True,  # its own process group, so cancel reaches children
-        )
-        return JobProcess(process, launch)
+        return JobProcess(await start_process(argv, launch), launch)
+
+
+async def start_process(argv: list[str], launch: Launch,
+                        preexec: Callable[[], None] | None = None
+                        ) -> asyncio.subprocess.Process:
+    """A job's first process: stdout and stderr on one pipe (in the order written), no
+    stdin, a session and process group of its own (so a group signal reaches children)."""
+    return await asyncio.create_subprocess_exec(
+        *argv,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        cwd=launch.cwd,
+        env=launch.env,
+        start_new_session=True,
+        preexec_fn=preexec,
+    )

@@ -25,7 +25,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from matrixjobs.config import Config, LimitsConfig
+from matrixjobs.config import Config, LimitsConfig, UnixAddress
 from matrixjobs.queue.cgroups import Cgroups, JobCgroup, detect
 from matrixjobs.queue.runner import (
     EXIT_POLL_S,
@@ -35,6 +35,7 @@ from matrixjobs.queue.runner import (
     limit_words,
     rlimit_argv,
     signal_words,
+    start_process,
 )
 
 log = logging.getLogger(__name__)
@@ -200,8 +201,11 @@ class SandboxProcess(JobProcess):
 
 class SandboxRunner:
     def __init__(self, bwrap: str, network: bool, private_dirs: list[Path],
-                 private_files: list[Path], cgroups: Cgroups | None) -> None:
+                 private_files: list[Path], cgroups: Cgroups | None,
+                 api_socket: Path | None = None) -> None:
         self.bwrap = bwrap
+        # A unix socket is a file, not the network: a network namespace does not hide it.
+        self.api_socket = api_socket
         self.private_dirs = [p.resolve() for p in private_dirs]
         self.private_files = [p.resolve() for p in private_files]
         self.cgroups = cgroups
@@ -239,6 +243,8 @@ class SandboxRunner:
                 keep = TMP / path.relative_to(TMP).parts[0]
                 argv += ["--bind", str(keep), str(keep)]
         argv += self._hide(launch.cwd.resolve())
+        if not launch.network and self.api_socket is not None and self.api_socket.exists():
+            argv += ["--ro-bind", "/dev/null", str(self.api_socket)]
         argv += ["--chdir", str(launch.cwd), "--"]
         limits = rlimit_argv(self._rlimits(launch), self.enforcement)
         return [*argv, *limits, *launch.argv]
@@ -274,17 +280,9 @@ class SandboxRunner:
     async def spawn(self, launch: Launch) -> JobProcess:
         cgroup = self._cgroup(launch)
         try:
-            process = await asyncio.create_subprocess_exec(
-                *self.argv(launch),
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.STDOUT,
-                cwd=launch.cwd,
-                env=launch.env,
-                start_new_session=True,
-                # Into its cgroup before bubblewrap runs: nothing of the job starts outside.
-                preexec_fn=cgroup.join() if cgroup is not None else None,
-            )
+            # Into its cgroup before bubblewrap runs: nothing of the job starts outside.
+            process = await start_process(self.argv(launch), launch,
+                                          cgroup.join() if cgroup is not None else None)
         except BaseException:
             if cgroup is not None:
                 cgroup.remove()
@@ -308,4 +306,6 @@ def sandbox_runner(config: Config,
     cgroups = detect(enable=enable_cgroups)
     if cgroups is not None and enable_cgroups:
         cgroups.sweep()
-    return SandboxRunner(bwrap, network, dirs, files, cgroups), ""
+    address = config.api.address
+    socket = address.path if config.api.enabled and isinstance(address, UnixAddress) else None
+    return SandboxRunner(bwrap, network, dirs, files, cgroups, socket), ""
