@@ -22,10 +22,7 @@ every commit fsyncs), job logs are on (the default), no limits are configured.
    line, and the bench's task waking up. It does not cover the job's exit or its outcome's
    commit; the bench waits for those (store polled every POLL_S) before the next submit,
    so no two jobs overlap.
-   The log is followed through `app.job_logs` (what `App.follow_log` follows), looking
-   for the run and registering for its start with no await in between: `App.follow_log`
-   awaits the store between its look and its wait, misses a start that happens meanwhile
-   and then sleeps FOLLOW_RECHECK_S (1 s), which would swamp what is measured here.
+   The log is followed with `App.follow_log`, as `matrixjobs logs -f` follows it.
    Beside it, "spawn alone": the App's own runner (`runner.spawn`, the same argv jobs
    get) started directly `--latency-jobs` times, clocked from just before `spawn` to the
    first line read from its stdout: the part of the latency the runner is responsible for.
@@ -73,8 +70,6 @@ from matrixjobs.targets import COMMAND_TYPE
 POLL_S = 0.005
 WARMUP_JOBS = 3
 TIMEOUT_S = 600.0
-# How long the bench waits for a run to start before it looks at the store again.
-RECHECK_S = 1.0
 NEEDLE = "hello"
 MODES = {"contained": "bubblewrap", "uncontained": "none"}
 LATENCY_GOAL_MS = 10.0
@@ -116,24 +111,10 @@ def the_runner(app: App) -> Runner:
 
 
 async def first_line(app: App, job_id: str) -> None:
-    """Return once the job's log holds NEEDLE."""
-    logs = app.job_logs
-    while (live := logs.live(job_id)) is None:
-        # `started` registers before it first suspends: a start cannot slip in between.
-        await logs.started(job_id, RECHECK_S)
-        if logs.live(job_id) is None:
-            job = await app.store.get_job(job_id)
-            if job is not None and job.status.terminal:  # ran and ended unseen: never here
-                raise RuntimeError(f"{job_id} ended ({job.status}) before its log was seen")
-    text, follower = live.follow()
-    try:
-        if NEEDLE in text:
+    """Return once the job's log holds NEEDLE (followed as any interface follows it)."""
+    async for chunk in app.follow_log(job_id):
+        if NEEDLE in chunk:
             return
-        async for chunk in follower.chunks():
-            if NEEDLE in chunk:
-                return
-    finally:
-        live.unfollow(follower)
     raise RuntimeError(f"{job_id}'s run ended without a line holding {NEEDLE!r}")
 
 

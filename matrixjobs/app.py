@@ -62,6 +62,9 @@ ACTIVE_LIMIT = 1000
 # How often a follow of a job that is not running looks at the store again, in case its
 # run started and ended in between.
 FOLLOW_RECHECK_S = 1.0
+# How often a follow looks again for the outcome of a run that ended here (it is committed
+# within the queue's next cycle, a few milliseconds).
+SETTLE_RECHECK_S = 0.01
 WORKERS_CACHE_S = 2.0
 # How much of a log cut meanwhile a follower of another process's job sees again.
 REFOLLOW_CHARS = 4096
@@ -406,7 +409,9 @@ class App:
                 async for chunk in self._follow_stored(job_id):  # it runs on another process
                     yield chunk
                 return
-            if self.job_logs.live(job_id) is None:  # it may have started during the read
+            if self.queue.settling(job_id):  # it ran while we read; its end is on the way
+                await asyncio.sleep(SETTLE_RECHECK_S)
+            elif self.job_logs.live(job_id) is None:  # it may have started during the read
                 await self.job_logs.started(job_id, FOLLOW_RECHECK_S)
         text, follower = live.follow()
         try:

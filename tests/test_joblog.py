@@ -244,6 +244,47 @@ async def test_a_follower_gets_a_run_that_started_while_it_read_the_store_at_onc
     gate2.touch()
 
 
+async def test_a_follower_gets_a_run_that_started_and_ended_while_it_read_the_store_at_once(
+    tmp_path, running_app
+):
+    """The whole run happens between the follower's look and its wait, and its outcome is
+    not committed yet: the follower waits for that commit, not for a start (1 s)."""
+    app = await running_app(make_config(tmp_path, queue={"workers": 1},
+                                         targets={"gated": GATED}))
+    gate1, gate2 = tmp_path / "gate1", tmp_path / "gate2"
+    await app.submit("gated", [str(gate1)])
+    second = await app.submit("gated", [str(gate2)])
+    read_job = app.store.get_job
+    reads = 0
+
+    async def read_while_it_runs(job_id: str) -> Job | None:
+        nonlocal reads
+        reads += 1
+        job = await read_job(job_id)  # still pending, as the follower then believes
+        if reads == 2:
+            gate1.touch()
+            gate2.touch()  # `second` starts and ends meanwhile
+            while not app.queue.settling(job_id):
+                await asyncio.sleep(0.005)
+        return job
+
+    commit = app.store.settle_and_claim
+
+    async def slow_commit(outcomes, *args):  # the outcome's commit takes 0.3 s
+        if any(outcome.job_id == second.id for outcome in outcomes):
+            await asyncio.sleep(0.3)
+        return await commit(outcomes, *args)
+
+    app.store.get_job = read_while_it_runs
+    app.store.settle_and_claim = slow_commit
+    follow = app.follow_log(second.id)
+    assert await anext(follow) == ""
+    began = time.monotonic()
+    text = "".join([chunk async for chunk in follow])
+    assert time.monotonic() - began < 0.8  # 0.3 s of commit, not a second's recheck
+    assert text.splitlines()[1:] == ["started", "finishing", "── completed ──"]
+
+
 async def test_follow_of_a_finished_job_gives_its_log_and_ends(tmp_path, running_app):
     app = await running_app(make_config(tmp_path, targets={"flaky": FLAKY}))
     job = await app.submit("flaky")

@@ -542,6 +542,11 @@ class JobQueue:
         """Whether this process holds `job_id`: claimed, and its outcome not committed yet."""
         return job_id in self._held
 
+    def settling(self, job_id: str) -> bool:
+        """Whether a run of `job_id` ended here and its outcome is about to be committed."""
+        return (job_id in self._held and job_id not in self._running
+                and all(job.id != job_id for job in self._ready))
+
     # -- leases ---------------------------------------------------------------------------------
 
     async def heartbeat(self) -> None:
