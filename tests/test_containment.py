@@ -497,3 +497,43 @@ def test_without_containment_the_service_says_so_loudly_and_still_runs_jobs(tmp_
         service.stop()
     assert "WARNING" in service.log and "jobs are NOT contained" in service.log
     assert "process groups only" in service.log
+
+
+REFUSING_BWRAP = """#!/bin/sh
+echo "bwrap: No permissions to create new namespace, likely because the kernel does not \
+allow non-privileged user namespaces." >&2
+exit 1
+"""
+
+
+@pytest.mark.parametrize("containment", ["auto", "bubblewrap"])
+@pytest.mark.timeout(60)
+def test_a_host_that_refuses_the_sandbox_is_said_loudly_or_refused(tmp_path, containment):
+    """"auto" falls back to process groups with a WARNING naming bubblewrap's words;
+    "bubblewrap" refuses to start with them, in one line."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "bwrap").write_text(REFUSING_BWRAP)
+    (fake / "bwrap").chmod(0o755)
+    place = Place(tmp_path, "root")
+    port = free_port()
+    config = write_config(place, port, {"work": shell("echo ok")}, containment=containment)
+    env = {"PATH": f"{fake}{os.pathsep}{os.environ['PATH']}"}
+    if containment == "bubblewrap":
+        service = Service(tmp_path, config, env=env)
+        try:
+            assert service.process.wait(20) == 1
+        finally:
+            service.stop()
+        assert ('queue.containment = "bubblewrap": bubblewrap cannot start a sandbox here: '
+                "bwrap: No permissions to create new namespace") in service.log
+        assert "Traceback" not in service.log
+        return
+    service = start(place, config, env=env)
+    try:
+        submitted = api(port, "POST", "/v1/jobs", {"target": "work"})
+        wait_for(lambda: job(port, submitted["id"])["status"] == "completed", 20, "its end")
+    finally:
+        service.stop()
+    assert "WARNING" in service.log and "jobs are NOT contained" in service.log
+    assert "bwrap: No permissions to create new namespace" in service.log
