@@ -162,10 +162,8 @@ class App:
             log.info("  %s: %s", key, how)
         for warning in runner.enforcement.warnings:
             log.warning("%s", warning)
-        for name, directory in shared_state(self.config):
-            log.info("targets.%s runs in %s, which holds the store: its jobs see every "
-                        "file there but the store's and the keys; put the store in a "
-                        "directory of its own", name, directory)
+        for line in shared_state(self.config, runner):
+            log.info("%s", line)
 
     def _announced(self, kind: str, ids: list[str]) -> None:
         """News from another process sharing the store."""

@@ -546,6 +546,15 @@ class TargetProblem(Exception):
     """Why a command target cannot start; the message says it for people."""
 
 
+@dataclass(frozen=True, slots=True)
+class PrivatePaths:
+    """See Config.private_paths."""
+
+    state: Path  # hidden whole while it holds nothing but what the other two name
+    dirs: list[Path]  # hidden whole
+    files: list[Path]  # each masked
+
+
 class WarningTopic(StrEnum):
     CREDENTIALS = "credentials"
     TARGET = "target"
@@ -607,18 +616,20 @@ class Config(Section):
         """The token every API request must carry: MATRIXJOBS_API_TOKEN, else [api] token."""
         return self._api_token or self.api.token
 
-    def private_paths(self) -> tuple[list[Path], list[Path]]:
-        """What no job may see: the state directories, and the files holding secrets that
-        may sit beside a job's own files (store, keys, `.env`, the config itself)."""
+    def private_paths(self) -> PrivatePaths:
+        """What no job may see: the store's directory where it holds nothing else, the
+        crypto store, and the files holding secrets that may sit beside a job's own files
+        (store, keys, `.env`, the config itself)."""
         db = self.store.path
         matrix = self.matrix or MatrixConfig.model_construct(store_dir=None)
-        dirs = [db.parent, matrix.crypto_store_dir(db)]
-        files = [db, *(db.with_name(db.name + end) for end in ("-wal", "-shm", "-journal")),
+        files = [db, *(db.with_name(db.name + end)
+                       for end in ("-wal", "-shm", "-journal", ".lock")),
                  matrix.pickle_key_file(db)]
         if self._source is not None:
             files += [self._source, self._source.parent / ".env"]
         files.append(Path.cwd() / ".env")
-        return list(dict.fromkeys(dirs)), list(dict.fromkeys(files))
+        return PrivatePaths(state=db.parent, dirs=[matrix.crypto_store_dir(db)],
+                            files=list(dict.fromkeys(files)))
 
     def secrets(self) -> list[SecretStr]:
         """Every secret this config holds, for masking in logs."""

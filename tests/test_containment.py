@@ -248,26 +248,36 @@ def test_after_a_crash_the_recovered_attempt_is_the_only_copy_running(tmp_path, 
 
 # -- secrets ----------------------------------------------------------------------------------
 
+# Whether each file opens, and as which file (device:inode): a masked one is /dev/null.
 READ_EACH = """
 for f in "$@"; do
-  if [ -s "$f" ] && cat "$f" > /dev/null 2>&1; then echo "READ $f"; else echo "HIDDEN $f"; fi
+  if cat "$f" > /dev/null 2>&1; then echo "READ $f $(stat -Lc %d:%i "$f")"; \
+  else echo "HIDDEN $f"; fi
 done
 """
 
 
-@pytest.mark.parametrize("layout", ["state directory", "one directory"])
+def identity(path: Path) -> str:
+    found = path.stat()
+    return f"{found.st_dev}:{found.st_ino}"
+
+
+@pytest.mark.parametrize("layout", ["state directory", "one directory", "shared state"])
 @pytest.mark.timeout(60)
 def test_a_job_cannot_read_the_services_secrets(place, layout):
     """'state directory': the store in a directory of its own (StateDirectory=) is hidden
-    whole; 'one directory': store, config and job share one, and each secret file is."""
+    whole; 'one directory': store, config and job share one, and each secret file is;
+    'shared state': the store's directory holds other files too (a home directory's
+    caches), which jobs keep seeing, and each secret file is masked."""
     port = free_port()
     directory = place.directory
-    state = directory / "state" if layout == "state directory" else directory
+    state = directory if layout == "one directory" else directory / "state"
     store = state / "jobs.db"
-    secrets = [store, Path(f"{store}-wal"), Path(f"{store}-shm"),
+    secrets = [store, Path(f"{store}-wal"), Path(f"{store}-shm"), Path(f"{store}.lock"),
                state / "jobs.pickle-key", state / "jobs-crypto" / "matrixjobs.db",
                directory / ".env", directory / "config.toml"]
-    mine = directory / "mine.txt"  # the job's own file: readable, so the check can fail
+    # The job's own file: readable, so the check can fail.
+    mine = state / ".cache" / "mine.txt" if layout == "shared state" else directory / "mine.txt"
     files = [str(p) for p in [*secrets, mine]]
     config = write_config(place, port, {"peek": {
         "command": ["sh", "-c", READ_EACH + 'cat "/proc/$(cat service.pid)/environ" '
@@ -280,9 +290,10 @@ def test_a_job_cannot_read_the_services_secrets(place, layout):
     (state / "jobs-crypto" / "matrixjobs.db").write_text("olm account")
     (state / "jobs.pickle-key").write_text("pickle key")
     (directory / ".env").write_text(f"MATRIXJOBS_API_TOKEN={SECRET_VALUE}\n")
+    mine.parent.mkdir(parents=True, exist_ok=True)
     mine.write_text("the job's own")
     if place.who == "nobody":
-        for path in [*state.rglob("*"), directory / ".env", mine]:
+        for path in [*state.rglob("*"), directory / ".env"]:
             os.chown(path, nobody_uid(), -1)
     service = start(place, config)
     try:
@@ -295,9 +306,10 @@ def test_a_job_cannot_read_the_services_secrets(place, layout):
         lines = log_lines(port, headers_token, submitted["id"])
     finally:
         service.stop()
-    assert f"READ {mine}" in lines, lines
+    assert f"READ {mine} {identity(mine)}" in lines, lines  # the job's own, as it is
     for secret in secrets:
-        assert f"HIDDEN {secret}" in lines, lines
+        assert secret.exists(), secret  # (and so the job's view of it means something)
+        assert f"READ {secret} {identity(secret)}" not in lines, lines
     assert "HIDDEN environ" in lines, lines
 
 

@@ -246,10 +246,8 @@ def check_containment(report: Report, config: Config) -> None:
         report.ok(key, how)
     for problem in unenforceable(config, runner):
         report.fail("limits", f"{problem}: the service will not start")
-    for name, directory in shared_state(config):
-        report.warn("containment", f"targets.{name} runs in {directory}, which holds the "
-                    "store: its jobs see every file there but the store's and the keys; "
-                    "put the store in a directory of its own ([store] path)")
+    for line in shared_state(config, runner):
+        report.warn("containment", line)
 
 
 def check_api(report: Report, config: Config) -> None:

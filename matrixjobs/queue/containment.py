@@ -8,7 +8,7 @@ from pathlib import Path
 from matrixjobs.config import Config
 from matrixjobs.errors import ConfigError
 from matrixjobs.queue.runner import GroupRunner, Runner
-from matrixjobs.queue.sandbox import sandbox_runner
+from matrixjobs.queue.sandbox import SandboxRunner, sandbox_runner
 
 log = logging.getLogger(__name__)
 
@@ -56,13 +56,20 @@ def describe(runner: Runner) -> list[tuple[str, str]]:
             for name, how in runner.enforcement.limits.items()]
 
 
-def shared_state(config: Config) -> list[tuple[str, Path]]:
-    """Command targets that run where the store is: the sandbox cannot hide that directory
-    from them, only the store's and the keys' files in it."""
-    state = config.store.path.parent.resolve()
+def shared_state(config: Config, runner: Runner) -> list[str]:
+    """Why the store's directory is not hidden whole from some targets' jobs (only the
+    store's and the keys' files in it are): said at start and by doctor."""
+    if not isinstance(runner, SandboxRunner):
+        return []  # nothing is hidden at all, and that is said louder elsewhere
+    state = runner.state
     found = []
     for name, target in sorted(config.targets.items()):
         cwd = (target.cwd or Path.cwd()).resolve()
-        if target.command is not None and (cwd == state or state in cwd.parents):
-            found.append((name, cwd))
+        if target.command is None or runner.state_hidden_whole(cwd):
+            continue
+        why = (f"runs in {cwd}, inside the store's directory"
+               if cwd == state or state in cwd.parents
+               else f"runs beside {state}, which holds more than the store")
+        found.append(f"targets.{name} {why}: its jobs see the files there but the store's "
+                     "and the keys'; give the store a directory of its own ([store] path)")
     return found

@@ -25,7 +25,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from matrixjobs.config import Config, LimitsConfig, UnixAddress
+from matrixjobs.config import Config, LimitsConfig, PrivatePaths, UnixAddress
 from matrixjobs.queue.cgroups import Cgroups, JobCgroup, detect
 from matrixjobs.queue.runner import (
     EXIT_POLL_S,
@@ -96,6 +96,10 @@ def job_tasks(pid: int) -> list[int]:
                 found += children
                 todo += children
     return found
+
+
+def _holds(directory: Path, path: Path) -> bool:
+    return directory == path or directory in path.parents
 
 
 def thread_count(pids: list[int]) -> int:
@@ -200,14 +204,14 @@ class SandboxProcess(JobProcess):
 
 
 class SandboxRunner:
-    def __init__(self, bwrap: str, network: bool, private_dirs: list[Path],
-                 private_files: list[Path], cgroups: Cgroups | None,
-                 api_socket: Path | None = None) -> None:
+    def __init__(self, bwrap: str, network: bool, private: PrivatePaths,
+                 cgroups: Cgroups | None, api_socket: Path | None = None) -> None:
         self.bwrap = bwrap
         # A unix socket is a file, not the network: a network namespace does not hide it.
         self.api_socket = api_socket
-        self.private_dirs = [p.resolve() for p in private_dirs]
-        self.private_files = [p.resolve() for p in private_files]
+        self.state = private.state.resolve()
+        self.private_dirs = [p.resolve() for p in private.dirs]
+        self.private_files = [p.resolve() for p in private.files]
         self.cgroups = cgroups
         self.root = os.geteuid() == 0
         per_process = "per process, not per job"
@@ -259,16 +263,27 @@ class SandboxRunner:
 
     def _hide(self, cwd: Path) -> list[str]:
         ops: list[str] = []
-        hidden: list[Path] = []
-        for directory in self.private_dirs:
-            if directory == cwd or directory in cwd.parents or not directory.is_dir():
-                continue  # the job's own files are there: hide the secret files one by one
+        hidden = [d for d in self.private_dirs if d.is_dir() and not _holds(d, cwd)]
+        if self.state_hidden_whole(cwd):
+            hidden.insert(0, self.state)
+        for directory in hidden:
             ops += ["--tmpfs", str(directory)]
-            hidden.append(directory)
         for file in self.private_files:
             if file.is_file() and not any(d in file.parents for d in hidden):
                 ops += ["--ro-bind", "/dev/null", str(file)]
         return ops
+
+    def state_hidden_whole(self, cwd: Path) -> bool:
+        """The store's directory is hidden whole unless the job runs inside it or it holds
+        more than the service's own files (a home directory, /var/lib): then the secret
+        files in it are masked one by one."""
+        if not self.state.is_dir() or _holds(self.state, cwd):
+            return False
+        ours = {*self.private_dirs, *self.private_files}
+        try:
+            return all(entry.resolve() in ours for entry in self.state.iterdir())
+        except OSError:
+            return False
 
     def _cgroup(self, launch: Launch) -> JobCgroup | None:
         limits = launch.limits
@@ -302,10 +317,9 @@ def sandbox_runner(config: Config,
     if problem is not None:
         return None, f"bubblewrap cannot start a sandbox here: {problem}"
     network = probe(bwrap, network=False) is None
-    dirs, files = config.private_paths()
     cgroups = detect(enable=enable_cgroups)
     if cgroups is not None and enable_cgroups:
         cgroups.sweep()
     address = config.api.address
     socket = address.path if config.api.enabled and isinstance(address, UnixAddress) else None
-    return SandboxRunner(bwrap, network, dirs, files, cgroups, socket), ""
+    return SandboxRunner(bwrap, network, config.private_paths(), cgroups, socket), ""
