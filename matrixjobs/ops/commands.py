@@ -1,4 +1,4 @@
-"""The `init`, `doctor` and `migrate-store` subcommands."""
+"""The `init`, `doctor`, `migrate-store` and `backup` subcommands."""
 
 from __future__ import annotations
 
@@ -12,12 +12,13 @@ from typing import Any
 from matrixjobs.config import load_config
 from matrixjobs.errors import ConfigError
 from matrixjobs.exitcodes import EXIT_FAILED, EXIT_OK, EXIT_USAGE
-from matrixjobs.ops import init, migrate
+from matrixjobs.ops import backup, init, migrate
 from matrixjobs.ops.doctor import doctor
+from matrixjobs.ops.store_probe import StoreProblem
 
 
 def add_ops_commands(commands: Any) -> None:
-    """Register `init`, `doctor` and `migrate-store` on the CLI's subparsers."""
+    """Register `init`, `doctor`, `migrate-store` and `backup` on the CLI's subparsers."""
     default_config = os.environ.get("MATRIXJOBS_CONFIG", "config.toml")
 
     parser = commands.add_parser(
@@ -74,6 +75,19 @@ def add_ops_commands(commands: Any) -> None:
                              "is allowed and never printed, but lands in your shell history")
     parser.set_defaults(handler=cmd_migrate_store)
 
+    parser = commands.add_parser(
+        "backup", help="copy the live SQLite store to a file, consistent and checked",
+        description="Copy the SQLite store with SQLite's online backup API while the service "
+                    "runs (no stop needed), write the copy readable by you only (0600), run "
+                    "SQLite's integrity check on it and say what it holds. The copy holds "
+                    "the bot's access token: keep it as private as the env file. For a "
+                    "PostgreSQL store, print the pg_dump command instead.")
+    parser.add_argument("--config", type=Path, default=Path(default_config),
+                        help="TOML config file (names the store)")
+    parser.add_argument("--to", type=Path, required=True, metavar="FILE",
+                        help="where the copy goes (must not exist yet)")
+    parser.set_defaults(handler=cmd_backup)
+
 
 def cmd_doctor(args: argparse.Namespace) -> int:
     report = doctor(args.config)
@@ -97,6 +111,26 @@ def cmd_migrate_store(args: argparse.Namespace) -> int:
         print(f"error: {exc}; nothing was copied", file=sys.stderr)
         return EXIT_FAILED
     migrate.report(migration, config, sys.stdout)
+    return EXIT_OK
+
+
+def cmd_backup(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    if config.store.backend == "postgresql":
+        print("the store is in PostgreSQL; back it up with pg_dump (the password from "
+              "~/.pgpass or PGPASSWORD):\n  " + backup.pg_dump_command(config, args.to))
+        return EXIT_OK
+    try:
+        summary = backup.backup_sqlite(config.store.path, args.to)
+    except StoreProblem as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"backed up {config.store.path} to {args.to}: {backup.describe(summary)} "
+          "(integrity check: ok)")
     return EXIT_OK
 
 

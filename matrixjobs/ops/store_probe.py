@@ -47,7 +47,11 @@ def probe(path: Path) -> StoreState:
     if not os.access(path, os.R_OK | os.W_OK):
         raise StoreProblem(f"{path} is not readable and writable by this user")
     try:
-        with contextlib.closing(_connect_read_only(path)) as db:
+        with contextlib.closing(connect_read_only(path)) as db:
+            damage = quick_check(db)
+            if damage != ["ok"]:
+                raise StoreProblem(f"{path} is damaged (SQLite's quick_check: "
+                                   f"{first_problems(damage)}); restore it from a backup")
             version = int(db.execute("PRAGMA user_version").fetchone()[0])
             settings: dict[str, str] = {}
             if version >= 1:
@@ -61,6 +65,26 @@ def probe(path: Path) -> StoreState:
                            f"understands ({SCHEMA_VERSION}); upgrade matrixjobs")
     return StoreState(True, version, settings.get(SETTING_USER),
                       settings.get(SETTING_TOKEN) or None, holder)
+
+
+def quick_check(db: sqlite3.Connection) -> list[str]:
+    """SQLite's quick_check: ["ok"], or the problems it found (it may stop on the worst)."""
+    found: list[str] = []
+    try:
+        for (row,) in db.execute("PRAGMA quick_check"):
+            found.append(row)
+    except sqlite3.DatabaseError as exc:
+        if "not a database" in str(exc):
+            raise  # not damaged: not a store at all
+        found.append(str(exc))
+    return found
+
+
+def first_problems(rows: list[str], count: int = 2) -> str:
+    """The first problems an integrity or quick check names, one line for a person."""
+    lines = [line for row in rows for line in row.splitlines() if not line.startswith("***")]
+    more = f" (and {len(lines) - count} more)" if len(lines) > count else ""
+    return "; ".join(lines[:count]) + more
 
 
 def _check_directory(directory: Path) -> None:
@@ -82,7 +106,8 @@ def _check_directory(directory: Path) -> None:
         raise StoreProblem(f"cannot write in {existing}: {exc.strerror or exc}") from None
 
 
-def _connect_read_only(path: Path) -> sqlite3.Connection:
+def connect_read_only(path: Path) -> sqlite3.Connection:
+    """A connection that can neither change the store nor take the service's lock."""
     # A read-only connection to a WAL database creates -wal/-shm files it cannot remove.
     # They exist while a service has the store open; when they do not, nobody is writing
     # and the file can be read as immutable, without them.
