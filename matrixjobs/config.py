@@ -223,6 +223,9 @@ class StoreConfig(Section):
     path: Path = Path("matrixjobs.db")
     # FULL fsyncs every commit: a finished job survives power loss, not only a crash.
     synchronous: Literal["full", "normal"] = "full"
+    # At start, how long to wait for another process's write lock on the SQLite store (a
+    # sqlite3 shell in a transaction, a backup tool) before giving up.
+    lock_wait_s: Float = Field(default=30.0, ge=0)
     retention_days: Float = Field(default=7.0, gt=0)
     # PostgreSQL without its password: the file is shareable. MATRIXJOBS_DATABASE_URL (the
     # whole URL, password included) wins over it.

@@ -90,6 +90,10 @@ def check_store(report: Report, path: Path) -> StoreState | None:
         return None
     running = (f"; open in the running service (pid {state.holder_pid})"
                if state.holder_pid else "")
+    if state.writer_pid is not None and state.writer_pid != state.holder_pid:
+        report.warn("store", f"{path} is locked by another process (pid {state.writer_pid}) "
+                             "in a write transaction: the service waits for it at start "
+                             "([store] lock_wait_s) and cannot save anything meanwhile")
     if not state.exists:
         report.ok("store", f"{path} does not exist yet; the service creates it at start")
     elif state.schema_version == SCHEMA_VERSION:

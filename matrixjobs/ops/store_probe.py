@@ -18,6 +18,8 @@ from matrixjobs.matrix.bot import SETTING_TOKEN, SETTING_USER
 from matrixjobs.store.sqlite import MIGRATIONS
 
 SCHEMA_VERSION = len(MIGRATIONS)
+# The byte of a WAL store's -shm file that its writer locks (SQLite's wal.c).
+WAL_WRITE_LOCK = 120
 
 
 class StoreProblem(Exception):
@@ -31,6 +33,7 @@ class StoreState:
     saved_user: str | None = None
     saved_token: str | None = None
     holder_pid: int | None = None  # the process holding the service's lock
+    writer_pid: int | None = None  # a process holding SQLite's write lock now
 
 
 def probe(path: Path) -> StoreState:
@@ -64,7 +67,7 @@ def probe(path: Path) -> StoreState:
         raise StoreProblem(f"{path}: schema version {version} is newer than this matrixjobs "
                            f"understands ({SCHEMA_VERSION}); upgrade matrixjobs")
     return StoreState(True, version, settings.get(SETTING_USER),
-                      settings.get(SETTING_TOKEN) or None, holder)
+                      settings.get(SETTING_TOKEN) or None, holder, write_lock_holder(path))
 
 
 def quick_check(db: sqlite3.Connection) -> list[str]:
@@ -131,6 +134,23 @@ def _lock_holder(path: Path) -> int | None:
     # "3: FLOCK  ADVISORY  WRITE 27162 fe:00:2163475 0 EOF": kind, ..., pid, dev:inode
     for fields in (row.split() for row in table.splitlines()):
         if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5].endswith(f":{inode}"):
+            with contextlib.suppress(ValueError):
+                return int(fields[4])
+    return None
+
+
+def write_lock_holder(path: Path) -> int | None:
+    """The pid holding SQLite's write lock on a WAL store (a POSIX lock on byte 120 of its
+    -shm file: WAL_WRITE_LOCK), read from /proc/locks without touching the lock."""
+    try:
+        inode = path.with_name(path.name + "-shm").stat().st_ino
+        table = Path("/proc/locks").read_text(encoding="ascii")
+    except OSError:
+        return None
+    # "1: POSIX  ADVISORY  WRITE 2144 fe:00:15343737 120 120"
+    for fields in (row.split() for row in table.splitlines()):
+        if (len(fields) >= 8 and fields[1] == "POSIX" and fields[3] == "WRITE"
+                and fields[5].endswith(f":{inode}") and fields[6] == str(WAL_WRITE_LOCK)):
             with contextlib.suppress(ValueError):
                 return int(fields[4])
     return None

@@ -11,7 +11,8 @@ __all__ = ["BatchCancel", "Cycle", "Recovery", "SqliteStore", "Store", "create_s
 
 def create_store(config: StoreConfig) -> Store:
     if config.backend == "sqlite":
-        return SqliteStore(config.path, synchronous=config.synchronous)
+        return SqliteStore(config.path, synchronous=config.synchronous,
+                           lock_wait_s=config.lock_wait_s)
     # Imported here: psycopg is loaded only by those who use it.
     from matrixjobs.store.postgres import PostgresStore
 

@@ -11,8 +11,10 @@ import asyncio
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import sqlite3
+import time
 from collections.abc import AsyncIterator, Iterable, Sequence
 from pathlib import Path
 from typing import IO, Any
@@ -157,16 +159,24 @@ MIGRATIONS: list[str] = [
     """,
 ]
 
+log = logging.getLogger(__name__)
+
 MIN_SQLITE = (3, 35, 0)
+BUSY_TIMEOUT_MS = 5000
+# At start, how long one try for the write lock waits (so the wait is said at once).
+LOCK_POLL_MS = 250
+DEFAULT_LOCK_WAIT_S = 30.0
 CANCELLED_BATCH = "coalesce(batch_id IN (SELECT id FROM batches WHERE cancel_requested = 1), 0)"
 # Rows per multi-row statement: well under SQLite's 32766 bound variables.
 ROWS_PER_STATEMENT = 500
 
 
 class SqliteStore(Store):
-    def __init__(self, path: Path, synchronous: str = "full") -> None:
+    def __init__(self, path: Path, synchronous: str = "full",
+                 lock_wait_s: float = DEFAULT_LOCK_WAIT_S) -> None:
         self.path = Path(path)
         self.synchronous = synchronous
+        self.lock_wait_s = lock_wait_s
         self._db: aiosqlite.Connection | None = None
         self._lock_file: IO[str] | None = None
         self._lock = asyncio.Lock()
@@ -188,7 +198,8 @@ class SqliteStore(Store):
         try:
             self._make_private()
             self._db = await aiosqlite.connect(self.path, isolation_level=None, timeout=5.0)
-            await self._db.execute("PRAGMA busy_timeout = 5000")
+            await self._wait_writable()
+            await self._db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
             mode = await self._scalar("PRAGMA journal_mode = WAL")
             if mode != "wal":
                 raise StoreError(f"{self.path}: cannot switch to WAL mode (got {mode})")
@@ -201,6 +212,32 @@ class SqliteStore(Store):
         except StoreError:
             await self.close()
             raise
+
+    async def _wait_writable(self) -> None:
+        """Another process may hold the store's write lock (a `sqlite3` shell in a
+        transaction, a backup tool): wait up to `lock_wait_s`, saying so once, then give up
+        in one line. Without this the first write at start failed after the busy timeout."""
+        deadline = time.monotonic() + self.lock_wait_s
+        waiting = False
+        await self.db.execute(f"PRAGMA busy_timeout = {LOCK_POLL_MS}")
+        while True:
+            try:
+                await self.db.execute("BEGIN IMMEDIATE")
+                await self.db.execute("ROLLBACK")
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) and "busy" not in str(exc):
+                    raise
+            else:
+                if waiting:
+                    log.info("store %s is free again", self.path)
+                return
+            if time.monotonic() >= deadline:
+                raise StoreError(f"store {self.path} is locked by another process (waited "
+                                 f"{self.lock_wait_s:g} s; [store] lock_wait_s)")
+            if not waiting:
+                log.warning("store %s locked by another process, waiting up to %g s",
+                            self.path, self.lock_wait_s)
+                waiting = True
 
     def _make_private(self) -> None:
         """The store holds the bot's access token: create it 0600 (SQLite gives its -wal
