@@ -9,11 +9,14 @@ they never reach into the store or queue themselves.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+import shutil
 import socket
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
+from pathlib import Path
 from types import TracebackType
 from typing import Protocol
 
@@ -25,6 +28,7 @@ from matrixjobs.errors import (
     BadArgumentsError,
     MatrixJobsError,
     NotFoundError,
+    StoreUnavailableError,
     TargetGoneError,
     UnknownTargetError,
     echo,
@@ -51,6 +55,7 @@ from matrixjobs.queue.joblog import JobLogs, tail
 from matrixjobs.queue.queue import JobQueue
 from matrixjobs.queue.remote import RemoteFeed
 from matrixjobs.store import Store, create_store, describe_store
+from matrixjobs.store.health import RETRY_AFTER_S, StoreFault, StoreHealth
 from matrixjobs.supervisor import Supervisor
 from matrixjobs.targets import COMMAND_TYPE, Targets
 
@@ -68,6 +73,9 @@ SETTLE_RECHECK_S = 0.01
 WORKERS_CACHE_S = 2.0
 # How much of a log cut meanwhile a follower of another process's job sees again.
 REFOLLOW_CHARS = 4096
+# How often the store is probed for writes (a fault shows, and its end, within two of these).
+STORE_PROBE_S = 5.0
+PROBE_SETTING = "health.probe"
 # How often a process that shares its store saves its jobs' logs, for followers elsewhere.
 LOG_SAVE_S = 2.0
 
@@ -103,8 +111,9 @@ class App:
         self.metrics = Metrics(self.targets.names())
         self.monitor = ProgressMonitor(config.progress.interval_ms, observers=[self.metrics])
         self.job_logs = JobLogs(config.logs.max_bytes, redact)
+        self.health = StoreHealth()
         self.queue = JobQueue(self.store, self.monitor, self.handlers, config.queue,
-                              self.job_logs, config.worker)
+                              self.job_logs, config.worker, health=self.health)
         # Only nodes with interfaces show other processes' jobs; a worker has no one to tell.
         self.remote = (RemoteFeed(self.store, self.monitor, self.queue)
                        if self.store.shared and role == "run" else None)
@@ -133,6 +142,7 @@ class App:
         self._supervisor.every("lease-heartbeat", self.config.queue.lease_s / 3,
                                self.queue.heartbeat)
         self._supervisor.every("retention", RETENTION_SWEEP_S, self.purge)
+        self._supervisor.every("store-probe", STORE_PROBE_S, self._probe_store)
         listen = self.store.listen(self._announced, self._missed_news)
         if listen is not None:
             self._supervisor.keep("listener", listen)
@@ -268,17 +278,58 @@ class App:
 
     async def _enqueue(self, specs: Sequence[JobSpec], dedupe_key: str | None,
                        show: ProgressMessage | None) -> list[Job]:
-        jobs = await self.queue.enqueue_many(specs, dedupe_key, show)
+        with self._storing():
+            jobs = await self.queue.enqueue_many(specs, dedupe_key, show)
         if self.remote is not None:
             self.remote.follow(jobs)  # another process may run them
         return jobs
 
     async def _enqueue_batch(self, name: str, specs: Sequence[JobSpec], dedupe_key: str | None,
                              show: ProgressMessage | None) -> Batch:
-        batch, jobs = await self.queue.enqueue_batch(name, specs, dedupe_key, show)
+        with self._storing():
+            batch, jobs = await self.queue.enqueue_batch(name, specs, dedupe_key, show)
         if self.remote is not None:
             self.remote.follow(jobs)
         return batch
+
+    @contextlib.contextmanager
+    def _storing(self) -> Iterator[None]:
+        """New work goes to the store only while it takes writes; a write that fails with a
+        store fault says so (StoreUnavailableError), never as an internal error."""
+        if not self.health.up:
+            raise StoreUnavailableError(self._unavailable())
+        try:
+            yield
+        except MatrixJobsError:
+            raise
+        except Exception as exc:
+            if self.health.failed(exc) is None:
+                raise
+            raise StoreUnavailableError(self._unavailable()) from None
+
+    def _unavailable(self) -> str:
+        return (f"{self.health.reason}: new jobs are refused until it recovers; "
+                f"try again in {RETRY_AFTER_S} s")
+
+    async def _probe_store(self) -> None:
+        """Whether the store takes writes: the free space where a SQLite store is, then a
+        small real write. Only this clears a fault (a write elsewhere may succeed while
+        the disk stays below the floor)."""
+        store = self.config.store
+        if store.backend == "sqlite":
+            free = await asyncio.to_thread(_free_bytes, store.path.parent)
+            floor = store.min_free_mb * 1024**2
+            if free is not None and free < floor:
+                self.health.down(StoreFault.DISK_FULL, f"{free / 1024**2:.0f} MiB free, below "
+                                 f"[store] min_free_mb = {store.min_free_mb:g}")
+                return
+        try:
+            await self.store.set_setting(PROBE_SETTING, f"{time.time():.3f}")
+        except Exception as exc:
+            if self.health.failed(exc) is None:
+                raise  # not the store's fault: the supervisor logs it
+            return
+        self.health.worked()
 
     async def submit_batch(
         self, targets: Sequence[str], name: str | None = None, dedupe_key: str | None = None,
@@ -477,11 +528,19 @@ class App:
 
     async def scrape_metrics(self) -> CollectorRegistry:
         """The metrics, with the gauges read now."""
+        try:
+            jobs = await self.store.count_jobs()
+        except Exception as exc:
+            if self.health.failed(exc) is None:
+                raise
+            jobs = None  # a store in trouble is what the metrics must show, not hide
         self.metrics.set_gauges(
-            jobs=await self.store.count_jobs(),
+            jobs=jobs,
             # This process's job slots: each process of a fleet is scraped on its own.
             workers=self.config.queue.workers,
             subscribers=self.monitor.subscriber_count,
+            store_up=self.health.up,
+            store_errors={str(kind): count for kind, count in self.health.errors.items()},
         )
         return self.metrics.registry
 
@@ -490,6 +549,13 @@ class App:
         """Where a room shows this job's or batch's progress, once that message was sent."""
         message = await self.store.get_message(_canonical(subject))
         return message if message is not None and message.event_id is not None else None
+
+
+def _free_bytes(directory: Path) -> int | None:
+    try:
+        return shutil.disk_usage(directory).free
+    except OSError:
+        return None  # the write probe tells what is wrong
 
 
 def _job_id(subject: str) -> str:

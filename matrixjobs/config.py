@@ -226,6 +226,9 @@ class StoreConfig(Section):
     # At start, how long to wait for another process's write lock on the SQLite store (a
     # sqlite3 shell in a transaction, a backup tool) before giving up.
     lock_wait_s: Float = Field(default=30.0, ge=0)
+    # SQLite: below this much free space where the store is, new jobs are refused and job
+    # logs are kept only in part, before the disk is actually full.
+    min_free_mb: Float = Field(default=100.0, ge=0)
     retention_days: Float = Field(default=7.0, gt=0)
     # PostgreSQL without its password: the file is shareable. MATRIXJOBS_DATABASE_URL (the
     # whole URL, password included) wins over it.

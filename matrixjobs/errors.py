@@ -87,3 +87,8 @@ class AlreadySubmittedError(MatrixJobsError):
 
 class ShuttingDownError(MatrixJobsError):
     """The service is stopping and takes no new work."""
+
+
+class StoreUnavailableError(MatrixJobsError):
+    """The store cannot take writes now (disk full, locked, unreachable): try again later.
+    The message says why ("store: disk full")."""

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from matrixjobs.models import Job, Status
@@ -109,10 +109,15 @@ class Metrics:
 
     # -- read when scraped ---------------------------------------------------------------------
 
-    def set_gauges(self, jobs: Mapping[Status, int], workers: int, subscribers: int) -> None:
-        self._gauges.jobs = {status: jobs.get(status, 0) for status in Status}
+    def set_gauges(self, jobs: Mapping[Status, int] | None, workers: int, subscribers: int,
+                   store_up: bool, store_errors: Mapping[str, int]) -> None:
+        """`jobs` None: the store could not count them; the last counts stay."""
+        if jobs is not None:
+            self._gauges.jobs = {status: jobs.get(status, 0) for status in Status}
         self._gauges.workers = workers
         self._gauges.subscribers = subscribers
+        self._gauges.store_up = store_up
+        self._gauges.store_errors = dict(store_errors)
 
 
 class ScrapedGauges(Collector):
@@ -127,6 +132,8 @@ class ScrapedGauges(Collector):
         self.jobs: dict[Status, int] = dict.fromkeys(Status, 0)
         self.workers = 0
         self.subscribers = 0
+        self.store_up = True
+        self.store_errors: dict[str, int] = {}
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         jobs = GaugeMetricFamily("matrixjobs_jobs", "Jobs in the store, by state.",
@@ -140,3 +147,13 @@ class ScrapedGauges(Collector):
             "matrixjobs_stream_subscribers",
             "Live subscriptions to progress events (streams, watches, the Matrix bot).",
             value=self.subscribers)
+        yield GaugeMetricFamily(
+            "matrixjobs_store_up", "1 while the store takes writes, 0 while it cannot "
+            "(disk full, locked, unreachable): /healthz then answers 503.",
+            value=int(self.store_up))
+        errors = CounterMetricFamily(
+            "matrixjobs_store_errors", "Store operations that failed, by kind of fault.",
+            labels=["kind"])
+        for kind, count in self.store_errors.items():
+            errors.add_metric([kind], count)
+        yield errors

@@ -7,8 +7,10 @@ import socket
 import sys
 import textwrap
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable
+from email.message import Message
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +68,20 @@ def api(port: int, method: str, path: str, body: dict[str, Any] | None = None) -
     )
     with urllib.request.urlopen(request, timeout=30) as response:
         return json.loads(response.read())
+
+
+def answer(port: int, method: str, path: str,
+           body: dict[str, Any] | None = None) -> tuple[int, Message, Any]:
+    """(status, headers (any case), JSON body) of an API request, whatever the status."""
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}{path}", method=method,
+        data=None if body is None else json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, response.headers, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.headers, json.loads(exc.read())
 
 
 def wait_for(check: Callable[[], Any], timeout: float, what: str) -> Any:

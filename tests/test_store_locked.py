@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
+from fleet import answer as request
+from fleet import free_port, wait_for
 from service_process import Service
 
 from matrixjobs.ops.doctor import doctor
@@ -102,3 +104,30 @@ def test_doctor_names_the_process_that_holds_the_store_locked(tmp_path):
     assert locked[0].text.startswith(f"{db} is locked by another process (pid {os.getpid()})")
     assert not [f for f in doctor(tmp_path / "config.toml", environ={},
                                   out=io.StringIO()).findings if "locked" in f.text]
+
+
+@pytest.mark.timeout(90)
+def test_a_store_locked_while_running_is_busy_not_broken(tmp_path):
+    """Writes wait out SQLite's busy timeout (5 s), then answer 503 store_unavailable with
+    Retry-After, never 500; /healthz says degraded, then ok once the lock is gone."""
+    db = make_store(tmp_path)
+    port = free_port()
+    config = write_config(tmp_path, 30).read_text().replace(
+        'listen = "127.0.0.1:0"', f'listen = "127.0.0.1:{port}"')
+    (tmp_path / "config.toml").write_text(config)
+    service = Service(tmp_path, tmp_path / "config.toml")
+    service.wait_until_started()
+    try:
+        holder = hold_write_lock(db, 9.0)
+        code, headers, refused = request(port, "POST", "/v1/jobs", {"target": "t"})
+        assert (code, refused["error"]["code"]) == (503, "store_unavailable"), refused
+        assert refused["error"]["message"].startswith("store: locked")
+        assert headers["Retry-After"] == "10"
+        code, _, health = request(port, "GET", "/healthz")
+        assert (code, health["status"], health["reason"]) == (503, "degraded", "store: locked")
+        holder.join()
+        wait_for(lambda: request(port, "GET", "/healthz")[0] == 200, 10, "healthy again")
+        assert request(port, "POST", "/v1/jobs", {"target": "t"})[0] == 201
+    finally:
+        service.stop()
+    assert "Traceback" not in service.log

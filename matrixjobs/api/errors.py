@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -16,13 +17,18 @@ from matrixjobs.errors import (
     BadBatchError,
     MatrixJobsError,
     NotFoundError,
+    StoreUnavailableError,
     UnknownTargetError,
 )
+from matrixjobs.store.health import RETRY_AFTER_S, classify
 
 log = logging.getLogger(__name__)
 
+STORE_UNAVAILABLE = "store_unavailable"
+
 # The core's errors and how they travel: (HTTP status, error code). Checked in order.
 CORE_ERRORS: tuple[tuple[type[MatrixJobsError], int, str], ...] = (
+    (StoreUnavailableError, 503, STORE_UNAVAILABLE),
     (NotFoundError, 404, "not_found"),
     (UnknownTargetError, 404, "unknown_target"),
     (BadArgumentsError, 422, "bad_arguments"),
@@ -54,10 +60,16 @@ class ApiError(Exception):
 
 
 def error_response(
-    status: int, code: str, message: str, headers: dict[str, str] | None = None
+    status: int, code: str, message: str, headers: dict[str, str] | None = None,
+    request_id: str | None = None,
 ) -> Response:
-    body = json.dumps({"error": {"code": code, "message": message}})
-    return Response(body, status, headers=headers, media_type="application/json")
+    error: dict[str, str] = {"code": code, "message": message}
+    if request_id is not None:
+        error["requestId"] = request_id
+    if code == STORE_UNAVAILABLE:
+        headers = {**(headers or {}), "Retry-After": str(RETRY_AFTER_S)}
+    return Response(json.dumps({"error": error}), status, headers=headers,
+                    media_type="application/json")
 
 
 def from_core(exc: MatrixJobsError) -> ApiError:
@@ -90,5 +102,15 @@ async def on_http_error(request: Request, exc: Exception) -> Response:
 
 
 async def on_unexpected_error(request: Request, exc: Exception) -> Response:
-    log.error("API %s %s failed", request.method, request.url.path, exc_info=exc)
-    return error_response(500, "internal", "internal error; see the service log")
+    """A store that is busy, full or unreachable is no bug: 503, try again. Anything else
+    is one: 500, its traceback logged once under an id the answer names."""
+    fault = classify(exc)
+    if fault is not None:
+        return error_response(503, STORE_UNAVAILABLE,
+                              f"store: {fault}; try again in {RETRY_AFTER_S} s")
+    request_id = secrets.token_hex(6)
+    log.error("API %s %s failed [request %s]", request.method, request.url.path, request_id,
+              exc_info=exc)
+    return error_response(500, "internal",
+                          f"internal error; see the service log for request {request_id}",
+                          request_id=request_id)

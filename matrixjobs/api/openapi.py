@@ -112,13 +112,15 @@ SUBMIT_ERRORS = {
     404: error("an unknown target", 404),
     413: error(f"a body over {MAX_BODY_BYTES} bytes", 413),
     422: error("arguments the target does not allow, or an empty or oversized batch", 422),
-    503: error("the service is shutting down", 503),
+    503: error("the service is shutting down, or the store cannot take new work now "
+               "(store_unavailable, with Retry-After)", 503),
 }
 CANCEL_ERRORS = {404: NOT_FOUND, 409: error("it had already finished", 409)}
 RERUN_ERRORS = {
     404: error("no such job or batch, or its target is no longer configured", 404),
     422: error("its arguments (or operations) are no longer allowed", 422),
-    503: error("the service is shutting down", 503),
+    503: error("the service is shutting down, or the store cannot take new work now "
+               "(store_unavailable, with Retry-After)", 503),
 }
 RERUN = ("The same target and arguments again (for a batch: the same operations), checked "
          "against the current targets; no body. Finished or running work alike.")
@@ -128,7 +130,8 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         "Whether the service takes work", public=True,
         description="For probes: no token needed, and it tells nothing but this.",
         responses={200: answer("it takes work", HEALTH),
-                   503: answer("it is stopping", HEALTH)}),
+                   503: answer("it is stopping, or degraded: the store cannot take writes",
+                               HEALTH)}),
     ("GET", "/metrics"): Operation(
         "Prometheus metrics (text format 0.0.4)",
         description="What each metric means: deploy/README.md, section 12.",
@@ -291,7 +294,12 @@ def _schemas() -> dict[str, Any]:
         **generated["$defs"],
         "Error": {"type": "object", "required": ["error"], "properties": {"error": {
             "type": "object", "required": ["code", "message"],
-            "properties": {"code": {"type": "string"}, "message": {"type": "string"}}}}},
+            "properties": {"code": {"type": "string"}, "message": {"type": "string"},
+                           "requestId": {"type": "string", "description": "with a 500: "
+                                         "the id the service logged its traceback under"}}}}},
         "Health": {"type": "object", "required": ["status", "version"], "properties": {
-            "status": {"enum": ["ok", "stopping"]}, "version": {"type": "string"}}},
+            "status": {"enum": ["ok", "stopping", "degraded"]},
+            "reason": {"type": "string", "description": "why it is degraded, like "
+                       "\"store: disk full\", \"store: locked\", \"store: unreachable\""},
+            "version": {"type": "string"}}},
     }

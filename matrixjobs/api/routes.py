@@ -84,11 +84,17 @@ class Endpoints:
 
     async def healthz(self, request: Request) -> Response:
         """Open to anyone who reaches the port (probes hold no token): nothing but whether
-        the service takes work, and its version. 503 while stopping, so a load balancer
-        sends new work elsewhere."""
-        if self.app.accepting:
-            return json_response(json.dumps({"status": "ok", "version": __version__}))
-        return json_response(json.dumps({"status": "stopping", "version": __version__}), 503)
+        the service takes work, and its version. 503 while stopping, or while the store
+        cannot take writes ("degraded", with the reason), so a load balancer sends new
+        work elsewhere and an alert fires."""
+        if not self.app.accepting:
+            return json_response(json.dumps({"status": "stopping", "version": __version__}),
+                                 503)
+        health = self.app.health
+        if not health.up:
+            return json_response(json.dumps({"status": "degraded", "reason": health.reason,
+                                             "version": __version__}), 503)
+        return json_response(json.dumps({"status": "ok", "version": __version__}))
 
     async def metrics(self, request: Request) -> Response:
         """Prometheus text format 0.0.4, whatever the scraper asks for: in OpenMetrics the

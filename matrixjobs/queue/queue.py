@@ -60,8 +60,9 @@ from matrixjobs.progress.events import clean_progress
 from matrixjobs.progress.monitor import ProgressMonitor
 from matrixjobs.progress.reporter import ProgressReporter
 from matrixjobs.queue.handlers import HandlerRegistry
-from matrixjobs.queue.joblog import JobLogs, RunLog
+from matrixjobs.queue.joblog import JobLogs, RunLog, tail
 from matrixjobs.store.base import BatchCancel, Recovery, Store
+from matrixjobs.store.health import StoreFault, StoreHealth
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,9 @@ PREFETCH_WINDOW_S = 0.02
 PREFETCH_MAX_JOBS = 500
 MAX_BACKOFF_S = 3600.0
 STORE_RETRY_S = 1.0
+# While the disk is almost full, what is kept of each finished job's log.
+LOW_SPACE_LINES = 200
+LOW_SPACE_BYTES = 16 * 1024
 # How often a cancel waiting for a job that runs on another process looks at the store
 # (a settle announced by that process ends the wait sooner).
 SETTLE_POLL_S = 0.5
@@ -105,8 +109,10 @@ class JobQueue:
         logs: JobLogs,
         worker: WorkerConfig | None = None,
         clock: Callable[[], float] = time.time,
+        health: StoreHealth | None = None,
     ) -> None:
         self.store = store
+        self.health = health or StoreHealth(clock)
         self.worker = worker or WorkerConfig()
         self.monitor = monitor
         self.handlers = handlers
@@ -301,7 +307,8 @@ class JobQueue:
                 if self._closing:
                     return
                 await self._idle()
-            except Exception:
+            except Exception as exc:
+                self.health.failed(exc)
                 if self._closing:
                     # Uncommitted outcomes leave their jobs `processing`: the next
                     # start recovers them, so stopping must not wait on a broken store.
@@ -473,6 +480,8 @@ class JobQueue:
             # reads "it runs again".
             silent = running.log.empty and not running.log.earlier
             outcome.log = self.logs.end(job.id, _footer(outcome, silent))
+            if outcome.log is not None and self.health.fault == StoreFault.DISK_FULL:
+                outcome.log = _low_space(job, outcome.log)
         self._running.pop(job.id, None)
         self._finish(job, outcome)
         took = time.monotonic() - running.started
@@ -745,6 +754,16 @@ def _apply(job: Job, outcome: Outcome) -> None:
         job.status = outcome.status
         job.finished_at = outcome.finished_at
         job.result = outcome.result
+
+
+def _low_space(job: Job, text: str) -> str:
+    """A log to save while the disk is (almost) full: its last part only."""
+    kept = tail(text, LOW_SPACE_LINES, LOW_SPACE_BYTES)
+    if len(kept) == len(text):
+        return text
+    log.warning("job %s: the disk is almost full; keeping only the last %d KiB of its log",
+                job.id, LOW_SPACE_BYTES // 1024)
+    return f"[… the disk was almost full: only the end of this log was kept]\n{kept}"
 
 
 def _footer(outcome: Outcome, empty: bool) -> str | None:
