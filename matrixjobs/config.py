@@ -293,10 +293,12 @@ class LimitsConfig(Section):
     """What one job may use (docs/guarantees.md says what enforces each on a host)."""
 
     memory: Size | None = None  # bytes for the whole job (a cgroup) or each process (rlimit)
-    cpu_s: Int | None = Field(default=None, gt=0)  # CPU seconds of each process
-    processes: Int | None = Field(default=None, ge=2)  # processes and threads of the job
+    cpu_s: Int | None = Field(default=None, gt=0, le=2**31)  # CPU seconds of each process
+    # Processes and threads of the job; the kernel allows no more than 4194304 in all.
+    processes: Int | None = Field(default=None, ge=2, le=4_194_304)
     file_size: Size | None = None  # the largest file a job may write
-    open_files: Int | None = Field(default=None, ge=16)  # descriptors of each process
+    # Descriptors of each process; the kernel's ceiling is fs.nr_open (1048576 by default).
+    open_files: Int | None = Field(default=None, ge=16, le=1_048_576)
 
     def over(self, defaults: LimitsConfig) -> LimitsConfig:
         """These limits, with `defaults` wherever these set none."""
@@ -628,12 +630,17 @@ class Config(Section):
         (store, keys, `.env`, the config itself)."""
         db = self.store.path
         matrix = self.matrix or MatrixConfig.model_construct(store_dir=None)
-        files = [db, *(db.with_name(db.name + end)
-                       for end in ("-wal", "-shm", "-journal", ".lock")),
-                 matrix.pickle_key_file(db)]
+        # SQLite puts the WAL beside the file a symlinked store path points to.
+        files = [path.with_name(path.name + end) for path in dict.fromkeys([db, db.resolve()])
+                 for end in ("", "-wal", "-shm", "-journal", ".lock")]
+        files.append(matrix.pickle_key_file(db))
         if self._source is not None:
             files += [self._source, self._source.parent / ".env"]
         files.append(Path.cwd() / ".env")
+        # libpq's password file: the shipped unit's home directory is the state directory.
+        passfile = os.environ.get("PGPASSFILE")
+        files += [db.parent / ".pgpass", Path.home() / ".pgpass",
+                  *([Path(passfile)] if passfile else [])]
         return PrivatePaths(state=db.parent, dirs=[matrix.crypto_store_dir(db)],
                             files=list(dict.fromkeys(files)))
 

@@ -1081,6 +1081,10 @@ def test_limit_sizes_read_as_systemd_reads_them(conf_dir, value, parsed):
     ('{ cpu_s = "10" }', "targets.t.limits.cpu_s: expected an integer, got '10'"),
     ("{ open_files = 8 }", "targets.t.limits.open_files: Input should be greater than or equal"),
     ("{ swap = 1 }", "targets.t.limits.swap: unknown key"),
+    ("{ processes = 5000000 }", "targets.t.limits.processes: Input should be less than or "
+                                "equal to 4194304"),
+    ("{ open_files = 2000000 }", "targets.t.limits.open_files: Input should be less than or "
+                                 "equal to 1048576"),
 ])
 def test_a_bad_limit_is_a_config_error_naming_the_key(conf_dir, limits, error):
     path = write(conf_dir, f"""

@@ -8,9 +8,12 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import shutil
 import signal
 import socket
+import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -32,9 +35,12 @@ from containment import (
     wait_marked,
 )
 from fleet import api, free_port, wait_for
+from helpers import make_config
 from service_process import Service
 
-from matrixjobs.config import toml_list, toml_string
+from matrixjobs.config import LimitsConfig, toml_list, toml_string
+from matrixjobs.queue.runner import Launch
+from matrixjobs.queue.sandbox import sandbox_runner
 
 KILL_GRACE_S = 1.0
 SHUTDOWN_GRACE_S = 1.0
@@ -549,3 +555,184 @@ def test_a_host_that_refuses_the_sandbox_is_said_loudly_or_refused(tmp_path, con
         service.stop()
     assert "WARNING" in service.log and "jobs are NOT contained" in service.log
     assert "bwrap: No permissions to create new namespace" in service.log
+
+
+# -- found in review ------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_a_job_cannot_make_user_namespaces_of_its_own(tmp_path):
+    """In one it would hold every capability: a root service's job could mount cgroupfs
+    anew and raise its own memory and process limits (review 16)."""
+    error = failure(Place(tmp_path, "root"), shell(
+        "unshare --user --map-root-user --mount true && echo NESTED || exit 3",
+        limits={"memory": "256M", "processes": 64}))
+    assert error.startswith("exit code 3"), error
+
+
+PG_SOCKET = Path("/var/run/postgresql/.s.PGSQL.5432")
+
+
+@pytest.mark.skipif(not PG_SOCKET.exists(), reason="no local PostgreSQL socket here")
+@pytest.mark.timeout(60)
+def test_without_network_a_job_cannot_reach_a_local_database_on_its_unix_socket(tmp_path):
+    """A unix socket is a file, not the network: /run is hidden from offline jobs."""
+    connect = ("import socket\n"
+               "s = socket.socket(socket.AF_UNIX)\n"
+               f"s.connect({str(PG_SOCKET)!r})\n")
+    error = failure(Place(tmp_path, "root"), {"command": [sys.executable, "-c", connect],
+                                              "network": False})
+    assert "No such file or directory" in error, error
+
+
+@pytest.mark.timeout(60)
+def test_a_symlinked_store_keeps_its_wal_and_shm_hidden(tmp_path):
+    """SQLite keeps -wal and -shm beside the file a symlinked store path points to."""
+    place = Place(tmp_path, "root")
+    real = tmp_path / "elsewhere"
+    real.mkdir()
+    port = free_port()
+    config = write_config(place, port, {"peek": {"command": [
+        "sh", "-c", READ_EACH, "peek",
+        *(str(real / f"jobs.db{end}") for end in ("", "-wal", "-shm"))]}})
+    config.write_text(config.read_text().replace('path = "state/jobs.db"',
+                                                 'path = "state/link.db"'))
+    (tmp_path / "state" / "link.db").symlink_to(real / "jobs.db")
+    service = start(place, config)
+    try:
+        submitted = api(port, "POST", "/v1/jobs", {"target": "peek"})
+        wait_for(lambda: job(port, submitted["id"])["status"] == "completed", 20, "its end")
+        lines = log_lines(port, None, submitted["id"])
+    finally:
+        service.stop()
+    for end in ("", "-wal", "-shm"):
+        secret = real / f"jobs.db{end}"
+        assert secret.exists()
+        assert f"READ {secret} {identity(secret)}" not in lines, lines
+
+
+@pytest.fixture
+def as_nobody() -> Iterator[Place]:
+    python, env = nobody_python()
+    for directory in nobody_dir():
+        yield Place(directory, "nobody", python, env)
+
+
+@pytest.mark.timeout(60)
+def test_a_healthy_job_that_says_cannot_fork_is_not_stopped_for_it(as_nobody):
+    """Words alone prove nothing: only a job near its process limit is stopped for them."""
+    port = free_port()
+    config = write_config(as_nobody, port, {"t": shell(
+        "echo 'sh: 0: Cannot fork'; sleep 0.6; echo still fine", limits={"processes": 64})})
+    service = start(as_nobody, config)
+    try:
+        submitted = api(port, "POST", "/v1/jobs", {"target": "t"})
+        final = wait_for(lambda: (j := job(port, submitted["id"]))["status"]
+                         in ("completed", "failed") and j, 20, "its end")
+    finally:
+        service.stop()
+    assert final["status"] == "completed", final.get("error")
+
+
+@pytest.mark.timeout(60)
+def test_a_working_directory_under_tmp_or_linked_into_it_still_works(tmp_path):
+    place = Place(tmp_path, "root")
+    under_tmp = Path(tempfile.mkdtemp(prefix="matrixjobs-cwd-", dir="/tmp"))
+    try:
+        (tmp_path / "link").symlink_to(under_tmp)
+        port = free_port()
+        config = write_config(place, port, {
+            "linked": shell("pwd; echo here > made.txt", cwd=str(tmp_path / "link")),
+            "tmp": shell("echo fine", cwd="/tmp")})
+        service = start(place, config)
+        try:
+            ids = [api(port, "POST", "/v1/jobs", {"target": t})["id"] for t in ("linked", "tmp")]
+            for job_id in ids:
+                final = wait_for(lambda j=job_id: (found := job(port, j))["status"]
+                                 in ("completed", "failed") and found, 20, "its end")
+                assert final["status"] == "completed", final.get("error")
+        finally:
+            service.stop()
+        assert (under_tmp / "made.txt").read_text() == "here\n"
+    finally:
+        shutil.rmtree(under_tmp, ignore_errors=True)
+
+
+@pytest.mark.timeout(60)
+def test_a_sandbox_that_cannot_start_the_program_says_so(tmp_path):
+    """A program inside the hidden crypto store: bubblewrap's own words, not 'exit 1'."""
+    place = Place(tmp_path, "root")
+    tool = tmp_path / "state" / "jobs-crypto" / "tool.sh"
+    tool.parent.mkdir(parents=True)
+    tool.write_text("#!/bin/sh\necho hi\n")
+    tool.chmod(0o755)
+    error = failure(place, {"command": [str(tool)]})
+    assert error.startswith("the sandbox could not start: execvp"), error
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="choosing the next pid (ns_last_pid) needs root")
+async def test_ending_a_job_never_signals_a_process_that_took_its_pid(tmp_path):
+    """Once bubblewrap is reaped its pid may be another process's: kill() must not reach
+    it (review 16 forced the reuse with ns_last_pid)."""
+    runner = sandbox_runner(make_config(tmp_path))[0]
+    assert runner is not None
+    launch = Launch(argv=["/bin/true"], cwd=tmp_path, env=dict(os.environ), job_id="j1",
+                    limits=LimitsConfig())
+    started = await runner.spawn(launch)
+    await started.exited()
+    pid = started.pid
+    Path("/proc/sys/kernel/ns_last_pid").write_text(str(pid - 1))
+    victim = subprocess.Popen(["sleep", "30"])
+    try:
+        if victim.pid != pid:
+            pytest.skip("another process took the pid first")
+        started.kill()
+        await started.close()
+        time.sleep(0.2)
+        assert victim.poll() is None, "the process that reused the pid was killed"
+    finally:
+        victim.kill()
+        victim.wait()
+
+
+# Still open (review 16): the reproductions fail while the defect is there.
+
+
+@pytest.mark.skipif(os.uname().machine != "x86_64"
+                    or not (Path("/proc/sys/kernel/yama/ptrace_scope").exists() is False
+                            or Path("/proc/sys/kernel/yama/ptrace_scope").read_text().strip()
+                            == "0"),
+                    reason="the injection is x86_64; Yama ptrace_scope >= 1 forbids it")
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    "a job may ptrace bubblewrap's init (same uid, same user namespace, dumpable) and clear "
+    "its parent-death signal: after a SIGKILL of the service the job runs on until the next "
+    "start's sweep of job cgroups (where there are cgroups); Yama ptrace_scope >= 1 or the "
+    "unit's SystemCallFilter close it"))
+@pytest.mark.timeout(60)
+def test_a_job_cannot_untie_its_init_from_the_service(tmp_path, marker):
+    place = Place(tmp_path, "root")
+    shutil.copy(Path(__file__).resolve().parent / "unpdeath.py", tmp_path / "unpdeath.py")
+    port = free_port()
+    work = (f"{sys.executable} {tmp_path / 'unpdeath.py'} && setsid sleep {marker} & "
+            f"sleep 1; echo main; sleep {marker}")
+    service = start(place, write_config(place, port, {"t": shell(work)}))
+    try:
+        api(port, "POST", "/v1/jobs", {"target": "t"})
+        wait_marked(marker, 2, 10)
+        time.sleep(1.5)  # the injection done
+        service.process.kill()
+        service.process.wait(10)
+        time.sleep(1.0)
+        left = marked(marker)
+    finally:
+        service.stop()
+    assert not left, f"{len(left)} processes of the job still run after a SIGKILL"
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    "bubblewrap exits 128+N when the job is killed by signal N, so a job exiting 129..192 "
+    "itself reads as killed by a signal"))
+@pytest.mark.timeout(60)
+def test_a_job_that_exits_137_is_not_said_to_be_killed(tmp_path):
+    error = failure(Place(tmp_path, "root"), shell("exit 137"))
+    assert error.startswith("exit code 137"), error

@@ -16,21 +16,22 @@ is ever outside them.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
+import signal
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from matrixjobs.config import LimitsConfig
 
-log = logging.getLogger(__name__)
-
 ROOT = Path("/sys/fs/cgroup")
 V2_CANDIDATES = (ROOT, ROOT / "unified")  # unified, or the hybrid layout's v2 mount
 PREFIX = "matrixjobs-"
 LEAF = "service"
 CONTROLLERS = ("memory", "pids")
+# How long the start-up sweep waits for a dead service's job cgroup to empty.
+SWEEP_WAIT_S = 2.0
 
 
 def _read(path: Path) -> str | None:
@@ -131,7 +132,9 @@ class Cgroups:
         places = ", ".join(sorted({str(b) for b in self.bases.values()}))
         return f"cgroup v{self.version} ({places})"
 
-    def create(self, job_id: str, limits: LimitsConfig) -> JobCgroup | None:
+    def create(self, job_id: str, limits: LimitsConfig) -> JobCgroup:
+        """The job's cgroup with its limits; OSError if it cannot be made (the job must
+        then not run: its limits would not hold)."""
         self._made += 1
         name = f"{PREFIX}{os.getpid()}-{job_id}-{self._made}"
         if self.version == 2:
@@ -144,11 +147,9 @@ class Cgroups:
             for directory in dict.fromkeys(dirs.values()):
                 directory.mkdir()
             self._limit(cgroup, limits)
-        except OSError as exc:
-            log.warning("job %s: cannot make its cgroup (%s); it runs without", job_id,
-                        exc.strerror or exc)
+        except OSError:
             cgroup.remove()
-            return None
+            raise
         return cgroup
 
     def _limit(self, cgroup: JobCgroup, limits: LimitsConfig) -> None:
@@ -164,13 +165,26 @@ class Cgroups:
             (dirs["pids"] / "pids.max").write_text(str(limits.processes))
 
     def sweep(self) -> None:
-        """Remove the (empty) job cgroups of our processes that died before removing them."""
+        """End what is left in the job cgroups of our processes that died (a job that kept
+        running past a SIGKILL of the service), then remove them: at start, before any
+        job is recovered, so a recovered job never runs beside its old copy."""
         for base in set(self.bases.values()):
             for directory in base.glob(f"{PREFIX}*"):
                 pid = directory.name.removeprefix(PREFIX).split("-", 1)[0]
                 if pid.isdigit() and not Path(f"/proc/{pid}").exists():
-                    with contextlib.suppress(OSError):
-                        directory.rmdir()
+                    self._end(JobCgroup(self.version, {"": directory, "pids": directory}))
+
+    @staticmethod
+    def _end(cgroup: JobCgroup) -> None:
+        deadline = time.monotonic() + SWEEP_WAIT_S
+        while not cgroup.remove() and time.monotonic() < deadline:
+            cgroup.kill()
+            if cgroup.version == 1:  # no cgroup.kill: each process it holds
+                for directory in dict.fromkeys(cgroup.dirs.values()):
+                    for pid in (_read(directory / "cgroup.procs") or "").split():
+                        with contextlib.suppress(OSError, ValueError):
+                            os.kill(int(pid), signal.SIGKILL)
+            time.sleep(0.01)
 
 
 def detect(proc_cgroup: str | None = None, enable: bool = True) -> Cgroups | None:

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import resource
 from pathlib import Path
 
-from matrixjobs.config import Config
+from matrixjobs.config import Config, LimitsConfig
 from matrixjobs.errors import ConfigError
 from matrixjobs.queue.runner import GroupRunner, Runner
 from matrixjobs.queue.sandbox import SandboxRunner, sandbox_runner
 
 log = logging.getLogger(__name__)
+
+RLIMITS = {"memory": resource.RLIMIT_AS, "cpu_s": resource.RLIMIT_CPU,
+           "processes": resource.RLIMIT_NPROC, "file_size": resource.RLIMIT_FSIZE,
+           "open_files": resource.RLIMIT_NOFILE}
 
 
 def choose_runner(config: Config, enable_cgroups: bool = True) -> Runner:
@@ -36,17 +43,50 @@ def pick_runner(config: Config, enable_cgroups: bool = True) -> Runner:
 
 
 def unenforceable(config: Config, runner: Runner) -> list[str]:
-    """Each target's limits (over [queue] limits) that nothing here enforces."""
+    """Each target's limits (over [queue] limits) that nothing here enforces, or that are
+    beyond what this service may give."""
     found = [f"queue.{problem}"
-             for problem in runner.enforcement.problems(config.queue.limits, network=True)]
+             for problem in _problems(runner, config.queue.limits, network=True)]
     for name, target in sorted(config.targets.items()):
         if target.command is None:
             continue
         own = target.limits.over(config.queue.limits)
         found += [f"targets.{name}.{problem}"
-                  for problem in runner.enforcement.problems(own, target.network)
+                  for problem in _problems(runner, own, target.network)
                   if f"queue.{problem}" not in found]
     return found
+
+
+def _problems(runner: Runner, limits: LimitsConfig, network: bool) -> list[str]:
+    return [*runner.enforcement.problems(limits, network), *_beyond_own(runner, limits)]
+
+
+def _beyond_own(runner: Runner, limits: LimitsConfig) -> list[str]:
+    """A process may not give its children more than its own hard limit (root may, up to
+    the kernel's ceiling): such a limit would fail every job at its start."""
+    found = []
+    for name, value in limits.model_dump(exclude_none=True).items():
+        how = runner.enforcement.limits.get(name) or ""
+        if not how.startswith("RLIMIT"):
+            continue
+        # processes: the job's own user namespace counts; bubblewrap's init is one more.
+        wanted = value + 1 if name == "processes" else value
+        ceiling = _ceiling(RLIMITS[name])
+        if ceiling is not None and wanted > ceiling:
+            found.append(f"limits.{name}: {value} is more than this service may give "
+                         f"({ceiling}, its own hard limit)")
+    return found
+
+
+def _ceiling(resource_id: int) -> int | None:
+    _, hard = resource.getrlimit(resource_id)
+    if os.geteuid() == 0:
+        if resource_id != resource.RLIMIT_NOFILE:
+            return None
+        with contextlib.suppress(OSError, ValueError):
+            return int(Path("/proc/sys/fs/nr_open").read_text())
+        return None
+    return None if hard == resource.RLIM_INFINITY else hard
 
 
 def describe(runner: Runner) -> list[tuple[str, str]]:

@@ -96,6 +96,17 @@ class JobProcess:
     def __init__(self, process: asyncio.subprocess.Process, launch: Launch) -> None:
         self.process = process
         self.launch = launch
+        # Signals go through a pidfd: once the process is reaped its pid may be reused.
+        try:
+            self._pidfd: int | None = os.pidfd_open(process.pid)
+        except OSError:
+            self._pidfd = None  # already gone
+
+    def signal_started(self, sig: signal.Signals) -> None:
+        """Signal the process we started, never another that took its pid later."""
+        if self._pidfd is not None and self.process.returncode is None:
+            with contextlib.suppress(OSError):
+                signal.pidfd_send_signal(self._pidfd, sig)
 
     @property
     def pid(self) -> int:
@@ -157,6 +168,9 @@ class JobProcess:
         """After the run: stop reading its output (an escaped grandchild may still hold
         the pipe; asyncio has no public way to close a child's pipes)."""
         self.process._transport.close()  # type: ignore[attr-defined]
+        if self._pidfd is not None:
+            os.close(self._pidfd)
+            self._pidfd = None
 
 
 class Runner(Protocol):

@@ -21,11 +21,14 @@ import os
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from matrixjobs.config import Config, LimitsConfig, PrivatePaths, UnixAddress
+from matrixjobs.errors import PermanentJobError
 from matrixjobs.queue.cgroups import Cgroups, JobCgroup, detect
 from matrixjobs.queue.runner import (
     EXIT_POLL_S,
@@ -44,6 +47,9 @@ BWRAP = "bwrap"
 PROBE_TIMEOUT_S = 10.0
 # How often a job under a per-job process limit is counted (the limit itself is the kernel's).
 COUNT_POLL_S = 0.25
+# A refused fork said in the output counts when the job is this close to its limit (its
+# processes come and go faster than they are counted).
+FORK_SLACK = 8
 # How long a finished job's cgroup may take to empty before we stop trying to remove it.
 CGROUP_EMPTY_S = 2.0
 TMP = Path("/tmp")
@@ -57,9 +63,11 @@ SIGNAL_EXIT = 128
 def base_argv(bwrap: str, network: bool) -> list[str]:
     # /sys read-only: a job runs as the service's user, who owns its delegated cgroups
     # (and as root, sysfs); it must not raise its own limits or move itself out.
+    # No user namespaces inside: in one of its own a job would hold every capability and
+    # could mount cgroupfs anew and raise its own limits (found in review).
     argv = [bwrap, "--dev-bind", "/", "/", "--ro-bind", "/sys", "/sys", "--unshare-user",
-            "--unshare-pid", "--die-with-parent", "--new-session", "--cap-drop", "ALL",
-            "--proc", "/proc"]
+            "--disable-userns", "--unshare-pid", "--die-with-parent", "--new-session",
+            "--cap-drop", "ALL", "--proc", "/proc"]
     if not network:
         argv.append("--unshare-net")
     return argv
@@ -98,6 +106,23 @@ def job_tasks(pid: int) -> list[int]:
     return found
 
 
+def _ptrace_open() -> bool:
+    """Whether a process may ptrace any other of its user (no Yama, or ptrace_scope 0)."""
+    try:
+        return Path("/proc/sys/kernel/yama/ptrace_scope").read_text().strip() == "0"
+    except OSError:
+        return True
+
+
+def _is(path: Path, kind: Callable[[int], bool]) -> bool:
+    """Whether `path` is there and of this kind; a path this user cannot even look at (a
+    file in another user's home) is none of a job's business either."""
+    try:
+        return kind(path.stat().st_mode)
+    except OSError:
+        return False
+
+
 def _holds(directory: Path, path: Path) -> bool:
     return directory == path or directory in path.parents
 
@@ -124,6 +149,10 @@ class SandboxProcess(JobProcess):
                        if cgroup is not None or count_limit is not None else None)
 
     def _init(self) -> list[int]:
+        """bubblewrap's child, the job's init; none once bubblewrap was reaped (its pid,
+        and so its children's list, may belong to another process by then)."""
+        if self.process.returncode is not None:
+            return []
         with contextlib.suppress(OSError), open(
                 f"/proc/{self.process.pid}/task/{self.process.pid}/children",
                 encoding="ascii") as f:
@@ -145,22 +174,30 @@ class SandboxProcess(JobProcess):
         # the init with it (--die-with-parent) should the init not have been forked yet.
         if self.cgroup is not None:
             self.cgroup.kill()
-        for pid in [*self._init(), self.process.pid]:
+        for pid in self._init():
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)
+        self.signal_started(signal.SIGKILL)
 
     def why(self, returncode: int, tail: list[str]) -> str:
         self._check_cgroup()
         if self.breach is not None:
             return self.breach
+        if returncode == 1 and tail and tail[0].startswith("bwrap: "):
+            return f"the sandbox could not start: {tail[0].removeprefix('bwrap: ')}"
         if SIGNAL_EXIT < returncode <= SIGNAL_EXIT + 64:
             number = returncode - SIGNAL_EXIT
             return self._limit_signal(number) or signal_words(number)
         return super().why(returncode, tail)
 
     def output(self, text: str) -> None:
-        if self._count_limit is not None and FORK_REFUSED.search(text):
+        # Words alone prove nothing (a job may print them): only a job near its limit.
+        if (self._count_limit is not None and FORK_REFUSED.search(text)
+                and self._tasks() >= self._count_limit - FORK_SLACK):
             self._breached("processes")
+
+    def _tasks(self) -> int:
+        return thread_count([p for init in self._init() for p in job_tasks(init)])
 
     def _breached(self, limit: str) -> None:
         if self.breach is None:
@@ -181,8 +218,7 @@ class SandboxProcess(JobProcess):
         while self.process.returncode is None and self.breach is None:
             self._check_cgroup()
             if self._count_limit is not None:
-                tasks = [p for init in self._init() for p in job_tasks(init)]
-                if thread_count(tasks) < self._count_limit:
+                if self._tasks() < self._count_limit:
                     at_limit_since = None
                 elif at_limit_since is None:
                     at_limit_since = time.monotonic()
@@ -233,6 +269,14 @@ class SandboxRunner:
                     "open_files": f"RLIMIT_NOFILE ({per_process})",
                     "network": "a network namespace with only its own loopback"
                     if network else None})
+        if _ptrace_open():
+            self.enforcement.warnings.append(
+                "kernel.yama.ptrace_scope is 0 or Yama is off: a job can ptrace its "
+                "sandbox's init and so outlive a SIGKILL of the service"
+                + (" (the start-up sweep of job cgroups still ends it before its job runs "
+                   "again)" if cgroups is not None else "")
+                + "; set kernel.yama.ptrace_scope = 1 (the shipped unit's SystemCallFilter "
+                "also refuses ptrace)")
         if not shutil.which("prlimit"):
             for name, how in self.enforcement.limits.items():
                 if how is not None and how.startswith("RLIMIT"):
@@ -242,13 +286,19 @@ class SandboxRunner:
         argv = base_argv(self.bwrap, launch.network)
         argv += ["--tmpfs", str(TMP)]
         # A private /tmp, but what the job runs from stays where it was.
-        for path in (launch.cwd, Path(launch.argv[0])):
-            if TMP in path.parents:
+        for path in (launch.cwd, launch.cwd.resolve(), Path(launch.argv[0]).resolve()):
+            if path == TMP:  # a job that works in /tmp itself shares the host's
+                argv += ["--bind", str(TMP), str(TMP)]
+            elif TMP in path.parents:
                 keep = TMP / path.relative_to(TMP).parts[0]
                 argv += ["--bind", str(keep), str(keep)]
         argv += self._hide(launch.cwd.resolve())
-        if not launch.network and self.api_socket is not None and self.api_socket.exists():
-            argv += ["--ro-bind", "/dev/null", str(self.api_socket)]
+        if not launch.network:
+            # Unix sockets are files, not the network: those of local services (databases,
+            # this API) live under /run.
+            argv += ["--tmpfs", "/run"]
+            if self.api_socket is not None and _is(self.api_socket, stat.S_ISSOCK):
+                argv += ["--ro-bind", "/dev/null", str(self.api_socket)]
         argv += ["--chdir", str(launch.cwd), "--"]
         limits = rlimit_argv(self._rlimits(launch), self.enforcement)
         return [*argv, *limits, *launch.argv]
@@ -263,13 +313,13 @@ class SandboxRunner:
 
     def _hide(self, cwd: Path) -> list[str]:
         ops: list[str] = []
-        hidden = [d for d in self.private_dirs if d.is_dir() and not _holds(d, cwd)]
+        hidden = [d for d in self.private_dirs if _is(d, stat.S_ISDIR) and not _holds(d, cwd)]
         if self.state_hidden_whole(cwd):
             hidden.insert(0, self.state)
         for directory in hidden:
             ops += ["--tmpfs", str(directory)]
         for file in self.private_files:
-            if file.is_file() and not any(d in file.parents for d in hidden):
+            if _is(file, stat.S_ISREG) and not any(d in file.parents for d in hidden):
                 ops += ["--ro-bind", "/dev/null", str(file)]
         return ops
 
@@ -277,7 +327,7 @@ class SandboxRunner:
         """The store's directory is hidden whole unless the job runs inside it or it holds
         more than the service's own files (a home directory, /var/lib): then the secret
         files in it are masked one by one."""
-        if not self.state.is_dir() or _holds(self.state, cwd):
+        if not _is(self.state, stat.S_ISDIR) or _holds(self.state, cwd):
             return False
         ours = {*self.private_dirs, *self.private_files}
         try:
@@ -286,11 +336,16 @@ class SandboxRunner:
             return False
 
     def _cgroup(self, launch: Launch) -> JobCgroup | None:
-        limits = launch.limits
-        wanted = limits.memory is not None or limits.processes is not None
-        if self.cgroups is None or not wanted:
+        """Every job gets one where cgroups can be made, limits or not: what the kernel's
+        parent-death signal misses (a job can undo it by ptracing its init where Yama
+        allows), the start-up sweep still ends through it."""
+        if self.cgroups is None:
             return None
-        return self.cgroups.create(launch.job_id, limits)
+        try:
+            return self.cgroups.create(launch.job_id, launch.limits)
+        except OSError as exc:
+            raise PermanentJobError(f"cannot make the job's cgroup, so its limits would not "
+                                    f"hold: {exc.strerror or exc}") from None
 
     async def spawn(self, launch: Launch) -> JobProcess:
         cgroup = self._cgroup(launch)
