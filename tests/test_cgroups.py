@@ -126,8 +126,8 @@ def test_a_real_v2_job_cgroup_is_joined_before_exec_and_killed_whole():
     marker = f"3600.{os.getpid()}"
     try:
         process = subprocess.Popen(
-            ["sh", "-c", f"setsid sleep {marker} & sleep {marker}"],
-            preexec_fn=group.join(), start_new_session=True)
+            group.joining(["sh", "-c", f"setsid sleep {marker} & sleep {marker}"]),
+            start_new_session=True)
         procs = group.dirs[""] / "cgroup.procs"
         deadline = time.monotonic() + 5
         while len(procs.read_text().split()) < 3 and time.monotonic() < deadline:

@@ -9,17 +9,17 @@ limits for the whole job, and the kernel's word when it hit one.
 - cgroup v1 (older hosts, and containers like the test machines): one directory per job
   in the `memory` and `pids` hierarchies under ours, where we may write (root).
   `memory.limit_in_bytes`, `pids.max`; `memory.oom_control` (oom_kill), `pids.events`.
-A job joins its cgroups before it execs (the spawn's preexec step), so nothing it starts
-is ever outside them.
+A job joins its cgroups before bubblewrap runs (a shell writes "0" into each cgroup.procs,
+then execs it), so nothing it starts is ever outside them.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import signal
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +30,10 @@ V2_CANDIDATES = (ROOT, ROOT / "unified")  # unified, or the hybrid layout's v2 m
 PREFIX = "matrixjobs-"
 LEAF = "service"
 CONTROLLERS = ("memory", "pids")
+LIMIT_OF = {"memory": "memory", "pids": "processes"}
+# Moves the shell into each cgroup given before "--", then execs the rest.
+JOIN = ('while [ "$1" != -- ]; do echo 0 > "$1" || exit 125; shift; done; shift; '
+        'exec "$@"')
 # How long the start-up sweep waits for a dead service's job cgroup to empty.
 SWEEP_WAIT_S = 2.0
 
@@ -75,22 +79,14 @@ class JobCgroup:
     dirs: dict[str, Path]  # controller ("" on v2) → directory
 
     @property
-    def procs(self) -> list[bytes]:
-        return [str(d / "cgroup.procs").encode() for d in dict.fromkeys(self.dirs.values())]
+    def procs(self) -> list[str]:
+        return [str(d / "cgroup.procs") for d in dict.fromkeys(self.dirs.values())]
 
-    def join(self) -> Callable[[], None]:
-        """The spawn's preexec step: the child moves itself in ("0" means the writer)."""
-        procs = self.procs
-
-        def join() -> None:
-            for path in procs:
-                fd = os.open(path, os.O_WRONLY)
-                try:
-                    os.write(fd, b"0")
-                finally:
-                    os.close(fd)
-
-        return join
+    def joining(self, argv: list[str]) -> list[str]:
+        """`argv` run by a shell that first moves itself into the cgroup ("0" means the
+        writer) and then execs it: nothing the job starts is ever outside. A shell rather
+        than a preexec function, which would cost Python's fast spawn path (vfork)."""
+        return ["/bin/sh", "-c", JOIN, "join", *self.procs, "--", *argv]
 
     def hit(self) -> str | None:
         """Which limit the kernel enforced on the job, if any: "memory" or "processes"."""
@@ -126,7 +122,6 @@ class Cgroups:
         self.version = version
         self.bases = bases  # controller ("" on v2) → our cgroup's directory
         self.controllers = controllers  # of memory and pids, those our job cgroups have
-        self._made = 0
 
     def describe(self) -> str:
         places = ", ".join(sorted({str(b) for b in self.bases.values()}))
@@ -135,13 +130,18 @@ class Cgroups:
     def create(self, job_id: str, limits: LimitsConfig) -> JobCgroup:
         """The job's cgroup with its limits; OSError if it cannot be made (the job must
         then not run: its limits would not hold)."""
-        self._made += 1
-        name = f"{PREFIX}{os.getpid()}-{job_id}-{self._made}"
+        # The pid names the service for the sweep; the rest only needs to be new (a job's
+        # earlier cgroup may still be on its way out, and a process may run several Apps).
+        name = f"{PREFIX}{os.getpid()}-{job_id}-{secrets.token_hex(4)}"
         if self.version == 2:
             dirs = {"": self.bases[""] / name}
             dirs.update({c: dirs[""] for c in self.controllers})
         else:
-            dirs = {c: self.bases[c] / name for c in self.controllers}
+            # One hierarchy is enough to find (and end) the job's processes: the memory
+            # one only where memory is limited (making a memory cgroup costs the most).
+            wanted = [c for c in sorted(self.controllers)
+                      if c == "pids" or getattr(limits, LIMIT_OF[c]) is not None]
+            dirs = {c: self.bases[c] / name for c in wanted or sorted(self.controllers)[:1]}
         cgroup = JobCgroup(self.version, dirs)
         try:
             for directory in dict.fromkeys(dirs.values()):

@@ -18,7 +18,6 @@ import os
 import re
 import shutil
 import signal
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -220,9 +219,7 @@ class GroupRunner:
         return JobProcess(await start_process(argv, launch), launch)
 
 
-async def start_process(argv: list[str], launch: Launch,
-                        preexec: Callable[[], None] | None = None
-                        ) -> asyncio.subprocess.Process:
+async def start_process(argv: list[str], launch: Launch) -> asyncio.subprocess.Process:
     """A job's first process: stdout and stderr on one pipe (in the order written), no
     stdin, a session and process group of its own (so a group signal reaches children)."""
     return await asyncio.create_subprocess_exec(
@@ -233,5 +230,4 @@ async def start_process(argv: list[str], launch: Launch,
         cwd=launch.cwd,
         env=launch.env,
         start_new_session=True,
-        preexec_fn=preexec,
     )

@@ -24,8 +24,9 @@ import signal
 import stat
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
+from typing import Any
 
 from matrixjobs.config import Config, LimitsConfig, PrivatePaths, UnixAddress
 from matrixjobs.errors import PermanentJobError
@@ -104,6 +105,17 @@ def job_tasks(pid: int) -> list[int]:
                 found += children
                 todo += children
     return found
+
+
+# Clean-ups that need not hold up a job's end, kept here until done (a task nobody
+# references may be collected before it runs).
+_cleanups: set[asyncio.Task[None]] = set()
+
+
+def _later(work: Coroutine[Any, Any, None]) -> None:
+    task = asyncio.get_running_loop().create_task(work)
+    _cleanups.add(task)
+    task.add_done_callback(_cleanups.discard)
 
 
 def _ptrace_open() -> bool:
@@ -234,9 +246,14 @@ class SandboxProcess(JobProcess):
         await super().close()
         if self.cgroup is not None:
             self.kill()  # nothing may be left to keep the cgroup busy
-            deadline = time.monotonic() + CGROUP_EMPTY_S
-            while not self.cgroup.remove() and time.monotonic() < deadline:
-                await asyncio.sleep(EXIT_POLL_S)
+            if not self.cgroup.remove():  # its last processes are still on their way out
+                _later(self._remove(self.cgroup))
+
+    @staticmethod
+    async def _remove(cgroup: JobCgroup) -> None:
+        deadline = time.monotonic() + CGROUP_EMPTY_S
+        while not cgroup.remove() and time.monotonic() < deadline:
+            await asyncio.sleep(EXIT_POLL_S)
 
 
 class SandboxRunner:
@@ -350,9 +367,8 @@ class SandboxRunner:
     async def spawn(self, launch: Launch) -> JobProcess:
         cgroup = self._cgroup(launch)
         try:
-            # Into its cgroup before bubblewrap runs: nothing of the job starts outside.
-            process = await start_process(self.argv(launch), launch,
-                                          cgroup.join() if cgroup is not None else None)
+            argv = self.argv(launch)
+            process = await start_process(cgroup.joining(argv) if cgroup else argv, launch)
         except BaseException:
             if cgroup is not None:
                 cgroup.remove()
