@@ -58,7 +58,7 @@ async def test_locked_database_is_a_clear_error(tmp_path):
         raw.execute("PRAGMA journal_mode = DELETE")
         raw.execute("CREATE TABLE hold (x)")
         raw.execute("BEGIN EXCLUSIVE")
-        store = SqliteStore(path)
+        store = SqliteStore(path, lock_wait_s=2)
         started = time.monotonic()
         with pytest.raises(StoreError, match="locked"):
             await store.open()
