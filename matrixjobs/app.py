@@ -46,6 +46,7 @@ from matrixjobs.models import (
     Worker,
     parse_id,
 )
+from matrixjobs.policy import Policy
 from matrixjobs.progress.events import JobProgressEvent, event_of
 from matrixjobs.progress.monitor import ProgressMonitor
 from matrixjobs.queue.command import CommandHandler
@@ -102,6 +103,7 @@ class App:
         self.config = config
         self.role = role  # "run" (the service) or "worker" (`matrixjobs worker`)
         self.targets = Targets(config.targets)
+        self.policy = Policy(config.access)
         self.handlers = handlers or HandlerRegistry()
         self._commands = CommandHandler(self.targets, config.queue.limits,
                                         config.queue.kill_grace_s)

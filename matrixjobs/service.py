@@ -19,7 +19,7 @@ def build_service(config: Config) -> App:
         matrix = config.matrix
 
         def bot() -> MatrixBot:
-            return MatrixBot(app, matrix, config.access, config.progress.interval_ms)
+            return MatrixBot(app, matrix, config.progress.interval_ms)
 
         if app.store.shared:
             # Nodes sharing the store: one runs the bot, the others stand by (standby.py).

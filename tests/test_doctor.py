@@ -22,7 +22,7 @@ from matrix_people import Person
 
 from matrixjobs.config import load_config
 from matrixjobs.demo.synapse import free_port
-from matrixjobs.matrix.bot import SETTING_TOKEN, SETTING_USER
+from matrixjobs.matrix.settings import SETTING_TOKEN, SETTING_USER
 from matrixjobs.ops.doctor import doctor
 from matrixjobs.service import build_service
 from matrixjobs.store.sqlite import SqliteStore

@@ -179,7 +179,7 @@ class Room:
     async def _say(self, event: RoomMessageText) -> Said:
         self.sender.sent.clear()
         before = await self._newest()
-        await self.bot._on_message_safely(ROOM, event)
+        await self.bot.callbacks.on_event(ROOM, event)
         await self.bot.scheduler.flush(10.0)
         return Said(event.event_id, list(self.sender.sent), before, await self._newest())
 
@@ -201,7 +201,7 @@ def room(tmp_path: Path) -> Iterator[Room]:
     handlers.register("done", Done())
     app = App(config, handlers)
     loop.run_until_complete(app.start())
-    bot = MatrixBot(app, config.matrix, config.access, config.progress.interval_ms)
+    bot = MatrixBot(app, config.matrix, config.progress.interval_ms)
     sender = RecordingSender()
     bot.scheduler.sender = sender
     errors = ErrorLog()

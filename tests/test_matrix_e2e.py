@@ -401,7 +401,7 @@ async def test_reactions_rerun_and_cancel_for_allowed_users_only(scene):
                 if e["event_id"] == reaction]
     replayed = Event.parse_event(source)
     assert isinstance(replayed, ReactionEvent)
-    await bot._on_reaction(scene.room, replayed)
+    await bot.callbacks.on_event(scene.room, replayed)
     await in_thread(scene.alice.redact, scene.room, reaction)
 
     # ❌ on a running job's message: a stranger's does nothing, Alice's cancels it.

@@ -26,8 +26,8 @@ from nio.store import DefaultStore
 from pydantic import SecretStr
 
 from matrixjobs.app import App
-from matrixjobs.matrix import bot as bot_module
 from matrixjobs.matrix import crypto
+from matrixjobs.matrix import session as session_module
 from matrixjobs.matrix.crypto_store import DEFAULT_PICKLE_KEY, PickleKey
 from matrixjobs.service import build_service
 
@@ -794,7 +794,7 @@ async def test_a_crypto_store_of_the_default_key_is_rekeyed_keeping_device_and_s
     try:
         # The store as the bot left it before: pickled with nio's default key, and files
         # as the umask made them.
-        monkeypatch.setattr(bot_module, "load_pickle_key",
+        monkeypatch.setattr(session_module, "load_pickle_key",
                             lambda configured, key_file: PickleKey(DEFAULT_PICKLE_KEY, "nio"))
         app = await start_bot(scene.config())
         bot = app.components[0]

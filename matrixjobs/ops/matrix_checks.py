@@ -1,6 +1,6 @@
 """The doctor's Matrix checks: homeserver reachable, login, rooms, rate-limit exemption.
 
-Login tries what the bot would try, in its order (matrix/bot.py `_login`): a token
+Login tries what the bot would try, in its order (matrix/session.py `Session.login`): a token
 (whoami, which adds no device), then the password, whose check logs its device out again.
 """
 
@@ -104,7 +104,7 @@ class MatrixChecks:
 
     def _token(self) -> tuple[str, str] | None:
         """(label, token) the bot would try first: the configured access token, else the one
-        it saved in its store for this user, never both (matrix/bot.py `_login`)."""
+        it saved in its store for this user, never both (matrix/session.py `Session.login`)."""
         if self.matrix.access_token is not None:
             return "the configured access token", self.matrix.access_token.get_secret_value()
         store = self.store

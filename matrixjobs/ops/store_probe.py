@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
-from matrixjobs.matrix.bot import SETTING_TOKEN, SETTING_USER
+from matrixjobs.matrix.settings import SETTING_TOKEN, SETTING_USER
 from matrixjobs.store.sqlite import MIGRATIONS
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -1,0 +1,148 @@
+"""One function per room command. Each gets a `Context` (who said it, where, and how to
+answer) and the parsed `Command`; who may give it is decided before (see callbacks.py)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from nio import RoomMessageText
+
+from matrixjobs.app import App
+from matrixjobs.errors import MatrixJobsError
+from matrixjobs.fleet import worker_state
+from matrixjobs.matrix import render
+from matrixjobs.matrix.commands import Command
+from matrixjobs.matrix.edits import EditScheduler
+from matrixjobs.models import Batch, Job, ProgressMessage
+from matrixjobs.policy import Action
+from matrixjobs.progress.events import event_of
+
+
+@dataclass(frozen=True, slots=True)
+class Context:
+    app: App
+    scheduler: EditScheduler
+    prefix: str
+    room_id: str
+    event: RoomMessageText
+
+    def reply(self, rendered: render.Rendered) -> None:
+        self.scheduler.reply(self.room_id, self.event.event_id, rendered)
+
+    def where(self) -> ProgressMessage:
+        """Where a command's job is shown: a reply to the command. Stored with the job in
+        one transaction, so a restart always finds and shows it."""
+        return ProgressMessage("", self.room_id, None, self.event.sender, self.event.event_id)
+
+    async def show(self, item: Job | Batch) -> None:
+        await show(self.app, self.scheduler, self.where(), item)
+
+
+async def show(app: App, scheduler: EditScheduler, where: ProgressMessage,
+               item: Job | Batch) -> None:
+    """Post the progress message of new work and keep it up to date."""
+    first = event_of(item, time.time())
+    scheduler.track(where.room_id, where.requester, where.reply_to, first)
+    # The job may have moved on while we were submitting it.
+    scheduler.update(await app.status(first.id))
+
+
+async def build(ctx: Context, command: Command) -> None:
+    if not command.args:
+        raise MatrixJobsError(f"usage: {ctx.prefix}build TARGET [ARGS…]")
+    job = await ctx.app.submit(command.args[0], command.args[1:],
+                               dedupe_key=ctx.event.event_id, show=ctx.where(),
+                               requester=ctx.event.sender)
+    await ctx.show(job)
+
+
+async def batch(ctx: Context, command: Command) -> None:
+    if not command.args:
+        raise MatrixJobsError(f"usage: {ctx.prefix}batch TARGET [TARGET…]")
+    made = await ctx.app.submit_batch(list(command.args), dedupe_key=ctx.event.event_id,
+                                      show=ctx.where(), requester=ctx.event.sender)
+    await ctx.show(made)
+
+
+async def rerun(ctx: Context, command: Command) -> None:
+    if len(command.args) != 1:
+        raise MatrixJobsError(f"usage: {ctx.prefix}rerun ID")
+    await ctx.show(await ctx.app.rerun(command.args[0], ctx.event.sender,
+                                       ctx.event.event_id, ctx.where()))
+
+
+async def status(ctx: Context, command: Command) -> None:
+    now = time.time()
+    if command.args:
+        ctx.reply(render.render_progress(await ctx.app.status(command.args[0]), now))
+        return
+    ctx.reply(render.render_status_summary(await ctx.app.active(), now))
+
+
+async def cancel(ctx: Context, command: Command) -> None:
+    if len(command.args) != 1:
+        raise MatrixJobsError(f"usage: {ctx.prefix}cancel ID")
+    result = await ctx.app.cancel(command.args[0])
+    ctx.reply(render.render_cancelled(result.id, str(result.status)))
+
+
+async def logs(ctx: Context, command: Command) -> None:
+    usage = f"usage: {ctx.prefix}logs ID [LINES]"
+    if not 1 <= len(command.args) <= 2:
+        raise MatrixJobsError(usage)
+    lines = render.LOG_LINES
+    if len(command.args) == 2:
+        if not command.args[1].isdigit() or int(command.args[1]) < 1:
+            raise MatrixJobsError(usage)
+        lines = min(int(command.args[1]), render.MAX_LOG_LINES)
+    job_id = command.args[0]
+    text = await ctx.app.log_tail(job_id, lines, render.MAX_LOG_BYTES)
+    ctx.reply(render.render_log(job_id.strip().lower(), text))
+
+
+async def jobs(ctx: Context, command: Command) -> None:
+    items: list[Job | Batch] = [*await ctx.app.batches(limit=10)]
+    items += [job for job in await ctx.app.jobs(limit=20) if job.batch_id is None]
+    items.sort(key=lambda item: item.created_at, reverse=True)
+    ctx.reply(render.render_jobs([ctx.app.live(item) for item in items[:10]], time.time()))
+
+
+async def targets(ctx: Context, command: Command) -> None:
+    listed = [(name, target.description, target.args_pattern is not None)
+              for name, target in ctx.app.targets.items()]
+    ctx.reply(render.render_targets(listed))
+
+
+async def workers(ctx: Context, command: Command) -> None:
+    now, lease_s = time.time(), ctx.app.config.queue.lease_s
+    states = [worker_state(worker, now, lease_s) for worker in await ctx.app.workers()]
+    ctx.reply(render.render_workers(states, now))
+
+
+async def help_(ctx: Context, command: Command) -> None:
+    ctx.reply(render.render_help(ctx.prefix))
+
+
+Handler = Callable[[Context, Command], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class RoomCommand:
+    run: Handler
+    action: Action  # what the policy is asked before it runs
+
+
+COMMANDS: dict[str, RoomCommand] = {
+    "build": RoomCommand(build, Action.RUN),
+    "batch": RoomCommand(batch, Action.RUN),
+    "rerun": RoomCommand(rerun, Action.RERUN),
+    "cancel": RoomCommand(cancel, Action.CANCEL),
+    "logs": RoomCommand(logs, Action.LOGS),
+    "status": RoomCommand(status, Action.READ),
+    "jobs": RoomCommand(jobs, Action.READ),
+    "targets": RoomCommand(targets, Action.READ),
+    "workers": RoomCommand(workers, Action.READ),
+    "help": RoomCommand(help_, Action.READ),
+}
