@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import itertools
+import logging
+import re
 import time
+
+import pytest
 
 from matrixjobs.matrix.edits import (
     PING_FAILED,
@@ -311,19 +315,20 @@ async def test_restored_unsent_message_is_followed_by_an_edit_with_the_latest_st
     assert await store.open_messages() == []
 
 
-async def test_replies_wait_behind_first_messages_and_the_final_reserve(store):
-    sched, sender, clock = scheduler(store, rate=0.2, burst=3, interval=0.5)
+async def test_pings_wait_behind_the_final_reserve_but_answers_spend_it(store):
+    sched, sender, clock = scheduler(store, rate=0.2, burst=3, interval=0.5)  # two tokens
     sched.track("!room", "@a:x", "$cmd", state(clock))
-    for n in range(5):
-        sched.reply("!room", f"$x{n}", sched._render(state(clock), clock.now))
     clock.now += 0.5
-    await sched.send_next()
-    assert "m.in_reply_to" in sender.sent[0][2]["m.relates_to"]
+    await sched.send_next()  # the first message: one token left, the reserve of one
     assert sender.sent[0][2]["m.relates_to"]["m.in_reply_to"]["event_id"] == "$cmd"
-    await sched.send_next()  # one token left over the reserve of one
-    assert not await sched.send_next()  # the last token is kept for the final edit
+    sched.notify("!room", "$cmd0", render_error("a ping"), mentions=["@a:x"])
+    assert not await sched.send_next()  # the last token is kept for the final edit...
+    sched.reply("!room", "$ask", render_error("an answer"))
+    assert await sched.send_next()  # ...but a person waiting for an answer gets it
+    assert reply_target(sender.sent[-1][2]) == "$ask"
     sched.update(state(clock, Status.COMPLETED, current=10))
-    assert await sched.send_next()
+    clock.now += 5
+    assert await sched.send_next()  # the next token: the final state, before the ping
     assert "✅" in sender.sent[-1][2]["m.new_content"]["body"]
 
 
@@ -350,10 +355,10 @@ async def test_flush_sends_every_latest_state_and_reply_at_once(store):
     assert await sched.flush(1.0) == 0
     bodies = [content.get("m.new_content", content)["body"] for _, _, content in sender.sent[2:]]
     assert len(bodies) == 4, bodies
-    # Final states first, then first messages, replies, progress.
-    assert bodies[0].startswith("✅")
-    assert "j3" in bodies[1]
-    assert "shutting down" in bodies[2]
+    # Answers as they were asked for (j3's first message, the reply), final states, progress.
+    assert "j3" in bodies[0]
+    assert "shutting down" in bodies[1]
+    assert bodies[2].startswith("✅")
     assert "4/10" in bodies[3]
     assert sched.backlog == 0
 
@@ -382,7 +387,8 @@ async def test_a_failed_job_gets_its_log_as_a_file_in_a_thread_after_its_final_e
     await drain(sched, clock, clock.now + 1)
     assert sender.uploads == [("!room", b"the log of j7\n", "j7-docs.log", "text/plain")]
     contents = [content for _, _, content in sender.sent]
-    assert "❌" in contents[1]["m.new_content"]["body"]  # the final edit went first
+    kinds = [kind_of(content) for content in contents]
+    assert kinds.index("final") < kinds.index("file")  # the file waits for the final edit
     [attachment] = [c for c in contents if c["msgtype"] == "m.file"]
     assert attachment == {
         "msgtype": "m.file", "body": "j7-docs.log", "filename": "j7-docs.log",
@@ -468,3 +474,245 @@ async def test_pings_can_be_turned_off(store):
     await finish_quickly(sched, clock, Status.FAILED)
     await finish_quickly(sched, clock, Status.COMPLETED, job_id="j2")
     assert pings(sender) == [] and len(sender.sent) == 4
+
+
+# -- answers first (#19, part 5): what a person waits for goes first when budget is short ----
+
+def reply_target(content):
+    return (content.get("m.relates_to") or {}).get("m.in_reply_to", {}).get("event_id")
+
+
+def kind_of(content) -> str:
+    """What a send was, as the tables below name it."""
+    if content["msgtype"] == "m.file":
+        return "file"
+    if content["m.mentions"]:
+        return "ping"
+    if "m.new_content" in content:
+        return "final" if content["m.new_content"]["body"][0] in "✅❌" else "edit"
+    return "answer" if reply_target(content) == "$ask" else "first"
+
+
+async def load_log(job_id):
+    return "log\n"
+
+
+async def with_no_budget_left(store, jobs):
+    """A scheduler on Synapse's default budget (0.2/s, burst 10) that has spent it all on
+    `jobs`: live jobs whose first messages went ("final": j2, "edit": j3), and j7 whose failure
+    was the last send ("file+ping": its log file and its ping wait)."""
+    sched, sender, clock = scheduler(store, rate=0.2, burst=10, interval=0.5,
+                                     load_log=load_log)
+    live = [("final", "j2"), ("edit", "j3"), ("file+ping", "j7")]
+    for kind, job_id in live:
+        if kind in jobs:
+            sched.track("!room", "@a:x", f"$cmd-{job_id}", state(clock, job_id=job_id))
+    clock.now += 0.5
+    await drain(sched, clock, clock.now + 0.01)
+    while sched.bucket.available() >= 2:  # the fake clock stands still: whole tokens
+        sched.bucket.take()
+    if "file+ping" in jobs:
+        sched.update(state(clock, Status.FAILED, job_id="j7"))
+        assert await sched.send_next()  # its final edit, on the last token
+    while sched.bucket.available() >= 1:
+        sched.bucket.take()
+    sender.sent.clear()
+    return sched, sender, clock
+
+
+def ask(sched, clock, kind):
+    """Make `kind` wait to be sent, a tenth of a second after the one before."""
+    clock.now += 0.1
+    if kind == "answer":
+        sched.reply("!room", "$ask", render_error("unknown target 'nosuchtarget'"))
+    elif kind == "first":
+        sched.track("!room", "@a:x", "$cmd-j4", state(clock, Status.PENDING, job_id="j4"))
+    elif kind == "final":
+        sched.update(state(clock, Status.COMPLETED, current=10, job_id="j2"))
+    elif kind == "edit":
+        sched.update(state(clock, current=4, job_id="j3"))
+
+
+SEND_ORDER = [  # what waits, in the order it came → the order it goes in, one send per 5 s
+    (["file+ping", "answer"], ["answer", "file", "ping"]),
+    (["final", "answer"], ["answer", "final"]),
+    (["edit", "final"], ["final", "edit"]),
+    (["file+ping", "final"], ["final", "file", "ping"]),
+    (["edit", "first"], ["first", "edit"]),
+    (["first", "answer"], ["first", "answer"]),
+    (["answer", "first"], ["answer", "first"]),
+    (["file+ping", "edit", "final", "first", "answer"],
+     ["first", "answer", "final", "file", "ping", "edit"]),
+]
+
+
+@pytest.mark.parametrize(("waiting", "order"), SEND_ORDER,
+                         ids=[" then ".join(w) for w, _ in SEND_ORDER])
+async def test_answers_go_first_then_final_states_then_pings_files_and_edits(
+        store, waiting, order):
+    sched, sender, clock = await with_no_budget_left(store, waiting)
+    for kind in waiting:
+        ask(sched, clock, kind)
+    await drain(sched, clock, clock.now + 100, step=0.1)
+    assert [kind_of(content) for _, _, content in sender.sent] == order
+
+
+ANSWER_LATENCY = [  # budget, what answers the command, progress interval → at most (s)
+    ("available", "answer", 0.5, 0.0),
+    ("available", "first", 0.5, 0.5),  # a !build's first message waits one interval...
+    ("available", "first", 10.0, 0.5),  # ...but never over half a second
+    ("at the reserve", "answer", 0.5, 0.0),  # answers spend the final edits' reserve
+    ("spent on a failed job", "answer", 0.5, 5.0),  # one refill, ahead of its ping and file
+    ("spent on a failed job", "first", 0.5, 5.0),
+]
+
+
+@pytest.mark.parametrize(("budget", "kind", "interval", "most"), ANSWER_LATENCY,
+                         ids=[f"{k} with budget {b}, interval {i}s"
+                              for b, k, i, _ in ANSWER_LATENCY])
+async def test_a_command_is_answered_within_a_second_or_the_next_refill(
+        store, budget, kind, interval, most):
+    if budget == "spent on a failed job":
+        sched, sender, clock = await with_no_budget_left(store, ["file+ping"])
+    else:
+        sched, sender, clock = scheduler(store, rate=0.2, burst=10, interval=interval)
+        if budget == "at the reserve":
+            for number in range(1, 4):  # three live jobs, busy
+                sched.track("!room", "@a:x", f"$c{number}", state(clock, job_id=f"j{number}"))
+            await drain(sched, clock, clock.now + 0.5)
+            while sched.bucket.available() >= 1 + sched._reserve():
+                sched.update(state(clock, current=clock.now % 10, job_id="j1"))
+                await drain(sched, clock, clock.now + 0.5)
+            sender.sent.clear()
+    sched.interval_s = interval
+    asked = clock.now + 0.1
+    ask(sched, clock, kind)
+    await drain(sched, clock, clock.now + 20, step=0.01)
+    [answered] = [at for at, _, content in sender.sent if kind_of(content) == kind]
+    assert answered - asked <= most + 0.011
+
+
+async def test_a_run_of_answers_delays_final_states_but_never_drops_them(store):
+    """Many answers in a row spend the reserve; final states still all go, and before the
+    pings, files and edits that wait with them."""
+    sched, sender, clock = await with_no_budget_left(store, ["final", "edit", "file+ping"])
+    for _ in range(5):
+        ask(sched, clock, "answer")
+    ask(sched, clock, "final")
+    ask(sched, clock, "edit")
+    await drain(sched, clock, clock.now + 200, step=0.1)
+    assert [kind_of(c) for _, _, c in sender.sent] == [
+        "answer"] * 5 + ["final", "file", "ping", "edit"]
+    assert sched.backlog == 0
+
+
+# -- the scheduler's own decisions at debug level (#18, part 6) ------------------------------
+
+async def step(sched):
+    """One turn of `run`: a send, or the wait it explains."""
+    if not await sched.send_next():
+        sched._next_wake(explain=True)
+
+
+def told(caplog) -> list[str]:
+    lines = [r.getMessage() for r in caplog.records if r.name == "matrixjobs.matrix.edits"
+             and r.levelname == "DEBUG"]
+    assert all("\n" not in line for line in lines), "one line each"
+    return lines
+
+
+async def paused_after_a_failed_send(store):
+    sched, sender, clock = scheduler(store, rate=0)
+    sender.fail_with = [SendFailedError("connection reset")]
+    sched.reply("!room", "$ask", render_error("x"))
+    await step(sched)
+    await step(sched)
+    return sched, clock
+
+
+async def limited_by_a_429(store):
+    sched, sender, clock = scheduler(store, rate=0.2)
+    sender.fail_with = [RateLimitedError(3.0)]
+    sched.reply("!room", "$ask", render_error("x"))
+    await step(sched)
+    await step(sched)
+    return sched, clock
+
+
+async def out_of_budget(store):
+    sched, _sender, clock = await with_no_budget_left(store, ["file+ping"])
+    sched.reply("!room", "$ask", render_error("x"))
+    await step(sched)
+    clock.now += 5
+    await step(sched)
+    return sched, clock
+
+
+async def held_by_the_reserve(store):
+    sched, _sender, clock = scheduler(store, rate=0.2, burst=3)
+    sched.track("!room", "@a:x", "$cmd-j1", state(clock, job_id="j1"))
+    clock.now += 0.5
+    await step(sched)
+    sched.notify("!room", "$cmd0", render_error("x"), mentions=["@a:x"])
+    await step(sched)
+    return sched, clock
+
+
+async def a_first_message_held(store):
+    sched, _sender, clock = scheduler(store, rate=0.2, interval=0.5)
+    sched.track("!room", "@a:x", "$cmd-j1", state(clock, job_id="j1"))
+    await step(sched)
+    clock.now += 0.5
+    await step(sched)
+    return sched, clock
+
+
+async def edits_spaced(store):
+    sched, _sender, clock = scheduler(store, rate=0, interval=0.5)
+    sched.track("!room", "@a:x", "$cmd-j1", state(clock, job_id="j1"))
+    clock.now += 0.5
+    await step(sched)
+    sched.update(state(clock, current=3))
+    await step(sched)
+    sched.update(state(clock, Status.COMPLETED, current=10))
+    await step(sched)
+    return sched, clock
+
+
+N = r"[0-9]+\.[0-9]+"  # how long, how many: whatever the scene made them
+DEBUG_LINES = [  # a scene → a line it leaves in the debug log
+    (paused_after_a_failed_send, "every send waits 1.00s: paused after a failed send"),
+    (limited_by_a_429, "429 for the answer to $ask: no sends for 3.0s, then one"),
+    (limited_by_a_429, "the answer to $ask waits 3.00s: 429: the homeserver asked for 3.0s "
+                       "without sends"),
+    (out_of_budget, f"the answer to $ask waits {N}s: budget: {N} of 1 sends, refilled at 0.2/s"),
+    (out_of_budget, "sent the answer to $ask 5.00s after it was asked for"),
+    (held_by_the_reserve, f"the ping to $cmd0 waits {N}s: reserve: {N} sends in budget, 1 kept "
+                          "for live messages' final edits"),
+    (a_first_message_held, "j1's first message waits 0.50s: interval: a first message waits for "
+                           "its job to move on"),
+    (a_first_message_held, "sent j1's first message 0.50s after it was asked for"),
+    (edits_spaced, "j1's edit waits 0.50s: interval: edits of a message go 0.5s apart"),
+    (edits_spaced, "sent j1's final state 0.00s after it was known"),
+]
+
+
+@pytest.mark.parametrize(("scene", "line"), DEBUG_LINES,
+                         ids=[line.replace(N, "N") for _, line in DEBUG_LINES])
+async def test_debug_lines_say_why_a_send_waits_and_for_how_long(store, caplog, scene, line):
+    caplog.set_level(logging.DEBUG, logger="matrixjobs.matrix.edits")
+    await scene(store)
+    pattern = re.compile("matrix: " + re.escape(line).replace(re.escape(N), N))
+    assert [told for told in told(caplog) if pattern.fullmatch(told)], told(caplog)
+
+
+async def test_a_wait_is_told_once_however_often_the_scheduler_wakes(store, caplog):
+    caplog.set_level(logging.DEBUG, logger="matrixjobs.matrix.edits")
+    sched, _sender, clock = await with_no_budget_left(store, ["edit"])
+    for n in range(20):  # busy progress wakes the loop, which has no budget to edit with
+        sched.update(state(clock, current=n % 10, job_id="j3"))
+        clock.now += 0.1
+        await step(sched)
+    [waits] = [line for line in told(caplog) if "waits" in line]
+    assert re.fullmatch(f"matrix: j3's edit waits {N}s: budget: {N} of 2 sends, refilled at "
+                        "0.2/s", waits)

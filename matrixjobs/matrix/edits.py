@@ -1,16 +1,31 @@
 """The edit scheduler: one progress message per job or batch, kept current within budget.
 
 Every send, edits included, counts against the homeserver's rate limit. The
-scheduler keeps only the newest state per message (coalescing), sends what
-matters first — final states, then replies and first messages, then progress
-edits round-robin — and keeps back enough of its budget that every live
-message's final edit can go out at once. Edits always target the original
-event, carry the full `m.new_content`, and never exceed `max_edits` per message.
+scheduler keeps only the newest state per message (coalescing) and, when the
+budget is short, sends what a person is waiting for first (`Rank`):
+
+1. answers: replies to commands (results, refusals, errors) and a command's first
+   progress message, in the order they were asked for;
+2. final states, which are never dropped;
+3. the rest: pings, failed jobs' log files, then progress edits round-robin.
+
+It keeps back enough of its budget that every live message's final edit can go
+out at once: pings, log files and progress edits never spend that reserve.
+Answers, ranked above final states, may (a person is waiting for them; a final
+edit then waits at most one refill for each answer that did), and the reserve
+fills up again before anything of the third rank goes. Edits always target the
+original event, carry the full `m.new_content`, and never exceed `max_edits` per
+message.
 
 A job that failed also gets its whole log as a file (`m.file`) in a thread
-under its progress message, once the final edit is out: queued with the
-replies, so it waits behind final states and within the same budget, and the
+under its progress message, once the final edit is out: queued with the pings,
+so it waits behind answers and final states and within the same budget, and the
 progress message stays the job's only message in the room's timeline.
+
+At debug level the scheduler says, one line each, why the most important send
+still waiting waits and for how long (budget, reserve, interval, a 429's wait,
+a pause after a failed send), each 429, and how long each answer and final state
+took. The lines name jobs, rooms' events and reasons, never message text.
 """
 
 from __future__ import annotations
@@ -27,6 +42,7 @@ import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field
+from enum import IntEnum
 from typing import Any, Protocol
 
 from matrixjobs.errors import NotFoundError
@@ -46,6 +62,16 @@ FLUSH_POLL_S = 0.05  # while flushing, the shortest wait for budget or after a f
 LOG_TYPE = "text/plain"
 UNSAFE_IN_FILENAME = re.compile(r"[^A-Za-z0-9_.-]+")
 PING_FAILED, PING_FIXED, PING_LONG = "failed", "fixed", "long"
+# The longest a command's first message waits for its job to move on (see _first_due).
+FIRST_MESSAGE_WAIT_S = 0.5
+
+
+class Rank(IntEnum):
+    """What goes first when the budget is short: the lowest rank."""
+
+    ANSWER = 0  # a person waits for it: a reply to their command, a command's first message
+    FINAL = 1  # a job's or batch's final state
+    NOTICE = 2  # pings, log files and progress edits: never from the final edits' reserve
 
 
 class RateLimitedError(Exception):
@@ -101,7 +127,8 @@ class Slot:
     shown: JobProgressEvent | None = None
     edits: int = 0
     last_sent: float = float("-inf")
-    tracked_at: float = float("-inf")
+    tracked_at: float = float("-inf")  # when its command asked for it (-inf: restored)
+    ended_at: float = float("-inf")  # when its final state became known
     # The first message as first attempted: a retry must send the very same content,
     # since the homeserver may already have it under that transaction id.
     first: tuple[JobProgressEvent, Rendered] | None = None
@@ -116,10 +143,14 @@ class Slot:
 
 @dataclass(slots=True)
 class Reply:
+    """An answer to a command (`answer`), or a notice nobody asked for just now (a ping)."""
+
     room_id: str
     reply_to: str
     rendered: Rendered
     mentions: list[str] = field(default_factory=list)
+    answer: bool = True
+    asked_at: float = 0.0
     txn_id: str = field(default_factory=lambda: f"mj-reply-{uuid.uuid4().hex}")
 
 
@@ -135,6 +166,16 @@ class Attachment:
     # Set once uploaded, so a retried send does not upload again.
     file: dict[str, Any] | None = None
     size: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Wait:
+    """A send that cannot go yet: in how many seconds it can, what it is, what holds it."""
+
+    seconds: float
+    rank: Rank
+    what: str
+    why: str
 
 
 def log_filename(event: JobProgressEvent) -> str:
@@ -247,25 +288,30 @@ class EditScheduler:
         self._clock = clock
         self._monotonic = monotonic
         self._slots: dict[str, Slot] = {}
-        self._replies: deque[Reply | Attachment] = deque()
+        self._answers: deque[Reply] = deque()
+        self._notices: deque[Reply | Attachment] = deque()
         self._order = itertools.count()
         self._changed = asyncio.Event()
         self._paused_until = 0.0
         self._backoff = 1.0
         self._warned_at = float("-inf")
         self._flushing = False
+        self._explained: tuple[str, str] | None = None  # the wait last told at debug level
         self.sent = 0
 
     # -- what the bot tells us ------------------------------------------------------------
 
     def track(self, room_id: str, requester: str, reply_to: str,
               event: JobProgressEvent) -> None:
-        """Show a new job or batch: its first message goes out as soon as budget allows."""
+        """Show a new job or batch: its first message answers the command that asked for
+        it, and goes out as soon as budget allows (see `_first_due`)."""
         if event.id in self._slots:
             self.update(event)
             return
-        self._slots[event.id] = Slot(event.id, room_id, requester, reply_to,
-                                     next(self._order), event, tracked_at=self._monotonic())
+        now = self._monotonic()
+        self._slots[event.id] = Slot(event.id, room_id, requester, reply_to, next(self._order),
+                                     event, tracked_at=now,
+                                     ended_at=now if event.terminal else float("-inf"))
         self._changed.set()
 
     def restore(self, message: ProgressMessage, event: JobProgressEvent) -> None:
@@ -273,7 +319,8 @@ class EditScheduler:
         (or its first message is sent now, if it never was)."""
         slot = Slot(message.subject_id, message.room_id, message.requester, message.reply_to,
                     next(self._order), event, event_id=message.event_id, edits=message.edits,
-                    unsure=message.event_id is None)
+                    unsure=message.event_id is None,
+                    ended_at=self._monotonic() if event.terminal else float("-inf"))
         self._slots[message.subject_id] = slot
         self._changed.set()
 
@@ -282,14 +329,30 @@ class EditScheduler:
         if slot is None or slot.latest.terminal or event.updated_at < slot.latest.updated_at:
             return
         slot.latest = event
+        if event.terminal:
+            slot.ended_at = self._monotonic()
         self._changed.set()
 
     def reply(self, room_id: str, reply_to: str, rendered: Rendered,
               mentions: Sequence[str] = ()) -> None:
-        if len(self._replies) >= MAX_REPLIES:
-            log.warning("matrix: %d replies waiting; dropping one to %s", MAX_REPLIES, reply_to)
+        """Answer a command (its result, a refusal, an error): it goes before anything else
+        but earlier answers, and may spend the final edits' reserve."""
+        self._enqueue(self._answers, Reply(room_id, reply_to, rendered, list(mentions),
+                                           asked_at=self._monotonic()))
+
+    def notify(self, room_id: str, reply_to: str, rendered: Rendered,
+               mentions: Sequence[str] = ()) -> None:
+        """Tell something nobody asked for just now (a ping when a job ends): it goes after
+        answers and final states, and never from the final edits' reserve."""
+        self._enqueue(self._notices, Reply(room_id, reply_to, rendered, list(mentions),
+                                           answer=False, asked_at=self._monotonic()))
+
+    def _enqueue(self, queue: deque[Any], reply: Reply) -> None:
+        if len(queue) >= MAX_REPLIES:
+            log.warning("matrix: %d replies waiting; dropping one to %s", MAX_REPLIES,
+                        reply.reply_to)
             return
-        self._replies.append(Reply(room_id, reply_to, rendered, list(mentions)))
+        queue.append(reply)
         self._changed.set()
 
     def tracks(self, subject_id: str) -> bool:
@@ -297,15 +360,16 @@ class EditScheduler:
 
     @property
     def backlog(self) -> int:
-        """Sends still waiting (final states, replies, first messages, progress)."""
-        return len(self._replies) + sum(slot.dirty for slot in self._slots.values())
+        """Sends still waiting (answers, first messages, final states, notices, progress)."""
+        return (len(self._answers) + len(self._notices)
+                + sum(slot.dirty for slot in self._slots.values()))
 
     # -- the loop -----------------------------------------------------------------------------
 
     async def run(self) -> None:
         while True:
             if not await self.send_next():
-                await self._wait(self._next_wake())
+                await self._wait(self._next_wake(explain=True))
 
     async def send_next(self) -> bool:
         """Make the most important send that the budget allows now; False if none is due."""
@@ -326,7 +390,7 @@ class EditScheduler:
                 while True:
                     if await self.send_next():
                         continue
-                    wake = self._next_wake()
+                    wake = self._next_wake(explain=True)
                     if wake is None:
                         break
                     await asyncio.sleep(max(wake, FLUSH_POLL_S))
@@ -341,81 +405,153 @@ class EditScheduler:
 
     def _pick(self) -> Slot | Reply | Attachment | None:
         now = self._monotonic()
-        if now < self._paused_until:
+        if now < self._paused_until or self.bucket.available() < 1:
             return None
-        tokens = self.bucket.available()
-        if tokens < 1:
-            return None
-        slots = sorted(self._slots.values(), key=lambda s: s.order)
-        for slot in slots:  # final states first, never dropped
-            if slot.dirty and slot.latest.terminal:
-                return slot
-        for slot in slots:
-            if self._first_due(slot, now):
-                return slot
-        if tokens < 1 + self._reserve():
-            return None
-        if self._replies:
-            return self._replies[0]
-        due = [slot for slot in slots if self._progress_due(slot, now)]
-        return min(due, key=lambda s: s.last_sent) if due else None
+        choice: Slot | Reply | Attachment | None = self._next_answer(now)
+        if choice is None:
+            choice = self._next_final()
+        if choice is None and self.bucket.available() >= 1 + self._reserve():
+            choice = self._next_notice(now)
+        return choice
+
+    def _next_answer(self, now: float) -> Slot | Reply | None:
+        """Of the answers due, the one asked for first."""
+        firsts = [slot for slot in self._slots.values() if self._first_due(slot, now)]
+        first = min(firsts, key=lambda s: (s.tracked_at, s.order), default=None)
+        reply = self._answers[0] if self._answers else None
+        if first is None or (reply is not None and reply.asked_at < first.tracked_at):
+            return reply
+        return first
+
+    def _next_final(self) -> Slot | None:
+        finals = [slot for slot in self._slots.values()
+                  if slot.dirty and slot.latest.terminal and slot.event_id is not None]
+        return min(finals, key=lambda s: s.order, default=None)
+
+    def _next_notice(self, now: float) -> Slot | Reply | Attachment | None:
+        if self._notices:
+            return self._notices[0]
+        due = [slot for slot in self._slots.values() if self._progress_due(slot, now)]
+        return min(due, key=lambda s: (s.last_sent, s.order), default=None)
 
     def _reserve(self) -> int:
-        """Sends kept back so that every live message's final edit can go at once."""
+        """Sends kept back from notices and progress edits, so that every live message's
+        final edit can go at once."""
         if self.bucket.unlimited or self._flushing:
             return 0
         return min(len(self._slots), self.bucket.burst - 1)
 
+    def _first_wait(self) -> float:
+        return min(self.interval_s, FIRST_MESSAGE_WAIT_S)
+
     def _first_due(self, slot: Slot, now: float) -> bool:
-        """A first message waits one interval: a job quicker than that needs a single
-        event (its final state), and a started one never shows "queued"."""
-        return slot.event_id is None and now - slot.tracked_at >= self.interval_s
+        """A first message waits one interval, but never over FIRST_MESSAGE_WAIT_S: a job
+        quicker than that needs a single event (its final state, sent at once), and a started
+        one never shows "queued". The wait stays for a command's explicit first message too:
+        it saves a send exactly when the budget is short, and half a second keeps the answer
+        well within the second a person waits for a sign of life. It is capped because a
+        long interval is chosen to space edits, not to keep people waiting for that sign."""
+        return slot.event_id is None and (
+            slot.latest.terminal or now - slot.tracked_at >= self._first_wait())
 
     def _progress_due(self, slot: Slot, now: float) -> bool:
         return (slot.dirty and slot.event_id is not None
                 and now - slot.last_sent >= self.interval_s
                 and slot.edits < self.max_edits - 1)  # the last edit is the final one's
 
-    def _next_wake(self) -> float | None:
-        now = self._monotonic()
+    def _next_wake(self, explain: bool = False) -> float | None:
+        """Seconds until a send may be due (None: nothing waits); with `explain`, say at
+        debug level why the most important one waits."""
+        waits = self._waits(self._monotonic())
+        if explain and log.isEnabledFor(logging.DEBUG):
+            self._explain(waits)
+        return min((wait.seconds for wait in waits), default=None)
+
+    def _waits(self, now: float) -> list[Wait]:
+        """The sends that cannot go now, the most important of each kind."""
         if now < self._paused_until:
-            return self._paused_until - now
+            return [Wait(self._paused_until - now, Rank.ANSWER, "every send",
+                         "paused after a failed send")]
         waits = []
-        urgent = any(self._first_due(s, now) or (s.dirty and s.latest.terminal)
-                     for s in self._slots.values())
-        if urgent:
-            waits.append(self.bucket.seconds_until(1))
-        if self._replies:
-            waits.append(self.bucket.seconds_until(1 + self._reserve()))
-        held = [s.tracked_at + self.interval_s for s in self._slots.values()
-                if s.event_id is None and not self._first_due(s, now)]
+        answer = self._next_answer(now)
+        if answer is not None:
+            waits.append(self._for_budget(Rank.ANSWER, answer, 1))
+        final = self._next_final()
+        if final is not None:
+            waits.append(self._for_budget(Rank.FINAL, final, 1))
+        held = [slot for slot in self._slots.values()
+                if slot.event_id is None and not self._first_due(slot, now)]
         if held:
-            waits.append(max(min(held) - now, self.bucket.seconds_until(1)))
-        progress = [s for s in self._slots.values() if s.dirty and s.event_id is not None
-                    and s.edits < self.max_edits - 1]
+            slot = min(held, key=lambda s: s.tracked_at)
+            waits.append(self._after(slot.tracked_at + self._first_wait() - now,
+                                     self._for_budget(Rank.ANSWER, slot, 1),
+                                     "a first message waits for its job to move on"))
+        need = 1 + self._reserve()
+        if self._notices:
+            waits.append(self._for_budget(Rank.NOTICE, self._notices[0], need))
+        progress = [slot for slot in self._slots.values() if slot.dirty
+                    and slot.event_id is not None and slot.edits < self.max_edits - 1]
         if progress:
-            earliest = min(s.last_sent for s in progress) + self.interval_s
-            waits.append(max(earliest - now, self.bucket.seconds_until(1 + self._reserve())))
-        return min(waits) if waits else None
+            slot = min(progress, key=lambda s: (s.last_sent, s.order))
+            waits.append(self._after(slot.last_sent + self.interval_s - now,
+                                     self._for_budget(Rank.NOTICE, slot, need),
+                                     f"edits of a message go {self.interval_s:g}s apart"))
+        return waits
+
+    def _for_budget(self, rank: Rank, choice: Slot | Reply | Attachment, need: int) -> Wait:
+        """How long `choice` waits for `need` sends in budget, and what holds it back."""
+        seconds = self.bucket.seconds_until(need)
+        blocked = self.bucket.blocked_for()
+        if blocked > 0 and blocked >= seconds - 1e-6:  # (the 429 set the budget too)
+            why = f"429: the homeserver asked for {blocked:.1f}s without sends"
+        elif need > 1 and self.bucket.tokens() >= 1:
+            why = (f"reserve: {self.bucket.tokens():.2f} sends in budget, {need - 1} kept "
+                   "for live messages' final edits")
+        else:
+            why = (f"budget: {self.bucket.tokens():.2f} of {need} sends, refilled at "
+                   f"{self.bucket.rate:g}/s")
+        return Wait(seconds, rank, describe(choice), why)
+
+    @staticmethod
+    def _after(left: float, budget: Wait, reason: str) -> Wait:
+        """`budget`, or the interval when that ends later."""
+        if left <= budget.seconds:
+            return budget
+        return Wait(left, budget.rank, budget.what, f"interval: {reason}")
+
+    def _explain(self, waits: list[Wait]) -> None:
+        """One debug line each time the most important send waiting, or what holds it,
+        changes (not on every wake, so a busy message does not repeat it)."""
+        if not waits:
+            self._explained = None
+            return
+        top = min(waits, key=lambda wait: (wait.rank, wait.seconds))
+        key = (top.what, top.why.split(":", 1)[0])
+        if key != self._explained:
+            self._explained = key
+            log.debug("matrix: %s waits %.2fs: %s", top.what, top.seconds, top.why)
 
     # -- sending ------------------------------------------------------------------------------
 
     async def _send(self, choice: Slot | Reply | Attachment) -> None:
+        waited = self._waited(choice)
         self.bucket.take()
         try:
             if isinstance(choice, Reply):
                 await self.sender.send(choice.room_id, message_content(
                     choice.rendered, choice.reply_to, choice.mentions), choice.txn_id)
-                self._replies.popleft()
+                self._dequeue(choice)
                 self._count_sent(edit=False)
             elif isinstance(choice, Attachment):
                 await self._send_attachment(choice)
-                self._replies.popleft()
+                self._dequeue(choice)
                 self._count_sent(edit=False)
             else:
                 await self._send_state(choice)
         except RateLimitedError as exc:
             self.bucket.limited(exc.retry_after_s)
+            log.debug("matrix: 429 for %s: no sends for %.1fs, then one",
+                      describe(choice), exc.retry_after_s)
             if self._counter is not None:
                 self._counter.matrix_rate_limited()
             now = self._monotonic()
@@ -436,6 +572,27 @@ class EditScheduler:
             return
         self.sent += 1
         self._backoff = 1.0
+        if waited is not None:
+            log.debug("matrix: sent %s %.2fs after it was %s", *waited)
+
+    def _waited(self, choice: Slot | Reply | Attachment) -> tuple[str, float, str] | None:
+        """An answer or a final state about to go, and how long since it was asked for or
+        known; None for the rest (and for what waited out a restart)."""
+        since, event = float("-inf"), "asked for"
+        if isinstance(choice, Reply) and choice.answer:
+            since = choice.asked_at
+        elif isinstance(choice, Slot) and choice.event_id is None:
+            since = choice.tracked_at
+        elif isinstance(choice, Slot) and choice.latest.terminal:
+            since, event = choice.ended_at, "known"
+        if since == float("-inf"):
+            return None
+        return describe(choice), self._monotonic() - since, event
+
+    def _dequeue(self, choice: Reply | Attachment) -> None:
+        queue = self._answers if isinstance(choice, Reply) and choice.answer else self._notices
+        if queue and queue[0] is choice:
+            queue.popleft()
 
     def _count_sent(self, edit: bool) -> None:
         if self._counter is None:
@@ -481,7 +638,7 @@ class EditScheduler:
         if (self._load_log is None or event.status is not Status.FAILED
                 or event.type != "job" or slot.event_id is None):
             return
-        self._replies.append(Attachment(slot.room_id, slot.event_id, slot.subject_id,
+        self._notices.append(Attachment(slot.room_id, slot.event_id, slot.subject_id,
                                         log_filename(event), f"mj-{slot.subject_id}-log"))
         self._changed.set()
 
@@ -500,19 +657,30 @@ class EditScheduler:
     async def _ping(self, slot: Slot, event: JobProgressEvent) -> None:
         fixed = await self.pings.fixed(event)
         if self.pings.due(event, fixed):
-            self.reply(slot.room_id, slot.reply_to,
-                       render_final_notice(event, slot.requester, self._clock(), fixed),
-                       mentions=[slot.requester])
+            self.notify(slot.room_id, slot.reply_to,
+                        render_final_notice(event, slot.requester, self._clock(), fixed),
+                        mentions=[slot.requester])
 
     def _failed(self, choice: Slot | Reply | Attachment, exc: SendFailedError) -> None:
         where = choice.room_id
         if exc.permanent:
             log.warning("giving up a message in %s: %s", where, exc)
             if isinstance(choice, Reply | Attachment):
-                self._replies.popleft()
+                self._dequeue(choice)
             else:
                 self._slots.pop(choice.subject_id, None)
             return
         log.warning("sending to %s failed (%s); retrying in %.0fs", where, exc, self._backoff)
         self._paused_until = self._monotonic() + self._backoff
         self._backoff = min(self._backoff * 2, MAX_BACKOFF_S)
+
+
+def describe(choice: Slot | Reply | Attachment) -> str:
+    """A send as the debug lines name it: the job or event it is about, never its text."""
+    if isinstance(choice, Reply):
+        return f"the {'answer' if choice.answer else 'ping'} to {choice.reply_to}"
+    if isinstance(choice, Attachment):
+        return f"{choice.subject_id}'s log file"
+    if choice.event_id is None:
+        return f"{choice.subject_id}'s first message"
+    return f"{choice.subject_id}'s {'final state' if choice.latest.terminal else 'edit'}"

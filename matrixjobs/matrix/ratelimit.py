@@ -52,6 +52,17 @@ class TokenBucket:
         missing = tokens - self._tokens
         return max(wait, missing / self.rate if missing > 0 else 0.0)
 
+    def blocked_for(self) -> float:
+        """Seconds left of a 429's wait (0 if none)."""
+        return max(self._blocked_until - self._clock(), 0.0)
+
+    def tokens(self) -> float:
+        """Tokens in the bucket, whether or not a 429's wait lets them be spent now."""
+        if self.unlimited:
+            return float("inf")
+        self._refill()
+        return self._tokens
+
     def limited(self, retry_after_s: float) -> None:
         """The homeserver said 429: nothing for `retry_after_s`, then exactly one send."""
         self._refill()
