@@ -15,7 +15,8 @@ import os
 import shutil
 import socket
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
 from typing import Protocol
@@ -25,8 +26,11 @@ from prometheus_client import CollectorRegistry
 from matrixjobs import __version__
 from matrixjobs.config import Config
 from matrixjobs.errors import (
+    AlreadyFinishedError,
     BadArgumentsError,
+    ForbiddenError,
     MatrixJobsError,
+    NotAwaitingApprovalError,
     NotFoundError,
     StoreUnavailableError,
     TargetGoneError,
@@ -38,6 +42,7 @@ from matrixjobs.metrics import Metrics
 from matrixjobs.models import (
     BATCH_PREFIX,
     JOB_PREFIX,
+    Approval,
     Batch,
     Job,
     JobSpec,
@@ -46,9 +51,10 @@ from matrixjobs.models import (
     Worker,
     parse_id,
 )
-from matrixjobs.policy import Policy
+from matrixjobs.policy import Action, Caller, Policy
 from matrixjobs.progress.events import JobProgressEvent, event_of
 from matrixjobs.progress.monitor import ProgressMonitor
+from matrixjobs.progress.wording import approval_state
 from matrixjobs.queue.command import CommandHandler
 from matrixjobs.queue.containment import choose_runner, describe, shared_state
 from matrixjobs.queue.handlers import HandlerRegistry, load_user_handlers
@@ -76,6 +82,16 @@ WORKERS_CACHE_S = 2.0
 REFOLLOW_CHARS = 4096
 # How often the store is probed for writes (a fault shows, and its end, within two of these).
 STORE_PROBE_S = 5.0
+# How long the probe's write may take on PostgreSQL: a server that cannot be reached would
+# hold it for the pool's wait (30 s). SQLite's own busy timeout (5 s) bounds it there.
+STORE_PROBE_TIMEOUT_S = 4.0
+# How often work held for approval is checked for expiry (and for a denial whose cancel a
+# crash cut short).
+APPROVAL_SWEEP_S = 5.0
+# A denial's reason, as long as it may be shown.
+MAX_REASON = 200
+# Tries at recording an approval that others keep changing at the same moment.
+APPROVAL_TRIES = 5
 PROBE_SETTING = "health.probe"
 # How often a process that shares its store saves its jobs' logs, for followers elsewhere.
 LOG_SAVE_S = 2.0
@@ -103,7 +119,7 @@ class App:
         self.config = config
         self.role = role  # "run" (the service) or "worker" (`matrixjobs worker`)
         self.targets = Targets(config.targets)
-        self.policy = Policy(config.access)
+        self.policy = Policy(config.access, config.targets)
         self.handlers = handlers or HandlerRegistry()
         self._commands = CommandHandler(self.targets, config.queue.limits,
                                         config.queue.kill_grace_s)
@@ -114,6 +130,7 @@ class App:
         self.monitor = ProgressMonitor(config.progress.interval_ms, observers=[self.metrics])
         self.job_logs = JobLogs(config.logs.max_bytes, redact)
         self.health = StoreHealth()
+        self._store_patient = True  # see _be_patient
         self.queue = JobQueue(self.store, self.monitor, self.handlers, config.queue,
                               self.job_logs, config.worker, health=self.health)
         # Only nodes with interfaces show other processes' jobs; a worker has no one to tell.
@@ -145,6 +162,8 @@ class App:
                                self.queue.heartbeat)
         self._supervisor.every("retention", RETENTION_SWEEP_S, self.purge)
         self._supervisor.every("store-probe", STORE_PROBE_S, self._probe_store)
+        if self.role == "run":
+            self._supervisor.every("approvals", APPROVAL_SWEEP_S, self.end_approvals)
         listen = self.store.listen(self._announced, self._missed_news)
         if listen is not None:
             self._supervisor.keep("listener", listen)
@@ -269,12 +288,13 @@ class App:
 
     async def submit(
         self, target: str, args: Sequence[str] = (), dedupe_key: str | None = None,
-        show: ProgressMessage | None = None, requester: str | None = None,
+        show: ProgressMessage | None = None, caller: Caller | None = None,
     ) -> Job:
         """Queue a configured target. `dedupe_key` makes a repeated request raise
-        AlreadySubmittedError; `show` records where its progress will be shown;
-        `requester` says who asked (a Matrix user id, "api", "cli", …)."""
-        spec = self.targets.spec(target, list(args), requester)
+        AlreadySubmittedError; `show` records where its progress will be shown; `caller`
+        says who asked, from where (None: the core itself, no rule applies)."""
+        self._allow(caller, Action.RUN, [target])
+        spec = self.targets.spec(target, list(args), _requester(caller))
         [job] = await self._enqueue([spec], dedupe_key, show)
         return job
 
@@ -299,6 +319,7 @@ class App:
         """New work goes to the store only while it takes writes; a write that fails with a
         store fault says so (StoreUnavailableError), never as an internal error."""
         if not self.health.up:
+            log.debug("refusing new work: %s", self.health.reason)
             raise StoreUnavailableError(self._unavailable())
         try:
             yield
@@ -313,6 +334,26 @@ class App:
         return (f"{self.health.reason}: new jobs are refused until it recovers; "
                 f"try again in {RETRY_AFTER_S} s")
 
+    @contextlib.contextmanager
+    def _reading(self) -> Iterator[None]:
+        """A read that fails with a store fault (PostgreSQL unreachable) notes it and says
+        so (StoreUnavailableError "store: unreachable; try again in 10 s"), never as an
+        internal error. Reads go on while writes cannot (a locked or full SQLite store);
+        while the store is unreachable they are answered at once, until the probe finds
+        it again (each would wait out the pool's 30 s)."""
+        if self.health.fault is StoreFault.UNREACHABLE:
+            raise StoreUnavailableError(f"{self.health.reason}; try again in {RETRY_AFTER_S} s")
+        try:
+            yield
+        except MatrixJobsError:
+            raise
+        except Exception as exc:
+            fault = self.health.failed(exc)
+            if fault is None:
+                raise
+            raise StoreUnavailableError(f"store: {fault}; try again in {RETRY_AFTER_S} s"
+                                        ) from None
+
     async def _probe_store(self) -> None:
         """Whether the store takes writes: the free space where a SQLite store is, then a
         small real write. Only this clears a fault (a write elsewhere may succeed while
@@ -325,23 +366,39 @@ class App:
                 self.health.down(StoreFault.DISK_FULL, f"{free / 1024**2:.0f} MiB free, below "
                                  f"[store] min_free_mb = {store.min_free_mb:g}")
                 return
+        await self._be_patient(self.health.up)
+        bound = None if store.backend == "sqlite" else STORE_PROBE_TIMEOUT_S
         try:
-            await self.store.set_setting(PROBE_SETTING, f"{time.time():.3f}")
+            async with asyncio.timeout(bound):
+                await self.store.set_setting(PROBE_SETTING, f"{time.time():.3f}")
         except Exception as exc:
             if self.health.failed(exc) is None:
                 raise  # not the store's fault: the supervisor logs it
             return
         self.health.worked()
+        await self._be_patient(True)
+
+    async def _be_patient(self, patient: bool) -> None:
+        """While the store is unavailable its writes give up at once (Store.set_patience):
+        the dispatcher's retries and the probe would otherwise hold SQLite's one connection
+        for its whole busy timeout each, and every read (`!status`, the dashboard) behind
+        them. Once the probe's write works again, writes wait as before."""
+        if patient != self._store_patient:
+            await self.store.set_patience(patient)
+            self._store_patient = patient
+            log.debug("store writes %s", "wait out a busy store again" if patient
+                      else "give up at once while the store is unavailable")
 
     async def submit_batch(
         self, targets: Sequence[str], name: str | None = None, dedupe_key: str | None = None,
-        show: ProgressMessage | None = None, requester: str | None = None,
+        show: ProgressMessage | None = None, caller: Caller | None = None,
     ) -> Batch:
-        specs = [self.targets.spec(target, requester=requester) for target in targets]
+        self._allow(caller, Action.RUN, targets)
+        specs = [self.targets.spec(target, requester=_requester(caller)) for target in targets]
         return await self._enqueue_batch(name or " ".join(targets), specs, dedupe_key, show)
 
     async def rerun(
-        self, subject: str, requester: str | None = None, dedupe_key: str | None = None,
+        self, subject: str, caller: Caller | None = None, dedupe_key: str | None = None,
         show: ProgressMessage | None = None,
     ) -> Job | Batch:
         """Queue a job's target again with the same arguments (one operation of a batch
@@ -353,20 +410,22 @@ class App:
             if batch is None:
                 raise NotFoundError(f"no batch {subject}")
             operations = await self.store.list_jobs(batch_id=subject, limit=batch.total)
-            specs = [self._again(job, requester) for job in reversed(operations)]
+            self._allow(caller, Action.RERUN, [_target(job) for job in operations])
+            specs = [self._again(job, caller) for job in reversed(operations)]
             return await self._enqueue_batch(batch.name, specs, dedupe_key, show)
         job = await self.store.get_job(subject)
         if job is None:
             raise NotFoundError(f"no job {subject}")
-        [rerun_job] = await self._enqueue([self._again(job, requester)], dedupe_key, show)
+        self._allow(caller, Action.RERUN, [_target(job)])
+        [rerun_job] = await self._enqueue([self._again(job, caller)], dedupe_key, show)
         return rerun_job
 
-    def _again(self, job: Job, requester: str | None) -> JobSpec:
+    def _again(self, job: Job, caller: Caller | None) -> JobSpec:
         target, args = job.data.get("target"), job.data.get("args", [])
         if not isinstance(target, str) or not isinstance(args, list):
             raise MatrixJobsError(f"cannot rerun {job.id}: it did not run a configured target")
         try:
-            return self.targets.spec(target, args, requester)
+            return self.targets.spec(target, args, _requester(caller))
         except UnknownTargetError:
             raise TargetGoneError(job.id, target, self.targets.names()) from None
         except BadArgumentsError as exc:
@@ -381,8 +440,123 @@ class App:
         """The job or batch whose progress message is `event_id` in `room_id`."""
         return await self.store.message_subject(room_id, event_id)
 
-    async def cancel(self, subject: str) -> Job | Batch:
+    async def cancel(self, subject: str, caller: Caller | None = None) -> Job | Batch:
+        if caller is not None:
+            await self._allow_on(caller, Action.CANCEL, subject)
         return await self.queue.cancel(subject)
+
+    def _allow(self, caller: Caller | None, action: Action, targets: Sequence[str],
+               owner: str | None = None) -> None:
+        """Raise ForbiddenError if a rule refuses `caller` (None: the core itself)."""
+        if caller is None:
+            return
+        decision = self.policy.decide(caller, action, targets, owner)
+        if not decision:
+            log.debug("policy: %s refused to %s via %s on %s (rule %s: %s)", action,
+                      caller.user, caller.via, ", ".join(targets) or "-", decision.rule,
+                      decision.reason)
+            raise ForbiddenError(decision.reason, decision.rule)
+
+    async def _allow_on(self, caller: Caller, action: Action, subject: str) -> None:
+        """`_allow` for existing work: its targets, and who started it. Unknown ids pass
+        here and get their own answer from the step that looks them up."""
+        subject = _canonical(subject)
+        if subject.startswith(BATCH_PREFIX):
+            batch = await self.store.get_batch(subject)
+            if batch is None:
+                return
+            operations = await self.store.list_jobs(batch_id=subject, limit=batch.total)
+            self._allow(caller, action, [_target(job) for job in operations], batch.requester)
+            return
+        job = await self.store.get_job(subject)
+        if job is not None:
+            self._allow(caller, action, [_target(job)], job.requester)
+
+    # -- approvals -----------------------------------------------------------------------------
+
+    async def approve(self, subject: str, caller: Caller) -> Job | Batch:
+        """Count `caller`'s approval of held work (once per person); the last one needed
+        releases it to run. Returns it as it is now."""
+        return await self._judge(subject, caller, lambda approval: approval.approved(
+            caller.user))
+
+    async def deny(self, subject: str, caller: Caller, reason: str | None = None) -> Job | Batch:
+        """Refuse held work: it is cancelled, and shows who denied it and why."""
+        # Shown in the room and the dashboard: printable characters only.
+        reason = "".join(c for c in reason or "" if c.isprintable()).strip()[:MAX_REASON] or None
+        item = await self._judge(subject, caller, lambda approval: approval.denied(
+            caller.user, reason))
+        return await self.queue.cancel(item.id)
+
+    async def _judge(self, subject: str, caller: Caller,
+                     change: Callable[[Approval], Approval]) -> Job | Batch:
+        subject = _canonical(subject)
+        for _ in range(APPROVAL_TRIES):
+            item, targets = await self._held(subject)
+            approval = item.approval
+            assert approval is not None
+            self._allow(caller, Action.APPROVE, targets, item.requester)
+            if caller.user in approval.approved_by:
+                return item  # counted once
+            after = change(approval)
+            release = time.time() if after.granted else None
+            with self._storing():
+                if await self.store.set_approval(subject, approval, after, release):
+                    log.info("%s: %s by %s via %s (%d/%d)", subject,
+                             "denied" if after.denied_by else "approved", caller.user,
+                             caller.via, len(after.approved_by), after.required)
+                    return await self._approval_changed(subject)
+        raise MatrixJobsError(f"{subject} is being approved by others right now; try again")
+
+    async def _held(self, subject: str) -> tuple[Job | Batch, list[str]]:
+        """Work waiting for approval, and its targets; else a clear error."""
+        item: Job | Batch | None
+        if subject.startswith(BATCH_PREFIX):
+            item = await self.store.get_batch(subject)
+            jobs = [] if item is None else await self.store.list_jobs(batch_id=subject,
+                                                                     limit=item.total)
+        else:
+            item = await self.store.get_job(subject)
+            jobs = [] if item is None else [item]
+        if item is None:
+            raise NotFoundError(f"no {'batch' if subject[0] == BATCH_PREFIX else 'job'} "
+                                f"{subject}")
+        approval = item.approval
+        if approval is not None and not approval.waiting:
+            raise NotAwaitingApprovalError(f"{subject} is already {approval_state(approval)}")
+        if approval is None or item.status is not Status.PENDING:
+            raise NotAwaitingApprovalError(f"{subject} is not waiting for approval")
+        return item, [_target(job) for job in jobs]
+
+    async def _approval_changed(self, subject: str) -> Job | Batch:
+        """Show work whose approval changed (released work is claimed at once)."""
+        if subject.startswith(BATCH_PREFIX):
+            batch = await self.store.get_batch(subject)
+            assert batch is not None
+            self.monitor.batch_updated(batch)
+            self.queue.wake()
+            return batch
+        job = await self.store.get_job(subject)
+        assert job is not None
+        self.monitor.job_queued(job)
+        self.queue.wake()
+        return job
+
+    async def end_approvals(self) -> None:
+        """Cancel held work whose approval expired, or was denied but not yet cancelled
+        (a crash between the two)."""
+        now = time.time()
+        for subject, approval in await self.store.awaiting_approval():
+            if approval.waiting and approval.expires_at <= now:
+                expired = replace(approval, expired=True)
+                if not await self.store.set_approval(subject, approval, expired, None):
+                    continue  # approved or denied this very moment
+                log.info("%s: approval expired (%d/%d)", subject, len(approval.approved_by),
+                         approval.required)
+            elif approval.waiting:
+                continue
+            with contextlib.suppress(AlreadyFinishedError, NotFoundError):
+                await self.queue.cancel(subject)
 
     async def status(self, subject: str) -> JobProgressEvent:
         """The current state of a job or batch, live if it is running."""
@@ -390,15 +564,16 @@ class App:
         live = self.monitor.current(subject)
         if live is not None:
             return live
-        if subject.startswith(BATCH_PREFIX):
-            batch = await self.store.get_batch(subject)
-            if batch is None:
-                raise NotFoundError(f"no batch {subject}")
-            return event_of(batch, time.time())
-        job = await self.store.get_job(subject)
-        if job is None:
-            raise NotFoundError(f"no job {subject}")
-        return await self._explained(job, event_of(job, time.time()))
+        with self._reading():
+            if subject.startswith(BATCH_PREFIX):
+                batch = await self.store.get_batch(subject)
+                if batch is None:
+                    raise NotFoundError(f"no batch {subject}")
+                return event_of(batch, time.time())
+            job = await self.store.get_job(subject)
+            if job is None:
+                raise NotFoundError(f"no job {subject}")
+            return await self._explained(job, event_of(job, time.time()))
 
     def live(self, item: Job | Batch) -> JobProgressEvent:
         """The state of a listed job or batch: live (progress, ETA) while running."""
@@ -423,15 +598,18 @@ class App:
     async def active(self, limit: int = ACTIVE_LIMIT) -> list[JobProgressEvent]:
         """What is queued or running, live: batches, then jobs outside any batch (a
         batch's operations show in the batch)."""
-        batches = await self.store.list_batches(ACTIVE, limit=limit)
-        jobs = [job for job in await self.store.list_jobs(ACTIVE, limit=limit)
-                if job.batch_id is None]
-        return [*(self.live(batch) for batch in batches),
-                *[await self._explained(job, self.live(job)) for job in jobs]]
+        with self._reading():
+            batches = await self.store.list_batches(ACTIVE, limit=limit)
+            jobs = [job for job in await self.store.list_jobs(ACTIVE, limit=limit)
+                    if job.batch_id is None]
+            return [*(self.live(batch) for batch in batches),
+                    *[await self._explained(job, self.live(job)) for job in jobs]]
 
-    async def log(self, job_id: str) -> str:
+    async def log(self, job_id: str, caller: Caller | None = None) -> str:
         """A job's whole log as it stands ("" before its first output)."""
         job_id = _job_id(job_id)
+        if caller is not None:
+            await self._allow_on(caller, Action.LOGS, job_id)
         live = self.job_logs.live(job_id)
         if live is not None:
             return live.text()
@@ -440,14 +618,18 @@ class App:
             raise NotFoundError(f"no job {job_id}")
         return text or ""
 
-    async def log_tail(self, job_id: str, lines: int, max_bytes: int) -> str:
+    async def log_tail(self, job_id: str, lines: int, max_bytes: int,
+                       caller: Caller | None = None) -> str:
         """The last `lines` lines of a job's log, at most `max_bytes` of them (UTF-8)."""
-        return tail(await self.log(job_id), lines, max_bytes)
+        return tail(await self.log(job_id, caller), lines, max_bytes)
 
-    async def follow_log(self, job_id: str) -> AsyncIterator[str]:
+    async def follow_log(self, job_id: str, caller: Caller | None = None
+                         ) -> AsyncIterator[str]:
         """A job's log, then its output as it comes, until the run going on (or the next
         one to start) ends. The first chunk comes at once (maybe empty): the job exists."""
         job_id = _job_id(job_id)
+        if caller is not None:
+            await self._allow_on(caller, Action.LOGS, job_id)
         if self.job_logs.live(job_id) is None and await self.store.get_job(job_id) is None:
             raise NotFoundError(f"no job {job_id}")
         yield ""
@@ -497,16 +679,19 @@ class App:
         batch_id = None if batch is None else _canonical(batch)
         if batch_id is not None and not batch_id.startswith(BATCH_PREFIX):
             raise NotFoundError(f"'{batch}' is not a batch id (like b3)")
-        return await self.store.list_jobs(statuses, batch_id=batch_id, limit=limit)
+        with self._reading():
+            return await self.store.list_jobs(statuses, batch_id=batch_id, limit=limit)
 
     async def batches(
         self, statuses: Sequence[Status] | None = None, limit: int = 50
     ) -> list[Batch]:
-        return await self.store.list_batches(statuses, limit=limit)
+        with self._reading():
+            return await self.store.list_batches(statuses, limit=limit)
 
     async def workers(self) -> list[Worker]:
         """Every process that runs jobs from this store, silent ones too."""
-        return await self.store.list_workers()
+        with self._reading():
+            return await self.store.list_workers()
 
     async def _explained(self, job: Job, event: JobProgressEvent) -> JobProgressEvent:
         """A pending job that no live worker can take says so, in its message."""
@@ -558,6 +743,16 @@ def _free_bytes(directory: Path) -> int | None:
         return shutil.disk_usage(directory).free
     except OSError:
         return None  # the write probe tells what is wrong
+
+
+def _requester(caller: Caller | None) -> str | None:
+    return caller.requester if caller is not None else None
+
+
+def _target(job: Job) -> str:
+    """The configured target a job ran ("" for work that was not a target's)."""
+    target = job.data.get("target")
+    return target if isinstance(target, str) else ""
 
 
 def _job_id(subject: str) -> str:

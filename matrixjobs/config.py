@@ -17,7 +17,7 @@ import re
 import shutil
 import socket
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -46,6 +46,7 @@ SECRET_ENV = ("MATRIXJOBS_PASSWORD", "MATRIXJOBS_ACCESS_TOKEN", "MATRIXJOBS_API_
 # not a guesser with many); `matrixjobs init` and the bot write 43 random characters.
 MIN_SECRET_LEN = 16
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+MAX_APPROVALS = 10
 USER_RE = re.compile(r"^@[^:\s]+:[^\s]+$")
 # Room ids are opaque (`!abc:server`, or `!abc` from room version 12); aliases `#x:server`.
 ROOM_RE = re.compile(r"^(![^\s]+|#[^:\s]+:[^\s]+)$")
@@ -88,6 +89,31 @@ def toml_list(values: list[str]) -> str:
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _room_ids(value: list[str]) -> list[str]:
+    for room in value:
+        if not ROOM_RE.match(room):
+            raise ValueError(f"'{room}' is not a room id (!x:server) or alias (#x:server)")
+    return value
+
+
+def _user_globs(value: list[str] | None) -> list[str] | None:
+    for pattern in value or ():
+        if not USER_RE.match(pattern):
+            raise ValueError(f"'{pattern}' is not a Matrix user id or glob like @*:example.org")
+    return value
+
+
+def user_matches(patterns: Iterable[str], user_id: str) -> bool:
+    """Is `user_id` one of `patterns` (user ids or globs like @*:example.org)?"""
+    # Match localpart and server separately so '*' cannot reach across the ':'.
+    local, _, server = user_id.partition(":")
+    for pattern in patterns:
+        local_glob, _, server_glob = pattern.partition(":")
+        if fnmatch.fnmatchcase(local, local_glob) and fnmatch.fnmatchcase(server, server_glob):
+            return True
+    return False
 
 
 class MatrixConfig(Section):
@@ -140,13 +166,7 @@ class MatrixConfig(Section):
     def _homeserver(cls, value: str) -> str:
         return homeserver_url(value)
 
-    @field_validator("rooms")
-    @classmethod
-    def _rooms(cls, value: list[str]) -> list[str]:
-        for room in value:
-            if not ROOM_RE.match(room):
-                raise ValueError(f"'{room}' is not a room id (!x:server) or alias (#x:server)")
-        return value
+    _check_rooms = field_validator("rooms")(_room_ids)
 
     @field_validator("user_id")
     @classmethod
@@ -197,24 +217,10 @@ class AccessConfig(Section):
     allowed_users: list[str] = Field(default_factory=list)
     reply_to_denied: bool = True
 
-    @field_validator("allowed_users")
-    @classmethod
-    def _patterns(cls, value: list[str]) -> list[str]:
-        for pattern in value:
-            if not USER_RE.match(pattern):
-                raise ValueError(
-                    f"'{pattern}' is not a Matrix user id or glob like @*:example.org"
-                )
-        return value
+    _check_allowed_users = field_validator("allowed_users")(_user_globs)
 
     def allows(self, user_id: str) -> bool:
-        # Match localpart and server separately so '*' cannot reach across the ':'.
-        local, _, server = user_id.partition(":")
-        for pattern in self.allowed_users:
-            local_glob, _, server_glob = pattern.partition(":")
-            if fnmatch.fnmatchcase(local, local_glob) and fnmatch.fnmatchcase(server, server_glob):
-                return True
-        return False
+        return user_matches(self.allowed_users, user_id)
 
 
 class StoreConfig(Section):
@@ -489,8 +495,24 @@ class TargetConfig(Section):
     limits: LimitsConfig = LimitsConfig()
     # false: the job gets a network namespace of its own with only its own loopback.
     network: bool = True
+    # Who may run it (user ids or globs); None: [access] allowed_users.
+    allowed_users: list[str] | None = None
+    # Room commands only from these rooms (ids or aliases); with rooms or power_level the
+    # target can only be started from a room.
+    rooms: list[str] = Field(default_factory=list)
+    # The sender's power level in the command's room must be at least this.
+    power_level: Int | None = None
+    # How many people other than the requester must approve a job before it runs.
+    approvals: Int = Field(default=0, ge=0, le=MAX_APPROVALS)
+    # Who may approve or deny (user ids or globs); None: anyone allowed to run it.
+    approvers: list[str] | None = None
+    # Unapproved this long: cancelled ("approval expired").
+    approval_timeout_s: Float = Field(default=3600.0, gt=0)
 
     _check_runs_on = field_validator("runs_on")(_labels)
+    _check_allowed_users = field_validator("allowed_users")(_user_globs)
+    _check_approvers = field_validator("approvers")(_user_globs)
+    _check_rooms = field_validator("rooms")(_room_ids)
 
     @field_validator("command")
     @classmethod
@@ -675,8 +697,19 @@ class Config(Section):
                 target.resolve_executable()
             except TargetProblem as exc:
                 found.append(ConfigWarning(WarningTopic.TARGET, f"targets.{name}: {exc}"))
+        found += self._room_only_warnings()
         found += self._routing_warnings()
         return found
+
+    def _room_only_warnings(self) -> list[ConfigWarning]:
+        """Targets only a room may start, on a service without Matrix."""
+        if self.matrix is not None:
+            return []
+        return [ConfigWarning(WarningTopic.TARGET, f"targets.{name}: with rooms or "
+                              "power_level it starts only from a Matrix room, and [matrix] "
+                              "is off: nothing can start it")
+                for name, target in self.targets.items()
+                if target.rooms or target.power_level is not None]
 
     def _routing_warnings(self) -> list[ConfigWarning]:
         """Targets whose `runs_on` labels this node's worker lacks."""

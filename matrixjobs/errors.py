@@ -92,3 +92,15 @@ class ShuttingDownError(MatrixJobsError):
 class StoreUnavailableError(MatrixJobsError):
     """The store cannot take writes now (disk full, locked, unreachable): try again later.
     The message says why ("store: disk full")."""
+
+
+class ForbiddenError(MatrixJobsError):
+    """A rule refuses who asked (the message names the rule's reason)."""
+
+    def __init__(self, reason: str, rule: str) -> None:
+        super().__init__(reason)
+        self.rule = rule
+
+
+class NotAwaitingApprovalError(MatrixJobsError):
+    """Approving or denying work that waits for no approval (any more)."""

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import enum
+import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 
@@ -64,6 +65,57 @@ class JobSpec:
     timeout_s: float | None = None
     requester: str | None = None  # who asked: a Matrix user id, "api", "cli", "mcp"…
     runs_on: list[str] = field(default_factory=list)  # labels its worker must all have
+    approval: Approval | None = None  # held until approved
+
+
+# The run_after of a job held for approval: no claim and no due time reaches it.
+HELD_UNTIL = 1e18
+
+
+@dataclass(frozen=True, slots=True)
+class Approval:
+    """What a job (or batch) waits for before it may run: `required` people other than its
+    requester approving it before `expires_at`; one denial refuses it."""
+
+    required: int
+    expires_at: float
+    approved_by: tuple[str, ...] = ()
+    denied_by: str | None = None
+    reason: str | None = None  # the denial's
+    expired: bool = False
+
+    @property
+    def granted(self) -> bool:
+        return len(self.approved_by) >= self.required
+
+    @property
+    def waiting(self) -> bool:
+        return not (self.granted or self.denied_by or self.expired)
+
+    def approved(self, user: str) -> Approval:
+        return replace(self, approved_by=(*self.approved_by, user))
+
+    def denied(self, user: str, reason: str | None) -> Approval:
+        return replace(self, denied_by=user, reason=reason)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str | None) -> Approval | None:
+        if text is None:
+            return None
+        fields = json.loads(text)
+        return cls(**{**fields, "approved_by": tuple(fields.get("approved_by", ()))})
+
+
+def batch_approval(specs: Sequence[JobSpec]) -> Approval | None:
+    """A batch waits for the approvals its operations would: the most any needs, by the
+    earliest time any would expire."""
+    approvals = [spec.approval for spec in specs if spec.approval is not None]
+    if not approvals:
+        return None
+    return Approval(max(a.required for a in approvals), min(a.expires_at for a in approvals))
 
 
 @dataclass(slots=True)
@@ -95,6 +147,7 @@ class Job:
     requester: str | None = None
     runs_on: list[str] = field(default_factory=list)
     worker: str | None = None  # the name of the worker that runs it, or last ran it
+    approval: Approval | None = None  # a batch's jobs are held by the batch's
 
 
 @dataclass(slots=True)
@@ -112,6 +165,7 @@ class Batch:
     finished_at: float | None = None
     errors: list[str] = field(default_factory=list)
     requester: str | None = None
+    approval: Approval | None = None
 
     @property
     def finished(self) -> int:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import re
+import time
 
 from matrixjobs.config import TargetConfig
 from matrixjobs.errors import BadArgumentsError, UnknownTargetError, echo
-from matrixjobs.models import JobSpec
+from matrixjobs.models import Approval, JobSpec
 
 COMMAND_TYPE = "command"
 MAX_ARGS = 32
@@ -54,6 +55,8 @@ class Targets:
 
     def spec(self, name: str, args: list[str] | None = None,
              requester: str | None = None) -> JobSpec:
+        """What to queue to run target `name`: held for approval from now on when the
+        target needs one."""
         target = self.get(name)
         checked = self.check_args(name, list(args or []))
         data: dict[str, object] = {"target": name, "args": checked}
@@ -70,4 +73,6 @@ class Targets:
             timeout_s=target.timeout_s,
             requester=requester,
             runs_on=list(target.runs_on),
+            approval=None if not target.approvals else Approval(
+                target.approvals, time.time() + target.approval_timeout_s),
         )

@@ -113,7 +113,7 @@ def test_check_config_accepts_the_example_config(tmp_path):
     result = cli(tmp_path, "check-config", "--config", str(example))
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("config OK")
-    assert "targets: deploy, docs, site" in result.stdout
+    assert "targets: deploy, docs, release, site" in result.stdout
 
 
 def test_check_config_reads_config_toml_in_the_cwd_by_default(tmp_path):

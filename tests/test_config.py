@@ -91,7 +91,7 @@ def test_example_config_loads_with_its_documented_defaults():
     assert config.store.retention_days == StoreConfig().retention_days
     assert config.store.path == EXAMPLE.parent / StoreConfig().path
     assert config.matrix is None
-    assert sorted(config.targets) == ["deploy", "docs", "site"]
+    assert sorted(config.targets) == ["deploy", "docs", "release", "site"]
     assert config.access.allowed_users == ["@alice:example.org", "@*:ops.example.org"]
     assert config.api == ApiConfig()
 

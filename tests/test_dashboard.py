@@ -15,13 +15,19 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from dashboard_service import TOKEN, running
+from dashboard_service import TARGETS, TOKEN, running
+from helpers import write_locked
 from playwright.async_api import Browser, Page, Response, async_playwright, expect
+from tcp_proxy import TcpProxy
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--no-first-run", "--disable-sync"]
 APPEARS_S = 2.0
+DEGRADED = ("Degraded — store: {}. New jobs are refused until the store recovers; running "
+            "jobs go on.")
+# The probe (every 5 s, a write that may wait up to 5 s) finds a fault and its end.
+PROBED_MS = 15_000
 
 
 @pytest.fixture
@@ -204,3 +210,65 @@ async def test_job_page_shows_the_log_and_rerun_starts_a_new_job(tmp_path, brows
         await page.get_by_role("button", name="Rerun").click()
         await expect(page).not_to_have_url(re.compile(f"#/jobs/{job_id}$"), timeout=5000)
         await expect(page.get_by_role("heading", level=2)).to_contain_text("quick")
+
+
+async def test_a_locked_store_shows_one_line_until_it_recovers(tmp_path, browser):
+    async with running(tmp_path) as svc:
+        page = await new_page(browser)
+        await page.goto(svc.url)
+        await expect(page.locator("#connection")).to_have_text("live")
+        banner = page.locator("#degraded")
+        await expect(banner).to_be_hidden()
+        async with write_locked(svc.app.config.store.path):
+            async with svc.client() as client:  # a write meets the lock (after 5 s)
+                refused = await client.post("/v1/jobs", json={"target": "quick"})
+            assert refused.status_code == 503
+            await expect(banner).to_have_text(DEGRADED.format("locked"), timeout=APPEARS_S * 1000)
+            await expect(banner).to_have_role("alert")
+            await page.screenshot(path=tmp_path / "degraded.png", full_page=True)
+        await expect(banner).to_be_hidden(timeout=PROBED_MS)
+        await expect(page.locator("#connection")).to_have_text("live")
+
+
+async def test_a_store_that_cannot_be_read_is_said_and_the_page_comes_back(
+        tmp_path, browser, pg_url):
+    """PostgreSQL cut off: an open page hears it on its stream; a page opened meanwhile
+    cannot get its snapshot, says the service's refusal, and keeps trying until it can."""
+    async with TcpProxy("127.0.0.1", 5432) as proxy:
+        behind = pg_url.replace(":5432/", f":{proxy.port}/", 1)
+        async with running(tmp_path, store={"backend": "postgresql", "url": behind}) as svc:
+            page = await new_page(browser)
+            await page.goto(svc.url)
+            await expect(page.locator("#connection")).to_have_text("live")
+            banner = page.locator("#degraded")
+            proxy.cut()
+            await expect(banner).to_have_text(DEGRADED.format("unreachable"), timeout=PROBED_MS)
+            await page.reload()
+            await expect(banner).to_have_text("store: unreachable; try again in 10 s")
+            await expect(page.locator("#connection")).to_have_text("reconnecting…")
+            proxy.restore()
+            await expect(page.locator("#connection")).to_have_text("live", timeout=PROBED_MS)
+            await expect(banner).to_be_hidden()
+
+
+async def test_held_work_shows_its_approval_and_the_buttons_approve_or_deny_it(
+        tmp_path, browser):
+    held = {**TARGETS["quick"], "approvals": 1}
+    async with running(tmp_path, targets={**TARGETS, "held": held}) as svc:
+        approved, denied = await svc.submit("held", token=None), await svc.submit("held",
+                                                                                  token=None)
+        page = await new_page(browser)
+        await page.goto(f"{svc.url}/#/jobs/{approved}")
+        await expect(page.locator("#detail-facts")).to_contain_text("awaiting approval 0/1")
+        await expect(page.get_by_role("button", name="Cancel")).to_be_enabled()
+        await page.get_by_role("button", name="Approve").click()
+        await expect(page.locator("#detail-facts")).to_contain_text("approved by admin")
+        await expect(page.locator("#detail-facts")).to_contain_text("completed")
+        await expect(page.get_by_role("button", name="Approve")).to_be_hidden()
+
+        await page.goto(f"{svc.url}/#/jobs/{denied}")
+        await page.get_by_label("reason to deny").fill("not <b>today</b>")
+        await page.get_by_role("button", name="Deny").click()
+        await expect(page.locator("#detail-facts")).to_contain_text(
+            "denied by admin: not <b>today</b>")
+        await expect(page.locator("#detail-facts")).to_contain_text("cancelled")

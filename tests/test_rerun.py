@@ -13,6 +13,7 @@ from matrixjobs.errors import (
     TargetGoneError,
 )
 from matrixjobs.models import Status
+from matrixjobs.policy import ADMIN, Caller, Place, Via
 
 ECHO = python_target("import sys; print('::progress 1/1', *sys.argv[1:])",
                      args_pattern="[a-z]{1,8}")
@@ -26,17 +27,18 @@ def flaky(marker) -> dict:
                          max_retries=0)
 
 
-def config(tmp_path, **targets):
+def config(tmp_path, access=None, **targets):
     return make_config(tmp_path, targets={"echo": ECHO, "ok": OK, "slow": SLOW, **targets},
-                       queue={"workers": 2})
+                       queue={"workers": 2}, access=access or {})
 
 
 async def test_rerun_of_a_job_runs_the_same_target_and_arguments_as_a_new_job(tmp_path,
                                                                               running_app):
-    app = await running_app(config(tmp_path))
-    first = await app.submit("echo", ["hello"], requester="api")
+    app = await running_app(config(tmp_path, access={"allowed_users": ["@bob:example.org"]}))
+    first = await app.submit("echo", ["hello"], caller=Caller(ADMIN, Via.API))
+    assert first.requester == "api"
     await final_state(app, first.id)
-    again = await app.rerun(first.id, requester="@bob:example.org")
+    again = await app.rerun(first.id, Caller.in_room("@bob:example.org", Place("!r:example.org")))
     assert again.id != first.id
     assert (again.name, again.data["args"], again.requester) == ("echo hello", ["hello"],
                                                                  "@bob:example.org")

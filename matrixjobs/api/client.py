@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 from urllib.parse import quote
@@ -48,6 +49,14 @@ class ApiFailure(Exception):
         if self.status == 403:
             return f"the service refused the request: {self.message}"
         return self.message
+
+
+@dataclass(frozen=True, slots=True)
+class Overview:
+    """What `GET /v1/status` answers."""
+
+    active: list[JobProgressEvent]
+    degraded: str | None  # while the store cannot take writes, why ("store: locked")
 
 
 def user_agent(client: str) -> str:
@@ -109,8 +118,14 @@ class ApiClient:
 
     async def active(self) -> list[JobProgressEvent]:
         """Queued and running batches, then jobs outside a batch."""
+        return (await self.overview()).active
+
+    async def overview(self) -> Overview:
+        """What is active, and whether the store is in trouble."""
         data = await self._request("GET", "/v1/status")
-        return [JobProgressEvent.model_validate(item) for item in data["active"]]
+        degraded = data.get("degraded")
+        return Overview([JobProgressEvent.model_validate(item) for item in data["active"]],
+                        degraded if isinstance(degraded, str) else None)
 
     async def status(self, subject: str) -> JobProgressEvent:
         return event_from(await self._request("GET", f"/v1/status/{_segment(subject)}"))
@@ -129,6 +144,14 @@ class ApiClient:
 
     async def rerun(self, subject: str) -> JobProgressEvent:
         return event_from(await self._request("POST", f"{_path_of(subject)}/rerun"))
+
+    async def approve(self, subject: str) -> JobProgressEvent:
+        return event_from(await self._request("POST", f"{_path_of(subject)}/approve"))
+
+    async def deny(self, subject: str, reason: str | None) -> JobProgressEvent:
+        body = {"reason": reason} if reason else {}
+        return event_from(await self._request("POST", f"{_path_of(subject)}/deny", body,
+                                              timeout=120.0))
 
     async def cancel(self, subject: str) -> JobProgressEvent:
         # Cancelling answers once the job stopped (SIGTERM, grace period, SIGKILL).

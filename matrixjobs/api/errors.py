@@ -15,7 +15,9 @@ from matrixjobs.errors import (
     AlreadySubmittedError,
     BadArgumentsError,
     BadBatchError,
+    ForbiddenError,
     MatrixJobsError,
+    NotAwaitingApprovalError,
     NotFoundError,
     StoreUnavailableError,
     UnknownTargetError,
@@ -29,12 +31,14 @@ STORE_UNAVAILABLE = "store_unavailable"
 # The core's errors and how they travel: (HTTP status, error code). Checked in order.
 CORE_ERRORS: tuple[tuple[type[MatrixJobsError], int, str], ...] = (
     (StoreUnavailableError, 503, STORE_UNAVAILABLE),
+    (ForbiddenError, 403, "forbidden"),
     (NotFoundError, 404, "not_found"),
     (UnknownTargetError, 404, "unknown_target"),
     (BadArgumentsError, 422, "bad_arguments"),
     (BadBatchError, 422, "bad_batch"),
     (AlreadyFinishedError, 409, "already_finished"),
     (AlreadySubmittedError, 409, "already_submitted"),
+    (NotAwaitingApprovalError, 409, "not_awaiting_approval"),
 )
 # Anything else the core raises is a message meant for people, e.g. "shutting down".
 OTHER_CORE_ERROR = (503, "unavailable")

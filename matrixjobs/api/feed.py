@@ -7,7 +7,10 @@ encoded once, then handed to each page's buffer. A stream starts with
 event and `event: refresh` for an active item that had no update for
 `REFRESH_S`, so its "12s elapsed" keeps moving without the page polling or
 wording anything itself. Every message is `{"event": <job-progress event>,
-"text": {...}, "sentAt": epoch s}` (a snapshot: `{"items": [...], "sentAt"}`).
+"text": {...}, "sentAt": epoch s}` (a snapshot: `{"items": [...], "health", "sentAt"}`).
+The store's state goes with the snapshot and as `event: health` whenever it changes:
+`{"status": "ok"}`, or `{"status": "degraded", "reason": "store: locked", "text": <the
+one line the page shows>}` (progress/wording.py words it, as for the room and the CLI).
 
 Reconnecting (EventSource does it after `retry`) always starts with a fresh
 snapshot; `Last-Event-ID` is ignored, as a snapshot is both cheaper than a
@@ -67,6 +70,8 @@ def texts(event: JobProgressEvent, now: float) -> dict[str, object]:
         "eta": wording.eta(event),
         "timing": wording.timing(event, now),
         "attempt": wording.attempt(event),
+        "approval": "" if event.approval is None else wording.approval_state(event.approval),
+        "awaiting": wording.awaiting_approval(event),
     }
 
 
@@ -74,6 +79,15 @@ def item_json(event: JobProgressEvent, now: float, stamped: bool = False) -> str
     """An item of a snapshot; `stamped`: a message of its own, with the time it was worded."""
     stamp = f',"sentAt":{now}' if stamped else ""
     return f'{{"event":{event.to_json()},"text":{json.dumps(texts(event, now))}{stamp}}}'
+
+
+def health_json(app: App) -> str:
+    """The store's state for the page's banner: nothing to show while it takes writes."""
+    health = app.health
+    if health.up:
+        return '{"status":"ok"}'
+    return json.dumps({"status": "degraded", "reason": health.reason,
+                       "text": wording.degraded(health.reason)})
 
 
 def sse_message(kind: str, seq: int, data: str) -> bytes:
@@ -138,11 +152,13 @@ class DashboardFeed:
         self._active: dict[str, tuple[JobProgressEvent, float]] = {}
         self._subscription: Subscription | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._health = health_json(app)  # as the pages were last told
 
     def join(self) -> FeedClient:
         """A new page's buffer; updates from now on land in it (before its snapshot is read,
         so nothing falls between the two)."""
         if not self.clients:
+            self._health = health_json(self.app)
             self._subscription = self.app.monitor.subscribe()
             self._tasks = [asyncio.create_task(self._pump(self._subscription), name="feed"),
                            asyncio.create_task(self._refresh(), name="feed-refresh")]
@@ -166,7 +182,9 @@ class DashboardFeed:
         self.track(events)
         now = time.time()
         items = ",".join(item_json(event, now) for event in events)
-        return sse_message("snapshot", self._next(), f'{{"items":[{items}],"sentAt":{now}}}')
+        health = health_json(self.app)
+        return sse_message("snapshot", self._next(),
+                           f'{{"items":[{items}],"health":{health},"sentAt":{now}}}')
 
     def track(self, events: Iterable[JobProgressEvent]) -> None:
         """Refresh these active items too, though no update about them came yet. A snapshot's
@@ -212,6 +230,7 @@ class DashboardFeed:
     async def _refresh(self) -> None:
         while True:
             await asyncio.sleep(self.refresh_s / 2)
+            self._tell_health()
             now = time.monotonic()
             for event, sent in list(self._active.values()):
                 every = self.refresh_s if event.status is Status.PROCESSING else PENDING_REFRESH_S
@@ -219,8 +238,17 @@ class DashboardFeed:
                     self._active[event.id] = (event, time.monotonic())
                     self._broadcast("refresh", event)
 
+    def _tell_health(self) -> None:
+        """Every page learns when the store's state changes: its banner shows or goes."""
+        health = health_json(self.app)
+        if health != self._health:
+            self._health = health
+            self._send(sse_message("health", self._next(), health))
+
     def _broadcast(self, kind: str, event: JobProgressEvent) -> None:
-        message = sse_message(kind, self._next(), item_json(event, time.time(), stamped=True))
+        self._send(sse_message(kind, self._next(), item_json(event, time.time(), stamped=True)))
+
+    def _send(self, message: bytes) -> None:
         for client in self.clients:
             client.put(message)
 

@@ -26,6 +26,7 @@ from matrixjobs.api.routes import (
     DEFAULT_LIMIT,
     MAX_BODY_BYTES,
     MAX_LIMIT,
+    Deny,
     SubmitBatch,
     SubmitJob,
     json_response,
@@ -105,23 +106,44 @@ FOLLOW = {"name": "follow", "in": "query", "schema": {"type": "boolean", "defaul
 BATCH_FILTER = {"name": "batch", "in": "query", "description": "only this batch's operations",
                 "schema": {"type": "string", "pattern": f"^[{BATCH_PREFIX}][0-9]+$"}}
 HEALTH = ref("Health")
+RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before trying again",
+                               "schema": {"type": "string", "pattern": "^[0-9]+$"}}}
 BAD_QUERY = error("a bad query parameter", 400)
 NOT_FOUND = error("no such job or batch (or not an id)", 404)
+FORBIDDEN = error("a rule refuses who asks (`forbidden`; the message names the rule), e.g. "
+                  "a target that only a Matrix room may start", 403)
+BAD_BODY = error("the body is not JSON or not the expected object", 400)
 SUBMIT_ERRORS = {
-    400: error("the body is not JSON or not the expected object", 400),
+    403: FORBIDDEN,
+    400: BAD_BODY,
     404: error("an unknown target", 404),
     413: error(f"a body over {MAX_BODY_BYTES} bytes", 413),
     422: error("arguments the target does not allow, or an empty or oversized batch", 422),
     503: error("the service is shutting down, or the store cannot take new work now "
-               "(store_unavailable, with Retry-After)", 503),
+               "(store_unavailable, with Retry-After)", 503) | {"headers": RETRY_AFTER},
 }
-CANCEL_ERRORS = {404: NOT_FOUND, 409: error("it had already finished", 409)}
+# Any endpoint that reads or writes the store: a store that is locked, full or unreachable
+# is said so, never as a 500 (README, "HTTP API").
+STORE_UNAVAILABLE = error("the store cannot be read or written now (`store_unavailable`: "
+                          "disk full, locked or unreachable); `Retry-After` says when to "
+                          "try again", 503) | {"headers": RETRY_AFTER}
+CANCEL_ERRORS = {403: FORBIDDEN, 404: NOT_FOUND, 409: error("it had already finished", 409),
+                 503: STORE_UNAVAILABLE}
 RERUN_ERRORS = {
+    403: FORBIDDEN,
     404: error("no such job or batch, or its target is no longer configured", 404),
     422: error("its arguments (or operations) are no longer allowed", 422),
     503: error("the service is shutting down, or the store cannot take new work now "
-               "(store_unavailable, with Retry-After)", 503),
+               "(store_unavailable, with Retry-After)", 503) | {"headers": RETRY_AFTER},
 }
+JUDGE_ERRORS = {403: FORBIDDEN, 404: NOT_FOUND,
+                409: error("it waits for no approval (any more): `not_awaiting_approval`",
+                           409),
+                503: STORE_UNAVAILABLE}
+APPROVE = ("Count the caller's approval (once per person; the requester's own never counts). "
+           "The last one needed releases it to run. Who may: the target's `approvers`, else "
+           "whoever may run it; the service token always.")
+DENY = "Refuse it: it is cancelled, and its `approval` says who denied it and why."
 RERUN = ("The same target and arguments again (for a batch: the same operations), checked "
          "against the current targets; no body. Finished or running work alike.")
 
@@ -141,13 +163,13 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
     ("GET", "/v1/jobs"): Operation(
         "List jobs", parameters=(*LIST_PARAMETERS, BATCH_FILTER),
         responses={200: events("jobs", "jobs, newest first"), 400: BAD_QUERY,
-                   404: error("`batch` is not a batch id", 404)}),
+                   404: error("`batch` is not a batch id", 404), 503: STORE_UNAVAILABLE}),
     ("POST", "/v1/jobs"): Operation(
         "Run a target", body=SubmitJob,
         responses={201: event("the new job, pending", headers=CREATED), **SUBMIT_ERRORS}),
     ("GET", "/v1/jobs/{id}"): Operation(
         "One job", parameters=(path_id("job", JOB_PREFIX, "j12"),),
-        responses={200: event("its current state"), 404: NOT_FOUND}),
+        responses={200: event("its current state"), 404: NOT_FOUND, 503: STORE_UNAVAILABLE}),
     ("POST", "/v1/jobs/{id}/cancel"): Operation(
         "Cancel a job", parameters=(path_id("job", JOB_PREFIX, "j12"),),
         description="Answers once it has stopped (its command gets SIGTERM, then SIGKILL).",
@@ -159,19 +181,27 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
                      "With `follow=true` it is sent as it comes, until the run going on (or "
                      "the next to start) ends."),
         responses={200: answer("the log", {"type": "string"}, "text/plain"),
-                   400: BAD_QUERY, 404: NOT_FOUND}),
+                   400: BAD_QUERY, 403: FORBIDDEN, 404: NOT_FOUND, 503: STORE_UNAVAILABLE}),
     ("POST", "/v1/jobs/{id}/rerun"): Operation(
         "Run a job again", parameters=(path_id("job", JOB_PREFIX, "j12"),), description=RERUN,
         responses={201: event("the new job, pending", headers=CREATED), **RERUN_ERRORS}),
+    ("POST", "/v1/jobs/{id}/approve"): Operation(
+        "Approve a job held for approval", parameters=(path_id("job", JOB_PREFIX, "j12"),),
+        description=APPROVE, responses={200: event("its state now"), **JUDGE_ERRORS}),
+    ("POST", "/v1/jobs/{id}/deny"): Operation(
+        "Deny a job held for approval", parameters=(path_id("job", JOB_PREFIX, "j12"),),
+        body=Deny, description=DENY,
+        responses={200: event("its final state, cancelled"), 400: BAD_BODY, **JUDGE_ERRORS}),
     ("GET", "/v1/batches"): Operation(
         "List batches", parameters=LIST_PARAMETERS,
-        responses={200: events("batches", "batches, newest first"), 400: BAD_QUERY}),
+        responses={200: events("batches", "batches, newest first"), 400: BAD_QUERY,
+                   503: STORE_UNAVAILABLE}),
     ("POST", "/v1/batches"): Operation(
         "Run several targets as one batch", body=SubmitBatch,
         responses={201: event("the new batch, pending", headers=CREATED), **SUBMIT_ERRORS}),
     ("GET", "/v1/batches/{id}"): Operation(
         "One batch", parameters=(path_id("batch", BATCH_PREFIX, "b3"),),
-        responses={200: event("its current state"), 404: NOT_FOUND}),
+        responses={200: event("its current state"), 404: NOT_FOUND, 503: STORE_UNAVAILABLE}),
     ("POST", "/v1/batches/{id}/cancel"): Operation(
         "Cancel a batch and its operations", parameters=(path_id("batch", BATCH_PREFIX, "b3"),),
         responses={200: event("its final state"), **CANCEL_ERRORS}),
@@ -179,6 +209,13 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         "Run a batch again", parameters=(path_id("batch", BATCH_PREFIX, "b3"),),
         description=RERUN,
         responses={201: event("the new batch, pending", headers=CREATED), **RERUN_ERRORS}),
+    ("POST", "/v1/batches/{id}/approve"): Operation(
+        "Approve a batch held for approval", parameters=(path_id("batch", BATCH_PREFIX, "b3"),),
+        description=APPROVE, responses={200: event("its state now"), **JUDGE_ERRORS}),
+    ("POST", "/v1/batches/{id}/deny"): Operation(
+        "Deny a batch held for approval", parameters=(path_id("batch", BATCH_PREFIX, "b3"),),
+        body=Deny, description=DENY,
+        responses={200: event("its final state, cancelled"), 400: BAD_BODY, **JUDGE_ERRORS}),
     ("GET", "/v1/events"): Operation(
         "Every job and batch, live (server-sent events; what the dashboard shows)",
         parameters=({"name": "focus", "in": "query",
@@ -188,14 +225,26 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
                      "jobs and batches), then `event: update` per job-progress event and "
                      "`event: refresh` each second for active work with no news; each data line "
                      "is `{\"event\", \"text\", \"sentAt\"}` with the texts worded by the "
-                     "service. Endless until the client leaves or the service stops; a "
-                     "reconnect starts with a new snapshot. README, \"Web dashboard\"."),
+                     "service. The store's state goes with the snapshot (`health`) and as "
+                     "`event: health` when it changes. Endless until the client leaves or the "
+                     "service stops; a reconnect starts with a new snapshot. README, \"Web "
+                     "dashboard\"."),
         responses={200: answer("the stream", {"type": "string"}, "text/event-stream"),
-                   400: BAD_QUERY, 503: error("too many pages have it open", 503)}),
+                   400: BAD_QUERY,
+                   503: error("too many pages have it open, or the store cannot be read "
+                              "now (store_unavailable, with Retry-After)", 503)}),
     ("GET", "/v1/status"): Operation(
         "What is queued or running",
-        description="Batches, then jobs outside a batch (a batch's operations show in it).",
-        responses={200: events("active", "queued and running batches and jobs")}),
+        description=("Batches, then jobs outside a batch (a batch's operations show in it). "
+                     "While the store cannot take writes, `degraded` says why, as /healthz "
+                     "does; new jobs are refused meanwhile."),
+        responses={200: answer("queued and running batches and jobs", {
+            "type": "object", "required": ["active"],
+            "properties": {"active": {"type": "array", "items": ref("JobProgressEvent")},
+                           "degraded": {"type": "string", "description": (
+                               "only while the store cannot take writes: why, like "
+                               "\"store: locked\" or \"store: disk full (…)\"")}}}),
+            503: STORE_UNAVAILABLE}),
     ("GET", "/v1/status/{id}"): Operation(
         "A job or batch, or its progress live",
         parameters=(path_id("job or batch", JOB_PREFIX + BATCH_PREFIX, "j12"), STREAM),
@@ -205,7 +254,7 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
             200: {"description": "its state; streamed, one event per line",
                   "content": {JSON: {"schema": ref("JobProgressEvent")},
                               NDJSON: {"schema": {"type": "string"}}}},
-            400: BAD_QUERY, 404: NOT_FOUND}),
+            400: BAD_QUERY, 404: NOT_FOUND, 503: STORE_UNAVAILABLE}),
     ("GET", "/v1/workers"): Operation(
         "The processes that run jobs from this store",
         description=("Every worker row, by name: live ones and ones that went silent (no "
@@ -214,7 +263,7 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         responses={200: answer("the workers", {
             "type": "object", "required": ["workers"],
             "properties": {"workers": {"type": "array", "items": ref("WorkerState")}}}),
-            400: BAD_QUERY}),
+            400: BAD_QUERY, 503: STORE_UNAVAILABLE}),
 }
 
 AUTH_ERRORS = {
@@ -288,7 +337,7 @@ def _schemas() -> dict[str, Any]:
     _, generated = models_json_schema(
         [(JobProgressEvent, "serialization"), (WorkerState, "serialization"),
          (SubmitJob, "validation"),
-         (SubmitBatch, "validation")],
+         (SubmitBatch, "validation"), (Deny, "validation")],
         by_alias=True, ref_template=SCHEMAS + "{model}")
     return {
         **generated["$defs"],

@@ -24,15 +24,16 @@ from matrixjobs.api.stream import (
     event_stream,
     text_stream,
 )
-from matrixjobs.app import App
+from matrixjobs.app import MAX_REASON, App
 from matrixjobs.config import MatrixConfig
 from matrixjobs.errors import NotFoundError, echo
 from matrixjobs.fleet import worker_state
 from matrixjobs.models import BATCH_PREFIX, JOB_PREFIX, Status, parse_id
+from matrixjobs.policy import ADMIN, Caller, Via
 from matrixjobs.progress.events import JobProgressEvent, event_of
 
 MAX_BODY_BYTES = 64 * 1024
-KNOWN_CLIENTS = ("cli", "mcp")
+KNOWN_CLIENTS = (Via.CLI, Via.MCP)
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 1000
 TRUE_WORDS = frozenset({"true", "1", "yes", "on"})
@@ -59,6 +60,10 @@ class SubmitBatch(Body):
     name: StrictStr | None = Field(default=None, min_length=1, max_length=200)
 
 
+class Deny(Body):
+    reason: StrictStr | None = Field(default=None, max_length=MAX_REASON)
+
+
 class Endpoints:
     def __init__(self, app: App, streams: OpenStreams) -> None:
         self.app = app
@@ -74,9 +79,13 @@ class Endpoints:
             by_method("/v1/batches", GET=self.list_batches, POST=self.submit_batch),
             Route("/v1/jobs/{id}/log", self.job_log, methods=["GET"]),
             Route("/v1/jobs/{id}/rerun", self.rerun_job, methods=["POST"]),
+            Route("/v1/jobs/{id}/approve", self.approve_job, methods=["POST"]),
+            Route("/v1/jobs/{id}/deny", self.deny_job, methods=["POST"]),
             Route("/v1/batches/{id}", self.get_batch, methods=["GET"]),
             Route("/v1/batches/{id}/cancel", self.cancel_batch, methods=["POST"]),
             Route("/v1/batches/{id}/rerun", self.rerun_batch, methods=["POST"]),
+            Route("/v1/batches/{id}/approve", self.approve_batch, methods=["POST"]),
+            Route("/v1/batches/{id}/deny", self.deny_batch, methods=["POST"]),
             Route("/v1/status", self.active, methods=["GET"]),
             Route("/v1/status/{id}", self.status, methods=["GET"]),
             Route("/v1/workers", self.workers, methods=["GET"]),
@@ -111,7 +120,7 @@ class Endpoints:
 
     async def submit_job(self, request: Request) -> Response:
         body = await read_body(request, SubmitJob)
-        job = await self.app.submit(body.target, body.args, requester=requester_of(request))
+        job = await self.app.submit(body.target, body.args, caller=caller_of(request))
         return created(event_of(job, time.time()), f"/v1/jobs/{job.id}")
 
     async def get_job(self, request: Request) -> Response:
@@ -120,7 +129,8 @@ class Endpoints:
 
     async def cancel_job(self, request: Request) -> Response:
         subject = subject_of(request, JOB_PREFIX)
-        return event_response(event_of(await self.app.cancel(subject), time.time()))
+        cancelled = await self.app.cancel(subject, caller_of(request))
+        return event_response(event_of(cancelled, time.time()))
 
     async def job_log(self, request: Request) -> Response | ChunkStream[str]:
         """The job's whole log as text; with ?follow=true, then its output as it comes
@@ -128,8 +138,8 @@ class Endpoints:
         subject = subject_of(request, JOB_PREFIX)
         known_query(request, "follow")
         if not flag(request, "follow"):
-            return Response(await self.app.log(subject), media_type=TEXT)
-        chunks = self.app.follow_log(subject)
+            return Response(await self.app.log(subject, caller_of(request)), media_type=TEXT)
+        chunks = self.app.follow_log(subject, caller_of(request))
         return text_stream(await opened(chunks), chunks, self.streams)
 
     async def rerun_job(self, request: Request) -> Response:
@@ -145,7 +155,7 @@ class Endpoints:
     async def submit_batch(self, request: Request) -> Response:
         body = await read_body(request, SubmitBatch)
         batch = await self.app.submit_batch(body.targets, body.name,
-                                            requester=requester_of(request))
+                                            caller=caller_of(request))
         return created(event_of(batch, time.time()), f"/v1/batches/{batch.id}")
 
     async def get_batch(self, request: Request) -> Response:
@@ -154,14 +164,38 @@ class Endpoints:
 
     async def cancel_batch(self, request: Request) -> Response:
         subject = subject_of(request, BATCH_PREFIX)
-        return event_response(event_of(await self.app.cancel(subject), time.time()))
+        cancelled = await self.app.cancel(subject, caller_of(request))
+        return event_response(event_of(cancelled, time.time()))
 
     async def rerun_batch(self, request: Request) -> Response:
         return await self._rerun(request, BATCH_PREFIX, "batches")
 
+    async def approve_job(self, request: Request) -> Response:
+        return await self._approve(request, JOB_PREFIX)
+
+    async def deny_job(self, request: Request) -> Response:
+        return await self._deny(request, JOB_PREFIX)
+
+    async def approve_batch(self, request: Request) -> Response:
+        return await self._approve(request, BATCH_PREFIX)
+
+    async def deny_batch(self, request: Request) -> Response:
+        return await self._deny(request, BATCH_PREFIX)
+
+    async def _approve(self, request: Request, prefix: str) -> Response:
+        subject = subject_of(request, prefix)
+        judged = await self.app.approve(subject, caller_of(request))
+        return event_response(self.app.live(judged))
+
+    async def _deny(self, request: Request, prefix: str) -> Response:
+        subject = subject_of(request, prefix)
+        body = await read_body(request, Deny)
+        judged = await self.app.deny(subject, caller_of(request), body.reason)
+        return event_response(self.app.live(judged))
+
     async def _rerun(self, request: Request, prefix: str, collection: str) -> Response:
         subject = subject_of(request, prefix)
-        rerun = await self.app.rerun(subject, requester=requester_of(request))
+        rerun = await self.app.rerun(subject, caller=caller_of(request))
         return created(event_of(rerun, time.time()), f"/v1/{collection}/{rerun.id}")
 
     async def with_message_url(self, event: JobProgressEvent) -> JobProgressEvent:
@@ -174,7 +208,12 @@ class Endpoints:
     # -- status ----------------------------------------------------------------------------------
 
     async def active(self, request: Request) -> Response:
-        return list_response("active", await self.app.active())
+        """What is active; while the store cannot take writes, `degraded` says why, as
+        /healthz does ("store: locked"), for the CLI's and other clients' one line."""
+        events = ",".join(event.to_json() for event in await self.app.active())
+        health = self.app.health
+        degraded = "" if health.up else f',"degraded":{json.dumps(health.reason)}'
+        return json_response(f'{{"active":[{events}]{degraded}}}')
 
     async def status(self, request: Request) -> Response | ChunkStream[JobProgressEvent]:
         subject = request.path_params["id"]
@@ -304,14 +343,15 @@ def flag(request: Request, name: str) -> bool:
 # -- writing responses ----------------------------------------------------------------------------
 
 
-def requester_of(request: Request) -> str:
-    """'cli' or 'mcp' for our own programs (by their User-Agent), else 'api'. Never the
-    header's text itself: a name anyone can send must not pass for a person."""
+def caller_of(request: Request) -> Caller:
+    """Who asks: the service token's holder, through our CLI or MCP (by their User-Agent)
+    or else the API. Never the header's text itself: a name anyone can send must not pass
+    for a person."""
     agent = request.headers.get("user-agent", "")
     for client in KNOWN_CLIENTS:
         if agent.startswith(f"{USER_AGENT_PREFIX}{client}/"):
-            return client
-    return "api"
+            return Caller(ADMIN, client)
+    return Caller(ADMIN, Via.API)
 
 
 def matrix_to(room_id: str, event_id: str, matrix: MatrixConfig | None) -> str:

@@ -19,6 +19,7 @@ from matrixjobs.api.client import (
 from matrixjobs.console.display import Board, Mode, pick_mode, print_events, print_workers
 from matrixjobs.exitcodes import EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE
 from matrixjobs.models import Status
+from matrixjobs.progress import wording
 from matrixjobs.progress.events import JobProgressEvent
 
 JSON_EVENTS_HELP = "machine-readable output: one job-progress event (JSON) per line"
@@ -75,11 +76,13 @@ async def cmd_status(api: ApiClient, args: argparse.Namespace, mode: Mode) -> in
     if args.id:
         print_events([await api.status(args.id)], mode)
         return EXIT_OK
-    active = await api.active()
-    if mode is Mode.LIVE and not active:
+    overview = await api.overview()
+    if overview.degraded is not None:  # on stderr: --json's lines stay events only
+        print(wording.degraded(overview.degraded), file=sys.stderr, flush=True)
+    if mode is Mode.LIVE and not overview.active:
         print("nothing is running")
         return EXIT_OK
-    print_events(active, mode, "running")
+    print_events(overview.active, mode, "running")
     return EXIT_OK
 
 
@@ -118,6 +121,24 @@ async def after_submit(
             print(f"submitted {created.id} ({created.name})", flush=True)
         return EXIT_OK
     return outcome(await follow(api, created.id, mode, args.poll))
+
+
+async def cmd_approve(api: ApiClient, args: argparse.Namespace, mode: Mode) -> int:
+    return said(await api.approve(args.id), mode)
+
+
+async def cmd_deny(api: ApiClient, args: argparse.Namespace, mode: Mode) -> int:
+    return said(await api.deny(args.id, args.reason), mode)
+
+
+def said(event: JobProgressEvent, mode: Mode) -> int:
+    """Print where a job's or batch's approval stands now."""
+    if mode is Mode.JSON:
+        print(event.to_json(), flush=True)
+    elif event.approval is not None:
+        print(f"{event.id} ({event.name}): {wording.approval_state(event.approval)}",
+              flush=True)
+    return EXIT_OK
 
 
 async def cmd_cancel(api: ApiClient, args: argparse.Namespace, mode: Mode) -> int:
@@ -208,15 +229,16 @@ EPILOG = (
     "The service's API: --api URL, else $MATRIXJOBS_API_URL, else http://127.0.0.1:8765 "
     "(unix:/path/api.sock for a unix socket); the token comes from $MATRIXJOBS_API_TOKEN. "
     "Exit codes: 0 success; 1 the job/batch failed or was cancelled (with --wait or a watched "
-    "ID), or the service refused the request (wrong token 401, unknown id or target 404, "
-    "already finished 409, bad arguments 422: the service's message is printed); "
+    "ID), or the service refused the request (wrong token 401, refused by a rule 403, unknown "
+    "id or target 404, already finished or not awaiting approval 409, bad arguments 422, the "
+    "store cannot take new work now 503: the service's message is printed); "
     "2 usage; 3 cannot reach the service."
 )
 
 
 def add_client_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    """Register status, submit, batch, rerun, cancel, jobs, logs and workers on the main
-    parser's subcommands."""
+    """Register status, submit, batch, rerun, cancel, approve, deny, jobs, logs and workers
+    on the main parser's subcommands."""
 
     def client_parser(name: str, help_text: str, command: Command,
                       json_help: str = JSON_EVENTS_HELP) -> argparse.ArgumentParser:
@@ -263,6 +285,14 @@ def add_client_commands(commands: argparse._SubParsersAction) -> None:  # type: 
 
     cancel = client_parser("cancel", "cancel a job or batch", cmd_cancel)
     cancel.add_argument("id", metavar="ID", help="a job (j12) or batch (b3)")
+
+    approve = client_parser("approve", "approve a job or batch held for approval", cmd_approve)
+    approve.add_argument("id", metavar="ID", help="a job (j12) or batch (b3)")
+
+    deny = client_parser("deny", "refuse a job or batch held for approval (it is cancelled)",
+                         cmd_deny)
+    deny.add_argument("id", metavar="ID", help="a job (j12) or batch (b3)")
+    deny.add_argument("--reason", default=None, help="why, shown with it")
 
     jobs = client_parser("jobs", "list recent jobs", cmd_jobs)
     jobs.add_argument("--limit", type=int, default=RECENT_LIMIT, help="how many (default 20)")

@@ -52,6 +52,8 @@ def detail_text(event: JobProgressEvent) -> str:
             parts.append(f"{batch.cancelled_operations} cancelled")
         if batch.current_operation:
             parts.append(f"now: {batch.current_operation}")
+    if event.approval is not None:
+        parts.append(wording.approval_state(event.approval))
     if event.message:
         parts.append(event.message)
     if event.error:
@@ -67,7 +69,8 @@ def plain_line(event: JobProgressEvent) -> str:
 
 def signature(event: JobProgressEvent) -> tuple[object, ...]:
     """What makes an update worth showing (timestamps and ETA alone are not)."""
-    return (event.status, event.progress, event.message, event.batch_details, event.error)
+    return (event.status, event.progress, event.message, event.batch_details, event.error,
+            event.approval)
 
 
 # -- one-shot output (status, jobs, submit, cancel) --------------------------------------------

@@ -7,6 +7,7 @@ which owns the send budget.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -30,15 +31,15 @@ from nio import (
 
 from matrixjobs.app import App
 from matrixjobs.config import MatrixConfig
-from matrixjobs.errors import MatrixJobsError
+from matrixjobs.errors import MatrixJobsError, StoreUnavailableError
 from matrixjobs.matrix.callbacks import Callbacks
 from matrixjobs.matrix.crypto import Crypto, Trust, session_key
 from matrixjobs.matrix.crypto_store import PrivateStore
 from matrixjobs.matrix.edits import EditScheduler, Pings
 from matrixjobs.matrix.ratelimit import TokenBucket
+from matrixjobs.matrix.render import render_progress
 from matrixjobs.matrix.sender import NETWORK_ERRORS, PERMANENT_ERRORS, NioSender
 from matrixjobs.matrix.session import Session
-from matrixjobs.policy import Action
 from matrixjobs.progress.subscription import Subscription
 from matrixjobs.supervisor import Supervisor
 
@@ -74,6 +75,7 @@ class MatrixBot:
             sender, app.store, TokenBucket(config.rate_per_s, config.rate_burst),
             interval_ms / 1000, config.max_edits_per_message,
             Pings(config.ping, config.notify_after_s, app.previous_outcome),
+            render=functools.partial(render_progress, prefix=config.command_prefix),
             counter=app.metrics,
             load_log=app.log,
         )
@@ -250,13 +252,23 @@ class MatrixBot:
         """The timeline events to act on: never history from before our (latest) join."""
         events = list(timeline.events)
         if timeline.limited and since and room_id in self._known_rooms:
+            log.debug("matrix: sync gap in %s (a limited timeline of %d events): fetching "
+                      "what it left out", room_id, len(events))
             events = await self._fill_gap(room_id, timeline.prev_batch, since) + events
+        elif events:
+            log.debug("matrix: sync: %d new events in %s", len(events), room_id)
         for index in range(len(events) - 1, -1, -1):
             event = events[index]
             if (isinstance(event, RoomMemberEvent) and event.state_key == self.client.user_id
                     and event.membership == "join"):
                 self._known_rooms.add(room_id)
+                if index:
+                    log.debug("matrix: joined %s: ignoring the %d events before our join",
+                              room_id, index)
                 return events[index + 1:]
+        if room_id not in self._known_rooms and events:
+            log.debug("matrix: ignoring %d events in %s from before our join",
+                      len(events), room_id)
         return events if room_id in self._known_rooms else []
 
     async def _fill_gap(self, room_id: str, start: str, since: str) -> list[Any]:
@@ -266,6 +278,8 @@ class MatrixBot:
         if not isinstance(response, RoomMessagesResponse):
             log.warning("matrix: cannot fetch missed messages in %s: %s", room_id, response)
             return []
+        log.debug("matrix: caught up in %s: %d missed events fetched (at most %d)", room_id,
+                  len(response.chunk), GAP_LIMIT)
         return list(reversed(response.chunk))
 
     def _handle_invites(self, response: SyncResponse) -> None:
@@ -274,7 +288,7 @@ class MatrixBot:
                             if isinstance(e, InviteMemberEvent)
                             and e.state_key == self.client.user_id
                             and e.membership == "invite"), None)
-            if inviter is not None and self.app.policy.decide(inviter, Action.INVITE):
+            if inviter is not None and self.app.policy.known(inviter):
                 log.info("matrix: %s invited us to %s; joining", inviter, room_id)
                 self._join_soon(room_id)
             else:
@@ -301,6 +315,8 @@ class MatrixBot:
         for message in await self.app.store.open_messages():
             try:
                 state = await self.app.status(message.subject_id)
+            except StoreUnavailableError:
+                raise  # the store in trouble, not the work gone: its message stays open
             except MatrixJobsError:
                 await self.app.store.update_message(message.subject_id, message.edits, True)
                 continue

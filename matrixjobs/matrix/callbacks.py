@@ -10,24 +10,32 @@ from nio import ReactionEvent, RoomMessageText
 
 from matrixjobs.app import App
 from matrixjobs.config import MatrixConfig
-from matrixjobs.errors import AlreadyFinishedError, AlreadySubmittedError, MatrixJobsError
+from matrixjobs.errors import (
+    AlreadyFinishedError,
+    AlreadySubmittedError,
+    ForbiddenError,
+    MatrixJobsError,
+    NotAwaitingApprovalError,
+)
 from matrixjobs.matrix import render
 from matrixjobs.matrix.commands import CommandSyntaxError, parse
 from matrixjobs.matrix.crypto import Crypto, Trust, Undecryptable
 from matrixjobs.matrix.edits import EditScheduler
+from matrixjobs.matrix.places import Places
 from matrixjobs.matrix.room_commands import COMMANDS, Context, show
 from matrixjobs.matrix.session import Session
 from matrixjobs.models import ProgressMessage
-from matrixjobs.policy import Action
+from matrixjobs.policy import Action, Caller
 
 log = logging.getLogger(__name__)
 
 DENIED_REPLY_EVERY_S = 300.0
 # Reactions on a progress message that act on its job or batch. Clients send the emoji
 # with or without the emoji presentation selector (U+FE0F); both count.
-CANCEL_KEY, RERUN_KEY = "❌", "🔁"
-REACTIONS = {CANCEL_KEY: Action.CANCEL, RERUN_KEY: Action.RERUN}
-EMOJI_SELECTOR = "\ufe0f"
+CANCEL_KEY, RERUN_KEY, APPROVE_KEY, DENY_KEY = "❌", "🔁", "✅", "👎"
+REACTIONS = frozenset({CANCEL_KEY, RERUN_KEY, APPROVE_KEY, DENY_KEY})
+# The emoji presentation selector, and skin tones (👎🏽 is 👎).
+MODIFIERS = dict.fromkeys(map(ord, "\ufe0f\U0001f3fb\U0001f3fc\U0001f3fd\U0001f3fe\U0001f3ff"))
 
 
 class Callbacks:
@@ -38,6 +46,7 @@ class Callbacks:
         self.session = session
         self.crypto = crypto
         self.scheduler = scheduler
+        self.places = Places(session.client, app.config.targets)
         self._denied_at: dict[str, float] = {}
         self._undecryptable_at: dict[str, float] = {}
         self._untrusted_at: dict[str, float] = {}
@@ -65,7 +74,8 @@ class Callbacks:
         relation = event.source.get("content", {}).get("m.relates_to") or {}
         if relation.get("rel_type") == "m.replace":
             return  # an edited command must not run twice
-        context = Context(self.app, self.scheduler, self.config.command_prefix, room_id, event)
+        context = Context(self.app, self.scheduler, self.places, self.config.command_prefix,
+                          room_id, event)
         try:
             command = parse(event.body, self.config.command_prefix)
         except CommandSyntaxError as exc:
@@ -78,7 +88,7 @@ class Callbacks:
             context.reply(render.render_unknown_command(command.name,
                                                         self.config.command_prefix))
             return
-        if not self.app.policy.decide(event.sender, known.action):
+        if known.action is not Action.READ and not self.app.policy.known(event.sender):
             log.info("matrix: denied %s to %s in %s", command.name, event.sender, room_id)
             # One ⛔ per person now and then: a stranger must not drain the send budget.
             if self.app.config.access.reply_to_denied and _now_and_then(self._denied_at,
@@ -89,37 +99,52 @@ class Callbacks:
             await known.run(context, command)
         except AlreadySubmittedError:
             return  # a replayed event: its job already exists
+        except ForbiddenError as exc:
+            log.info("matrix: refused %s to %s in %s: %s", command.name, event.sender,
+                     room_id, exc)
+            if self.app.config.access.reply_to_denied:
+                context.reply(render.render_denied(str(exc)))
         except MatrixJobsError as exc:
             context.reply(render.render_error(str(exc)))
 
     async def _on_reaction(self, room_id: str, event: ReactionEvent) -> None:
-        """❌ or 🔁 from an allowed user on a progress message: cancel or rerun its job or
-        batch. Anything else (other keys, people, messages; old or untrusted reactions; ❌
-        on finished work) is ignored without a word: a reaction asks for no answer."""
-        key = event.key.replace(EMOJI_SELECTOR, "")
+        """❌ 🔁 ✅ 👎 from an allowed user on a progress message: cancel, rerun, approve or
+        deny its job or batch. Anything else (other keys, people, messages; old or
+        untrusted reactions; ❌ on finished work) is ignored without a word: a reaction asks
+        for no answer (the message's edit is the answer)."""
+        key = event.key.translate(MODIFIERS)
         subject = await self._reacted_on(room_id, event, key)
         if subject is None:
             return
         log.info("matrix: %s reacted %s on %s", event.sender, key, subject)
         try:
+            caller = Caller.in_room(event.sender,
+                                    await self.places.place(room_id, event.sender))
             if key == CANCEL_KEY:
-                await self.app.cancel(subject)  # the message's edit to 🚫 is the answer
+                await self.app.cancel(subject, caller)  # the edit to 🚫 is the answer
+                return
+            if key == APPROVE_KEY:
+                await self.app.approve(subject, caller)
+                return
+            if key == DENY_KEY:
+                await self.app.deny(subject, caller)
                 return
             # The new message answers the old progress message: clients show that one as
             # the quote (a reaction cannot be shown as a reply's target).
             where = ProgressMessage("", room_id, None, event.sender, event.reacts_to)
             await show(self.app, self.scheduler, where,
-                       await self.app.rerun(subject, event.sender, event.event_id, where))
-        except (AlreadySubmittedError, AlreadyFinishedError):
-            return  # a replayed reaction, or ❌ on work that is over
+                       await self.app.rerun(subject, caller, event.event_id, where))
+        except (AlreadySubmittedError, AlreadyFinishedError, NotAwaitingApprovalError):
+            return  # a replayed reaction, or ❌ ✅ 👎 on work that is over or needs none
+        except ForbiddenError as exc:
+            log.info("matrix: ignoring %s's %s on %s: %s", event.sender, key, subject, exc)
         except MatrixJobsError as exc:
             self.scheduler.reply(room_id, event.reacts_to, render.render_error(str(exc)))
 
     async def _reacted_on(self, room_id: str, event: ReactionEvent, key: str) -> str | None:
         """The job or batch whose progress message a reaction to act on is on, else None."""
-        action = REACTIONS.get(key)
-        if (action is None or not self.session.is_new(event)
-                or not self.app.policy.decide(event.sender, action)):
+        if (key not in REACTIONS or not self.session.is_new(event)
+                or not self.app.policy.known(event.sender)):
             return None
         if not await self.crypto.accepts(room_id, event):
             log.warning("matrix: ignoring reaction %s from %s in %s: sent in clear into an "
@@ -155,7 +180,7 @@ class Callbacks:
     def _notice_due(self, last: dict[str, float], sender: str) -> bool:
         """May `sender` get a notice now? Strangers never make the bot talk; allowed users
         get one every DENIED_REPLY_EVERY_S at most."""
-        return bool(self.app.policy.decide(sender, Action.RUN)) and _now_and_then(last, sender)
+        return self.app.policy.known(sender) and _now_and_then(last, sender)
 
     def _undecryptable(self, item: Undecryptable) -> None:
         event = item.event

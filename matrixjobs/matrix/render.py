@@ -62,6 +62,8 @@ COMMANDS: tuple[tuple[str, str], ...] = (
     ("status [ID]", "show one job or batch, or everything that is active"),
     ("rerun ID", "run a job or batch again with the same arguments"),
     ("cancel ID", "cancel a job or batch"),
+    ("approve ID", "approve a job or batch that waits for approval (or react ✅)"),
+    ("deny ID [REASON]", "refuse it: it is cancelled (or react 👎)"),
     ("logs ID [N]", f"the last N lines of a job's output (default {LOG_LINES})"),
     ("jobs", "list recent and active jobs"),
     ("targets", "list what can be built"),
@@ -142,12 +144,38 @@ def _waiting_for_retry(event: JobProgressEvent) -> bool:
     return event.type == "job" and event.status is Status.PENDING and bool(event.error)
 
 
+def _state_word(event: JobProgressEvent) -> str:
+    """'running', 'waiting to retry', 'awaiting approval 0/1', 'denied by @bob: no'…"""
+    if _waiting_for_retry(event):
+        return "waiting to retry"
+    approval = event.approval
+    if approval is not None and (wording.awaiting_approval(event) or (
+            event.status is Status.CANCELLED and (approval.denied_by or approval.expired))):
+        return wording.approval_state(approval)
+    return wording.STATUS_WORD[event.status]
+
+
 def _title(event: JobProgressEvent) -> tuple[str, str]:
-    word = "waiting to retry" if _waiting_for_retry(event) else wording.STATUS_WORD[event.status]
+    word = _state_word(event)
     emoji = STATUS_EMOJI[event.status]
     text = f"{emoji} {_name(event)} ({event.id}) — {word}"
-    html = f"{emoji} <b>{escape(_name(event))}</b> (<code>{escape(event.id)}</code>) — {word}"
+    html = (f"{emoji} <b>{escape(_name(event))}</b> (<code>{escape(event.id)}</code>) — "
+            f"{escape(word)}")
     return text, html
+
+
+def _add_approval(message: _Message, event: JobProgressEvent, prefix: str) -> None:
+    """How to approve held work; once approved, by whom."""
+    approval = event.approval
+    if approval is None:
+        return
+    if wording.awaiting_approval(event):
+        approve, deny = f"{prefix}approve {event.id}", f"{prefix}deny {event.id} [reason]"
+        message.line(f"React ✅ or {approve}; 👎 or {deny} refuses",
+                     f"React ✅ or <code>{escape(approve)}</code>; 👎 or "
+                     f"<code>{escape(deny)}</code> refuses")
+    elif not approval.denied_by and not approval.expired:
+        message.line(f"👍 {wording.approval_state(approval)}")
 
 
 def _bar_line(event: JobProgressEvent) -> tuple[str, str]:
@@ -218,16 +246,18 @@ def _html_list(items: Iterable[str]) -> str:
     return "<ul>" + "".join(f"<li>{escape(item)}</li>" for item in items) + "</ul>"
 
 
-def render_progress(event: JobProgressEvent, now: float) -> Rendered:
+def render_progress(event: JobProgressEvent, now: float, prefix: str = "!") -> Rendered:
     """The one message per job/batch: title, bar, then details.
 
-    The bar line is left out only for a failed/cancelled job that never reported
-    progress (an empty bar would say nothing).
+    The bar line is left out for a failed/cancelled job that never reported progress, and
+    for work held for approval (an empty bar would say nothing).
     """
     message = _Message()
     message.line(*_title(event))
-    if event.progress is not None or event.status not in (Status.FAILED, Status.CANCELLED):
+    if (event.progress is not None or event.status not in (Status.FAILED, Status.CANCELLED)) \
+            and not wording.awaiting_approval(event):
         message.line(*_bar_line(event))
+    _add_approval(message, event, prefix)
     if event.type == "batch":
         _add_batch(message, event)
     if event.message:
@@ -295,10 +325,11 @@ def render_help(prefix: str) -> Rendered:
     return message.rendered()
 
 
-def render_targets(targets: list[tuple[str, str, bool]]) -> Rendered:
-    """(name, description, takes_args) per target."""
+def render_targets(targets: list[tuple[str, str, bool]],
+                   empty: str = "No targets are configured.") -> Rendered:
+    """(name, description, takes_args) per target; `empty` when there are none."""
     if not targets:
-        return _single("No targets are configured.")
+        return _single(empty)
     texts, htmls = [], []
     for name, description, takes_args in targets:
         usage = f"{name} [ARGS…]" if takes_args else name
@@ -313,7 +344,7 @@ def render_targets(targets: list[tuple[str, str, bool]]) -> Rendered:
 
 def _list_line(event: JobProgressEvent, now: float) -> tuple[str, str]:
     emoji = STATUS_EMOJI[event.status]
-    state = wording.STATUS_WORD[event.status]
+    state = _state_word(event)
     percentage = event.progress.percentage if event.progress else None
     if event.status is Status.PROCESSING and percentage is not None:
         state += f" {wording.percent(percentage)}"
@@ -321,9 +352,14 @@ def _list_line(event: JobProgressEvent, now: float) -> tuple[str, str]:
     text = f"{emoji} {event.id} {_name(event)} — {state} · {age}"
     html = (
         f"{emoji} <code>{escape(event.id)}</code> <b>{escape(_name(event))}</b> "
-        f"— {state} · {age}"
+        f"— {escape(state)} · {age}"
     )
     return text, html
+
+
+def render_judged(event: JobProgressEvent, now: float) -> Rendered:
+    """The reply to !approve and !deny: where the work's approval stands now."""
+    return Rendered(*_list_line(event, now))
 
 
 def _listing(title: str, lines: list[tuple[str, str]]) -> Rendered:
@@ -397,8 +433,10 @@ def render_error(text: str) -> Rendered:
     return Rendered(f"⚠️ {text}", "⚠️ " + escape(text).replace("\n", "<br>"))
 
 
-def render_denied() -> Rendered:
-    return _single("⛔ You are not allowed to run jobs here.")
+def render_denied(reason: str | None = None) -> Rendered:
+    """A refusal: which rule refused (e.g. "deploy needs power level 50 in this room"), or
+    to a stranger, that they may not run anything."""
+    return _single(f"⛔ {reason}" if reason else "⛔ You are not allowed to run jobs here.")
 
 
 def render_unknown_command(name: str, prefix: str) -> Rendered:
@@ -436,6 +474,13 @@ def render_untrusted_session(device_id: str | None, verified_only: bool) -> Rend
            "whose keys are not the ones I first saw for it. Send from another session (I "
            "trust a new login on first use)")
     return _single(f"🔒 I did nothing: your message came from {session}, {why}.")
+
+
+def render_degraded(reason: str, shown: Rendered) -> Rendered:
+    """A reply while the store cannot take writes: the one line that says so, then the
+    reply itself. `reason` as /healthz gives it ("store: locked")."""
+    line = f"⚠️ {wording.degraded(reason)}"
+    return Rendered(f"{line}\n{shown.body}", f"{escape(line)}<br>{shown.html}")
 
 
 def render_cleartext() -> Rendered:

@@ -15,8 +15,9 @@ from matrixjobs.fleet import worker_state
 from matrixjobs.matrix import render
 from matrixjobs.matrix.commands import Command
 from matrixjobs.matrix.edits import EditScheduler
+from matrixjobs.matrix.places import Places
 from matrixjobs.models import Batch, Job, ProgressMessage
-from matrixjobs.policy import Action
+from matrixjobs.policy import Action, Caller
 from matrixjobs.progress.events import event_of
 
 
@@ -24,9 +25,15 @@ from matrixjobs.progress.events import event_of
 class Context:
     app: App
     scheduler: EditScheduler
+    places: Places
     prefix: str
     room_id: str
     event: RoomMessageText
+
+    async def caller(self) -> Caller:
+        """The sender, with the room as it is now (for the rules that read it)."""
+        place = await self.places.place(self.room_id, self.event.sender)
+        return Caller.in_room(self.event.sender, place)
 
     def reply(self, rendered: render.Rendered) -> None:
         self.scheduler.reply(self.room_id, self.event.event_id, rendered)
@@ -54,7 +61,7 @@ async def build(ctx: Context, command: Command) -> None:
         raise MatrixJobsError(f"usage: {ctx.prefix}build TARGET [ARGS…]")
     job = await ctx.app.submit(command.args[0], command.args[1:],
                                dedupe_key=ctx.event.event_id, show=ctx.where(),
-                               requester=ctx.event.sender)
+                               caller=await ctx.caller())
     await ctx.show(job)
 
 
@@ -62,29 +69,48 @@ async def batch(ctx: Context, command: Command) -> None:
     if not command.args:
         raise MatrixJobsError(f"usage: {ctx.prefix}batch TARGET [TARGET…]")
     made = await ctx.app.submit_batch(list(command.args), dedupe_key=ctx.event.event_id,
-                                      show=ctx.where(), requester=ctx.event.sender)
+                                      show=ctx.where(), caller=await ctx.caller())
     await ctx.show(made)
 
 
 async def rerun(ctx: Context, command: Command) -> None:
     if len(command.args) != 1:
         raise MatrixJobsError(f"usage: {ctx.prefix}rerun ID")
-    await ctx.show(await ctx.app.rerun(command.args[0], ctx.event.sender,
+    await ctx.show(await ctx.app.rerun(command.args[0], await ctx.caller(),
                                        ctx.event.event_id, ctx.where()))
 
 
+async def approve(ctx: Context, command: Command) -> None:
+    if len(command.args) != 1:
+        raise MatrixJobsError(f"usage: {ctx.prefix}approve ID")
+    judged = await ctx.app.approve(command.args[0], await ctx.caller())
+    ctx.reply(render.render_judged(ctx.app.live(judged), time.time()))
+
+
+async def deny(ctx: Context, command: Command) -> None:
+    if not command.args:
+        raise MatrixJobsError(f"usage: {ctx.prefix}deny ID [REASON…]")
+    judged = await ctx.app.deny(command.args[0], await ctx.caller(), " ".join(command.args[1:]))
+    ctx.reply(render.render_judged(ctx.app.live(judged), time.time()))
+
+
 async def status(ctx: Context, command: Command) -> None:
+    """One job or batch, or what is active; while the store cannot take writes, the line
+    that says so comes first. A store that cannot even be read is said by the error
+    ("store: unreachable; try again in 10 s")."""
     now = time.time()
     if command.args:
-        ctx.reply(render.render_progress(await ctx.app.status(command.args[0]), now))
-        return
-    ctx.reply(render.render_status_summary(await ctx.app.active(), now))
+        shown = render.render_progress(await ctx.app.status(command.args[0]), now)
+    else:
+        shown = render.render_status_summary(await ctx.app.active(), now)
+    health = ctx.app.health
+    ctx.reply(shown if health.up else render.render_degraded(health.reason, shown))
 
 
 async def cancel(ctx: Context, command: Command) -> None:
     if len(command.args) != 1:
         raise MatrixJobsError(f"usage: {ctx.prefix}cancel ID")
-    result = await ctx.app.cancel(command.args[0])
+    result = await ctx.app.cancel(command.args[0], await ctx.caller())
     ctx.reply(render.render_cancelled(result.id, str(result.status)))
 
 
@@ -98,7 +124,7 @@ async def logs(ctx: Context, command: Command) -> None:
             raise MatrixJobsError(usage)
         lines = min(int(command.args[1]), render.MAX_LOG_LINES)
     job_id = command.args[0]
-    text = await ctx.app.log_tail(job_id, lines, render.MAX_LOG_BYTES)
+    text = await ctx.app.log_tail(job_id, lines, render.MAX_LOG_BYTES, await ctx.caller())
     ctx.reply(render.render_log(job_id.strip().lower(), text))
 
 
@@ -110,9 +136,13 @@ async def jobs(ctx: Context, command: Command) -> None:
 
 
 async def targets(ctx: Context, command: Command) -> None:
+    allowed = set(ctx.app.policy.may_run(await ctx.caller()))
     listed = [(name, target.description, target.args_pattern is not None)
-              for name, target in ctx.app.targets.items()]
-    ctx.reply(render.render_targets(listed))
+              for name, target in ctx.app.targets.items() if name in allowed]
+    if ctx.app.targets.names():
+        ctx.reply(render.render_targets(listed, "You may not run any target here."))
+    else:
+        ctx.reply(render.render_targets(listed))
 
 
 async def workers(ctx: Context, command: Command) -> None:
@@ -140,6 +170,8 @@ COMMANDS: dict[str, RoomCommand] = {
     "rerun": RoomCommand(rerun, Action.RERUN),
     "cancel": RoomCommand(cancel, Action.CANCEL),
     "logs": RoomCommand(logs, Action.LOGS),
+    "approve": RoomCommand(approve, Action.APPROVE),
+    "deny": RoomCommand(deny, Action.APPROVE),
     "status": RoomCommand(status, Action.READ),
     "jobs": RoomCommand(jobs, Action.READ),
     "targets": RoomCommand(targets, Action.READ),

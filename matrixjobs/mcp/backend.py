@@ -18,6 +18,7 @@ from matrixjobs.app import App
 from matrixjobs.errors import MatrixJobsError, NotFoundError
 from matrixjobs.fleet import WorkerState, worker_state
 from matrixjobs.models import Status
+from matrixjobs.policy import ADMIN, Caller, Via
 from matrixjobs.progress.events import JobProgressEvent, event_of
 from matrixjobs.queue.joblog import tail
 
@@ -39,6 +40,10 @@ class Backend(Protocol):
 
     async def cancel(self, subject: str) -> JobProgressEvent: ...
 
+    async def approve(self, subject: str) -> JobProgressEvent: ...
+
+    async def deny(self, subject: str, reason: str | None) -> JobProgressEvent: ...
+
     async def active(self) -> list[JobProgressEvent]:
         """Queued and running batches, then jobs outside a batch."""
         ...
@@ -59,6 +64,10 @@ class Backend(Protocol):
         ...
 
 
+# MCP in this process is the operator's (the service token's) own.
+MCP_ADMIN = Caller(ADMIN, Via.MCP)
+
+
 class AppBackend:
     """The core in this process."""
 
@@ -72,16 +81,22 @@ class AppBackend:
         return self.app.watch(subject)
 
     async def submit(self, target: str, args: Sequence[str]) -> JobProgressEvent:
-        return self.app.live(await self.app.submit(target, args, requester="mcp"))
+        return self.app.live(await self.app.submit(target, args, caller=MCP_ADMIN))
 
     async def submit_batch(self, targets: Sequence[str]) -> JobProgressEvent:
-        return self.app.live(await self.app.submit_batch(targets, requester="mcp"))
+        return self.app.live(await self.app.submit_batch(targets, caller=MCP_ADMIN))
 
     async def rerun(self, subject: str) -> JobProgressEvent:
-        return self.app.live(await self.app.rerun(subject, requester="mcp"))
+        return self.app.live(await self.app.rerun(subject, caller=MCP_ADMIN))
 
     async def cancel(self, subject: str) -> JobProgressEvent:
-        return event_of(await self.app.cancel(subject), time.time())
+        return event_of(await self.app.cancel(subject, MCP_ADMIN), time.time())
+
+    async def approve(self, subject: str) -> JobProgressEvent:
+        return self.app.live(await self.app.approve(subject, MCP_ADMIN))
+
+    async def deny(self, subject: str, reason: str | None) -> JobProgressEvent:
+        return self.app.live(await self.app.deny(subject, MCP_ADMIN, reason))
 
     async def active(self) -> list[JobProgressEvent]:
         return await self.app.active()
@@ -95,7 +110,7 @@ class AppBackend:
         return [self.app.live(batch) for batch in await self.app.batches(statuses, limit)]
 
     async def log_tail(self, job_id: str, lines: int, max_bytes: int) -> str:
-        return await self.app.log_tail(job_id, lines, max_bytes)
+        return await self.app.log_tail(job_id, lines, max_bytes, MCP_ADMIN)
 
     async def workers(self) -> list[WorkerState]:
         now, lease_s = time.time(), self.app.config.queue.lease_s
@@ -132,6 +147,12 @@ class HttpBackend:
 
     async def cancel(self, subject: str) -> JobProgressEvent:
         return await _translated(self.api.cancel(subject))
+
+    async def approve(self, subject: str) -> JobProgressEvent:
+        return await _translated(self.api.approve(subject))
+
+    async def deny(self, subject: str, reason: str | None) -> JobProgressEvent:
+        return await _translated(self.api.deny(subject, reason))
 
     async def active(self) -> list[JobProgressEvent]:
         return await _translated(self.api.active())

@@ -1,9 +1,10 @@
-"""The MCP server: eight tools over a `Backend` (the core in-process, or the HTTP API).
+"""The MCP server: ten tools over a `Backend` (the core in-process, or the HTTP API).
 
 Tools: `status` (optionally streaming progress), `list_jobs`, `submit_build`,
-`submit_batch`, `rerun`, `cancel`, `logs` (the end of a job's output), `workers` (the
-fleet). Results are pydantic models, so clients get `structuredContent` (camelCase, the
-same `job-progress` JSON as the HTTP API) beside the text.
+`submit_batch`, `rerun`, `cancel`, `approve` and `deny` (work held for approval), `logs`
+(the end of a job's output), `workers` (the fleet). Results are pydantic models, so
+clients get `structuredContent` (camelCase, the same `job-progress` JSON as the HTTP API)
+beside the text.
 
 Streaming `status` (stream=true, with an id): every job-progress event of that
 job or batch becomes an MCP progress notification when the client sent a
@@ -49,7 +50,8 @@ matrixjobs runs configured build targets as queued jobs and reports their progre
 Submit with submit_build (one target) or submit_batch (several); follow a job or batch
 with status(id, stream=true), which sends progress notifications and returns when it ends
 (set max_wait_s if your client times out requests, then call again). Ids look like j12
-(jobs) and b3 (batches). rerun(id) runs a job or batch again with the same arguments."""
+(jobs) and b3 (batches). rerun(id) runs a job or batch again with the same arguments.
+Work whose state has `approval` waiting waits for people: approve(id) or deny(id, reason)."""
 
 
 class StatusResult(CamelModel):
@@ -179,6 +181,25 @@ def build_mcp_server(
         """Cancel a pending or running job, or every unfinished job of a batch."""
         async with errors():
             return await backend.cancel(id.strip())
+
+    @server.tool(name="approve")
+    async def approve(
+        id: Annotated[str, Field(min_length=1, description="a job (j12) or batch (b3) id")],
+    ) -> JobProgressEvent:
+        """Approve a job or batch held for approval (`approval` in its state says how many
+        it needs); the last approval needed releases it to run."""
+        async with errors():
+            return await backend.approve(id.strip())
+
+    @server.tool(name="deny")
+    async def deny(
+        id: Annotated[str, Field(min_length=1, description="a job (j12) or batch (b3) id")],
+        reason: Annotated[str | None, Field(max_length=200,
+                                            description="why, shown with it")] = None,
+    ) -> JobProgressEvent:
+        """Refuse a job or batch held for approval: it is cancelled."""
+        async with errors():
+            return await backend.deny(id.strip(), reason)
 
     @server.tool(name="logs")
     async def logs(

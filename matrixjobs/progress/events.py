@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict
 from pydantic.alias_generators import to_camel
 
 from matrixjobs.logs import redact
-from matrixjobs.models import Batch, Job, Status
+from matrixjobs.models import Approval, Batch, Job, Status
 
 MESSAGE_LIMIT = 500
 
@@ -46,6 +46,26 @@ class JobDetails(CamelModel):
     runs_on: list[str] | None = None  # labels its worker must have; None: any worker
 
 
+class ApprovalInfo(CamelModel):
+    """What held work waits for: `required` approvals by `expiresAt`; who approved so far;
+    who denied it (and why), or that it expired."""
+
+    required: int
+    approved_by: list[str] = []
+    denied_by: str | None = None
+    reason: str | None = None
+    expired: bool = False
+    expires_at: datetime
+
+
+def approval_info(approval: Approval | None) -> ApprovalInfo | None:
+    if approval is None:
+        return None
+    return ApprovalInfo(required=approval.required, approved_by=list(approval.approved_by),
+                        denied_by=approval.denied_by, reason=approval.reason,
+                        expired=approval.expired, expires_at=timestamp(approval.expires_at))
+
+
 class JobProgressEvent(CamelModel):
     id: str
     type: Literal["job", "batch"]
@@ -63,6 +83,7 @@ class JobProgressEvent(CamelModel):
     eta_seconds: float | None = None
     requester: str | None = None
     worker: str | None = None  # the worker (its [worker] name) that runs or last ran a job
+    approval: ApprovalInfo | None = None  # set while, and after, work waits for approval
     # A matrix.to link to the room message showing this progress; set by the API on
     # single-item answers only (a store read each), never by the monitor.
     message_url: str | None = None
@@ -134,6 +155,7 @@ def job_event(
         eta_seconds=None if job.status.terminal else eta_seconds,
         requester=job.requester,
         worker=job.worker,
+        approval=approval_info(job.approval),
     )
 
 
@@ -171,6 +193,7 @@ def batch_event(
         finished_at=timestamp(batch.finished_at),
         eta_seconds=None if batch.status.terminal else eta_seconds,
         requester=batch.requester,
+        approval=approval_info(batch.approval),
     )
 
 

@@ -10,6 +10,11 @@ Pure functions of numbers and events; the clock comes in as `now` (epoch seconds
 * A worker: "2/4 running", its last heartbeat "3s ago", and "alive" or "silent for 2m 05s".
 * Attempts are said only when there could be more than one: "passed on attempt 2 of 3"
   (a first-try success says nothing), "failed on attempt 3 of 3".
+* Approvals: "awaiting approval 1/2", "approved by @bob", "denied by @bob: not today",
+  "approval expired".
+* A store in trouble is one line, the same in the room, the CLI and the dashboard:
+  "Degraded — store: locked. New jobs are refused until the store recovers; running jobs
+  go on."
 """
 
 from __future__ import annotations
@@ -18,8 +23,8 @@ import math
 from datetime import datetime
 
 from matrixjobs.fleet import WorkerState
-from matrixjobs.models import Status
-from matrixjobs.progress.events import JobProgressEvent
+from matrixjobs.models import Approval, Status
+from matrixjobs.progress.events import ApprovalInfo, JobProgressEvent
 
 STATUS_WORD: dict[Status, str] = {
     Status.PENDING: "queued",
@@ -154,3 +159,31 @@ def liveness(worker: WorkerState) -> str:
     if worker.silent_for is None:
         return "alive"
     return f"silent for {duration(worker.silent_for)}"
+
+
+def degraded(reason: str) -> str:
+    """The one line every view shows while the store cannot take writes; `reason` as
+    /healthz gives it ("store: disk full (42 MiB free, below [store] min_free_mb = 100)")."""
+    return (f"Degraded — {reason}. New jobs are refused until the store recovers; "
+            "running jobs go on.")
+
+
+def approval_state(approval: Approval | ApprovalInfo) -> str:
+    """Where an approval stands: 'awaiting approval 1/2', 'approved by @bob, @carol',
+    'denied by @bob: not today' (or without a reason), 'approval expired'."""
+    if approval.denied_by:
+        reason = f": {approval.reason}" if approval.reason else ""
+        return f"denied by {approval.denied_by}{reason}"
+    if approval.expired:
+        return "approval expired"
+    if len(approval.approved_by) >= approval.required:
+        return f"approved by {', '.join(approval.approved_by)}"
+    return f"awaiting approval {len(approval.approved_by)}/{approval.required}"
+
+
+def awaiting_approval(event: JobProgressEvent) -> bool:
+    """Held until enough people approve it (and nobody denied it, and it did not expire)."""
+    approval = event.approval
+    return (approval is not None and event.status is Status.PENDING
+            and not approval.denied_by and not approval.expired
+            and len(approval.approved_by) < approval.required)

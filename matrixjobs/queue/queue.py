@@ -54,6 +54,7 @@ from matrixjobs.models import (
     Progress,
     ProgressMessage,
     Status,
+    batch_approval,
     parse_id,
 )
 from matrixjobs.progress.events import clean_progress
@@ -261,9 +262,11 @@ class JobQueue:
             raise BadBatchError(
                 f"batch too large: {len(specs)} operations (at most {self.config.max_batch_size})"
             )
-        resolved = [self._resolve(spec) for spec in specs]
+        # The batch is approved as a whole: its operations wait for it, not each for its own.
+        approval = batch_approval(specs)
+        resolved = [replace(self._resolve(spec), approval=None) for spec in specs]
         batch, jobs = await self.store.add_batch(name, resolved, self._clock(), dedupe_key,
-                                                 show)
+                                                 show, approval)
         self.monitor.batch_updated(batch)
         for job in jobs:
             self.monitor.job_queued(job)
@@ -334,6 +337,7 @@ class JobQueue:
         free = self.config.workers - len(self._running) - len(self._ready)
         ahead = max(want - max(free, 0), 0) if want > 0 else 0
         pokes = self._pokes
+        began = time.monotonic()
         try:
             cycle = await self.store.settle_and_claim(
                 [outcome for _, outcome in outcomes], self.owner, want, self._clock(),
@@ -343,6 +347,10 @@ class JobQueue:
             self._outcomes[:0] = outcomes  # nothing was committed: keep them for the next try
             self._started_ahead[:0] = started
             raise
+        if cycle.claimed or outcomes:  # an idle poll that found nothing says nothing
+            log.debug("store cycle: claimed %d of %d wanted (%d ahead of a free slot), "
+                      "settled %d outcomes, in %.0f ms", len(cycle.claimed), max(want, 0),
+                      ahead, len(outcomes), (time.monotonic() - began) * 1000)
         self._ahead.update(job.id for job in cycle.claimed[want - ahead:])
         self._held.difference_update(job.id for job, _ in outcomes)
         self._held.update(job.id for job in cycle.claimed)
@@ -393,6 +401,9 @@ class JobQueue:
 
     def _release_ready(self, keep: int) -> None:
         """Give ahead-claimed jobs back to pending, as they were, keeping the first `keep`."""
+        if len(self._ready) > keep:
+            log.debug("giving back %d jobs claimed ahead (keeping %d)",
+                      len(self._ready) - keep, keep)
         while len(self._ready) > keep:
             job = self._ready.pop()
             self._ahead.discard(job.id)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from matrixjobs.models import (
+    Approval,
     Batch,
     Job,
     JobSpec,
@@ -104,9 +105,10 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def add_batch(
         self, name: str, specs: Sequence[JobSpec], now: float, dedupe_key: str | None = None,
-        show: ProgressMessage | None = None,
+        show: ProgressMessage | None = None, approval: Approval | None = None,
     ) -> tuple[Batch, list[Job]]:
-        """Add a batch and its jobs; `dedupe_key` and `show` as for add_jobs."""
+        """Add a batch and its jobs; `dedupe_key` and `show` as for add_jobs. With an
+        `approval`, its jobs are held until it is granted."""
 
     @abc.abstractmethod
     async def settle_and_claim(
@@ -169,7 +171,18 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def next_due(self) -> float | None:
-        """The earliest `run_after` among pending jobs."""
+        """The earliest `run_after` among pending jobs not held for approval."""
+
+    @abc.abstractmethod
+    async def set_approval(self, subject_id: str, before: Approval, after: Approval,
+                           release_at: float | None) -> bool:
+        """Replace a pending job's or batch's approval `before` with `after` (False if it
+        is no longer `before`: someone else changed it first); with `release_at`, in the
+        same transaction its held jobs become due then."""
+
+    @abc.abstractmethod
+    async def awaiting_approval(self) -> list[tuple[str, Approval]]:
+        """(subject id, approval) of every job and batch whose jobs are held."""
 
     @abc.abstractmethod
     async def get_job(self, job_id: str) -> Job | None: ...
@@ -238,6 +251,13 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def get_log(self, job_id: str) -> str | None:
         """A job's saved log; None when it has none (yet)."""
+
+    async def set_patience(self, patient: bool) -> None:
+        """Whether a write waits out a store another process holds busy (True, as opened)
+        or gives up at once. While the store is known to be unavailable the App makes it
+        impatient: writes would fail anyway, and reads must not queue behind them. Only
+        SQLite waits; the others have nothing to change."""
+        return None
 
     @abc.abstractmethod
     async def purge_finished(self, before: float) -> int:

@@ -32,7 +32,9 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from matrixjobs.errors import AlreadySubmittedError, StoreError
 from matrixjobs.models import (
+    HELD_UNTIL,
     INTERRUPTED_BY_STOP,
+    Approval,
     Batch,
     Job,
     JobSpec,
@@ -50,16 +52,21 @@ from matrixjobs.store.pg_conn import CONNECT_TIMEOUT_S, KEEPALIVE, describe_url,
 from matrixjobs.store.pg_listen import Listener, notify
 from matrixjobs.store.pg_roles import RoleLocks
 from matrixjobs.store.rows import (
+    AWAITING_APPROVAL,
     BATCH_COLUMNS,
     ERRORS_PER_BATCH,
     JOB_COLUMNS,
     QUALIFIED_JOB_COLUMNS,
     RUNNING_BY_OWNER,
     WORKER_COLUMNS,
+    approval_table,
+    approval_text,
+    approvals_of,
     batch_from_row,
     checked_number,
     dumps,
     first_line,
+    held,
     job_from_row,
     number_of,
     recount,
@@ -165,6 +172,12 @@ MIGRATIONS: list[str] = [
         started_at DOUBLE PRECISION NOT NULL,
         heartbeat_at DOUBLE PRECISION NOT NULL
     );
+    """,
+    # approvals a job or batch waits for (JSON text, models.Approval); its jobs are held
+    # (run_after = HELD_UNTIL) until it is granted
+    """
+    ALTER TABLE jobs ADD COLUMN approval TEXT;
+    ALTER TABLE batches ADD COLUMN approval TEXT;
     """,
 ]
 
@@ -339,22 +352,22 @@ class PostgresStore(Store):
 
     async def add_batch(
         self, name: str, specs: Sequence[JobSpec], now: float, dedupe_key: str | None = None,
-        show: ProgressMessage | None = None,
+        show: ProgressMessage | None = None, approval: Approval | None = None,
     ) -> tuple[Batch, list[Job]]:
         requester = specs[0].requester if specs else None
         async with self._transaction() as conn:
             await _claim_key(conn, dedupe_key, now)
             [(number,)] = await _rows(
-                conn, "INSERT INTO batches (name, status, total, created_at, requester) "
-                "VALUES (%s, %s, %s, %s, %s) RETURNING id",
-                (name, Status.PENDING, len(specs), now, requester),
+                conn, "INSERT INTO batches (name, status, total, created_at, requester, "
+                "approval) VALUES (%s, %s, %s, %s, %s, %s) RETURNING id",
+                (name, Status.PENDING, len(specs), now, requester, approval_text(approval)),
             )
-            jobs = await _insert_jobs(conn, specs, number, now)
+            jobs = await _insert_jobs(conn, specs, number, now, approval)
             await _record_key(conn, dedupe_key, batch_id(number))
             await _insert_message(conn, show, batch_id(number), now)
             await self._announce(conn, NEW, [batch_id(number), *(job.id for job in jobs)])
         batch = Batch(id=batch_id(number), name=name, status=Status.PENDING,
-                      total=len(specs), created_at=now, requester=requester)
+                      total=len(specs), created_at=now, requester=requester, approval=approval)
         return batch, jobs
 
     # -- running work ----------------------------------------------------------------------
@@ -581,8 +594,35 @@ class PostgresStore(Store):
     # -- reading ---------------------------------------------------------------------------
 
     async def next_due(self) -> float | None:
-        value = await self._scalar("SELECT min(run_after) FROM jobs WHERE status = 'pending'")
+        value = await self._scalar("SELECT min(run_after) FROM jobs WHERE status = 'pending' "
+                                   "AND run_after < %s", (HELD_UNTIL,))
         return None if value is None else float(value)
+
+    # -- approvals -------------------------------------------------------------------------
+
+    async def set_approval(self, subject_id: str, before: Approval, after: Approval,
+                           release_at: float | None) -> bool:
+        table, column = approval_table(subject_id)
+        async with self._transaction() as conn:
+            cursor = await conn.execute(
+                f"UPDATE {table} SET approval = %s WHERE id = %s AND approval = %s "
+                "AND status = 'pending'",
+                (after.to_json(), number_of(subject_id), before.to_json()))
+            if cursor.rowcount != 1:
+                return False
+            released = []
+            if release_at is not None:
+                released = await _rows(
+                    conn, f"UPDATE jobs SET run_after = %s WHERE {column} = %s "
+                    "AND status = 'pending' AND run_after >= %s RETURNING id",
+                    (release_at, number_of(subject_id), HELD_UNTIL))
+            await self._announce(conn, NEW, [job_id(number) for (number,) in released])
+            await self._announce(conn, CHANGE, [subject_id])
+        return True
+
+    async def awaiting_approval(self) -> list[tuple[str, Approval]]:
+        rows = await self._fetch(AWAITING_APPROVAL.format(p="%s"), (HELD_UNTIL, HELD_UNTIL))
+        return approvals_of(rows)
 
     async def get_job(self, job_id_: str) -> Job | None:
         number = checked_number(job_id_, "j")
@@ -809,23 +849,25 @@ async def _upsert_message(
 
 async def _insert_jobs(
     conn: psycopg.AsyncConnection[Any], specs: Sequence[JobSpec], batch_number: int | None,
-    now: float,
+    now: float, batch_approval: Approval | None = None,
 ) -> list[Job]:
     """One INSERT … SELECT FROM unnest(arrays) for all jobs: one round trip however many."""
     if not specs:
         return []
     rows = await _rows(
         conn, "INSERT INTO jobs (type, name, data, status, priority, max_retries, timeout_s, "
-        "batch_id, created_at, requester, runs_on) SELECT s.type, s.name, s.data, 'pending', "
-        "s.priority, s.max_retries, s.timeout_s, %s, %s, s.requester, s.runs_on "
+        "batch_id, created_at, requester, runs_on, run_after, approval) SELECT s.type, "
+        "s.name, s.data, 'pending', s.priority, s.max_retries, s.timeout_s, %s, %s, "
+        "s.requester, s.runs_on, s.run_after, s.approval "
         "FROM unnest(%s::text[], %s::text[], %s::text[], %s::bigint[], %s::int[], "
-        "%s::float8[], %s::text[], %s::text[]) WITH ORDINALITY "
-        "AS s(type, name, data, priority, max_retries, timeout_s, requester, runs_on, n) "
-        "ORDER BY s.n RETURNING id",
+        "%s::float8[], %s::text[], %s::text[], %s::float8[], %s::text[]) WITH ORDINALITY "
+        "AS s(type, name, data, priority, max_retries, timeout_s, requester, runs_on, "
+        "run_after, approval, n) ORDER BY s.n RETURNING id",
         (batch_number, now, [s.type for s in specs], [s.name for s in specs],
          [json.dumps(s.data) for s in specs], [s.priority for s in specs],
          [s.max_retries for s in specs], [_float(s.timeout_s) for s in specs],
-         [s.requester for s in specs], [json.dumps(sorted(s.runs_on)) for s in specs]),
+         [s.requester for s in specs], [json.dumps(sorted(s.runs_on)) for s in specs],
+         [held(s, batch_approval) for s in specs], [approval_text(s.approval) for s in specs]),
     )
     # Identities are drawn in insertion order, which ORDER BY s.n fixes; RETURNING's order
     # is not promised, so pair them up by sorting.
@@ -835,7 +877,8 @@ async def _insert_jobs(
             status=Status.PENDING, priority=spec.priority, retry_count=0,
             max_retries=spec.max_retries or 0, timeout_s=spec.timeout_s or 0.0,
             created_at=now, batch_id=None if batch_number is None else batch_id(batch_number),
-            requester=spec.requester, runs_on=sorted(spec.runs_on))
+            requester=spec.requester, runs_on=sorted(spec.runs_on),
+            run_after=held(spec, batch_approval), approval=spec.approval)
         for number, spec in zip(numbers, specs, strict=True)
     ]
 

@@ -7,18 +7,31 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from matrixjobs.models import Batch, Job, Progress, Status, Worker, batch_id, job_id, parse_id
+from matrixjobs.models import (
+    BATCH_PREFIX,
+    HELD_UNTIL,
+    Approval,
+    Batch,
+    Job,
+    JobSpec,
+    Progress,
+    Status,
+    Worker,
+    batch_id,
+    job_id,
+    parse_id,
+)
 
 JOB_COLUMNS = (
     "id, type, name, data, status, priority, retry_count, max_retries, timeout_s, batch_id, "
     "run_after, created_at, started_at, finished_at, progress_current, progress_total, "
-    "progress_message, error, result, requester, runs_on, worker"
+    "progress_message, error, result, requester, runs_on, worker, approval"
 )
 # The same, named with their table: for statements that join jobs with another.
 QUALIFIED_JOB_COLUMNS = ", ".join(f"jobs.{column.strip()}" for column in JOB_COLUMNS.split(","))
 BATCH_COLUMNS = (
     "id, name, status, total, completed, failed, cancelled, cancel_requested, "
-    "created_at, started_at, finished_at, requester"
+    "created_at, started_at, finished_at, requester, approval"
 )
 ERRORS_PER_BATCH = 20
 
@@ -65,10 +78,40 @@ def first_line(text: str | None) -> str:
     return (lines[-1] if lines else "failed")[:200]
 
 
+def held(spec: JobSpec, batch_approval: Approval | None) -> float:
+    """The run_after a new job starts with: held while its own or its batch's approval is
+    awaited, else due at once."""
+    return HELD_UNTIL if (spec.approval or batch_approval) is not None else 0.0
+
+
+def approval_text(approval: Approval | None) -> str | None:
+    return None if approval is None else approval.to_json()
+
+
+# The jobs and batches whose jobs are held for approval ({p}: the driver's placeholder).
+AWAITING_APPROVAL = (
+    "SELECT 'j' || id, approval FROM jobs WHERE status = 'pending' AND approval IS NOT NULL "
+    "AND run_after >= {p} UNION ALL SELECT 'b' || id, approval FROM batches "
+    "WHERE status = 'pending' AND approval IS NOT NULL AND id IN (SELECT batch_id FROM jobs "
+    "WHERE status = 'pending' AND run_after >= {p})"
+)
+
+
+def approvals_of(rows: Sequence[Sequence[Any]]) -> list[tuple[str, Approval]]:
+    """AWAITING_APPROVAL's rows as (subject id, approval)."""
+    return [(subject, approval) for subject, text in rows
+            if (approval := Approval.from_json(text)) is not None]
+
+
+def approval_table(subject_id: str) -> tuple[str, str]:
+    """The table a job's or batch's approval is in, and the jobs column it holds them by."""
+    return ("batches", "batch_id") if subject_id.startswith(BATCH_PREFIX) else ("jobs", "id")
+
+
 def job_from_row(row: Sequence[Any]) -> Job:
     (number, type_, name, data, status, priority, retry_count, max_retries, timeout_s,
      batch_number, run_after, created_at, started_at, finished_at, p_current, p_total,
-     p_message, error, result, requester, runs_on, worker) = row
+     p_message, error, result, requester, runs_on, worker, approval) = row
     progress = None
     if p_current is not None:
         progress = Progress(p_current, p_total, p_message)
@@ -80,17 +123,19 @@ def job_from_row(row: Sequence[Any]) -> Job:
         run_after=run_after, started_at=started_at, finished_at=finished_at,
         progress=progress, error=error, result=None if result is None else json.loads(result),
         requester=requester, runs_on=json.loads(runs_on), worker=worker,
+        approval=Approval.from_json(approval),
     )
 
 
 def batch_from_row(row: Sequence[Any]) -> Batch:
     (number, name, status, total, completed, failed, cancelled, cancel_requested,
-     created_at, started_at, finished_at, requester) = row
+     created_at, started_at, finished_at, requester, approval) = row
     return Batch(
         id=batch_id(number), name=name, status=Status(status), total=total,
         completed=completed, failed=failed, cancelled=cancelled,
         cancel_requested=bool(cancel_requested), created_at=created_at,
         started_at=started_at, finished_at=finished_at, requester=requester,
+        approval=Approval.from_json(approval),
     )
 
 

@@ -23,7 +23,9 @@ import aiosqlite
 
 from matrixjobs.errors import AlreadySubmittedError, StoreError
 from matrixjobs.models import (
+    HELD_UNTIL,
     INTERRUPTED_BY_STOP,
+    Approval,
     Batch,
     Job,
     JobSpec,
@@ -39,16 +41,21 @@ from matrixjobs.models import (
 from matrixjobs.private import make_dirs, private_file, tighten
 from matrixjobs.store.base import BatchCancel, Cycle, Heartbeat, Recovery, Store, heartbeat_of
 from matrixjobs.store.rows import (
+    AWAITING_APPROVAL,
     BATCH_COLUMNS,
     ERRORS_PER_BATCH,
     JOB_COLUMNS,
     QUALIFIED_JOB_COLUMNS,
     RUNNING_BY_OWNER,
     WORKER_COLUMNS,
+    approval_table,
+    approval_text,
+    approvals_of,
     batch_from_row,
     checked_number,
     dumps,
     first_line,
+    held,
     job_from_row,
     number_of,
     recount,
@@ -157,6 +164,12 @@ MIGRATIONS: list[str] = [
         heartbeat_at REAL NOT NULL
     );
     """,
+    # approvals a job or batch waits for (JSON, models.Approval); its jobs are held
+    # (run_after = HELD_UNTIL) until it is granted
+    """
+    ALTER TABLE jobs ADD COLUMN approval TEXT;
+    ALTER TABLE batches ADD COLUMN approval TEXT;
+    """,
 ]
 
 log = logging.getLogger(__name__)
@@ -165,6 +178,8 @@ MIN_SQLITE = (3, 35, 0)
 BUSY_TIMEOUT_MS = 5000
 # At start, how long one try for the write lock waits (so the wait is said at once).
 LOCK_POLL_MS = 250
+# While waiting for it, how often a debug line says the wait goes on.
+LOCK_NOTE_S = 5.0
 DEFAULT_LOCK_WAIT_S = 30.0
 CANCELLED_BATCH = "coalesce(batch_id IN (SELECT id FROM batches WHERE cancel_requested = 1), 0)"
 # Rows per multi-row statement: well under SQLite's 32766 bound variables.
@@ -217,7 +232,8 @@ class SqliteStore(Store):
         """Another process may hold the store's write lock (a `sqlite3` shell in a
         transaction, a backup tool): wait up to `lock_wait_s`, saying so once, then give up
         in one line. Without this the first write at start failed after the busy timeout."""
-        deadline = time.monotonic() + self.lock_wait_s
+        began = noted = time.monotonic()
+        deadline = began + self.lock_wait_s
         waiting = False
         await self.db.execute(f"PRAGMA busy_timeout = {LOCK_POLL_MS}")
         while True:
@@ -229,7 +245,8 @@ class SqliteStore(Store):
                     raise
             else:
                 if waiting:
-                    log.info("store %s is free again", self.path)
+                    log.info("store %s is free again (waited %.1f s)", self.path,
+                             time.monotonic() - began)
                 return
             if time.monotonic() >= deadline:
                 raise StoreError(f"store {self.path} is locked by another process (waited "
@@ -238,6 +255,10 @@ class SqliteStore(Store):
                 log.warning("store %s locked by another process, waiting up to %g s",
                             self.path, self.lock_wait_s)
                 waiting = True
+            elif time.monotonic() - noted >= LOCK_NOTE_S:
+                noted = time.monotonic()
+                log.debug("store %s still locked after %.0f s of %g s", self.path,
+                          noted - began, self.lock_wait_s)
 
     def _make_private(self) -> None:
         """The store holds the bot's access token: create it 0600 (SQLite gives its -wal
@@ -345,23 +366,23 @@ class SqliteStore(Store):
 
     async def add_batch(
         self, name: str, specs: Sequence[JobSpec], now: float, dedupe_key: str | None = None,
-        show: ProgressMessage | None = None,
+        show: ProgressMessage | None = None, approval: Approval | None = None,
     ) -> tuple[Batch, list[Job]]:
         requester = specs[0].requester if specs else None
         async with self._transaction():
             await self._claim_key(dedupe_key, specs, now)
             cursor = await self.db.execute(
-                "INSERT INTO batches (name, status, total, created_at, requester) "
-                "VALUES (?, ?, ?, ?, ?)",
-                (name, Status.PENDING, len(specs), now, requester),
+                "INSERT INTO batches (name, status, total, created_at, requester, approval) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (name, Status.PENDING, len(specs), now, requester, approval_text(approval)),
             )
             number = cursor.lastrowid
             assert number is not None
-            jobs = await self._insert_jobs(specs, number, now)
+            jobs = await self._insert_jobs(specs, number, now, approval)
             await self._record_key(dedupe_key, batch_id(number))
             await self._insert_message(show, batch_id(number), now)
         batch = Batch(id=batch_id(number), name=name, status=Status.PENDING,
-                      total=len(specs), created_at=now, requester=requester)
+                      total=len(specs), created_at=now, requester=requester, approval=approval)
         return batch, jobs
 
     async def _claim_key(self, key: str | None, specs: Sequence[JobSpec], now: float) -> None:
@@ -395,7 +416,8 @@ class SqliteStore(Store):
         )
 
     async def _insert_jobs(
-        self, specs: Sequence[JobSpec], batch_number: int | None, now: float
+        self, specs: Sequence[JobSpec], batch_number: int | None, now: float,
+        batch_approval: Approval | None = None,
     ) -> list[Job]:
         """Multi-row INSERTs: one round trip to the database thread per chunk, not per job."""
         jobs = []
@@ -406,11 +428,12 @@ class SqliteStore(Store):
                 assert spec.max_retries is not None and spec.timeout_s is not None
                 params += (spec.type, spec.name, json.dumps(spec.data), Status.PENDING,
                            spec.priority, spec.max_retries, spec.timeout_s, batch_number, now,
-                           spec.requester, json.dumps(sorted(spec.runs_on)))
+                           spec.requester, json.dumps(sorted(spec.runs_on)),
+                           held(spec, batch_approval), approval_text(spec.approval))
             rows = await self.db.execute_fetchall(
                 "INSERT INTO jobs (type, name, data, status, priority, max_retries, timeout_s, "
-                f"batch_id, created_at, requester, runs_on) VALUES {_placeholders(len(chunk), 11)} "
-                "RETURNING id",
+                "batch_id, created_at, requester, runs_on, run_after, approval) VALUES "
+                f"{_placeholders(len(chunk), 13)} RETURNING id",
                 params,
             )
             # Rows are inserted in VALUES order with increasing ids; RETURNING's order is not
@@ -424,6 +447,7 @@ class SqliteStore(Store):
                     created_at=now,
                     batch_id=None if batch_number is None else batch_id(batch_number),
                     requester=spec.requester, runs_on=sorted(spec.runs_on),
+                    run_after=held(spec, batch_approval), approval=spec.approval,
                 )
                 for number, spec in zip(numbers, chunk, strict=True)
             ]
@@ -658,6 +682,30 @@ class SqliteStore(Store):
             return None
         return BatchCancel(batch=batches[0], cancelled=cancelled, running=running)
 
+    # -- approvals -------------------------------------------------------------------------
+
+    async def set_approval(self, subject_id: str, before: Approval, after: Approval,
+                           release_at: float | None) -> bool:
+        table, column = approval_table(subject_id)
+        async with self._transaction():
+            cursor = await self.db.execute(
+                f"UPDATE {table} SET approval = ? WHERE id = ? AND approval = ? "
+                "AND status = 'pending'",
+                (after.to_json(), number_of(subject_id), before.to_json()))
+            if cursor.rowcount != 1:
+                return False
+            if release_at is not None:
+                await self.db.execute(
+                    f"UPDATE jobs SET run_after = ? WHERE {column} = ? AND status = 'pending' "
+                    "AND run_after >= ?", (release_at, number_of(subject_id), HELD_UNTIL))
+        return True
+
+    async def awaiting_approval(self) -> list[tuple[str, Approval]]:
+        async with self._lock:
+            rows = await self.db.execute_fetchall(AWAITING_APPROVAL.format(p="?"),
+                                                  (HELD_UNTIL, HELD_UNTIL))
+        return approvals_of(list(rows))
+
     # -- progress messages and settings (for interfaces) ------------------------------------
 
     async def save_message(self, message: ProgressMessage, now: float) -> None:
@@ -707,6 +755,10 @@ class SqliteStore(Store):
             rows = await self.db.execute_fetchall("SELECT value FROM settings WHERE key = ?",
                                                   (key,))
         return rows[0][0] if rows else None
+
+    async def set_patience(self, patient: bool) -> None:
+        wait_ms = BUSY_TIMEOUT_MS if patient else LOCK_POLL_MS
+        await self.db.execute(f"PRAGMA busy_timeout = {wait_ms}")
 
     async def set_setting(self, key: str, value: str) -> None:
         async with self._transaction():
@@ -778,7 +830,8 @@ class SqliteStore(Store):
 
     async def next_due(self) -> float | None:
         async with self._lock:
-            value = await self._scalar("SELECT min(run_after) FROM jobs WHERE status = 'pending'")
+            value = await self._scalar("SELECT min(run_after) FROM jobs WHERE status = 'pending' "
+                                       "AND run_after < ?", (HELD_UNTIL,))
         return None if value is None else float(value)
 
     async def get_job(self, job_id_: str) -> Job | None:

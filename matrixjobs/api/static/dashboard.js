@@ -7,6 +7,9 @@ const FINISHED_SHOWN = 50;
 // Finished items the page remembers (filters search these): a page left open for days
 // must not keep every job it ever saw.
 const FINISHED_KEPT = 500;
+// After the stream was refused (a store that cannot be read answers 503), try again this
+// often; EventSource itself gives up on an error answer.
+const RECONNECT_MS = 2000;
 const items = new Map(); // id -> {event, text}
 let source = null;
 let route = { kind: "list" };
@@ -34,10 +37,13 @@ function connect() {
   source = new EventSource(`/v1/events${focus}`);
   source.addEventListener("open", () => { $("connection").textContent = "live"; });
   source.addEventListener("snapshot", (message) => {
+    const snapshot = JSON.parse(message.data);
     items.clear();
-    for (const item of JSON.parse(message.data).items) items.set(item.event.id, item);
+    for (const item of snapshot.items) items.set(item.event.id, item);
+    showHealth(snapshot.health);
     scheduleRender();
   });
+  source.addEventListener("health", (message) => showHealth(JSON.parse(message.data)));
   const upsert = (message) => {
     const item = JSON.parse(message.data);
     const known = items.get(item.event.id);
@@ -56,7 +62,23 @@ function connect() {
 async function onStreamError() {
   $("connection").textContent = "reconnecting…";
   const probe = await fetch("/v1/status", { method: "GET" }).catch(() => null);
-  if (probe && probe.status === 401) window.location.assign("/login");
+  if (probe && probe.status === 401) {
+    window.location.assign("/login");
+    return;
+  }
+  if (probe && probe.status === 503) {
+    // The store cannot even be read: the service's own words ("store: unreachable; …").
+    const body = await probe.json().catch(() => null);
+    if (body?.error?.code === "store_unavailable") showHealth({ text: body.error.message });
+  }
+  if (source.readyState === EventSource.CLOSED) setTimeout(connect, RECONNECT_MS);
+}
+
+// One line while the store is in trouble, worded by the service; hidden while it is fine.
+function showHealth(health) {
+  const text = health?.text ?? "";
+  $("degraded").textContent = text;
+  $("degraded").hidden = !text;
 }
 
 function prune() {
@@ -189,6 +211,7 @@ function renderDetail() {
     ...fact("Time", item.text.timing),
     ...fact("Requester", event.requester),
     ...fact("Attempt", item.text.attempt),
+    ...fact("Approval", item.text.approval),
     ...fact("Error", event.error),
   ];
   const link = messageLinks.get(event.id);
@@ -199,6 +222,7 @@ function renderDetail() {
   $("detail-facts").replaceChildren(...facts);
   $("detail-bar").replaceChildren(bar(item), ` ${item.text.percent} ${item.text.counts}`);
   $("cancel").disabled = isTerminal(event);
+  for (const id of ["approve", "deny", "deny-reason"]) $(id).hidden = !item.text.awaiting;
   if (route.kind === "batches") renderOperations();
 }
 
@@ -258,17 +282,19 @@ async function followLog(id) {
   }
 }
 
-async function act(action) {
+async function act(action, body) {
   const kind = route.kind;
   const result = $("action-result");
   result.textContent = "…";
-  const response = await fetch(`/v1/${kind}/${encodeURIComponent(route.id)}/${action}`,
-                               { method: "POST" }).catch(() => null);
+  const request = body === undefined ? { method: "POST" }
+    : { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) };
+  const response = await fetch(`/v1/${kind}/${encodeURIComponent(route.id)}/${action}`, request)
+    .catch(() => null);
   if (!response) {
     result.textContent = "the service cannot be reached";
   } else if (response.ok) {
     const event = await response.json();
-    result.textContent = action === "cancel" ? `${event.id} ${event.status}` : `started ${event.id}`;
+    result.textContent = action === "rerun" ? `started ${event.id}` : `${event.id} ${event.status}`;
     if (action === "rerun") window.location.hash = `#/${kind}/${encodeURIComponent(event.id)}`;
   } else {
     const body = await response.json().catch(() => null);
@@ -312,6 +338,11 @@ function init() {
   });
   $("cancel").addEventListener("click", () => act("cancel"));
   $("rerun").addEventListener("click", () => act("rerun"));
+  $("approve").addEventListener("click", () => act("approve"));
+  $("deny").addEventListener("click", () => {
+    const reason = $("deny-reason").value.trim();
+    act("deny", reason ? { reason } : {});
+  });
   window.addEventListener("hashchange", onRoute);
   onRoute();
 }
