@@ -166,7 +166,9 @@ def test_ready_watchdog_and_stopping_reach_the_notify_socket(tmp_path, notify, s
     service = start(tmp_path, services, config,
                     {"NOTIFY_SOCKET": notify.path, "WATCHDOG_USEC": "300000"})
     notify.wait_for("READY=1")
-    assert "matrixjobs started" in service.log  # READY comes once the store and API are up
+    # READY comes once the store and API are up; the log line that says so is written by
+    # the log's own thread, so it may reach the file a moment after READY.
+    service.wait_for_log("matrixjobs started", timeout=5)
     submit(service)
     wait_for(lambda: job_row(tmp_path)[0] == "completed")
     # Pings every WATCHDOG_USEC/2 = 0.15 s: several arrive within a second.
