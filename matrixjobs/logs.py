@@ -12,6 +12,7 @@ import logging
 import os
 import queue
 import re
+import sys
 import threading
 from collections.abc import Iterable
 from logging.handlers import QueueHandler, QueueListener
@@ -206,8 +207,9 @@ def redact(text: str) -> str:
 
 class Outage:
     """The log of a loop that retries a step: its first failure with the traceback, the
-    failures after it only at debug, and the step working again. A lost database fails
-    every try until it is back; one warning per outage says it without flooding."""
+    failures after it only at debug (one line each, the exception in short), and the step
+    working again. A lost database fails every try until it is back; one warning per
+    outage says it without flooding."""
 
     def __init__(self, logger: logging.Logger, what: str) -> None:
         self._log = logger
@@ -217,7 +219,8 @@ class Outage:
     def failed(self, message: str, *args: object) -> None:
         """Call from an `except` block; `message` is said once per outage."""
         if self._down:
-            self._log.debug("%s failed again", self._what, exc_info=True)
+            self._log.debug("%s failed again (%s); retrying", self._what,
+                            brief(sys.exception()))
         else:
             self._log.exception(message, *args)
         self._down = True
@@ -226,3 +229,11 @@ class Outage:
         if self._down:
             self._log.info("%s works again", self._what)
             self._down = False
+
+
+def brief(exc: BaseException | None) -> str:
+    """An exception in one line: 'OperationalError: database is locked'."""
+    if exc is None:
+        return "no exception"
+    text = str(exc).strip().partition("\n")[0]
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

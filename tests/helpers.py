@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import sqlite3
 import sys
 import textwrap
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +52,20 @@ async def final_state(app: App, subject: str, timeout: float = 20.0) -> JobProgr
         return last
 
     return await asyncio.wait_for(follow(), timeout)
+
+
+@contextlib.asynccontextmanager
+async def write_locked(db: Path) -> AsyncIterator[None]:
+    """What an operator's `sqlite3` shell in a transaction (BEGIN IMMEDIATE) does to a
+    store the test's own loop serves: its writes wait out the busy timeout and fail, its
+    reads go on. Taken from a thread, so a write of the service's under way can finish."""
+    holder = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
+    try:
+        await asyncio.to_thread(holder.execute, "BEGIN IMMEDIATE")
+        yield
+        await asyncio.to_thread(holder.execute, "ROLLBACK")
+    finally:
+        holder.close()
 
 
 def python_target(code: str, **extra: Any) -> dict[str, Any]:

@@ -1,5 +1,7 @@
 """The most a log ever shows (`--log-level debug`) of a real service with an encrypted room,
-the API and a job: no secret, no key material and no message text reaches it."""
+the API and a job: no secret, no key material and no message text reaches it; and what it
+does show is worth turning on: our own decisions, one line each (claims and their sizes,
+what a sync brought). One run of the service, read by both tests."""
 
 from __future__ import annotations
 
@@ -12,20 +14,24 @@ import subprocess
 import sys
 import textwrap
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx2
 import pytest
+import pytest_asyncio
 from helpers import bot_tables
 from matrix_people import BotMessage, EncryptedPerson
 from service_process import child_env
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.asyncio(loop_scope="module")]
 
 PASSWORD = "debug-bot-password-3141"
 API_TOKEN = "api-token-for-the-debug-log-2718"
 SECRET_PROSE = "the launch code is swordfish-29914"
 # Key material: pickles, Megolm session keys, signatures; event ids ($ + 43) are not secrets.
+# A log line: time stamp, level, logger, message (logs.ServiceFormatter).
+RECORD = re.compile(r"^\S+ \S+ (DEBUG|INFO|WARNING|ERROR|CRITICAL) ([\w.]+): (.*)$")
 BLOB = re.compile(r"(?<![$A-Za-z0-9+/=_-])[A-Za-z0-9+/]{60,}={0,2}(?![A-Za-z0-9+/=_-])")
 STEPS = """
 import time
@@ -104,14 +110,27 @@ async def use_the_service(synapse, tmp_path: Path, bot: str, alice: EncryptedPer
     return texts, log_path
 
 
-async def test_a_debug_log_holds_no_secret_no_key_and_no_message_text(synapse, tmp_path):
+@dataclass(frozen=True)
+class DebugRun:
+    directory: Path
+    texts: list[str]  # what was said in the room
+    log: str
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def debug_run(synapse, tmp_path_factory: pytest.TempPathFactory) -> DebugRun:
+    tmp_path = tmp_path_factory.mktemp("debuglog")
     bot = (await asyncio.to_thread(synapse.register, "debuglogbot", PASSWORD))["user_id"]
     alice = await EncryptedPerson.register(synapse, "debuglogalice", tmp_path / "alice")
     try:
         texts, log_path = await use_the_service(synapse, tmp_path, bot, alice)
     finally:
         await alice.close()
-    log = log_path.read_text()
+    return DebugRun(tmp_path, texts, log_path.read_text())
+
+
+async def test_a_debug_log_holds_no_secret_no_key_and_no_message_text(debug_run):
+    tmp_path, texts, log = debug_run.directory, debug_run.texts, debug_run.log
     assert "matrix: logged in as" in log
 
     with contextlib.closing(sqlite3.connect(tmp_path / "state" / "jobs.db")) as db:
@@ -133,3 +152,26 @@ async def test_a_debug_log_holds_no_secret_no_key_and_no_message_text(synapse, t
         assert text not in log, f"message text in the log: {text!r}"
     assert "swordfish" not in log
     assert BLOB.findall(log) == []
+
+
+async def test_a_debug_log_says_our_own_decisions_one_line_each(debug_run):
+    records = [match.groups() for line in debug_run.log.splitlines()
+               if (match := RECORD.match(line))]
+
+    def ours(text: str) -> list[str]:
+        return [message for level, name, message in records
+                if level == "DEBUG" and name.startswith("matrixjobs.") and text in message]
+
+    # The !build's job claimed, and its outcome settled: sizes, never names or arguments.
+    claims = ours("store cycle: claimed ")
+    assert any(re.fullmatch(r"store cycle: claimed 1 of \d+ wanted \(\d+ ahead of a free "
+                            r"slot\), settled \d+ outcomes, in \d+ ms", claim)
+               for claim in claims), claims
+    assert any("settled 1 outcomes" in claim for claim in claims), claims
+    # What the sync loop brought: the commands' events, by count and room, never their text.
+    synced = ours("matrix: sync: ")
+    assert synced, debug_run.log
+    assert all(re.fullmatch(r"matrix: sync: \d+ new events in !\S+", line) for line in synced)
+    # Library loggers stay held at WARNING: nothing of theirs at debug or info.
+    assert not [name for level, name, _ in records
+                if level in ("DEBUG", "INFO") and name.split(".")[0] != "matrixjobs"]

@@ -11,7 +11,7 @@ from typing import Any
 import httpx2
 import jsonschema
 import pytest
-from helpers import final_state, python_target
+from helpers import final_state, python_target, write_locked
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
@@ -220,3 +220,24 @@ async def test_auth_and_shutdown_errors_conform_to_the_document(service):
                      await with_token.get("/healthz")):
         assert response.status_code == 503
         doc.check(response)
+
+
+async def test_answers_while_the_store_is_locked_conform_to_the_document(service):
+    """503 store_unavailable with Retry-After for new work, /healthz degraded, and the
+    status list still answered, naming why (`degraded`): each as documented, no field more."""
+    app, client = await service()
+    doc = await fetch_document(client)
+    strict_doc = Document(strict(doc.spec))
+    running = (await client.post("/v1/jobs", json={"target": "slow"})).json()["id"]
+    async with write_locked(app.config.store.path):
+        refused = await client.post("/v1/jobs", json={"target": "quick"})  # after 5 s
+        assert refused.status_code == 503 and refused.headers["Retry-After"] == "10"
+        strict_doc.check(refused)
+        health = await client.get("/healthz")
+        assert health.json()["status"] == "degraded"
+        strict_doc.check(health)
+        status = await client.get("/v1/status")
+        assert status.status_code == 200
+        assert status.json()["degraded"] == "store: locked"
+        assert [event["id"] for event in status.json()["active"]] == [running]
+        strict_doc.check(status)

@@ -103,6 +103,9 @@ class StoreHealth:
                         "recovers; running jobs go on and their outcomes wait in memory",
                         fault + (f", {detail}" if detail else ""))
             self.since = self._clock()
+        else:
+            log.debug("the store is still unavailable (%s, %d errors of this kind)",
+                      fault + (f", {detail}" if detail else ""), self.errors[fault])
         self.fault, self.detail = fault, detail
 
     def worked(self) -> None:
