@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import shutil
 import socket
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
@@ -24,6 +25,7 @@ from typing import Protocol
 from prometheus_client import CollectorRegistry
 
 from matrixjobs import __version__
+from matrixjobs.audit import SERVICE, AuditAction, AuditQuery, Entry, Record, Verdict, verify
 from matrixjobs.config import Config
 from matrixjobs.errors import (
     AlreadyFinishedError,
@@ -157,6 +159,7 @@ class App:
         self._started = True
         if self.config.queue.workers > 0:
             await self.store.register_worker(self._worker_row())
+        await self._record_service(AuditAction.SERVICE_STARTED)
         self._supervisor.keep("progress-monitor", self.monitor.run)
         self._supervisor.every("lease-heartbeat", self.config.queue.lease_s / 3,
                                self.queue.heartbeat)
@@ -237,8 +240,25 @@ class App:
         await self._supervisor.stop()
         # Last, once no heartbeat can write the row again.
         await self._unregister_worker()
+        await self._record_service(AuditAction.SERVICE_STOPPED)
         await self.store.close()
         log.info("matrixjobs stopped")
+
+    async def _record_service(self, action: AuditAction) -> None:
+        """Record the service's start or stop, with a hash of its config (secrets are
+        masked in it), and log the chain's head: a copy of these lines kept elsewhere
+        pins what the audit log was."""
+        config = hashlib.sha256(self.config.model_dump_json().encode()).hexdigest()
+        entry = Entry(action, SERVICE, SERVICE, detail={
+            "role": self.role, "worker": self.config.worker.name, "version": __version__,
+            "config": config})
+        try:
+            record = await self.store.append_audit(entry)
+        except Exception as exc:  # a store in trouble: starting or stopping goes on
+            log.error("audit: the service's %s could not be recorded: %s", action, exc)
+            return
+        log.info("audit: %s; the chain's head is record %d, %s", action, record.seq,
+                 record.hash)
 
     def _worker_row(self) -> Worker:
         now = time.time()
@@ -279,10 +299,13 @@ class App:
         await self.stop()
 
     async def purge(self) -> None:
-        cutoff = time.time() - self.config.store.retention_days * 86400
-        removed = await self.store.purge_finished(cutoff)
+        now = time.time()
+        removed = await self.store.purge_finished(now - self.config.store.retention_days * 86400)
         if removed:
             log.info("retention: removed %d finished jobs/batches", removed)
+        pruned = await self.store.prune_audit(now - self.config.audit.retention_days * 86400)
+        if pruned:
+            log.info("retention: removed the %d oldest audit records", pruned)
 
     # -- the core's public API -------------------------------------------------------------------
 
@@ -293,23 +316,24 @@ class App:
         """Queue a configured target. `dedupe_key` makes a repeated request raise
         AlreadySubmittedError; `show` records where its progress will be shown; `caller`
         says who asked, from where (None: the core itself, no rule applies)."""
-        self._allow(caller, Action.RUN, [target])
+        await self._allow(caller, Action.RUN, [target])
         spec = self.targets.spec(target, list(args), _requester(caller))
-        [job] = await self._enqueue([spec], dedupe_key, show)
+        audit = _entry(caller, AuditAction.STARTED, target, {"args": list(spec.data["args"])})
+        [job] = await self._enqueue([spec], dedupe_key, show, audit)
         return job
 
     async def _enqueue(self, specs: Sequence[JobSpec], dedupe_key: str | None,
-                       show: ProgressMessage | None) -> list[Job]:
+                       show: ProgressMessage | None, audit: Entry | None) -> list[Job]:
         with self._storing():
-            jobs = await self.queue.enqueue_many(specs, dedupe_key, show)
+            jobs = await self.queue.enqueue_many(specs, dedupe_key, show, audit)
         if self.remote is not None:
             self.remote.follow(jobs)  # another process may run them
         return jobs
 
     async def _enqueue_batch(self, name: str, specs: Sequence[JobSpec], dedupe_key: str | None,
-                             show: ProgressMessage | None) -> Batch:
+                             show: ProgressMessage | None, audit: Entry | None) -> Batch:
         with self._storing():
-            batch, jobs = await self.queue.enqueue_batch(name, specs, dedupe_key, show)
+            batch, jobs = await self.queue.enqueue_batch(name, specs, dedupe_key, show, audit)
         if self.remote is not None:
             self.remote.follow(jobs)
         return batch
@@ -393,9 +417,11 @@ class App:
         self, targets: Sequence[str], name: str | None = None, dedupe_key: str | None = None,
         show: ProgressMessage | None = None, caller: Caller | None = None,
     ) -> Batch:
-        self._allow(caller, Action.RUN, targets)
+        await self._allow(caller, Action.RUN, targets)
         specs = [self.targets.spec(target, requester=_requester(caller)) for target in targets]
-        return await self._enqueue_batch(name or " ".join(targets), specs, dedupe_key, show)
+        name = name or " ".join(targets)
+        audit = _entry(caller, AuditAction.STARTED, " ".join(targets), {"name": name})
+        return await self._enqueue_batch(name, specs, dedupe_key, show, audit)
 
     async def rerun(
         self, subject: str, caller: Caller | None = None, dedupe_key: str | None = None,
@@ -410,14 +436,19 @@ class App:
             if batch is None:
                 raise NotFoundError(f"no batch {subject}")
             operations = await self.store.list_jobs(batch_id=subject, limit=batch.total)
-            self._allow(caller, Action.RERUN, [_target(job) for job in operations])
+            targets = [_target(job) for job in reversed(operations)]
+            await self._allow(caller, Action.RERUN, targets)
             specs = [self._again(job, caller) for job in reversed(operations)]
-            return await self._enqueue_batch(batch.name, specs, dedupe_key, show)
+            audit = _entry(caller, AuditAction.RERUN, " ".join(targets), {"of": subject})
+            return await self._enqueue_batch(batch.name, specs, dedupe_key, show, audit)
         job = await self.store.get_job(subject)
         if job is None:
             raise NotFoundError(f"no job {subject}")
-        self._allow(caller, Action.RERUN, [_target(job)])
-        [rerun_job] = await self._enqueue([self._again(job, caller)], dedupe_key, show)
+        await self._allow(caller, Action.RERUN, [_target(job)])
+        spec = self._again(job, caller)
+        audit = _entry(caller, AuditAction.RERUN, _target(job),
+                       {"of": subject, "args": list(spec.data["args"])})
+        [rerun_job] = await self._enqueue([spec], dedupe_key, show, audit)
         return rerun_job
 
     def _again(self, job: Job, caller: Caller | None) -> JobSpec:
@@ -441,36 +472,60 @@ class App:
         return await self.store.message_subject(room_id, event_id)
 
     async def cancel(self, subject: str, caller: Caller | None = None) -> Job | Batch:
-        if caller is not None:
-            await self._allow_on(caller, Action.CANCEL, subject)
-        return await self.queue.cancel(subject)
+        targets = [] if caller is None else await self._allow_on(caller, Action.CANCEL, subject)
+        audit = _entry(caller, AuditAction.CANCELLED, " ".join(targets),
+                       subject=_canonical(subject))
+        return await self.queue.cancel(subject, audit)
 
-    def _allow(self, caller: Caller | None, action: Action, targets: Sequence[str],
-               owner: str | None = None) -> None:
-        """Raise ForbiddenError if a rule refuses `caller` (None: the core itself)."""
+    async def _allow(self, caller: Caller | None, action: Action, targets: Sequence[str],
+                     owner: str | None = None, subject: str | None = None) -> None:
+        """Raise ForbiddenError if a rule refuses `caller` (None: the core itself), and
+        record the refusal."""
         if caller is None:
             return
         decision = self.policy.decide(caller, action, targets, owner)
-        if not decision:
-            log.debug("policy: %s refused to %s via %s on %s (rule %s: %s)", action,
-                      caller.user, caller.via, ", ".join(targets) or "-", decision.rule,
-                      decision.reason)
-            raise ForbiddenError(decision.reason, decision.rule)
+        if decision:
+            return
+        log.debug("policy: %s refused to %s via %s on %s (rule %s: %s)", action,
+                  caller.user, caller.via, ", ".join(targets) or "-", decision.rule,
+                  decision.reason)
+        refused = _entry(caller, AuditAction.REFUSED, " ".join(targets), {
+            "action": str(action), "rule": decision.rule, "reason": decision.reason}, subject)
+        try:
+            if refused is not None:
+                await self.store.append_audit(refused)
+        except Exception as exc:  # the refusal stands; only its record is lost
+            log.error("audit: the refusal of %s to %s could not be recorded: %s", action,
+                      caller.user, exc)
+        raise ForbiddenError(decision.reason, decision.rule)
 
-    async def _allow_on(self, caller: Caller, action: Action, subject: str) -> None:
+    async def _allow_on(self, caller: Caller, action: Action, subject: str) -> list[str]:
         """`_allow` for existing work: its targets, and who started it. Unknown ids pass
-        here and get their own answer from the step that looks them up."""
+        here and get their own answer from the step that looks them up. Returns the
+        targets."""
         subject = _canonical(subject)
         if subject.startswith(BATCH_PREFIX):
             batch = await self.store.get_batch(subject)
             if batch is None:
-                return
+                return []
             operations = await self.store.list_jobs(batch_id=subject, limit=batch.total)
-            self._allow(caller, action, [_target(job) for job in operations], batch.requester)
-            return
+            targets = [_target(job) for job in reversed(operations)]
+            await self._allow(caller, action, targets, batch.requester, subject)
+            return targets
         job = await self.store.get_job(subject)
-        if job is not None:
-            self._allow(caller, action, [_target(job)], job.requester)
+        if job is None:
+            return []
+        await self._allow(caller, action, [_target(job)], job.requester, subject)
+        return [_target(job)]
+
+    # -- the audit log -------------------------------------------------------------------------
+
+    async def audit(self, query: AuditQuery) -> list[Record]:
+        return await self.store.audit_records(query)
+
+    async def verify_audit(self) -> Verdict:
+        records, head = await self.store.audit_chain()
+        return verify(records, head)
 
     # -- approvals -----------------------------------------------------------------------------
 
@@ -495,13 +550,17 @@ class App:
             item, targets = await self._held(subject)
             approval = item.approval
             assert approval is not None
-            self._allow(caller, Action.APPROVE, targets, item.requester)
+            await self._allow(caller, Action.APPROVE, targets, item.requester, subject)
             if caller.user in approval.approved_by:
                 return item  # counted once
             after = change(approval)
             release = time.time() if after.granted else None
+            action = AuditAction.DENIED if after.denied_by else AuditAction.APPROVED
+            audit = _entry(caller, action, " ".join(targets), {
+                "approvals": f"{len(after.approved_by)}/{after.required}",
+                **({"reason": after.reason} if after.reason else {})}, subject)
             with self._storing():
-                if await self.store.set_approval(subject, approval, after, release):
+                if await self.store.set_approval(subject, approval, after, release, audit):
                     log.info("%s: %s by %s via %s (%d/%d)", subject,
                              "denied" if after.denied_by else "approved", caller.user,
                              caller.via, len(after.approved_by), after.required)
@@ -549,7 +608,9 @@ class App:
         for subject, approval in await self.store.awaiting_approval():
             if approval.waiting and approval.expires_at <= now:
                 expired = replace(approval, expired=True)
-                if not await self.store.set_approval(subject, approval, expired, None):
+                audit = Entry(AuditAction.EXPIRED, SERVICE, SERVICE, subject, detail={
+                    "approvals": f"{len(approval.approved_by)}/{approval.required}"})
+                if not await self.store.set_approval(subject, approval, expired, None, audit):
                     continue  # approved or denied this very moment
                 log.info("%s: approval expired (%d/%d)", subject, len(approval.approved_by),
                          approval.required)
@@ -743,6 +804,18 @@ def _free_bytes(directory: Path) -> int | None:
         return shutil.disk_usage(directory).free
     except OSError:
         return None  # the write probe tells what is wrong
+
+
+def _entry(caller: Caller | None, action: AuditAction, target: str,
+           detail: Mapping[str, object] | None = None, subject: str | None = None
+           ) -> Entry | None:
+    """The audit record of `caller`'s action (None for the core's own work)."""
+    if caller is None:
+        return None
+    place = caller.place
+    return Entry(action, caller.user, str(caller.via), subject=subject, target=target or None,
+                 room_id=None if place is None else place.room_id, event_id=caller.event_id,
+                 detail=detail or {})
 
 
 def _requester(caller: Caller | None) -> str | None:

@@ -601,9 +601,16 @@ class ConfigWarning:
         return self.text
 
 
+class AuditConfig(Section):
+    # Audit records older than this are removed from the start of the chain (a record
+    # says so, and `matrixjobs audit verify` still passes); separate from [store]'s.
+    retention_days: Float = Field(default=400.0, gt=0)
+
+
 class Config(Section):
     matrix: MatrixConfig | None = None
     access: AccessConfig = AccessConfig()
+    audit: AuditConfig = AuditConfig()
     store: StoreConfig = StoreConfig()
     queue: QueueConfig = QueueConfig()
     worker: WorkerConfig = WorkerConfig()

@@ -45,6 +45,7 @@ class Caller:
     user: str  # a Matrix user id, or ADMIN
     via: Via
     place: Place | None = None  # set for room commands
+    event_id: str | None = None  # the room event (command or reaction) that asked
 
     @property
     def admin(self) -> bool:
@@ -56,8 +57,8 @@ class Caller:
         return str(self.via) if self.admin else self.user
 
     @classmethod
-    def in_room(cls, user: str, place: Place) -> Caller:
-        return cls(user, Via.ROOM, place)
+    def in_room(cls, user: str, place: Place, event_id: str | None = None) -> Caller:
+        return cls(user, Via.ROOM, place, event_id)
 
 
 @dataclass(frozen=True, slots=True)

@@ -272,3 +272,21 @@ async def test_held_work_shows_its_approval_and_the_buttons_approve_or_deny_it(
         await expect(page.locator("#detail-facts")).to_contain_text(
             "denied by admin: not <b>today</b>")
         await expect(page.locator("#detail-facts")).to_contain_text("cancelled")
+
+
+async def test_the_audit_page_lists_who_did_what_and_says_the_chain_holds(tmp_path, browser):
+    async with running(tmp_path) as svc:
+        job_id = await svc.submit("quick", token=None)
+        page = await new_page(browser)
+        await page.goto(f"{svc.url}/#/")
+        await page.get_by_role("link", name="Audit").click()
+        await expect(page.get_by_role("heading", level=2)).to_have_text("Audit log")
+        await expect(page.locator("#audit-verdict")).to_have_text(
+            re.compile(r"^chain verified: \d+ records$"))
+        started = page.locator("#audit tbody tr", has_text=job_id)
+        await expect(started).to_contain_text("started")
+        await expect(started).to_contain_text("admin")
+        await expect(page.locator("#list-view")).to_be_hidden()
+        await page.get_by_role("link", name="Jobs", exact=True).click()
+        await expect(page.locator("#list-view")).to_be_visible()
+        await expect(page.locator("#audit-view")).to_be_hidden()

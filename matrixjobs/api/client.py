@@ -135,6 +135,14 @@ class ApiClient:
         data = await self._request("GET", "/v1/workers")
         return [WorkerState.model_validate(item) for item in data["workers"]]
 
+    async def audit(self, params: dict[str, str]) -> list[dict[str, Any]]:
+        """Audit records (GET /v1/audit's query `params`), oldest first."""
+        data = await self._request("GET", "/v1/audit", params=params)
+        return list(data["records"])
+
+    async def verify_audit(self) -> dict[str, Any]:
+        return dict(await self._request("GET", "/v1/audit/verify", timeout=120.0))
+
     async def submit(self, target: str, args: list[str]) -> JobProgressEvent:
         body = {"target": target, "args": args}
         return event_from(await self._request("POST", "/v1/jobs", body))

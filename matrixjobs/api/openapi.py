@@ -32,6 +32,7 @@ from matrixjobs.api.routes import (
     json_response,
 )
 from matrixjobs.api.stream import NDJSON
+from matrixjobs.audit import AuditAction
 from matrixjobs.fleet import WorkerState
 from matrixjobs.models import BATCH_PREFIX, JOB_PREFIX, Status
 from matrixjobs.progress.events import JobProgressEvent
@@ -106,6 +107,20 @@ FOLLOW = {"name": "follow", "in": "query", "schema": {"type": "boolean", "defaul
 BATCH_FILTER = {"name": "batch", "in": "query", "description": "only this batch's operations",
                 "schema": {"type": "string", "pattern": f"^[{BATCH_PREFIX}][0-9]+$"}}
 HEALTH = ref("Health")
+AUDIT_PARAMETERS = (
+    {"name": "after", "in": "query", "description": "only records after this seq",
+     "schema": {"type": "integer", "minimum": 0}},
+    {"name": "since", "in": "query", "schema": {"type": "string"},
+     "description": "only records from this time on: ISO 8601 or seconds since the epoch"},
+    {"name": "user", "in": "query", "schema": {"type": "string"},
+     "description": "only this actor's (a Matrix user id, admin, service)"},
+    {"name": "action", "in": "query", "schema": {"enum": list(AuditAction)}},
+    {"name": "target", "in": "query", "schema": {"type": "string"},
+     "description": "only records about this target"},
+    {"name": "limit", "in": "query", "description": "at most this many (the newest)",
+     "schema": {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT,
+                "default": DEFAULT_LIMIT}},
+)
 RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before trying again",
                                "schema": {"type": "string", "pattern": "^[0-9]+$"}}}
 BAD_QUERY = error("a bad query parameter", 400)
@@ -264,6 +279,27 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
             "type": "object", "required": ["workers"],
             "properties": {"workers": {"type": "array", "items": ref("WorkerState")}}}),
             400: BAD_QUERY, 503: STORE_UNAVAILABLE}),
+    ("GET", "/v1/audit"): Operation(
+        "The audit log", parameters=AUDIT_PARAMETERS,
+        description=("Who did what, from where: the newest `limit` records that match, "
+                     "oldest first. Append-only: no endpoint edits or deletes records. "
+                     "Follow it by asking again with `after` = the last `seq` seen."),
+        responses={200: answer("records, oldest first", {
+            "type": "object", "required": ["records"],
+            "properties": {"records": {"type": "array", "items": ref("AuditRecord")}}}),
+            400: BAD_QUERY, 503: STORE_UNAVAILABLE}),
+    ("GET", "/v1/audit/verify"): Operation(
+        "Check the audit log's hash chain",
+        description=("Every record's hash, every link to the record before, no gap, and "
+                     "the end the store keeps: an edited, deleted or added record is found "
+                     "(as `matrixjobs audit verify` does)."),
+        responses={200: answer("the verdict", {
+            "type": "object", "required": ["ok", "records", "problems"],
+            "properties": {"ok": {"type": "boolean"}, "records": {"type": "integer"},
+                           "first": {"type": ["integer", "null"]},
+                           "last": {"type": ["integer", "null"]},
+                           "problems": {"type": "array", "items": {"type": "string"}}}}),
+            400: BAD_QUERY, 503: STORE_UNAVAILABLE}),
 }
 
 AUTH_ERRORS = {
@@ -346,6 +382,15 @@ def _schemas() -> dict[str, Any]:
             "properties": {"code": {"type": "string"}, "message": {"type": "string"},
                            "requestId": {"type": "string", "description": "with a 500: "
                                          "the id the service logged its traceback under"}}}}},
+        "AuditRecord": {"type": "object", "required": [
+            "seq", "at", "action", "actor", "via", "detail", "prevHash", "hash"],
+            "properties": {
+                "seq": {"type": "integer"}, "at": {"type": "number"},
+                "action": {"enum": list(AuditAction)}, "actor": {"type": "string"},
+                "via": {"type": "string"}, "subject": {"type": ["string", "null"]},
+                "target": {"type": ["string", "null"]}, "roomId": {"type": ["string", "null"]},
+                "eventId": {"type": ["string", "null"]}, "detail": {"type": "object"},
+                "prevHash": {"type": "string"}, "hash": {"type": "string"}}},
         "Health": {"type": "object", "required": ["status", "version"], "properties": {
             "status": {"enum": ["ok", "stopping", "degraded"]},
             "reason": {"type": "string", "description": "why it is degraded, like "

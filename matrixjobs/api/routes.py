@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
+from datetime import UTC, datetime
 from typing import TypeVar
 from urllib.parse import quote
 
@@ -25,6 +27,7 @@ from matrixjobs.api.stream import (
     text_stream,
 )
 from matrixjobs.app import MAX_REASON, App
+from matrixjobs.audit import AuditAction, AuditQuery
 from matrixjobs.config import MatrixConfig
 from matrixjobs.errors import NotFoundError, echo
 from matrixjobs.fleet import worker_state
@@ -89,6 +92,8 @@ class Endpoints:
             Route("/v1/status", self.active, methods=["GET"]),
             Route("/v1/status/{id}", self.status, methods=["GET"]),
             Route("/v1/workers", self.workers, methods=["GET"]),
+            Route("/v1/audit", self.audit, methods=["GET"]),
+            Route("/v1/audit/verify", self.verify_audit, methods=["GET"]),
         ]
 
     async def healthz(self, request: Request) -> Response:
@@ -192,6 +197,19 @@ class Endpoints:
         body = await read_body(request, Deny)
         judged = await self.app.deny(subject, caller_of(request), body.reason)
         return event_response(self.app.live(judged))
+
+    async def audit(self, request: Request) -> Response:
+        """The audit log's records, oldest first: the newest `limit` that match."""
+        query = audit_query(request)
+        records = await self.app.audit(query)
+        return json_response(json.dumps({"records": [record.to_json() for record in records]}))
+
+    async def verify_audit(self, request: Request) -> Response:
+        known_query(request)
+        verdict = await self.app.verify_audit()
+        return json_response(json.dumps({
+            "ok": verdict.ok, "records": verdict.records, "first": verdict.first,
+            "last": verdict.last, "problems": verdict.problems}))
 
     async def _rerun(self, request: Request, prefix: str, collection: str) -> Response:
         subject = subject_of(request, prefix)
@@ -327,6 +345,45 @@ def list_filters(request: Request, *more: str) -> tuple[list[Status] | None, int
     if not text.isdigit() or not 1 <= int(text) <= MAX_LIMIT:
         raise ApiError(400, "bad_query", f"limit must be a whole number from 1 to {MAX_LIMIT}")
     return statuses, int(text)
+
+
+def audit_query(request: Request) -> AuditQuery:
+    """`after` (a record's seq), `since` (ISO 8601 or seconds since the epoch), `user`,
+    `action`, `target`, `limit`."""
+    known_query(request, "after", "since", "user", "action", "target", "limit")
+    params = request.query_params
+    after = params.get("after")
+    if after is not None and not after.isdigit():
+        raise ApiError(400, "bad_query", "after must be a record's number (seq)")
+    action = params.get("action")
+    if action is not None and action not in set(AuditAction):
+        known = ", ".join(AuditAction)
+        raise ApiError(400, "bad_query", f"action must be among: {known}")
+    text = params.get("limit", str(DEFAULT_LIMIT))
+    if not text.isdigit() or not 1 <= int(text) <= MAX_LIMIT:
+        raise ApiError(400, "bad_query", f"limit must be a whole number from 1 to {MAX_LIMIT}")
+    return AuditQuery(after=None if after is None else int(after),
+                      since=moment(params.get("since")), user=params.get("user"),
+                      action=action, target=params.get("target"), limit=int(text))
+
+
+def moment(text: str | None) -> float | None:
+    """ISO 8601 (a time without a zone is UTC) or seconds since the epoch."""
+    if text is None:
+        return None
+    try:
+        seconds = float(text)
+    except ValueError:
+        pass
+    else:
+        if math.isfinite(seconds):
+            return seconds
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        raise ApiError(400, "bad_query", "since must be a time (ISO 8601, e.g. "
+                       "2026-12-06T10:00:00Z) or seconds since the epoch") from None
+    return (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).timestamp()
 
 
 def flag(request: Request, name: str) -> bool:

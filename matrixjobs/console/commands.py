@@ -6,17 +6,22 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import re
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any
 
 from matrixjobs.api.client import (
     ApiClient,
     ApiFailure,
     ServiceUnreachable,
 )
+from matrixjobs.config import load_config
 from matrixjobs.console.display import Board, Mode, pick_mode, print_events, print_workers
+from matrixjobs.errors import ConfigError
 from matrixjobs.exitcodes import EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE
 from matrixjobs.models import Status
 from matrixjobs.progress import wording
@@ -139,6 +144,64 @@ def said(event: JobProgressEvent, mode: Mode) -> int:
         print(f"{event.id} ({event.name}): {wording.approval_state(event.approval)}",
               flush=True)
     return EXIT_OK
+
+
+async def cmd_audit(api: ApiClient, args: argparse.Namespace, mode: Mode) -> int:
+    """The audit log's newest records; with --follow, then each new one as it comes."""
+    if args.what == "verify":
+        return await verify_audit(api, args)
+    filters = {name: value for name in ("user", "action", "target", "since")
+               if (value := getattr(args, name)) is not None}
+    after = None
+    while True:
+        params = {**filters, "limit": str(args.limit)}
+        if after is not None:
+            params["after"] = str(after)
+        for record in await api.audit(params):
+            print(json.dumps(record) if mode is Mode.JSON else audit_line(record), flush=True)
+            after = record["seq"]
+        if not args.follow:
+            return EXIT_OK
+        after = 0 if after is None else after
+        await asyncio.sleep(args.poll)
+
+
+def audit_line(record: dict[str, Any]) -> str:
+    """'2026-12-06 19:40:01 #12 started j5 deploy by @alice:example.org via room {…}'."""
+    when = datetime.fromtimestamp(record["at"], UTC).strftime("%Y-%m-%d %H:%M:%S")
+    parts = [when, f"#{record['seq']}", record["action"], record["subject"], record["target"],
+             f"by {record['actor']} via {record['via']}",
+             f"in {record['roomId']}" if record["roomId"] else None,
+             json.dumps(record["detail"], ensure_ascii=False) if record["detail"] else None]
+    return " ".join(part for part in parts if part)
+
+
+async def verify_audit(api: ApiClient, args: argparse.Namespace) -> int:
+    """Check the chain through the service, or (--config) straight from its store."""
+    if args.config is not None:
+        # Only here: reading a store directly needs the database drivers.
+        from matrixjobs.ops import audit_check
+        from matrixjobs.ops.store_probe import StoreProblem
+
+        try:
+            verdict = await asyncio.to_thread(audit_check.check, load_config(args.config))
+        except (ConfigError, StoreProblem) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_FAILED
+        ok, count, first, last, problems = (verdict.ok, verdict.records, verdict.first,
+                                            verdict.last, verdict.problems)
+    else:
+        found = await api.verify_audit()
+        ok, count, first, last, problems = (found["ok"], found["records"], found["first"],
+                                            found["last"], found["problems"])
+    span = f" ({first}-{last})" if count else ""
+    if ok:
+        print(f"audit log: ok, {count} records{span}", flush=True)
+        return EXIT_OK
+    print(f"audit log: {len(problems)} problems in {count} records{span}:", flush=True)
+    for problem in problems:
+        print(f"  {problem}", flush=True)
+    return EXIT_FAILED
 
 
 async def cmd_cancel(api: ApiClient, args: argparse.Namespace, mode: Mode) -> int:
@@ -285,6 +348,27 @@ def add_client_commands(commands: argparse._SubParsersAction) -> None:  # type: 
 
     cancel = client_parser("cancel", "cancel a job or batch", cmd_cancel)
     cancel.add_argument("id", metavar="ID", help="a job (j12) or batch (b3)")
+
+    audit = client_parser("audit", "the audit log: who did what, from where; `audit verify` "
+                                   "checks its hash chain", cmd_audit,
+                          json_help="machine-readable output: one record (JSON) per line")
+    audit.add_argument("what", nargs="?", choices=["verify"],
+                       help="verify: check the chain (exit 1 if a record was edited, deleted "
+                            "or added out of order)")
+    audit.add_argument("--config", default=None, metavar="PATH",
+                       help="with verify: read the store this config names directly (the "
+                            "service may be stopped), not through the API")
+    audit.add_argument("--user", help="only this actor's records (a Matrix user id, admin)")
+    audit.add_argument("--action", help="only this action (started, cancelled, refused, …)")
+    audit.add_argument("--target", help="only records about this target")
+    audit.add_argument("--since", metavar="TIME",
+                       help="only records from this time on (ISO 8601 or epoch seconds)")
+    audit.add_argument("--limit", type=int, default=50, help="how many of the newest "
+                                                             "(default 50)")
+    audit.add_argument("--follow", action="store_true",
+                       help="then print each new record as it comes, until Ctrl-C")
+    audit.add_argument("--poll", type=parse_interval, default=1.0, metavar="INTERVAL",
+                       help="how often --follow asks (default 1s)")
 
     approve = client_parser("approve", "approve a job or batch held for approval", cmd_approve)
     approve.add_argument("id", metavar="ID", help="a job (j12) or batch (b3)")

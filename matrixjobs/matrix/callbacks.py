@@ -119,7 +119,8 @@ class Callbacks:
         log.info("matrix: %s reacted %s on %s", event.sender, key, subject)
         try:
             caller = Caller.in_room(event.sender,
-                                    await self.places.place(room_id, event.sender))
+                                    await self.places.place(room_id, event.sender),
+                                    event.event_id)
             if key == CANCEL_KEY:
                 await self.app.cancel(subject, caller)  # the edit to 🚫 is the answer
                 return

@@ -33,7 +33,7 @@ class Context:
     async def caller(self) -> Caller:
         """The sender, with the room as it is now (for the rules that read it)."""
         place = await self.places.place(self.room_id, self.event.sender)
-        return Caller.in_room(self.event.sender, place)
+        return Caller.in_room(self.event.sender, place, self.event.event_id)
 
     def reply(self, rendered: render.Rendered) -> None:
         self.scheduler.reply(self.room_id, self.event.event_id, rendered)

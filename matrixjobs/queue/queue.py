@@ -31,6 +31,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+from matrixjobs.audit import Entry
 from matrixjobs.config import QueueConfig, WorkerConfig
 from matrixjobs.errors import (
     AlreadyFinishedError,
@@ -237,7 +238,7 @@ class JobQueue:
 
     async def enqueue_many(
         self, specs: Sequence[JobSpec], dedupe_key: str | None = None,
-        show: ProgressMessage | None = None,
+        show: ProgressMessage | None = None, audit: Entry | None = None,
     ) -> list[Job]:
         """Add jobs in one transaction (one commit for all of them).
 
@@ -246,7 +247,7 @@ class JobQueue:
         same transaction, where an interface will show the job's progress.
         """
         resolved = [self._resolve(spec) for spec in specs]
-        jobs = await self.store.add_jobs(resolved, self._clock(), dedupe_key, show)
+        jobs = await self.store.add_jobs(resolved, self._clock(), dedupe_key, show, audit)
         for job in jobs:
             self.monitor.job_queued(job)
         self._poke()
@@ -254,7 +255,7 @@ class JobQueue:
 
     async def enqueue_batch(
         self, name: str, specs: Sequence[JobSpec], dedupe_key: str | None = None,
-        show: ProgressMessage | None = None,
+        show: ProgressMessage | None = None, audit: Entry | None = None,
     ) -> tuple[Batch, list[Job]]:
         if not specs:
             raise BadBatchError("a batch needs at least one operation")
@@ -266,7 +267,7 @@ class JobQueue:
         approval = batch_approval(specs)
         resolved = [replace(self._resolve(spec), approval=None) for spec in specs]
         batch, jobs = await self.store.add_batch(name, resolved, self._clock(), dedupe_key,
-                                                 show, approval)
+                                                 show, approval, audit)
         self.monitor.batch_updated(batch)
         for job in jobs:
             self.monitor.job_queued(job)
@@ -635,17 +636,18 @@ class JobQueue:
             self._remote_cancel.add(job_id)
             self._interrupt(job_id)
 
-    async def cancel(self, subject: str) -> Job | Batch:
-        """Cancel a job or batch; return it in the state it ended in."""
+    async def cancel(self, subject: str, audit: Entry | None = None) -> Job | Batch:
+        """Cancel a job or batch; return it in the state it ended in. `audit` is recorded
+        with the first change the cancel makes."""
         parsed = parse_id(subject)
         if parsed is None:
             raise NotFoundError(f"'{echo(subject)}' is not a job or batch id (like j12 or b3)")
         subject = f"{parsed[0]}{parsed[1]}"
         if parsed[0] == BATCH_PREFIX:
-            return await self._cancel_batch(subject)
-        return await self._cancel_job(subject)
+            return await self._cancel_batch(subject, audit)
+        return await self._cancel_job(subject, audit)
 
-    async def _cancel_job(self, job_id: str) -> Job:
+    async def _cancel_job(self, job_id: str, audit: Entry | None) -> Job:
         job = await self.store.get_job(job_id)
         if job is None:
             raise NotFoundError(f"no job {job_id}")
@@ -655,7 +657,7 @@ class JobQueue:
         try:
             while not job.status.terminal:
                 if job.status == Status.PENDING:
-                    cancelled = await self.store.cancel_pending(job_id, self._clock())
+                    cancelled = await self.store.cancel_pending(job_id, self._clock(), audit)
                     if cancelled is not None:
                         job, batch = cancelled
                         self.monitor.job_settled(job)
@@ -663,24 +665,29 @@ class JobQueue:
                             self.monitor.batch_updated(batch)
                         return job
                 else:
-                    await self.store.request_cancel(job_id)
+                    if await self.store.request_cancel(job_id, audit):
+                        audit = None  # recorded once, with the first change
                     self._interrupt(job_id)
                     await self._settled(job_id)
                 found = await self.store.get_job(job_id)
                 if found is None:
                     raise NotFoundError(f"no job {job_id}")
                 job = found
+            if audit is not None:
+                # A job claimed ahead of its start ended by the claim being given back, a
+                # change made by the run's own outcome: the cancel is recorded after it.
+                await self.store.append_audit(audit)
             return job
         finally:
             self._cancel_requested.discard(job_id)
 
-    async def _cancel_batch(self, batch_id: str) -> Batch:
+    async def _cancel_batch(self, batch_id: str, audit: Entry | None) -> Batch:
         batch = await self.store.get_batch(batch_id)
         if batch is None:
             raise NotFoundError(f"no batch {batch_id}")
         if batch.status.terminal:
             raise AlreadyFinishedError(f"batch {batch_id} already {batch.status}")
-        result = await self.store.cancel_batch(batch_id, self._clock())
+        result = await self.store.cancel_batch(batch_id, self._clock(), audit)
         if result is None:
             raise NotFoundError(f"no batch {batch_id}")
         self._publish_cancel(result)

@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from matrixjobs.audit import AuditQuery, Entry, Record
 from matrixjobs.models import (
     Approval,
     Batch,
@@ -96,19 +97,21 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def add_jobs(
         self, specs: Sequence[JobSpec], now: float, dedupe_key: str | None = None,
-        show: ProgressMessage | None = None,
+        show: ProgressMessage | None = None, audit: Entry | None = None,
     ) -> list[Job]:
         """Add jobs. With `dedupe_key`, raise AlreadySubmittedError if that key was used
         before. `show` (its subject_id is ignored) records where a single job's progress
-        is to be shown. Key, jobs and message are written in one transaction."""
+        is to be shown. Key, jobs, message and the `audit` record (about the first job)
+        are written in one transaction."""
 
     @abc.abstractmethod
     async def add_batch(
         self, name: str, specs: Sequence[JobSpec], now: float, dedupe_key: str | None = None,
         show: ProgressMessage | None = None, approval: Approval | None = None,
+        audit: Entry | None = None,
     ) -> tuple[Batch, list[Job]]:
-        """Add a batch and its jobs; `dedupe_key` and `show` as for add_jobs. With an
-        `approval`, its jobs are held until it is granted."""
+        """Add a batch and its jobs; `dedupe_key`, `show` and `audit` as for add_jobs. With
+        an `approval`, its jobs are held until it is granted."""
 
     @abc.abstractmethod
     async def settle_and_claim(
@@ -158,16 +161,21 @@ class Store(abc.ABC):
         out (their worker died or lost the store)."""
 
     @abc.abstractmethod
-    async def request_cancel(self, job_id: str) -> None:
-        """Record that a running job is to be cancelled, so a crash cannot undo it."""
+    async def request_cancel(self, job_id: str, audit: Entry | None = None) -> bool:
+        """Record that a running job is to be cancelled, so a crash cannot undo it (False:
+        it is not running). `audit` is recorded with it."""
 
     @abc.abstractmethod
-    async def cancel_pending(self, job_id: str, now: float) -> tuple[Job, Batch | None] | None:
-        """Cancel a job if it is still pending; None when it is not."""
+    async def cancel_pending(self, job_id: str, now: float, audit: Entry | None = None
+                             ) -> tuple[Job, Batch | None] | None:
+        """Cancel a job if it is still pending (with the `audit` record); None when it is
+        not."""
 
     @abc.abstractmethod
-    async def cancel_batch(self, batch_id: str, now: float) -> BatchCancel | None:
-        """Mark a batch cancelled-on-request and cancel its pending jobs; None if unknown."""
+    async def cancel_batch(self, batch_id: str, now: float, audit: Entry | None = None
+                           ) -> BatchCancel | None:
+        """Mark a batch cancelled-on-request and cancel its pending jobs (with the `audit`
+        record); None if unknown."""
 
     @abc.abstractmethod
     async def next_due(self) -> float | None:
@@ -175,10 +183,27 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def set_approval(self, subject_id: str, before: Approval, after: Approval,
-                           release_at: float | None) -> bool:
+                           release_at: float | None, audit: Entry | None = None) -> bool:
         """Replace a pending job's or batch's approval `before` with `after` (False if it
         is no longer `before`: someone else changed it first); with `release_at`, in the
-        same transaction its held jobs become due then."""
+        same transaction its held jobs become due then, and `audit` is recorded."""
+
+    @abc.abstractmethod
+    async def append_audit(self, entry: Entry) -> Record:
+        """Record an action that changes nothing else (a refusal, a start or stop)."""
+
+    @abc.abstractmethod
+    async def audit_records(self, query: AuditQuery) -> list[Record]:
+        """The newest `query.limit` records that match, oldest first."""
+
+    @abc.abstractmethod
+    async def audit_chain(self) -> tuple[list[Record], tuple[int, str]]:
+        """Every record in order, and the head (seq, hash) the store keeps, read together."""
+
+    @abc.abstractmethod
+    async def prune_audit(self, before: float) -> int:
+        """Remove the records older than `before` from the start of the chain and record
+        that it was done; how many went."""
 
     @abc.abstractmethod
     async def awaiting_approval(self) -> list[tuple[str, Approval]]:

@@ -23,6 +23,7 @@ import json
 import os
 import secrets
 import socket
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
@@ -30,6 +31,8 @@ import psycopg
 from psycopg.types.string import StrBinaryDumper, StrDumperUnknown
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
+from matrixjobs import audit as audit_log
+from matrixjobs.audit import AuditQuery, Entry, Record
 from matrixjobs.errors import AlreadySubmittedError, StoreError
 from matrixjobs.models import (
     HELD_UNTIL,
@@ -178,6 +181,32 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE jobs ADD COLUMN approval TEXT;
     ALTER TABLE batches ADD COLUMN approval TEXT;
+    """,
+    # the audit log (matrixjobs/audit.py): append-only, a hash chain; audit_head holds its
+    # last record's seq and hash (a cut-off end is found too), and its row lock puts the
+    # nodes' appends in one order
+    f"""
+    CREATE TABLE audit (
+        seq BIGINT PRIMARY KEY,
+        at DOUBLE PRECISION NOT NULL,
+        action TEXT NOT NULL,
+        actor TEXT NOT NULL,
+        via TEXT NOT NULL,
+        subject TEXT,
+        target TEXT,
+        room_id TEXT,
+        event_id TEXT,
+        detail TEXT NOT NULL,
+        prev_hash TEXT NOT NULL,
+        hash TEXT NOT NULL
+    );
+    CREATE INDEX audit_at ON audit (at);
+    CREATE TABLE audit_head (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        seq BIGINT NOT NULL,
+        hash TEXT NOT NULL
+    );
+    INSERT INTO audit_head VALUES (1, 0, '{audit_log.GENESIS}');
     """,
 ]
 
@@ -339,7 +368,7 @@ class PostgresStore(Store):
 
     async def add_jobs(
         self, specs: Sequence[JobSpec], now: float, dedupe_key: str | None = None,
-        show: ProgressMessage | None = None,
+        show: ProgressMessage | None = None, audit: Entry | None = None,
     ) -> list[Job]:
         async with self._transaction() as conn:
             await _claim_key(conn, dedupe_key, now)
@@ -347,12 +376,15 @@ class PostgresStore(Store):
             subject = jobs[0].id if len(jobs) == 1 else None
             await _record_key(conn, dedupe_key, subject)
             await _insert_message(conn, show, subject, now)
+            if audit is not None:
+                await _audit(conn, audit.about(jobs[0].id))
             await self._announce(conn, NEW, [job.id for job in jobs])
         return jobs
 
     async def add_batch(
         self, name: str, specs: Sequence[JobSpec], now: float, dedupe_key: str | None = None,
         show: ProgressMessage | None = None, approval: Approval | None = None,
+        audit: Entry | None = None,
     ) -> tuple[Batch, list[Job]]:
         requester = specs[0].requester if specs else None
         async with self._transaction() as conn:
@@ -365,6 +397,8 @@ class PostgresStore(Store):
             jobs = await _insert_jobs(conn, specs, number, now, approval)
             await _record_key(conn, dedupe_key, batch_id(number))
             await _insert_message(conn, show, batch_id(number), now)
+            if audit is not None:
+                await _audit(conn, audit.about(batch_id(number)))
             await self._announce(conn, NEW, [batch_id(number), *(job.id for job in jobs)])
         batch = Batch(id=batch_id(number), name=name, status=Status.PENDING,
                       total=len(specs), created_at=now, requester=requester, approval=approval)
@@ -476,7 +510,8 @@ class PostgresStore(Store):
 
     # -- cancelling ------------------------------------------------------------------------
 
-    async def cancel_pending(self, job_id_: str, now: float) -> tuple[Job, Batch | None] | None:
+    async def cancel_pending(self, job_id_: str, now: float, audit: Entry | None = None
+                             ) -> tuple[Job, Batch | None] | None:
         async with self._transaction() as conn:
             jobs = await _jobs(
                 conn, "UPDATE jobs SET status = 'cancelled', finished_at = %s, "
@@ -485,19 +520,25 @@ class PostgresStore(Store):
             if not jobs:
                 return None
             job = jobs[0]
+            if audit is not None:
+                await _audit(conn, audit)
             batches = await _refresh_batches(conn, {job.batch_id} if job.batch_id else set(), now)
             await self._announce(conn, CHANGE, [job.id, *(b.id for b in batches)])
         return job, (batches[0] if batches else None)
 
-    async def request_cancel(self, job_id_: str) -> None:
+    async def request_cancel(self, job_id_: str, audit: Entry | None = None) -> bool:
         async with self._transaction() as conn:
-            await conn.execute(
+            cursor = await conn.execute(
                 "UPDATE jobs SET cancel_requested = true "
                 "WHERE id = %s AND status = 'processing'", (number_of(job_id_),),
             )
+            if cursor.rowcount == 1 and audit is not None:
+                await _audit(conn, audit)
             await self._announce(conn, CANCEL, [job_id_])
+        return cursor.rowcount == 1
 
-    async def cancel_batch(self, batch_id_: str, now: float) -> BatchCancel | None:
+    async def cancel_batch(self, batch_id_: str, now: float, audit: Entry | None = None
+                           ) -> BatchCancel | None:
         number = number_of(batch_id_)
         async with self._transaction() as conn:
             # Jobs (in id order) before their batch, as every other transaction locks them.
@@ -517,11 +558,47 @@ class PostgresStore(Store):
                 "WHERE id = %s AND finished_at IS NULL", (number,),
             )
             batches = await _refresh_batches(conn, {batch_id_}, now)
+            if batches and audit is not None:
+                await _audit(conn, audit)
             await self._announce(conn, CANCEL, running)
             await self._announce(conn, CHANGE, [*(j.id for j in cancelled), batch_id_])
         if not batches:
             return None
         return BatchCancel(batch=batches[0], cancelled=cancelled, running=running)
+
+    # -- the audit log ---------------------------------------------------------------------
+
+    async def append_audit(self, entry: Entry) -> Record:
+        async with self._transaction() as conn:
+            return await _audit(conn, entry)
+
+    async def audit_records(self, query: AuditQuery) -> list[Record]:
+        where, params = audit_log.audit_filter(query, "%s")
+        rows = await self._fetch(
+            f"SELECT {audit_log.COLUMNS} FROM audit {where} ORDER BY seq DESC LIMIT %s",
+            (*params, query.limit))
+        return [audit_log.record_of(row) for row in reversed(rows)]
+
+    async def audit_chain(self) -> tuple[list[Record], tuple[int, str]]:
+        async with self.pool.connection() as conn, conn.transaction():
+            # One snapshot for the records and the head (another node may be appending).
+            await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            rows = await _rows(conn, f"SELECT {audit_log.COLUMNS} FROM audit ORDER BY seq")
+            [(seq, hash_)] = await _rows(conn, "SELECT seq, hash FROM audit_head")
+        return [audit_log.record_of(row) for row in rows], (int(seq), str(hash_))
+
+    async def prune_audit(self, before: float) -> int:
+        async with self._transaction() as conn:
+            await _rows(conn, "SELECT seq FROM audit_head WHERE id = 1 FOR UPDATE")
+            rows = await _rows(conn, f"SELECT {audit_log.COLUMNS} FROM audit WHERE at < %s "
+                               "ORDER BY seq DESC LIMIT 1", (before,))
+            if not rows:
+                return 0
+            last = audit_log.record_of(rows[0])
+            cursor = await conn.execute("DELETE FROM audit WHERE seq <= %s", (last.seq,))
+            removed = max(cursor.rowcount, 0)
+            await _audit(conn, audit_log.pruned(last, removed))
+        return removed
 
     # -- progress messages and settings (for interfaces) ------------------------------------
 
@@ -601,7 +678,7 @@ class PostgresStore(Store):
     # -- approvals -------------------------------------------------------------------------
 
     async def set_approval(self, subject_id: str, before: Approval, after: Approval,
-                           release_at: float | None) -> bool:
+                           release_at: float | None, audit: Entry | None = None) -> bool:
         table, column = approval_table(subject_id)
         async with self._transaction() as conn:
             cursor = await conn.execute(
@@ -610,6 +687,8 @@ class PostgresStore(Store):
                 (after.to_json(), number_of(subject_id), before.to_json()))
             if cursor.rowcount != 1:
                 return False
+            if audit is not None:
+                await _audit(conn, audit)
             released = []
             if release_at is not None:
                 released = await _rows(
@@ -722,6 +801,19 @@ class PostgresStore(Store):
 
 
 # -- statements inside a transaction ---------------------------------------------------------
+
+async def _audit(conn: psycopg.AsyncConnection[Any], entry: Entry) -> Record:
+    """Inside a write transaction: `entry` as the chain's next record. The head's row lock
+    holds other nodes' appends until this transaction ends."""
+    [(seq, prev)] = await _rows(conn, "SELECT seq, hash FROM audit_head WHERE id = 1 "
+                                "FOR UPDATE")
+    record = audit_log.chained(entry, int(seq) + 1, time.time(), str(prev))
+    await conn.execute(f"INSERT INTO audit ({audit_log.COLUMNS}) VALUES "
+                       f"({', '.join(['%s'] * 12)})", audit_log.values(record))
+    await conn.execute("UPDATE audit_head SET seq = %s, hash = %s WHERE id = 1",
+                       (record.seq, record.hash))
+    return record
+
 
 async def _rows(
     conn: psycopg.AsyncConnection[Any], sql: str, params: Sequence[Any] = ()

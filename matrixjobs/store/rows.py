@@ -7,6 +7,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
+from matrixjobs.audit import COLUMNS as AUDIT_COLUMNS
 from matrixjobs.models import (
     BATCH_PREFIX,
     HELD_UNTIL,
@@ -184,6 +185,7 @@ TABLES: tuple[tuple[str, str], ...] = (
     ("progress_messages", MESSAGE_TABLE_COLUMNS),
     ("processed_events", "event_id, subject_id, processed_at"),
     ("settings", "key, value"),
+    ("audit", AUDIT_COLUMNS),
 )
 # Tables whose ids the stores hand out, as j12 and b3 that room messages name.
 NUMBERED_TABLES = ("batches", "jobs")

@@ -21,6 +21,8 @@ from typing import IO, Any
 
 import aiosqlite
 
+from matrixjobs import audit as audit_log
+from matrixjobs.audit import AuditQuery, Entry, Record
 from matrixjobs.errors import AlreadySubmittedError, StoreError
 from matrixjobs.models import (
     HELD_UNTIL,
@@ -169,6 +171,31 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE jobs ADD COLUMN approval TEXT;
     ALTER TABLE batches ADD COLUMN approval TEXT;
+    """,
+    # the audit log (matrixjobs/audit.py): append-only, a hash chain; audit_head holds its
+    # last record's seq and hash, so a cut-off end is found too
+    f"""
+    CREATE TABLE audit (
+        seq INTEGER PRIMARY KEY,
+        at REAL NOT NULL,
+        action TEXT NOT NULL,
+        actor TEXT NOT NULL,
+        via TEXT NOT NULL,
+        subject TEXT,
+        target TEXT,
+        room_id TEXT,
+        event_id TEXT,
+        detail TEXT NOT NULL,
+        prev_hash TEXT NOT NULL,
+        hash TEXT NOT NULL
+    );
+    CREATE INDEX audit_at ON audit(at);
+    CREATE TABLE audit_head (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        seq INTEGER NOT NULL,
+        hash TEXT NOT NULL
+    );
+    INSERT INTO audit_head VALUES (1, 0, '{audit_log.GENESIS}');
     """,
 ]
 
@@ -354,7 +381,7 @@ class SqliteStore(Store):
 
     async def add_jobs(
         self, specs: Sequence[JobSpec], now: float, dedupe_key: str | None = None,
-        show: ProgressMessage | None = None,
+        show: ProgressMessage | None = None, audit: Entry | None = None,
     ) -> list[Job]:
         async with self._transaction():
             await self._claim_key(dedupe_key, specs, now)
@@ -362,11 +389,14 @@ class SqliteStore(Store):
             subject = jobs[0].id if len(jobs) == 1 else None
             await self._record_key(dedupe_key, subject)
             await self._insert_message(show, subject, now)
+            if audit is not None:
+                await self._audit(audit.about(jobs[0].id))
         return jobs
 
     async def add_batch(
         self, name: str, specs: Sequence[JobSpec], now: float, dedupe_key: str | None = None,
         show: ProgressMessage | None = None, approval: Approval | None = None,
+        audit: Entry | None = None,
     ) -> tuple[Batch, list[Job]]:
         requester = specs[0].requester if specs else None
         async with self._transaction():
@@ -381,6 +411,8 @@ class SqliteStore(Store):
             jobs = await self._insert_jobs(specs, number, now, approval)
             await self._record_key(dedupe_key, batch_id(number))
             await self._insert_message(show, batch_id(number), now)
+            if audit is not None:
+                await self._audit(audit.about(batch_id(number)))
         batch = Batch(id=batch_id(number), name=name, status=Status.PENDING,
                       total=len(specs), created_at=now, requester=requester, approval=approval)
         return batch, jobs
@@ -638,7 +670,8 @@ class SqliteStore(Store):
 
     # -- cancelling ------------------------------------------------------------------------
 
-    async def cancel_pending(self, job_id: str, now: float) -> tuple[Job, Batch | None] | None:
+    async def cancel_pending(self, job_id: str, now: float, audit: Entry | None = None
+                             ) -> tuple[Job, Batch | None] | None:
         async with self._transaction():
             async with self.db.execute(
                 "UPDATE jobs SET status = 'cancelled', finished_at = ?, error = 'cancelled' "
@@ -649,18 +682,24 @@ class SqliteStore(Store):
             batches = []
             if row is not None and row[9] is not None:
                 batches = await self._refresh_batches({batch_id(row[9])}, now)
+            if row is not None and audit is not None:
+                await self._audit(audit)
         if row is None:
             return None
         return job_from_row(row), (batches[0] if batches else None)
 
-    async def request_cancel(self, job_id: str) -> None:
+    async def request_cancel(self, job_id: str, audit: Entry | None = None) -> bool:
         async with self._transaction():
-            await self.db.execute(
+            cursor = await self.db.execute(
                 "UPDATE jobs SET cancel_requested = 1 WHERE id = ? AND status = 'processing'",
                 (number_of(job_id),),
             )
+            if cursor.rowcount == 1 and audit is not None:
+                await self._audit(audit)
+        return cursor.rowcount == 1
 
-    async def cancel_batch(self, batch_id_: str, now: float) -> BatchCancel | None:
+    async def cancel_batch(self, batch_id_: str, now: float, audit: Entry | None = None
+                           ) -> BatchCancel | None:
         number = number_of(batch_id_)
         async with self._transaction():
             await self.db.execute(
@@ -678,6 +717,8 @@ class SqliteStore(Store):
             ) as cursor:
                 running = [job_id(row[0]) for row in await cursor.fetchall()]
             batches = await self._refresh_batches({batch_id_}, now)
+            if batches and audit is not None:
+                await self._audit(audit)
         if not batches:
             return None
         return BatchCancel(batch=batches[0], cancelled=cancelled, running=running)
@@ -685,7 +726,7 @@ class SqliteStore(Store):
     # -- approvals -------------------------------------------------------------------------
 
     async def set_approval(self, subject_id: str, before: Approval, after: Approval,
-                           release_at: float | None) -> bool:
+                           release_at: float | None, audit: Entry | None = None) -> bool:
         table, column = approval_table(subject_id)
         async with self._transaction():
             cursor = await self.db.execute(
@@ -694,6 +735,8 @@ class SqliteStore(Store):
                 (after.to_json(), number_of(subject_id), before.to_json()))
             if cursor.rowcount != 1:
                 return False
+            if audit is not None:
+                await self._audit(audit)
             if release_at is not None:
                 await self.db.execute(
                     f"UPDATE jobs SET run_after = ? WHERE {column} = ? AND status = 'pending' "
@@ -705,6 +748,53 @@ class SqliteStore(Store):
             rows = await self.db.execute_fetchall(AWAITING_APPROVAL.format(p="?"),
                                                   (HELD_UNTIL, HELD_UNTIL))
         return approvals_of(list(rows))
+
+    # -- the audit log ---------------------------------------------------------------------
+
+    async def _audit(self, entry: Entry) -> Record:
+        """Inside a write transaction: `entry` as the chain's next record."""
+        async with self.db.execute("SELECT seq, hash FROM audit_head WHERE id = 1") as cursor:
+            head = await cursor.fetchone()
+        assert head is not None
+        record = audit_log.chained(entry, head[0] + 1, time.time(), head[1])
+        await self.db.execute(f"INSERT INTO audit ({audit_log.COLUMNS}) VALUES "
+                              f"{_placeholders(1, 12)}", audit_log.values(record))
+        await self.db.execute("UPDATE audit_head SET seq = ?, hash = ? WHERE id = 1",
+                              (record.seq, record.hash))
+        return record
+
+    async def append_audit(self, entry: Entry) -> Record:
+        async with self._transaction():
+            return await self._audit(entry)
+
+    async def audit_records(self, query: AuditQuery) -> list[Record]:
+        where, params = audit_log.audit_filter(query, "?")
+        async with self._lock:
+            rows = await self.db.execute_fetchall(
+                f"SELECT {audit_log.COLUMNS} FROM audit {where} ORDER BY seq DESC LIMIT ?",
+                (*params, query.limit))
+        return [audit_log.record_of(tuple(row)) for row in reversed(list(rows))]
+
+    async def audit_chain(self) -> tuple[list[Record], tuple[int, str]]:
+        async with self._lock:
+            rows = await self.db.execute_fetchall(
+                f"SELECT {audit_log.COLUMNS} FROM audit ORDER BY seq")
+            head = await self.db.execute_fetchall("SELECT seq, hash FROM audit_head")
+        return [audit_log.record_of(tuple(row)) for row in rows], (head[0][0], head[0][1])
+
+    async def prune_audit(self, before: float) -> int:
+        async with self._transaction():
+            async with self.db.execute(
+                    f"SELECT {audit_log.COLUMNS} FROM audit WHERE at < ? ORDER BY seq DESC "
+                    "LIMIT 1", (before,)) as cursor:
+                row = await cursor.fetchone()
+            if row is None:
+                return 0
+            last = audit_log.record_of(tuple(row))
+            cursor = await self.db.execute("DELETE FROM audit WHERE seq <= ?", (last.seq,))
+            removed = max(cursor.rowcount, 0)
+            await self._audit(audit_log.pruned(last, removed))
+        return removed
 
     # -- progress messages and settings (for interfaces) ------------------------------------
 

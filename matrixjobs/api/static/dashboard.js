@@ -243,7 +243,7 @@ function renderOperations() {
 
 function render() {
   if (route.kind === "list") renderList();
-  else renderDetail();
+  else if (route.kind !== "audit") renderDetail();
 }
 
 // The matrix.to link is read once per page (a store read on the server, not on every event).
@@ -302,9 +302,46 @@ async function act(action, body) {
   }
 }
 
+// -- the audit page ---------------------------------------------------------------------------
+
+const AUDIT_REFRESH_MS = 5000;
+let auditTimer = null;
+
+async function loadAudit() {
+  if (route.kind !== "audit") return;
+  const [listed, checked] = await Promise.all([
+    fetch("/v1/audit?limit=200").catch(() => null),
+    fetch("/v1/audit/verify").catch(() => null),
+  ]);
+  const verdict = $("audit-verdict");
+  if (!listed || !listed.ok) {
+    verdict.textContent = "the audit log cannot be read now";
+  } else {
+    const records = (await listed.json()).records.reverse(); // newest first
+    $("audit").querySelector("tbody").replaceChildren(...records.map((record) => el("tr", {}, [
+      el("td", { text: String(record.seq) }),
+      el("td", { text: new Date(record.at * 1000).toISOString().slice(0, 19).replace("T", " ") }),
+      el("td", { text: record.action }),
+      el("td", { text: record.subject ?? "" }),
+      el("td", { text: record.target ?? "" }),
+      el("td", { text: record.actor }),
+      el("td", { text: record.roomId ? `${record.via} ${record.roomId}` : record.via }),
+      el("td", { text: Object.keys(record.detail).length ? JSON.stringify(record.detail) : "" }),
+    ])));
+    if (checked && checked.ok) {
+      const result = await checked.json();
+      verdict.textContent = result.ok ? `chain verified: ${result.records} records`
+        : `chain broken: ${result.problems.join("; ")}`;
+      verdict.className = result.ok ? "verified" : "broken";
+    }
+  }
+  auditTimer = setTimeout(loadAudit, AUDIT_REFRESH_MS);
+}
+
 // -- routing ----------------------------------------------------------------------------------
 
 function parseRoute() {
+  if (window.location.hash === "#/audit") return { kind: "audit" };
   const match = window.location.hash.match(/^#\/(jobs|batches)\/([^/]+)$/);
   return match ? { kind: match[1], id: decodeURIComponent(match[2]) } : { kind: "list" };
 }
@@ -314,7 +351,13 @@ function onRoute() {
   route = parseRoute();
   if (logAbort) logAbort.abort();
   $("list-view").hidden = route.kind !== "list";
-  $("detail-view").hidden = route.kind === "list";
+  $("detail-view").hidden = route.kind === "list" || route.kind === "audit";
+  $("audit-view").hidden = route.kind !== "audit";
+  clearTimeout(auditTimer);
+  if (route.kind === "audit") {
+    loadAudit();
+    return;
+  }
   $("action-result").textContent = "";
   $("log").hidden = true;
   $("operations").hidden = route.kind !== "batches";
