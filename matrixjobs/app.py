@@ -30,6 +30,7 @@ from matrixjobs.config import Config
 from matrixjobs.errors import (
     AlreadyFinishedError,
     BadArgumentsError,
+    BadBatchError,
     ForbiddenError,
     MatrixJobsError,
     NotAwaitingApprovalError,
@@ -166,6 +167,7 @@ class App:
         self._supervisor.every("retention", RETENTION_SWEEP_S, self.purge)
         self._supervisor.every("store-probe", STORE_PROBE_S, self._probe_store)
         if self.role == "run":
+            await self.end_approvals()  # what expired while the service was down
             self._supervisor.every("approvals", APPROVAL_SWEEP_S, self.end_approvals)
         listen = self.store.listen(self._announced, self._missed_news)
         if listen is not None:
@@ -418,10 +420,22 @@ class App:
         show: ProgressMessage | None = None, caller: Caller | None = None,
     ) -> Batch:
         await self._allow(caller, Action.RUN, targets)
+        self._one_approval(targets)
         specs = [self.targets.spec(target, requester=_requester(caller)) for target in targets]
         name = name or " ".join(targets)
         audit = _entry(caller, AuditAction.STARTED, " ".join(targets), {"name": name})
         return await self._enqueue_batch(name, specs, dedupe_key, show, audit)
+
+    def _one_approval(self, targets: Sequence[str]) -> None:
+        """A batch is approved as a whole: its targets that ask for approval must ask the
+        same people, or nobody could approve it."""
+        approvers = {tuple(config.approvers) if config.approvers is not None else None
+                     for name in set(targets)
+                     if (config := self.config.targets.get(name)) is not None
+                     and config.approvals}
+        if len(approvers) > 1:
+            raise BadBatchError("its targets ask different people for approval; start them "
+                                "separately")
 
     async def rerun(
         self, subject: str, caller: Caller | None = None, dedupe_key: str | None = None,
@@ -438,6 +452,7 @@ class App:
             operations = await self.store.list_jobs(batch_id=subject, limit=batch.total)
             targets = [_target(job) for job in reversed(operations)]
             await self._allow(caller, Action.RERUN, targets)
+            self._one_approval(targets)
             specs = [self._again(job, caller) for job in reversed(operations)]
             audit = _entry(caller, AuditAction.RERUN, " ".join(targets), {"of": subject})
             return await self._enqueue_batch(batch.name, specs, dedupe_key, show, audit)
@@ -483,6 +498,7 @@ class App:
         record the refusal."""
         if caller is None:
             return
+        caller = await caller.located(targets)
         decision = self.policy.decide(caller, action, targets, owner)
         if decision:
             return
@@ -533,25 +549,25 @@ class App:
         """Count `caller`'s approval of held work (once per person); the last one needed
         releases it to run. Returns it as it is now."""
         return await self._judge(subject, caller, lambda approval: approval.approved(
-            caller.user))
+            caller.user), approving=True)
 
     async def deny(self, subject: str, caller: Caller, reason: str | None = None) -> Job | Batch:
         """Refuse held work: it is cancelled, and shows who denied it and why."""
         # Shown in the room and the dashboard: printable characters only.
         reason = "".join(c for c in reason or "" if c.isprintable()).strip()[:MAX_REASON] or None
         item = await self._judge(subject, caller, lambda approval: approval.denied(
-            caller.user, reason))
+            caller.user, reason), approving=False)
         return await self.queue.cancel(item.id)
 
     async def _judge(self, subject: str, caller: Caller,
-                     change: Callable[[Approval], Approval]) -> Job | Batch:
+                     change: Callable[[Approval], Approval], approving: bool) -> Job | Batch:
         subject = _canonical(subject)
         for _ in range(APPROVAL_TRIES):
             item, targets = await self._held(subject)
             approval = item.approval
             assert approval is not None
             await self._allow(caller, Action.APPROVE, targets, item.requester, subject)
-            if caller.user in approval.approved_by:
+            if approving and caller.user in approval.approved_by:
                 return item  # counted once
             after = change(approval)
             release = time.time() if after.granted else None
@@ -581,6 +597,9 @@ class App:
             raise NotFoundError(f"no {'batch' if subject[0] == BATCH_PREFIX else 'job'} "
                                 f"{subject}")
         approval = item.approval
+        if approval is not None and approval.waiting and approval.expires_at <= time.time():
+            # The sweep has not marked it yet (it runs every few seconds, and once at start).
+            approval = replace(approval, expired=True)
         if approval is not None and not approval.waiting:
             raise NotAwaitingApprovalError(f"{subject} is already {approval_state(approval)}")
         if approval is None or item.status is not Status.PENDING:

@@ -546,6 +546,15 @@ class TargetConfig(Section):
             raise ValueError("set exactly one of 'command' (argv list) or 'handler' (name)")
         return self
 
+    @model_validator(mode="after")
+    def _power_in_named_rooms(self) -> TargetConfig:
+        # Anyone allowed may create a room, where they outrank everyone, and invite the bot.
+        if self.power_level is not None and not self.rooms:
+            raise ValueError("power_level needs rooms: anyone may make a room where they "
+                             "outrank everyone, so a level means something only in the rooms "
+                             "you name")
+        return self
+
     def resolve_executable(self) -> str:
         """The program a command target starts, found as the queue's exec will find it:
         argv[0] with a '/' relative to the target's cwd, else on PATH (the target's own

@@ -5,8 +5,8 @@ from where, their power level in that room), and gets allow or a reason to show.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
 from matrixjobs.config import AccessConfig, TargetConfig, user_matches
@@ -31,6 +31,10 @@ class Via(StrEnum):
     MCP = "mcp"
 
 
+# What work the service token asked for records as its requester.
+TOKEN_REQUESTERS = frozenset({Via.API, Via.CLI, Via.MCP})
+
+
 @dataclass(frozen=True, slots=True)
 class Place:
     """The room a command was given in, as its state is now."""
@@ -46,6 +50,10 @@ class Caller:
     via: Via
     place: Place | None = None  # set for room commands
     event_id: str | None = None  # the room event (command or reaction) that asked
+    # For room commands: what the rules of these targets need to know of the room, read
+    # when they are asked (see matrix/places.py); the policy itself stays pure.
+    locate: Callable[[Sequence[str]], Awaitable[Place]] | None = field(default=None,
+                                                                      compare=False)
 
     @property
     def admin(self) -> bool:
@@ -56,9 +64,23 @@ class Caller:
         """What a job records as who asked: the person, or which program the admin used."""
         return str(self.via) if self.admin else self.user
 
+    def asked_for(self, owner: str | None) -> bool:
+        """Did this caller ask for work `owner` requested? The service token is one
+        identity whichever program (api, cli, mcp) used it."""
+        if owner is None:
+            return False
+        return owner == self.user or (self.admin and owner in TOKEN_REQUESTERS)
+
     @classmethod
-    def in_room(cls, user: str, place: Place, event_id: str | None = None) -> Caller:
-        return cls(user, Via.ROOM, place, event_id)
+    def in_room(cls, user: str, place: Place, event_id: str | None = None,
+                locate: Callable[[Sequence[str]], Awaitable[Place]] | None = None) -> Caller:
+        return cls(user, Via.ROOM, place, event_id, locate)
+
+    async def located(self, targets: Sequence[str]) -> Caller:
+        """This caller with its room as `targets`' rules need it."""
+        if self.locate is None:
+            return self
+        return replace(self, place=await self.locate(targets), locate=None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,8 +94,6 @@ class Decision:
 
 
 ALLOWED = Decision(True)
-# Acting on work follows the rules for starting it.
-ACTING = frozenset({Action.RUN, Action.RERUN, Action.CANCEL, Action.LOGS})
 STARTING = frozenset({Action.RUN, Action.RERUN})
 
 
@@ -90,7 +110,7 @@ class Policy:
             return ALLOWED
         if action is Action.APPROVE:
             return self._approver(caller, targets, owner)
-        if owner is not None and owner == caller.user and action not in STARTING:
+        if caller.asked_for(owner) and action not in STARTING:
             return ALLOWED  # one's own job may always be cancelled and read
         if not targets:
             return self._general(caller)
@@ -101,10 +121,11 @@ class Policy:
         return ALLOWED
 
     def known(self, user: str) -> bool:
-        """Is `user` allowed to run anything at all? Only they may invite the bot, and only
-        they make it talk (a refusal, a notice)."""
+        """Is `user` allowed to run or approve anything at all? Only they may invite the
+        bot, and only they make it talk (a refusal, a notice)."""
         return self.access.allows(user) or any(
-            target.allowed_users is not None and user_matches(target.allowed_users, user)
+            any(users is not None and user_matches(users, user)
+                for users in (target.allowed_users, target.approvers))
             for target in self.targets.values())
 
     def may_run(self, caller: Caller) -> list[str]:
@@ -113,20 +134,21 @@ class Policy:
                 if self._target(caller, Action.RUN, name)]
 
     def _approver(self, caller: Caller, targets: Sequence[str], owner: str | None) -> Decision:
+        """Who may approve or deny held work: never whoever asked for it; else the service
+        token, else each target's `approvers`, or whoever may run it (also for a target
+        that no longer asks for approval, or is gone)."""
+        if caller.asked_for(owner):
+            return _refused("you asked for it: your own approval does not count", "approvers")
         if caller.admin:
             return ALLOWED
-        if owner == caller.user:
-            return _refused("you asked for it: your own approval does not count", "approvers")
         for name in targets:
             target = self.targets.get(name)
-            if target is None or not target.approvals:
-                continue
-            if target.approvers is None:
-                if not self._target(caller, Action.RUN, name):
-                    return _refused(f"you may not approve {name}: only those who may run "
-                                    "it may", "approvers")
-            elif not user_matches(target.approvers, caller.user):
-                return _refused(f"you may not approve {name}", "approvers")
+            if target is not None and target.approvals and target.approvers is not None:
+                if not user_matches(target.approvers, caller.user):
+                    return _refused(f"you may not approve {name}", "approvers")
+            elif not self._target(caller, Action.RUN, name):
+                return _refused(f"you may not approve {name}: only those who may run it "
+                                "may", "approvers")
         return ALLOWED
 
     def _general(self, caller: Caller) -> Decision:

@@ -11,7 +11,8 @@ from conftest import on_backend
 from helpers import final_state, make_config, python_target
 
 from matrixjobs.app import App
-from matrixjobs.errors import ForbiddenError, NotAwaitingApprovalError
+from matrixjobs.errors import BadBatchError, ForbiddenError, NotAwaitingApprovalError
+from matrixjobs.mcp.backend import MCP_ADMIN
 from matrixjobs.models import HELD_UNTIL, Status
 from matrixjobs.policy import ADMIN, Caller, Place, Via
 
@@ -141,3 +142,82 @@ async def test_a_denial_a_crash_cut_short_is_finished_by_the_sweep(tmp_path, dat
     await held_for(app, job.id)
     await app.end_approvals()
     assert (await app.status(job.id)).status is Status.CANCELLED
+
+
+# -- found by the review of #19 ------------------------------------------------------------------
+
+
+async def test_the_service_token_cannot_approve_what_it_asked_for(tmp_path, running_app):
+    """An MCP agent (or an API script) submits a held deploy: it may not approve it."""
+    app = await running_app(config(tmp_path, None))
+    job = await app.submit("deploy", caller=MCP_ADMIN)
+    for token in (MCP_ADMIN, Caller(ADMIN, Via.API), Caller(ADMIN, Via.CLI)):
+        with pytest.raises(ForbiddenError, match="your own approval does not count"):
+            await app.approve(job.id, token)
+
+
+async def test_an_approver_who_changes_their_mind_is_recorded_as_denying(tmp_path,
+                                                                          running_app):
+    app = await running_app(config(tmp_path, None, approvals=2))
+    job = await app.submit("deploy", caller=person(ALICE))
+    await app.approve(job.id, person(BOB))
+    denied = await app.deny(job.id, person(BOB), "changed my mind")
+    assert denied.status is Status.CANCELLED
+    event = await app.status(job.id)
+    assert event.approval is not None
+    assert (event.approval.denied_by, event.approval.reason) == (BOB, "changed my mind")
+
+
+async def test_an_expired_approval_cannot_be_granted_before_the_sweep_marks_it(
+        tmp_path, running_app):
+    app = await running_app(config(tmp_path, None, approval_timeout_s=0.2))
+    job = await app.submit("deploy", caller=person(ALICE))
+    await asyncio.sleep(0.4)
+    with pytest.raises(NotAwaitingApprovalError, match="already approval expired"):
+        await app.approve(job.id, person(BOB))
+
+
+async def test_what_expired_while_the_service_was_down_is_cancelled_at_start(tmp_path):
+    settings = config(tmp_path, None, approval_timeout_s=0.3)
+    async with App(settings) as app:
+        job = await app.submit("deploy", caller=person(ALICE))
+    await asyncio.sleep(0.4)
+    async with App(settings) as app:
+        event = await app.status(job.id)
+        assert event.status is Status.CANCELLED
+        assert event.approval is not None and event.approval.expired
+
+
+async def test_a_rule_dropped_later_lets_no_stranger_release_held_work(tmp_path):
+    """Held with approvers = [@carol]; then the operator drops `approvals`: releasing what
+    is still held takes the right to run it (Dave never had that)."""
+    first = config(tmp_path, None, approvers=[CAROL], allowed_users=[ALICE])
+    async with App(first) as app:
+        job = await app.submit("deploy", caller=person(ALICE))
+    async with App(config(tmp_path, None, allowed_users=[ALICE], approvals=0)) as app:
+        assert (await app.status(job.id)).status is Status.PENDING
+        with pytest.raises(ForbiddenError, match="only those who may run it may"):
+            await app.approve(job.id, person(DAVE))
+
+
+async def test_a_batch_whose_targets_ask_different_people_is_refused(tmp_path, running_app):
+    app = await running_app(make_config(
+        tmp_path, access={"allowed_users": [ALICE]},
+        targets={"deploy": {**QUICK, "approvals": 1, "approvers": [DAVE]},
+                 "migrate": {**QUICK, "approvals": 1, "approvers": [CAROL]},
+                 "quick": QUICK}))
+    with pytest.raises(BadBatchError, match="ask different people for approval"):
+        await app.submit_batch(["migrate", "deploy"], caller=person(ALICE))
+    await app.submit_batch(["quick", "deploy"], caller=person(ALICE))  # one set of people
+
+
+async def test_the_api_denies_without_a_body_and_refuses_the_tokens_own(api_service):
+    app, client = await api_service(token="approvals-token", targets={
+        "deploy": {**QUICK, "approvals": 1}}, access={"allowed_users": [ALICE]})
+    mine = (await client.post("/v1/jobs", json={"target": "deploy"})).json()
+    refused = await client.post(f"/v1/jobs/{mine['id']}/approve")
+    assert (refused.status_code, refused.json()["error"]["code"]) == (403, "forbidden")
+    theirs = await app.submit("deploy", caller=person(ALICE))
+    denied = await client.post(f"/v1/jobs/{theirs.id}/deny")
+    assert denied.status_code == 200, denied.text
+    assert denied.json()["approval"]["deniedBy"] == "admin"

@@ -33,7 +33,7 @@ def config(tmp_path: Path, url: str | None):
     return on_backend(make_config(
         tmp_path, access={"allowed_users": [ALICE, BOB]},
         targets={"quick": QUICK, "slow": SLOW, "held": {**QUICK, "approvals": 1},
-                 "mods": {**QUICK, "power_level": 50}}), url)
+                 "mods": {**QUICK, "rooms": [ROOM.room_id], "power_level": 50}}), url)
 
 
 def actions(records: list[audit_log.Record]) -> list[tuple[str, str, str | None]]:

@@ -13,6 +13,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from matrixjobs.config import (
     AccessConfig,
@@ -1101,3 +1102,11 @@ def test_a_targets_limits_go_over_the_queues_key_by_key():
     defaults = LimitsConfig(memory=2 * 1024**3, processes=512)
     own = LimitsConfig(memory=256 * 1024**2, cpu_s=60)
     assert own.over(defaults) == LimitsConfig(memory=256 * 1024**2, cpu_s=60, processes=512)
+
+
+def test_a_power_level_needs_the_rooms_it_counts_in():
+    """Anyone allowed may make a room where they outrank everyone and invite the bot."""
+    with pytest.raises(ValidationError, match="power_level needs rooms"):
+        TargetConfig.model_validate({"command": ["true"], "power_level": 50})
+    TargetConfig.model_validate({"command": ["true"], "power_level": 50,
+                                 "rooms": ["#deploys:example.org"]})

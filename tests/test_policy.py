@@ -27,7 +27,7 @@ POLICY = Policy(
         "ops": target(allowed_users=["@*:ops.example.org"]),
         "deploy": target(rooms=["#deploys:example.org", DEPLOYS], power_level=50),
         "lobby-only": target(rooms=[LOBBY]),
-        "mods": target(power_level=50),
+        "mods": target(rooms=[DEPLOYS, LOBBY], power_level=50),
     },
 )
 

@@ -317,8 +317,10 @@ def test_help_lists_every_command_with_the_configured_prefix() -> None:
 
 
 def test_targets_list_names_descriptions_and_whether_they_take_arguments() -> None:
-    rendered = render_targets([("docs", "Build the <docs>", False), ("deploy", "", True)])
-    assert lines(rendered) == ["Targets:", "• docs — Build the <docs>", "• deploy [ARGS…]"]
+    rendered = render_targets([("docs", "Build the <docs>", False, False),
+                               ("deploy", "", True, False), ("release", "Ship", False, True)])
+    assert lines(rendered) == ["Targets:", "• docs — Build the <docs>", "• deploy [ARGS…]",
+                               "• release — Ship (needs approval)"]
     assert "<li><code>docs</code> — Build the &lt;docs&gt;</li>" in rendered.html
     assert "<li><code>deploy [ARGS…]</code></li>" in rendered.html
     assert render_targets([]).body == "No targets are configured."

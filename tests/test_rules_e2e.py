@@ -20,7 +20,7 @@ from matrixjobs.models import Status
 pytestmark = pytest.mark.timeout(180)
 
 SLOW_DEPLOY = python_target("import time; print('deploying', flush=True); time.sleep(60)",
-                            power_level=50, max_retries=0)
+                            max_retries=0)
 
 
 def finished(body: str) -> bool:
@@ -55,6 +55,9 @@ async def test_rules_follow_the_rooms_power_levels_rooms_and_people(synapse, tmp
     bob = Person.register(synapse, "rulesbob")
     carol = Person.register(synapse, "rulescarol")
     alias = f"#lobby-rules:{synapse.server_name}"
+    # power_level counts only in rooms the target names: these two, by alias.
+    deploys = [f"#rules-v12:{synapse.server_name}", f"#rules-v11:{synapse.server_name}"]
+    ruled = {"rooms": deploys, "power_level": 50}
     config = make_config(
         tmp_path,
         matrix={"homeserver": synapse.base_url, "user_id": bot["user_id"],
@@ -63,8 +66,8 @@ async def test_rules_follow_the_rooms_power_levels_rooms_and_people(synapse, tmp
         progress={"interval_ms": 200},
         api={"token": "rules-token"},
         targets={"quick": MATRIX_TARGETS["quick"],
-                 "deploy": {**MATRIX_TARGETS["quick"], "power_level": 50},
-                 "slowdeploy": SLOW_DEPLOY,
+                 "deploy": {**MATRIX_TARGETS["quick"], **ruled},
+                 "slowdeploy": {**SLOW_DEPLOY, **ruled},
                  "lobby": {**MATRIX_TARGETS["quick"], "rooms": [alias]},
                  "bobs": {**MATRIX_TARGETS["quick"], "allowed_users": [bob.user_id]}},
     )
@@ -78,6 +81,15 @@ async def test_rules_follow_the_rooms_power_levels_rooms_and_people(synapse, tmp
             await in_thread(person.join, v12.room_id)
         await eventually(lambda: bot["user_id"] in alice.members(v12.room_id))
         assert alice.user_id not in v12.levels().get("users", {})
+        # An older room version: the creator's power is her entry, 100.
+        v11 = Room(alice, await in_thread(_create_room, alice, members, "11"))
+        for person in (bob, carol):
+            await in_thread(person.join, v11.room_id)
+        await eventually(lambda: bot["user_id"] in alice.members(v11.room_id))
+        for room, name in ((v12, deploys[0]), (v11, deploys[1])):
+            await in_thread(alice.call, "PUT",
+                            f"/_matrix/client/v3/directory/room/{quote(name)}",
+                            {"room_id": room.room_id})
 
         async def say(who: Person, room: Room, text: str) -> str:
             return await answer(alice, bot["user_id"], who, room, text)
@@ -106,12 +118,6 @@ async def test_rules_follow_the_rooms_power_levels_rooms_and_people(synapse, tmp
         assert "bobs" in await say(bob, v12, "!targets")
         assert (await say(carol, v12, "!build bobs")).startswith("⛔ you may not run bobs")
 
-        # An older room version: the creator's power is her entry, 100.
-        v11_id = await in_thread(_create_room, alice, members, "11")
-        v11 = Room(alice, v11_id)
-        for person in (bob, carol):
-            await in_thread(person.join, v11.room_id)
-        await eventually(lambda: bot["user_id"] in alice.members(v11.room_id))
         assert v11.levels()["users"][alice.user_id] == 100
         assert (await say(alice, v11, "!build deploy")).startswith("✅")
         assert (await say(bob, v11, "!build deploy")).startswith("⛔ deploy needs power")
@@ -125,6 +131,13 @@ async def test_rules_follow_the_rooms_power_levels_rooms_and_people(synapse, tmp
             "⛔ lobby cannot be run from this room")  # resolved a minute ago: still cached
         app.components[0].callbacks.places._resolved.clear()  # as a minute later
         assert (await say(alice, v11, "!build lobby")).startswith("✅")
+
+        # A room of Bob's own, where he outranks everyone, is not one the target names.
+        own = Room(bob, await in_thread(bob.create_room, [bot["user_id"], alice.user_id]))
+        await in_thread(alice.join, own.room_id)
+        await eventually(lambda: bot["user_id"] in bob.members(own.room_id))
+        assert (await say(bob, own, "!build deploy")).startswith(
+            "⛔ deploy cannot be run from this room")
     finally:
         await app.stop()
 
@@ -193,7 +206,8 @@ async def test_approvals_are_given_and_refused_in_the_room(synapse, tmp_path):
 async def test_the_api_refuses_room_only_targets_with_403(api_service):
     quick = MATRIX_TARGETS["quick"]
     app, client = await api_service(token="rules-token", targets={
-        "deploy": {**quick, "power_level": 50}, "lobby": {**quick, "rooms": ["!r:example.org"]},
+        "deploy": {**quick, "rooms": ["!r:example.org"], "power_level": 50},
+        "lobby": {**quick, "rooms": ["!r:example.org"]},
         "quick": quick})
     for body, path in (({"target": "deploy"}, "/v1/jobs"), ({"target": "lobby"}, "/v1/jobs"),
                        ({"targets": ["quick", "deploy"]}, "/v1/batches")):

@@ -55,6 +55,7 @@ class Operation:
     parameters: Sequence[dict[str, Any]] = ()
     public: bool = False  # answered without the token
     description: str | None = None
+    body_required: bool = True
 
 
 def ref(name: str) -> dict[str, str]:
@@ -205,7 +206,7 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         description=APPROVE, responses={200: event("its state now"), **JUDGE_ERRORS}),
     ("POST", "/v1/jobs/{id}/deny"): Operation(
         "Deny a job held for approval", parameters=(path_id("job", JOB_PREFIX, "j12"),),
-        body=Deny, description=DENY,
+        body=Deny, body_required=False, description=DENY,
         responses={200: event("its final state, cancelled"), 400: BAD_BODY, **JUDGE_ERRORS}),
     ("GET", "/v1/batches"): Operation(
         "List batches", parameters=LIST_PARAMETERS,
@@ -229,7 +230,7 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         description=APPROVE, responses={200: event("its state now"), **JUDGE_ERRORS}),
     ("POST", "/v1/batches/{id}/deny"): Operation(
         "Deny a batch held for approval", parameters=(path_id("batch", BATCH_PREFIX, "b3"),),
-        body=Deny, description=DENY,
+        body=Deny, body_required=False, description=DENY,
         responses={200: event("its final state, cancelled"), 400: BAD_BODY, **JUDGE_ERRORS}),
     ("GET", "/v1/events"): Operation(
         "Every job and batch, live (server-sent events; what the dashboard shows)",
@@ -358,7 +359,7 @@ def _operation(operation: Operation) -> dict[str, Any]:
     if operation.parameters:
         spec["parameters"] = list(operation.parameters)
     if operation.body is not None:
-        spec["requestBody"] = {"required": True, "content": {
+        spec["requestBody"] = {"required": operation.body_required, "content": {
             JSON: {"schema": ref(operation.body.__name__)}}}
     responses = dict(operation.responses)
     if operation.public:

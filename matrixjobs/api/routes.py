@@ -194,7 +194,7 @@ class Endpoints:
 
     async def _deny(self, request: Request, prefix: str) -> Response:
         subject = subject_of(request, prefix)
-        body = await read_body(request, Deny)
+        body = await read_body(request, Deny, optional=True)
         judged = await self.app.deny(subject, caller_of(request), body.reason)
         return event_response(self.app.live(judged))
 
@@ -264,12 +264,15 @@ def by_method(path: str, **handlers: Callable[[Request], Awaitable[Response]]) -
 # -- reading requests -----------------------------------------------------------------------------
 
 
-async def read_body(request: Request, model: type[BodyT]) -> BodyT:
+async def read_body(request: Request, model: type[BodyT], optional: bool = False) -> BodyT:
+    """The request's JSON body as `model`; with `optional`, no body reads as `{}`."""
     raw = bytearray()
     async for chunk in request.stream():
         raw += chunk
         if len(raw) > MAX_BODY_BYTES:
             raise ApiError(413, "body_too_large", f"request body over {MAX_BODY_BYTES} bytes")
+    if optional and not raw.strip():
+        return model()
     try:
         data = json.loads(raw)
     except RecursionError:

@@ -25,7 +25,7 @@ from matrixjobs.matrix.places import Places
 from matrixjobs.matrix.room_commands import COMMANDS, Context, show
 from matrixjobs.matrix.session import Session
 from matrixjobs.models import ProgressMessage
-from matrixjobs.policy import Action, Caller
+from matrixjobs.policy import Action
 
 log = logging.getLogger(__name__)
 
@@ -118,9 +118,7 @@ class Callbacks:
             return
         log.info("matrix: %s reacted %s on %s", event.sender, key, subject)
         try:
-            caller = Caller.in_room(event.sender,
-                                    await self.places.place(room_id, event.sender),
-                                    event.event_id)
+            caller = self.places.caller(room_id, event.sender, event.event_id)
             if key == CANCEL_KEY:
                 await self.app.cancel(subject, caller)  # the edit to 🚫 is the answer
                 return

@@ -8,10 +8,11 @@ matrix-nio is not asked: its room state merges a new m.room.power_levels into th
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +21,7 @@ from nio import Api, AsyncClient, RoomResolveAliasResponse
 from matrixjobs.config import TargetConfig
 from matrixjobs.errors import MatrixJobsError
 from matrixjobs.matrix.sender import NETWORK_ERRORS
-from matrixjobs.policy import Place
+from matrixjobs.policy import Caller, Place
 
 log = logging.getLogger(__name__)
 
@@ -68,17 +69,26 @@ def power_level(user: str, levels: Mapping[str, Any] | None, creation: Creation)
 class Places:
     def __init__(self, client: AsyncClient, targets: Mapping[str, TargetConfig]) -> None:
         self.client = client
-        self._aliases = sorted({room for target in targets.values() for room in target.rooms
-                                if room.startswith("#")})
-        self._powered = any(target.power_level is not None for target in targets.values())
+        self.targets = targets
         self._resolved: dict[str, tuple[float, str | None]] = {}
         self._creations: dict[str, Creation] = {}  # never changes for a room
 
-    async def place(self, room_id: str, user: str) -> Place:
-        aliases = frozenset([alias for alias in self._aliases
+    def caller(self, room_id: str, user: str, event_id: str) -> Caller:
+        """`user` asking in `room_id`: the room is read only when a rule asks."""
+        return Caller.in_room(user, Place(room_id), event_id,
+                              functools.partial(self.place, room_id, user))
+
+    async def place(self, room_id: str, user: str, names: Sequence[str]) -> Place:
+        """The room as the rules of targets `names` need it: which of their aliases name
+        it, and `user`'s power level if one of them has a power_level. Targets without
+        such rules cost nothing (and a lookup failing for them refuses nothing else)."""
+        rules = [target for name in set(names) if (target := self.targets.get(name))]
+        aliases = frozenset([alias for alias in sorted({room for target in rules
+                                                        for room in target.rooms
+                                                        if room.startswith("#")})
                              if await self._resolve(alias) == room_id])
-        power = await self._power(room_id, user) if self._powered else 0
-        return Place(room_id, aliases, power)
+        powered = any(target.power_level is not None for target in rules)
+        return Place(room_id, aliases, await self._power(room_id, user) if powered else 0)
 
     async def _resolve(self, alias: str) -> str | None:
         now = time.monotonic()

@@ -174,7 +174,7 @@ def _add_approval(message: _Message, event: JobProgressEvent, prefix: str) -> No
         message.line(f"React ✅ or {approve}; 👎 or {deny} refuses",
                      f"React ✅ or <code>{escape(approve)}</code>; 👎 or "
                      f"<code>{escape(deny)}</code> refuses")
-    elif not approval.denied_by and not approval.expired:
+    elif len(approval.approved_by) >= approval.required:
         message.line(f"👍 {wording.approval_state(approval)}")
 
 
@@ -325,15 +325,17 @@ def render_help(prefix: str) -> Rendered:
     return message.rendered()
 
 
-def render_targets(targets: list[tuple[str, str, bool]],
+def render_targets(targets: list[tuple[str, str, bool, bool]],
                    empty: str = "No targets are configured.") -> Rendered:
-    """(name, description, takes_args) per target; `empty` when there are none."""
+    """(name, description, takes_args, needs_approval) per target; `empty` when there are
+    none."""
     if not targets:
         return _single(empty)
     texts, htmls = [], []
-    for name, description, takes_args in targets:
+    for name, description, takes_args, needs_approval in targets:
         usage = f"{name} [ARGS…]" if takes_args else name
         about = f" — {description}" if description else ""
+        about += " (needs approval)" if needs_approval else ""
         texts.append(f"• {usage}{about}")
         htmls.append(f"<li><code>{escape(usage)}</code>{escape(about)}</li>")
     message = _Message()

@@ -31,9 +31,8 @@ class Context:
     event: RoomMessageText
 
     async def caller(self) -> Caller:
-        """The sender, with the room as it is now (for the rules that read it)."""
-        place = await self.places.place(self.room_id, self.event.sender)
-        return Caller.in_room(self.event.sender, place, self.event.event_id)
+        """The sender, whose room is read as the rules of the targets asked about need."""
+        return self.places.caller(self.room_id, self.event.sender, self.event.event_id)
 
     def reply(self, rendered: render.Rendered) -> None:
         self.scheduler.reply(self.room_id, self.event.event_id, rendered)
@@ -100,7 +99,7 @@ async def status(ctx: Context, command: Command) -> None:
     ("store: unreachable; try again in 10 s")."""
     now = time.time()
     if command.args:
-        shown = render.render_progress(await ctx.app.status(command.args[0]), now)
+        shown = render.render_progress(await ctx.app.status(command.args[0]), now, ctx.prefix)
     else:
         shown = render.render_status_summary(await ctx.app.active(), now)
     health = ctx.app.health
@@ -136,8 +135,10 @@ async def jobs(ctx: Context, command: Command) -> None:
 
 
 async def targets(ctx: Context, command: Command) -> None:
-    allowed = set(ctx.app.policy.may_run(await ctx.caller()))
-    listed = [(name, target.description, target.args_pattern is not None)
+    caller = await (await ctx.caller()).located(ctx.app.targets.names())
+    allowed = set(ctx.app.policy.may_run(caller))
+    listed = [(name, target.description, target.args_pattern is not None,
+               bool(target.approvals))
               for name, target in ctx.app.targets.items() if name in allowed]
     if ctx.app.targets.names():
         ctx.reply(render.render_targets(listed, "You may not run any target here."))

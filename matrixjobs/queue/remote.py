@@ -155,4 +155,5 @@ def _state(job: Job) -> tuple[object, ...]:
     """What a job's event shows that another process may change."""
     progress = job.progress
     return (job.status, job.worker, job.retry_count,
-            None if progress is None else (progress.current, progress.total, progress.message))
+            None if progress is None else (progress.current, progress.total, progress.message),
+            job.approval)
