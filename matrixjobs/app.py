@@ -13,6 +13,8 @@ import contextlib
 import hashlib
 import logging
 import os
+import re
+import secrets
 import shutil
 import socket
 import time
@@ -26,7 +28,7 @@ from prometheus_client import CollectorRegistry
 
 from matrixjobs import __version__
 from matrixjobs.audit import SERVICE, AuditAction, AuditQuery, Entry, Record, Verdict, verify
-from matrixjobs.config import Config
+from matrixjobs.config import USER_RE, Config
 from matrixjobs.errors import (
     AlreadyFinishedError,
     BadArgumentsError,
@@ -40,7 +42,7 @@ from matrixjobs.errors import (
     UnknownTargetError,
     echo,
 )
-from matrixjobs.logs import redact
+from matrixjobs.logs import mask, redact
 from matrixjobs.metrics import Metrics
 from matrixjobs.models import (
     BATCH_PREFIX,
@@ -49,6 +51,7 @@ from matrixjobs.models import (
     Batch,
     Job,
     JobSpec,
+    PersonalToken,
     ProgressMessage,
     Status,
     Worker,
@@ -91,6 +94,9 @@ STORE_PROBE_TIMEOUT_S = 4.0
 # How often work held for approval is checked for expiry (and for a denial whose cancel a
 # crash cut short).
 APPROVAL_SWEEP_S = 5.0
+# Personal tokens: the prefix says what a leaked one is (secret scanners key on it).
+TOKEN_PREFIX = "mjp_"
+TOKEN_NAME = re.compile(r"[A-Za-z0-9._-]{1,40}")
 # A denial's reason, as long as it may be shown.
 MAX_REASON = 200
 # Tries at recording an approval that others keep changing at the same moment.
@@ -543,6 +549,49 @@ class App:
         records, head = await self.store.audit_chain()
         return verify(records, head)
 
+    # -- personal tokens -------------------------------------------------------------------------
+
+    async def issue_token(self, user: str, name: str, caller: Caller) -> str:
+        """A new personal token for `user`, returned this once (only its digest is kept)."""
+        if not TOKEN_NAME.fullmatch(name):
+            raise BadArgumentsError("a token's name is 1 to 40 letters, digits, '.', '_' or "
+                                    "'-'")
+        if not USER_RE.match(user):
+            raise BadArgumentsError(f"'{echo(user)}' is not a Matrix user id")
+        await self._allow(caller, Action.TOKEN, [], user)
+        token = TOKEN_PREFIX + secrets.token_urlsafe(32)
+        mask([token])
+        audit = _entry(caller, AuditAction.TOKEN_ISSUED, "", {"user": user, "name": name})
+        assert audit is not None
+        with self._storing():
+            await self.store.add_token(token_digest(token),
+                                       PersonalToken(user, name, time.time()), audit)
+        log.info("tokens: issued %s's token %s (asked by %s via %s)", user, name,
+                 caller.user, caller.via)
+        return token
+
+    async def tokens(self, caller: Caller) -> list[PersonalToken]:
+        """The caller's own tokens; the service token's: everyone's."""
+        await self._allow(caller, Action.TOKEN, [], None if caller.admin else caller.user)
+        return await self.store.list_tokens(None if caller.admin else caller.user)
+
+    async def revoke_token(self, user: str, name: str, caller: Caller) -> None:
+        await self._allow(caller, Action.TOKEN, [], user)
+        audit = _entry(caller, AuditAction.TOKEN_REVOKED, "", {"user": user, "name": name})
+        assert audit is not None
+        with self._storing():
+            if not await self.store.revoke_token(user, name, audit):
+                raise NotFoundError(f"{echo(user)} has no token named {echo(name)}")
+        log.info("tokens: revoked %s's token %s (asked by %s via %s)", user, name,
+                 caller.user, caller.via)
+
+    async def token_owner(self, token: str) -> str | None:
+        """Whose personal token this is (None: nobody's, or revoked). Read each time, so a
+        revoked token stops working at once on every node."""
+        if not token.startswith(TOKEN_PREFIX):
+            return None
+        return await self.store.token_owner(token_digest(token))
+
     # -- approvals -----------------------------------------------------------------------------
 
     async def approve(self, subject: str, caller: Caller) -> Job | Batch:
@@ -823,6 +872,11 @@ def _free_bytes(directory: Path) -> int | None:
         return shutil.disk_usage(directory).free
     except OSError:
         return None  # the write probe tells what is wrong
+
+
+def token_digest(token: str) -> str:
+    """What the store keeps of a personal token: 256 random bits need no slow hash."""
+    return hashlib.sha256(token.encode()).hexdigest()
 
 
 def _entry(caller: Caller | None, action: AuditAction, target: str,

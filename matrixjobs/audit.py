@@ -32,6 +32,8 @@ class AuditAction(StrEnum):
     DENIED = "denied"
     EXPIRED = "expired"
     REFUSED = "refused"
+    TOKEN_ISSUED = "token_issued"
+    TOKEN_REVOKED = "token_revoked"
     SERVICE_STARTED = "service_started"
     SERVICE_STOPPED = "service_stopped"
     PRUNED = "pruned"

@@ -104,3 +104,7 @@ class ForbiddenError(MatrixJobsError):
 
 class NotAwaitingApprovalError(MatrixJobsError):
     """Approving or denying work that waits for no approval (any more)."""
+
+
+class TokenExistsError(MatrixJobsError):
+    """A person already has a token of that name."""

@@ -118,6 +118,15 @@ def batch_approval(specs: Sequence[JobSpec]) -> Approval | None:
     return Approval(max(a.required for a in approvals), min(a.expires_at for a in approvals))
 
 
+@dataclass(frozen=True, slots=True)
+class PersonalToken:
+    """A personal API token as the store keeps it: never the token, only who and when."""
+
+    user: str
+    name: str
+    created_at: float
+
+
 @dataclass(slots=True)
 class Progress:
     current: float

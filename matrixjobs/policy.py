@@ -21,6 +21,7 @@ class Action(StrEnum):
     RERUN = "rerun"
     LOGS = "logs"  # read a job's output
     APPROVE = "approve"  # approve or deny work held for approval
+    TOKEN = "token"  # issue, list or revoke personal API tokens
     READ = "read"  # status, lists, targets, help
 
 
@@ -110,6 +111,8 @@ class Policy:
             return ALLOWED
         if action is Action.APPROVE:
             return self._approver(caller, targets, owner)
+        if action is Action.TOKEN:
+            return self._token_holder(caller, owner)
         if caller.asked_for(owner) and action not in STARTING:
             return ALLOWED  # one's own job may always be cancelled and read
         if not targets:
@@ -149,6 +152,18 @@ class Policy:
             elif not self._target(caller, Action.RUN, name):
                 return _refused(f"you may not approve {name}: only those who may run it "
                                 "may", "approvers")
+        return ALLOWED
+
+    def _token_holder(self, caller: Caller, owner: str | None) -> Decision:
+        """The service token manages everyone's tokens; a person, their own, and only if
+        some rule lets them run or approve something."""
+        if caller.admin:
+            return ALLOWED
+        if owner is not None and owner != caller.user:
+            return _refused("you may manage only your own tokens", "tokens")
+        if not self.known(caller.user):
+            return _refused("not in [access] allowed_users or any target's allowed_users or "
+                            "approvers", "allowed_users")
         return ALLOWED
 
     def _general(self, caller: Caller) -> Decision:

@@ -20,6 +20,8 @@ from helpers import write_locked
 from playwright.async_api import Browser, Page, Response, async_playwright, expect
 from tcp_proxy import TcpProxy
 
+from matrixjobs.policy import ADMIN, Caller, Via
+
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--no-first-run", "--disable-sync"]
@@ -290,3 +292,17 @@ async def test_the_audit_page_lists_who_did_what_and_says_the_chain_holds(tmp_pa
         await page.get_by_role("link", name="Jobs", exact=True).click()
         await expect(page.locator("#list-view")).to_be_visible()
         await expect(page.locator("#audit-view")).to_be_hidden()
+
+
+async def test_a_personal_token_logs_in_and_the_page_says_who(tmp_path, browser):
+    async with running(tmp_path, api={"token": TOKEN},
+                       access={"allowed_users": ["@alice:example.org"]}) as svc:
+        token = await svc.app.issue_token("@alice:example.org", "browser",
+                                          Caller(ADMIN, Via.API))
+        page = await new_page(browser)
+        await log_in(page, svc.url, token)
+        await expect(page.locator("#who")).to_have_text("@alice:example.org")
+        await expect(page.locator("#connection")).to_have_text("live")
+        other = await new_page(browser)
+        await log_in(other, svc.url)
+        await expect(other.locator("#who")).to_have_text("service token")

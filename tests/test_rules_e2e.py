@@ -203,6 +203,39 @@ async def test_approvals_are_given_and_refused_in_the_room(synapse, tmp_path):
         await app.stop()
 
 
+async def test_a_personal_token_is_given_only_in_a_direct_room(synapse, tmp_path):
+    bot = synapse.register("tokenbot", password="bot-password")["user_id"]
+    alice, bob = Person.register(synapse, "tokenalice"), Person.register(synapse, "tokenbob")
+    config = make_config(
+        tmp_path, matrix={"homeserver": synapse.base_url, "user_id": bot,
+                          "password": "bot-password", "rate_per_s": 0},
+        access={"allowed_users": [alice.user_id, bob.user_id]},
+        targets={"quick": MATRIX_TARGETS["quick"]})
+    app = await start_bot(config)
+    try:
+        direct = Room(alice, await in_thread(alice.create_room, [bot]))
+        group = Room(alice, await in_thread(alice.create_room, [bot, bob.user_id]))
+        await in_thread(bob.join, group.room_id)
+        for room in (direct, group):
+            await eventually(lambda room=room: bot in alice.members(room.room_id))
+
+        async def say(room: Room, text: str) -> str:
+            return await answer(alice, bot, alice, room, text)
+
+        refused = await say(group, "!token laptop")
+        assert refused.startswith("⚠️ ask for a token in a direct room with me")
+        given = await say(direct, "!token laptop")
+        assert given.startswith("🔑 Your new token laptop (shown once; it acts as you):")
+        assert "⚠️ This room is not encrypted" in given
+        [token] = [word for word in given.split() if word.startswith("mjp_")]
+        assert await app.token_owner(token) == alice.user_id
+        assert (await say(group, "!tokens")).startswith("Your tokens:\n• laptop · made ")
+        assert await say(group, "!revoke laptop") == "🗑️ Token laptop revoked: it no longer works."
+        assert await app.token_owner(token) is None
+    finally:
+        await app.stop()
+
+
 async def test_the_api_refuses_room_only_targets_with_403(api_service):
     quick = MATRIX_TARGETS["quick"]
     app, client = await api_service(token="rules-token", targets={

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 from starlette.datastructures import Headers
 from starlette.responses import RedirectResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -9,13 +11,19 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from matrixjobs.api.errors import error_response
 from matrixjobs.api.session import (
     COOKIE,
+    PERSONAL,
     LoginThrottle,
     has_session,
     same_origin,
+    session_of,
     session_value,
 )
 
 CHALLENGE = {"WWW-Authenticate": 'Bearer realm="matrixjobs"'}
+# The scope key that names the person a personal token (or its session) let in.
+PERSON = "matrixjobs.person"
+MCP_PATH = "/mcp"  # where the service mounts MCP (mcp/http.py)
+People = Callable[[str], Awaitable[str | None]]
 # Open without a token: probes (systemd, containers, load balancers) hold none, and
 # /healthz tells only whether the service answers and its version; the login form and
 # logout must be reachable to get or drop a session. /static/ (OPEN_PREFIX) holds the
@@ -29,15 +37,18 @@ PAGES = frozenset({"/"})
 class BearerAuth:
     """Pure ASGI middleware: streaming responses pass through untouched.
 
-    A request gets in with `Authorization: Bearer <token>`, or with the dashboard's
-    session cookie if it comes from a page of this host (see `same_origin`).
+    A request gets in with `Authorization: Bearer <token>` (the service token, or a
+    person's token: `people` says whose, and the request then acts as them), or with the
+    dashboard's session cookie if it comes from a page of this host (see `same_origin`).
     """
 
-    def __init__(self, app: ASGIApp, token: str, throttle: LoginThrottle) -> None:
+    def __init__(self, app: ASGIApp, token: str, throttle: LoginThrottle,
+                 people: People) -> None:
         self.app = app
         self._token = token
         self._session = session_value(token).encode()
         self._throttle = throttle
+        self._people = people
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
@@ -45,18 +56,23 @@ class BearerAuth:
                 or path.startswith(OPEN_PREFIX)):
             await self.app(scope, receive, send)
             return
-        refusal = self._refusal(scope, path)
+        refusal = await self._refusal(scope, path)
         if refusal is None:
             await self.app(scope, receive, send)
         else:
             await refusal(scope, receive, send)
 
-    def _refusal(self, scope: Scope, path: str) -> Response | None:
-        """None to let the request in, else the answer that keeps it out."""
+    async def _refusal(self, scope: Scope, path: str) -> Response | None:
+        """None to let the request in (a person's request marked as theirs), else the
+        answer that keeps it out."""
         headers = Headers(scope=scope)
         scheme, _, credentials = headers.get("authorization", "").partition(" ")
         if scheme.lower() == "bearer" and credentials.strip():
-            wait_s = self._throttle.check(credentials.strip(), self._token, scope)
+            given = credentials.strip()
+            person = await self._people(given)
+            if person is not None:
+                return self._as(scope, person, path)
+            wait_s = self._throttle.check(given, self._token, scope)
             if wait_s is None:
                 return None
             if wait_s > 0:
@@ -64,16 +80,34 @@ class BearerAuth:
                                       f"try again in {int(wait_s) + 1} s",
                                       {"Retry-After": str(int(wait_s) + 1)})
             return error_response(401, "unauthorized", "wrong API token", CHALLENGE)
-        if has_session(headers, self._session):
-            if same_origin(scope.get("method", "GET"), headers):
-                return None
-            return error_response(403, "forbidden", "requests with the dashboard's session "
-                                                    "must come from its own pages")
+        session = session_of(headers)
+        person = (await self._people(session.removeprefix(PERSONAL))
+                  if session.startswith(PERSONAL) else None)
+        if person is not None or has_session(headers, self._session):
+            if not same_origin(scope.get("method", "GET"), headers):
+                return error_response(403, "forbidden", "requests with the dashboard's "
+                                                        "session must come from its own pages")
+            return None if person is None else self._as(scope, person, path)
         if path in PAGES:
             return RedirectResponse("/login", 303)
         message = (f"this API needs a token: send 'Authorization: Bearer <token>' "
                    f"(or the {COOKIE} cookie from /login)")
         return error_response(401, "unauthorized", message, CHALLENGE)
+
+    @staticmethod
+    def _as(scope: Scope, person: str, path: str) -> Response | None:
+        """Let a person's request in as theirs; MCP here serves the service token only."""
+        if path == MCP_PATH or path.startswith(MCP_PATH + "/"):
+            return error_response(403, "forbidden", "MCP over HTTP takes the service token; "
+                                  "with a personal token use the API")
+        scope[PERSON] = person
+        return None
+
+
+def person_of(scope: Scope) -> str | None:
+    """The Matrix user whose personal token let the request in; None: the service token."""
+    person = scope.get(PERSON)
+    return person if isinstance(person, str) else None
 
 
 class LoopbackGuard:

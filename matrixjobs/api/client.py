@@ -140,6 +140,17 @@ class ApiClient:
         data = await self._request("GET", "/v1/audit", params=params)
         return list(data["records"])
 
+    async def tokens(self) -> list[dict[str, Any]]:
+        return list((await self._request("GET", "/v1/tokens"))["tokens"])
+
+    async def issue_token(self, user: str | None, name: str) -> dict[str, Any]:
+        body = {"name": name, **({"user": user} if user else {})}
+        return dict(await self._request("POST", "/v1/tokens", body))
+
+    async def revoke_token(self, user: str | None, name: str) -> dict[str, Any]:
+        return dict(await self._request("DELETE", f"/v1/tokens/{_segment(name)}",
+                                        params={"user": user} if user else None))
+
     async def verify_audit(self) -> dict[str, Any]:
         return dict(await self._request("GET", "/v1/audit/verify", timeout=120.0))
 

@@ -25,11 +25,13 @@ from matrixjobs.api.errors import ApiError
 from matrixjobs.api.feed import MAX_PAGES, DashboardFeed, SseStream
 from matrixjobs.api.routes import known_query
 from matrixjobs.api.session import (
+    PERSONAL,
     LoginThrottle,
     cleared_cookie,
     named_origin,
     same_origin,
     session_cookie,
+    session_value,
 )
 from matrixjobs.api.stream import OpenStreams
 from matrixjobs.app import App
@@ -133,14 +135,18 @@ class Dashboard:
         # The token proves itself; only a page of another site posting here is refused.
         if named_origin(request.headers) is False:
             return self.form("This form only works from this server's own login page.", 403)
-        wait_s = self.throttle.check(await read_token(request), self.token, request.scope)
+        given = await read_token(request)
+        if await self.app.token_owner(given) is not None:
+            return RedirectResponse("/", 303, {"Set-Cookie": session_cookie(
+                PERSONAL + given, over_https(request))})
+        wait_s = self.throttle.check(given, self.token, request.scope)
         if wait_s is not None:
             if wait_s > 0:
                 return self.form(f"Too many wrong tokens; try again in {int(wait_s) + 1} s.",
                                  429)
             return self.form("Wrong token.", 401, CHALLENGE)
-        return RedirectResponse("/", 303, {"Set-Cookie": session_cookie(self.token,
-                                                                        over_https(request))})
+        return RedirectResponse("/", 303, {"Set-Cookie": session_cookie(
+            session_value(self.token), over_https(request))})
 
     async def logout(self, request: Request) -> Response:
         if not same_origin("POST", request.headers):

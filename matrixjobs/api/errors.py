@@ -20,6 +20,7 @@ from matrixjobs.errors import (
     NotAwaitingApprovalError,
     NotFoundError,
     StoreUnavailableError,
+    TokenExistsError,
     UnknownTargetError,
 )
 from matrixjobs.store.health import RETRY_AFTER_S, classify
@@ -38,6 +39,7 @@ CORE_ERRORS: tuple[tuple[type[MatrixJobsError], int, str], ...] = (
     (BadBatchError, 422, "bad_batch"),
     (AlreadyFinishedError, 409, "already_finished"),
     (AlreadySubmittedError, 409, "already_submitted"),
+    (TokenExistsError, 409, "token_exists"),
     (NotAwaitingApprovalError, 409, "not_awaiting_approval"),
 )
 # Anything else the core raises is a message meant for people, e.g. "shutting down".

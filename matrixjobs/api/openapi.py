@@ -27,6 +27,7 @@ from matrixjobs.api.routes import (
     MAX_BODY_BYTES,
     MAX_LIMIT,
     Deny,
+    IssueToken,
     SubmitBatch,
     SubmitJob,
     json_response,
@@ -289,6 +290,42 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
             "type": "object", "required": ["records"],
             "properties": {"records": {"type": "array", "items": ref("AuditRecord")}}}),
             400: BAD_QUERY, 503: STORE_UNAVAILABLE}),
+    ("GET", "/v1/whoami"): Operation(
+        "Who this request acts as",
+        description="A personal token's Matrix user, or `admin` for the service token.",
+        responses={200: answer("who", {
+            "type": "object", "required": ["user", "admin"],
+            "properties": {"user": {"type": "string"}, "admin": {"type": "boolean"}}})}),
+    ("GET", "/v1/tokens"): Operation(
+        "Personal tokens (never the tokens themselves)",
+        description="The service token sees everyone's; a personal token its owner's.",
+        responses={200: answer("the tokens", {
+            "type": "object", "required": ["tokens"],
+            "properties": {"tokens": {"type": "array", "items": ref("PersonalToken")}}}),
+            403: FORBIDDEN, 503: STORE_UNAVAILABLE}),
+    ("POST", "/v1/tokens"): Operation(
+        "Issue a personal token", body=IssueToken,
+        description=("The token acts as its user with that user's rules (targets only a "
+                     "room may start stay refused). It is shown in this answer only; the "
+                     "store keeps its SHA-256. `user` is for the service token; a person "
+                     "gets their own."),
+        responses={201: answer("the new token, shown once", {
+            "type": "object", "required": ["user", "name", "token"],
+            "properties": {"user": {"type": "string"}, "name": {"type": "string"},
+                           "token": {"type": "string"}}}),
+            400: BAD_BODY, 403: FORBIDDEN,
+            409: error("that user already has a token of that name", 409),
+            422: error("a bad name or user id", 422), 503: STORE_UNAVAILABLE}),
+    ("DELETE", "/v1/tokens/{name}"): Operation(
+        "Revoke a personal token",
+        parameters=({"name": "name", "in": "path", "required": True,
+                     "schema": {"type": "string"}},
+                    {"name": "user", "in": "query", "schema": {"type": "string"},
+                     "description": "whose (the service token); default: the caller's"}),
+        description="It stops working at once, on every node.",
+        responses={200: answer("revoked", {"type": "object"}), 400: BAD_QUERY,
+                   403: FORBIDDEN, 404: error("no such token", 404),
+                   503: STORE_UNAVAILABLE}),
     ("GET", "/v1/audit/verify"): Operation(
         "Check the audit log's hash chain",
         description=("Every record's hash, every link to the record before, no gap, and "
@@ -374,7 +411,7 @@ def _schemas() -> dict[str, Any]:
     _, generated = models_json_schema(
         [(JobProgressEvent, "serialization"), (WorkerState, "serialization"),
          (SubmitJob, "validation"),
-         (SubmitBatch, "validation"), (Deny, "validation")],
+         (SubmitBatch, "validation"), (Deny, "validation"), (IssueToken, "validation")],
         by_alias=True, ref_template=SCHEMAS + "{model}")
     return {
         **generated["$defs"],
@@ -383,6 +420,9 @@ def _schemas() -> dict[str, Any]:
             "properties": {"code": {"type": "string"}, "message": {"type": "string"},
                            "requestId": {"type": "string", "description": "with a 500: "
                                          "the id the service logged its traceback under"}}}}},
+        "PersonalToken": {"type": "object", "required": ["user", "name", "createdAt"],
+                          "properties": {"user": {"type": "string"}, "name": {"type": "string"},
+                                         "createdAt": {"type": "number"}}},
         "AuditRecord": {"type": "object", "required": [
             "seq", "at", "action", "actor", "via", "detail", "prevHash", "hash"],
             "properties": {

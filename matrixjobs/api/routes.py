@@ -6,6 +6,7 @@ import json
 import math
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import TypeVar
 from urllib.parse import quote
@@ -17,6 +18,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from matrixjobs import __version__
+from matrixjobs.api.auth import person_of
 from matrixjobs.api.client import USER_AGENT_PREFIX
 from matrixjobs.api.errors import ApiError
 from matrixjobs.api.stream import (
@@ -31,7 +33,7 @@ from matrixjobs.audit import AuditAction, AuditQuery
 from matrixjobs.config import MatrixConfig
 from matrixjobs.errors import NotFoundError, echo
 from matrixjobs.fleet import worker_state
-from matrixjobs.models import BATCH_PREFIX, JOB_PREFIX, Status, parse_id
+from matrixjobs.models import BATCH_PREFIX, JOB_PREFIX, PersonalToken, Status, parse_id
 from matrixjobs.policy import ADMIN, Caller, Via
 from matrixjobs.progress.events import JobProgressEvent, event_of
 
@@ -61,6 +63,11 @@ class SubmitBatch(Body):
     # Checked by the queue (422 bad_batch, as for a batch too large), said in the schema.
     targets: list[StrictStr] = Field(json_schema_extra={"minItems": 1})
     name: StrictStr | None = Field(default=None, min_length=1, max_length=200)
+
+
+class IssueToken(Body):
+    name: StrictStr
+    user: StrictStr | None = None  # the service token names whose; a person gets their own
 
 
 class Deny(Body):
@@ -93,6 +100,9 @@ class Endpoints:
             Route("/v1/status/{id}", self.status, methods=["GET"]),
             Route("/v1/workers", self.workers, methods=["GET"]),
             Route("/v1/audit", self.audit, methods=["GET"]),
+            Route("/v1/whoami", self.whoami, methods=["GET"]),
+            by_method("/v1/tokens", GET=self.list_tokens, POST=self.issue_token),
+            Route("/v1/tokens/{name}", self.revoke_token, methods=["DELETE"]),
             Route("/v1/audit/verify", self.verify_audit, methods=["GET"]),
         ]
 
@@ -198,9 +208,39 @@ class Endpoints:
         judged = await self.app.deny(subject, caller_of(request), body.reason)
         return event_response(self.app.live(judged))
 
+    async def whoami(self, request: Request) -> Response:
+        known_query(request)
+        caller = caller_of(request)
+        return json_response(json.dumps({"user": caller.user, "admin": caller.admin}))
+
+    async def list_tokens(self, request: Request) -> Response:
+        known_query(request)
+        tokens = await self.app.tokens(caller_of(request))
+        return json_response(json.dumps({"tokens": [token_json(token) for token in tokens]}))
+
+    async def issue_token(self, request: Request) -> Response:
+        body = await read_body(request, IssueToken)
+        caller = caller_of(request)
+        user = body.user or caller.user
+        token = await self.app.issue_token(user, body.name, caller)
+        return json_response(json.dumps({"user": user, "name": body.name, "token": token}),
+                             201)
+
+    async def revoke_token(self, request: Request) -> Response:
+        known_query(request, "user")
+        caller = caller_of(request)
+        user = request.query_params.get("user") or caller.user
+        await self.app.revoke_token(user, request.path_params["name"], caller)
+        return json_response(json.dumps({"user": user, "name": request.path_params["name"],
+                                         "revoked": True}))
+
     async def audit(self, request: Request) -> Response:
-        """The audit log's records, oldest first: the newest `limit` that match."""
+        """The audit log's records, oldest first: the newest `limit` that match; a person
+        sees their own."""
         query = audit_query(request)
+        caller = caller_of(request)
+        if not caller.admin:
+            query = replace(query, user=caller.user)
         records = await self.app.audit(query)
         return json_response(json.dumps({"records": [record.to_json() for record in records]}))
 
@@ -350,6 +390,10 @@ def list_filters(request: Request, *more: str) -> tuple[list[Status] | None, int
     return statuses, int(text)
 
 
+def token_json(token: PersonalToken) -> dict[str, object]:
+    return {"user": token.user, "name": token.name, "createdAt": token.created_at}
+
+
 def audit_query(request: Request) -> AuditQuery:
     """`after` (a record's seq), `since` (ISO 8601 or seconds since the epoch), `user`,
     `action`, `target`, `limit`."""
@@ -404,14 +448,15 @@ def flag(request: Request, name: str) -> bool:
 
 
 def caller_of(request: Request) -> Caller:
-    """Who asks: the service token's holder, through our CLI or MCP (by their User-Agent)
-    or else the API. Never the header's text itself: a name anyone can send must not pass
-    for a person."""
+    """Who asks: the person whose token let the request in, else the service token's
+    holder; through our CLI or MCP (by their User-Agent), or else the API. Never the
+    header's text itself: a name anyone can send must not pass for a person."""
+    user = person_of(request.scope) or ADMIN
     agent = request.headers.get("user-agent", "")
     for client in KNOWN_CLIENTS:
         if agent.startswith(f"{USER_AGENT_PREFIX}{client}/"):
-            return Caller(ADMIN, client)
-    return Caller(ADMIN, Via.API)
+            return Caller(user, client)
+    return Caller(user, Via.API)
 
 
 def matrix_to(room_id: str, event_id: str, matrix: MatrixConfig | None) -> str:

@@ -75,7 +75,7 @@ def build_asgi_app(
     throttle = LoginThrottle()  # wrong tokens counted alike from headers and the login form
     if token is not None:
         middleware.append(Middleware(BearerAuth, token=token.get_secret_value(),
-                                     throttle=throttle))
+                                     throttle=throttle, people=app.token_owner))
     elif allowed_hosts is not None:
         middleware.append(Middleware(LoopbackGuard, allowed_hosts=allowed_hosts))
 

@@ -28,10 +28,11 @@ def session_value(token: str) -> str:
     return hmac.new(token.encode(), LABEL, hashlib.sha256).hexdigest()
 
 
-def session_cookie(token: str, secure: bool) -> str:
-    """The Set-Cookie value of a fresh session (a browser-session cookie: no Max-Age)."""
+def session_cookie(value: str, secure: bool) -> str:
+    """The Set-Cookie value of a fresh session (a browser-session cookie: no Max-Age):
+    `session_value` of the service token, or PERSONAL + a personal token."""
     flags = "; Secure" if secure else ""
-    return f"{COOKIE}={session_value(token)}; Path=/; HttpOnly; SameSite=Strict{flags}"
+    return f"{COOKIE}={value}; Path=/; HttpOnly; SameSite=Strict{flags}"
 
 
 def cleared_cookie(secure: bool) -> str:
@@ -40,12 +41,23 @@ def cleared_cookie(secure: bool) -> str:
 
 
 def has_session(headers: Headers, expected: bytes) -> bool:
-    """Whether the request carries the right session cookie (compared in constant time)."""
+    """Whether the request carries the service token's session cookie (compared in
+    constant time)."""
+    return hmac.compare_digest(session_of(headers).encode(), expected)
+
+
+def session_of(headers: Headers) -> str:
+    """The session cookie's value, or ''."""
     for part in headers.get("cookie", "").split(";"):
         name, _, value = part.strip().partition("=")
-        if name == COOKIE and hmac.compare_digest(value.encode(), expected):
-            return True
-    return False
+        if name == COOKIE:
+            return value
+    return ""
+
+
+# A personal token's session holds the token itself: it is checked on every request, so
+# revoking the token ends the session.
+PERSONAL = "p."
 
 
 def named_origin(headers: Headers) -> bool | None:

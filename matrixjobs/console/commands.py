@@ -22,7 +22,7 @@ from matrixjobs.api.client import (
 from matrixjobs.config import load_config
 from matrixjobs.console.display import Board, Mode, pick_mode, print_events, print_workers
 from matrixjobs.errors import ConfigError
-from matrixjobs.exitcodes import EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE
+from matrixjobs.exitcodes import EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE
 from matrixjobs.models import Status
 from matrixjobs.progress import wording
 from matrixjobs.progress.events import JobProgressEvent
@@ -126,6 +126,37 @@ async def after_submit(
             print(f"submitted {created.id} ({created.name})", flush=True)
         return EXIT_OK
     return outcome(await follow(api, created.id, mode, args.poll))
+
+
+async def cmd_tokens(api: ApiClient, args: argparse.Namespace, mode: Mode) -> int:
+    """Personal tokens: list, create (the token is printed once), revoke."""
+    if args.what == "create":
+        if not args.name:
+            print("error: tokens create needs --name", file=sys.stderr)
+            return EXIT_USAGE
+        made = await api.issue_token(args.user, args.name)
+        if mode is Mode.JSON:
+            print(json.dumps(made), flush=True)
+        else:
+            print(f"token {made['name']} for {made['user']} (shown once; keep it secret):\n"
+                  f"{made['token']}", flush=True)
+        return EXIT_OK
+    if args.what == "revoke":
+        name = args.token or args.name
+        if not name:
+            print("error: tokens revoke needs a NAME", file=sys.stderr)
+            return EXIT_USAGE
+        gone = await api.revoke_token(args.user, name)
+        print(json.dumps(gone) if mode is Mode.JSON
+              else f"revoked {gone['user']}'s token {gone['name']}", flush=True)
+        return EXIT_OK
+    listed = await api.tokens()
+    if mode is Mode.JSON:
+        print(json.dumps({"tokens": listed}), flush=True)
+    for token in [] if mode is Mode.JSON else listed:
+        made = datetime.fromtimestamp(token["createdAt"], UTC).strftime("%Y-%m-%d %H:%M")
+        print(f"{token['user']} {token['name']} (made {made} UTC)", flush=True)
+    return EXIT_OK
 
 
 async def cmd_approve(api: ApiClient, args: argparse.Namespace, mode: Mode) -> int:
@@ -369,6 +400,15 @@ def add_client_commands(commands: argparse._SubParsersAction) -> None:  # type: 
                        help="then print each new record as it comes, until Ctrl-C")
     audit.add_argument("--poll", type=parse_interval, default=1.0, metavar="INTERVAL",
                        help="how often --follow asks (default 1s)")
+
+    tokens = client_parser("tokens", "personal API tokens: list them, create one for a Matrix "
+                                     "user (printed once), or revoke one", cmd_tokens,
+                           json_help="machine-readable output")
+    tokens.add_argument("what", nargs="?", choices=["list", "create", "revoke"],
+                        default="list")
+    tokens.add_argument("token", nargs="?", metavar="NAME", help="with revoke: which token")
+    tokens.add_argument("--name", metavar="NAME", help="with create: its name")
+    tokens.add_argument("--user", help="whose (a Matrix user id); default: yours")
 
     approve = client_parser("approve", "approve a job or batch held for approval", cmd_approve)
     approve.add_argument("id", metavar="ID", help="a job (j12) or batch (b3)")

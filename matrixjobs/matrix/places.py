@@ -73,6 +73,16 @@ class Places:
         self._resolved: dict[str, tuple[float, str | None]] = {}
         self._creations: dict[str, Creation] = {}  # never changes for a room
 
+    def direct(self, room_id: str, user: str) -> bool:
+        """Is `room_id` a room of `user` and the bot alone (joined, nobody invited)?"""
+        room = self.client.rooms.get(room_id)
+        return (room is not None and room.joined_count == 2 and room.invited_count == 0
+                and user in room.users)
+
+    def encrypted(self, room_id: str) -> bool:
+        room = self.client.rooms.get(room_id)
+        return room is not None and room.encrypted
+
     def caller(self, room_id: str, user: str, event_id: str) -> Caller:
         """`user` asking in `room_id`: the room is read only when a rule asks."""
         return Caller.in_room(user, Place(room_id), event_id,

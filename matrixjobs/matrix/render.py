@@ -24,13 +24,13 @@ Wording decisions worth knowing:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from html import escape
 
 from matrixjobs.errors import echo
 from matrixjobs.fleet import WorkerState
-from matrixjobs.models import Status
+from matrixjobs.models import PersonalToken, Status
 from matrixjobs.progress import wording
 from matrixjobs.progress.events import JobProgressEvent
 
@@ -64,6 +64,8 @@ COMMANDS: tuple[tuple[str, str], ...] = (
     ("cancel ID", "cancel a job or batch"),
     ("approve ID", "approve a job or batch that waits for approval (or react ✅)"),
     ("deny ID [REASON]", "refuse it: it is cancelled (or react 👎)"),
+    ("token [NAME]", "a personal API token (in a direct room with me)"),
+    ("tokens · revoke NAME", "your personal tokens · withdraw one"),
     ("logs ID [N]", f"the last N lines of a job's output (default {LOG_LINES})"),
     ("jobs", "list recent and active jobs"),
     ("targets", "list what can be built"),
@@ -357,6 +359,32 @@ def _list_line(event: JobProgressEvent, now: float) -> tuple[str, str]:
         f"— {escape(state)} · {age}"
     )
     return text, html
+
+
+def render_token(name: str, token: str, prefix: str, encrypted: bool) -> Rendered:
+    """A new personal token, shown this once."""
+    message = _Message()
+    message.line(f"🔑 Your new token {name} (shown once; it acts as you):",
+                 f"🔑 Your new token <b>{escape(name)}</b> (shown once; it acts as you):")
+    message.block(token, f"<pre><code>{escape(token)}</code></pre>")
+    message.line(f"Send it as 'Authorization: Bearer …' or log in to the dashboard with it; "
+                 f"{prefix}revoke {name} withdraws it.")
+    if not encrypted:
+        message.line("⚠️ This room is not encrypted: the homeserver keeps this message. "
+                     "Revoke the token and ask again in an encrypted room if that matters.")
+    return message.rendered()
+
+
+def render_tokens(tokens: Sequence[PersonalToken], now: float) -> Rendered:
+    if not tokens:
+        return _single("You have no personal tokens.")
+    lines = [f"• {token.name} · made {wording.duration(now - token.created_at)} ago"
+             for token in tokens]
+    return _listing("Your tokens:", [(line, escape(line)) for line in lines])
+
+
+def render_revoked(name: str) -> Rendered:
+    return _single(f"🗑️ Token {name} revoked: it no longer works.")
 
 
 def render_judged(event: JobProgressEvent, now: float) -> Rendered:

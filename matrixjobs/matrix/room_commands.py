@@ -93,6 +93,32 @@ async def deny(ctx: Context, command: Command) -> None:
     ctx.reply(render.render_judged(ctx.app.live(judged), time.time()))
 
 
+async def token(ctx: Context, command: Command) -> None:
+    """A new personal API token, answered only in a direct room (the answer holds it)."""
+    if len(command.args) > 1:
+        raise MatrixJobsError(f"usage: {ctx.prefix}token [NAME]")
+    user = ctx.event.sender
+    if not ctx.places.direct(ctx.room_id, user):
+        raise MatrixJobsError(f"ask for a token in a direct room with me (only you and me "
+                              f"in it): the answer holds the token. Here: {ctx.prefix}tokens, "
+                              f"{ctx.prefix}revoke NAME")
+    name = command.args[0] if command.args else time.strftime("matrix-%Y%m%d-%H%M%S",
+                                                              time.gmtime())
+    issued = await ctx.app.issue_token(user, name, await ctx.caller())
+    ctx.reply(render.render_token(name, issued, ctx.prefix, ctx.places.encrypted(ctx.room_id)))
+
+
+async def tokens(ctx: Context, command: Command) -> None:
+    ctx.reply(render.render_tokens(await ctx.app.tokens(await ctx.caller()), time.time()))
+
+
+async def revoke(ctx: Context, command: Command) -> None:
+    if len(command.args) != 1:
+        raise MatrixJobsError(f"usage: {ctx.prefix}revoke NAME")
+    await ctx.app.revoke_token(ctx.event.sender, command.args[0], await ctx.caller())
+    ctx.reply(render.render_revoked(command.args[0]))
+
+
 async def status(ctx: Context, command: Command) -> None:
     """One job or batch, or what is active; while the store cannot take writes, the line
     that says so comes first. A store that cannot even be read is said by the error
@@ -173,6 +199,9 @@ COMMANDS: dict[str, RoomCommand] = {
     "logs": RoomCommand(logs, Action.LOGS),
     "approve": RoomCommand(approve, Action.APPROVE),
     "deny": RoomCommand(deny, Action.APPROVE),
+    "token": RoomCommand(token, Action.TOKEN),
+    "tokens": RoomCommand(tokens, Action.TOKEN),
+    "revoke": RoomCommand(revoke, Action.TOKEN),
     "status": RoomCommand(status, Action.READ),
     "jobs": RoomCommand(jobs, Action.READ),
     "targets": RoomCommand(targets, Action.READ),

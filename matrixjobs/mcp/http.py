@@ -11,13 +11,12 @@ from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
 from mcp.server.transport_security import TransportSecuritySettings
 from starlette.types import Receive, Scope, Send
 
+from matrixjobs.api.auth import MCP_PATH
 from matrixjobs.api.errors import error_response
 from matrixjobs.api.server import ApiServer
 from matrixjobs.app import App
 from matrixjobs.mcp.backend import AppBackend
 from matrixjobs.mcp.server import build_mcp_server
-
-MCP_PATH = "/mcp"
 
 
 class McpHttp:

@@ -19,6 +19,7 @@ from matrixjobs.models import (
     Job,
     JobSpec,
     Outcome,
+    PersonalToken,
     Progress,
     ProgressMessage,
     Status,
@@ -208,6 +209,23 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def awaiting_approval(self) -> list[tuple[str, Approval]]:
         """(subject id, approval) of every job and batch whose jobs are held."""
+
+    @abc.abstractmethod
+    async def add_token(self, digest: str, token: PersonalToken, audit: Entry) -> None:
+        """Keep a personal token's digest (TokenExistsError if its owner has one of that
+        name), with the `audit` record."""
+
+    @abc.abstractmethod
+    async def list_tokens(self, user: str | None) -> list[PersonalToken]:
+        """`user`'s tokens, or everyone's (None)."""
+
+    @abc.abstractmethod
+    async def revoke_token(self, user: str, name: str, audit: Entry) -> bool:
+        """Forget `user`'s token `name` (False: no such token), with the `audit` record."""
+
+    @abc.abstractmethod
+    async def token_owner(self, digest: str) -> str | None:
+        """Whose token has this digest, if anyone's."""
 
     @abc.abstractmethod
     async def get_job(self, job_id: str) -> Job | None: ...

@@ -33,7 +33,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from matrixjobs import audit as audit_log
 from matrixjobs.audit import AuditQuery, Entry, Record
-from matrixjobs.errors import AlreadySubmittedError, StoreError
+from matrixjobs.errors import AlreadySubmittedError, StoreError, TokenExistsError
 from matrixjobs.models import (
     HELD_UNTIL,
     INTERRUPTED_BY_STOP,
@@ -42,6 +42,7 @@ from matrixjobs.models import (
     Job,
     JobSpec,
     Outcome,
+    PersonalToken,
     Progress,
     ProgressMessage,
     Status,
@@ -73,6 +74,7 @@ from matrixjobs.store.rows import (
     job_from_row,
     number_of,
     recount,
+    token_exists,
     with_running,
     worker_from_row,
     worker_values,
@@ -207,6 +209,16 @@ MIGRATIONS: list[str] = [
         hash TEXT NOT NULL
     );
     INSERT INTO audit_head VALUES (1, 0, '{audit_log.GENESIS}');
+    """,
+    # personal API tokens: only a SHA-256 of each (the token is shown once, when issued)
+    """
+    CREATE TABLE tokens (
+        digest TEXT PRIMARY KEY,
+        user_id TEXT NOT NULL,
+        name TEXT NOT NULL,
+        created_at DOUBLE PRECISION NOT NULL,
+        UNIQUE (user_id, name)
+    );
     """,
 ]
 
@@ -599,6 +611,37 @@ class PostgresStore(Store):
             removed = max(cursor.rowcount, 0)
             await _audit(conn, audit_log.pruned(last, removed))
         return removed
+
+    # -- personal tokens -------------------------------------------------------------------
+
+    async def add_token(self, digest: str, token: PersonalToken, audit: Entry) -> None:
+        try:
+            async with self._transaction() as conn:
+                await conn.execute(
+                    "INSERT INTO tokens (digest, user_id, name, created_at) "
+                    "VALUES (%s, %s, %s, %s)", (digest, token.user, token.name,
+                                                token.created_at))
+                await _audit(conn, audit)
+        except psycopg.errors.UniqueViolation:
+            raise TokenExistsError(token_exists(token)) from None
+
+    async def list_tokens(self, user: str | None) -> list[PersonalToken]:
+        rows = await self._fetch(
+            "SELECT user_id, name, created_at FROM tokens WHERE %s::text IS NULL "
+            "OR user_id = %s ORDER BY user_id, created_at", (user, user))
+        return [PersonalToken(*row) for row in rows]
+
+    async def revoke_token(self, user: str, name: str, audit: Entry) -> bool:
+        async with self._transaction() as conn:
+            cursor = await conn.execute(
+                "DELETE FROM tokens WHERE user_id = %s AND name = %s", (user, name))
+            if cursor.rowcount != 1:
+                return False
+            await _audit(conn, audit)
+        return True
+
+    async def token_owner(self, digest: str) -> str | None:
+        return await self._scalar("SELECT user_id FROM tokens WHERE digest = %s", (digest,))
 
     # -- progress messages and settings (for interfaces) ------------------------------------
 

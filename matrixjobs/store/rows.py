@@ -15,6 +15,7 @@ from matrixjobs.models import (
     Batch,
     Job,
     JobSpec,
+    PersonalToken,
     Progress,
     Status,
     Worker,
@@ -104,6 +105,10 @@ def approvals_of(rows: Sequence[Sequence[Any]]) -> list[tuple[str, Approval]]:
             if (approval := Approval.from_json(text)) is not None]
 
 
+def token_exists(token: PersonalToken) -> str:
+    return f"{token.user} already has a token named {token.name}: revoke it or pick another name"
+
+
 def approval_table(subject_id: str) -> tuple[str, str]:
     """The table a job's or batch's approval is in, and the jobs column it holds them by."""
     return ("batches", "batch_id") if subject_id.startswith(BATCH_PREFIX) else ("jobs", "id")
@@ -186,6 +191,7 @@ TABLES: tuple[tuple[str, str], ...] = (
     ("processed_events", "event_id, subject_id, processed_at"),
     ("settings", "key, value"),
     ("audit", AUDIT_COLUMNS),
+    ("tokens", "digest, user_id, name, created_at"),
 )
 # Tables whose ids the stores hand out, as j12 and b3 that room messages name.
 NUMBERED_TABLES = ("batches", "jobs")

@@ -23,7 +23,7 @@ import aiosqlite
 
 from matrixjobs import audit as audit_log
 from matrixjobs.audit import AuditQuery, Entry, Record
-from matrixjobs.errors import AlreadySubmittedError, StoreError
+from matrixjobs.errors import AlreadySubmittedError, StoreError, TokenExistsError
 from matrixjobs.models import (
     HELD_UNTIL,
     INTERRUPTED_BY_STOP,
@@ -32,6 +32,7 @@ from matrixjobs.models import (
     Job,
     JobSpec,
     Outcome,
+    PersonalToken,
     Progress,
     ProgressMessage,
     Status,
@@ -61,6 +62,7 @@ from matrixjobs.store.rows import (
     job_from_row,
     number_of,
     recount,
+    token_exists,
     with_running,
     worker_from_row,
     worker_values,
@@ -196,6 +198,16 @@ MIGRATIONS: list[str] = [
         hash TEXT NOT NULL
     );
     INSERT INTO audit_head VALUES (1, 0, '{audit_log.GENESIS}');
+    """,
+    # personal API tokens: only a SHA-256 of each (the token is shown once, when issued)
+    """
+    CREATE TABLE tokens (
+        digest TEXT PRIMARY KEY,
+        user_id TEXT NOT NULL,
+        name TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        UNIQUE (user_id, name)
+    );
     """,
 ]
 
@@ -795,6 +807,40 @@ class SqliteStore(Store):
             removed = max(cursor.rowcount, 0)
             await self._audit(audit_log.pruned(last, removed))
         return removed
+
+    # -- personal tokens -------------------------------------------------------------------
+
+    async def add_token(self, digest: str, token: PersonalToken, audit: Entry) -> None:
+        async with self._transaction():
+            try:
+                await self.db.execute(
+                    "INSERT INTO tokens (digest, user_id, name, created_at) VALUES (?, ?, ?, ?)",
+                    (digest, token.user, token.name, token.created_at))
+            except sqlite3.IntegrityError:
+                raise TokenExistsError(token_exists(token)) from None
+            await self._audit(audit)
+
+    async def list_tokens(self, user: str | None) -> list[PersonalToken]:
+        async with self._lock:
+            rows = await self.db.execute_fetchall(
+                "SELECT user_id, name, created_at FROM tokens WHERE ? IS NULL OR user_id = ? "
+                "ORDER BY user_id, created_at", (user, user))
+        return [PersonalToken(*row) for row in rows]
+
+    async def revoke_token(self, user: str, name: str, audit: Entry) -> bool:
+        async with self._transaction():
+            cursor = await self.db.execute(
+                "DELETE FROM tokens WHERE user_id = ? AND name = ?", (user, name))
+            if cursor.rowcount != 1:
+                return False
+            await self._audit(audit)
+        return True
+
+    async def token_owner(self, digest: str) -> str | None:
+        async with self._lock:
+            rows = await self.db.execute_fetchall(
+                "SELECT user_id FROM tokens WHERE digest = ?", (digest,))
+        return rows[0][0] if rows else None
 
     # -- progress messages and settings (for interfaces) ------------------------------------
 

@@ -370,7 +370,15 @@ function onRoute() {
   render();
 }
 
+async function showWho() {
+  const response = await fetch("/v1/whoami").catch(() => null);
+  if (!response || !response.ok) return;
+  const who = await response.json();
+  $("who").textContent = who.admin ? "service token" : who.user;
+}
+
 function init() {
+  showWho();
   for (const id of ["filter-state", "filter-target", "filter-requester", "search"]) {
     $(id).addEventListener("input", scheduleRender);
   }
