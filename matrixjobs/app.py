@@ -511,15 +511,24 @@ class App:
         log.debug("policy: %s refused to %s via %s on %s (rule %s: %s)", action,
                   caller.user, caller.via, ", ".join(targets) or "-", decision.rule,
                   decision.reason)
-        refused = _entry(caller, AuditAction.REFUSED, " ".join(targets), {
-            "action": str(action), "rule": decision.rule, "reason": decision.reason}, subject)
-        try:
-            if refused is not None:
-                await self.store.append_audit(refused)
-        except Exception as exc:  # the refusal stands; only its record is lost
-            log.error("audit: the refusal of %s to %s could not be recorded: %s", action,
-                      caller.user, exc)
+        await self._record_refusal(_entry(caller, AuditAction.REFUSED, " ".join(targets), {
+            "action": str(action), "rule": decision.rule, "reason": decision.reason}, subject))
         raise ForbiddenError(decision.reason, decision.rule)
+
+    async def _record_refusal(self, refused: Entry | None) -> None:
+        if refused is None:
+            return
+        try:
+            await self.store.append_audit(refused)
+        except Exception as exc:  # the refusal stands; only its record is lost
+            log.error("audit: the refusal of %s could not be recorded: %s", refused.actor, exc)
+
+    async def refused_stranger(self, caller: Caller, command: str) -> None:
+        """Record that someone no rule knows asked for something (the room says ⛔)."""
+        await self._record_refusal(_entry(caller, AuditAction.REFUSED, "", {
+            "command": command, "rule": "allowed_users",
+            "reason": "not in [access] allowed_users or any target's allowed_users or "
+                      "approvers"}))
 
     async def _allow_on(self, caller: Caller, action: Action, subject: str) -> list[str]:
         """`_allow` for existing work: its targets, and who started it. Unknown ids pass
@@ -590,7 +599,10 @@ class App:
         revoked token stops working at once on every node."""
         if not token.startswith(TOKEN_PREFIX):
             return None
-        return await self.store.token_owner(token_digest(token))
+        owner = await self.store.token_owner(token_digest(token))
+        if owner is not None:
+            mask([token])  # issued elsewhere or before a restart: masked from now on
+        return owner
 
     # -- approvals -----------------------------------------------------------------------------
 

@@ -5,12 +5,14 @@ tests/test_fuzz_room_commands.py does)."""
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 from helpers import make_config, python_target
 from nio import ReactionEvent, RoomMessageText
 
 from matrixjobs.app import App
+from matrixjobs.audit import AuditQuery
 from matrixjobs.matrix.bot import MatrixBot
 from matrixjobs.models import Status
 
@@ -162,5 +164,20 @@ async def test_targets_marks_what_needs_approval(tmp_path):
         deploy_line = next(line for line in reply.splitlines() if "deploy" in line)
         docs_line = next(line for line in reply.splitlines() if "docs" in line)
         assert deploy_line.replace("deploy", "") != docs_line.replace("docs", ""), reply
+    finally:
+        await close(room)
+
+
+async def test_a_stranger_is_refused_and_recorded_now_and_then(tmp_path):
+    room = await open_room(tmp_path, access={"allowed_users": [ALICE]},
+                           targets={"docs": QUICK})
+    try:
+        first = await room.say("@eve:example.org", "!build docs")
+        again = await room.say("@eve:example.org", "!build docs")
+        assert (first, again) == (["⛔ You are not allowed to run jobs here."], [])
+        refused = [r for r in await room.app.audit(AuditQuery()) if r.action == "refused"]
+        assert [(r.actor, r.via, r.room_id, json.loads(r.detail)["command"])
+                for r in refused] == [("@eve:example.org", "room", ROOM, "build")]
+        assert not await room.app.jobs()
     finally:
         await close(room)

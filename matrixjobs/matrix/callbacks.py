@@ -83,20 +83,22 @@ class Callbacks:
             return
         if command is None:
             return
-        known = COMMANDS.get(command.name)
-        if known is None:
+        room_command = COMMANDS.get(command.name)
+        if room_command is None:
             context.reply(render.render_unknown_command(command.name,
                                                         self.config.command_prefix))
             return
-        if known.action is not Action.READ and not self.app.policy.known(event.sender):
+        if room_command.action is not Action.READ and not self.app.policy.known(event.sender):
             log.info("matrix: denied %s to %s in %s", command.name, event.sender, room_id)
-            # One ⛔ per person now and then: a stranger must not drain the send budget.
-            if self.app.config.access.reply_to_denied and _now_and_then(self._denied_at,
-                                                                         event.sender):
-                context.reply(render.render_denied())
+            # One ⛔ and one audit record per person now and then: a stranger must not
+            # drain the send budget or fill the store.
+            if _now_and_then(self._denied_at, event.sender):
+                await self.app.refused_stranger(context.stranger(), command.name)
+                if self.app.config.access.reply_to_denied:
+                    context.reply(render.render_denied())
             return
         try:
-            await known.run(context, command)
+            await room_command.run(context, command)
         except AlreadySubmittedError:
             return  # a replayed event: its job already exists
         except ForbiddenError as exc:

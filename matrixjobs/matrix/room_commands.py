@@ -17,7 +17,7 @@ from matrixjobs.matrix.commands import Command
 from matrixjobs.matrix.edits import EditScheduler
 from matrixjobs.matrix.places import Places
 from matrixjobs.models import Batch, Job, ProgressMessage
-from matrixjobs.policy import Action, Caller
+from matrixjobs.policy import Action, Caller, Place
 from matrixjobs.progress.events import event_of
 
 
@@ -29,6 +29,10 @@ class Context:
     prefix: str
     room_id: str
     event: RoomMessageText
+
+    def stranger(self) -> Caller:
+        """The sender, whom no rule lets do anything (their room is never read)."""
+        return Caller.in_room(self.event.sender, Place(self.room_id), self.event.event_id)
 
     async def caller(self) -> Caller:
         """The sender, whose room is read as the rules of the targets asked about need."""
