@@ -18,11 +18,11 @@ import secrets
 import shutil
 import socket
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
-from typing import Protocol
+from typing import ParamSpec, Protocol, TypeVar
 
 from prometheus_client import CollectorRegistry
 
@@ -73,6 +73,8 @@ from matrixjobs.supervisor import Supervisor
 from matrixjobs.targets import COMMAND_TYPE, Targets
 
 log = logging.getLogger(__name__)
+P = ParamSpec("P")
+T = TypeVar("T")
 
 RETENTION_SWEEP_S = 3600.0
 ACTIVE = (Status.PENDING, Status.PROCESSING)
@@ -97,6 +99,8 @@ APPROVAL_SWEEP_S = 5.0
 # Personal tokens: the prefix says what a leaked one is (secret scanners key on it).
 TOKEN_PREFIX = "mjp_"
 TOKEN_NAME = re.compile(r"[A-Za-z0-9._-]{1,40}")
+# How much of the audit chain's head hash the log shows.
+HEAD_SHOWN = 16
 # A denial's reason, as long as it may be shown.
 MAX_REASON = 200
 # Tries at recording an approval that others keep changing at the same moment.
@@ -265,8 +269,10 @@ class App:
         except Exception as exc:  # a store in trouble: starting or stopping goes on
             log.error("audit: the service's %s could not be recorded: %s", action, exc)
             return
-        log.info("audit: %s; the chain's head is record %d, %s", action, record.seq,
-                 record.hash)
+        # 64 bits of the hash pin the chain (forging a match takes 2**64 tries) and read
+        # as no key would (the log is checked for key-like blobs).
+        log.info("audit: %s; the chain's head is record %d, sha256 %s…", action, record.seq,
+                 record.hash[:HEAD_SHOWN])
 
     def _worker_row(self) -> Worker:
         now = time.time()
@@ -366,25 +372,40 @@ class App:
         return (f"{self.health.reason}: new jobs are refused until it recovers; "
                 f"try again in {RETRY_AFTER_S} s")
 
-    @contextlib.contextmanager
-    def _reading(self) -> Iterator[None]:
-        """A read that fails with a store fault (PostgreSQL unreachable) notes it and says
-        so (StoreUnavailableError "store: unreachable; try again in 10 s"), never as an
-        internal error. Reads go on while writes cannot (a locked or full SQLite store);
-        while the store is unreachable they are answered at once, until the probe finds
-        it again (each would wait out the pool's 30 s)."""
+    @contextlib.asynccontextmanager
+    async def _reading(self) -> AsyncIterator[None]:
+        """Every read an interface asks for goes through here. A read that fails with a
+        store fault notes it and says so (StoreUnavailableError "store: unreachable; try
+        again in 10 s"), never as an internal error. Reads go on while writes cannot (a
+        locked or full SQLite store). A store that cannot be reached would hold each read
+        for the pool's wait (30 s): while it is known to be unreachable reads are answered
+        at once, until the probe finds it again, and a read already waiting gives up the
+        moment the probe (or any other operation) finds it unreachable."""
         if self.health.fault is StoreFault.UNREACHABLE:
-            raise StoreUnavailableError(f"{self.health.reason}; try again in {RETRY_AFTER_S} s")
+            raise StoreUnavailableError(self._unreadable(self.health.reason))
+        loop = asyncio.get_running_loop()
+        deadline = asyncio.timeout(None)
         try:
-            yield
+            async with deadline:
+                with self.health.until_unreachable(lambda: deadline.reschedule(loop.time())):
+                    yield
         except MatrixJobsError:
             raise
         except Exception as exc:
-            fault = self.health.failed(exc)
+            fault = StoreFault.UNREACHABLE if deadline.expired() else self.health.failed(exc)
             if fault is None:
                 raise
-            raise StoreUnavailableError(f"store: {fault}; try again in {RETRY_AFTER_S} s"
-                                        ) from None
+            raise StoreUnavailableError(self._unreadable(f"store: {fault}")) from None
+
+    async def _read(self, read: Callable[P, Awaitable[T]], *args: P.args,
+                    **kwargs: P.kwargs) -> T:
+        """One store read, through `_reading`."""
+        async with self._reading():
+            return await read(*args, **kwargs)
+
+    @staticmethod
+    def _unreadable(reason: str) -> str:
+        return f"{reason}; try again in {RETRY_AFTER_S} s"
 
     async def _probe_store(self) -> None:
         """Whether the store takes writes: the free space where a SQLite store is, then a
@@ -452,17 +473,18 @@ class App:
         targets. Running ones too: a rerun is the same submit anyone allowed could type."""
         subject = _canonical(subject)
         if subject.startswith(BATCH_PREFIX):
-            batch = await self.store.get_batch(subject)
-            if batch is None:
-                raise NotFoundError(f"no batch {subject}")
-            operations = await self.store.list_jobs(batch_id=subject, limit=batch.total)
+            async with self._reading():
+                batch = await self.store.get_batch(subject)
+                if batch is None:
+                    raise NotFoundError(f"no batch {subject}")
+                operations = await self.store.list_jobs(batch_id=subject, limit=batch.total)
             targets = [_target(job) for job in reversed(operations)]
             await self._allow(caller, Action.RERUN, targets)
             self._one_approval(targets)
             specs = [self._again(job, caller) for job in reversed(operations)]
             audit = _entry(caller, AuditAction.RERUN, " ".join(targets), {"of": subject})
             return await self._enqueue_batch(batch.name, specs, dedupe_key, show, audit)
-        job = await self.store.get_job(subject)
+        job = await self._read(self.store.get_job, subject)
         if job is None:
             raise NotFoundError(f"no job {subject}")
         await self._allow(caller, Action.RERUN, [_target(job)])
@@ -486,11 +508,11 @@ class App:
     async def previous_outcome(self, subject: str) -> Status | None:
         """How the same work (same target and arguments; a batch: same name) ended the
         last time before `subject` finished, cancelled runs skipped."""
-        return await self.store.previous_outcome(subject)
+        return await self._read(self.store.previous_outcome, subject)
 
     async def shown_by(self, room_id: str, event_id: str) -> str | None:
         """The job or batch whose progress message is `event_id` in `room_id`."""
-        return await self.store.message_subject(room_id, event_id)
+        return await self._read(self.store.message_subject, room_id, event_id)
 
     async def cancel(self, subject: str, caller: Caller | None = None) -> Job | Batch:
         targets = [] if caller is None else await self._allow_on(caller, Action.CANCEL, subject)
@@ -536,14 +558,15 @@ class App:
         targets."""
         subject = _canonical(subject)
         if subject.startswith(BATCH_PREFIX):
-            batch = await self.store.get_batch(subject)
-            if batch is None:
-                return []
-            operations = await self.store.list_jobs(batch_id=subject, limit=batch.total)
+            async with self._reading():
+                batch = await self.store.get_batch(subject)
+                if batch is None:
+                    return []
+                operations = await self.store.list_jobs(batch_id=subject, limit=batch.total)
             targets = [_target(job) for job in reversed(operations)]
             await self._allow(caller, action, targets, batch.requester, subject)
             return targets
-        job = await self.store.get_job(subject)
+        job = await self._read(self.store.get_job, subject)
         if job is None:
             return []
         await self._allow(caller, action, [_target(job)], job.requester, subject)
@@ -552,10 +575,10 @@ class App:
     # -- the audit log -------------------------------------------------------------------------
 
     async def audit(self, query: AuditQuery) -> list[Record]:
-        return await self.store.audit_records(query)
+        return await self._read(self.store.audit_records, query)
 
     async def verify_audit(self) -> Verdict:
-        records, head = await self.store.audit_chain()
+        records, head = await self._read(self.store.audit_chain)
         return verify(records, head)
 
     # -- personal tokens -------------------------------------------------------------------------
@@ -582,7 +605,7 @@ class App:
     async def tokens(self, caller: Caller) -> list[PersonalToken]:
         """The caller's own tokens; the service token's: everyone's."""
         await self._allow(caller, Action.TOKEN, [], None if caller.admin else caller.user)
-        return await self.store.list_tokens(None if caller.admin else caller.user)
+        return await self._read(self.store.list_tokens, None if caller.admin else caller.user)
 
     async def revoke_token(self, user: str, name: str, caller: Caller) -> None:
         await self._allow(caller, Action.TOKEN, [], user)
@@ -599,7 +622,7 @@ class App:
         revoked token stops working at once on every node."""
         if not token.startswith(TOKEN_PREFIX):
             return None
-        owner = await self.store.token_owner(token_digest(token))
+        owner = await self._read(self.store.token_owner, token_digest(token))
         if owner is not None:
             mask([token])  # issued elsewhere or before a restart: masked from now on
         return owner
@@ -647,13 +670,14 @@ class App:
     async def _held(self, subject: str) -> tuple[Job | Batch, list[str]]:
         """Work waiting for approval, and its targets; else a clear error."""
         item: Job | Batch | None
-        if subject.startswith(BATCH_PREFIX):
-            item = await self.store.get_batch(subject)
-            jobs = [] if item is None else await self.store.list_jobs(batch_id=subject,
-                                                                     limit=item.total)
-        else:
-            item = await self.store.get_job(subject)
-            jobs = [] if item is None else [item]
+        async with self._reading():
+            if subject.startswith(BATCH_PREFIX):
+                item = await self.store.get_batch(subject)
+                jobs = [] if item is None else await self.store.list_jobs(batch_id=subject,
+                                                                         limit=item.total)
+            else:
+                item = await self.store.get_job(subject)
+                jobs = [] if item is None else [item]
         if item is None:
             raise NotFoundError(f"no {'batch' if subject[0] == BATCH_PREFIX else 'job'} "
                                 f"{subject}")
@@ -670,12 +694,12 @@ class App:
     async def _approval_changed(self, subject: str) -> Job | Batch:
         """Show work whose approval changed (released work is claimed at once)."""
         if subject.startswith(BATCH_PREFIX):
-            batch = await self.store.get_batch(subject)
+            batch = await self._read(self.store.get_batch, subject)
             assert batch is not None
             self.monitor.batch_updated(batch)
             self.queue.wake()
             return batch
-        job = await self.store.get_job(subject)
+        job = await self._read(self.store.get_job, subject)
         assert job is not None
         self.monitor.job_queued(job)
         self.queue.wake()
@@ -705,7 +729,7 @@ class App:
         live = self.monitor.current(subject)
         if live is not None:
             return live
-        with self._reading():
+        async with self._reading():
             if subject.startswith(BATCH_PREFIX):
                 batch = await self.store.get_batch(subject)
                 if batch is None:
@@ -739,7 +763,7 @@ class App:
     async def active(self, limit: int = ACTIVE_LIMIT) -> list[JobProgressEvent]:
         """What is queued or running, live: batches, then jobs outside any batch (a
         batch's operations show in the batch)."""
-        with self._reading():
+        async with self._reading():
             batches = await self.store.list_batches(ACTIVE, limit=limit)
             jobs = [job for job in await self.store.list_jobs(ACTIVE, limit=limit)
                     if job.batch_id is None]
@@ -754,9 +778,10 @@ class App:
         live = self.job_logs.live(job_id)
         if live is not None:
             return live.text()
-        text = await self.store.get_log(job_id)
-        if text is None and await self.store.get_job(job_id) is None:
-            raise NotFoundError(f"no job {job_id}")
+        async with self._reading():
+            text = await self.store.get_log(job_id)
+            if text is None and await self.store.get_job(job_id) is None:
+                raise NotFoundError(f"no job {job_id}")
         return text or ""
 
     async def log_tail(self, job_id: str, lines: int, max_bytes: int,
@@ -771,13 +796,14 @@ class App:
         job_id = _job_id(job_id)
         if caller is not None:
             await self._allow_on(caller, Action.LOGS, job_id)
-        if self.job_logs.live(job_id) is None and await self.store.get_job(job_id) is None:
+        if (self.job_logs.live(job_id) is None
+                and await self._read(self.store.get_job, job_id) is None):
             raise NotFoundError(f"no job {job_id}")
         yield ""
         while (live := self.job_logs.live(job_id)) is None:
-            job = await self.store.get_job(job_id)
+            job = await self._read(self.store.get_job, job_id)
             if job is None or (job.status.terminal and self.job_logs.live(job_id) is None):
-                yield await self.store.get_log(job_id) or ""
+                yield await self._read(self.store.get_log, job_id) or ""
                 return
             if self.store.shared and job.status == Status.PROCESSING:
                 async for chunk in self._follow_stored(job_id):  # it runs on another process
@@ -800,8 +826,9 @@ class App:
         ends there."""
         sent = ""
         while True:
-            job = await self.store.get_job(job_id)
-            text = await self.store.get_log(job_id) or ""
+            async with self._reading():
+                job = await self.store.get_job(job_id)
+                text = await self.store.get_log(job_id) or ""
             if text.startswith(sent):
                 chunk = text[len(sent):]
             else:  # the log was cut to its head and tail meanwhile: go on from its end
@@ -820,18 +847,18 @@ class App:
         batch_id = None if batch is None else _canonical(batch)
         if batch_id is not None and not batch_id.startswith(BATCH_PREFIX):
             raise NotFoundError(f"'{batch}' is not a batch id (like b3)")
-        with self._reading():
+        async with self._reading():
             return await self.store.list_jobs(statuses, batch_id=batch_id, limit=limit)
 
     async def batches(
         self, statuses: Sequence[Status] | None = None, limit: int = 50
     ) -> list[Batch]:
-        with self._reading():
+        async with self._reading():
             return await self.store.list_batches(statuses, limit=limit)
 
     async def workers(self) -> list[Worker]:
         """Every process that runs jobs from this store, silent ones too."""
-        with self._reading():
+        async with self._reading():
             return await self.store.list_workers()
 
     async def _explained(self, job: Job, event: JobProgressEvent) -> JobProgressEvent:
@@ -857,10 +884,8 @@ class App:
     async def scrape_metrics(self) -> CollectorRegistry:
         """The metrics, with the gauges read now."""
         try:
-            jobs = await self.store.count_jobs()
-        except Exception as exc:
-            if self.health.failed(exc) is None:
-                raise
+            jobs = await self._read(self.store.count_jobs)
+        except StoreUnavailableError:
             jobs = None  # a store in trouble is what the metrics must show, not hide
         self.metrics.set_gauges(
             jobs=jobs,
@@ -875,7 +900,7 @@ class App:
 
     async def progress_message(self, subject: str) -> ProgressMessage | None:
         """Where a room shows this job's or batch's progress, once that message was sent."""
-        message = await self.store.get_message(_canonical(subject))
+        message = await self._read(self.store.get_message, _canonical(subject))
         return message if message is not None and message.event_id is not None else None
 
 

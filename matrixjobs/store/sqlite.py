@@ -198,6 +198,10 @@ MIGRATIONS: list[str] = [
         hash TEXT NOT NULL
     );
     INSERT INTO audit_head VALUES (1, 0, '{audit_log.GENESIS}');
+    -- the head follows each record inside SQLite: one statement an action, not two
+    CREATE TRIGGER audit_head_follows AFTER INSERT ON audit BEGIN
+        UPDATE audit_head SET seq = NEW.seq, hash = NEW.hash WHERE id = 1;
+    END;
     """,
     # personal API tokens: only a SHA-256 of each (the token is shown once, when issued)
     """
@@ -235,6 +239,10 @@ class SqliteStore(Store):
         self._lock_file: IO[str] | None = None
         self._lock = asyncio.Lock()
         self._unfinished = False
+        # The audit chain's last record (seq, hash) as committed, and as this transaction
+        # leaves it.
+        self._audit_head: tuple[int, str] | None = None
+        self._pending_head: tuple[int, str] | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -383,11 +391,14 @@ class SqliteStore(Store):
             try:
                 yield
             except BaseException:
+                self._audit_head = self._pending_head = None  # read it again next time
                 await self.db.execute("ROLLBACK")
                 self._unfinished = False
                 raise
             await self.db.execute("COMMIT")
             self._unfinished = False
+            if self._pending_head is not None:
+                self._audit_head, self._pending_head = self._pending_head, None
 
     # -- adding work -----------------------------------------------------------------------
 
@@ -764,15 +775,19 @@ class SqliteStore(Store):
     # -- the audit log ---------------------------------------------------------------------
 
     async def _audit(self, entry: Entry) -> Record:
-        """Inside a write transaction: `entry` as the chain's next record."""
-        async with self.db.execute("SELECT seq, hash FROM audit_head WHERE id = 1") as cursor:
-            head = await cursor.fetchone()
-        assert head is not None
+        """Inside a write transaction: `entry` as the chain's next record. The head is
+        read once and then kept as committed: this process alone writes the store (it
+        holds its lock), and a trigger moves the stored head with each record."""
+        head = self._pending_head or self._audit_head
+        if head is None:
+            async with self.db.execute("SELECT seq, hash FROM audit_head") as cursor:
+                row = await cursor.fetchone()
+            assert row is not None
+            head = (int(row[0]), str(row[1]))
         record = audit_log.chained(entry, head[0] + 1, time.time(), head[1])
         await self.db.execute(f"INSERT INTO audit ({audit_log.COLUMNS}) VALUES "
                               f"{_placeholders(1, 12)}", audit_log.values(record))
-        await self.db.execute("UPDATE audit_head SET seq = ?, hash = ? WHERE id = 1",
-                              (record.seq, record.hash))
+        self._pending_head = (record.seq, record.hash)
         return record
 
     async def append_audit(self, entry: Entry) -> Record:
