@@ -8,7 +8,7 @@ from starlette.datastructures import Headers
 from starlette.responses import RedirectResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from matrixjobs.api.errors import error_response
+from matrixjobs.api.errors import error_response, from_core
 from matrixjobs.api.session import (
     COOKIE,
     PERSONAL,
@@ -18,6 +18,7 @@ from matrixjobs.api.session import (
     session_of,
     session_value,
 )
+from matrixjobs.errors import MatrixJobsError
 
 CHALLENGE = {"WWW-Authenticate": 'Bearer realm="matrixjobs"'}
 # The scope key that names the person a personal token (or its session) let in.
@@ -56,7 +57,11 @@ class BearerAuth:
                 or path.startswith(OPEN_PREFIX)):
             await self.app(scope, receive, send)
             return
-        refusal = await self._refusal(scope, path)
+        try:
+            refusal = await self._refusal(scope, path)
+        except MatrixJobsError as exc:  # whose token it is could not be read: the store
+            error = from_core(exc)
+            refusal = error_response(error.status, error.code, error.message)
         if refusal is None:
             await self.app(scope, receive, send)
         else:

@@ -115,11 +115,11 @@ class Callbacks:
         untrusted reactions; ❌ on finished work) is ignored without a word: a reaction asks
         for no answer (the message's edit is the answer)."""
         key = event.key.translate(MODIFIERS)
-        subject = await self._reacted_on(room_id, event, key)
-        if subject is None:
-            return
-        log.info("matrix: %s reacted %s on %s", event.sender, key, subject)
         try:
+            subject = await self._reacted_on(room_id, event, key)
+            if subject is None:
+                return
+            log.info("matrix: %s reacted %s on %s", event.sender, key, subject)
             caller = self.places.caller(room_id, event.sender, event.event_id)
             if key == CANCEL_KEY:
                 await self.app.cancel(subject, caller)  # the edit to 🚫 is the answer

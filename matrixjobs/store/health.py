@@ -6,16 +6,19 @@ A store fault is one of three kinds a person can act on: the disk is full (or be
 cannot be reached. Anything else a store raises is a bug, not a fault of the store.
 Every failed store operation with a fault reports it; the service's probe (a small real
 write, and the free space where the store is a file) reports both failures and recovery.
+An operation waiting on a store that cannot be reached (a PostgreSQL pool waits 30 s for a
+connection) may ask to be told the moment that is known (`until_unreachable`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import sqlite3
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from enum import StrEnum
 
 log = logging.getLogger(__name__)
@@ -77,6 +80,7 @@ class StoreHealth:
         self.detail: str | None = None  # e.g. "42 MiB free, below the floor of 100 MiB"
         self.since: float | None = None
         self.errors: dict[StoreFault, int] = dict.fromkeys(StoreFault, 0)
+        self._waiting: set[Callable[[], None]] = set()
 
     @property
     def up(self) -> bool:
@@ -107,6 +111,19 @@ class StoreHealth:
             log.debug("the store is still unavailable (%s, %d errors of this kind)",
                       fault + (f", {detail}" if detail else ""), self.errors[fault])
         self.fault, self.detail = fault, detail
+        if fault is StoreFault.UNREACHABLE:
+            for give_up in list(self._waiting):
+                give_up()
+
+    @contextlib.contextmanager
+    def until_unreachable(self, give_up: Callable[[], None]) -> Iterator[None]:
+        """Call `give_up` if the store is found unreachable meanwhile: what waits on it
+        need not wait out the pool's timeout."""
+        self._waiting.add(give_up)
+        try:
+            yield
+        finally:
+            self._waiting.discard(give_up)
 
     def worked(self) -> None:
         if self.fault is not None:
