@@ -20,7 +20,7 @@ from helpers import write_locked
 from playwright.async_api import Browser, Page, Response, async_playwright, expect
 from tcp_proxy import TcpProxy
 
-from matrixjobs.policy import ADMIN, Caller, Via
+from matrixjobs.policy import ADMIN, Caller, Place, Via
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -256,9 +256,11 @@ async def test_a_store_that_cannot_be_read_is_said_and_the_page_comes_back(
 async def test_held_work_shows_its_approval_and_the_buttons_approve_or_deny_it(
         tmp_path, browser):
     held = {**TARGETS["quick"], "approvals": 1}
-    async with running(tmp_path, targets={**TARGETS, "held": held}) as svc:
-        approved, denied = await svc.submit("held", token=None), await svc.submit("held",
-                                                                                  token=None)
+    async with running(tmp_path, targets={**TARGETS, "held": held},
+                       access={"allowed_users": ["@alice:example.org"]}) as svc:
+        # Asked for by a person: the page (the service token) may approve it, not its own.
+        alice = Caller.in_room("@alice:example.org", Place("!room:example.org"))
+        approved, denied = [(await svc.app.submit("held", caller=alice)).id for _ in range(2)]
         page = await new_page(browser)
         await page.goto(f"{svc.url}/#/jobs/{approved}")
         await expect(page.locator("#detail-facts")).to_contain_text("awaiting approval 0/1")
