@@ -116,9 +116,6 @@ def values(record: Record) -> tuple[Any, ...]:
             record.hash)
 
 
-MAX_LIMIT = 1000
-
-
 @dataclass(frozen=True, slots=True)
 class AuditQuery:
     """Which records to read: after a seq or since a time, by whom, what, on which target;
