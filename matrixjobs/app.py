@@ -54,10 +54,11 @@ from matrixjobs.models import (
     PersonalToken,
     ProgressMessage,
     Status,
+    Trigger,
     Worker,
     parse_id,
 )
-from matrixjobs.policy import Action, Caller, Policy
+from matrixjobs.policy import Action, Caller, Policy, Via
 from matrixjobs.progress.events import JobProgressEvent, event_of
 from matrixjobs.progress.monitor import ProgressMonitor
 from matrixjobs.progress.wording import approval_state
@@ -451,6 +452,30 @@ class App:
         specs = [self.targets.spec(target, requester=_requester(caller)) for target in targets]
         name = name or " ".join(targets)
         audit = _entry(caller, AuditAction.STARTED, " ".join(targets), {"name": name})
+        return await self._enqueue_batch(name, specs, dedupe_key, show, audit)
+
+    async def trigger(
+        self, trigger: Trigger, *, target: str | None = None, batch: Sequence[str] = (),
+        args: Sequence[str] = (), room: str | None = None, dedupe_key: str | None = None,
+    ) -> Job | Batch:
+        """Start what a webhook or schedule names: one target with `args`, or a batch.
+        The operator configured the trigger, so no who-may rule applies; approvals do.
+        `room` (an id or alias): where the bot posts its progress message. A repeated
+        `dedupe_key` raises AlreadySubmittedError naming the work it started."""
+        caller = Caller(trigger.requester, Via(trigger.kind))
+        show = None if room is None else ProgressMessage("", room, None, trigger.requester, "")
+        if target is not None:
+            spec = replace(self.targets.spec(target, list(args), trigger.requester),
+                           trigger=trigger)
+            audit = _entry(caller, AuditAction.STARTED, target,
+                           {"args": list(spec.data["args"]), **_cause(trigger)})
+            [job] = await self._enqueue([spec], dedupe_key, show, audit)
+            return job
+        self._one_approval(batch)
+        specs = [replace(self.targets.spec(name, requester=trigger.requester), trigger=trigger)
+                 for name in batch]
+        name = " ".join(batch)
+        audit = _entry(caller, AuditAction.STARTED, name, {"name": name, **_cause(trigger)})
         return await self._enqueue_batch(name, specs, dedupe_key, show, audit)
 
     def _one_approval(self, targets: Sequence[str]) -> None:
@@ -897,6 +922,14 @@ class App:
         )
         return self.metrics.registry
 
+    async def unsent_messages(self) -> list[ProgressMessage]:
+        """Where work a webhook or schedule started is to be shown, not sent yet."""
+        return await self._read(self.store.unsent_messages)
+
+    async def not_shown(self, subject: str) -> None:
+        """A progress message no bot can send (the room is gone): stop trying."""
+        with self._storing():
+            await self.store.update_message(subject, 0, True)
 
     async def progress_message(self, subject: str) -> ProgressMessage | None:
         """Where a room shows this job's or batch's progress, once that message was sent."""
@@ -926,6 +959,12 @@ def _entry(caller: Caller | None, action: AuditAction, target: str,
     return Entry(action, caller.user, str(caller.via), subject=subject, target=target or None,
                  room_id=None if place is None else place.room_id, event_id=caller.event_id,
                  detail=detail or {})
+
+
+def _cause(trigger: Trigger) -> dict[str, object]:
+    """What the audit record keeps of a trigger: the delivery's ref and commit, the slot."""
+    return {key: value for key, value in (("ref", trigger.ref), ("sha", trigger.sha),
+                                          ("slot", trigger.slot)) if value is not None}
 
 
 def _requester(caller: Caller | None) -> str | None:

@@ -66,6 +66,8 @@ class JobSpec:
     requester: str | None = None  # who asked: a Matrix user id, "api", "cli", "mcp"…
     runs_on: list[str] = field(default_factory=list)  # labels its worker must all have
     approval: Approval | None = None  # held until approved
+    trigger: Trigger | None = None  # what started it, when no person asked
+    concurrency: str | None = None  # its concurrency group: one of a group runs at a time
 
 
 # The run_after of a job held for approval: no claim and no due time reaches it.
@@ -118,6 +120,44 @@ def batch_approval(specs: Sequence[JobSpec]) -> Approval | None:
     return Approval(max(a.required for a in approvals), min(a.expires_at for a in approvals))
 
 
+class TriggerKind(enum.StrEnum):
+    WEBHOOK = "webhook"
+    SCHEDULE = "schedule"
+
+
+@dataclass(frozen=True, slots=True)
+class Trigger:
+    """What started work that no person asked for: a forge webhook's delivery or a
+    schedule's slot."""
+
+    kind: TriggerKind
+    name: str  # the [webhooks.NAME] / [schedules.NAME] key
+    event: str | None = None  # webhook: the forge's event name, as the forge sends it
+    ref: str | None = None  # "refs/heads/main"
+    branch: str | None = None
+    tag: str | None = None
+    sha: str | None = None  # the commit after the push
+    pusher: str | None = None  # the forge's user name of who pushed
+    repo: str | None = None  # "owner/name"
+    slot: float | None = None  # schedule: the slot's time (epoch seconds)
+
+    @property
+    def requester(self) -> str:
+        """What its work records as who asked: "webhook:site", "schedule:nightly"."""
+        return f"{self.kind}:{self.name}"
+
+    def to_json(self) -> str:
+        return json.dumps({key: value for key, value in asdict(self).items()
+                           if value is not None}, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str | None) -> Trigger | None:
+        if text is None:
+            return None
+        fields = json.loads(text)
+        return cls(**{**fields, "kind": TriggerKind(fields["kind"])})
+
+
 @dataclass(frozen=True, slots=True)
 class PersonalToken:
     """A personal API token as the store keeps it: never the token, only who and when."""
@@ -157,6 +197,8 @@ class Job:
     runs_on: list[str] = field(default_factory=list)
     worker: str | None = None  # the name of the worker that runs it, or last ran it
     approval: Approval | None = None  # a batch's jobs are held by the batch's
+    trigger: Trigger | None = None
+    concurrency: str | None = None
 
 
 @dataclass(slots=True)
@@ -175,6 +217,7 @@ class Batch:
     errors: list[str] = field(default_factory=list)
     requester: str | None = None
     approval: Approval | None = None
+    trigger: Trigger | None = None
 
     @property
     def finished(self) -> int:

@@ -30,6 +30,8 @@ class Via(StrEnum):
     API = "api"
     CLI = "cli"
     MCP = "mcp"
+    WEBHOOK = "webhook"  # a trigger: configured by the operator, so no who-may rule applies
+    SCHEDULE = "schedule"
 
 
 # What work the service token asked for records as its requester.

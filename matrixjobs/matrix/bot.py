@@ -7,10 +7,12 @@ which owns the send budget.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import Any
 
 from nio import (
@@ -36,10 +38,12 @@ from matrixjobs.matrix.callbacks import Callbacks
 from matrixjobs.matrix.crypto import Crypto, Trust, session_key
 from matrixjobs.matrix.crypto_store import PrivateStore
 from matrixjobs.matrix.edits import EditScheduler, Pings
+from matrixjobs.matrix.places import RoomStateError
 from matrixjobs.matrix.ratelimit import TokenBucket
 from matrixjobs.matrix.render import render_progress
 from matrixjobs.matrix.sender import NETWORK_ERRORS, PERMANENT_ERRORS, NioSender
 from matrixjobs.matrix.session import Session
+from matrixjobs.models import ProgressMessage
 from matrixjobs.progress.subscription import Subscription
 from matrixjobs.supervisor import Supervisor
 
@@ -50,6 +54,9 @@ SYNC_TIMEOUT_MS = 30_000
 SYNC_FILTER = {"room": {"timeline": {"limit": 50}}}
 GAP_LIMIT = 200
 MAX_BACKOFF_S = 60.0
+# How often the store is asked for work that a webhook or schedule started on another node
+# (work queued on this one wakes the bot at once).
+UNSENT_EVERY_S = 2.0
 # At shutdown, how long the last states may take to send (daemon.STOP_SLACK_S covers it).
 FLUSH_S = 10.0
 
@@ -88,6 +95,7 @@ class MatrixBot:
         self._handling: set[asyncio.Task[Any]] = set()
         self._supervisor = Supervisor()
         self._events: Subscription | None = None
+        self._unsent = asyncio.Event()
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -148,6 +156,7 @@ class MatrixBot:
         self._supervisor.keep("matrix-sync", self._sync_forever)
         self._supervisor.keep("matrix-edits", self.scheduler.run)
         self._supervisor.keep("matrix-progress", self._follow_progress)
+        self._supervisor.keep("matrix-triggered", self._show_unsent)
         self._supervisor.keep("matrix-undecryptable", self.callbacks.answer_undecryptable)
 
     async def _retry(self, what: str, step: Callable[[], Awaitable[bool]]) -> None:
@@ -327,5 +336,52 @@ class MatrixBot:
         async for event in self._events:
             if self.scheduler.tracks(event.id):
                 self.scheduler.update(event)
+            elif event.trigger is not None and not event.terminal:
+                self._unsent.set()
+
+    async def _show_unsent(self) -> None:
+        """Post the progress message of work a webhook or schedule started, whichever node
+        queued it: the store says where, and that no bot has sent it yet."""
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._unsent.wait(), UNSENT_EVERY_S)
+            self._unsent.clear()
+            try:
+                for message in await self.app.unsent_messages():
+                    if not self.scheduler.tracks(message.subject_id):
+                        await self._show_in(message)
+            except StoreUnavailableError as exc:
+                log.debug("matrix: triggered work waits to be shown: %s", exc)
+
+    async def _show_in(self, message: ProgressMessage) -> None:
+        try:
+            room_id = await self._room_to_show_in(message.room_id)
+        except (RoomStateError, *NETWORK_ERRORS) as exc:
+            log.warning("matrix: cannot show %s in %s yet (%s)", message.subject_id,
+                        message.room_id, exc)
+            return
+        if room_id is None:
+            log.warning("matrix: cannot show %s in %s: the bot cannot join it",
+                        message.subject_id, message.room_id)
+            await self.app.not_shown(message.subject_id)
+            return
+        try:
+            state = await self.app.status(message.subject_id)
+        except StoreUnavailableError:
+            raise
+        except MatrixJobsError:  # gone meanwhile (retention)
+            await self.app.not_shown(message.subject_id)
+            return
+        if not self.scheduler.tracks(message.subject_id):  # a restore may have come meanwhile
+            self.scheduler.restore(replace(message, room_id=room_id), state)
+
+    async def _room_to_show_in(self, room: str) -> str | None:
+        """The id of a configured room (or alias) the bot is in, joining it if need be;
+        None if it cannot be joined."""
+        room_id = await self.callbacks.places.resolve(room) if room.startswith("#") else room
+        if room_id is None or room_id in self.client.rooms:
+            return room_id
+        self.scheduler.bucket.take()
+        return room_id if isinstance(await self.client.join(room_id), JoinResponse) else None
 
 

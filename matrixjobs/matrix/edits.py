@@ -608,7 +608,7 @@ class EditScheduler:
                 slot.first = (slot.latest, self._render(slot.latest, self._clock()))
             event, rendered = slot.first
             slot.event_id = await self.sender.send(
-                slot.room_id, message_content(rendered, slot.reply_to),
+                slot.room_id, message_content(rendered, slot.reply_to or None),
                 f"mj-{slot.subject_id}-first")
             self._count_sent(edit=False)
             final = event.terminal and not slot.unsure
@@ -655,6 +655,8 @@ class EditScheduler:
         await self.sender.send(attachment.room_id, file_content(attachment), attachment.txn_id)
 
     async def _ping(self, slot: Slot, event: JobProgressEvent) -> None:
+        if not slot.reply_to:
+            return  # a webhook's or schedule's work: no person to ping
         fixed = await self.pings.fixed(event)
         if self.pings.due(event, fixed):
             self.notify(slot.room_id, slot.reply_to,

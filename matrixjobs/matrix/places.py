@@ -96,11 +96,11 @@ class Places:
         aliases = frozenset([alias for alias in sorted({room for target in rules
                                                         for room in target.rooms
                                                         if room.startswith("#")})
-                             if await self._resolve(alias) == room_id])
+                             if await self.resolve(alias) == room_id])
         powered = any(target.power_level is not None for target in rules)
         return Place(room_id, aliases, await self._power(room_id, user) if powered else 0)
 
-    async def _resolve(self, alias: str) -> str | None:
+    async def resolve(self, alias: str) -> str | None:
         now = time.monotonic()
         cached = self._resolved.get(alias)
         if cached is not None and now - cached[0] < ALIAS_TTL_S:
@@ -112,7 +112,7 @@ class Places:
                                  "try again") from None
         room_id = response.room_id if isinstance(response, RoomResolveAliasResponse) else None
         if room_id is None:
-            log.warning("matrix: the alias %s in a target's rooms does not resolve (%s)",
+            log.warning("matrix: the alias %s does not resolve (%s)",
                         alias, response)
         self._resolved[alias] = (now, room_id)
         return room_id

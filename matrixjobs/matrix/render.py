@@ -256,6 +256,8 @@ def render_progress(event: JobProgressEvent, now: float, prefix: str = "!") -> R
     """
     message = _Message()
     message.line(*_title(event))
+    if event.trigger is not None:
+        message.line(wording.started_by(event.trigger))
     if (event.progress is not None or event.status not in (Status.FAILED, Status.CANCELLED)) \
             and not wording.awaiting_approval(event):
         message.line(*_bar_line(event))

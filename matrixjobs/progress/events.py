@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict
 from pydantic.alias_generators import to_camel
 
 from matrixjobs.logs import redact
-from matrixjobs.models import Approval, Batch, Job, Status
+from matrixjobs.models import Approval, Batch, Job, Status, Trigger, TriggerKind
 
 MESSAGE_LIMIT = 500
 
@@ -66,6 +66,31 @@ def approval_info(approval: Approval | None) -> ApprovalInfo | None:
                         expired=approval.expired, expires_at=timestamp(approval.expires_at))
 
 
+class TriggerInfo(CamelModel):
+    """What started work that no person asked for: a webhook (its name and what the forge
+    said happened) or a schedule (its name and slot)."""
+
+    webhook: str | None = None
+    event: str | None = None
+    ref: str | None = None
+    branch: str | None = None
+    tag: str | None = None
+    sha: str | None = None
+    pusher: str | None = None
+    repo: str | None = None
+    schedule: str | None = None
+    slot: datetime | None = None
+
+
+def trigger_info(trigger: Trigger | None) -> TriggerInfo | None:
+    if trigger is None:
+        return None
+    named = {"webhook" if trigger.kind is TriggerKind.WEBHOOK else "schedule": trigger.name}
+    return TriggerInfo(**named, event=trigger.event, ref=trigger.ref, branch=trigger.branch,
+                       tag=trigger.tag, sha=trigger.sha, pusher=trigger.pusher,
+                       repo=trigger.repo, slot=timestamp(trigger.slot))
+
+
 class JobProgressEvent(CamelModel):
     id: str
     type: Literal["job", "batch"]
@@ -84,6 +109,7 @@ class JobProgressEvent(CamelModel):
     requester: str | None = None
     worker: str | None = None  # the worker (its [worker] name) that runs or last ran a job
     approval: ApprovalInfo | None = None  # set while, and after, work waits for approval
+    trigger: TriggerInfo | None = None  # set when a webhook or schedule started it
     # A matrix.to link to the room message showing this progress; set by the API on
     # single-item answers only (a store read each), never by the monitor.
     message_url: str | None = None
@@ -156,6 +182,7 @@ def job_event(
         requester=job.requester,
         worker=job.worker,
         approval=approval_info(job.approval),
+        trigger=trigger_info(job.trigger),
     )
 
 
@@ -194,6 +221,7 @@ def batch_event(
         eta_seconds=None if batch.status.terminal else eta_seconds,
         requester=batch.requester,
         approval=approval_info(batch.approval),
+        trigger=trigger_info(batch.trigger),
     )
 
 

@@ -12,6 +12,8 @@ Pure functions of numbers and events; the clock comes in as `now` (epoch seconds
   (a first-try success says nothing), "failed on attempt 3 of 3".
 * Approvals: "awaiting approval 1/2", "approved by @bob", "denied by @bob: not today",
   "approval expired".
+* What started work no person asked for: "🪝 push to main by alice (3f2c1ab)", "🪝 tag
+  v1.2 by alice (3f2c1ab)", "⏰ nightly: the 03:00 UTC run".
 * A store in trouble is one line, the same in the room, the CLI and the dashboard:
   "Degraded — store: locked. New jobs are refused until the store recovers; running jobs
   go on."
@@ -24,7 +26,7 @@ from datetime import datetime
 
 from matrixjobs.fleet import WorkerState
 from matrixjobs.models import Approval, Status
-from matrixjobs.progress.events import ApprovalInfo, JobProgressEvent
+from matrixjobs.progress.events import ApprovalInfo, JobProgressEvent, TriggerInfo
 
 STATUS_WORD: dict[Status, str] = {
     Status.PENDING: "queued",
@@ -187,3 +189,23 @@ def awaiting_approval(event: JobProgressEvent) -> bool:
     return (approval is not None and event.status is Status.PENDING
             and not approval.denied_by and not approval.expired
             and len(approval.approved_by) < approval.required)
+
+
+def started_by(trigger: TriggerInfo) -> str:
+    """The line that says which webhook delivery or schedule slot started work."""
+    if trigger.schedule is not None:
+        slot = "" if trigger.slot is None else f": the {trigger.slot:%H:%M} UTC run"
+        return f"⏰ {trigger.schedule}{slot}"
+    what = _cut(trigger.event or "delivery")
+    if trigger.tag is not None:
+        what = f"tag {_cut(trigger.tag)}"
+    elif trigger.branch is not None:
+        what = f"{what} to {_cut(trigger.branch)}"
+    by = f" by {_cut(trigger.pusher)}" if trigger.pusher else ""
+    commit = f" ({trigger.sha[:7]})" if trigger.sha else ""
+    return f"🪝 {what}{by}{commit}"
+
+
+def _cut(text: str, limit: int = 60) -> str:
+    """A forge's names are the sender's to choose: long ones are cut."""
+    return text if len(text) <= limit else text[:limit - 1] + "…"

@@ -75,6 +75,7 @@ from matrixjobs.store.rows import (
     number_of,
     recount,
     token_exists,
+    trigger_text,
     with_running,
     worker_from_row,
     worker_values,
@@ -220,8 +221,15 @@ MIGRATIONS: list[str] = [
         UNIQUE (user_id, name)
     );
     """,
+    # what started work no person asked for (JSON, models.Trigger), and a job's concurrency
+    # group: a claim takes a grouped job only while no job of its group runs
+    """
+    ALTER TABLE jobs ADD COLUMN trigger_info TEXT;
+    ALTER TABLE batches ADD COLUMN trigger_info TEXT;
+    ALTER TABLE jobs ADD COLUMN concurrency TEXT;
+    CREATE INDEX jobs_concurrency ON jobs(concurrency, status) WHERE concurrency IS NOT NULL;
+    """,
 ]
-
 # Leases are timed by the database's clock, the one clock every host shares: a host whose
 # own clock is off must neither take over healthy workers' jobs nor keep dead ones.
 DB_NOW = "extract(epoch FROM clock_timestamp())"
@@ -399,12 +407,14 @@ class PostgresStore(Store):
         audit: Entry | None = None,
     ) -> tuple[Batch, list[Job]]:
         requester = specs[0].requester if specs else None
+        trigger = specs[0].trigger if specs else None
         async with self._transaction() as conn:
             await _claim_key(conn, dedupe_key, now)
             [(number,)] = await _rows(
                 conn, "INSERT INTO batches (name, status, total, created_at, requester, "
-                "approval) VALUES (%s, %s, %s, %s, %s, %s) RETURNING id",
-                (name, Status.PENDING, len(specs), now, requester, approval_text(approval)),
+                "approval, trigger_info) VALUES (%s, %s, %s, %s, %s, %s, %s) RETURNING id",
+                (name, Status.PENDING, len(specs), now, requester, approval_text(approval),
+                 trigger_text(trigger)),
             )
             jobs = await _insert_jobs(conn, specs, number, now, approval)
             await _record_key(conn, dedupe_key, batch_id(number))
@@ -413,7 +423,8 @@ class PostgresStore(Store):
                 await _audit(conn, audit.about(batch_id(number)))
             await self._announce(conn, NEW, [batch_id(number), *(job.id for job in jobs)])
         batch = Batch(id=batch_id(number), name=name, status=Status.PENDING,
-                      total=len(specs), created_at=now, requester=requester, approval=approval)
+                      total=len(specs), created_at=now, requester=requester, approval=approval,
+                      trigger=trigger)
         return batch, jobs
 
     # -- running work ----------------------------------------------------------------------
@@ -666,6 +677,13 @@ class PostgresStore(Store):
         rows = await self._fetch(
             f"SELECT {MESSAGE_COLUMNS} FROM progress_messages WHERE NOT final "
             "ORDER BY created_at"
+        )
+        return [ProgressMessage(*row) for row in rows]
+
+    async def unsent_messages(self) -> list[ProgressMessage]:
+        rows = await self._fetch(
+            f"SELECT {MESSAGE_COLUMNS} FROM progress_messages WHERE NOT final "
+            "AND event_id IS NULL AND reply_to = '' ORDER BY created_at"
         )
         return [ProgressMessage(*row) for row in rows]
 
@@ -991,18 +1009,20 @@ async def _insert_jobs(
         return []
     rows = await _rows(
         conn, "INSERT INTO jobs (type, name, data, status, priority, max_retries, timeout_s, "
-        "batch_id, created_at, requester, runs_on, run_after, approval) SELECT s.type, "
-        "s.name, s.data, 'pending', s.priority, s.max_retries, s.timeout_s, %s, %s, "
-        "s.requester, s.runs_on, s.run_after, s.approval "
-        "FROM unnest(%s::text[], %s::text[], %s::text[], %s::bigint[], %s::int[], "
-        "%s::float8[], %s::text[], %s::text[], %s::float8[], %s::text[]) WITH ORDINALITY "
-        "AS s(type, name, data, priority, max_retries, timeout_s, requester, runs_on, "
-        "run_after, approval, n) ORDER BY s.n RETURNING id",
+        "batch_id, created_at, requester, runs_on, run_after, approval, trigger_info, "
+        "concurrency) SELECT s.type, s.name, s.data, 'pending', s.priority, s.max_retries, "
+        "s.timeout_s, %s, %s, s.requester, s.runs_on, s.run_after, s.approval, s.trigger_info, "
+        "s.concurrency FROM unnest(%s::text[], %s::text[], %s::text[], %s::bigint[], "
+        "%s::int[], %s::float8[], %s::text[], %s::text[], %s::float8[], %s::text[], "
+        "%s::text[], %s::text[]) WITH ORDINALITY AS s(type, name, data, priority, max_retries, "
+        "timeout_s, requester, runs_on, run_after, approval, trigger_info, concurrency, n) "
+        "ORDER BY s.n RETURNING id",
         (batch_number, now, [s.type for s in specs], [s.name for s in specs],
          [json.dumps(s.data) for s in specs], [s.priority for s in specs],
          [s.max_retries for s in specs], [_float(s.timeout_s) for s in specs],
          [s.requester for s in specs], [json.dumps(sorted(s.runs_on)) for s in specs],
-         [held(s, batch_approval) for s in specs], [approval_text(s.approval) for s in specs]),
+         [held(s, batch_approval) for s in specs], [approval_text(s.approval) for s in specs],
+         [trigger_text(s.trigger) for s in specs], [s.concurrency for s in specs]),
     )
     # Identities are drawn in insertion order, which ORDER BY s.n fixes; RETURNING's order
     # is not promised, so pair them up by sorting.
@@ -1013,7 +1033,8 @@ async def _insert_jobs(
             max_retries=spec.max_retries or 0, timeout_s=spec.timeout_s or 0.0,
             created_at=now, batch_id=None if batch_number is None else batch_id(batch_number),
             requester=spec.requester, runs_on=sorted(spec.runs_on),
-            run_after=held(spec, batch_approval), approval=spec.approval)
+            run_after=held(spec, batch_approval), approval=spec.approval,
+            trigger=spec.trigger, concurrency=spec.concurrency)
         for number, spec in zip(numbers, specs, strict=True)
     ]
 

@@ -18,6 +18,7 @@ from matrixjobs.models import (
     PersonalToken,
     Progress,
     Status,
+    Trigger,
     Worker,
     batch_id,
     job_id,
@@ -27,13 +28,14 @@ from matrixjobs.models import (
 JOB_COLUMNS = (
     "id, type, name, data, status, priority, retry_count, max_retries, timeout_s, batch_id, "
     "run_after, created_at, started_at, finished_at, progress_current, progress_total, "
-    "progress_message, error, result, requester, runs_on, worker, approval"
+    "progress_message, error, result, requester, runs_on, worker, approval, trigger_info, "
+    "concurrency"
 )
 # The same, named with their table: for statements that join jobs with another.
 QUALIFIED_JOB_COLUMNS = ", ".join(f"jobs.{column.strip()}" for column in JOB_COLUMNS.split(","))
 BATCH_COLUMNS = (
     "id, name, status, total, completed, failed, cancelled, cancel_requested, "
-    "created_at, started_at, finished_at, requester, approval"
+    "created_at, started_at, finished_at, requester, approval, trigger_info"
 )
 ERRORS_PER_BATCH = 20
 
@@ -90,6 +92,10 @@ def approval_text(approval: Approval | None) -> str | None:
     return None if approval is None else approval.to_json()
 
 
+def trigger_text(trigger: Trigger | None) -> str | None:
+    return None if trigger is None else trigger.to_json()
+
+
 # The jobs and batches whose jobs are held for approval ({p}: the driver's placeholder).
 AWAITING_APPROVAL = (
     "SELECT 'j' || id, approval FROM jobs WHERE status = 'pending' AND approval IS NOT NULL "
@@ -117,7 +123,7 @@ def approval_table(subject_id: str) -> tuple[str, str]:
 def job_from_row(row: Sequence[Any]) -> Job:
     (number, type_, name, data, status, priority, retry_count, max_retries, timeout_s,
      batch_number, run_after, created_at, started_at, finished_at, p_current, p_total,
-     p_message, error, result, requester, runs_on, worker, approval) = row
+     p_message, error, result, requester, runs_on, worker, approval, trigger, concurrency) = row
     progress = None
     if p_current is not None:
         progress = Progress(p_current, p_total, p_message)
@@ -129,19 +135,20 @@ def job_from_row(row: Sequence[Any]) -> Job:
         run_after=run_after, started_at=started_at, finished_at=finished_at,
         progress=progress, error=error, result=None if result is None else json.loads(result),
         requester=requester, runs_on=json.loads(runs_on), worker=worker,
-        approval=Approval.from_json(approval),
+        approval=Approval.from_json(approval), trigger=Trigger.from_json(trigger),
+        concurrency=concurrency,
     )
 
 
 def batch_from_row(row: Sequence[Any]) -> Batch:
     (number, name, status, total, completed, failed, cancelled, cancel_requested,
-     created_at, started_at, finished_at, requester, approval) = row
+     created_at, started_at, finished_at, requester, approval, trigger) = row
     return Batch(
         id=batch_id(number), name=name, status=Status(status), total=total,
         completed=completed, failed=failed, cancelled=cancelled,
         cancel_requested=bool(cancel_requested), created_at=created_at,
         started_at=started_at, finished_at=finished_at, requester=requester,
-        approval=Approval.from_json(approval),
+        approval=Approval.from_json(approval), trigger=Trigger.from_json(trigger),
     )
 
 

@@ -63,6 +63,7 @@ from matrixjobs.store.rows import (
     number_of,
     recount,
     token_exists,
+    trigger_text,
     with_running,
     worker_from_row,
     worker_values,
@@ -213,8 +214,15 @@ MIGRATIONS: list[str] = [
         UNIQUE (user_id, name)
     );
     """,
+    # what started work no person asked for (JSON, models.Trigger), and a job's concurrency
+    # group: a claim takes a grouped job only while no job of its group runs
+    """
+    ALTER TABLE jobs ADD COLUMN trigger_info TEXT;
+    ALTER TABLE batches ADD COLUMN trigger_info TEXT;
+    ALTER TABLE jobs ADD COLUMN concurrency TEXT;
+    CREATE INDEX jobs_concurrency ON jobs(concurrency, status) WHERE concurrency IS NOT NULL;
+    """,
 ]
-
 log = logging.getLogger(__name__)
 
 MIN_SQLITE = (3, 35, 0)
@@ -422,12 +430,14 @@ class SqliteStore(Store):
         audit: Entry | None = None,
     ) -> tuple[Batch, list[Job]]:
         requester = specs[0].requester if specs else None
+        trigger = specs[0].trigger if specs else None
         async with self._transaction():
             await self._claim_key(dedupe_key, specs, now)
             cursor = await self.db.execute(
-                "INSERT INTO batches (name, status, total, created_at, requester, approval) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                (name, Status.PENDING, len(specs), now, requester, approval_text(approval)),
+                "INSERT INTO batches (name, status, total, created_at, requester, approval, "
+                "trigger_info) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (name, Status.PENDING, len(specs), now, requester, approval_text(approval),
+                 trigger_text(trigger)),
             )
             number = cursor.lastrowid
             assert number is not None
@@ -437,7 +447,8 @@ class SqliteStore(Store):
             if audit is not None:
                 await self._audit(audit.about(batch_id(number)))
         batch = Batch(id=batch_id(number), name=name, status=Status.PENDING,
-                      total=len(specs), created_at=now, requester=requester, approval=approval)
+                      total=len(specs), created_at=now, requester=requester, approval=approval,
+                      trigger=trigger)
         return batch, jobs
 
     async def _claim_key(self, key: str | None, specs: Sequence[JobSpec], now: float) -> None:
@@ -484,11 +495,12 @@ class SqliteStore(Store):
                 params += (spec.type, spec.name, json.dumps(spec.data), Status.PENDING,
                            spec.priority, spec.max_retries, spec.timeout_s, batch_number, now,
                            spec.requester, json.dumps(sorted(spec.runs_on)),
-                           held(spec, batch_approval), approval_text(spec.approval))
+                           held(spec, batch_approval), approval_text(spec.approval),
+                           trigger_text(spec.trigger), spec.concurrency)
             rows = await self.db.execute_fetchall(
                 "INSERT INTO jobs (type, name, data, status, priority, max_retries, timeout_s, "
-                "batch_id, created_at, requester, runs_on, run_after, approval) VALUES "
-                f"{_placeholders(len(chunk), 13)} RETURNING id",
+                "batch_id, created_at, requester, runs_on, run_after, approval, trigger_info, "
+                f"concurrency) VALUES {_placeholders(len(chunk), 15)} RETURNING id",
                 params,
             )
             # Rows are inserted in VALUES order with increasing ids; RETURNING's order is not
@@ -503,6 +515,7 @@ class SqliteStore(Store):
                     batch_id=None if batch_number is None else batch_id(batch_number),
                     requester=spec.requester, runs_on=sorted(spec.runs_on),
                     run_after=held(spec, batch_approval), approval=spec.approval,
+                    trigger=spec.trigger, concurrency=spec.concurrency,
                 )
                 for number, spec in zip(numbers, chunk, strict=True)
             ]
@@ -889,6 +902,15 @@ class SqliteStore(Store):
             rows = await self.db.execute_fetchall(
                 "SELECT subject_id, room_id, event_id, requester, reply_to, edits, final "
                 "FROM progress_messages WHERE final = 0 ORDER BY created_at"
+            )
+        return [ProgressMessage(s, r, e, q, t, n, bool(f)) for s, r, e, q, t, n, f in rows]
+
+    async def unsent_messages(self) -> list[ProgressMessage]:
+        async with self._lock:
+            rows = await self.db.execute_fetchall(
+                "SELECT subject_id, room_id, event_id, requester, reply_to, edits, final "
+                "FROM progress_messages WHERE final = 0 AND event_id IS NULL AND reply_to = '' "
+                "ORDER BY created_at"
             )
         return [ProgressMessage(s, r, e, q, t, n, bool(f)) for s, r, e, q, t, n, f in rows]
 
