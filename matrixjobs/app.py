@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -34,6 +35,7 @@ from matrixjobs.errors import (
     BadArgumentsError,
     BadBatchError,
     ForbiddenError,
+    GroupBusyError,
     MatrixJobsError,
     NotAwaitingApprovalError,
     NotFoundError,
@@ -61,7 +63,7 @@ from matrixjobs.models import (
 from matrixjobs.policy import Action, Caller, Policy, Via
 from matrixjobs.progress.events import JobProgressEvent, event_of
 from matrixjobs.progress.monitor import ProgressMonitor
-from matrixjobs.progress.wording import approval_state
+from matrixjobs.progress.wording import STATUS_WORD, approval_state
 from matrixjobs.queue.command import CommandHandler
 from matrixjobs.queue.containment import choose_runner, describe, shared_state
 from matrixjobs.queue.handlers import HandlerRegistry, load_user_handlers
@@ -339,19 +341,59 @@ class App:
 
     async def _enqueue(self, specs: Sequence[JobSpec], dedupe_key: str | None,
                        show: ProgressMessage | None, audit: Entry | None) -> list[Job]:
+        await self._group_free(specs)
         with self._storing():
             jobs = await self.queue.enqueue_many(specs, dedupe_key, show, audit)
-        if self.remote is not None:
-            self.remote.follow(jobs)  # another process may run them
+        self._queued(jobs, audit)
         return jobs
 
     async def _enqueue_batch(self, name: str, specs: Sequence[JobSpec], dedupe_key: str | None,
                              show: ProgressMessage | None, audit: Entry | None) -> Batch:
+        await self._group_free(specs)
         with self._storing():
             batch, jobs = await self.queue.enqueue_batch(name, specs, dedupe_key, show, audit)
-        if self.remote is not None:
-            self.remote.follow(jobs)
+        self._queued(jobs, audit)
         return batch
+
+    def _queued(self, jobs: Sequence[Job], audit: Entry | None) -> None:
+        if self.remote is not None:
+            self.remote.follow(jobs)  # another process may run them
+        for job in jobs:
+            if job.concurrency is not None and self._on_busy(job) == "cancel-older":
+                self._supervisor.once(f"supersede {job.id}",
+                                      functools.partial(self._supersede, job, audit))
+
+    def _on_busy(self, job: Job | JobSpec) -> str:
+        target = self.config.targets.get(str(job.data.get("target")))
+        return "queue" if target is None else target.on_busy
+
+    async def _group_free(self, specs: Sequence[JobSpec]) -> None:
+        """Refuse new work whose concurrency group has work, where on_busy says "skip".
+        (Two nodes asked at the same moment may both queue one: they still never run
+        at once.)"""
+        for spec in specs:
+            if spec.concurrency is None or self._on_busy(spec) != "skip":
+                continue
+            busy = await self._read(self.store.group_jobs, spec.concurrency)
+            if busy:
+                raise GroupBusyError(f"{spec.concurrency} is busy: {busy[0].id} is "
+                                     f"{STATUS_WORD[busy[0].status]}; not started")
+
+    async def _supersede(self, job: Job, audit: Entry | None) -> None:
+        """Cancel the running and queued jobs of `job`'s group that came before it (GitHub's
+        cancel-in-progress); recorded as the new job's requester's doing."""
+        assert job.concurrency is not None
+        older = [other for other in await self._read(self.store.group_jobs, job.concurrency)
+                 if int(other.id[1:]) < int(job.id[1:])
+                 and (other.batch_id is None or other.batch_id != job.batch_id)]
+        for other in older:
+            log.info("%s cancels %s: both are in concurrency group %s", job.id, other.id,
+                     job.concurrency)
+            record = None if audit is None else replace(
+                audit, action=AuditAction.CANCELLED, subject=other.id,
+                target=_target(other) or None, detail={"superseded_by": job.id})
+            with contextlib.suppress(AlreadyFinishedError, NotFoundError):
+                await self.queue.cancel(other.id, record)
 
     @contextlib.contextmanager
     def _storing(self) -> Iterator[None]:
@@ -887,13 +929,25 @@ class App:
             return await self.store.list_workers()
 
     async def _explained(self, job: Job, event: JobProgressEvent) -> JobProgressEvent:
-        """A pending job that no live worker can take says so, in its message."""
-        if job.status != Status.PENDING or not job.runs_on or event.message is not None:
+        """A pending job that waits for its concurrency group, or that no live worker can
+        take, says so in its message."""
+        if job.status != Status.PENDING or event.message is not None:
             return event
-        if any(worker.takes(job.runs_on) for worker in await self._live_workers()):
-            return event
-        return event.model_copy(
-            update={"message": f"waiting for a worker with {', '.join(job.runs_on)}"})
+        reason = await self._group_wait(job) or await self._worker_wait(job)
+        return event if reason is None else event.model_copy(update={"message": reason})
+
+    async def _group_wait(self, job: Job) -> str | None:
+        if job.concurrency is None:
+            return None
+        running = [other for other in await self.store.group_jobs(job.concurrency)
+                   if other.status is Status.PROCESSING]
+        return f"waiting: {job.concurrency} {running[0].id} is running" if running else None
+
+    async def _worker_wait(self, job: Job) -> str | None:
+        if not job.runs_on or any(worker.takes(job.runs_on)
+                                  for worker in await self._live_workers()):
+            return None
+        return f"waiting for a worker with {', '.join(job.runs_on)}"
 
     async def _live_workers(self) -> list[Worker]:
         """The live workers (read at most every WORKERS_CACHE_S: a list of many waiting

@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import socket
+import string
 import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -508,6 +509,12 @@ class TargetConfig(Section):
     approvers: list[str] | None = None
     # Unapproved this long: cancelled ("approval expired").
     approval_timeout_s: Float = Field(default=3600.0, gt=0)
+    # A concurrency group ("deploy-{0}": {0}, {1}… are the job's arguments): at most one job
+    # of a group runs at a time, across every node sharing the store.
+    concurrency: str | None = Field(default=None, min_length=1, max_length=100)
+    # A new job whose group has work: "queue" waits its turn, "cancel-older" cancels the
+    # group's running and queued jobs, "skip" refuses the new one.
+    on_busy: Literal["queue", "cancel-older", "skip"] = "queue"
 
     _check_runs_on = field_validator("runs_on")(_labels)
     _check_allowed_users = field_validator("allowed_users")(_user_globs)
@@ -519,6 +526,19 @@ class TargetConfig(Section):
     def _command(cls, value: list[str] | None) -> list[str] | None:
         if value is not None and (not value or not value[0]):
             raise ValueError("must be a non-empty list of strings, the program first")
+        return value
+
+    @field_validator("concurrency")
+    @classmethod
+    def _concurrency(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                fields = [name for _, name, _, _ in string.Formatter().parse(value)
+                          if name is not None]
+            except ValueError as exc:
+                raise ValueError(f"is not a group name template: {exc}") from None
+            if any(not name.isdigit() for name in fields):
+                raise ValueError("may name only the job's arguments, as {0}, {1}…")
         return value
 
     @field_validator("progress_regex")
@@ -553,6 +573,12 @@ class TargetConfig(Section):
             raise ValueError("power_level needs rooms: anyone may make a room where they "
                              "outrank everyone, so a level means something only in the rooms "
                              "you name")
+        return self
+
+    @model_validator(mode="after")
+    def _busy_needs_group(self) -> TargetConfig:
+        if self.on_busy != "queue" and self.concurrency is None:
+            raise ValueError(f'on_busy = "{self.on_busy}" needs concurrency (a group name)')
         return self
 
     def resolve_executable(self) -> str:

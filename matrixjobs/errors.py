@@ -60,6 +60,10 @@ class UnknownJobTypeError(MatrixJobsError):
         self.job_type = job_type
 
 
+class GroupBusyError(MatrixJobsError):
+    """A target's concurrency group has work and its on_busy is "skip"."""
+
+
 class NotFoundError(MatrixJobsError):
     """No job or batch with that id."""
 

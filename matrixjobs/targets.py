@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import string
 import time
 
 from matrixjobs.config import TargetConfig
@@ -75,4 +76,18 @@ class Targets:
             runs_on=list(target.runs_on),
             approval=None if not target.approvals else Approval(
                 target.approvals, time.time() + target.approval_timeout_s),
+            concurrency=group(name, target.concurrency, checked),
         )
+
+
+def group(name: str, template: str | None, args: list[str]) -> str | None:
+    """The concurrency group of a job of target `name` run with `args`."""
+    if template is None:
+        return None
+    try:
+        return template.format(*args)
+    except IndexError:
+        wanted = max(int(field) for _, field, _, _ in string.Formatter().parse(template)
+                     if field) + 1
+        raise BadArgumentsError(f"{name} needs at least {wanted} argument(s): its concurrency "
+                                f"group is '{template}'") from None

@@ -16,6 +16,7 @@ from matrixjobs.errors import (
     BadArgumentsError,
     BadBatchError,
     ForbiddenError,
+    GroupBusyError,
     MatrixJobsError,
     NotAwaitingApprovalError,
     NotFoundError,
@@ -41,6 +42,7 @@ CORE_ERRORS: tuple[tuple[type[MatrixJobsError], int, str], ...] = (
     (AlreadySubmittedError, 409, "already_submitted"),
     (TokenExistsError, 409, "token_exists"),
     (NotAwaitingApprovalError, 409, "not_awaiting_approval"),
+    (GroupBusyError, 409, "group_busy"),
 )
 # Anything else the core raises is a message meant for people, e.g. "shutting down".
 OTHER_CORE_ERROR = (503, "unavailable")

@@ -134,6 +134,8 @@ SUBMIT_ERRORS = {
     403: FORBIDDEN,
     400: BAD_BODY,
     404: error("an unknown target", 404),
+    409: error("the target's concurrency group has work and its on_busy is \"skip\" "
+               "(`group_busy`)", 409),
     413: error(f"a body over {MAX_BODY_BYTES} bytes", 413),
     422: error("arguments the target does not allow, or an empty or oversized batch", 422),
     503: error("the service is shutting down, or the store cannot take new work now "

@@ -277,6 +277,11 @@ class Store(abc.ABC):
         """Progress messages whose final state has not been shown yet, oldest first."""
 
     @abc.abstractmethod
+    async def group_jobs(self, group: str) -> list[Job]:
+        """The running and queued jobs of a concurrency group, running first, then oldest
+        first."""
+
+    @abc.abstractmethod
     async def unsent_messages(self) -> list[ProgressMessage]:
         """Progress messages of work no command asked for (a webhook's, a schedule's) that
         no bot has sent yet, oldest first."""

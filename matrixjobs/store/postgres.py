@@ -241,6 +241,10 @@ NEW, CANCEL, CHANGE = "new", "cancel", "change"
 MIGRATION_LOCK = 0x6D6A_0001
 RECOVERY_LOCK = 0x6D6A_0003
 POOL_SIZE = 4
+# The first key of the transaction locks that serialise claims within a concurrency group
+# (the second is the group's hash; other advisory locks here use one bigint key, a
+# separate key space).
+GROUP_LOCK = 0x6D6A6367
 CANCELLED_BATCH = "coalesce(batch_id IN (SELECT id FROM batches WHERE cancel_requested), false)"
 MESSAGE_COLUMNS = "subject_id, room_id, event_id, requester, reply_to, edits, final"
 
@@ -680,6 +684,12 @@ class PostgresStore(Store):
         )
         return [ProgressMessage(*row) for row in rows]
 
+    async def group_jobs(self, group: str) -> list[Job]:
+        rows = await self._fetch(
+            f"SELECT {JOB_COLUMNS} FROM jobs WHERE concurrency = %s AND status IN "
+            "('pending', 'processing') ORDER BY status = 'pending', id", (group,))
+        return [job_from_row(row) for row in rows]
+
     async def unsent_messages(self) -> list[ProgressMessage]:
         rows = await self._fetch(
             f"SELECT {MESSAGE_COLUMNS} FROM progress_messages WHERE NOT final "
@@ -1079,21 +1089,44 @@ async def _claim(
 ) -> list[Job]:
     """Claim up to `limit` due jobs; the last `ahead` of them are claimed ahead of a free
     slot: not started (no started_at) until `_mark_started` says so."""
+    groups = await _free_groups(conn, now, limit)
     jobs = await _jobs(
-        conn, "WITH locked AS (SELECT id, priority FROM jobs "
+        conn, "WITH plain AS (SELECT id, priority FROM jobs "
         f"WHERE status = 'pending' AND run_after <= %s AND NOT {CANCELLED_BATCH} "
-        "AND (runs_on = '[]' OR runs_on::jsonb <@ %s::jsonb) "
-        "ORDER BY priority DESC, id LIMIT %s FOR UPDATE SKIP LOCKED), "
+        "AND concurrency IS NULL AND (runs_on = '[]' OR runs_on::jsonb <@ %s::jsonb) "
+        "ORDER BY priority DESC, id LIMIT %s FOR UPDATE SKIP LOCKED), grouped AS ("
+        "SELECT first.id, first.priority FROM unnest(%s::text[]) AS g(name), LATERAL ("
+        "SELECT id, priority, runs_on FROM jobs WHERE concurrency = g.name AND "
+        f"status = 'pending' AND run_after <= %s AND NOT {CANCELLED_BATCH} "
+        "ORDER BY priority DESC, id LIMIT 1 FOR UPDATE SKIP LOCKED) AS first "
+        "WHERE (first.runs_on = '[]' OR first.runs_on::jsonb <@ %s::jsonb) AND NOT EXISTS ("
+        "SELECT 1 FROM jobs AS busy WHERE busy.concurrency = g.name AND "
+        "busy.status = 'processing')), "
         "picked AS (SELECT id, row_number() OVER (ORDER BY priority DESC, id) > %s AS ahead "
-        "FROM locked) "
+        "FROM (SELECT * FROM plain UNION ALL SELECT * FROM grouped "
+        "ORDER BY priority DESC, id LIMIT %s) AS best) "
         f"UPDATE jobs SET status = 'processing', owner = %s, lease_expires_at = {DB_NOW} + %s, "
         "worker = %s, claimed_ahead = picked.ahead, started_at = CASE WHEN picked.ahead "
         "THEN jobs.started_at ELSE coalesce(jobs.started_at, %s) END "
         f"FROM picked WHERE jobs.id = picked.id RETURNING {QUALIFIED_JOB_COLUMNS}",
-        (now, json.dumps(list(labels)), limit, limit - ahead, owner, lease_s, worker, now),
+        (now, json.dumps(list(labels)), limit, groups, now, json.dumps(list(labels)),
+         limit - ahead, limit, owner, lease_s, worker, now),
     )
     jobs.sort(key=lambda j: (-j.priority, number_of(j.id)))
     return jobs
+
+
+async def _free_groups(conn: psycopg.AsyncConnection[Any], now: float, limit: int) -> list[str]:
+    """The concurrency groups with due jobs whose claim this transaction decides: no other
+    claim decides the same until it commits. The lock is taken in this statement and
+    whether a job of the group runs is asked in the next, so that statement's snapshot sees
+    the work of any claim that held the lock before (READ COMMITTED: one per statement)."""
+    rows = await _rows(
+        conn, "SELECT name FROM (SELECT concurrency AS name, min(id) AS oldest FROM jobs "
+        "WHERE concurrency IS NOT NULL AND status = 'pending' AND run_after <= %s "
+        "GROUP BY concurrency ORDER BY oldest LIMIT %s) AS due "
+        "WHERE pg_try_advisory_xact_lock(%s::int, hashtext(name))", (now, limit, GROUP_LOCK))
+    return [name for (name,) in rows]
 
 
 async def _mark_started(

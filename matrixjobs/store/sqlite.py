@@ -233,6 +233,32 @@ LOCK_POLL_MS = 250
 LOCK_NOTE_S = 5.0
 DEFAULT_LOCK_WAIT_S = 30.0
 CANCELLED_BATCH = "coalesce(batch_id IN (SELECT id FROM batches WHERE cancel_requested = 1), 0)"
+# Due jobs this worker can run ({table}: how the statement names the jobs table).
+CLAIMABLE = (
+    "{table}.status = 'pending' AND {table}.run_after <= ? "
+    f"AND NOT {CANCELLED_BATCH} AND ({{table}}.runs_on = '[]' OR NOT EXISTS (SELECT 1 FROM "
+    "json_each({table}.runs_on) AS need WHERE need.value NOT IN (SELECT value FROM "
+    "json_each(?))))"
+)
+# The claim: due jobs in no concurrency group, and of each group with no job running its
+# first due job (by priority, then age), the best `limit` of them; each arm stops at
+# `limit` itself, so a long queue is never sorted whole.
+CLAIM = (
+    "UPDATE jobs SET status = 'processing', owner = ?, lease_expires_at = ?, "
+    "worker = ?, claimed_ahead = picked.ahead, started_at = CASE WHEN picked.ahead "
+    "THEN jobs.started_at ELSE COALESCE(jobs.started_at, ?) END "
+    "FROM (SELECT id, row_number() OVER (ORDER BY priority DESC, id) > ? AS ahead FROM ("
+    "SELECT * FROM (SELECT id, priority FROM jobs WHERE concurrency IS NULL AND "
+    f"{CLAIMABLE.format(table='jobs')} ORDER BY priority DESC, id LIMIT ?) UNION ALL "
+    "SELECT * FROM (SELECT id, priority FROM jobs AS grouped WHERE concurrency IS NOT NULL "
+    f"AND {CLAIMABLE.format(table='grouped')} AND grouped.id = (SELECT first.id FROM jobs "
+    "AS first WHERE first.concurrency = grouped.concurrency AND first.status = 'pending' "
+    f"AND first.run_after <= ? AND NOT {CANCELLED_BATCH} ORDER BY first.priority DESC, "
+    "first.id LIMIT 1) AND NOT EXISTS (SELECT 1 FROM jobs AS busy WHERE busy.concurrency = "
+    "grouped.concurrency AND busy.status = 'processing') ORDER BY priority DESC, id LIMIT ?)"
+    ") ORDER BY priority DESC, id LIMIT ?) AS picked "
+    f"WHERE jobs.id = picked.id RETURNING {QUALIFIED_JOB_COLUMNS}"
+)
 # Rows per multi-row statement: well under SQLite's 32766 bound variables.
 ROWS_PER_STATEMENT = 500
 
@@ -583,20 +609,10 @@ class SqliteStore(Store):
                      labels: Sequence[str], worker: str | None, ahead: int) -> list[Job]:
         """Claim up to `limit` due jobs; the last `ahead` of them are claimed ahead of a
         free slot: not started (no started_at) until settle_and_claim's `started` says so."""
-        sql = (
-            "UPDATE jobs SET status = 'processing', owner = ?, lease_expires_at = ?, "
-            "worker = ?, claimed_ahead = picked.ahead, started_at = CASE WHEN picked.ahead "
-            "THEN jobs.started_at ELSE COALESCE(jobs.started_at, ?) END "
-            "FROM (SELECT id, row_number() OVER (ORDER BY priority DESC, id) > ? AS ahead "
-            "FROM jobs WHERE status = 'pending' AND run_after <= ? "
-            f"AND NOT {CANCELLED_BATCH} AND (runs_on = '[]' OR NOT EXISTS (SELECT 1 FROM "
-            "json_each(jobs.runs_on) AS need WHERE need.value NOT IN (SELECT value FROM "
-            "json_each(?)))) ORDER BY priority DESC, id LIMIT ?) AS picked "
-            f"WHERE jobs.id = picked.id RETURNING {QUALIFIED_JOB_COLUMNS}"
-        )
+        labels_json = json.dumps(list(labels))
         rows = await self.db.execute_fetchall(
-            sql, (owner, lease_until, worker, now, limit - ahead, now, json.dumps(list(labels)),
-                  limit))
+            CLAIM, (owner, lease_until, worker, now, limit - ahead, now, labels_json, limit,
+                    now, labels_json, now, limit, limit))
         jobs = [job_from_row(row) for row in rows]
         jobs.sort(key=lambda j: (-j.priority, number_of(j.id)))
         return jobs
@@ -904,6 +920,13 @@ class SqliteStore(Store):
                 "FROM progress_messages WHERE final = 0 ORDER BY created_at"
             )
         return [ProgressMessage(s, r, e, q, t, n, bool(f)) for s, r, e, q, t, n, f in rows]
+
+    async def group_jobs(self, group: str) -> list[Job]:
+        async with self._lock:
+            rows = await self.db.execute_fetchall(
+                f"SELECT {JOB_COLUMNS} FROM jobs WHERE concurrency = ? AND status IN "
+                "('pending', 'processing') ORDER BY status = 'pending', id", (group,))
+        return [job_from_row(row) for row in rows]
 
     async def unsent_messages(self) -> list[ProgressMessage]:
         async with self._lock:

@@ -1,0 +1,129 @@
+"""Concurrency groups on both store backends: at most one job of a group runs at a time
+(the store's claim decides, not a process's memory), a waiting job says which one it waits
+for, and a target's on_busy chooses between waiting, cancelling the older ones and refusing
+the new one."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+from conftest import on_backend
+from helpers import final_state, make_config, python_target
+
+from matrixjobs.audit import AuditQuery
+from matrixjobs.config import Config
+from matrixjobs.errors import BadArgumentsError, GroupBusyError
+from matrixjobs.models import Status
+from matrixjobs.policy import Caller, Place
+
+ALICE = "@alice:example.org"
+# Notes its own start and end (monotonic clock of this machine) in the file it is given.
+TIMED = python_target("""
+    import sys, time
+    with open(sys.argv[2], "a") as notes:
+        notes.write(f"start {sys.argv[1]} {time.monotonic()}\\n")
+    time.sleep(0.6)
+    with open(sys.argv[2], "a") as notes:
+        notes.write(f"end {sys.argv[1]} {time.monotonic()}\\n")
+""", concurrency="deploy-{0}", args_pattern=r"[a-z/._0-9-]+")
+
+
+def config(tmp_path, url, **deploy):
+    return on_backend(make_config(
+        tmp_path, access={"allowed_users": [ALICE]}, queue={"workers": 4},
+        targets={"deploy": {**TIMED, **deploy}}), url)
+
+
+def person() -> Caller:
+    return Caller.in_room(ALICE, Place("!ops:example.org"))
+
+
+def spans(notes) -> dict[str, list[tuple[float, float]]]:
+    """Each group's runs as (start, end), in order of start."""
+    starts: dict[str, list[float]] = {}
+    ends: dict[str, list[float]] = {}
+    for line in notes.read_text().splitlines():
+        kind, group, moment = line.split()
+        (starts if kind == "start" else ends).setdefault(group, []).append(float(moment))
+    return {group: sorted(zip(sorted(starts[group]), sorted(ends[group]), strict=True))
+            for group in starts}
+
+
+async def running(app, subject: str) -> None:
+    for _ in range(200):
+        if (await app.status(subject)).status is Status.PROCESSING:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"{subject} never started")
+
+
+async def test_one_job_of_a_group_runs_at_a_time_and_the_next_says_why_it_waits(
+        tmp_path, database_url, running_app):
+    app = await running_app(config(tmp_path, database_url))
+    notes = tmp_path / "notes"
+    first = await app.submit("deploy", ["prod", str(notes)], caller=person())
+    await running(app, first.id)
+    second = await app.submit("deploy", ["prod", str(notes)], caller=person())
+    other = await app.submit("deploy", ["staging", str(notes)], caller=person())
+    waiting = await app.status(second.id)
+    assert (waiting.status, waiting.message) == (
+        Status.PENDING, f"waiting: deploy-prod {first.id} is running")
+    await running(app, other.id)  # another group does not wait
+    for job in (first, second, other):
+        assert (await final_state(app, job.id)).status is Status.COMPLETED
+    runs = spans(notes)
+    [(_, first_end), (second_start, _)] = runs["prod"]
+    assert second_start >= first_end
+    [(staging_start, _)] = runs["staging"]
+    assert staging_start < first_end
+
+
+async def test_skip_refuses_new_work_while_the_group_has_some(tmp_path, database_url,
+                                                              running_app):
+    app = await running_app(config(tmp_path, database_url, on_busy="skip"))
+    notes = tmp_path / "notes"
+    first = await app.submit("deploy", ["prod", str(notes)], caller=person())
+    with pytest.raises(GroupBusyError, match=f"^deploy-prod is busy: {first.id} is "
+                                             r"(queued|running); not started$"):
+        await app.submit("deploy", ["prod", str(notes)], caller=person())
+    await app.submit("deploy", ["staging", str(notes)], caller=person())
+    assert (await final_state(app, first.id)).status is Status.COMPLETED
+    again = await app.submit("deploy", ["prod", str(notes)], caller=person())
+    assert (await final_state(app, again.id)).status is Status.COMPLETED
+
+
+async def test_cancel_older_cancels_the_running_and_queued_ones_and_records_why(
+        tmp_path, database_url, running_app):
+    app = await running_app(config(tmp_path, database_url, on_busy="cancel-older"))
+    notes = tmp_path / "notes"
+    first = await app.submit("deploy", ["prod", str(notes)], caller=person())
+    await running(app, first.id)
+    second = await app.submit("deploy", ["prod", str(notes)], caller=person())
+    third = await app.submit("deploy", ["prod", str(notes)], caller=person())
+    assert (await final_state(app, first.id)).status is Status.CANCELLED
+    assert (await final_state(app, second.id)).status is Status.CANCELLED
+    assert (await final_state(app, third.id)).status is Status.COMPLETED
+    cancels = [record for record in await app.audit(AuditQuery(action="cancelled"))]
+    assert {(r.subject, r.actor, json.loads(r.detail)["superseded_by"]) for r in cancels} >= {
+        (first.id, ALICE, third.id), (second.id, ALICE, third.id)}
+
+
+async def test_a_group_named_by_an_argument_needs_that_argument(tmp_path, database_url,
+                                                                running_app):
+    app = await running_app(config(tmp_path, database_url))
+    with pytest.raises(BadArgumentsError, match=r"deploy needs at least 1 argument\(s\): its "
+                                                r"concurrency group is 'deploy-\{0\}'"):
+        await app.submit("deploy", [], caller=person())
+
+
+@pytest.mark.parametrize(("deploy", "message"), [
+    ({"on_busy": "skip"}, 'on_busy = "skip" needs concurrency'),
+    ({"concurrency": "deploy-{who}"}, r"may name only the job's arguments, as \{0\}"),
+    ({"concurrency": "deploy-{0"}, "is not a group name template"),
+    ({"concurrency": "d", "on_busy": "later"}, "on_busy"),
+])
+def test_a_group_is_checked_when_the_config_is_read(tmp_path, deploy, message):
+    with pytest.raises(ValueError, match=message):
+        Config.model_validate({"targets": {"deploy": {"command": ["true"], **deploy}}})
