@@ -33,7 +33,8 @@ def node_config(directory: Path, url: str, targets: dict[str, dict[str, Any]], *
                 workers: int = 2, name: str = "node", labels: tuple[str, ...] = (),
                 lease_s: float = 60, api_port: int | None = None) -> Path:
     """A config for one process of a fleet: `targets` maps a name to {"command": argv,
-    "runs_on": [...], "max_retries": n}; `api_port` None: no API (a worker)."""
+    "runs_on": [...], "max_retries": n, "concurrency": group, "args_pattern": regex};
+    `api_port` None: no API (a worker)."""
     directory.mkdir(parents=True, exist_ok=True)
     lines = [
         "[store]", 'backend = "postgresql"', f"url = {toml_string(url)}",
@@ -49,6 +50,9 @@ def node_config(directory: Path, url: str, targets: dict[str, dict[str, Any]], *
         lines += [f"[targets.{target}]", f"command = {toml_list(spec['command'])}",
                   f"max_retries = {spec.get('max_retries', 0)}",
                   f"runs_on = {toml_list(spec.get('runs_on', []))}"]
+        for key in ("concurrency", "args_pattern"):
+            if key in spec:
+                lines.append(f"{key} = {toml_string(spec[key])}")
     config = directory / "config.toml"
     config.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return config

@@ -6,10 +6,12 @@ the new one."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 
 import pytest
 from conftest import on_backend
+from fleet import api, free_port, node_config, python_command, start, wait_for
 from helpers import final_state, make_config, python_target
 
 from matrixjobs.audit import AuditQuery
@@ -127,3 +129,42 @@ async def test_a_group_named_by_an_argument_needs_that_argument(tmp_path, databa
 def test_a_group_is_checked_when_the_config_is_read(tmp_path, deploy, message):
     with pytest.raises(ValueError, match=message):
         Config.model_validate({"targets": {"deploy": {"command": ["true"], **deploy}}})
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_four_workers_on_one_postgresql_never_overlap_two_jobs_of_a_group(tmp_path, pg_url):
+    notes = tmp_path / "notes"
+    port = free_port()
+    targets = {"grouped": {"command": python_command(f"""
+        import sys, time
+        with open({str(notes)!r}, "a") as out:
+            out.write(f"start g{{sys.argv[1]}} {{time.monotonic()}}\\n")
+        time.sleep(0.03)
+        with open({str(notes)!r}, "a") as out:
+            out.write(f"end g{{sys.argv[1]}} {{time.monotonic()}}\\n")
+    """), "concurrency": "g{0}", "args_pattern": "[0-9]"}, "free": {"command": ["true"]}}
+    node = start(tmp_path / "node", node_config(tmp_path / "node", pg_url, targets, workers=0,
+                                                api_port=port), "run", "node")
+    workers = [start(tmp_path / f"w{n}", node_config(tmp_path / f"w{n}", pg_url, targets,
+                                                     name=f"w{n}", workers=3), "worker", f"w{n}")
+               for n in range(4)]
+    try:
+        ids = [api(port, "POST", "/v1/jobs", {"target": "grouped", "args": [str(n % 5)]})["id"]
+               for n in range(200)]
+        free = [api(port, "POST", "/v1/jobs", {"target": "free"})["id"] for _ in range(50)]
+        wait_for(lambda: all(api(port, "GET", f"/v1/jobs/{job}")["status"] == "completed"
+                             for job in [*ids, *free]), 180, "every job completed")
+    finally:
+        for worker in workers:
+            worker.stop()
+        node.stop()
+    runs = spans(notes)
+    assert sorted(runs) == [f"g{n}" for n in range(5)]
+    for group, group_runs in runs.items():
+        assert len(group_runs) == 40, group
+        for (_, end), (start_next, _) in itertools.pairwise(group_runs):
+            assert start_next >= end, (group, end, start_next)
+    # The groups did run side by side: some two runs of different groups overlap.
+    everything = sorted(span for group_runs in runs.values() for span in group_runs)
+    assert any(start_next < end for (_, end), (start_next, _) in itertools.pairwise(everything))
