@@ -142,6 +142,7 @@ class App:
         self.handlers.register(COMMAND_TYPE, self._commands)
         load_user_handlers(config, self.handlers)
         self.store = store or create_store(config.store)
+        self.store.claims_groups = any(target.concurrency for target in config.targets.values())
         self.metrics = Metrics(self.targets.names())
         self.monitor = ProgressMonitor(config.progress.interval_ms, observers=[self.metrics])
         self.job_logs = JobLogs(config.logs.max_bytes, redact)

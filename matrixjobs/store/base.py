@@ -79,6 +79,9 @@ class Store(abc.ABC):
 
     # Whether other processes (workers on other hosts) share this store.
     shared: bool = False
+    # Whether this process claims jobs of concurrency groups: only one whose config has a
+    # target with a group does (where asking costs a round trip per claim, PostgreSQL).
+    claims_groups: bool = True
 
     def listen(self, on_message: Callable[[str, list[str]], None],
                on_reconnect: Callable[[], None]) -> Callable[[], Awaitable[None]] | None:

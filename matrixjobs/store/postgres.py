@@ -448,8 +448,9 @@ class PostgresStore(Store):
             touched = await _settle(conn, outcomes, owner)
             await _save_logs(conn, {o.job_id: o.log for o in outcomes if o.log is not None}, "")
             if limit > 0:
+                groups = await _free_groups(conn, now, limit) if self.claims_groups else []
                 cycle.claimed = await _claim(conn, owner, limit, now, lease_s, labels,
-                                             worker, ahead)
+                                             worker, ahead, groups)
                 touched.update(j.batch_id for j in cycle.claimed if j.batch_id)
             cycle.batches = await _refresh_batches(conn, touched, now)
             await self._announce(conn, NEW, [o.job_id for o in outcomes if o.retry_at is not None])
@@ -1085,11 +1086,11 @@ async def _settle(
 
 async def _claim(
     conn: psycopg.AsyncConnection[Any], owner: str, limit: int, now: float, lease_s: float,
-    labels: Sequence[str], worker: str | None, ahead: int,
+    labels: Sequence[str], worker: str | None, ahead: int, groups: Sequence[str],
 ) -> list[Job]:
-    """Claim up to `limit` due jobs; the last `ahead` of them are claimed ahead of a free
-    slot: not started (no started_at) until `_mark_started` says so."""
-    groups = await _free_groups(conn, now, limit)
+    """Claim up to `limit` due jobs, of the concurrency groups only those of `groups` (see
+    `_free_groups`); the last `ahead` of them are claimed ahead of a free slot: not started
+    (no started_at) until `_mark_started` says so."""
     jobs = await _jobs(
         conn, "WITH plain AS (SELECT id, priority FROM jobs "
         f"WHERE status = 'pending' AND run_after <= %s AND NOT {CANCELLED_BATCH} "
@@ -1109,7 +1110,7 @@ async def _claim(
         "worker = %s, claimed_ahead = picked.ahead, started_at = CASE WHEN picked.ahead "
         "THEN jobs.started_at ELSE coalesce(jobs.started_at, %s) END "
         f"FROM picked WHERE jobs.id = picked.id RETURNING {QUALIFIED_JOB_COLUMNS}",
-        (now, json.dumps(list(labels)), limit, groups, now, json.dumps(list(labels)),
+        (now, json.dumps(list(labels)), limit, list(groups), now, json.dumps(list(labels)),
          limit - ahead, limit, owner, lease_s, worker, now),
     )
     jobs.sort(key=lambda j: (-j.priority, number_of(j.id)))
