@@ -39,7 +39,8 @@ from pydantic import (
     model_validator,
 )
 
-from matrixjobs.errors import ConfigError, echo
+from matrixjobs.cron import Cron, zone
+from matrixjobs.errors import BadArgumentsError, ConfigError, echo
 
 SECRET_ENV = ("MATRIXJOBS_PASSWORD", "MATRIXJOBS_ACCESS_TOKEN", "MATRIXJOBS_API_TOKEN",
               "MATRIXJOBS_PICKLE_KEY", "MATRIXJOBS_DATABASE_URL")
@@ -636,6 +637,56 @@ class ConfigWarning:
         return self.text
 
 
+class ScheduleConfig(Section):
+    """Work that starts itself at the times a cron expression names (docs/schedules.md)."""
+
+    cron: str
+    timezone: str = "UTC"  # an IANA name; the cron's times are this zone's wall clock
+    target: str | None = None
+    batch: list[str] | None = None
+    args: list[str] = Field(default_factory=list)  # the target's, checked by its args_pattern
+    room: str | None = None  # where its progress message goes
+    # A slot that passed while no node ran (or the store was out): "latest" runs the latest
+    # such slot once when a node can; "skip" waits for the next one.
+    missed: Literal["latest", "skip"] = "latest"
+
+    @field_validator("cron")
+    @classmethod
+    def _cron(cls, value: str) -> str:
+        Cron.parse(value)
+        return value
+
+    @field_validator("timezone")
+    @classmethod
+    def _timezone(cls, value: str) -> str:
+        zone(value)
+        return value
+
+    @field_validator("room")
+    @classmethod
+    def _room(cls, value: str | None) -> str | None:
+        return value if value is None else _room_ids([value])[0]
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> ScheduleConfig:
+        if (self.target is None) == (self.batch is None):
+            raise ValueError("set exactly one of 'target' (a name) or 'batch' (a list of "
+                             "target names)")
+        if self.batch is not None and not self.batch:
+            raise ValueError("batch: must name at least one target")
+        if self.batch is not None and self.args:
+            raise ValueError("args: only a single target takes arguments, not a batch")
+        return self
+
+    @property
+    def when(self) -> Cron:
+        return Cron.parse(self.cron, self.timezone)
+
+    @property
+    def targets(self) -> list[str]:
+        return [self.target] if self.target is not None else list(self.batch or ())
+
+
 class AuditConfig(Section):
     # Audit records older than this are removed from the start of the chain (a record
     # says so, and `matrixjobs audit verify` still passes); separate from [store]'s.
@@ -655,6 +706,7 @@ class Config(Section):
     mcp: McpConfig = McpConfig()
     targets: dict[str, TargetConfig] = Field(default_factory=dict)
     handlers: dict[str, str] = Field(default_factory=dict)
+    schedules: dict[str, ScheduleConfig] = Field(default_factory=dict)
 
     _api_token: SecretStr | None = PrivateAttr(default=None)
     _source: Path | None = PrivateAttr(default=None)  # the file it was read from
@@ -666,6 +718,34 @@ class Config(Section):
             if not NAME_RE.match(name):
                 raise ValueError(f"target name '{name}' must be letters, digits, '_', '.', '-'")
         return value
+
+    @field_validator("schedules")
+    @classmethod
+    def _schedule_names(cls, value: dict[str, ScheduleConfig]) -> dict[str, ScheduleConfig]:
+        for name in value:
+            if not NAME_RE.match(name):
+                raise ValueError(f"schedule name '{name}' must be letters, digits, '_', '.', "
+                                 "'-'")
+        return value
+
+    @model_validator(mode="after")
+    def _schedules_start_targets(self) -> Config:
+        # Here, not at the first slot: a typo would otherwise show only in the log at 03:00.
+        from matrixjobs.targets import Targets  # it imports this module
+
+        targets = Targets(self.targets)
+        for name, schedule in self.schedules.items():
+            key = f"schedules.{name}.{'target' if schedule.target is not None else 'batch'}"
+            for target in schedule.targets:
+                if target not in self.targets:
+                    raise ValueError(f"{key}: no target '{target}' (configured: "
+                                     f"{', '.join(sorted(self.targets)) or 'none'})")
+            if schedule.target is not None:
+                try:
+                    targets.check_args(schedule.target, schedule.args)
+                except BadArgumentsError as exc:
+                    raise ValueError(f"schedules.{name}.args: {exc}") from None
+        return self
 
     @field_validator("handlers")
     @classmethod
@@ -932,7 +1012,7 @@ _EXPECTED = {
 def format_errors(exc: ValidationError) -> str:
     lines = []
     for error in exc.errors():
-        key = ".".join(str(part) for part in error["loc"]) or "(top level)"
+        key = ".".join(str(part) for part in error["loc"])
         kind = error["type"]
         if kind == "extra_forbidden":
             text = "unknown key"
@@ -944,5 +1024,6 @@ def format_errors(exc: ValidationError) -> str:
             text = f"expected {_EXPECTED[kind]}, got {error['input']!r}"
         else:
             text = error["msg"].removeprefix("Value error, ")
-        lines.append(f"  {key}: {text}")
+        # A check across sections names its keys in its message.
+        lines.append(f"  {key}: {text}" if key else f"  {text}")
     return "\n".join(lines)

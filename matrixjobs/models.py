@@ -167,6 +167,23 @@ class PersonalToken:
     created_at: float
 
 
+@dataclass(frozen=True, slots=True)
+class ScheduleState:
+    """What every node sharing the store knows of a schedule (its config is each node's)."""
+
+    name: str
+    # The latest slot dealt with: fired, skipped, passed while paused, or the one before
+    # the schedule was first seen (a new schedule does not run a slot from before it).
+    last_slot: float | None = None
+    last_job: str | None = None  # the job or batch its latest fired slot started
+    paused_by: str | None = None
+    paused_at: float | None = None
+
+    @property
+    def paused(self) -> bool:
+        return self.paused_by is not None
+
+
 @dataclass(slots=True)
 class Progress:
     current: float

@@ -22,6 +22,7 @@ from matrixjobs.models import (
     PersonalToken,
     Progress,
     ProgressMessage,
+    ScheduleState,
     Status,
     Worker,
     job_id,
@@ -229,6 +230,23 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def token_owner(self, digest: str) -> str | None:
         """Whose token has this digest, if anyone's."""
+
+    @abc.abstractmethod
+    async def schedule_states(self) -> list[ScheduleState]:
+        """Every schedule's shared state, as far as any node recorded one."""
+
+    @abc.abstractmethod
+    async def schedule_done(self, name: str, slot: float, subject_id: str | None) -> None:
+        """Record `slot` as dealt with: fired (`subject_id`: what it started, here or on
+        another node), skipped, or passed before the schedule was first seen (None). An
+        older slot never replaces a newer one."""
+
+    @abc.abstractmethod
+    async def pause_schedule(self, name: str, paused_by: str | None, passed: float,
+                             audit: Entry) -> bool:
+        """Pause (`paused_by`: who) or resume (None) a schedule, with the `audit` record;
+        slots up to `passed` count as dealt with (a resume does not run what the pause
+        held back). False: it already was so, and nothing was written."""
 
     @abc.abstractmethod
     async def get_job(self, job_id: str) -> Job | None: ...

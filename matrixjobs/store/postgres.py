@@ -45,6 +45,7 @@ from matrixjobs.models import (
     PersonalToken,
     Progress,
     ProgressMessage,
+    ScheduleState,
     Status,
     Worker,
     batch_id,
@@ -62,6 +63,10 @@ from matrixjobs.store.rows import (
     JOB_COLUMNS,
     QUALIFIED_JOB_COLUMNS,
     RUNNING_BY_OWNER,
+    SCHEDULE_COLUMNS,
+    SCHEDULE_DONE,
+    SCHEDULE_PAUSE,
+    SCHEDULE_RESUME,
     WORKER_COLUMNS,
     approval_table,
     approval_text,
@@ -74,6 +79,7 @@ from matrixjobs.store.rows import (
     job_from_row,
     number_of,
     recount,
+    schedule_from_row,
     token_exists,
     trigger_text,
     with_running,
@@ -229,7 +235,19 @@ MIGRATIONS: list[str] = [
     ALTER TABLE jobs ADD COLUMN concurrency TEXT;
     CREATE INDEX jobs_concurrency ON jobs(concurrency, status) WHERE concurrency IS NOT NULL;
     """,
+    # schedules: what every node shares of each (its slots fire once through
+    # processed_events; this keeps the last one dealt with, its job, and a pause)
+    """
+    CREATE TABLE schedules (
+        name TEXT PRIMARY KEY,
+        last_slot DOUBLE PRECISION,
+        last_job TEXT,
+        paused_by TEXT,
+        paused_at DOUBLE PRECISION
+    );
+    """,
 ]
+
 # Leases are timed by the database's clock, the one clock every host shares: a host whose
 # own clock is off must neither take over healthy workers' jobs nor keep dead ones.
 DB_NOW = "extract(epoch FROM clock_timestamp())"
@@ -658,6 +676,30 @@ class PostgresStore(Store):
 
     async def token_owner(self, digest: str) -> str | None:
         return await self._scalar("SELECT user_id FROM tokens WHERE digest = %s", (digest,))
+
+    # -- schedules -------------------------------------------------------------------------
+
+    async def schedule_states(self) -> list[ScheduleState]:
+        rows = await self._fetch(f"SELECT {SCHEDULE_COLUMNS} FROM schedules")
+        return [schedule_from_row(row) for row in rows]
+
+    async def schedule_done(self, name: str, slot: float, subject_id: str | None) -> None:
+        async with self._transaction() as conn:
+            await conn.execute(SCHEDULE_DONE.format(p="%s"), (name, slot, subject_id))
+
+    async def pause_schedule(self, name: str, paused_by: str | None, passed: float,
+                             audit: Entry) -> bool:
+        async with self._transaction() as conn:
+            if paused_by is None:
+                cursor = await conn.execute(SCHEDULE_RESUME.format(p="%s"),
+                                            (passed, passed, name))
+            else:
+                cursor = await conn.execute(SCHEDULE_PAUSE.format(p="%s"),
+                                            (name, passed, paused_by, time.time()))
+            if cursor.rowcount != 1:
+                return False
+            await _audit(conn, audit)
+        return True
 
     # -- progress messages and settings (for interfaces) ------------------------------------
 

@@ -17,6 +17,7 @@ from matrixjobs.models import (
     JobSpec,
     PersonalToken,
     Progress,
+    ScheduleState,
     Status,
     Trigger,
     Worker,
@@ -103,6 +104,36 @@ AWAITING_APPROVAL = (
     "WHERE status = 'pending' AND approval IS NOT NULL AND id IN (SELECT batch_id FROM jobs "
     "WHERE status = 'pending' AND run_after >= {p})"
 )
+
+
+SCHEDULE_COLUMNS = "name, last_slot, last_job, paused_by, paused_at"
+# A schedule's slot dealt with ({p}: the driver's placeholder): an older slot (a node that
+# was late) never replaces a newer one, and a skipped slot (no job) keeps the last job.
+SCHEDULE_DONE = (
+    "INSERT INTO schedules (name, last_slot, last_job) VALUES ({p}, {p}, {p}) "
+    "ON CONFLICT (name) DO UPDATE SET last_slot = excluded.last_slot, "
+    "last_job = coalesce(excluded.last_job, schedules.last_job) "
+    "WHERE schedules.last_slot IS NULL OR schedules.last_slot <= excluded.last_slot"
+)
+# The later of a stored slot and {p}.
+LATER_SLOT = "CASE WHEN last_slot > {p} THEN last_slot ELSE {p} END"
+SCHEDULE_PAUSE = (
+    "INSERT INTO schedules (name, last_slot, paused_by, paused_at) VALUES ({p}, {p}, {p}, {p}) "
+    "ON CONFLICT (name) DO UPDATE SET paused_by = excluded.paused_by, "
+    "paused_at = excluded.paused_at, last_slot = CASE WHEN schedules.last_slot > "
+    "excluded.last_slot THEN schedules.last_slot ELSE excluded.last_slot END "
+    "WHERE schedules.paused_by IS NULL"
+)
+SCHEDULE_RESUME = (
+    "UPDATE schedules SET paused_by = NULL, paused_at = NULL, last_slot = " + LATER_SLOT +
+    " WHERE name = {p} AND paused_by IS NOT NULL"
+)
+
+
+def schedule_from_row(row: Sequence[Any]) -> ScheduleState:
+    name, last_slot, last_job, paused_by, paused_at = row
+    return ScheduleState(name, None if last_slot is None else float(last_slot), last_job,
+                         paused_by, None if paused_at is None else float(paused_at))
 
 
 def approvals_of(rows: Sequence[Sequence[Any]]) -> list[tuple[str, Approval]]:
@@ -199,6 +230,7 @@ TABLES: tuple[tuple[str, str], ...] = (
     ("settings", "key, value"),
     ("audit", AUDIT_COLUMNS),
     ("tokens", "digest, user_id, name, created_at"),
+    ("schedules", SCHEDULE_COLUMNS),
 )
 # Tables whose ids the stores hand out, as j12 and b3 that room messages name.
 NUMBERED_TABLES = ("batches", "jobs")

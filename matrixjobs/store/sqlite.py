@@ -35,6 +35,7 @@ from matrixjobs.models import (
     PersonalToken,
     Progress,
     ProgressMessage,
+    ScheduleState,
     Status,
     Worker,
     batch_id,
@@ -50,6 +51,10 @@ from matrixjobs.store.rows import (
     JOB_COLUMNS,
     QUALIFIED_JOB_COLUMNS,
     RUNNING_BY_OWNER,
+    SCHEDULE_COLUMNS,
+    SCHEDULE_DONE,
+    SCHEDULE_PAUSE,
+    SCHEDULE_RESUME,
     WORKER_COLUMNS,
     approval_table,
     approval_text,
@@ -62,6 +67,7 @@ from matrixjobs.store.rows import (
     job_from_row,
     number_of,
     recount,
+    schedule_from_row,
     token_exists,
     trigger_text,
     with_running,
@@ -222,7 +228,19 @@ MIGRATIONS: list[str] = [
     ALTER TABLE jobs ADD COLUMN concurrency TEXT;
     CREATE INDEX jobs_concurrency ON jobs(concurrency, status) WHERE concurrency IS NOT NULL;
     """,
+    # schedules: what every node shares of each (its slots fire once through
+    # processed_events; this keeps the last one dealt with, its job, and a pause)
+    """
+    CREATE TABLE schedules (
+        name TEXT PRIMARY KEY,
+        last_slot REAL,
+        last_job TEXT,
+        paused_by TEXT,
+        paused_at REAL
+    );
+    """,
 ]
+
 log = logging.getLogger(__name__)
 
 MIN_SQLITE = (3, 35, 0)
@@ -885,6 +903,31 @@ class SqliteStore(Store):
             rows = await self.db.execute_fetchall(
                 "SELECT user_id FROM tokens WHERE digest = ?", (digest,))
         return rows[0][0] if rows else None
+
+    # -- schedules -------------------------------------------------------------------------
+
+    async def schedule_states(self) -> list[ScheduleState]:
+        async with self._lock:
+            rows = await self.db.execute_fetchall(f"SELECT {SCHEDULE_COLUMNS} FROM schedules")
+        return [schedule_from_row(tuple(row)) for row in rows]
+
+    async def schedule_done(self, name: str, slot: float, subject_id: str | None) -> None:
+        async with self._transaction():
+            await self.db.execute(SCHEDULE_DONE.format(p="?"), (name, slot, subject_id))
+
+    async def pause_schedule(self, name: str, paused_by: str | None, passed: float,
+                             audit: Entry) -> bool:
+        async with self._transaction():
+            if paused_by is None:
+                cursor = await self.db.execute(SCHEDULE_RESUME.format(p="?"),
+                                               (passed, passed, name))
+            else:
+                cursor = await self.db.execute(SCHEDULE_PAUSE.format(p="?"),
+                                               (name, passed, paused_by, time.time()))
+            if cursor.rowcount != 1:
+                return False
+            await self._audit(audit)
+        return True
 
     # -- progress messages and settings (for interfaces) ------------------------------------
 
