@@ -29,7 +29,7 @@ from prometheus_client import CollectorRegistry
 
 from matrixjobs import __version__
 from matrixjobs.audit import SERVICE, AuditAction, AuditQuery, Entry, Record, Verdict, verify
-from matrixjobs.config import USER_RE, Config
+from matrixjobs.config import USER_RE, Config, ScheduleConfig
 from matrixjobs.errors import (
     AlreadyFinishedError,
     BadArgumentsError,
@@ -55,6 +55,7 @@ from matrixjobs.models import (
     JobSpec,
     PersonalToken,
     ProgressMessage,
+    ScheduleState,
     Status,
     Trigger,
     Worker,
@@ -70,6 +71,8 @@ from matrixjobs.queue.handlers import HandlerRegistry, load_user_handlers
 from matrixjobs.queue.joblog import JobLogs, tail
 from matrixjobs.queue.queue import JobQueue
 from matrixjobs.queue.remote import RemoteFeed
+from matrixjobs.scheduler import Scheduler
+from matrixjobs.schedules import ScheduleInfo, schedule_info
 from matrixjobs.store import Store, create_store, describe_store
 from matrixjobs.store.health import RETRY_AFTER_S, StoreFault, StoreHealth
 from matrixjobs.supervisor import Supervisor
@@ -131,8 +134,11 @@ class App:
         handlers: HandlerRegistry | None = None,
         store: Store | None = None,
         role: str = "run",
+        clock: Callable[[], float] = time.time,
     ) -> None:
+        """`clock`: the wall clock schedules follow (tests move one of their own)."""
         self.config = config
+        self._clock = clock
         self.role = role  # "run" (the service) or "worker" (`matrixjobs worker`)
         self.targets = Targets(config.targets)
         self.policy = Policy(config.access, config.targets)
@@ -155,6 +161,9 @@ class App:
                        if self.store.shared and role == "run" else None)
         if self.remote is not None:
             self.monitor.observe(self.remote)
+        # Every node runs the schedules: the store makes each slot start its work once.
+        self.scheduler = (Scheduler(config.schedules, self.store, self.trigger, clock)
+                          if config.schedules else None)
         self.components: list[Component] = []
         self._supervisor = Supervisor()
         self._workers_cache: tuple[float, list[Worker]] | None = None
@@ -183,6 +192,8 @@ class App:
         if self.role == "run":
             await self.end_approvals()  # what expired while the service was down
             self._supervisor.every("approvals", APPROVAL_SWEEP_S, self.end_approvals)
+        if self.scheduler is not None:
+            self._supervisor.keep("schedules", self.scheduler.run)
         listen = self.store.listen(self._announced, self._missed_news)
         if listen is not None:
             self._supervisor.keep("listener", listen)
@@ -639,6 +650,66 @@ class App:
             return []
         await self._allow(caller, action, [_target(job)], job.requester, subject)
         return [_target(job)]
+
+    # -- schedules -----------------------------------------------------------------------------
+
+    async def schedules(self) -> list[ScheduleInfo]:
+        """Every configured schedule, by name, as it stands on every node."""
+        async with self._reading():
+            states = {state.name: state for state in await self.store.schedule_states()}
+            now = self._clock()
+            return [schedule_info(name, config, states.get(name),
+                                  await self._last_work(states.get(name)), now)
+                    for name, config in sorted(self.config.schedules.items())]
+
+    async def schedule(self, name: str) -> ScheduleInfo:
+        config = self._schedule_config(name)
+        async with self._reading():
+            state = next((state for state in await self.store.schedule_states()
+                          if state.name == name), None)
+            return schedule_info(name, config, state, await self._last_work(state),
+                                 self._clock())
+
+    async def _last_work(self, state: ScheduleState | None) -> Job | Batch | None:
+        subject = None if state is None else state.last_job
+        if subject is None:
+            return None
+        if subject.startswith(BATCH_PREFIX):
+            return await self.store.get_batch(subject)
+        return await self.store.get_job(subject)
+
+    async def pause_schedule(self, name: str, caller: Caller) -> ScheduleInfo:
+        """Hold a schedule's slots on every node until it is resumed. Pausing what is
+        paused changes nothing (and records nothing)."""
+        return await self._pause(name, caller, paused=True)
+
+    async def resume_schedule(self, name: str, caller: Caller) -> ScheduleInfo:
+        """Let a paused schedule go on from its next slot: the slots the pause held back
+        do not run."""
+        return await self._pause(name, caller, paused=False)
+
+    async def _pause(self, name: str, caller: Caller, paused: bool) -> ScheduleInfo:
+        config = self._schedule_config(name)
+        await self._allow(caller, Action.SCHEDULE, config.targets)
+        action = AuditAction.SCHEDULE_PAUSED if paused else AuditAction.SCHEDULE_RESUMED
+        audit = _entry(caller, action, " ".join(config.targets), {"schedule": name})
+        assert audit is not None
+        passed = config.when.latest_at(self._clock())
+        with self._storing():
+            changed = await self.store.pause_schedule(name, caller.user if paused else None,
+                                                      passed, audit)
+        if changed:
+            log.info("schedule %s: %s by %s via %s", name, action, caller.user, caller.via)
+            if self.scheduler is not None:
+                self.scheduler.wake()
+        return await self.schedule(name)
+
+    def _schedule_config(self, name: str) -> ScheduleConfig:
+        config = self.config.schedules.get(name)
+        if config is None:
+            raise NotFoundError(f"no schedule '{echo(name)}' (configured: "
+                                f"{', '.join(sorted(self.config.schedules)) or 'none'})")
+        return config
 
     # -- the audit log -------------------------------------------------------------------------
 

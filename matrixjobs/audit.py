@@ -34,6 +34,8 @@ class AuditAction(StrEnum):
     REFUSED = "refused"
     TOKEN_ISSUED = "token_issued"
     TOKEN_REVOKED = "token_revoked"
+    SCHEDULE_PAUSED = "schedule_paused"
+    SCHEDULE_RESUMED = "schedule_resumed"
     SERVICE_STARTED = "service_started"
     SERVICE_STOPPED = "service_stopped"
     PRUNED = "pruned"

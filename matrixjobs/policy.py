@@ -23,6 +23,8 @@ class Action(StrEnum):
     APPROVE = "approve"  # approve or deny work held for approval
     TOKEN = "token"  # issue, list or revoke personal API tokens
     READ = "read"  # status, lists, targets, help
+    # Pause or resume a schedule: as for running every target it starts (from here).
+    SCHEDULE = "schedule"
 
 
 class Via(StrEnum):

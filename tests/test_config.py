@@ -23,6 +23,7 @@ from matrixjobs.config import (
     MatrixConfig,
     ProgressConfig,
     QueueConfig,
+    ScheduleConfig,
     StoreConfig,
     TargetConfig,
     TcpAddress,
@@ -142,6 +143,21 @@ def test_commented_matrix_section_of_the_example_validates(conf_dir):
     assert config.matrix.device_name == "matrixjobs"
     raw_keys = set(tomllib.loads("\n".join(block))["matrix"])
     assert raw_keys == set(MatrixConfig.model_fields)
+
+
+def test_commented_schedules_section_of_the_example_validates_with_its_targets(conf_dir):
+    text = EXAMPLE.read_text(encoding="utf-8")
+    head, _, block = text.partition("# [schedules.nightly]\n")
+    block = "[schedules.nightly]\n" + "\n".join(line.removeprefix("# ")
+                                                for line in block.splitlines())
+    config = load_config(write(conf_dir, head + block + "\n"), environ={})
+    schedule = config.schedules["nightly"]
+    assert (schedule.target, schedule.args, schedule.timezone) == ("deploy", ["main"],
+                                                                   "Europe/Berlin")
+    # Every key but `batch`, which the example names beside `target` (one or the other).
+    assert set(tomllib.loads(block)["schedules"]["nightly"]) == \
+        set(ScheduleConfig.model_fields) - {"batch"}
+    assert "batch = [" in block
 
 
 def test_empty_config_is_valid_and_uses_defaults(conf_dir):
