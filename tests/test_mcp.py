@@ -36,7 +36,7 @@ WORDY = python_target("for n in range(3000): print(f'{n:05d}' + 'x' * 94)")
 TARGETS = {"count": COUNT, "slow": SLOW, "quiet": QUIET, "wordy": WORDY}
 MODES = ["auto", "legacy"]
 TOOLS = {"status", "list_jobs", "submit_build", "submit_batch", "rerun", "cancel", "approve",
-         "deny", "logs", "workers"}
+         "deny", "logs", "workers", "schedules", "pause_schedule"}
 
 
 class Service:

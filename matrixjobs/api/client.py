@@ -17,6 +17,7 @@ from matrixjobs import __version__
 from matrixjobs.fleet import WorkerState
 from matrixjobs.models import BATCH_PREFIX, parse_id
 from matrixjobs.progress.events import JobProgressEvent
+from matrixjobs.schedules import ScheduleInfo
 
 DEFAULT_URL = "http://127.0.0.1:8765"
 URL_ENV = "MATRIXJOBS_API_URL"
@@ -134,6 +135,16 @@ class ApiClient:
         """Every worker of the service's store, silent ones too."""
         data = await self._request("GET", "/v1/workers")
         return [WorkerState.model_validate(item) for item in data["workers"]]
+
+    async def schedules(self) -> list[ScheduleInfo]:
+        data = await self._request("GET", "/v1/schedules")
+        return [ScheduleInfo.model_validate(item) for item in data["schedules"]]
+
+    async def pause_schedule(self, name: str, pause: bool) -> ScheduleInfo:
+        """Pause (or with `pause` false, resume) a schedule."""
+        action = "pause" if pause else "resume"
+        data = await self._request("POST", f"/v1/schedules/{_segment(name)}/{action}")
+        return ScheduleInfo.model_validate(data)
 
     async def audit(self, params: dict[str, str]) -> list[dict[str, Any]]:
         """Audit records (GET /v1/audit's query `params`), oldest first."""

@@ -37,6 +37,7 @@ from matrixjobs.audit import AuditAction
 from matrixjobs.fleet import WorkerState
 from matrixjobs.models import BATCH_PREFIX, JOB_PREFIX, Status
 from matrixjobs.progress.events import JobProgressEvent
+from matrixjobs.schedules import ScheduleInfo
 
 PATH = "/v1/openapi.json"
 JSON = "application/json"
@@ -129,6 +130,9 @@ BAD_QUERY = error("a bad query parameter", 400)
 NOT_FOUND = error("no such job or batch (or not an id)", 404)
 FORBIDDEN = error("a rule refuses who asks (`forbidden`; the message names the rule), e.g. "
                   "a target that only a Matrix room may start", 403)
+SCHEDULE_NAME = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"},
+                 "description": "a [schedules.NAME] name", "example": "nightly"}
+SCHEDULE_NOT_FOUND = error("no schedule of that name", 404)
 BAD_BODY = error("the body is not JSON or not the expected object", 400)
 SUBMIT_ERRORS = {
     403: FORBIDDEN,
@@ -283,6 +287,29 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
             "type": "object", "required": ["workers"],
             "properties": {"workers": {"type": "array", "items": ref("WorkerState")}}}),
             400: BAD_QUERY, 503: STORE_UNAVAILABLE}),
+    ("GET", "/v1/schedules"): Operation(
+        "The schedules: next run, pause, last job",
+        description=("Every `[schedules.NAME]`, by name: `nextRun` in the schedule's own time "
+                     "zone (null while paused), who paused it, and its last job or batch with "
+                     "its status (null before its first run, or once retention removed it)."),
+        responses={200: answer("the schedules", {
+            "type": "object", "required": ["schedules"],
+            "properties": {"schedules": {"type": "array", "items": ref("ScheduleInfo")}}}),
+            400: BAD_QUERY, 503: STORE_UNAVAILABLE}),
+    ("POST", "/v1/schedules/{name}/pause"): Operation(
+        "Pause a schedule on every node",
+        parameters=(SCHEDULE_NAME,),
+        description=("Its slots start nothing until it is resumed. Who may: whoever may run "
+                     "every target it starts. Pausing a paused schedule changes nothing."),
+        responses={200: answer("the schedule now", ref("ScheduleInfo")), 400: BAD_QUERY,
+                   403: FORBIDDEN, 404: SCHEDULE_NOT_FOUND, 503: STORE_UNAVAILABLE}),
+    ("POST", "/v1/schedules/{name}/resume"): Operation(
+        "Resume a paused schedule",
+        parameters=(SCHEDULE_NAME,),
+        description=("It goes on from its next slot: the slots the pause held back do not "
+                     "run."),
+        responses={200: answer("the schedule now", ref("ScheduleInfo")), 400: BAD_QUERY,
+                   403: FORBIDDEN, 404: SCHEDULE_NOT_FOUND, 503: STORE_UNAVAILABLE}),
     ("GET", "/v1/audit"): Operation(
         "The audit log", parameters=AUDIT_PARAMETERS,
         description=("Who did what, from where: the newest `limit` records that match, "
@@ -412,6 +439,7 @@ def _operation(operation: Operation) -> dict[str, Any]:
 def _schemas() -> dict[str, Any]:
     _, generated = models_json_schema(
         [(JobProgressEvent, "serialization"), (WorkerState, "serialization"),
+         (ScheduleInfo, "serialization"),
          (SubmitJob, "validation"),
          (SubmitBatch, "validation"), (Deny, "validation"), (IssueToken, "validation")],
         by_alias=True, ref_template=SCHEMAS + "{model}")

@@ -99,6 +99,9 @@ class Endpoints:
             Route("/v1/status", self.active, methods=["GET"]),
             Route("/v1/status/{id}", self.status, methods=["GET"]),
             Route("/v1/workers", self.workers, methods=["GET"]),
+            Route("/v1/schedules", self.schedules, methods=["GET"]),
+            Route("/v1/schedules/{name}/pause", self.pause_schedule, methods=["POST"]),
+            Route("/v1/schedules/{name}/resume", self.resume_schedule, methods=["POST"]),
             Route("/v1/audit", self.audit, methods=["GET"]),
             Route("/v1/whoami", self.whoami, methods=["GET"]),
             by_method("/v1/tokens", GET=self.list_tokens, POST=self.issue_token),
@@ -288,6 +291,24 @@ class Endpoints:
         now, lease_s = time.time(), self.app.config.queue.lease_s
         states = [worker_state(w, now, lease_s).to_json() for w in await self.app.workers()]
         return json_response(f'{{"workers":[{",".join(states)}]}}')
+
+
+    # -- schedules -------------------------------------------------------------------------------
+
+    async def schedules(self, request: Request) -> Response:
+        known_query(request)
+        listed = ",".join(info.to_json() for info in await self.app.schedules())
+        return json_response(f'{{"schedules":[{listed}]}}')
+
+    async def pause_schedule(self, request: Request) -> Response:
+        known_query(request)
+        info = await self.app.pause_schedule(request.path_params["name"], caller_of(request))
+        return json_response(info.to_json())
+
+    async def resume_schedule(self, request: Request) -> Response:
+        known_query(request)
+        info = await self.app.resume_schedule(request.path_params["name"], caller_of(request))
+        return json_response(info.to_json())
 
 
 def by_method(path: str, **handlers: Callable[[Request], Awaitable[Response]]) -> Route:

@@ -1,5 +1,5 @@
-"""The client commands: status, submit, batch, rerun, cancel, jobs, logs, workers (talking to
-the API)."""
+"""The client commands: status, submit, batch, rerun, cancel, jobs, logs, workers, schedules
+(talking to the API)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,14 @@ from matrixjobs.api.client import (
     ServiceUnreachable,
 )
 from matrixjobs.config import load_config
-from matrixjobs.console.display import Board, Mode, pick_mode, print_events, print_workers
+from matrixjobs.console.display import (
+    Board,
+    Mode,
+    pick_mode,
+    print_events,
+    print_schedules,
+    print_workers,
+)
 from matrixjobs.errors import ConfigError
 from matrixjobs.exitcodes import EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE
 from matrixjobs.models import Status
@@ -98,6 +105,19 @@ async def cmd_jobs(api: ApiClient, args: argparse.Namespace, mode: Mode) -> int:
 
 async def cmd_workers(api: ApiClient, args: argparse.Namespace, mode: Mode) -> int:
     print_workers(await api.workers(), mode, time.time())
+    return EXIT_OK
+
+
+async def cmd_schedules(api: ApiClient, args: argparse.Namespace, mode: Mode) -> int:
+    """List the schedules, or pause or resume one."""
+    if args.what == "list":
+        print_schedules(await api.schedules(), mode)
+        return EXIT_OK
+    if not args.name:
+        print(f"error: schedules {args.what} needs a NAME", file=sys.stderr)
+        return EXIT_USAGE
+    info = await api.pause_schedule(args.name, pause=args.what == "pause")
+    print(info.to_json() if mode is Mode.JSON else wording.schedule(info), flush=True)
     return EXIT_OK
 
 
@@ -331,8 +351,8 @@ EPILOG = (
 
 
 def add_client_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    """Register status, submit, batch, rerun, cancel, approve, deny, jobs, logs and workers
-    on the main parser's subcommands."""
+    """Register status, submit, batch, rerun, cancel, approve, deny, jobs, logs, workers and
+    schedules on the main parser's subcommands."""
 
     def client_parser(name: str, help_text: str, command: Command,
                       json_help: str = JSON_EVENTS_HELP) -> argparse.ArgumentParser:
@@ -424,6 +444,15 @@ def add_client_commands(commands: argparse._SubParsersAction) -> None:  # type: 
     client_parser("workers", "list the processes that run jobs: labels, running jobs, last "
                              "heartbeat, and those that went silent", cmd_workers,
                   json_help='machine-readable output: the API\'s answer, {"workers": [...]}')
+
+    schedules = client_parser("schedules", "list the schedules (next run, paused, last job), "
+                                           "or pause or resume one on every node",
+                              cmd_schedules, json_help="machine-readable output: the API's "
+                                                       "answer")
+    schedules.add_argument("what", nargs="?", choices=["list", "pause", "resume"],
+                           default="list")
+    schedules.add_argument("name", nargs="?", metavar="NAME",
+                           help="with pause or resume: which schedule")
 
     logs = client_parser("logs", "print a job's whole output (every attempt)", cmd_logs)
     logs.add_argument("id", metavar="ID", help="a job (j12)")

@@ -16,6 +16,7 @@ from matrixjobs.fleet import WorkerState
 from matrixjobs.models import Status
 from matrixjobs.progress import wording
 from matrixjobs.progress.events import JobProgressEvent
+from matrixjobs.schedules import ScheduleInfo
 
 STATUS_STYLE = {
     Status.PENDING: "yellow",
@@ -122,6 +123,32 @@ def print_workers(workers: list[WorkerState], mode: Mode, now: float) -> None:
         table.add_row(worker.name, worker.host, worker.role, ", ".join(worker.labels),
                       wording.load(worker), wording.age(worker.heartbeat_at, now),
                       f"[{style}]{wording.liveness(worker)}[/{style}]")
+    console.print(table)
+
+
+def print_schedules(schedules: list[ScheduleInfo], mode: Mode) -> None:
+    if mode is Mode.JSON:
+        print(f'{{"schedules":[{",".join(info.to_json() for info in schedules)}]}}',
+              flush=True)
+        return
+    if mode is Mode.PLAIN:
+        for info in schedules:
+            print(wording.schedule(info), flush=True)
+        return
+    console = Console()
+    if not schedules:
+        console.print("[dim]schedules: none[/dim]")
+        return
+    table = Table(title="schedules", title_justify="left")
+    for column in ("name", "cron", "starts", "next run", "last run"):
+        table.add_column(column, overflow="fold")
+    for info in schedules:
+        when = wording.schedule_when(info)
+        style = STATUS_STYLE.get(info.last_status, "dim") if info.last_status else "dim"
+        table.add_row(info.name, f"{info.cron} ({info.timezone})",
+                      " ".join([*info.targets, *info.args]),
+                      f"[yellow]{when}[/yellow]" if info.paused else when,
+                      f"[{style}]{wording.schedule_last(info)}[/{style}]")
     console.print(table)
 
 

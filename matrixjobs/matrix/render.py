@@ -33,6 +33,7 @@ from matrixjobs.fleet import WorkerState
 from matrixjobs.models import PersonalToken, Status
 from matrixjobs.progress import wording
 from matrixjobs.progress.events import JobProgressEvent
+from matrixjobs.schedules import ScheduleInfo
 
 BAR_CELLS = 10
 MINI_BAR_CELLS = 5
@@ -70,6 +71,9 @@ COMMANDS: tuple[tuple[str, str], ...] = (
     ("jobs", "list recent and active jobs"),
     ("targets", "list what can be built"),
     ("workers", "list the workers: their labels, running jobs, and those gone silent"),
+    ("schedules", "list the schedules: next run, paused or not, last job"),
+    ("schedule pause|resume NAME", "hold a schedule's runs on every node, or let them go "
+                                   "on"),
     ("help", "show this help"),
 )
 
@@ -448,6 +452,22 @@ def render_workers(workers: list[WorkerState], now: float) -> Rendered:
     if not workers:
         return _single("No workers.")
     return _listing("Workers:", [_worker_line(worker, now) for worker in workers])
+
+
+def render_schedules(schedules: list[ScheduleInfo]) -> Rendered:
+    """`!schedules`: one line per schedule, by name."""
+    if not schedules:
+        return _single("No schedules are configured.")
+    return _listing("Schedules:", [(_clip(line), escape(_clip(line)))
+                                   for line in map(wording.schedule, schedules)])
+
+
+def render_schedule_changed(info: ScheduleInfo, prefix: str) -> Rendered:
+    """The answer to `!schedule pause|resume NAME`: where the schedule stands now."""
+    if info.paused:
+        return _single(f"⏸️ {info.name} is {wording.schedule_when(info)}: it starts nothing "
+                       f"until {prefix}schedule resume {info.name}")
+    return _single(f"▶️ {info.name} runs: {wording.schedule_when(info)}")
 
 
 def render_log(job_id: str, text: str) -> Rendered:

@@ -182,6 +182,22 @@ async def workers(ctx: Context, command: Command) -> None:
     ctx.reply(render.render_workers(states, now))
 
 
+async def schedules(ctx: Context, command: Command) -> None:
+    ctx.reply(render.render_schedules(await ctx.app.schedules()))
+
+
+async def schedule(ctx: Context, command: Command) -> None:
+    """`!schedule pause NAME` / `!schedule resume NAME`: the App asks the policy whether the
+    sender may run what the schedule starts, from this room."""
+    if len(command.args) != 2 or command.args[0].lower() not in ("pause", "resume"):
+        raise MatrixJobsError(f"usage: {ctx.prefix}schedule pause NAME or "
+                              f"{ctx.prefix}schedule resume NAME")
+    what, name = command.args[0].lower(), command.args[1]
+    change = ctx.app.pause_schedule if what == "pause" else ctx.app.resume_schedule
+    ctx.reply(render.render_schedule_changed(await change(name, await ctx.caller()),
+                                             ctx.prefix))
+
+
 async def help_(ctx: Context, command: Command) -> None:
     ctx.reply(render.render_help(ctx.prefix))
 
@@ -210,5 +226,7 @@ COMMANDS: dict[str, RoomCommand] = {
     "jobs": RoomCommand(jobs, Action.READ),
     "targets": RoomCommand(targets, Action.READ),
     "workers": RoomCommand(workers, Action.READ),
+    "schedules": RoomCommand(schedules, Action.READ),
+    "schedule": RoomCommand(schedule, Action.SCHEDULE),
     "help": RoomCommand(help_, Action.READ),
 }

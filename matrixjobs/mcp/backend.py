@@ -21,6 +21,7 @@ from matrixjobs.models import Status
 from matrixjobs.policy import ADMIN, Caller, Via
 from matrixjobs.progress.events import JobProgressEvent, event_of
 from matrixjobs.queue.joblog import tail
+from matrixjobs.schedules import ScheduleInfo
 
 T = TypeVar("T")
 
@@ -61,6 +62,12 @@ class Backend(Protocol):
 
     async def workers(self) -> list[WorkerState]:
         """Every worker of the store, silent ones too."""
+        ...
+
+    async def schedules(self) -> list[ScheduleInfo]: ...
+
+    async def pause_schedule(self, name: str, pause: bool) -> ScheduleInfo:
+        """Pause (or with `pause` false, resume) a schedule."""
         ...
 
 
@@ -115,6 +122,13 @@ class AppBackend:
     async def workers(self) -> list[WorkerState]:
         now, lease_s = time.time(), self.app.config.queue.lease_s
         return [worker_state(worker, now, lease_s) for worker in await self.app.workers()]
+
+    async def schedules(self) -> list[ScheduleInfo]:
+        return await self.app.schedules()
+
+    async def pause_schedule(self, name: str, pause: bool) -> ScheduleInfo:
+        change = self.app.pause_schedule if pause else self.app.resume_schedule
+        return await change(name, MCP_ADMIN)
 
 
 class HttpBackend:
@@ -175,6 +189,12 @@ class HttpBackend:
 
     async def workers(self) -> list[WorkerState]:
         return await _translated(self.api.workers())
+
+    async def schedules(self) -> list[ScheduleInfo]:
+        return await _translated(self.api.schedules())
+
+    async def pause_schedule(self, name: str, pause: bool) -> ScheduleInfo:
+        return await _translated(self.api.pause_schedule(name, pause))
 
 
 def _statuses(statuses: Sequence[Status] | None) -> str | None:

@@ -1,8 +1,9 @@
-"""The MCP server: ten tools over a `Backend` (the core in-process, or the HTTP API).
+"""The MCP server: twelve tools over a `Backend` (the core in-process, or the HTTP API).
 
 Tools: `status` (optionally streaming progress), `list_jobs`, `submit_build`,
 `submit_batch`, `rerun`, `cancel`, `approve` and `deny` (work held for approval), `logs`
-(the end of a job's output), `workers` (the fleet). Results are pydantic models, so
+(the end of a job's output), `workers` (the fleet), `schedules` and `pause_schedule`.
+Results are pydantic models, so
 clients get `structuredContent` (camelCase, the same `job-progress` JSON as the HTTP API)
 beside the text.
 
@@ -37,6 +38,7 @@ from matrixjobs.mcp.backend import Backend
 from matrixjobs.models import Status
 from matrixjobs.progress import wording
 from matrixjobs.progress.events import CamelModel, JobProgressEvent
+from matrixjobs.schedules import ScheduleInfo
 
 HEARTBEAT_S = 50.0
 MAX_LIMIT = 1000
@@ -51,7 +53,9 @@ Submit with submit_build (one target) or submit_batch (several); follow a job or
 with status(id, stream=true), which sends progress notifications and returns when it ends
 (set max_wait_s if your client times out requests, then call again). Ids look like j12
 (jobs) and b3 (batches). rerun(id) runs a job or batch again with the same arguments.
-Work whose state has `approval` waiting waits for people: approve(id) or deny(id, reason)."""
+Work whose state has `approval` waiting waits for people: approve(id) or deny(id, reason).
+schedules lists the work that starts itself; pause_schedule(name, paused) holds or resumes
+one."""
 
 
 class StatusResult(CamelModel):
@@ -75,6 +79,10 @@ class LogResult(CamelModel):
 
 class WorkerList(CamelModel):
     workers: list[WorkerState]
+
+
+class ScheduleList(CamelModel):
+    schedules: list[ScheduleInfo]
 
 
 class JobList(CamelModel):
@@ -220,6 +228,24 @@ def build_mcp_server(
         each is alive or went silent (and for how long)."""
         async with errors():
             return WorkerList(workers=await backend.workers())
+
+    @server.tool(name="schedules")
+    async def schedules() -> ScheduleList:
+        """The schedules: cron and time zone, what each starts, its next run (in its own
+        zone; null while paused), who paused it, and its last job with its status."""
+        async with errors():
+            return ScheduleList(schedules=await backend.schedules())
+
+    @server.tool(name="pause_schedule")
+    async def pause_schedule(
+        name: Annotated[str, Field(min_length=1, description="a schedule's name")],
+        paused: Annotated[bool, Field(description="true: pause it on every node; false: "
+                                                  "resume it from its next slot")] = True,
+    ) -> ScheduleInfo:
+        """Pause a schedule (its slots start nothing) or resume it (the slots the pause
+        held back do not run)."""
+        async with errors():
+            return await backend.pause_schedule(name.strip(), paused)
 
     return server
 

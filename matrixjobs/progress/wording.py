@@ -14,6 +14,8 @@ Pure functions of numbers and events; the clock comes in as `now` (epoch seconds
   "approval expired".
 * What started work no person asked for: "🪝 push to main by alice (3f2c1ab)", "🪝 tag
   v1.2 by alice (3f2c1ab)", "⏰ nightly: the 03:00 UTC run".
+* A schedule: "⏰ nightly (30 2 * * *, Europe/Berlin) → docs: next 2026-03-29 03:00 CEST;
+  last j12 completed", "⏸️ nightly (…) → docs: paused by @bob; last j12 failed".
 * A store in trouble is one line, the same in the room, the CLI and the dashboard:
   "Degraded — store: locked. New jobs are refused until the store recovers; running jobs
   go on."
@@ -23,10 +25,12 @@ from __future__ import annotations
 
 import math
 from datetime import datetime
+from zoneinfo import ZoneInfo
 
 from matrixjobs.fleet import WorkerState
 from matrixjobs.models import Approval, Status
 from matrixjobs.progress.events import ApprovalInfo, JobProgressEvent, TriggerInfo
+from matrixjobs.schedules import ScheduleInfo
 
 STATUS_WORD: dict[Status, str] = {
     Status.PENDING: "queued",
@@ -204,6 +208,39 @@ def started_by(trigger: TriggerInfo) -> str:
     by = f" by {_cut(trigger.pusher)}" if trigger.pusher else ""
     commit = f" ({trigger.sha[:7]})" if trigger.sha else ""
     return f"🪝 {what}{by}{commit}"
+
+
+def schedule(info: ScheduleInfo) -> str:
+    """One schedule in a line: what starts when, then its next run or who paused it, and
+    how its last run went."""
+    mark = "⏸️" if info.paused else "⏰"
+    return (f"{mark} {info.name} ({info.cron}, {info.timezone}) → {' '.join(info.targets)}"
+            f"{''.join(f' {arg}' for arg in info.args)}: {schedule_when(info)}; "
+            f"{schedule_last(info)}")
+
+
+def schedule_when(info: ScheduleInfo) -> str:
+    """'next 2026-03-29 03:00 CEST' (its wall clock), or 'paused by @bob'."""
+    if info.paused:
+        return f"paused by {info.paused_by}"
+    if info.next_run is None:
+        return "no next run"
+    return f"next {wall_clock(info.next_run, info.timezone)}"
+
+
+def schedule_last(info: ScheduleInfo) -> str:
+    """'last j12 completed', 'last b3 (no longer kept)', 'no run yet'."""
+    if info.last_job is None:
+        return "no run yet"
+    if info.last_status is None:
+        return f"last {info.last_job} (no longer kept)"
+    return f"last {info.last_job} {STATUS_WORD[info.last_status]}"
+
+
+def wall_clock(moment: datetime, zone: str) -> str:
+    """'2026-03-29 03:00 CEST' as `zone`'s clocks show it."""
+    local = moment.astimezone(ZoneInfo(zone))
+    return f"{local:%Y-%m-%d %H:%M} {local.tzname()}"
 
 
 def _cut(text: str, limit: int = 60) -> str:
