@@ -140,6 +140,7 @@ class Trigger:
     pusher: str | None = None  # the forge's user name of who pushed
     repo: str | None = None  # "owner/name"
     slot: float | None = None  # schedule: the slot's time (epoch seconds)
+    timezone: str | None = None  # schedule: the zone its cron reads (an IANA name)
 
     @property
     def requester(self) -> str:

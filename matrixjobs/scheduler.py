@@ -119,7 +119,8 @@ class Scheduler:
         """Start the slot's work; the job or batch it started (here or on another node)."""
         try:
             item = await self._start(
-                Trigger(TriggerKind.SCHEDULE, name, slot=slot), target=config.target,
+                Trigger(TriggerKind.SCHEDULE, name, slot=slot,
+                        timezone=config.timezone), target=config.target,
                 batch=config.batch or (), args=config.args, room=config.room,
                 dedupe_key=dedupe_key(name, slot))
         except AlreadySubmittedError as exc:

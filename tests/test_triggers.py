@@ -108,6 +108,9 @@ def test_the_room_message_says_what_started_it():
         "b…")
     assert started_by(TriggerInfo(schedule="nightly", slot="2026-12-07T02:00:00Z")) == (
         "⏰ nightly: the 02:00 UTC run")
+    assert started_by(TriggerInfo(schedule="nightly", slot="2026-12-07T02:00:00Z",
+                                  timezone="Europe/Berlin")) == (
+        "⏰ nightly: the 03:00 Europe/Berlin run")
 
 
 async def test_the_progress_message_carries_the_line(tmp_path, database_url, running_app):

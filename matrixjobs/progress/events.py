@@ -80,6 +80,7 @@ class TriggerInfo(CamelModel):
     repo: str | None = None
     schedule: str | None = None
     slot: datetime | None = None
+    timezone: str | None = None  # the schedule's: its slot reads in this zone
 
 
 def trigger_info(trigger: Trigger | None) -> TriggerInfo | None:
@@ -88,7 +89,8 @@ def trigger_info(trigger: Trigger | None) -> TriggerInfo | None:
     named = {"webhook" if trigger.kind is TriggerKind.WEBHOOK else "schedule": trigger.name}
     return TriggerInfo(**named, event=trigger.event, ref=trigger.ref, branch=trigger.branch,
                        tag=trigger.tag, sha=trigger.sha, pusher=trigger.pusher,
-                       repo=trigger.repo, slot=timestamp(trigger.slot))
+                       repo=trigger.repo, slot=timestamp(trigger.slot),
+                       timezone=trigger.timezone)
 
 
 class JobProgressEvent(CamelModel):

@@ -13,7 +13,8 @@ Pure functions of numbers and events; the clock comes in as `now` (epoch seconds
 * Approvals: "awaiting approval 1/2", "approved by @bob", "denied by @bob: not today",
   "approval expired".
 * What started work no person asked for: "🪝 push to main by alice (3f2c1ab)", "🪝 tag
-  v1.2 by alice (3f2c1ab)", "⏰ nightly: the 03:00 UTC run".
+  v1.2 by alice (3f2c1ab)", "⏰ nightly: the 03:00 Europe/Berlin run" (in the schedule's
+  time zone).
 * A schedule: "⏰ nightly (30 2 * * *, Europe/Berlin) → docs: next 2026-03-29 03:00 CEST;
   last j12 completed", "⏸️ nightly (…) → docs: paused by @bob; last j12 failed".
 * A store in trouble is one line, the same in the room, the CLI and the dashboard:
@@ -198,8 +199,11 @@ def awaiting_approval(event: JobProgressEvent) -> bool:
 def started_by(trigger: TriggerInfo) -> str:
     """The line that says which webhook delivery or schedule slot started work."""
     if trigger.schedule is not None:
-        slot = "" if trigger.slot is None else f": the {trigger.slot:%H:%M} UTC run"
-        return f"⏰ {trigger.schedule}{slot}"
+        if trigger.slot is None:
+            return f"⏰ {trigger.schedule}"
+        zone = trigger.timezone or "UTC"
+        local = trigger.slot.astimezone(ZoneInfo(zone))
+        return f"⏰ {trigger.schedule}: the {local:%H:%M} {zone} run"
     what = _cut(trigger.event or "delivery")
     if trigger.tag is not None:
         what = f"tag {_cut(trigger.tag)}"
