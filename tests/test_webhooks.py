@@ -5,8 +5,11 @@ else answers with why nothing ran, and runs nothing."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
+import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -14,6 +17,7 @@ from typing import Any
 import httpx2
 import pytest
 from helpers import final_state, python_target, state_dir
+from matrix_people import Person, bot_messages
 from service_process import Service
 from webhook_deliveries import SECRET, SHA, fixture, headers, payload
 
@@ -52,10 +56,11 @@ def toml(sections: dict[str, dict[str, Any]]) -> str:
 
 
 def write_config(tmp_path: Path, hook: dict[str, Any], targets: dict[str, Any] | None = None,
-                 api: dict[str, Any] | None = None) -> Path:
+                 api: dict[str, Any] | None = None, **more: dict[str, Any]) -> Path:
     sections: dict[str, dict[str, Any]] = {
         "store": {"path": str(state_dir(tmp_path) / "matrixjobs.db")},
-        "progress": {"interval_ms": 50}, "api": {"listen": "127.0.0.1:0", **(api or {})}}
+        "progress": {"interval_ms": 50}, "api": {"listen": "127.0.0.1:0", **(api or {})},
+        **more}
     for name, target in (targets or {"deploy": ECHO}).items():
         sections[f"targets.{name}"] = target
     sections["webhooks.site"] = hook
@@ -360,3 +365,46 @@ def test_the_secret_never_reaches_the_log(tmp_path: Path) -> None:
         service.stop()
     assert "DEBUG" in service.log
     assert SECRET not in service.log and SECRET[:-1] not in service.log
+
+
+# -- in the room ---------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(120)
+async def test_a_push_posts_its_progress_message_in_the_configured_room(
+        synapse: Any, tmp_path: Path) -> None:
+    """With a real Synapse: the bot posts the started job's progress message in the
+    webhook's room, saying what started it, and keeps it current until it ends."""
+    n = uuid.uuid4().hex[:8]
+    bot = synapse.register(f"hookbot{n}", password="bot-password")
+    alice = Person.register(synapse, f"hookalice{n}")
+    room = await asyncio.to_thread(alice.create_room, [bot["user_id"]])
+    path = write_config(
+        tmp_path, {"provider": "github", "target": "deploy", "args": ["{branch}"],
+                   "room": room},
+        matrix={"homeserver": synapse.base_url, "user_id": bot["user_id"], "rate_per_s": 0.0},
+        access={"allowed_users": [alice.user_id]})
+    app = build_service(load_config(path, {**ENV, "MATRIXJOBS_PASSWORD": "bot-password"}))
+    await app.start()
+    try:
+        await app.ready()
+        [server] = [c for c in app.components if isinstance(c, ApiServer)]
+        async with httpx2.AsyncClient(base_url=server.url, timeout=20) as client:
+            answer = await deliver(client, "github", "github_push", "push")
+        assert answer.status_code == 201, answer.text
+        await final_state(app, answer.json()["id"])
+        deadline = time.monotonic() + 60
+        while True:
+            events = await asyncio.to_thread(alice.timeline, room)
+            messages, strays = bot_messages(events, bot["user_id"])
+            assert strays == []
+            done = [m for m in messages if m.current.startswith("✅")]
+            if done:
+                break
+            assert time.monotonic() < deadline, [m.current for m in messages]
+            await asyncio.sleep(0.3)
+        [message] = messages
+        assert "🪝 push to main by alice (3f2c1ab)" in message.current.splitlines()
+        assert "deploy" in message.current.splitlines()[0]
+    finally:
+        await app.stop()
