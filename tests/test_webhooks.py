@@ -193,8 +193,11 @@ async def test_a_body_over_one_mib_is_refused_whatever_content_length_says(
 
 
 async def test_a_redelivery_answers_with_the_job_the_first_one_started(
-        hook_service: Start) -> None:
-    app, client = await hook_service({"provider": "github", "target": "deploy"})
+        database_url: str | None, hook_service: Start) -> None:
+    # database_url first: its database is dropped after the service has stopped.
+    store = {} if database_url is None else {"store": {
+        "backend": "postgresql", "url": database_url, "path": "matrixjobs.db"}}
+    app, client = await hook_service({"provider": "github", "target": "deploy"}, **store)
     first = await deliver(client, "github", "github_push", "push", delivery="d-42")
     again = await deliver(client, "github", "github_push", "push", delivery="d-42")
     assert (first.status_code, again.status_code) == (201, 200)

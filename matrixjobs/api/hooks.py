@@ -4,8 +4,9 @@ Open without the API's token (api/auth.py lets /hooks/ through): each delivery c
 forge's signature instead. Answers, as docs/webhooks.md tells them to operators:
 201 started (the job or batch, as POST /v1/jobs answers), 200 a redelivery (what the first
 delivery started) or a ping's pong, 202 ignored (the reason), and errors in the API's shape:
-400 bad_payload, 401 bad_signature, 404 unknown_webhook, 413 body_too_large, 422
-bad_arguments, 429 rate_limited (Retry-After), 503 store_unavailable (Retry-After).
+400 bad_payload, 401 bad_signature, 404 unknown_webhook, 409 group_busy, 413
+body_too_large, 422 bad_arguments, 429 rate_limited (Retry-After), 503 store_unavailable
+(Retry-After).
 """
 
 from __future__ import annotations

@@ -191,6 +191,8 @@ HOOK = Operation(
         413: error(f"a body over {hooks.MAX_HOOK_BYTES} bytes", 413),
         422: error("the expanded args are not allowed by the target's args_pattern, or the "
                    "push lacks what a template names: nothing runs", 422),
+        409: error("the target's concurrency group is busy and its on_busy is \"skip\" "
+                   "(`group_busy`): nothing runs", 409),
         429: error("over the webhook's max_per_minute (`rate_limited`); `Retry-After` says "
                    "when to send again", 429) | {"headers": RETRY_AFTER},
         503: error("the service is shutting down, or the store cannot take new work now "
