@@ -879,6 +879,9 @@ class Config(Section):
                 found.append(ConfigWarning(WarningTopic.TARGET, f"targets.{name}: {exc}"))
         found += self._room_only_warnings()
         found += self._routing_warnings()
+        if self.webhooks and not self.api.enabled:
+            found.append(ConfigWarning(WarningTopic.API, "webhooks: [api] enabled = false, so "
+                                       "no forge can reach POST /hooks/NAME"))
         return found
 
     def _room_only_warnings(self) -> list[ConfigWarning]:

@@ -98,7 +98,8 @@ def test_gitlabs_delivery_id(sent: dict[str, str], ref: str, expected: str | Non
 
 def test_a_delivery_id_too_long_to_be_one_is_refused() -> None:
     with pytest.raises(BadPayload):
-        delivery_id(FORGES[Provider.GITHUB], Headers({"X-GitHub-Delivery": "d" * 201}), None)
+        delivery_id(FORGES[Provider.GITHUB], Headers({"X-GitHub-Delivery": "d" * 201}),
+                    Push("push", "refs/heads/main", SHA))
 
 
 BRANCHES = {"branches": ["main", "release/*"]}
@@ -192,3 +193,11 @@ def test_the_config_checks_what_webhooks_start() -> None:
 def test_the_secrets_variable_is_named_after_the_webhook() -> None:
     assert webhook_secret_env("site") == "MATRIXJOBS_WEBHOOK_SITE_SECRET"
     assert webhook_secret_env("my-site.prod") == "MATRIXJOBS_WEBHOOK_MY_SITE_PROD_SECRET"
+
+
+def test_webhooks_without_the_api_are_a_warning() -> None:
+    config = Config.model_validate({
+        "api": {"enabled": False}, "targets": {"deploy": {"command": ["true"]}},
+        "webhooks": {"site": {"provider": "github", "target": "deploy"}}})
+    assert "webhooks: [api] enabled = false, so no forge can reach POST /hooks/NAME" in (
+        config.warnings())

@@ -255,7 +255,7 @@ async def test_a_ping_is_answered_and_runs_nothing(hook_service: Start) -> None:
     answer = await deliver(client, "github", "github_ping", "ping")
     assert answer.status_code == 200
     assert answer.json() == {"outcome": "pong",
-                             "message": "pong: webhook site is ready; push start deploy"}
+                             "message": "pong: webhook site is ready; on push it starts deploy"}
     assert await app.jobs(limit=10) == []
 
 

@@ -240,5 +240,4 @@ def hook_ignored_other_ref(ref: str) -> str:
 
 
 def hook_pong(name: str, starts: Sequence[str], takes: Sequence[str]) -> str:
-    return (f"pong: webhook {name} is ready; {', '.join(takes)} start "
-            f"{' '.join(starts)}")
+    return f"pong: webhook {name} is ready; on {', '.join(takes)} it starts {' '.join(starts)}"

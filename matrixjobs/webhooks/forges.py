@@ -66,7 +66,7 @@ class Forge:
     signature_header: str
     signed: Callable[[str, bytes, bytes], bool]  # (the header's value, body, secret)
     push: Callable[[dict[str, Any], str], Push]  # (payload, event header's value)
-    delivery: Callable[[Headers, Push | None], str | None]
+    delivery: Callable[[Headers, Push], str | None]
     pings: frozenset[str] = frozenset()
     default_event: str | None = None  # when the event header is missing
 
@@ -107,23 +107,21 @@ def _either_hex(given: str, body: bytes, secret: bytes) -> bool:
     return _same(hmac_hex(secret, body), given.strip().removeprefix("sha256=").lower())
 
 
-def _header(name: str) -> Callable[[Headers, Push | None], str | None]:
-    def delivery(headers: Headers, push: Push | None) -> str | None:
+def _header(name: str) -> Callable[[Headers, Push], str | None]:
+    def delivery(headers: Headers, push: Push) -> str | None:
         return headers.get(name) or None
 
     return delivery
 
 
-def _gitlab_delivery(headers: Headers, push: Push | None) -> str | None:
+def _gitlab_delivery(headers: Headers, push: Push) -> str | None:
     """Idempotency-Key (GitLab 17.4 on) is one delivery's, the same when it is sent again.
     Before it, X-Gitlab-Event-UUID names the request that caused the hook, which one push
     of several branches shares: with the ref it names one branch's delivery."""
     if key := headers.get("idempotency-key"):
         return key
     uuid = headers.get("x-gitlab-event-uuid")
-    if not uuid:
-        return None
-    return uuid if push is None else f"{uuid}:{push.ref}"
+    return f"{uuid}:{push.ref}" if uuid else None
 
 
 def _github_push(data: dict[str, Any], event: str) -> Push:
@@ -194,7 +192,7 @@ def payload(body: bytes) -> dict[str, Any]:
     return data
 
 
-def delivery_id(forge: Forge, headers: Headers, push: Push | None) -> str | None:
+def delivery_id(forge: Forge, headers: Headers, push: Push) -> str | None:
     found = forge.delivery(headers, push)
     if found is not None and (len(found) > MAX_DELIVERY_ID or not found.isprintable()):
         raise BadPayload(f"the delivery id is longer than {MAX_DELIVERY_ID} characters or "
