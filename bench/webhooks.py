@@ -228,7 +228,12 @@ def pinned(core: int) -> Callable[[], None]:
 
 
 async def measure_ours(args: argparse.Namespace, body: bytes) -> dict[str, float]:
-    directory = Path(tempfile.mkdtemp(prefix="bench-webhooks-"))
+    with tempfile.TemporaryDirectory(prefix="bench-webhooks-") as temporary:
+        return await _measure_ours(args, body, Path(temporary))
+
+
+async def _measure_ours(args: argparse.Namespace, body: bytes,
+                        directory: Path) -> dict[str, float]:
     secret, token = secrets.token_hex(32), secrets.token_urlsafe(32)
     config = directory / "config.toml"
     config.write_text(config_text(directory, args.synchronous), encoding="utf-8")
