@@ -57,7 +57,7 @@ HANDLER_REF_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 HOST_RE = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*\.?$")
 URL_HELP = "expected a URL like https://matrix.example.org"
 # Values under these keys are never echoed in errors (target env values often hold tokens).
-SECRET_KEYS = frozenset({"password", "access_token", "token", "env"})
+SECRET_KEYS = frozenset({"password", "access_token", "token", "env", "secret"})
 
 # Strict numbers: TOML has real numbers, so `workers = true` or `"4"` is a mistake to report.
 Int = Annotated[int, Strict()]
@@ -687,6 +687,108 @@ class ScheduleConfig(Section):
         return [self.target] if self.target is not None else list(self.batch or ())
 
 
+class Provider(StrEnum):
+    FORGEJO = "forgejo"
+    GITEA = "gitea"
+    GITHUB = "github"
+    GITLAB = "gitlab"
+    GENERIC = "generic"
+
+
+# The events a webhook takes when it names none: each forge's pushes (GitHub, Forgejo and
+# Gitea send a tag's push as a push too; GitLab names it apart).
+PUSH_EVENTS: dict[Provider, tuple[str, ...]] = {
+    Provider.FORGEJO: ("push",), Provider.GITEA: ("push",), Provider.GITHUB: ("push",),
+    Provider.GITLAB: ("Push Hook", "Tag Push Hook"), Provider.GENERIC: ("push",),
+}
+# What an args template may name: {branch}, {sha}…
+ARG_FIELDS = frozenset({"branch", "tag", "ref", "sha", "short_sha", "repo", "pusher"})
+WEBHOOK_SECRET_ENV = "MATRIXJOBS_WEBHOOK_{}_SECRET"
+GITLAB_EVENT_RE = re.compile(r"^[A-Z][A-Za-z ]* Hook$")
+EVENT_RE = re.compile(r"^[a-z][a-z_]*$")
+
+
+def webhook_secret_env(name: str) -> str:
+    """MATRIXJOBS_WEBHOOK_SITE_SECRET for [webhooks.site] ('-' and '.' become '_')."""
+    return WEBHOOK_SECRET_ENV.format(re.sub(r"[-.]", "_", name).upper())
+
+
+def _arg_template(template: str) -> None:
+    """Refuse what str.format would do beyond naming a field: "{repo.__class__}" reads
+    attributes, "{0}" positions, "{sha!r}" and "{sha:.7}" change the value."""
+    known = ", ".join("{" + field + "}" for field in sorted(ARG_FIELDS))
+    try:
+        parts = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise ValueError(f"'{echo(template)}' is not a template ({exc}); use "
+                         f"{known}, and {{{{ }}}} for a brace") from None
+    for _, field, spec, conversion in parts:
+        if field is None:
+            continue
+        if field not in ARG_FIELDS or spec or conversion:
+            raise ValueError(f"'{echo(template)}' names '{{{echo(field)}}}'; a "
+                             f"template may name {known}")
+
+
+class WebhookConfig(Section):
+    """A forge's webhook at POST /hooks/NAME (docs/webhooks.md)."""
+
+    provider: Provider
+    target: str | None = None
+    batch: list[str] | None = None
+    # The forge's own names (GitHub's X-GitHub-Event, GitLab's X-Gitlab-Event…); None: pushes.
+    events: list[str] | None = None
+    # Globs (fnmatch, '*' crosses '/') on the pushed branch or tag; with only one of them
+    # set, pushes of the other kind are ignored; with neither, every push runs.
+    branches: list[str] = Field(default_factory=list)
+    tags: list[str] = Field(default_factory=list)
+    args: list[str] = Field(default_factory=list)
+    room: str | None = None
+    max_per_minute: Int = Field(default=60, ge=1, le=100_000)
+
+    @field_validator("args")
+    @classmethod
+    def _args(cls, value: list[str]) -> list[str]:
+        for template in value:
+            _arg_template(template)
+        return value
+
+    @field_validator("room")
+    @classmethod
+    def _room(cls, value: str | None) -> str | None:
+        return None if value is None else _room_ids([value])[0]
+
+    @model_validator(mode="after")
+    def _what_it_starts(self) -> WebhookConfig:
+        if (self.target is None) == (self.batch is None):
+            raise ValueError("set exactly one of 'target' (a name) or 'batch' (a list of "
+                             "names)")
+        if self.batch is not None and not self.batch:
+            raise ValueError("batch: name at least one target")
+        if self.args and self.batch is not None:
+            raise ValueError("args go with 'target': a batch's targets take no arguments")
+        return self
+
+    @model_validator(mode="after")
+    def _event_names(self) -> WebhookConfig:
+        pattern, example = ((GITLAB_EVENT_RE, "'Push Hook' or 'Tag Push Hook'")
+                            if self.provider is Provider.GITLAB else (EVENT_RE, "'push'"))
+        for event in self.events or ():
+            if not pattern.match(event):
+                raise ValueError(f"events: '{echo(event)}' is not a {self.provider} event "
+                                 f"name; use the names the forge sends, like {example}")
+        return self
+
+    @property
+    def takes(self) -> tuple[str, ...]:
+        """The events it acts on."""
+        return tuple(self.events) if self.events is not None else PUSH_EVENTS[self.provider]
+
+    def starts(self) -> list[str]:
+        """The targets it starts."""
+        return [self.target] if self.target is not None else list(self.batch or ())
+
+
 class AuditConfig(Section):
     # Audit records older than this are removed from the start of the chain (a record
     # says so, and `matrixjobs audit verify` still passes); separate from [store]'s.
@@ -707,8 +809,11 @@ class Config(Section):
     targets: dict[str, TargetConfig] = Field(default_factory=dict)
     handlers: dict[str, str] = Field(default_factory=dict)
     schedules: dict[str, ScheduleConfig] = Field(default_factory=dict)
+    webhooks: dict[str, WebhookConfig] = Field(default_factory=dict)
 
     _api_token: SecretStr | None = PrivateAttr(default=None)
+    # Each webhook's secret, from MATRIXJOBS_WEBHOOK_<NAME>_SECRET: never in the TOML.
+    _webhook_secrets: dict[str, SecretStr] = PrivateAttr(default_factory=dict)
     _source: Path | None = PrivateAttr(default=None)  # the file it was read from
 
     @field_validator("targets")
@@ -755,6 +860,34 @@ class Config(Section):
                 raise ValueError(f"handlers.{name}: expected 'package.module:Class', got '{ref}'")
         return value
 
+    @field_validator("webhooks")
+    @classmethod
+    def _webhook_names(cls, value: dict[str, WebhookConfig]) -> dict[str, WebhookConfig]:
+        variables: dict[str, str] = {}
+        for name in value:
+            if not NAME_RE.match(name):
+                raise ValueError(f"webhook name '{echo(name)}' must be letters, digits, '_', "
+                                 "'.', '-' (at most 64)")
+            other = variables.setdefault(webhook_secret_env(name), name)
+            if other != name:
+                raise ValueError(f"webhooks '{other}' and '{name}' would both take their "
+                                 f"secret from {webhook_secret_env(name)}: rename one")
+        return value
+
+    @model_validator(mode="after")
+    def _webhook_targets(self) -> Config:
+        for name, hook in self.webhooks.items():
+            key = "target" if hook.target is not None else "batch"
+            for target in hook.starts():
+                if target not in self.targets:
+                    known = ", ".join(self.targets) or "none configured"
+                    raise ValueError(f"webhooks.{name}.{key}: '{echo(target)}' is not a "
+                                     f"configured target (targets: {known})")
+            if hook.args and hook.target and self.targets[hook.target].args_pattern is None:
+                raise ValueError(f"webhooks.{name}.args: target '{hook.target}' takes no "
+                                 "arguments; give it an args_pattern the expanded args match")
+        return self
+
     @model_validator(mode="after")
     def _someone_runs_jobs(self) -> Config:
         if self.queue.workers == 0 and self.store.backend == "sqlite":
@@ -767,6 +900,10 @@ class Config(Section):
     def api_token(self) -> SecretStr | None:
         """The token every API request must carry: MATRIXJOBS_API_TOKEN, else [api] token."""
         return self._api_token or self.api.token
+
+    def webhook_secret(self, name: str) -> SecretStr | None:
+        """The secret [webhooks.NAME] deliveries are signed with (None: not set)."""
+        return self._webhook_secrets.get(name)
 
     def private_paths(self) -> PrivatePaths:
         """What no job may see: the store's directory where it holds nothing else, the
@@ -790,7 +927,8 @@ class Config(Section):
 
     def secrets(self) -> list[SecretStr]:
         """Every secret this config holds, for masking in logs."""
-        found = [self.api_token, self.store.database_password()]
+        found = [self.api_token, self.store.database_password(),
+                 *self._webhook_secrets.values()]
         if self.matrix is not None:
             found += [self.matrix.password, self.matrix.access_token, self.matrix.pickle_key]
         return [secret for secret in found if secret is not None]
@@ -821,6 +959,9 @@ class Config(Section):
                 found.append(ConfigWarning(WarningTopic.TARGET, f"targets.{name}: {exc}"))
         found += self._room_only_warnings()
         found += self._routing_warnings()
+        if self.webhooks and not self.api.enabled:
+            found.append(ConfigWarning(WarningTopic.API, "webhooks: [api] enabled = false, so "
+                                       "no forge can reach POST /hooks/NAME"))
         return found
 
     def _room_only_warnings(self) -> list[ConfigWarning]:
@@ -876,11 +1017,15 @@ def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> C
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: TOML syntax error: {exc}") from None
     env = os.environ if environ is None else environ
-    secrets = _secrets(path.parent, env)
     try:
+        _refuse_webhook_secrets(raw)
         config = Config.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(f"{path}: invalid configuration:\n{format_errors(exc)}") from None
+    except ValueError as exc:
+        raise ConfigError(f"{path}: invalid configuration:\n  {exc}") from None
+    wanted = [*SECRET_ENV, *map(webhook_secret_env, config.webhooks)]
+    secrets = _secrets(path.parent, env, wanted)
     completed = _complete(config, path.parent.resolve(), secrets, env.get("STATE_DIRECTORY"))
     completed._source = path.resolve()
     try:
@@ -890,13 +1035,25 @@ def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> C
     return completed
 
 
-def _secrets(directory: Path, env: Mapping[str, str]) -> dict[str, str]:
-    """Secrets from `.env` beside the config (or in the cwd); real environment wins."""
+def _refuse_webhook_secrets(raw: dict[str, Any]) -> None:
+    """A `secret` in [webhooks.NAME]: the file is meant to be shareable, so say where the
+    secret goes instead (the model would only call it an unknown key)."""
+    hooks = raw.get("webhooks")
+    for name, hook in hooks.items() if isinstance(hooks, dict) else ():
+        if isinstance(hook, dict) and "secret" in hook:
+            raise ValueError(f"webhooks.{name}.secret: secrets do not belong in the config "
+                             f"file (it is meant to be shareable): remove it and set "
+                             f"{webhook_secret_env(name)} in the environment or in .env")
+
+
+def _secrets(directory: Path, env: Mapping[str, str], wanted: list[str]) -> dict[str, str]:
+    """The `wanted` secrets from `.env` beside the config (or in the cwd); real environment
+    wins."""
     values: dict[str, str] = {}
     for dotenv in dict.fromkeys([Path.cwd() / ".env", directory / ".env"]):
         values.update(_read_dotenv(dotenv))
-    values.update({k: env[k] for k in SECRET_ENV if env.get(k)})
-    return {k: v for k, v in values.items() if k in SECRET_ENV}
+    values.update({k: env[k] for k in wanted if env.get(k)})
+    return {k: v for k, v in values.items() if k in wanted}
 
 
 def _read_dotenv(dotenv: Path) -> dict[str, str]:
@@ -945,7 +1102,24 @@ def _complete(
     })
     if "MATRIXJOBS_API_TOKEN" in secrets:
         completed._api_token = SecretStr(secrets["MATRIXJOBS_API_TOKEN"])
+    completed._webhook_secrets = {name: _webhook_secret(name, secrets)
+                                  for name in config.webhooks}
     return completed
+
+
+def _webhook_secret(name: str, secrets: dict[str, str]) -> SecretStr:
+    variable = webhook_secret_env(name)
+    secret = secrets.get(variable, "")
+    if not secret:
+        raise ConfigError(f"webhooks.{name}: its secret is not set: put it in {variable} "
+                          "(in the environment, or in .env beside the config), the same "
+                          "secret as in the forge's webhook settings")
+    if len(secret) < MIN_SECRET_LEN or secret != secret.strip():
+        raise ConfigError(f"{variable} must be at least {MIN_SECRET_LEN} characters without "
+                          "surrounding spaces (shorter ones could be guessed, and the log "
+                          "masks only longer ones); make one with python3 -c 'import "
+                          "secrets; print(secrets.token_hex(32))'")
+    return SecretStr(secret)
 
 
 DATABASE_URL_HELP = "expected a URL like postgresql://matrixjobs@db.example.org:5432/matrixjobs"

@@ -10,7 +10,7 @@ a configured target can have exists from the start at 0, so a rate is never miss
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -57,6 +57,10 @@ class Metrics:
         self._rate_limited = Counter(
             "matrixjobs_matrix_rate_limited",
             "Sends the homeserver refused with a rate limit (429).", registry=registry)
+        self._webhook_deliveries = Counter(
+            "matrixjobs_webhook_deliveries",
+            "Deliveries to POST /hooks/NAME, by configured webhook and outcome.",
+            ["webhook", "outcome"], registry=registry)
         self._gauges = ScrapedGauges()
         registry.register(self._gauges)
         # Each target's children, looked up once: `labels()` costs more than the update.
@@ -106,6 +110,17 @@ class Metrics:
 
     def matrix_rate_limited(self) -> None:
         self._rate_limited.inc()
+
+    # -- fed by the webhook receiver --------------------------------------------------------
+
+    def webhooks(self, names: Iterable[str], outcomes: Iterable[str]) -> None:
+        """Every series the configured webhooks can have, at 0 from the start."""
+        for name in names:
+            for outcome in outcomes:
+                self._webhook_deliveries.labels(name, outcome)
+
+    def webhook_delivery(self, name: str, outcome: str) -> None:
+        self._webhook_deliveries.labels(name, outcome).inc()
 
     # -- read when scraped ---------------------------------------------------------------------
 

@@ -27,11 +27,12 @@ class Service:
 
     def __init__(self, cwd: Path, config: Path, log_name: str = "service.log",
                  env: dict[str, str] | None = None, command: str = "run",
-                 python: list[str] | None = None) -> None:
+                 python: list[str] | None = None, extra: tuple[str, ...] = ()) -> None:
         self.log_path = cwd / log_name
         self._log = open(self.log_path, "w", encoding="utf-8")  # noqa: SIM115 - closed in stop
         self.process = subprocess.Popen(
-            [*(python or [sys.executable]), "-m", "matrixjobs", command, "--config", str(config)],
+            [*(python or [sys.executable]), "-m", "matrixjobs", command, "--config", str(config),
+             *extra],
             cwd=cwd, env={**child_env(), **(env or {})}, stdout=subprocess.DEVNULL,
             stderr=self._log, text=True,
         )

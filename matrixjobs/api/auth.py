@@ -31,6 +31,10 @@ People = Callable[[str], Awaitable[str | None]]
 # dashboard's script and style sheet, the same for everyone and free of data.
 OPEN_PATHS = frozenset({"/healthz", "/login", "/logout"})
 OPEN_PREFIX = "/static/"
+# Forges' webhook deliveries: each carries its forge's signature, checked by the endpoint
+# (api/hooks.py) before anything is read from it; a forge has no token, and reaches the
+# service through a proxy under a public host name.
+HOOKS_PREFIX = "/hooks/"
 # Pages a person opens: without a session they lead to the login form, not a JSON 401.
 PAGES = frozenset({"/"})
 
@@ -54,7 +58,7 @@ class BearerAuth:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
         if (scope["type"] not in ("http", "websocket") or path in OPEN_PATHS
-                or path.startswith(OPEN_PREFIX)):
+                or path.startswith((OPEN_PREFIX, HOOKS_PREFIX))):
             await self.app(scope, receive, send)
             return
         try:
@@ -129,7 +133,8 @@ class LoopbackGuard:
         self.allowed_hosts = allowed_hosts
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] not in ("http", "websocket"):
+        if scope["type"] not in ("http", "websocket") or scope.get("path", "").startswith(
+                HOOKS_PREFIX):  # signed: neither a rebound host nor another site can sign
             await self.app(scope, receive, send)
             return
         headers = Headers(scope=scope)

@@ -21,6 +21,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from matrixjobs import __version__
+from matrixjobs.api import hooks
 from matrixjobs.api.errors import CORE_ERRORS, HTTP_CODES, OTHER_CORE_ERROR
 from matrixjobs.api.routes import (
     DEFAULT_LIMIT,
@@ -44,7 +45,8 @@ JSON = "application/json"
 SCHEMAS = "#/components/schemas/"
 # Errors the API layer itself answers (routes.py), beside the core's and Starlette's.
 API_ERRORS = frozenset({(400, "bad_json"), (400, "bad_body"), (400, "bad_query"),
-                        (413, "body_too_large"), (429, "too_many_requests")})
+                        (413, "body_too_large"), (429, "too_many_requests"),
+                        *hooks.ERRORS.values(), hooks.TOO_LARGE, hooks.UNKNOWN})
 ERRORS = (API_ERRORS | {(status, code) for _, status, code in CORE_ERRORS}
           | {OTHER_CORE_ERROR} | set(HTTP_CODES.items()))
 
@@ -58,6 +60,7 @@ class Operation:
     public: bool = False  # answered without the token
     description: str | None = None
     body_required: bool = True
+    raw_body: dict[str, Any] | None = None  # a body no model of ours describes
 
 
 def ref(name: str) -> dict[str, str]:
@@ -170,7 +173,38 @@ DENY = "Refuse it: it is cancelled, and its `approval` says who denied it and wh
 RERUN = ("The same target and arguments again (for a batch: the same operations), checked "
          "against the current targets; no body. Finished or running work alike.")
 
+HOOK_ANSWER = ref("WebhookAnswer")
+HOOK = Operation(
+    "A forge's webhook delivery", public=True,
+    description=("For the forges (docs/webhooks.md): no token, the forge's signature instead "
+                 "(GitHub X-Hub-Signature-256, Forgejo X-Forgejo-Signature, Gitea "
+                 "X-Gitea-Signature, GitLab X-Gitlab-Token, generic X-Signature-256). Checked "
+                 "in this order: the name, the size, the signature, the rate, then the event, "
+                 "branch or tag, and args."),
+    parameters=({"name": "name", "in": "path", "required": True, "schema": {"type": "string"},
+                 "description": "the webhook's name: [webhooks.NAME]", "example": "site"},),
+    raw_body={"type": "object", "description": "the forge's payload, as it sends it"},
+    responses={
+        201: event("it started this job (or batch), pending", headers=CREATED),
+        200: answer("a redelivery: the work the first delivery started; or a ping's answer",
+                    {"oneOf": [ref("JobProgressEvent"), HOOK_ANSWER]}),
+        202: answer("signed, and ignored: the message says why", HOOK_ANSWER),
+        400: error("the payload is not what the forge sends (`bad_payload`)", 400),
+        401: error("the signature is missing or wrong (`bad_signature`): nothing runs", 401),
+        404: error("no such webhook is configured", 404),
+        413: error(f"a body over {hooks.MAX_HOOK_BYTES} bytes", 413),
+        422: error("the expanded args are not allowed by the target's args_pattern, or the "
+                   "push lacks what a template names: nothing runs", 422),
+        409: error("the target's concurrency group is busy and its on_busy is \"skip\" "
+                   "(`group_busy`): nothing runs", 409),
+        429: error("over the webhook's max_per_minute (`rate_limited`); `Retry-After` says "
+                   "when to send again", 429) | {"headers": RETRY_AFTER},
+        503: error("the service is shutting down, or the store cannot take new work now "
+                   "(store_unavailable, with Retry-After)", 503) | {"headers": RETRY_AFTER},
+    })
+
 OPERATIONS: dict[tuple[str, str], Operation] = {
+    ("POST", hooks.PATH): HOOK,
     ("GET", "/healthz"): Operation(
         "Whether the service takes work", public=True,
         description="For probes: no token needed, and it tells nothing but this.",
@@ -427,6 +461,8 @@ def _operation(operation: Operation) -> dict[str, Any]:
     if operation.body is not None:
         spec["requestBody"] = {"required": operation.body_required, "content": {
             JSON: {"schema": ref(operation.body.__name__)}}}
+    elif operation.raw_body is not None:
+        spec["requestBody"] = {"required": True, "content": {JSON: {"schema": operation.raw_body}}}
     responses = dict(operation.responses)
     if operation.public:
         spec["security"] = []
@@ -462,6 +498,10 @@ def _schemas() -> dict[str, Any]:
                 "target": {"type": ["string", "null"]}, "roomId": {"type": ["string", "null"]},
                 "eventId": {"type": ["string", "null"]}, "detail": {"type": "object"},
                 "prevHash": {"type": "string"}, "hash": {"type": "string"}}},
+        "WebhookAnswer": {"type": "object", "required": ["outcome", "message"], "properties": {
+            "outcome": {"enum": ["ignored", "pong", "redelivered"]},
+            "message": {"type": "string", "description": "why it was ignored, like "
+                        "\"ignored: branch feature/x matches none of main, release/*\""}}},
         "Health": {"type": "object", "required": ["status", "version"], "properties": {
             "status": {"enum": ["ok", "stopping", "degraded"]},
             "reason": {"type": "string", "description": "why it is degraded, like "

@@ -35,6 +35,7 @@ from matrixjobs.api.errors import (
     on_http_error,
     on_unexpected_error,
 )
+from matrixjobs.api.hooks import HookEndpoint
 from matrixjobs.api.openapi import openapi_route
 from matrixjobs.api.routes import Endpoints
 from matrixjobs.api.session import LoginThrottle
@@ -42,6 +43,7 @@ from matrixjobs.api.stream import OpenStreams
 from matrixjobs.app import App
 from matrixjobs.config import ApiConfig, TcpAddress, UnixAddress
 from matrixjobs.errors import MatrixJobsError
+from matrixjobs.webhooks.receiver import WebhookReceiver
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +91,8 @@ def build_asgi_app(
     streams = OpenStreams() if streams is None else streams
     secret = None if token is None else token.get_secret_value()
     dashboard = Dashboard(app, streams, secret, throttle)
-    routes = [*Endpoints(app, streams).routes(), *dashboard.api_routes()]
+    hooks = HookEndpoint(WebhookReceiver(app))
+    routes = [*Endpoints(app, streams).routes(), *dashboard.api_routes(), *hooks.routes()]
     return Starlette(
         routes=[*routes, openapi_route(routes), *dashboard.pages(), *mounts],
         middleware=middleware,

@@ -17,6 +17,9 @@ Pure functions of numbers and events; the clock comes in as `now` (epoch seconds
   time zone).
 * A schedule: "⏰ nightly (30 2 * * *, Europe/Berlin) → docs: next 2026-03-29 03:00 CEST;
   last j12 completed", "⏸️ nightly (…) → docs: paused by @bob; last j12 failed".
+* A webhook's answer to a delivery it acts on no further: "ignored: event issues is not in
+  events (push)", "ignored: branch feature/x matches none of main, release/*", "ignored:
+  tag v1.2: this webhook takes branches only", "ignored: the push deleted branch old".
 * A store in trouble is one line, the same in the room, the CLI and the dashboard:
   "Degraded — store: locked. New jobs are refused until the store recovers; running jobs
   go on."
@@ -25,6 +28,7 @@ Pure functions of numbers and events; the clock comes in as `now` (epoch seconds
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from datetime import datetime
 from zoneinfo import ZoneInfo
 
@@ -250,3 +254,31 @@ def wall_clock(moment: datetime, zone: str) -> str:
 def _cut(text: str, limit: int = 60) -> str:
     """A forge's names are the sender's to choose: long ones are cut."""
     return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+# -- a webhook's answers ----------------------------------------------------------------------
+
+
+def hook_ignored_event(event: str, takes: Sequence[str]) -> str:
+    return f"ignored: event {_cut(event)} is not in events ({', '.join(takes)})"
+
+
+def hook_ignored_ref(kind: str, name: str, patterns: Sequence[str]) -> str:
+    """`kind` ("branch" or "tag") `name` matching none of `patterns`; with no patterns the
+    webhook takes only the other kind."""
+    if not patterns:
+        only = "tags" if kind == "branch" else "branches"
+        return f"ignored: {kind} {_cut(name)}: this webhook takes {only} only"
+    return f"ignored: {kind} {_cut(name)} matches none of {', '.join(patterns)}"
+
+
+def hook_ignored_deletion(kind: str, name: str) -> str:
+    return f"ignored: the push deleted {kind} {_cut(name)}"
+
+
+def hook_ignored_other_ref(ref: str) -> str:
+    return f"ignored: ref {_cut(ref)} is neither a branch nor a tag"
+
+
+def hook_pong(name: str, starts: Sequence[str], takes: Sequence[str]) -> str:
+    return f"pong: webhook {name} is ready; on {', '.join(takes)} it starts {' '.join(starts)}"
