@@ -1,5 +1,6 @@
 """Personal API tokens: bound to a Matrix user, stored as a hash, acting with that user's
-rules through the API, the CLI and the dashboard; the service token stays admin."""
+rules through the API, the CLI, the dashboard and MCP over HTTP; the service token stays
+admin."""
 
 from __future__ import annotations
 
@@ -9,9 +10,14 @@ import sqlite3
 import subprocess
 import sys
 
+import httpx2
 import pytest
 from conftest import on_backend
 from helpers import make_config, python_target
+from mcp.client import Client
+from mcp.client.stdio import StdioServerParameters
+from mcp.client.streamable_http import streamable_http_client
+from mcp.shared.exceptions import MCPError
 from service_process import child_env
 
 from matrixjobs.audit import AuditQuery
@@ -80,14 +86,12 @@ async def test_a_personal_token_acts_as_its_user_with_their_rules(api_service):
     approved = await admin.post(f"/v1/jobs/{held['id']}/approve",
                                 headers={"Authorization": f"Bearer {bobs}"})
     assert approved.json()["approval"]["approvedBy"] == [BOB]
-    # Their audit only; their tokens only; MCP over HTTP takes the service token.
+    # Their audit only; their tokens only.
     mine = (await admin.get("/v1/audit", headers=as_alice)).json()["records"]
     assert mine and {r["actor"] for r in mine} == {ALICE}
     listed = (await admin.get("/v1/tokens", headers=as_alice)).json()["tokens"]
     assert [(t["user"], t["name"]) for t in listed] == [(ALICE, "ci")]
     assert len((await admin.get("/v1/tokens")).json()["tokens"]) == 2
-    mcp = await admin.post("/mcp", json={}, headers=as_alice)
-    assert (mcp.status_code, mcp.json()["error"]["code"]) == (403, "forbidden")
     # Revoked: it stops working at once.
     assert (await admin.delete("/v1/tokens/ci", params={"user": ALICE})).status_code == 200
     gone = await admin.get("/v1/whoami", headers=as_alice)
@@ -109,6 +113,91 @@ async def test_the_dashboard_login_takes_a_personal_token_and_says_who(api_servi
         assert who.json() == {"user": ALICE, "admin": False}
         await app.revoke_token(ALICE, "browser", ADMIN_API)
         assert (await browser.get("/v1/whoami")).status_code == 401
+
+
+def mcp_as(admin: httpx2.AsyncClient, token: str, mode: str) -> Client:
+    """The SDK's own client on the service's /mcp, sending `token`."""
+    http = httpx2.AsyncClient(headers={"Authorization": f"Bearer {token}"}, timeout=20.0)
+    url = admin.base_url.join("/mcp")
+    return Client(streamable_http_client(url, http_client=http), mode=mode)
+
+
+async def tool(client: Client, name: str, **arguments: object) -> dict[str, object]:
+    result = await client.call_tool(name, arguments)
+    assert not result.is_error, result.content
+    assert result.structured_content is not None
+    return result.structured_content
+
+
+async def tool_error(client: Client, name: str, **arguments: object) -> str:
+    """The reason a tool call failed, without the SDK's "Error executing tool …: "."""
+    result = await client.call_tool(name, arguments)
+    assert result.is_error, result.structured_content
+    text = " ".join(getattr(part, "text", "") for part in result.content)
+    return text.removeprefix(f"Error executing tool {name}: ")
+
+
+@pytest.mark.parametrize("mode", ["auto", "legacy"])
+async def test_mcp_over_http_acts_as_the_personal_tokens_user(api_service, mode):
+    app, admin = await api_service(token=TOKEN, targets=TARGETS,
+                                   access={"allowed_users": [ALICE, BOB]})
+    alices = await app.issue_token(ALICE, "agent", ADMIN_API)
+    bobs = await app.issue_token(BOB, "agent", ADMIN_API)
+    async with mcp_as(admin, alices, mode) as alice, mcp_as(admin, bobs, mode) as bob, \
+            mcp_as(admin, TOKEN, mode) as service:
+        started = await tool(alice, "submit_build", target="quick")
+        assert started["requester"] == ALICE
+        assert (await tool(service, "submit_build", target="quick"))["requester"] == "mcp"
+        # A rule that refuses Alice refuses her here as on the API, in the same words.
+        on_api = await admin.post("/v1/jobs", json={"target": "bobs"},
+                                  headers={"Authorization": f"Bearer {alices}"})
+        reason = on_api.json()["error"]["message"]
+        assert reason == "you may not run bobs"
+        assert await tool_error(alice, "submit_build", target="bobs") == reason
+        # Held work: her own approval never counts; Bob's does, as his.
+        held = await tool(alice, "submit_build", target="held")
+        assert await tool_error(alice, "approve", id=held["id"]) == (
+            "you asked for it: your own approval does not count")
+        approved = await tool(bob, "approve", id=held["id"])
+        assert approved["approval"]["approvedBy"] == [BOB]
+    records = [(r.action, r.actor, r.via, r.target) for r in await app.audit(AuditQuery())
+               if r.via == "mcp"]
+    assert records == [("started", ALICE, "mcp", "quick"), ("started", ADMIN, "mcp", "quick"),
+                       ("refused", ALICE, "mcp", "bobs"), ("started", ALICE, "mcp", "held"),
+                       ("refused", ALICE, "mcp", "held"), ("approved", BOB, "mcp", "held")]
+
+
+@pytest.mark.parametrize("mode", ["auto", "legacy"])
+async def test_mcp_refuses_a_revoked_token_at_the_next_request_and_a_wrong_one(
+        api_service, mode):
+    app, admin = await api_service(token=TOKEN, targets=TARGETS,
+                                   access={"allowed_users": [ALICE]})
+    token = await app.issue_token(ALICE, "agent", ADMIN_API)
+    async with mcp_as(admin, token, mode) as alice:
+        assert (await tool(alice, "submit_build", target="quick"))["requester"] == ALICE
+        await app.revoke_token(ALICE, "agent", ADMIN_API)
+        # The same session, the next call: the token is read again and is gone.
+        with pytest.raises(MCPError):
+            await alice.call_tool("submit_build", {"target": "quick"})
+    assert [job.requester for job in await app.jobs(None, 10)] == [ALICE]
+    for wrong in (token, "mjp_" + "x" * 43):
+        answer = await admin.post("/mcp", json={}, headers={"Authorization": f"Bearer {wrong}"})
+        assert (answer.status_code, answer.json()["error"]["code"]) == (401, "unauthorized")
+
+
+async def test_mcp_over_stdio_acts_as_whoever_its_token_names(api_service):
+    # `matrixjobs mcp` goes through the API, so a personal token there is its user too.
+    app, admin = await api_service(token=TOKEN, targets=TARGETS,
+                                   access={"allowed_users": [ALICE, BOB]})
+    token = await app.issue_token(ALICE, "agent", ADMIN_API)
+    stdio = StdioServerParameters(
+        command=sys.executable, args=["-m", "matrixjobs", "mcp", "--api", str(admin.base_url)],
+        env={**child_env(), "MATRIXJOBS_API_TOKEN": token})
+    async with Client(stdio) as alice:
+        assert (await tool(alice, "submit_build", target="quick"))["requester"] == ALICE
+        assert await tool_error(alice, "submit_build", target="bobs") == "you may not run bobs"
+    [refused] = await app.audit(AuditQuery(action="refused"))
+    assert (refused.actor, refused.via) == (ALICE, "mcp")
 
 
 async def test_the_cli_creates_lists_and_revokes(api_service):

@@ -23,7 +23,6 @@ from matrixjobs.errors import MatrixJobsError
 CHALLENGE = {"WWW-Authenticate": 'Bearer realm="matrixjobs"'}
 # The scope key that names the person a personal token (or its session) let in.
 PERSON = "matrixjobs.person"
-MCP_PATH = "/mcp"  # where the service mounts MCP (mcp/http.py)
 People = Callable[[str], Awaitable[str | None]]
 # Open without a token: probes (systemd, containers, load balancers) hold none, and
 # /healthz tells only whether the service answers and its version; the login form and
@@ -80,7 +79,8 @@ class BearerAuth:
             given = credentials.strip()
             person = await self._people(given)
             if person is not None:
-                return self._as(scope, person, path)
+                scope[PERSON] = person
+                return None
             wait_s = self._throttle.check(given, self._token, scope)
             if wait_s is None:
                 return None
@@ -96,21 +96,14 @@ class BearerAuth:
             if not same_origin(scope.get("method", "GET"), headers):
                 return error_response(403, "forbidden", "requests with the dashboard's "
                                                         "session must come from its own pages")
-            return None if person is None else self._as(scope, person, path)
+            if person is not None:
+                scope[PERSON] = person
+            return None
         if path in PAGES:
             return RedirectResponse("/login", 303)
         message = (f"this API needs a token: send 'Authorization: Bearer <token>' "
                    f"(or the {COOKIE} cookie from /login)")
         return error_response(401, "unauthorized", message, CHALLENGE)
-
-    @staticmethod
-    def _as(scope: Scope, person: str, path: str) -> Response | None:
-        """Let a person's request in as theirs; MCP here serves the service token only."""
-        if path == MCP_PATH or path.startswith(MCP_PATH + "/"):
-            return error_response(403, "forbidden", "MCP over HTTP takes the service token; "
-                                  "with a personal token use the API")
-        scope[PERSON] = person
-        return None
 
 
 def person_of(scope: Scope) -> str | None:

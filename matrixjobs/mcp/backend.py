@@ -10,7 +10,7 @@ MCP tool error.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Protocol, TypeVar
 
 from matrixjobs.api.client import ApiClient, ApiFailure, ServiceUnreachable
@@ -71,15 +71,21 @@ class Backend(Protocol):
         ...
 
 
-# MCP in this process is the operator's (the service token's) own.
+# The service token's holder using MCP in this process.
 MCP_ADMIN = Caller(ADMIN, Via.MCP)
 
 
-class AppBackend:
-    """The core in this process."""
+def _the_service() -> Caller:
+    return MCP_ADMIN
 
-    def __init__(self, app: App) -> None:
+
+class AppBackend:
+    """The core in this process, acting for whoever `caller()` names at each call (over
+    HTTP: the person whose token carried the request; see mcp/http.py)."""
+
+    def __init__(self, app: App, caller: Callable[[], Caller] = _the_service) -> None:
         self.app = app
+        self.caller = caller
 
     async def status(self, subject: str) -> JobProgressEvent:
         return await self.app.status(subject)
@@ -88,22 +94,22 @@ class AppBackend:
         return self.app.watch(subject)
 
     async def submit(self, target: str, args: Sequence[str]) -> JobProgressEvent:
-        return self.app.live(await self.app.submit(target, args, caller=MCP_ADMIN))
+        return self.app.live(await self.app.submit(target, args, caller=self.caller()))
 
     async def submit_batch(self, targets: Sequence[str]) -> JobProgressEvent:
-        return self.app.live(await self.app.submit_batch(targets, caller=MCP_ADMIN))
+        return self.app.live(await self.app.submit_batch(targets, caller=self.caller()))
 
     async def rerun(self, subject: str) -> JobProgressEvent:
-        return self.app.live(await self.app.rerun(subject, caller=MCP_ADMIN))
+        return self.app.live(await self.app.rerun(subject, caller=self.caller()))
 
     async def cancel(self, subject: str) -> JobProgressEvent:
-        return event_of(await self.app.cancel(subject, MCP_ADMIN), time.time())
+        return event_of(await self.app.cancel(subject, self.caller()), time.time())
 
     async def approve(self, subject: str) -> JobProgressEvent:
-        return self.app.live(await self.app.approve(subject, MCP_ADMIN))
+        return self.app.live(await self.app.approve(subject, self.caller()))
 
     async def deny(self, subject: str, reason: str | None) -> JobProgressEvent:
-        return self.app.live(await self.app.deny(subject, MCP_ADMIN, reason))
+        return self.app.live(await self.app.deny(subject, self.caller(), reason))
 
     async def active(self) -> list[JobProgressEvent]:
         return await self.app.active()
@@ -117,7 +123,7 @@ class AppBackend:
         return [self.app.live(batch) for batch in await self.app.batches(statuses, limit)]
 
     async def log_tail(self, job_id: str, lines: int, max_bytes: int) -> str:
-        return await self.app.log_tail(job_id, lines, max_bytes, MCP_ADMIN)
+        return await self.app.log_tail(job_id, lines, max_bytes, self.caller())
 
     async def workers(self) -> list[WorkerState]:
         now, lease_s = time.time(), self.app.config.queue.lease_s

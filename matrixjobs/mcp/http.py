@@ -1,22 +1,35 @@
-"""MCP over streamable HTTP, mounted in the service's API server at /mcp (same auth)."""
+"""MCP over streamable HTTP, mounted in the service's API server at /mcp (same auth).
+
+Each request acts as whoever its token names, as on the API: the service token as the
+operator (`admin`), a personal token as its Matrix user, with that user's rules."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from contextvars import ContextVar
 
 from mcp.server.mcpserver import MCPServer
 from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
 from mcp.server.transport_security import TransportSecuritySettings
 from starlette.types import Receive, Scope, Send
 
-from matrixjobs.api.auth import MCP_PATH
+from matrixjobs.api.auth import person_of
 from matrixjobs.api.errors import error_response
 from matrixjobs.api.server import ApiServer
 from matrixjobs.app import App
-from matrixjobs.mcp.backend import AppBackend
+from matrixjobs.mcp.backend import MCP_ADMIN, AppBackend
 from matrixjobs.mcp.server import build_mcp_server
+from matrixjobs.policy import Caller, Via
+
+MCP_PATH = "/mcp"
+# Who the HTTP request being served acts as. The SDK runs each message's handler in the
+# context of the request that carried it (both protocol generations), so a tool call sees
+# its own request's caller, never another session's or an earlier request's: a token
+# revoked since the session began is refused by the auth layer at the next request.
+# No default: a handler that somehow ran outside a request fails rather than act as admin.
+_CALLER: ContextVar[Caller] = ContextVar("matrixjobs_mcp_caller")
 
 
 class McpHttp:
@@ -39,7 +52,12 @@ class McpHttp:
             await error_response(503, "unavailable", "the MCP server is not running")(
                 scope, receive, send)
             return
-        await manager.handle_request(scope, receive, send)
+        person = person_of(scope)
+        reset = _CALLER.set(MCP_ADMIN if person is None else Caller(person, Via.MCP))
+        try:
+            await manager.handle_request(scope, receive, send)
+        finally:
+            _CALLER.reset(reset)
 
     def stop(self) -> None:
         """Streaming `status` calls answer now, so stopping never waits on them."""
@@ -69,6 +87,7 @@ class McpHttp:
 def mount_mcp(api: ApiServer, app: App, path: str = MCP_PATH) -> McpHttp:
     """Serve the MCP tools for `app` at `path` of the API server."""
     stopping = asyncio.Event()
-    endpoint = McpHttp(build_mcp_server(AppBackend(app), stopping=stopping), stopping)
+    backend = AppBackend(app, caller=_CALLER.get)
+    endpoint = McpHttp(build_mcp_server(backend, stopping=stopping), stopping)
     api.mount(path, endpoint, endpoint.lifespan, on_stop=endpoint.stop)
     return endpoint
