@@ -134,7 +134,7 @@ class AppBackend:
 
     async def pause_schedule(self, name: str, pause: bool) -> ScheduleInfo:
         change = self.app.pause_schedule if pause else self.app.resume_schedule
-        return await change(name, MCP_ADMIN)
+        return await change(name, self.caller())
 
 
 class HttpBackend:
