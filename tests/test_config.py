@@ -147,9 +147,10 @@ def test_commented_matrix_section_of_the_example_validates(conf_dir):
 
 def test_commented_schedules_section_of_the_example_validates_with_its_targets(conf_dir):
     text = EXAMPLE.read_text(encoding="utf-8")
-    head, _, block = text.partition("# [schedules.nightly]\n")
+    head, _, rest = text.partition("# [schedules.nightly]\n")
     block = "[schedules.nightly]\n" + "\n".join(line.removeprefix("# ")
-                                                for line in block.splitlines())
+                                                for line in rest.partition("\n\n")[0]
+                                                .splitlines())
     config = load_config(write(conf_dir, head + block + "\n"), environ={})
     schedule = config.schedules["nightly"]
     assert (schedule.target, schedule.args, schedule.timezone) == ("deploy", ["main"],

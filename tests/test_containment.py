@@ -725,6 +725,12 @@ def untied_job_survives_sigkill(place: Place, marker: str) -> tuple[Path, int]:
         time.sleep(1.0)
     finally:
         service.stop()
+    if not marked(marker):
+        # Seen on a kernel without Yama (6.18): the init's prctl took, yet the job died with
+        # the service. Nothing outlived it, so there is neither a defect to show nor a
+        # leftover for the next start to end.
+        pytest.skip(f"the untied job did not outlive the service on this host "
+                    f"(kernel {os.uname().release})")
     return config, port
 
 

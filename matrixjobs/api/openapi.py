@@ -36,7 +36,7 @@ from matrixjobs.api.routes import (
 from matrixjobs.api.stream import NDJSON
 from matrixjobs.audit import AuditAction
 from matrixjobs.fleet import WorkerState
-from matrixjobs.models import BATCH_PREFIX, JOB_PREFIX, Status
+from matrixjobs.models import BATCH_PREFIX, JOB_PREFIX, MAX_ID, Status
 from matrixjobs.progress.events import JobProgressEvent
 from matrixjobs.schedules import ScheduleInfo
 
@@ -115,7 +115,7 @@ BATCH_FILTER = {"name": "batch", "in": "query", "description": "only this batch'
 HEALTH = ref("Health")
 AUDIT_PARAMETERS = (
     {"name": "after", "in": "query", "description": "only records after this seq",
-     "schema": {"type": "integer", "minimum": 0}},
+     "schema": {"type": "integer", "minimum": 0, "maximum": MAX_ID}},
     {"name": "since", "in": "query", "schema": {"type": "string"},
      "description": "only records from this time on: ISO 8601 or seconds since the epoch"},
     {"name": "user", "in": "query", "schema": {"type": "string"},

@@ -33,7 +33,7 @@ from matrixjobs.audit import AuditAction, AuditQuery
 from matrixjobs.config import MatrixConfig
 from matrixjobs.errors import NotFoundError, echo
 from matrixjobs.fleet import worker_state
-from matrixjobs.models import BATCH_PREFIX, JOB_PREFIX, PersonalToken, Status, parse_id
+from matrixjobs.models import BATCH_PREFIX, JOB_PREFIX, MAX_ID, PersonalToken, Status, parse_id
 from matrixjobs.policy import ADMIN, Caller, Via
 from matrixjobs.progress.events import JobProgressEvent, event_of
 
@@ -405,10 +405,23 @@ def list_filters(request: Request, *more: str) -> tuple[list[Status] | None, int
         except ValueError:
             known = ", ".join(status.value for status in Status)
             raise ApiError(400, "bad_query", f"status must be among: {known}") from None
-    text = request.query_params.get("limit", str(DEFAULT_LIMIT))
-    if not text.isdigit() or not 1 <= int(text) <= MAX_LIMIT:
+    return statuses, limit_of(request.query_params.get("limit", str(DEFAULT_LIMIT)))
+
+
+def whole(text: str, low: int, high: int) -> int | None:
+    """`text` as a whole number from `low` to `high` (ASCII digits only: int() also reads
+    other scripts' digits, and refuses more than 4300 of them with an error), else None."""
+    if not (text.isascii() and text.isdigit()) or len(text) > len(str(high)):
+        return None
+    number = int(text)
+    return number if low <= number <= high else None
+
+
+def limit_of(text: str) -> int:
+    limit = whole(text, 1, MAX_LIMIT)
+    if limit is None:
         raise ApiError(400, "bad_query", f"limit must be a whole number from 1 to {MAX_LIMIT}")
-    return statuses, int(text)
+    return limit
 
 
 def token_json(token: PersonalToken) -> dict[str, object]:
@@ -421,18 +434,16 @@ def audit_query(request: Request) -> AuditQuery:
     known_query(request, "after", "since", "user", "action", "target", "limit")
     params = request.query_params
     after = params.get("after")
-    if after is not None and not after.isdigit():
+    seq = None if after is None else whole(after, 0, MAX_ID)
+    if after is not None and seq is None:
         raise ApiError(400, "bad_query", "after must be a record's number (seq)")
     action = params.get("action")
     if action is not None and action not in set(AuditAction):
         known = ", ".join(AuditAction)
         raise ApiError(400, "bad_query", f"action must be among: {known}")
-    text = params.get("limit", str(DEFAULT_LIMIT))
-    if not text.isdigit() or not 1 <= int(text) <= MAX_LIMIT:
-        raise ApiError(400, "bad_query", f"limit must be a whole number from 1 to {MAX_LIMIT}")
-    return AuditQuery(after=None if after is None else int(after),
-                      since=moment(params.get("since")), user=params.get("user"),
-                      action=action, target=params.get("target"), limit=int(text))
+    return AuditQuery(after=seq, since=moment(params.get("since")), user=params.get("user"),
+                      action=action, target=params.get("target"),
+                      limit=limit_of(params.get("limit", str(DEFAULT_LIMIT))))
 
 
 def moment(text: str | None) -> float | None:
