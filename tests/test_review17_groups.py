@@ -40,7 +40,7 @@ async def claim(store: Store, limit: int, owner: str) -> list[str]:
 async def test_a_busy_group_with_older_waiting_jobs_does_not_starve_another_group(store):
     """A worker with one free slot must take B's job while A's group is busy, however many
     of A's jobs wait ahead of it."""
-    a1, a2, a3, b1 = await store.add_jobs(
+    a1, _, _, b1 = await store.add_jobs(
         [grouped("a1", "A"), grouped("a2", "A"), grouped("a3", "A"), grouped("b1", "B")], NOW)
     assert await claim(store, 1, "w1") == [a1.id]  # A is busy from now on
     assert await claim(store, 1, "w2") == [b1.id]
