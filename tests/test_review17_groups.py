@@ -44,3 +44,22 @@ async def test_a_busy_group_with_older_waiting_jobs_does_not_starve_another_grou
         [grouped("a1", "A"), grouped("a2", "A"), grouped("a3", "A"), grouped("b1", "B")], NOW)
     assert await claim(store, 1, "w1") == [a1.id]  # A is busy from now on
     assert await claim(store, 1, "w2") == [b1.id]
+
+
+async def test_a_long_backlog_in_one_group_does_not_slow_every_claim(tmp_path):
+    """SQLite: each claim held the write lock for a time quadratic in a group's backlog
+    (3000 waiting deploys: ~3 s per claim, every job end; 8000: ~20 s)."""
+    import time
+    store = SqliteStore(tmp_path / "s.db")
+    store.claims_groups = True
+    await store.open()
+    try:
+        for start in range(0, 3000, 1000):
+            await store.add_jobs([grouped(f"d{i}", "deploy") for i in range(start, start + 1000)],
+                                 NOW)
+        began = time.perf_counter()
+        assert len(await claim(store, 4, "w1")) == 1
+        assert await claim(store, 4, "w2") == []
+        assert time.perf_counter() - began < 1.0
+    finally:
+        await store.close()
