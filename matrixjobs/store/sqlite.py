@@ -260,7 +260,9 @@ CLAIMABLE = (
 )
 # The claim: due jobs in no concurrency group, and of each group with no job running its
 # first due job (by priority, then age), the best `limit` of them; each arm stops at
-# `limit` itself, so a long queue is never sorted whole.
+# `limit` itself. A group's first job comes from one window over the due jobs of the groups
+# with none running (a subquery per waiting job made each claim quadratic in a group's
+# backlog, under the write lock).
 CLAIM = (
     "UPDATE jobs SET status = 'processing', owner = ?, lease_expires_at = ?, "
     "worker = ?, claimed_ahead = picked.ahead, started_at = CASE WHEN picked.ahead "
@@ -268,12 +270,13 @@ CLAIM = (
     "FROM (SELECT id, row_number() OVER (ORDER BY priority DESC, id) > ? AS ahead FROM ("
     "SELECT * FROM (SELECT id, priority FROM jobs WHERE concurrency IS NULL AND "
     f"{CLAIMABLE.format(table='jobs')} ORDER BY priority DESC, id LIMIT ?) UNION ALL "
-    "SELECT * FROM (SELECT id, priority FROM jobs AS grouped WHERE concurrency IS NOT NULL "
-    f"AND {CLAIMABLE.format(table='grouped')} AND grouped.id = (SELECT first.id FROM jobs "
-    "AS first WHERE first.concurrency = grouped.concurrency AND first.status = 'pending' "
-    f"AND first.run_after <= ? AND NOT {CANCELLED_BATCH} ORDER BY first.priority DESC, "
-    "first.id LIMIT 1) AND NOT EXISTS (SELECT 1 FROM jobs AS busy WHERE busy.concurrency = "
-    "grouped.concurrency AND busy.status = 'processing') ORDER BY priority DESC, id LIMIT ?)"
+    "SELECT * FROM (SELECT id, priority FROM (SELECT id, priority, status, run_after, "
+    "runs_on, batch_id, concurrency, row_number() OVER (PARTITION BY concurrency ORDER BY "
+    "priority DESC, id) AS turn FROM jobs WHERE concurrency IS NOT NULL AND status = "
+    f"'pending' AND run_after <= ? AND NOT {CANCELLED_BATCH} AND concurrency NOT IN "
+    "(SELECT busy.concurrency FROM jobs AS busy WHERE busy.concurrency IS NOT NULL AND "
+    "busy.status = 'processing')) AS grouped WHERE grouped.turn = 1 AND "
+    f"{CLAIMABLE.format(table='grouped')} ORDER BY priority DESC, id LIMIT ?)"
     ") ORDER BY priority DESC, id LIMIT ?) AS picked "
     f"WHERE jobs.id = picked.id RETURNING {QUALIFIED_JOB_COLUMNS}"
 )
@@ -630,7 +633,7 @@ class SqliteStore(Store):
         labels_json = json.dumps(list(labels))
         rows = await self.db.execute_fetchall(
             CLAIM, (owner, lease_until, worker, now, limit - ahead, now, labels_json, limit,
-                    now, labels_json, now, limit, limit))
+                    now, now, labels_json, limit, limit))
         jobs = [job_from_row(row) for row in rows]
         jobs.sort(key=lambda j: (-j.priority, number_of(j.id)))
         return jobs
