@@ -173,7 +173,9 @@ async def test_a_cut_off_tail_is_caught_and_stays_caught_after_a_restart(
 def test_a_store_from_before_the_head_moved_keeps_its_cut_off_tail_caught(tmp_path):
     """The SQLite head was a row a trigger moved; migrated, a tail cut before still shows."""
     from matrixjobs.store.sqlite import MIGRATIONS, SqliteStore
-    path = tmp_path / "jobs.db"
+    settings = config(tmp_path, None)
+    path = settings.store.path
+    path.parent.mkdir(parents=True, exist_ok=True)
     with sqlite3.connect(path, isolation_level=None) as db:
         for step in MIGRATIONS[:-1]:
             db.executescript(step)
@@ -182,14 +184,15 @@ def test_a_store_from_before_the_head_moved_keeps_its_cut_off_tail_caught(tmp_pa
             db.execute(f"INSERT INTO audit ({audit_log.COLUMNS}) VALUES "
                        f"({', '.join('?' * 12)})", audit_log.values(record))
         db.execute("DELETE FROM audit WHERE seq = 4")
+    cut = ["the chain should end at record 4; it ends at 3"]
+    assert audit_check.check(settings).problems == cut  # read as it is, unmigrated
 
     async def check() -> None:
         store = SqliteStore(path)
         await store.open()
         try:
             records, head = await store.audit_chain()
-            assert audit_log.verify(records, head).problems == [
-                "the chain should end at record 4; it ends at 3"]
+            assert audit_log.verify(records, head).problems == cut
             await store.append_audit(Entry(AuditAction.STARTED, ALICE, "room"))
             records, head = await store.audit_chain()
             assert head[0] == 5
