@@ -202,6 +202,29 @@ def test_a_store_from_before_the_head_moved_keeps_its_cut_off_tail_caught(tmp_pa
     asyncio.run(check())
 
 
+async def test_a_record_that_cannot_be_written_takes_its_change_with_it(tmp_path):
+    """On SQLite the record is written with the COMMIT: if it fails, nothing commits."""
+    from matrixjobs.models import JobSpec
+    from matrixjobs.store.sqlite import SqliteStore
+    store = SqliteStore(tmp_path / "jobs.db")
+    await store.open()
+    spec = JobSpec(type="t", data={}, name="t", max_retries=0, timeout_s=5)
+    started = Entry(AuditAction.STARTED, ALICE, "room")
+    try:
+        await store.add_jobs([spec], time.time(), audit=started)
+        with sqlite3.connect(tmp_path / "jobs.db") as db:  # takes the next record's number
+            db.execute(f"INSERT INTO audit ({audit_log.COLUMNS}) SELECT seq + 1, "
+                       f"{audit_log.COLUMNS.split(', ', 1)[1]} FROM audit")
+        with pytest.raises(sqlite3.IntegrityError):
+            await store.add_jobs([spec], time.time(), audit=started)
+        assert len(await store.list_jobs()) == 1
+        [job] = await store.add_jobs([spec], time.time(), audit=started)  # the head read anew
+        records, head = await store.audit_chain()
+        assert [r.subject for r in records] == ["j1", "j1", job.id] and head[0] == 3
+    finally:
+        await store.close()
+
+
 async def edit(settings, url: str | None, statement: str) -> None:
     """Change the store behind the service's back, as someone with its file would."""
     if url is None:
