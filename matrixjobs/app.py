@@ -356,7 +356,7 @@ class App:
         await self._group_free(specs)
         with self._storing():
             jobs = await self.queue.enqueue_many(specs, dedupe_key, show, audit)
-        self._queued(jobs, audit)
+        self._queued(jobs, audit, held=_held(jobs[0].approval) if jobs else False)
         return jobs
 
     async def _enqueue_batch(self, name: str, specs: Sequence[JobSpec], dedupe_key: str | None,
@@ -364,12 +364,18 @@ class App:
         await self._group_free(specs)
         with self._storing():
             batch, jobs = await self.queue.enqueue_batch(name, specs, dedupe_key, show, audit)
-        self._queued(jobs, audit)
+        self._queued(jobs, audit, held=_held(batch.approval))
         return batch
 
-    def _queued(self, jobs: Sequence[Job], audit: Entry | None) -> None:
+    def _queued(self, jobs: Sequence[Job], audit: Entry | None, held: bool) -> None:
+        """`held`: waiting for approval, which supersedes nothing until it is granted (or
+        anyone who may ask for a target could stop everyone else's running job of it)."""
         if self.remote is not None:
             self.remote.follow(jobs)  # another process may run them
+        if not held:
+            self._supersede_older(jobs, audit)
+
+    def _supersede_older(self, jobs: Sequence[Job], audit: Entry | None) -> None:
         for job in jobs:
             if job.concurrency is not None and self._on_busy(job) == "cancel-older":
                 self._supervisor.once(f"supersede {job.id}",
@@ -803,7 +809,7 @@ class App:
                     log.info("%s: %s by %s via %s (%d/%d)", subject,
                              "denied" if after.denied_by else "approved", caller.user,
                              caller.via, len(after.approved_by), after.required)
-                    return await self._approval_changed(subject)
+                    return await self._approval_changed(subject, after.granted, audit)
         raise MatrixJobsError(f"{subject} is being approved by others right now; try again")
 
     async def _held(self, subject: str) -> tuple[Job | Batch, list[str]]:
@@ -830,17 +836,24 @@ class App:
             raise NotAwaitingApprovalError(f"{subject} is not waiting for approval")
         return item, [_target(job) for job in jobs]
 
-    async def _approval_changed(self, subject: str) -> Job | Batch:
-        """Show work whose approval changed (released work is claimed at once)."""
+    async def _approval_changed(self, subject: str, released: bool,
+                                audit: Entry | None) -> Job | Batch:
+        """Show work whose approval changed (released work is claimed at once, and only
+        now cancels the older jobs of its group where on_busy says "cancel-older")."""
         if subject.startswith(BATCH_PREFIX):
             batch = await self._read(self.store.get_batch, subject)
             assert batch is not None
             self.monitor.batch_updated(batch)
+            if released:
+                self._supersede_older(await self._read(
+                    self.store.list_jobs, batch_id=subject, limit=batch.total), audit)
             self.queue.wake()
             return batch
         job = await self._read(self.store.get_job, subject)
         assert job is not None
         self.monitor.job_queued(job)
+        if released:
+            self._supersede_older([job], audit)
         self.queue.wake()
         return job
 
@@ -1091,6 +1104,11 @@ def _cause(trigger: Trigger) -> dict[str, object]:
     """What the audit record keeps of a trigger: the delivery's ref and commit, the slot."""
     return {key: value for key, value in (("ref", trigger.ref), ("sha", trigger.sha),
                                           ("slot", trigger.slot)) if value is not None}
+
+
+def _held(approval: Approval | None) -> bool:
+    """Whether new work waits for approval."""
+    return approval is not None and not approval.granted
 
 
 def _requester(caller: Caller | None) -> str | None:

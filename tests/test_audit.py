@@ -21,6 +21,7 @@ from matrixjobs import audit as audit_log
 from matrixjobs.app import App
 from matrixjobs.audit import AuditAction, AuditQuery, Entry
 from matrixjobs.errors import ForbiddenError
+from matrixjobs.ops import audit_check
 from matrixjobs.policy import ADMIN, Caller, Place, Via
 
 ALICE, BOB = "@alice:example.org", "@bob:example.org"
@@ -152,6 +153,76 @@ async def test_an_edited_or_deleted_row_is_caught(tmp_path, database_url, runnin
     await edit(settings, database_url, f"DELETE FROM audit WHERE seq = {victim.seq}")
     assert (await app.verify_audit()).problems == [
         f"records {victim.seq}-{victim.seq} are missing"]
+
+
+async def test_a_cut_off_tail_is_caught_and_stays_caught_after_a_restart(
+        tmp_path, database_url):
+    settings = config(tmp_path, database_url)
+    async with App(settings) as app:
+        for _ in range(3):
+            await app.submit("quick", caller=Caller.in_room(ALICE, ROOM))
+        records = await app.audit(AuditQuery())
+    last, kept = records[-1].seq + 1, records[-3].seq  # the stop's record; before it
+    await edit(settings, database_url, f"DELETE FROM audit WHERE seq > {kept}")
+    assert audit_check.check(settings).problems == [
+        f"the chain should end at record {last}; it ends at {kept}"]
+    async with App(settings) as app:  # goes on after the cut, which stays in sight
+        assert (await app.verify_audit()).problems == [f"records {kept + 1}-{last} are missing"]
+
+
+def test_a_store_from_before_the_head_moved_keeps_its_cut_off_tail_caught(tmp_path):
+    """The SQLite head was a row a trigger moved; migrated, a tail cut before still shows."""
+    from matrixjobs.store.sqlite import MIGRATIONS, SqliteStore
+    settings = config(tmp_path, None)
+    path = settings.store.path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with sqlite3.connect(path, isolation_level=None) as db:
+        for step in MIGRATIONS[:-1]:
+            db.executescript(step)
+        db.execute(f"PRAGMA user_version = {len(MIGRATIONS) - 1}")
+        for record in chain(4):
+            db.execute(f"INSERT INTO audit ({audit_log.COLUMNS}) VALUES "
+                       f"({', '.join('?' * 12)})", audit_log.values(record))
+        db.execute("DELETE FROM audit WHERE seq = 4")
+    cut = ["the chain should end at record 4; it ends at 3"]
+    assert audit_check.check(settings).problems == cut  # read as it is, unmigrated
+
+    async def check() -> None:
+        store = SqliteStore(path)
+        await store.open()
+        try:
+            records, head = await store.audit_chain()
+            assert audit_log.verify(records, head).problems == cut
+            await store.append_audit(Entry(AuditAction.STARTED, ALICE, "room"))
+            records, head = await store.audit_chain()
+            assert head[0] == 5
+            assert audit_log.verify(records, head).problems == ["records 4-4 are missing"]
+        finally:
+            await store.close()
+    asyncio.run(check())
+
+
+async def test_a_record_that_cannot_be_written_takes_its_change_with_it(tmp_path):
+    """On SQLite the record is written with the COMMIT: if it fails, nothing commits."""
+    from matrixjobs.models import JobSpec
+    from matrixjobs.store.sqlite import SqliteStore
+    store = SqliteStore(tmp_path / "jobs.db")
+    await store.open()
+    spec = JobSpec(type="t", data={}, name="t", max_retries=0, timeout_s=5)
+    started = Entry(AuditAction.STARTED, ALICE, "room")
+    try:
+        await store.add_jobs([spec], time.time(), audit=started)
+        with sqlite3.connect(tmp_path / "jobs.db") as db:  # takes the next record's number
+            db.execute(f"INSERT INTO audit ({audit_log.COLUMNS}) SELECT seq + 1, "
+                       f"{audit_log.COLUMNS.split(', ', 1)[1]} FROM audit")
+        with pytest.raises(sqlite3.IntegrityError):
+            await store.add_jobs([spec], time.time(), audit=started)
+        assert len(await store.list_jobs()) == 1
+        [job] = await store.add_jobs([spec], time.time(), audit=started)  # the head read anew
+        records, head = await store.audit_chain()
+        assert [r.subject for r in records] == ["j1", "j1", job.id] and head[0] == 3
+    finally:
+        await store.close()
 
 
 async def edit(settings, url: str | None, statement: str) -> None:

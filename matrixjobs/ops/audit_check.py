@@ -13,9 +13,10 @@ from matrixjobs import audit as audit_log
 from matrixjobs.config import Config
 from matrixjobs.ops.store_probe import StoreProblem, connect_read_only
 from matrixjobs.store.pg_conn import CONNECT_TIMEOUT_S, describe_url, libpq_reason
+from matrixjobs.store.sqlite import AUDIT_HEAD
 
 CHAIN = f"SELECT {audit_log.COLUMNS} FROM audit ORDER BY seq"
-HEAD = "SELECT seq, hash FROM audit_head"
+HEAD = "SELECT seq, hash FROM audit_head"  # PostgreSQL's, and SQLite's before AUDIT_HEAD
 
 
 def check(config: Config) -> audit_log.Verdict:
@@ -32,9 +33,15 @@ def _read_sqlite(config: Config) -> tuple[list[Any], Any]:
     try:
         with contextlib.closing(connect_read_only(path)) as db:
             db.execute("BEGIN")  # one snapshot: the service may append meanwhile
-            return db.execute(CHAIN).fetchall(), db.execute(HEAD).fetchone()
+            return db.execute(CHAIN).fetchall(), db.execute(_sqlite_head(db)).fetchone()
     except sqlite3.Error as exc:
         raise StoreProblem(f"cannot read the audit log in {path}: {exc}") from None
+
+
+def _sqlite_head(db: sqlite3.Connection) -> str:
+    """A store not yet migrated (a backup's copy) still keeps its head in a row."""
+    kept = db.execute("SELECT 1 FROM sqlite_master WHERE name = 'audit_head'").fetchone()
+    return HEAD if kept else AUDIT_HEAD
 
 
 def _read_postgres(config: Config) -> tuple[list[Any], Any]:

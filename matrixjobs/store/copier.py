@@ -13,7 +13,7 @@ from psycopg import sql
 from matrixjobs.errors import StoreError
 from matrixjobs.store.postgres import PostgresStore
 from matrixjobs.store.rows import NUMBERED_TABLES, TABLES
-from matrixjobs.store.sqlite import SqliteStore
+from matrixjobs.store.sqlite import AUDIT_HEAD, SqliteStore
 
 
 class TargetNotEmptyError(StoreError):
@@ -29,7 +29,7 @@ class Copied:
 async def copy_store(source: SqliteStore, target: PostgresStore) -> Copied:
     rows = {table: await _read(source, table, columns) for table, columns in TABLES}
     last_ids = {table: await _last_id(source, table) for table in NUMBERED_TABLES}
-    [head] = await source.db.execute_fetchall("SELECT seq, hash FROM audit_head")
+    [head] = await source.db.execute_fetchall(AUDIT_HEAD)
     try:
         async with target.pool.connection() as conn, conn.transaction():
             await _refuse_data(conn, target.where)

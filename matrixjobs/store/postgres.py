@@ -1163,10 +1163,14 @@ async def _free_groups(conn: psycopg.AsyncConnection[Any], now: float, limit: in
     """The concurrency groups with due jobs whose claim this transaction decides: no other
     claim decides the same until it commits. The lock is taken in this statement and
     whether a job of the group runs is asked in the next, so that statement's snapshot sees
-    the work of any claim that held the lock before (READ COMMITTED: one per statement)."""
+    the work of any claim that held the lock before (READ COMMITTED: one per statement).
+    Groups seen busy here are left out before the LIMIT (the next statement asks again), or
+    a busy group's waiting jobs would take every place and starve the other groups."""
     rows = await _rows(
         conn, "SELECT name FROM (SELECT concurrency AS name, min(id) AS oldest FROM jobs "
         "WHERE concurrency IS NOT NULL AND status = 'pending' AND run_after <= %s "
+        "AND NOT EXISTS (SELECT 1 FROM jobs AS busy WHERE busy.concurrency = "
+        "jobs.concurrency AND busy.status = 'processing') "
         "GROUP BY concurrency ORDER BY oldest LIMIT %s) AS due "
         "WHERE pg_try_advisory_xact_lock(%s::int, hashtext(name))", (now, limit, GROUP_LOCK))
     return [name for (name,) in rows]

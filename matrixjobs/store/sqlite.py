@@ -239,7 +239,44 @@ MIGRATIONS: list[str] = [
         paused_at REAL
     );
     """,
+    # the audit chain's head without a row rewritten by each record: its hash is the last
+    # record's, its number the highest SQLite ever gave the table (AUTOINCREMENT keeps it
+    # in sqlite_sequence, which a submit writes anyway for the job's id), so a cut-off end
+    # still shows; the trigger's extra page per record was most of the audit's cost
+    f"""
+    CREATE TABLE audit_numbered (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        at REAL NOT NULL,
+        action TEXT NOT NULL,
+        actor TEXT NOT NULL,
+        via TEXT NOT NULL,
+        subject TEXT,
+        target TEXT,
+        room_id TEXT,
+        event_id TEXT,
+        detail TEXT NOT NULL,
+        prev_hash TEXT NOT NULL,
+        hash TEXT NOT NULL
+    );
+    INSERT INTO audit_numbered ({audit_log.COLUMNS})
+        SELECT {audit_log.COLUMNS} FROM audit ORDER BY seq;
+    DROP TABLE audit;
+    ALTER TABLE audit_numbered RENAME TO audit;
+    CREATE INDEX audit_at ON audit(at);
+    INSERT INTO sqlite_sequence (name, seq)
+        SELECT 'audit', 0 WHERE NOT EXISTS (SELECT 1 FROM sqlite_sequence WHERE name = 'audit');
+    UPDATE sqlite_sequence SET seq = max(seq, (SELECT seq FROM audit_head))
+        WHERE name = 'audit';
+    DROP TABLE audit_head;
+    """,
 ]
+
+# The audit chain's head (seq, hash): the highest number the chain reached, which deleting
+# records does not lower, and the hash of its last record.
+INSERT_AUDIT = f"INSERT INTO audit ({audit_log.COLUMNS}) VALUES ({', '.join('?' * 12)})"
+AUDIT_HEAD = ("SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'audit'), 0), "
+              "coalesce((SELECT hash FROM audit ORDER BY seq DESC LIMIT 1), "
+              f"'{audit_log.GENESIS}')")
 
 log = logging.getLogger(__name__)
 
@@ -260,7 +297,9 @@ CLAIMABLE = (
 )
 # The claim: due jobs in no concurrency group, and of each group with no job running its
 # first due job (by priority, then age), the best `limit` of them; each arm stops at
-# `limit` itself, so a long queue is never sorted whole.
+# `limit` itself. A group's first job comes from one window over the due jobs of the groups
+# with none running (a subquery per waiting job made each claim quadratic in a group's
+# backlog, under the write lock).
 CLAIM = (
     "UPDATE jobs SET status = 'processing', owner = ?, lease_expires_at = ?, "
     "worker = ?, claimed_ahead = picked.ahead, started_at = CASE WHEN picked.ahead "
@@ -268,12 +307,13 @@ CLAIM = (
     "FROM (SELECT id, row_number() OVER (ORDER BY priority DESC, id) > ? AS ahead FROM ("
     "SELECT * FROM (SELECT id, priority FROM jobs WHERE concurrency IS NULL AND "
     f"{CLAIMABLE.format(table='jobs')} ORDER BY priority DESC, id LIMIT ?) UNION ALL "
-    "SELECT * FROM (SELECT id, priority FROM jobs AS grouped WHERE concurrency IS NOT NULL "
-    f"AND {CLAIMABLE.format(table='grouped')} AND grouped.id = (SELECT first.id FROM jobs "
-    "AS first WHERE first.concurrency = grouped.concurrency AND first.status = 'pending' "
-    f"AND first.run_after <= ? AND NOT {CANCELLED_BATCH} ORDER BY first.priority DESC, "
-    "first.id LIMIT 1) AND NOT EXISTS (SELECT 1 FROM jobs AS busy WHERE busy.concurrency = "
-    "grouped.concurrency AND busy.status = 'processing') ORDER BY priority DESC, id LIMIT ?)"
+    "SELECT * FROM (SELECT id, priority FROM (SELECT id, priority, status, run_after, "
+    "runs_on, batch_id, concurrency, row_number() OVER (PARTITION BY concurrency ORDER BY "
+    "priority DESC, id) AS turn FROM jobs WHERE concurrency IS NOT NULL AND status = "
+    f"'pending' AND run_after <= ? AND NOT {CANCELLED_BATCH} AND concurrency NOT IN "
+    "(SELECT busy.concurrency FROM jobs AS busy WHERE busy.concurrency IS NOT NULL AND "
+    "busy.status = 'processing')) AS grouped WHERE grouped.turn = 1 AND "
+    f"{CLAIMABLE.format(table='grouped')} ORDER BY priority DESC, id LIMIT ?)"
     ") ORDER BY priority DESC, id LIMIT ?) AS picked "
     f"WHERE jobs.id = picked.id RETURNING {QUALIFIED_JOB_COLUMNS}"
 )
@@ -295,6 +335,7 @@ class SqliteStore(Store):
         # leaves it.
         self._audit_head: tuple[int, str] | None = None
         self._pending_head: tuple[int, str] | None = None
+        self._unwritten: list[Record] = []  # this transaction's, written with its COMMIT
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -432,25 +473,44 @@ class SqliteStore(Store):
         A caller cancelled during BEGIN, COMMIT or ROLLBACK does not stop that
         statement on the database thread, and could leave a transaction open
         that every later BEGIN trips over. `_unfinished` remembers that, and the
-        next transaction first rolls back whatever is left.
+        next transaction first rolls back whatever is left. A COMMIT that fails (or is
+        cancelled) is rolled back at once, and the audit head read again.
         """
         async with self._lock:
             if self._unfinished:
                 with contextlib.suppress(sqlite3.OperationalError):  # nothing was left open
                     await self.db.execute("ROLLBACK")
             self._unfinished = True
+            self._unwritten = []
             await self.db.execute("BEGIN IMMEDIATE")
             try:
                 yield
+                await self._commit()
             except BaseException:
                 self._audit_head = self._pending_head = None  # read it again next time
-                await self.db.execute("ROLLBACK")
+                with contextlib.suppress(sqlite3.OperationalError):  # COMMIT ended it
+                    await self.db.execute("ROLLBACK")
                 self._unfinished = False
                 raise
-            await self.db.execute("COMMIT")
             self._unfinished = False
             if self._pending_head is not None:
                 self._audit_head, self._pending_head = self._pending_head, None
+
+    async def _commit(self) -> None:
+        """COMMIT, after the audit records the transaction appends, in one trip to the
+        database thread: a trip there and back costs about as much as writing the record
+        (bench/audit_overhead.py). If a record cannot be written, COMMIT is not reached."""
+        if not self._unwritten:
+            await self.db.execute("COMMIT")
+            return
+        rows = [audit_log.values(record) for record in self._unwritten]
+        self._unwritten = []
+        conn = self.db._conn  # aiosqlite runs nothing but single statements publicly
+
+        def write_and_commit() -> None:
+            conn.executemany(INSERT_AUDIT, rows)
+            conn.execute("COMMIT")
+        await self.db._execute(write_and_commit)
 
     # -- adding work -----------------------------------------------------------------------
 
@@ -630,7 +690,7 @@ class SqliteStore(Store):
         labels_json = json.dumps(list(labels))
         rows = await self.db.execute_fetchall(
             CLAIM, (owner, lease_until, worker, now, limit - ahead, now, labels_json, limit,
-                    now, labels_json, now, limit, limit))
+                    now, now, labels_json, limit, limit))
         jobs = [job_from_row(row) for row in rows]
         jobs.sort(key=lambda j: (-j.priority, number_of(j.id)))
         return jobs
@@ -822,18 +882,18 @@ class SqliteStore(Store):
     # -- the audit log ---------------------------------------------------------------------
 
     async def _audit(self, entry: Entry) -> Record:
-        """Inside a write transaction: `entry` as the chain's next record. The head is
-        read once and then kept as committed: this process alone writes the store (it
-        holds its lock), and a trigger moves the stored head with each record."""
+        """Inside a write transaction: `entry` as the chain's next record, written with the
+        transaction's COMMIT (`_commit`). The head is read once and then kept as committed:
+        this process alone writes the store (it holds its lock), and the record itself
+        moves the stored head (AUDIT_HEAD)."""
         head = self._pending_head or self._audit_head
         if head is None:
-            async with self.db.execute("SELECT seq, hash FROM audit_head") as cursor:
+            async with self.db.execute(AUDIT_HEAD) as cursor:
                 row = await cursor.fetchone()
             assert row is not None
             head = (int(row[0]), str(row[1]))
         record = audit_log.chained(entry, head[0] + 1, time.time(), head[1])
-        await self.db.execute(f"INSERT INTO audit ({audit_log.COLUMNS}) VALUES "
-                              f"{_placeholders(1, 12)}", audit_log.values(record))
+        self._unwritten.append(record)
         self._pending_head = (record.seq, record.hash)
         return record
 
@@ -853,7 +913,7 @@ class SqliteStore(Store):
         async with self._lock:
             rows = await self.db.execute_fetchall(
                 f"SELECT {audit_log.COLUMNS} FROM audit ORDER BY seq")
-            head = await self.db.execute_fetchall("SELECT seq, hash FROM audit_head")
+            head = await self.db.execute_fetchall(AUDIT_HEAD)
         return [audit_log.record_of(tuple(row)) for row in rows], (head[0][0], head[0][1])
 
     async def prune_audit(self, before: float) -> int:
