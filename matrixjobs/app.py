@@ -3,7 +3,8 @@
 `App` is also the core's public face. Interfaces (Matrix, HTTP API, MCP) get
 the App and call `submit`, `submit_batch`, `rerun`, `cancel`, `status`, `watch`, `jobs`,
 `batches`, the `log` family and `scrape_metrics`, and count what they do on `metrics`;
-they never reach into the store or queue themselves.
+the bot keeps its progress messages and login through `save_message`, `setting` and the
+like. They never reach into the store or queue themselves.
 """
 
 from __future__ import annotations
@@ -897,6 +898,37 @@ class App:
         )
         return self.metrics.registry
 
+    # -- the bot's own records: its progress messages and its login ----------------------------
+
+    @property
+    def store_shared(self) -> bool:
+        """Whether other processes use the same store (a fleet, a hot standby)."""
+        return self.store.shared
+
+    async def open_messages(self) -> list[ProgressMessage]:
+        """The progress messages of work not yet shown finished (to go on after a restart)."""
+        return await self._read(self.store.open_messages)
+
+    async def save_message(self, message: ProgressMessage, now: float) -> None:
+        await self._record(self.store.save_message, message, now)
+
+    async def update_message(self, subject_id: str, edits: int, final: bool) -> None:
+        await self._record(self.store.update_message, subject_id, edits, final)
+
+    async def setting(self, key: str) -> str | None:
+        return await self._read(self.store.get_setting, key)
+
+    async def set_setting(self, key: str, value: str) -> None:
+        await self._record(self.store.set_setting, key, value)
+
+    async def _record(self, write: Callable[P, Awaitable[None]], *args: P.args,
+                      **kwargs: P.kwargs) -> None:
+        """A write of an interface's own records: like a read (`_reading`), it says a store
+        in trouble at once (StoreUnavailableError) rather than wait out a pool that cannot
+        reach it. Not refused up front like new work: a locked or full store may still
+        take it."""
+        async with self._reading():
+            await write(*args, **kwargs)
 
     async def progress_message(self, subject: str) -> ProgressMessage | None:
         """Where a room shows this job's or batch's progress, once that message was sent."""

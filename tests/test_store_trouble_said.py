@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pytest
 from helpers import make_config, python_target, write_locked
 from nio import RoomMessageText
 from tcp_proxy import TcpProxy
@@ -26,7 +27,9 @@ from tcp_proxy import TcpProxy
 from matrixjobs.api import ApiServer
 from matrixjobs.app import App
 from matrixjobs.config import Config
+from matrixjobs.errors import StoreUnavailableError
 from matrixjobs.matrix.bot import MatrixBot
+from matrixjobs.models import ProgressMessage
 from matrixjobs.service import build_service
 
 ROOM = "!trouble:example.org"
@@ -152,6 +155,63 @@ async def test_a_postgresql_store_cut_off_is_said_in_the_room_not_as_an_internal
             proxy.restore()
             await until(lambda: room.app.health.up, RECOVERS_S, "healthy again")
             assert await room.say("!status") == ["Nothing is running."]
+
+
+
+# -- the bot's own records ----------------------------------------------------------------------
+
+
+async def test_the_bots_own_records_on_a_cut_off_store_fail_at_once(tmp_path, pg_url):
+    """Its login and its progress messages are kept through the App: while the store is
+    known to be unreachable they say so at once, not after the pool's 30 s wait."""
+    async with TcpProxy("127.0.0.1", 5432) as proxy:
+        behind = pg_url.replace(":5432/", f":{proxy.port}/", 1)
+        async with room_on(room_config(tmp_path, backend="postgresql", url=behind)) as room:
+            proxy.cut()
+            await until(lambda: not room.app.health.up, DEGRADED_WITHIN_S, "degraded")
+            began = time.monotonic()
+            with pytest.raises(StoreUnavailableError):
+                await room.bot.session.forget_token()
+            with pytest.raises(StoreUnavailableError):
+                await room.bot.session.login()
+            with pytest.raises(StoreUnavailableError):
+                await room.bot._restore_messages()
+            assert time.monotonic() - began < 1
+            proxy.restore()  # the service stops quickly
+
+
+async def test_the_bot_starts_once_a_store_cut_off_at_its_start_comes_back(
+        tmp_path, pg_url, monkeypatch):
+    """Restoring the progress messages after a restart is retried like the login, not the
+    end of the bot."""
+    async with TcpProxy("127.0.0.1", 5432) as proxy:
+        behind = pg_url.replace(":5432/", f":{proxy.port}/", 1)
+        async with room_on(room_config(tmp_path, backend="postgresql", url=behind)) as room:
+            bot = room.bot
+            job = await room.app.submit("plain")
+            await room.app.save_message(ProgressMessage(job.id, ROOM, "$shown", ALLOWED,
+                                                        "$asked"), time.time())
+
+            async def no_homeserver(*_: object, **__: object) -> bool:
+                return True
+
+            for step in ("_first_sync", "_upkeep", "_sync_forever"):
+                monkeypatch.setattr(bot, step, no_homeserver)
+            monkeypatch.setattr(bot.session, "login", no_homeserver)
+            proxy.cut()
+            await until(lambda: not room.app.health.up, DEGRADED_WITHIN_S, "degraded")
+            await bot.start()
+            try:
+                await asyncio.sleep(1.5)
+                assert not bot.synced.is_set() and not bot._tasks[0].done()
+                proxy.restore()
+                await asyncio.wait_for(bot.ready(), 30)
+                # The job ended meanwhile: its message, restored, gets its final edit.
+                await until(lambda: any(
+                    sent.get("m.relates_to", {}).get("event_id") == "$shown"
+                    for sent in room.sender.sent), 10, "the message finished")
+            finally:
+                await bot._halt()
 
 
 # -- the CLI ----------------------------------------------------------------------------------
