@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any, Protocol
 
-from matrixjobs.errors import NotFoundError
+from matrixjobs.errors import NotFoundError, StoreUnavailableError
 from matrixjobs.matrix.ratelimit import TokenBucket
 from matrixjobs.matrix.render import Rendered, render_final_notice, render_progress
 from matrixjobs.models import ProgressMessage, Status
@@ -575,6 +575,9 @@ class EditScheduler:
         except SendFailedError as exc:
             self._failed(choice, exc)
             return
+        except StoreUnavailableError as exc:  # sent, not kept: one line, no traceback
+            self._failed(choice, SendFailedError(f"the store could not keep it: {exc}"))
+            return
         except Exception as exc:  # e.g. the store failing after a send: retry later
             log.exception("matrix: sending to %s failed", choice.room_id)
             self._failed(choice, SendFailedError(str(exc)))
@@ -616,14 +619,17 @@ class EditScheduler:
             if slot.first is None:
                 slot.first = (slot.latest, self._render(slot.latest, self._clock()))
             event, rendered = slot.first
-            slot.event_id = await self.sender.send(
+            event_id = await self.sender.send(
                 slot.room_id, message_content(rendered, slot.reply_to),
                 f"mj-{slot.subject_id}-first")
             self._count_sent(edit=False)
             final = event.terminal and not slot.unsure
             await self.messages.save_message(ProgressMessage(
-                slot.subject_id, slot.room_id, slot.event_id, slot.requester, slot.reply_to,
+                slot.subject_id, slot.room_id, event_id, slot.requester, slot.reply_to,
                 final=final), self._clock())
+            # Only once it is kept: until then a retry sends it again under the same
+            # transaction id, which the homeserver answers with the same event.
+            slot.event_id = event_id
             if slot.unsure:
                 return  # what it shows is unknown: the next pass edits in the latest state
         else:
