@@ -64,7 +64,7 @@ from matrixjobs.progress.reporter import ProgressReporter
 from matrixjobs.queue.handlers import HandlerRegistry
 from matrixjobs.queue.joblog import JobLogs, RunLog, tail
 from matrixjobs.store.base import BatchCancel, Recovery, Store
-from matrixjobs.store.health import StoreFault, StoreHealth
+from matrixjobs.store.health import StoreFault, StoreHealth, troubled
 
 log = logging.getLogger(__name__)
 
@@ -302,7 +302,7 @@ class JobQueue:
     # -- the dispatcher --------------------------------------------------------------------------
 
     async def _dispatch(self) -> None:
-        outage = Outage(log, "store cycle")
+        outage = Outage(log, "store cycle", troubled)
         while True:
             try:
                 if await self._cycle():
