@@ -793,7 +793,8 @@ class App:
     async def follow_log(self, job_id: str, caller: Caller | None = None
                          ) -> AsyncIterator[str]:
         """A job's log, then its output as it comes, until the run going on (or the next
-        one to start) ends. The first chunk comes at once (maybe empty): the job exists."""
+        one to start) ends. The first chunk comes at once (maybe empty): the job exists. A
+        store in trouble meanwhile ends it with a last line that says so."""
         job_id = _job_id(job_id)
         if caller is not None:
             await self._allow_on(caller, Action.LOGS, job_id)
@@ -801,6 +802,15 @@ class App:
                 and await self._read(self.store.get_job, job_id) is None):
             raise NotFoundError(f"no job {job_id}")
         yield ""
+        try:
+            async for chunk in self._follow_run(job_id):
+                yield chunk
+        except StoreUnavailableError as exc:  # the stream has begun: no error answer now
+            log.info("a follow of %s's log ended: %s", job_id, exc)
+            yield f"\n[the follow ends here: {exc}]\n"
+
+    async def _follow_run(self, job_id: str) -> AsyncIterator[str]:
+        """`follow_log` once the job is known to exist."""
         while (live := self.job_logs.live(job_id)) is None:
             job = await self._read(self.store.get_job, job_id)
             if job is None or (job.status.terminal and self.job_logs.live(job_id) is None):

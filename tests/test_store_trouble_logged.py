@@ -1,19 +1,26 @@
-"""What the log says while the store is in trouble, the trouble caused for real (a SQLite
-store another connection holds write-locked): a retried step says the store in one line,
-never with a traceback (that stays for bugs).
+"""What the log and a followed log say while the store is in trouble, the trouble caused
+for real (a SQLite store another connection holds write-locked, a PostgreSQL server cut
+off behind a proxy): a retried step says the store in one line, never with a traceback
+(that stays for bugs); a follow of a log the store fails under ends cleanly, saying so.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+from collections.abc import AsyncIterator
 
+import httpx2
 import pytest
 from helpers import final_state, make_config, python_target, write_locked
+from tcp_proxy import TcpProxy
 
+from matrixjobs.api import ApiServer
 from matrixjobs.app import App
 from matrixjobs.models import Status
+from matrixjobs.service import build_service
 
 
 def tracebacks(caplog: pytest.LogCaptureFixture) -> list[str]:
@@ -53,3 +60,40 @@ async def test_a_locked_store_is_said_in_one_line_by_the_steps_that_retry(tmp_pa
     assert "store cycle works again" in said
     assert tracebacks(caplog) == []
 
+
+@contextlib.asynccontextmanager
+async def service_behind(proxy: TcpProxy, pg_url: str, tmp_path) -> AsyncIterator[
+        tuple[App, httpx2.AsyncClient]]:
+    behind = pg_url.replace(":5432/", f":{proxy.port}/", 1)
+    config = make_config(tmp_path, queue={"workers": 1},
+                         store={"backend": "postgresql", "url": behind},
+                         targets={"slow": python_target("import time; time.sleep(60)")})
+    app = build_service(config)
+    await app.start()
+    try:
+        [api] = [c for c in app.components if isinstance(c, ApiServer)]
+        async with httpx2.AsyncClient(base_url=api.url) as client:
+            yield app, client
+    finally:
+        proxy.restore()  # the service stops quickly
+        await app.stop()
+
+
+async def test_a_follow_the_store_fails_under_ends_saying_so(tmp_path, pg_url, caplog):
+    """A follow of a job waiting for a worker reads the store each second: cut off, the
+    follow ends with a last line, the body complete, and the log says it in one line."""
+    caplog.set_level(logging.INFO, logger="matrixjobs")
+    async with TcpProxy("127.0.0.1", 5432) as proxy, \
+            service_behind(proxy, pg_url, tmp_path) as (app, client):
+        await app.submit("slow")  # takes the only worker
+        waiting = await app.submit("slow")
+        async with client.stream("GET", f"/v1/jobs/{waiting.id}/log?follow=true",
+                                 timeout=60) as response:
+            assert response.status_code == 200
+            await asyncio.sleep(1)
+            proxy.cut()
+            body = await asyncio.wait_for(response.aread(), 40)
+    assert body.decode() == "\n[the follow ends here: store: unreachable; try again in 10 s]\n"
+    assert f"a follow of {waiting.id}'s log ended: store: unreachable; try again in 10 s" in [
+        r.getMessage() for r in caplog.records]
+    assert tracebacks(caplog) == []
