@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx2
 import pytest
 from helpers import make_config, python_target, write_locked
 from nio import RoomMessageText
@@ -30,6 +31,7 @@ from matrixjobs.config import Config
 from matrixjobs.errors import StoreUnavailableError
 from matrixjobs.matrix.bot import MatrixBot
 from matrixjobs.models import ProgressMessage
+from matrixjobs.policy import ADMIN, Caller, Via
 from matrixjobs.service import build_service
 
 ROOM = "!trouble:example.org"
@@ -212,6 +214,47 @@ async def test_the_bot_starts_once_a_store_cut_off_at_its_start_comes_back(
                     for sent in room.sender.sent), 10, "the message finished")
             finally:
                 await bot._halt()
+
+
+
+# -- the dashboard ------------------------------------------------------------------------------
+
+
+async def test_a_personal_tokens_dashboard_on_a_cut_off_store_says_so_in_the_page(
+        tmp_path, pg_url):
+    """Whose token it is cannot be read: the login form says why (not a JSON blob), and a
+    session already open still gets its page, whose banner says it (from the API's 503)."""
+    async with TcpProxy("127.0.0.1", 5432) as proxy:
+        behind = pg_url.replace(":5432/", f":{proxy.port}/", 1)
+        app = build_service(make_config(
+            tmp_path, targets=TARGETS, api={"token": "t" * 32},
+            store={"backend": "postgresql", "url": behind},
+            access={"allowed_users": [ALLOWED]}))
+        await app.start()
+        try:
+            [api] = [c for c in app.components if isinstance(c, ApiServer)]
+            token = await app.issue_token(ALLOWED, "browser", Caller(ADMIN, Via.API))
+            origin = {"Origin": api.url.rstrip("/")}
+            async with httpx2.AsyncClient(base_url=api.url) as browser:
+                opened = await browser.post("/login", data={"token": token}, headers=origin)
+                assert opened.status_code == 303
+                proxy.cut()
+                await until(lambda: not app.health.up, DEGRADED_WITHIN_S, "degraded")
+                page = await browser.get("/")
+                assert page.status_code == 200, page.text
+                assert page.headers["content-type"].startswith("text/html")
+                status = await browser.get("/v1/status", headers=origin)
+                assert (status.status_code, status.json()["error"]["code"]) == (
+                    503, "store_unavailable")
+                browser.cookies.clear()
+                again = await browser.post("/login", data={"token": token}, headers=origin)
+        finally:
+            proxy.restore()  # the service stops quickly
+            await app.stop()
+    assert again.status_code == 503 and again.headers["Retry-After"] == "10"
+    assert again.headers["content-type"].startswith("text/html")
+    assert ("Personal tokens cannot be checked now: store: unreachable; try again in 10 s."
+            in again.text)
 
 
 # -- the CLI ----------------------------------------------------------------------------------
