@@ -1,7 +1,9 @@
-"""What the log and a followed log say while the store is in trouble, the trouble caused
-for real (a SQLite store another connection holds write-locked, a PostgreSQL server cut
-off behind a proxy): a retried step says the store in one line, never with a traceback
-(that stays for bugs); a follow of a log the store fails under ends cleanly, saying so.
+"""What the service's log, a followed log and the jobs' stored logs say while the store is
+in trouble, the trouble caused for real (a SQLite store another connection holds
+write-locked, a disk below the free-space floor, a PostgreSQL server cut off behind a
+proxy): a retried step says the store in one line, never with a traceback (that stays
+for bugs); a follow of a log the store fails under ends cleanly, saying so; below the
+floor a running job's log is stored only in its last part.
 """
 
 from __future__ import annotations
@@ -97,3 +99,37 @@ async def test_a_follow_the_store_fails_under_ends_saying_so(tmp_path, pg_url, c
     assert f"a follow of {waiting.id}'s log ended: store: unreachable; try again in 10 s" in [
         r.getMessage() for r in caplog.records]
     assert tracebacks(caplog) == []
+
+
+async def test_below_the_free_space_floor_a_running_jobs_log_is_saved_only_in_its_tail(
+        tmp_path, caplog):
+    """Its log is saved while it runs (at each heartbeat): below the floor only its end
+    is, and the service's log says so once."""
+    caplog.set_level(logging.INFO, logger="matrixjobs")
+    chatty = python_target("""
+        import time
+        for n in range(100_000):
+            print(f"line {n} " + "x" * 60, flush=True)
+            time.sleep(0.002)
+    """)
+    config = make_config(tmp_path, api={"enabled": False}, queue={"lease_s": 1.5},
+                         store={"min_free_mb": 1024**3}, targets={"chatty": chatty})
+    app = App(config)
+    await app.start()
+    try:
+        job = await app.submit("chatty")  # before the probe finds the disk below the floor
+        deadline = time.monotonic() + 20
+        while app.health.up:
+            assert time.monotonic() < deadline, "the floor was not found"
+            await asyncio.sleep(0.2)
+        await asyncio.sleep(1.5)  # a few more saves, of output written since
+        saved = await app.store.get_log(job.id) or ""
+        await app.cancel(job.id)
+    finally:
+        await app.stop()
+    assert saved.startswith("[… the disk was almost full: only the end of this log was kept]")
+    assert len(saved.encode()) < 17 * 1024 and "line 0 " not in saved
+    assert saved.rstrip().endswith("x" * 60)
+    told = [r.getMessage() for r in caplog.records if "almost full" in r.getMessage()]
+    assert told == [f"job {job.id}: the disk is almost full; keeping only the last 16 KiB "
+                    "of its log"]
