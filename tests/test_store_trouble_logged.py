@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 from collections.abc import AsyncIterator
 
@@ -38,8 +39,9 @@ async def until_status(app: App, job_id: str, status: Status, timeout: float) ->
 
 async def test_a_locked_store_is_said_in_one_line_by_the_steps_that_retry(tmp_path, caplog):
     """A job ends while the store is locked: the dispatcher cannot record its outcome and
-    retries, the heartbeat cannot renew the lease. Each says so once, in one line."""
-    caplog.set_level(logging.INFO, logger="matrixjobs")
+    retries, the heartbeat cannot renew the lease. Each says so once, in one line; each
+    retry after that one debug line."""
+    caplog.set_level(logging.DEBUG, logger="matrixjobs")
     config = make_config(tmp_path, api={"enabled": False}, queue={"lease_s": 3},
                          targets={"short": python_target("import time; time.sleep(1)")})
     app = App(config)
@@ -48,9 +50,10 @@ async def test_a_locked_store_is_said_in_one_line_by_the_steps_that_retry(tmp_pa
         job = await app.submit("short")
         await until_status(app, job.id, Status.PROCESSING, 10)
         async with write_locked(config.store.path):
-            # It ends; its outcome waits (behind the heartbeat) out SQLite's busy timeout.
+            # It ends; its outcome waits (behind the heartbeat) out SQLite's busy timeout,
+            # then is retried every second (at once refused, once the probe found the lock).
             deadline = time.monotonic() + 30
-            while "store cycle failed" not in caplog.text:
+            while "store cycle failed again" not in caplog.text:
                 assert time.monotonic() < deadline, caplog.text
                 await asyncio.sleep(0.1)
         assert (await final_state(app, job.id)).status is Status.COMPLETED
@@ -60,6 +63,10 @@ async def test_a_locked_store_is_said_in_one_line_by_the_steps_that_retry(tmp_pa
     assert any(line.startswith("store cycle failed; retrying every 1s (1 outcomes wait) "
                                "(OperationalError: database is locked)") for line in said), said
     assert "store cycle works again" in said
+    debug = [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG]
+    assert "store cycle failed again (OperationalError: database is locked); retrying" in debug
+    assert any(re.fullmatch(r"the store is still unavailable \(locked, \d+ errors of this "
+                            r"kind\)", line) for line in debug), debug
     assert tracebacks(caplog) == []
 
 
