@@ -3,7 +3,8 @@
 `App` is also the core's public face. Interfaces (Matrix, HTTP API, MCP) get
 the App and call `submit`, `submit_batch`, `rerun`, `cancel`, `status`, `watch`, `jobs`,
 `batches`, the `log` family and `scrape_metrics`, and count what they do on `metrics`;
-they never reach into the store or queue themselves.
+the bot keeps its progress messages and login through `save_message`, `setting` and the
+like. They never reach into the store or queue themselves.
 """
 
 from __future__ import annotations
@@ -944,7 +945,8 @@ class App:
     async def follow_log(self, job_id: str, caller: Caller | None = None
                          ) -> AsyncIterator[str]:
         """A job's log, then its output as it comes, until the run going on (or the next
-        one to start) ends. The first chunk comes at once (maybe empty): the job exists."""
+        one to start) ends. The first chunk comes at once (maybe empty): the job exists. A
+        store in trouble meanwhile ends it with a last line that says so."""
         job_id = _job_id(job_id)
         if caller is not None:
             await self._allow_on(caller, Action.LOGS, job_id)
@@ -952,6 +954,15 @@ class App:
                 and await self._read(self.store.get_job, job_id) is None):
             raise NotFoundError(f"no job {job_id}")
         yield ""
+        try:
+            async for chunk in self._follow_run(job_id):
+                yield chunk
+        except StoreUnavailableError as exc:  # the stream has begun: no error answer now
+            log.info("a follow of %s's log ended: %s", job_id, exc)
+            yield f"\n[the follow ends here: {exc}]\n"
+
+    async def _follow_run(self, job_id: str) -> AsyncIterator[str]:
+        """`follow_log` once the job is known to exist."""
         while (live := self.job_logs.live(job_id)) is None:
             job = await self._read(self.store.get_job, job_id)
             if job is None or (job.status.terminal and self.job_logs.live(job_id) is None):
@@ -1061,14 +1072,41 @@ class App:
         )
         return self.metrics.registry
 
+    # -- the bot's own records: its progress messages and its login ----------------------------
+
+    @property
+    def store_shared(self) -> bool:
+        """Whether other processes use the same store (a fleet, a hot standby)."""
+        return self.store.shared
+
     async def unsent_messages(self) -> list[ProgressMessage]:
         """Where work a webhook or schedule started is to be shown, not sent yet."""
         return await self._read(self.store.unsent_messages)
 
-    async def not_shown(self, subject: str) -> None:
-        """A progress message no bot can send (the room is gone): stop trying."""
-        with self._storing():
-            await self.store.update_message(subject, 0, True)
+    async def open_messages(self) -> list[ProgressMessage]:
+        """The progress messages of work not yet shown finished (to go on after a restart)."""
+        return await self._read(self.store.open_messages)
+
+    async def save_message(self, message: ProgressMessage, now: float) -> None:
+        await self._record(self.store.save_message, message, now)
+
+    async def update_message(self, subject_id: str, edits: int, final: bool) -> None:
+        await self._record(self.store.update_message, subject_id, edits, final)
+
+    async def setting(self, key: str) -> str | None:
+        return await self._read(self.store.get_setting, key)
+
+    async def set_setting(self, key: str, value: str) -> None:
+        await self._record(self.store.set_setting, key, value)
+
+    async def _record(self, write: Callable[P, Awaitable[None]], *args: P.args,
+                      **kwargs: P.kwargs) -> None:
+        """A write of an interface's own records: like a read (`_reading`), it says a store
+        in trouble at once (StoreUnavailableError) rather than wait out a pool that cannot
+        reach it. Not refused up front like new work: a locked or full store may still
+        take it."""
+        async with self._reading():
+            await write(*args, **kwargs)
 
     async def progress_message(self, subject: str) -> ProgressMessage | None:
         """Where a room shows this job's or batch's progress, once that message was sent."""

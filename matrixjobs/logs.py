@@ -14,7 +14,7 @@ import queue
 import re
 import sys
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from logging.handlers import QueueHandler, QueueListener
 
 MASK = "***"
@@ -209,18 +209,23 @@ class Outage:
     """The log of a loop that retries a step: its first failure with the traceback, the
     failures after it only at debug (one line each, the exception in short), and the step
     working again. A lost database fails every try until it is back; one warning per
-    outage says it without flooding."""
+    outage says it without flooding. A failure `known` as trouble outside the service (a
+    store in trouble) is said in one line, without a traceback: that stays for bugs."""
 
-    def __init__(self, logger: logging.Logger, what: str) -> None:
+    def __init__(self, logger: logging.Logger, what: str,
+                 known: Callable[[BaseException], bool] | None = None) -> None:
         self._log = logger
         self._what = what
+        self._known = known
         self._down = False
 
     def failed(self, message: str, *args: object) -> None:
         """Call from an `except` block; `message` is said once per outage."""
+        exc = sys.exception()
         if self._down:
-            self._log.debug("%s failed again (%s); retrying", self._what,
-                            brief(sys.exception()))
+            self._log.debug("%s failed again (%s); retrying", self._what, brief(exc))
+        elif exc is not None and self._known is not None and self._known(exc):
+            self._log.warning("%s (%s)", message % args, brief(exc))
         else:
             self._log.exception(message, *args)
         self._down = True

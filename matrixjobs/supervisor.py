@@ -1,4 +1,5 @@
-"""Small named background loops that log their failures and keep going."""
+"""Small named background loops that log their failures and keep going: a store in
+trouble in one line, a bug with its traceback."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
-from matrixjobs.logs import Outage
+from matrixjobs.logs import Outage, brief
+from matrixjobs.store.health import troubled
 
 log = logging.getLogger(__name__)
 
@@ -19,7 +21,7 @@ class Supervisor:
         """Run `step` every `seconds` until stopped; an exception is logged, not fatal."""
 
         async def loop() -> None:
-            outage = Outage(log, name)
+            outage = Outage(log, name, troubled)
             while True:
                 await asyncio.sleep(seconds)
                 try:
@@ -37,8 +39,8 @@ class Supervisor:
         async def run() -> None:
             try:
                 await step()
-            except Exception:
-                log.warning("%s failed", name, exc_info=True)
+            except Exception as exc:
+                log.warning("%s failed%s", name, _said(exc), exc_info=not troubled(exc))
 
         task = asyncio.create_task(run(), name=name)
         self._tasks.append(task)
@@ -52,8 +54,9 @@ class Supervisor:
                 try:
                     await run()
                     return
-                except Exception:
-                    log.exception("%s crashed; restarting", name)
+                except Exception as exc:
+                    log.error("%s crashed%s; restarting", name, _said(exc),
+                              exc_info=not troubled(exc))
                     await asyncio.sleep(1)
 
         self._tasks.append(asyncio.create_task(loop(), name=name))
@@ -63,3 +66,8 @@ class Supervisor:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
+
+
+def _said(exc: BaseException) -> str:
+    """A store in trouble, said in the line itself (it gets no traceback)."""
+    return f" ({brief(exc)})" if troubled(exc) else ""

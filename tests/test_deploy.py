@@ -14,8 +14,10 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from prometheus_client import generate_latest
 
 from matrixjobs.config import SECRET_ENV, QueueConfig, WarningTopic, load_config
+from matrixjobs.metrics import Metrics
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 UNIT = DEPLOY / "matrixjobs.service"
@@ -268,3 +270,17 @@ def test_sysusers_creates_the_units_user_with_the_state_directory_as_home(tmp_pa
     assert re.search(rf"^{settings['Group']}:x:{user[3]}:", groups, re.MULTILINE)
     assert user[5] == f"/var/lib/{settings['StateDirectory']}"
     assert user[6].endswith("nologin")
+
+
+def test_readme_explains_every_metric_the_service_serves():
+    metrics = Metrics(["docs"])
+    metrics.set_gauges(jobs=None, workers=1, subscribers=0, store_up=False,
+                       store_errors={"locked": 1})
+    text = generate_latest(metrics.registry).decode()
+    # prometheus_client's own `_created` series of each counter and histogram aside.
+    served = {name for name in re.findall(r"^# HELP (\S+)", text, re.MULTILINE)
+              if not name.endswith("_created")}
+    readme = (DEPLOY / "README.md").read_text(encoding="utf-8")
+    table = set(re.findall(r"^\| `(matrixjobs_\w+)", readme, re.MULTILINE))
+    assert "matrixjobs_store_up" in served
+    assert served - table == set(), "deploy/README.md section 12 lacks these"

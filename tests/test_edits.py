@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from matrixjobs.errors import StoreUnavailableError
 from matrixjobs.matrix.edits import (
     PING_FAILED,
     EditScheduler,
@@ -104,6 +105,36 @@ async def test_first_message_is_a_reply_and_edits_replace_the_original(store):
     [saved] = await store.open_messages()
     assert (saved.subject_id, saved.event_id, saved.edits) == ("j1", "$event1", 1)
 
+
+
+class Unkept:
+    """A store in trouble for the first message it is asked to keep, then well again."""
+
+    def __init__(self, store):
+        self.store = store
+        self.refusals = 1
+
+    async def save_message(self, message, now):
+        if self.refusals:
+            self.refusals -= 1
+            raise StoreUnavailableError("store: locked; try again in 10 s")
+        await self.store.save_message(message, now)
+
+    async def update_message(self, subject_id, edits, final):
+        await self.store.update_message(subject_id, edits, final)
+
+
+async def test_a_first_message_the_store_could_not_keep_is_sent_again_and_kept(store, caplog):
+    """Sent again under the same transaction id (the homeserver answers it with the same
+    event), so its edits can be found after a restart; said in one line, no traceback."""
+    sched, sender, clock = scheduler(Unkept(store))
+    sched.track("!room", "@alice:x", "$command", state(clock))
+    await drain(sched, clock, clock.now + 5)
+    assert sender.txn_ids[:2] == ["mj-j1-first", "mj-j1-first"]
+    [saved] = await store.open_messages()
+    assert saved.event_id == "$event2"
+    [said] = [r for r in caplog.records if "could not keep" in r.getMessage()]
+    assert said.exc_info is None and "store: locked" in said.getMessage()
 
 async def test_updates_are_coalesced_and_edits_spaced_by_the_interval(store):
     sched, sender, clock = scheduler(store, rate=0, interval=0.5)

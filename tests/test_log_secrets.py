@@ -1,7 +1,9 @@
 """The most a log ever shows (`--log-level debug`) of a real service with an encrypted room,
 the API and a job: no secret, no key material and no message text reaches it; and what it
 does show is worth turning on: our own decisions, one line each (claims and their sizes,
-what a sync brought). One run of the service, read by both tests."""
+what a sync brought, why an edit waited, which rule refused a command). One run of the
+service, read by both tests. Sync gaps and store retries need a gap or a store in trouble:
+test_matrix_sync.py and test_store_trouble_logged.py pin those lines."""
 
 from __future__ import annotations
 
@@ -53,6 +55,9 @@ def write_config(directory: Path, homeserver: str, bot: str, alice: str) -> Path
         listen = "unix:{directory / 'api.sock'}"
         [targets.steps]
         command = [{sys.executable!r}, "steps.py"]
+        [targets.guarded]
+        command = [{sys.executable!r}, "steps.py"]
+        allowed_users = ["@nobody:example.org"]
     """))
     return config
 
@@ -94,7 +99,10 @@ async def use_the_service(synapse, tmp_path: Path, bot: str, alice: EncryptedPer
         done = await reply_to(alice, room, bot, build, final=("✅",))
         status = await alice.send(room, "!jobs")
         listing = await reply_to(alice, room, bot, status)
-        texts += ["!build steps", *done.bodies, *listing.bodies]
+        guarded = await alice.send(room, "!build guarded")
+        refused = await reply_to(alice, room, bot, guarded)
+        texts += ["!build steps", *done.bodies, *listing.bodies, "!build guarded",
+                  *refused.bodies]
 
         transport = httpx2.AsyncHTTPTransport(uds=str(tmp_path / "api.sock"))
         async with httpx2.AsyncClient(transport=transport, base_url="http://localhost",
@@ -172,6 +180,14 @@ async def test_a_debug_log_says_our_own_decisions_one_line_each(debug_run):
     synced = ours("matrix: sync: ")
     assert synced, debug_run.log
     assert all(re.fullmatch(r"matrix: sync: \d+ new events in !\S+", line) for line in synced)
+    # Why the job's progress edits waited, and for how long.
+    waits = ours("'s edit waits ")
+    assert any(re.fullmatch(r"matrix: j1's edit waits \d+\.\d\ds: interval: edits of a "
+                            r"message go 0\.2s apart", line) for line in waits), waits
+    # Which rule refused the !build guarded: the rule and the target, never the message.
+    assert ours("policy: ") == [
+        "policy: run refused to @debuglogalice:localhost via room on guarded (rule "
+        "allowed_users: you may not run guarded)"], debug_run.log
     # Library loggers stay held at WARNING: nothing of theirs at debug or info.
     assert not [name for level, name, _ in records
                 if level in ("DEBUG", "INFO") and name.split(".")[0] != "matrixjobs"]

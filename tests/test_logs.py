@@ -179,3 +179,23 @@ def test_an_outage_is_said_once_with_its_traceback_and_once_when_it_ends(caplog)
                     (logging.DEBUG, again, False),  # one line each, no traceback
                     (logging.DEBUG, again, False),
                     (logging.INFO, "store cycle works again", False)]
+
+
+def test_an_outage_known_as_outside_trouble_is_said_in_one_line_a_bug_with_its_traceback(
+        caplog):
+    caplog.set_level(logging.INFO, logger="matrixjobs.test")
+    outage = Outage(logging.getLogger("matrixjobs.test"), "store cycle",
+                    known=lambda exc: isinstance(exc, OSError))
+    for exc in (OSError("database gone"), KeyError("bug")):
+        try:
+            raise exc
+        except Exception:
+            outage.failed("store cycle failed; retrying every %ds", 1)
+        outage.worked()
+    said = [(r.levelno, r.getMessage(), r.exc_info is not None) for r in caplog.records]
+    assert said == [
+        (logging.WARNING, "store cycle failed; retrying every 1s (OSError: database gone)",
+         False),
+        (logging.INFO, "store cycle works again", False),
+        (logging.ERROR, "store cycle failed; retrying every 1s", True),
+        (logging.INFO, "store cycle works again", False)]

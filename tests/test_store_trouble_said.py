@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx2
+import pytest
 from helpers import make_config, python_target, write_locked
 from nio import RoomMessageText
 from tcp_proxy import TcpProxy
@@ -26,7 +28,10 @@ from tcp_proxy import TcpProxy
 from matrixjobs.api import ApiServer
 from matrixjobs.app import App
 from matrixjobs.config import Config
+from matrixjobs.errors import StoreUnavailableError
 from matrixjobs.matrix.bot import MatrixBot
+from matrixjobs.models import ProgressMessage
+from matrixjobs.policy import ADMIN, Caller, Via
 from matrixjobs.service import build_service
 
 ROOM = "!trouble:example.org"
@@ -152,6 +157,104 @@ async def test_a_postgresql_store_cut_off_is_said_in_the_room_not_as_an_internal
             proxy.restore()
             await until(lambda: room.app.health.up, RECOVERS_S, "healthy again")
             assert await room.say("!status") == ["Nothing is running."]
+
+
+
+# -- the bot's own records ----------------------------------------------------------------------
+
+
+async def test_the_bots_own_records_on_a_cut_off_store_fail_at_once(tmp_path, pg_url):
+    """Its login and its progress messages are kept through the App: while the store is
+    known to be unreachable they say so at once, not after the pool's 30 s wait."""
+    async with TcpProxy("127.0.0.1", 5432) as proxy:
+        behind = pg_url.replace(":5432/", f":{proxy.port}/", 1)
+        async with room_on(room_config(tmp_path, backend="postgresql", url=behind)) as room:
+            proxy.cut()
+            await until(lambda: not room.app.health.up, DEGRADED_WITHIN_S, "degraded")
+            began = time.monotonic()
+            with pytest.raises(StoreUnavailableError):
+                await room.bot.session.forget_token()
+            with pytest.raises(StoreUnavailableError):
+                await room.bot.session.login()
+            with pytest.raises(StoreUnavailableError):
+                await room.bot._restore_messages()
+            assert time.monotonic() - began < 1
+            proxy.restore()  # the service stops quickly
+
+
+async def test_the_bot_starts_once_a_store_cut_off_at_its_start_comes_back(
+        tmp_path, pg_url, monkeypatch):
+    """Restoring the progress messages after a restart is retried like the login, not the
+    end of the bot."""
+    async with TcpProxy("127.0.0.1", 5432) as proxy:
+        behind = pg_url.replace(":5432/", f":{proxy.port}/", 1)
+        async with room_on(room_config(tmp_path, backend="postgresql", url=behind)) as room:
+            bot = room.bot
+            job = await room.app.submit("plain")
+            await room.app.save_message(ProgressMessage(job.id, ROOM, "$shown", ALLOWED,
+                                                        "$asked"), time.time())
+
+            async def no_homeserver(*_: object, **__: object) -> bool:
+                return True
+
+            for step in ("_first_sync", "_upkeep", "_sync_forever"):
+                monkeypatch.setattr(bot, step, no_homeserver)
+            monkeypatch.setattr(bot.session, "login", no_homeserver)
+            proxy.cut()
+            await until(lambda: not room.app.health.up, DEGRADED_WITHIN_S, "degraded")
+            await bot.start()
+            try:
+                await asyncio.sleep(1.5)
+                assert not bot.synced.is_set() and not bot._tasks[0].done()
+                proxy.restore()
+                await asyncio.wait_for(bot.ready(), 30)
+                # The job ended meanwhile: its message, restored, gets its final edit.
+                await until(lambda: any(
+                    sent.get("m.relates_to", {}).get("event_id") == "$shown"
+                    for sent in room.sender.sent), 10, "the message finished")
+            finally:
+                await bot._halt()
+
+
+
+# -- the dashboard ------------------------------------------------------------------------------
+
+
+async def test_a_personal_tokens_dashboard_on_a_cut_off_store_says_so_in_the_page(
+        tmp_path, pg_url):
+    """Whose token it is cannot be read: the login form says why (not a JSON blob), and a
+    session already open still gets its page, whose banner says it (from the API's 503)."""
+    async with TcpProxy("127.0.0.1", 5432) as proxy:
+        behind = pg_url.replace(":5432/", f":{proxy.port}/", 1)
+        app = build_service(make_config(
+            tmp_path, targets=TARGETS, api={"token": "t" * 32},
+            store={"backend": "postgresql", "url": behind},
+            access={"allowed_users": [ALLOWED]}))
+        await app.start()
+        try:
+            [api] = [c for c in app.components if isinstance(c, ApiServer)]
+            token = await app.issue_token(ALLOWED, "browser", Caller(ADMIN, Via.API))
+            origin = {"Origin": api.url.rstrip("/")}
+            async with httpx2.AsyncClient(base_url=api.url) as browser:
+                opened = await browser.post("/login", data={"token": token}, headers=origin)
+                assert opened.status_code == 303
+                proxy.cut()
+                await until(lambda: not app.health.up, DEGRADED_WITHIN_S, "degraded")
+                page = await browser.get("/")
+                assert page.status_code == 200, page.text
+                assert page.headers["content-type"].startswith("text/html")
+                status = await browser.get("/v1/status", headers=origin)
+                assert (status.status_code, status.json()["error"]["code"]) == (
+                    503, "store_unavailable")
+                browser.cookies.clear()
+                again = await browser.post("/login", data={"token": token}, headers=origin)
+        finally:
+            proxy.restore()  # the service stops quickly
+            await app.stop()
+    assert again.status_code == 503 and again.headers["Retry-After"] == "10"
+    assert again.headers["content-type"].startswith("text/html")
+    assert ("Personal tokens cannot be checked now: store: unreachable; try again in 10 s."
+            in again.text)
 
 
 # -- the CLI ----------------------------------------------------------------------------------

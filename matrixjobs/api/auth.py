@@ -18,7 +18,7 @@ from matrixjobs.api.session import (
     session_of,
     session_value,
 )
-from matrixjobs.errors import MatrixJobsError
+from matrixjobs.errors import MatrixJobsError, StoreUnavailableError
 
 CHALLENGE = {"WWW-Authenticate": 'Bearer realm="matrixjobs"'}
 # The scope key that names the person a personal token (or its session) let in.
@@ -63,8 +63,7 @@ class BearerAuth:
         try:
             refusal = await self._refusal(scope, path)
         except MatrixJobsError as exc:  # whose token it is could not be read: the store
-            error = from_core(exc)
-            refusal = error_response(error.status, error.code, error.message)
+            refusal = self._unchecked(exc, path)
         if refusal is None:
             await self.app(scope, receive, send)
         else:
@@ -104,6 +103,16 @@ class BearerAuth:
         message = (f"this API needs a token: send 'Authorization: Bearer <token>' "
                    f"(or the {COOKIE} cookie from /login)")
         return error_response(401, "unauthorized", message, CHALLENGE)
+
+    @staticmethod
+    def _unchecked(exc: MatrixJobsError, path: str) -> Response | None:
+        """The answer to a request whose token could not be checked. A page holds no data:
+        it opens, and its banner says why its data cannot be read (from the API's 503),
+        rather than a browser showing a JSON answer."""
+        if path in PAGES and isinstance(exc, StoreUnavailableError):
+            return None
+        error = from_core(exc)
+        return error_response(error.status, error.code, error.message)
 
 
 def person_of(scope: Scope) -> str | None:

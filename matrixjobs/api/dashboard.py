@@ -35,6 +35,8 @@ from matrixjobs.api.session import (
 )
 from matrixjobs.api.stream import OpenStreams
 from matrixjobs.app import App
+from matrixjobs.errors import StoreUnavailableError
+from matrixjobs.store.health import RETRY_AFTER_S
 
 STATIC = files("matrixjobs.api") / "static"
 CONTENT_TYPES = {
@@ -136,7 +138,12 @@ class Dashboard:
         if named_origin(request.headers) is False:
             return self.form("This form only works from this server's own login page.", 403)
         given = await read_token(request)
-        if await self.app.token_owner(given) is not None:
+        try:
+            owner = await self.app.token_owner(given)
+        except StoreUnavailableError as exc:  # a page, not the API's JSON answer
+            return self.form(f"Personal tokens cannot be checked now: {exc}.", 503,
+                             {"Retry-After": str(RETRY_AFTER_S)})
+        if owner is not None:
             return RedirectResponse("/", 303, {"Set-Cookie": session_cookie(
                 PERSONAL + given, over_https(request))})
         wait_s = self.throttle.check(given, self.token, request.scope)

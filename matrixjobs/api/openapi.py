@@ -236,7 +236,8 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         description=("Each run's output (stdout and stderr in order) under a header per "
                      "attempt, capped per job as docs/logs.md says; empty when there is none. "
                      "With `follow=true` it is sent as it comes, until the run going on (or "
-                     "the next to start) ends."),
+                     "the next to start) ends; a store that becomes unavailable meanwhile "
+                     "ends it with a last line `[the follow ends here: REASON]`."),
         responses={200: answer("the log", {"type": "string"}, "text/plain"),
                    400: BAD_QUERY, 403: FORBIDDEN, 404: NOT_FOUND, 503: STORE_UNAVAILABLE}),
     ("POST", "/v1/jobs/{id}/rerun"): Operation(

@@ -79,7 +79,7 @@ class MatrixBot:
                              config.pinned_devices())
         sender = NioSender(self.client, self.crypto)
         self.scheduler = EditScheduler(
-            sender, app.store, TokenBucket(config.rate_per_s, config.rate_burst),
+            sender, app, TokenBucket(config.rate_per_s, config.rate_burst),
             interval_ms / 1000, config.max_edits_per_message,
             Pings(config.ping, config.notify_after_s, app.previous_outcome),
             render=functools.partial(render_progress, prefix=config.command_prefix),
@@ -146,7 +146,7 @@ class MatrixBot:
         # Our device keys go up before anyone is told we are ready; devices are judged
         # again under the configured trust.
         await self._upkeep(recheck=True)
-        await self._restore_messages()
+        await self._retry("restoring progress messages", self._restore_messages)
         for room in self.config.rooms:
             self._join_soon(room)
         self.synced.set()
@@ -166,7 +166,7 @@ class MatrixBot:
             try:
                 if await step():
                     return
-            except NETWORK_ERRORS as exc:
+            except (*NETWORK_ERRORS, StoreUnavailableError) as exc:
                 log.warning("matrix: %s failed (%s); retrying in %.0fs", what, exc, delay)
             except Exception:  # an odd answer must not end the bot for good
                 log.exception("matrix: %s failed; retrying in %.0fs", what, delay)
@@ -319,17 +319,19 @@ class MatrixBot:
 
     # -- progress ---------------------------------------------------------------------------
 
-    async def _restore_messages(self) -> None:
-        """After a restart, keep editing the messages of unfinished work (and finish them)."""
-        for message in await self.app.store.open_messages():
+    async def _restore_messages(self) -> bool:
+        """After a restart, keep editing the messages of unfinished work (and finish them).
+        A store in trouble raises StoreUnavailableError, for `_retry` to try again."""
+        for message in await self.app.open_messages():
             try:
                 state = await self.app.status(message.subject_id)
             except StoreUnavailableError:
                 raise  # the store in trouble, not the work gone: its message stays open
             except MatrixJobsError:
-                await self.app.store.update_message(message.subject_id, message.edits, True)
+                await self.app.update_message(message.subject_id, message.edits, True)
                 continue
             self.scheduler.restore(message, state)
+        return True
 
     async def _follow_progress(self) -> None:
         assert self._events is not None
@@ -363,14 +365,14 @@ class MatrixBot:
         if room_id is None:
             log.warning("matrix: cannot show %s in %s: the bot cannot join it",
                         message.subject_id, message.room_id)
-            await self.app.not_shown(message.subject_id)
+            await self.app.update_message(message.subject_id, 0, True)
             return
         try:
             state = await self.app.status(message.subject_id)
         except StoreUnavailableError:
             raise
         except MatrixJobsError:  # gone meanwhile (retention)
-            await self.app.not_shown(message.subject_id)
+            await self.app.update_message(message.subject_id, 0, True)
             return
         if not self.scheduler.tracks(message.subject_id):  # a restore may have come meanwhile
             self.scheduler.restore(replace(message, room_id=room_id), state)

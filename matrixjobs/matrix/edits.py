@@ -45,12 +45,11 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any, Protocol
 
-from matrixjobs.errors import NotFoundError
+from matrixjobs.errors import NotFoundError, StoreUnavailableError
 from matrixjobs.matrix.ratelimit import TokenBucket
 from matrixjobs.matrix.render import Rendered, render_final_notice, render_progress
 from matrixjobs.models import ProgressMessage, Status
 from matrixjobs.progress.events import JobProgressEvent
-from matrixjobs.store.base import Store
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +110,16 @@ class SendCounter(Protocol):
     def matrix_edited(self) -> None: ...
 
     def matrix_rate_limited(self) -> None: ...
+
+
+
+class MessageBook(Protocol):
+    """Where each message's event id and edits are kept, so that edits go on targeting it
+    after a restart (the service's App)."""
+
+    async def save_message(self, message: ProgressMessage, now: float) -> None: ...
+
+    async def update_message(self, subject_id: str, edits: int, final: bool) -> None: ...
 
 
 @dataclass(slots=True)
@@ -265,7 +274,7 @@ class EditScheduler:
     def __init__(
         self,
         sender: Sender,
-        store: Store,
+        messages: MessageBook,
         bucket: TokenBucket,
         interval_s: float,
         max_edits: int = 200,
@@ -278,7 +287,7 @@ class EditScheduler:
     ) -> None:
         self.sender = sender
         self._counter = counter
-        self.store = store
+        self.messages = messages
         self.bucket = bucket
         self.interval_s = interval_s
         self.max_edits = max(max_edits, 1)
@@ -566,6 +575,9 @@ class EditScheduler:
         except SendFailedError as exc:
             self._failed(choice, exc)
             return
+        except StoreUnavailableError as exc:  # sent, not kept: one line, no traceback
+            self._failed(choice, SendFailedError(f"the store could not keep it: {exc}"))
+            return
         except Exception as exc:  # e.g. the store failing after a send: retry later
             log.exception("matrix: sending to %s failed", choice.room_id)
             self._failed(choice, SendFailedError(str(exc)))
@@ -607,14 +619,17 @@ class EditScheduler:
             if slot.first is None:
                 slot.first = (slot.latest, self._render(slot.latest, self._clock()))
             event, rendered = slot.first
-            slot.event_id = await self.sender.send(
+            event_id = await self.sender.send(
                 slot.room_id, message_content(rendered, slot.reply_to or None),
                 f"mj-{slot.subject_id}-first")
             self._count_sent(edit=False)
             final = event.terminal and not slot.unsure
-            await self.store.save_message(ProgressMessage(
-                slot.subject_id, slot.room_id, slot.event_id, slot.requester, slot.reply_to,
+            await self.messages.save_message(ProgressMessage(
+                slot.subject_id, slot.room_id, event_id, slot.requester, slot.reply_to,
                 final=final), self._clock())
+            # Only once it is kept: until then a retry sends it again under the same
+            # transaction id, which the homeserver answers with the same event.
+            slot.event_id = event_id
             if slot.unsure:
                 return  # what it shows is unknown: the next pass edits in the latest state
         else:
@@ -626,7 +641,7 @@ class EditScheduler:
                                    f"mj-{slot.subject_id}-{slot.edits + 1}-{digest[:12]}")
             self._count_sent(edit=True)
             slot.edits += 1
-            await self.store.update_message(slot.subject_id, slot.edits, event.terminal)
+            await self.messages.update_message(slot.subject_id, slot.edits, event.terminal)
         slot.shown = event
         slot.last_sent = self._monotonic()
         if event.terminal:

@@ -53,7 +53,7 @@ class Session:
 
     async def forget_token(self) -> None:
         """The homeserver revoked our token: the next login must not try it again."""
-        await self.app.store.set_setting(self._setting(SETTING_TOKEN), "")
+        await self.app.set_setting(self._setting(SETTING_TOKEN), "")
 
     async def login(self) -> bool:
         try:
@@ -67,7 +67,7 @@ class Session:
             return False
 
     async def _authenticate(self) -> bool:
-        store, config = self.app.store, self.config
+        app, config = self.app, self.config
         if not self._open_crypto_store():
             return False
         saved_user, device, saved_token = await self._saved_login()
@@ -102,9 +102,9 @@ class Session:
         mask([response.access_token])
         self.started_ms = server_time_ms(response)
         await self._own_device(response.device_id)
-        await store.set_setting(self._setting(SETTING_USER), config.user_id)
-        await store.set_setting(self._setting(SETTING_DEVICE), response.device_id)
-        await store.set_setting(self._setting(SETTING_TOKEN), response.access_token)
+        await app.set_setting(self._setting(SETTING_USER), config.user_id)
+        await app.set_setting(self._setting(SETTING_DEVICE), response.device_id)
+        await app.set_setting(self._setting(SETTING_TOKEN), response.access_token)
         return True
 
     async def _saved_login(self) -> tuple[str | None, str, str | None]:
@@ -112,10 +112,9 @@ class Session:
         migrate-store copied from a one-node store is this node's if its crypto store has
         that device (and no other node took it first)."""
         keys = (SETTING_USER, SETTING_DEVICE, SETTING_TOKEN)
-        store = self.app.store
-        user, device, token = [await store.get_setting(self._setting(key)) for key in keys]
+        user, device, token = [await self.app.setting(self._setting(key)) for key in keys]
         if device is None and self._setting(SETTING_DEVICE) != SETTING_DEVICE:
-            copied = [await store.get_setting(key) for key in keys]
+            copied = [await self.app.setting(key) for key in keys]
             if (copied[1] and (self.store_dir / f"{self.config.user_id}_{copied[1]}.db").exists()
                     and await self._own_device(copied[1])):
                 user, device, token = copied
@@ -125,10 +124,10 @@ class Session:
         """With a shared store, is `device` this node's alone? A second node given the same
         access token would be the same device with another crypto store: encrypted rooms
         break for both, so it refuses (and says why) instead."""
-        if not self.app.store.shared or not device:
+        if not self.app.store_shared or not device:
             return True
         key, me = f"{SETTING_DEVICE_OF}{device}", self.app.config.worker.name
-        owner = await self.app.store.get_setting(key)
+        owner = await self.app.setting(key)
         if owner and owner != me:
             log.error("matrix: device %s is already the bot's device on node %s (the same "
                       "access token?). Each node sharing the store needs its own device: give "
@@ -136,14 +135,14 @@ class Session:
                       "own (see deploy/README.md, Hot standby); retrying", device, owner)
             return False
         if owner is None:
-            await self.app.store.set_setting(key, me)
+            await self.app.set_setting(key, me)
         return True
 
     def _setting(self, key: str) -> str:
         """The key of a setting of this node's own login. Nodes sharing a store (hot
         standby) must each be a device of their own: one device with two crypto stores
         cannot decrypt. Each keeps its device and token under its worker name."""
-        if self.app.store.shared:
+        if self.app.store_shared:
             return f"{key}@{self.app.config.worker.name}"
         return key
 
@@ -217,10 +216,9 @@ class Session:
         self.client.store = None  # nio loads a crypto store only when none is loaded
         self.client.olm = None
         self.client.restore_login(config.user_id, response.device_id, response.access_token)
-        store = self.app.store
         await self._own_device(response.device_id)
-        await store.set_setting(self._setting(SETTING_DEVICE), response.device_id)
-        await store.set_setting(self._setting(SETTING_TOKEN), response.access_token)
+        await self.app.set_setting(self._setting(SETTING_DEVICE), response.device_id)
+        await self.app.set_setting(self._setting(SETTING_TOKEN), response.access_token)
         # Signing the old device out deletes it and its keys: nobody encrypts for it again.
         method, path = Api.logout(old_token)[:2]
         signed_out = await self.client.send(method, path, "{}")

@@ -64,7 +64,7 @@ from matrixjobs.progress.reporter import ProgressReporter
 from matrixjobs.queue.handlers import HandlerRegistry
 from matrixjobs.queue.joblog import JobLogs, RunLog, tail
 from matrixjobs.store.base import BatchCancel, Recovery, Store
-from matrixjobs.store.health import StoreFault, StoreHealth
+from matrixjobs.store.health import StoreFault, StoreHealth, troubled
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +129,7 @@ class JobQueue:
         self._cancel_requested: set[str] = set()
         self._remote_cancel: set[str] = set()  # of _cancel_requested: asked for elsewhere
         self._lost: set[str] = set()  # running here, but another node holds them now
+        self._cut_logs: set[str] = set()  # running, their log kept in part (disk full)
         self._held: set[str] = set()  # claimed by us, outcome not committed yet
         self._ahead: set[str] = set()  # of _ready: claimed ahead, the store knows them so
         self._started_ahead: list[str] = []  # started since the last cycle told the store
@@ -302,7 +303,7 @@ class JobQueue:
     # -- the dispatcher --------------------------------------------------------------------------
 
     async def _dispatch(self) -> None:
-        outage = Outage(log, "store cycle")
+        outage = Outage(log, "store cycle", troubled)
         while True:
             try:
                 if await self._cycle():
@@ -484,6 +485,7 @@ class JobQueue:
             self._remote_cancel.discard(job.id)
             self._cancel_requested.discard(job.id)
         if job.id in self._lost:
+            self._cut_logs.discard(job.id)
             self._drop_lost(running)
             return
         outcome.progress = _progress(running.reporter)
@@ -492,8 +494,9 @@ class JobQueue:
             # reads "it runs again".
             silent = running.log.empty and not running.log.earlier
             outcome.log = self.logs.end(job.id, _footer(outcome, silent))
-            if outcome.log is not None and self.health.fault == StoreFault.DISK_FULL:
-                outcome.log = _low_space(job, outcome.log)
+            if outcome.log is not None:
+                outcome.log = self._within_space(job.id, outcome.log)
+            self._cut_logs.discard(job.id)
         self._running.pop(job.id, None)
         self._finish(job, outcome)
         took = time.monotonic() - running.started
@@ -591,10 +594,25 @@ class JobQueue:
         unsaved = self.logs.unsaved()
         if unsaved:
             try:
-                await self.store.save_logs(unsaved)
+                await self.store.save_logs({job_id: self._within_space(job_id, text)
+                                            for job_id, text in unsaved.items()})
             except BaseException:
                 self.logs.unsave(unsaved)  # saved next time, not lost
                 raise
+
+    def _within_space(self, job_id: str, text: str) -> str:
+        """A log to save: while the disk is (almost) full, its last part only, said once
+        per run (it is saved again and again while the job runs)."""
+        if self.health.fault is not StoreFault.DISK_FULL:
+            return text
+        kept = tail(text, LOW_SPACE_LINES, LOW_SPACE_BYTES)
+        if len(kept) == len(text):
+            return text
+        if job_id not in self._cut_logs:
+            self._cut_logs.add(job_id)
+            log.warning("job %s: the disk is almost full; keeping only the last %d KiB of "
+                        "its log", job_id, LOW_SPACE_BYTES // 1024)
+        return f"[… the disk was almost full: only the end of this log was kept]\n{kept}"
 
     def lose(self, job_id: str) -> None:
         """Another node took `job_id` over (our lease ran out): stop our run of it; its
@@ -772,16 +790,6 @@ def _apply(job: Job, outcome: Outcome) -> None:
         job.status = outcome.status
         job.finished_at = outcome.finished_at
         job.result = outcome.result
-
-
-def _low_space(job: Job, text: str) -> str:
-    """A log to save while the disk is (almost) full: its last part only."""
-    kept = tail(text, LOW_SPACE_LINES, LOW_SPACE_BYTES)
-    if len(kept) == len(text):
-        return text
-    log.warning("job %s: the disk is almost full; keeping only the last %d KiB of its log",
-                job.id, LOW_SPACE_BYTES // 1024)
-    return f"[… the disk was almost full: only the end of this log was kept]\n{kept}"
 
 
 def _footer(outcome: Outcome, empty: bool) -> str | None:

@@ -15,10 +15,12 @@ import logging
 from collections import OrderedDict
 from collections.abc import Iterable
 
+from matrixjobs.logs import Outage
 from matrixjobs.models import BATCH_PREFIX, JOB_PREFIX, Job, Status
 from matrixjobs.progress.monitor import ProgressMonitor
 from matrixjobs.queue.queue import JobQueue
 from matrixjobs.store.base import Store
+from matrixjobs.store.health import troubled
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +84,7 @@ class RemoteFeed:
         self._wakeup.set()
 
     async def run(self) -> None:
+        outage = Outage(log, "reading other workers' jobs", troubled)
         while True:
             try:
                 await asyncio.wait_for(self._wakeup.wait(), RESYNC_S)
@@ -96,10 +99,11 @@ class RemoteFeed:
                     found = await self._active()
                 await self._refresh(announced | found, announced)
             except Exception:  # the store is away: read it all once it is back
-                log.warning("cannot read other workers' jobs from the store; retrying",
-                            exc_info=True)
+                outage.failed("cannot read other workers' jobs from the store; retrying")
                 self._resync = True
                 await asyncio.sleep(1.0)
+                continue
+            outage.worked()
 
     async def _active(self) -> set[str]:
         active = (Status.PENDING, Status.PROCESSING)

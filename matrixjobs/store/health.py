@@ -21,6 +21,8 @@ import time
 from collections.abc import Callable, Iterator
 from enum import StrEnum
 
+from matrixjobs.errors import StoreUnavailableError
+
 log = logging.getLogger(__name__)
 
 # How long a client should wait before trying again, once told the store is unavailable.
@@ -69,6 +71,12 @@ def _fault_of(exc: BaseException) -> StoreFault | None:
     if isinstance(exc, ConnectionError | TimeoutError):
         return StoreFault.UNREACHABLE
     return None
+
+
+def troubled(exc: BaseException) -> bool:
+    """Whether `exc` is the store in trouble (a fault, or the error that says one): one log
+    line says all there is; a traceback would point at no bug."""
+    return isinstance(exc, StoreUnavailableError) or classify(exc) is not None
 
 
 class StoreHealth:
