@@ -6,10 +6,11 @@ from typing import Any
 
 import pytest
 
+from matrixjobs.api.feed import texts
 from matrixjobs.console.display import detail_text, plain_line
 from matrixjobs.matrix.render import render_progress
 from matrixjobs.mcp.server import describe
-from matrixjobs.models import Batch, Job, Status
+from matrixjobs.models import Batch, Job, Status, Trigger, TriggerKind
 from matrixjobs.progress import wording
 from matrixjobs.progress.events import JobProgressEvent, ProgressInfo, batch_event, job_event
 
@@ -125,3 +126,14 @@ def test_the_room_the_cli_and_mcp_say_the_same(event):
         assert wording.counts(event) in view
     for view in (room, cli):
         assert wording.eta(event) in view
+
+
+def test_the_room_the_cli_and_the_dashboard_say_what_started_triggered_work():
+    push = Trigger(TriggerKind.WEBHOOK, "site", event="push", branch="main", pusher="alice",
+                   sha="3f2c1ab9d0e8f7a6b5c4d3e2f1a0b9c8d7e6f5a4")
+    event = job(trigger=push, requester="webhook:site")
+    line = "🪝 push to main by alice (3f2c1ab)"
+    assert line in render_progress(event, NOW).body.splitlines()
+    assert line in detail_text(event)
+    assert texts(event, NOW)["startedBy"] == line
+    assert texts(job(), NOW)["startedBy"] == ""

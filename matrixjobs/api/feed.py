@@ -72,6 +72,7 @@ def texts(event: JobProgressEvent, now: float) -> dict[str, object]:
         "attempt": wording.attempt(event),
         "approval": "" if event.approval is None else wording.approval_state(event.approval),
         "awaiting": wording.awaiting_approval(event),
+        "startedBy": "" if event.trigger is None else wording.started_by(event.trigger),
     }
 
 

@@ -45,6 +45,8 @@ def pick_mode(json_output: bool, stream: TextIO | None = None) -> Mode:
 def detail_text(event: JobProgressEvent) -> str:
     """Counts, current operation, message and error: everything but status and percentage."""
     parts = [wording.counts(event)]
+    if event.trigger is not None:
+        parts.append(wording.started_by(event.trigger))
     batch = event.batch_details
     if batch is not None:
         if batch.failed_operations:

@@ -210,6 +210,7 @@ function renderDetail() {
     ...fact("Step", step(event)),
     ...fact("Time", item.text.timing),
     ...fact("Requester", event.requester),
+    ...fact("Started by", item.text.startedBy),
     ...fact("Attempt", item.text.attempt),
     ...fact("Approval", item.text.approval),
     ...fact("Error", event.error),
