@@ -704,7 +704,6 @@ PUSH_EVENTS: dict[Provider, tuple[str, ...]] = {
 # What an args template may name: {branch}, {sha}…
 ARG_FIELDS = frozenset({"branch", "tag", "ref", "sha", "short_sha", "repo", "pusher"})
 WEBHOOK_SECRET_ENV = "MATRIXJOBS_WEBHOOK_{}_SECRET"
-GITLAB_EVENT_RE = re.compile(r"^[A-Z][A-Za-z ]* Hook$")
 EVENT_RE = re.compile(r"^[a-z][a-z_]*$")
 
 
@@ -771,12 +770,18 @@ class WebhookConfig(Section):
 
     @model_validator(mode="after")
     def _event_names(self) -> WebhookConfig:
-        pattern, example = ((GITLAB_EVENT_RE, "'Push Hook' or 'Tag Push Hook'")
-                            if self.provider is Provider.GITLAB else (EVENT_RE, "'push'"))
+        """A forge's events beyond its pushes have payloads nothing here reads (they would
+        all answer 400): only a generic webhook, whose payload is ours, names its own."""
+        pushes = PUSH_EVENTS[self.provider]
         for event in self.events or ():
-            if not pattern.match(event):
-                raise ValueError(f"events: '{echo(event)}' is not a {self.provider} event "
-                                 f"name; use the names the forge sends, like {example}")
+            if self.provider is Provider.GENERIC and not EVENT_RE.match(event):
+                raise ValueError(f"events: '{echo(event)}' is no event name; use lower-case "
+                                 "letters and '_', like 'push'")
+            if self.provider is not Provider.GENERIC and event not in pushes:
+                names = " or ".join(f"'{push}'" for push in pushes)
+                raise ValueError(f"events: '{echo(event)}' is not a {self.provider} push; "
+                                 f"only pushes start work: name {names} (the names the forge "
+                                 "sends)")
         return self
 
     @property
