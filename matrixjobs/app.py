@@ -697,9 +697,9 @@ class App:
 
     async def _pause(self, name: str, caller: Caller, paused: bool) -> ScheduleInfo:
         config = self._schedule_config(name)
-        await self._allow(caller, Action.SCHEDULE, config.targets)
+        await self._allow(caller, Action.SCHEDULE, config.starts())
         action = AuditAction.SCHEDULE_PAUSED if paused else AuditAction.SCHEDULE_RESUMED
-        audit = _entry(caller, action, " ".join(config.targets), {"schedule": name})
+        audit = _entry(caller, action, " ".join(config.starts()), {"schedule": name})
         assert audit is not None
         passed = config.when.latest_at(self._clock())
         with self._storing():

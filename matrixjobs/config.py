@@ -637,15 +637,49 @@ class ConfigWarning:
         return self.text
 
 
-class ScheduleConfig(Section):
-    """Work that starts itself at the times a cron expression names (docs/schedules.md)."""
+class Starter(Section):
+    """What a trigger (a schedule, a webhook) starts: one target with args, or a batch."""
 
-    cron: str
-    timezone: str = "UTC"  # an IANA name; the cron's times are this zone's wall clock
     target: str | None = None
     batch: list[str] | None = None
     args: list[str] = Field(default_factory=list)  # the target's, checked by its args_pattern
     room: str | None = None  # where its progress message goes
+
+    @field_validator("room")
+    @classmethod
+    def _room(cls, value: str | None) -> str | None:
+        return None if value is None else _room_ids([value])[0]
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> Starter:
+        if (self.target is None) == (self.batch is None):
+            raise ValueError("set exactly one of 'target' (a name) or 'batch' (a list of "
+                             "target names)")
+        if self.batch is not None and not self.batch:
+            raise ValueError("batch: must name at least one target")
+        if self.batch is not None and self.args:
+            raise ValueError("args go with 'target': a batch's targets take no arguments")
+        return self
+
+    def starts(self) -> list[str]:
+        """The targets it starts."""
+        return [self.target] if self.target is not None else list(self.batch or ())
+
+    def unknown_target(self, key: str, targets: Mapping[str, TargetConfig]) -> str | None:
+        """What is wrong with the targets it names, given the configured `targets`."""
+        for target in self.starts():
+            if target not in targets:
+                known = ", ".join(sorted(targets)) or "none configured"
+                kind = "target" if self.target is not None else "batch"
+                return f"{key}.{kind}: '{echo(target)}' is not a configured target ({known})"
+        return None
+
+
+class ScheduleConfig(Starter):
+    """Work that starts itself at the times a cron expression names (docs/schedules.md)."""
+
+    cron: str
+    timezone: str = "UTC"  # an IANA name; the cron's times are this zone's wall clock
     # A slot that passed while no node ran (or the store was out): "latest" runs the latest
     # such slot once when a node can; "skip" waits for the next one.
     missed: Literal["latest", "skip"] = "latest"
@@ -662,29 +696,9 @@ class ScheduleConfig(Section):
         zone(value)
         return value
 
-    @field_validator("room")
-    @classmethod
-    def _room(cls, value: str | None) -> str | None:
-        return value if value is None else _room_ids([value])[0]
-
-    @model_validator(mode="after")
-    def _one_kind(self) -> ScheduleConfig:
-        if (self.target is None) == (self.batch is None):
-            raise ValueError("set exactly one of 'target' (a name) or 'batch' (a list of "
-                             "target names)")
-        if self.batch is not None and not self.batch:
-            raise ValueError("batch: must name at least one target")
-        if self.batch is not None and self.args:
-            raise ValueError("args: only a single target takes arguments, not a batch")
-        return self
-
     @property
     def when(self) -> Cron:
         return Cron.parse(self.cron, self.timezone)
-
-    @property
-    def targets(self) -> list[str]:
-        return [self.target] if self.target is not None else list(self.batch or ())
 
 
 class Provider(StrEnum):
@@ -729,20 +743,16 @@ def _arg_template(template: str) -> None:
                              f"template may name {known}")
 
 
-class WebhookConfig(Section):
+class WebhookConfig(Starter):
     """A forge's webhook at POST /hooks/NAME (docs/webhooks.md)."""
 
     provider: Provider
-    target: str | None = None
-    batch: list[str] | None = None
     # The forge's own names (GitHub's X-GitHub-Event, GitLab's X-Gitlab-Event…); None: pushes.
     events: list[str] | None = None
     # Globs (fnmatch, '*' crosses '/') on the pushed branch or tag; with only one of them
     # set, pushes of the other kind are ignored; with neither, every push runs.
     branches: list[str] = Field(default_factory=list)
     tags: list[str] = Field(default_factory=list)
-    args: list[str] = Field(default_factory=list)
-    room: str | None = None
     max_per_minute: Int = Field(default=60, ge=1, le=100_000)
 
     @field_validator("args")
@@ -751,22 +761,6 @@ class WebhookConfig(Section):
         for template in value:
             _arg_template(template)
         return value
-
-    @field_validator("room")
-    @classmethod
-    def _room(cls, value: str | None) -> str | None:
-        return None if value is None else _room_ids([value])[0]
-
-    @model_validator(mode="after")
-    def _what_it_starts(self) -> WebhookConfig:
-        if (self.target is None) == (self.batch is None):
-            raise ValueError("set exactly one of 'target' (a name) or 'batch' (a list of "
-                             "names)")
-        if self.batch is not None and not self.batch:
-            raise ValueError("batch: name at least one target")
-        if self.args and self.batch is not None:
-            raise ValueError("args go with 'target': a batch's targets take no arguments")
-        return self
 
     @model_validator(mode="after")
     def _event_names(self) -> WebhookConfig:
@@ -788,10 +782,6 @@ class WebhookConfig(Section):
     def takes(self) -> tuple[str, ...]:
         """The events it acts on."""
         return tuple(self.events) if self.events is not None else PUSH_EVENTS[self.provider]
-
-    def starts(self) -> list[str]:
-        """The targets it starts."""
-        return [self.target] if self.target is not None else list(self.batch or ())
 
 
 class AuditConfig(Section):
@@ -845,11 +835,8 @@ class Config(Section):
 
         targets = Targets(self.targets)
         for name, schedule in self.schedules.items():
-            key = f"schedules.{name}.{'target' if schedule.target is not None else 'batch'}"
-            for target in schedule.targets:
-                if target not in self.targets:
-                    raise ValueError(f"{key}: no target '{target}' (configured: "
-                                     f"{', '.join(sorted(self.targets)) or 'none'})")
+            if problem := schedule.unknown_target(f"schedules.{name}", self.targets):
+                raise ValueError(problem)
             if schedule.target is not None:
                 try:
                     targets.check_args(schedule.target, schedule.args)
@@ -882,12 +869,8 @@ class Config(Section):
     @model_validator(mode="after")
     def _webhook_targets(self) -> Config:
         for name, hook in self.webhooks.items():
-            key = "target" if hook.target is not None else "batch"
-            for target in hook.starts():
-                if target not in self.targets:
-                    known = ", ".join(self.targets) or "none configured"
-                    raise ValueError(f"webhooks.{name}.{key}: '{echo(target)}' is not a "
-                                     f"configured target (targets: {known})")
+            if problem := hook.unknown_target(f"webhooks.{name}", self.targets):
+                raise ValueError(problem)
             if hook.args and hook.target and self.targets[hook.target].args_pattern is None:
                 raise ValueError(f"webhooks.{name}.args: target '{hook.target}' takes no "
                                  "arguments; give it an args_pattern the expanded args match")

@@ -90,16 +90,18 @@ def test_an_unknown_time_zone_is_a_config_error_naming_its_key(tmp_path):
 
 
 @pytest.mark.parametrize(("schedule", "said"), [
-    ({"target": "doc"}, "schedules.nightly.target: no target 'doc' (configured: docs, "
+    ({"target": "doc"}, "schedules.nightly.target: 'doc' is not a configured target (docs, "
                         "site)"),
-    ({"batch": ["docs", "sites"]}, "schedules.nightly.batch: no target 'sites'"),
+    ({"batch": ["docs", "sites"]}, "schedules.nightly.batch: 'sites' is not a configured "
+                                   "target"),
     ({"target": "docs", "batch": ["site"]}, "schedules.nightly: set exactly one of 'target'"),
     ({}, "schedules.nightly: set exactly one of 'target'"),
     ({"target": "site", "args": ["main;rm"]}, "schedules.nightly.args: argument 'main;rm' "
                                               "not allowed for 'site'"),
     ({"target": "docs", "args": ["x"]}, "schedules.nightly.args: target 'docs' takes no "
                                         "arguments"),
-    ({"batch": ["site"], "args": ["main"]}, "args: only a single target takes arguments"),
+    ({"batch": ["site"], "args": ["main"]}, "args go with 'target': a batch's targets take no "
+                                            "arguments"),
     ({"target": "docs", "missed": "all"}, "schedules.nightly.missed: Input should be "
                                           "'latest' or 'skip'"),
     ({"target": "docs", "room": "ci"}, "schedules.nightly.room: 'ci' is not a room id"),
@@ -112,7 +114,7 @@ def test_a_valid_schedule_has_utc_and_missed_latest_by_default(tmp_path):
     config = make_config(tmp_path, targets=TARGETS,
                          schedules={"nightly": {"cron": "0 3 * * *", "target": "docs"}})
     schedule = config.schedules["nightly"]
-    assert (schedule.timezone, schedule.missed, schedule.targets) == ("UTC", "latest", ["docs"])
+    assert (schedule.timezone, schedule.missed, schedule.starts()) == ("UTC", "latest", ["docs"])
 
 
 TARGETS = {"docs": python_target("print(1)"),
