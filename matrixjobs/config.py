@@ -950,7 +950,16 @@ class Config(Section):
         if self.webhooks and not self.api.enabled:
             found.append(ConfigWarning(WarningTopic.API, "webhooks: [api] enabled = false, so "
                                        "no forge can reach POST /hooks/NAME"))
+        if self.matrix is None:
+            found += [ConfigWarning(WarningTopic.TARGET, f"{key}.room: there is no [matrix] "
+                                    "section, so no bot shows its work in a room")
+                      for key, starter in self._starters() if starter.room is not None]
         return found
+
+    def _starters(self) -> list[tuple[str, Starter]]:
+        """Every schedule and webhook, by its config key."""
+        return [*((f"schedules.{name}", item) for name, item in self.schedules.items()),
+                *((f"webhooks.{name}", item) for name, item in self.webhooks.items())]
 
     def _room_only_warnings(self) -> list[ConfigWarning]:
         """Targets only a room may start, on a service without Matrix."""

@@ -719,6 +719,24 @@ def test_missing_executable_is_warned_about(conf_dir):
     assert "targets.gone: executable '/nonexistent/dir/build.sh' not found" in warnings
 
 
+def test_a_room_for_triggered_work_without_a_bot_is_warned_about(conf_dir):
+    path = write(conf_dir, """
+        [targets.docs]
+        command = ["true"]
+        [schedules.nightly]
+        cron = "0 3 * * *"
+        target = "docs"
+        room = "#ci:example.org"
+        [schedules.quiet]
+        cron = "0 4 * * *"
+        target = "docs"
+    """)
+    warnings = load_config(path, environ={}).warnings()
+    assert [w for w in warnings if "room" in w] == [
+        "schedules.nightly.room: there is no [matrix] section, so no bot shows its work in "
+        "a room"]
+
+
 def test_existing_executable_gives_no_warning(conf_dir):
     path = write(conf_dir, f"""
         [targets.py]
