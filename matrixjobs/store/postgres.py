@@ -233,7 +233,8 @@ MIGRATIONS: list[str] = [
     ALTER TABLE jobs ADD COLUMN trigger_info TEXT;
     ALTER TABLE batches ADD COLUMN trigger_info TEXT;
     ALTER TABLE jobs ADD COLUMN concurrency TEXT;
-    CREATE INDEX jobs_concurrency ON jobs(concurrency, status) WHERE concurrency IS NOT NULL;
+    CREATE INDEX jobs_concurrency ON jobs(concurrency, status, priority DESC, id)
+        WHERE concurrency IS NOT NULL;
     """,
     # schedules: what every node shares of each (its slots fire once through
     # processed_events; this keeps the last one dealt with, its job, and a pause)

@@ -226,7 +226,8 @@ MIGRATIONS: list[str] = [
     ALTER TABLE jobs ADD COLUMN trigger_info TEXT;
     ALTER TABLE batches ADD COLUMN trigger_info TEXT;
     ALTER TABLE jobs ADD COLUMN concurrency TEXT;
-    CREATE INDEX jobs_concurrency ON jobs(concurrency, status) WHERE concurrency IS NOT NULL;
+    CREATE INDEX jobs_concurrency ON jobs(concurrency, status, priority DESC, id)
+        WHERE concurrency IS NOT NULL;
     """,
     # schedules: what every node shares of each (its slots fire once through
     # processed_events; this keeps the last one dealt with, its job, and a pause)
@@ -295,26 +296,35 @@ CLAIMABLE = (
     "json_each({table}.runs_on) AS need WHERE need.value NOT IN (SELECT value FROM "
     "json_each(?))))"
 )
+# The groups with pending jobs, one index seek each (a skip-scan: a group's backlog is
+# stepped over, not read).
+PENDING_GROUPS = (
+    "WITH RECURSIVE pending_group(name) AS (SELECT (SELECT concurrency FROM jobs WHERE "
+    "concurrency IS NOT NULL AND status = 'pending' ORDER BY concurrency LIMIT 1) UNION ALL "
+    "SELECT (SELECT concurrency FROM jobs WHERE concurrency > pending_group.name AND "
+    "status = 'pending' ORDER BY concurrency LIMIT 1) FROM pending_group "
+    "WHERE pending_group.name IS NOT NULL) "
+)
 # The claim: due jobs in no concurrency group, and of each group with no job running its
 # first due job (by priority, then age), the best `limit` of them; each arm stops at
-# `limit` itself. A group's first job comes from one window over the due jobs of the groups
-# with none running (a subquery per waiting job made each claim quadratic in a group's
-# backlog, under the write lock).
+# `limit` itself, so a long queue is never sorted whole, and a busy group's backlog costs
+# a claim two index seeks.
 CLAIM = (
+    f"{PENDING_GROUPS}"
     "UPDATE jobs SET status = 'processing', owner = ?, lease_expires_at = ?, "
     "worker = ?, claimed_ahead = picked.ahead, started_at = CASE WHEN picked.ahead "
     "THEN jobs.started_at ELSE COALESCE(jobs.started_at, ?) END "
     "FROM (SELECT id, row_number() OVER (ORDER BY priority DESC, id) > ? AS ahead FROM ("
     "SELECT * FROM (SELECT id, priority FROM jobs WHERE concurrency IS NULL AND "
     f"{CLAIMABLE.format(table='jobs')} ORDER BY priority DESC, id LIMIT ?) UNION ALL "
-    "SELECT * FROM (SELECT id, priority FROM (SELECT id, priority, status, run_after, "
-    "runs_on, batch_id, concurrency, row_number() OVER (PARTITION BY concurrency ORDER BY "
-    "priority DESC, id) AS turn FROM jobs WHERE concurrency IS NOT NULL AND status = "
-    f"'pending' AND run_after <= ? AND NOT {CANCELLED_BATCH} AND concurrency NOT IN "
-    "(SELECT busy.concurrency FROM jobs AS busy WHERE busy.concurrency IS NOT NULL AND "
-    "busy.status = 'processing')) AS grouped WHERE grouped.turn = 1 AND "
-    f"{CLAIMABLE.format(table='grouped')} ORDER BY priority DESC, id LIMIT ?)"
-    ") ORDER BY priority DESC, id LIMIT ?) AS picked "
+    "SELECT * FROM (SELECT grouped.id, grouped.priority FROM pending_group, jobs AS grouped "
+    "WHERE pending_group.name IS NOT NULL AND NOT EXISTS (SELECT 1 FROM jobs AS busy WHERE "
+    "busy.concurrency = pending_group.name AND busy.status = 'processing') AND grouped.id = "
+    "(SELECT first.id FROM jobs AS first WHERE first.concurrency = pending_group.name AND "
+    f"first.status = 'pending' AND first.run_after <= ? AND NOT {CANCELLED_BATCH} "
+    "ORDER BY first.priority DESC, first.id LIMIT 1) AND "
+    f"{CLAIMABLE.format(table='grouped')} ORDER BY grouped.priority DESC, grouped.id "
+    "LIMIT ?)) ORDER BY priority DESC, id LIMIT ?) AS picked "
     f"WHERE jobs.id = picked.id RETURNING {QUALIFIED_JOB_COLUMNS}"
 )
 # Rows per multi-row statement: well under SQLite's 32766 bound variables.
