@@ -1166,13 +1166,21 @@ async def _free_groups(conn: psycopg.AsyncConnection[Any], now: float, limit: in
     whether a job of the group runs is asked in the next, so that statement's snapshot sees
     the work of any claim that held the lock before (READ COMMITTED: one per statement).
     Groups seen busy here are left out before the LIMIT (the next statement asks again), or
-    a busy group's waiting jobs would take every place and starve the other groups."""
+    a busy group's waiting jobs would take every place and starve the other groups. The
+    groups are found by a skip-scan of the group index (a seek a group, a backlog stepped
+    over), and taken by their first due job's priority and age."""
     rows = await _rows(
-        conn, "SELECT name FROM (SELECT concurrency AS name, min(id) AS oldest FROM jobs "
-        "WHERE concurrency IS NOT NULL AND status = 'pending' AND run_after <= %s "
-        "AND NOT EXISTS (SELECT 1 FROM jobs AS busy WHERE busy.concurrency = "
-        "jobs.concurrency AND busy.status = 'processing') "
-        "GROUP BY concurrency ORDER BY oldest LIMIT %s) AS due "
+        conn, "WITH RECURSIVE pending_group(name) AS ((SELECT concurrency FROM jobs WHERE "
+        "concurrency IS NOT NULL AND status = 'pending' ORDER BY concurrency LIMIT 1) "
+        "UNION ALL SELECT (SELECT concurrency FROM jobs WHERE concurrency > pending_group.name "
+        "AND status = 'pending' ORDER BY concurrency LIMIT 1) FROM pending_group "
+        "WHERE pending_group.name IS NOT NULL) "
+        "SELECT name FROM (SELECT pending_group.name FROM pending_group CROSS JOIN LATERAL "
+        "(SELECT priority, id FROM jobs WHERE concurrency = pending_group.name AND "
+        "status = 'pending' AND run_after <= %s ORDER BY priority DESC, id LIMIT 1) AS first "
+        "WHERE pending_group.name IS NOT NULL AND NOT EXISTS (SELECT 1 FROM jobs AS busy "
+        "WHERE busy.concurrency = pending_group.name AND busy.status = 'processing') "
+        "ORDER BY first.priority DESC, first.id LIMIT %s) AS due "
         "WHERE pg_try_advisory_xact_lock(%s::int, hashtext(name))", (now, limit, GROUP_LOCK))
     return [name for (name,) in rows]
 
