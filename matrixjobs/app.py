@@ -30,7 +30,7 @@ from prometheus_client import CollectorRegistry
 
 from matrixjobs import __version__
 from matrixjobs.audit import SERVICE, AuditAction, AuditQuery, Entry, Record, Verdict, verify
-from matrixjobs.config import USER_RE, Config, ScheduleConfig
+from matrixjobs.config import APPROVERS_DIFFER, USER_RE, Config, ScheduleConfig, approvers_differ
 from matrixjobs.errors import (
     AlreadyFinishedError,
     BadArgumentsError,
@@ -540,15 +540,8 @@ class App:
         return await self._enqueue_batch(name, specs, dedupe_key, show, audit)
 
     def _one_approval(self, targets: Sequence[str]) -> None:
-        """A batch is approved as a whole: its targets that ask for approval must ask the
-        same people, or nobody could approve it."""
-        approvers = {tuple(config.approvers) if config.approvers is not None else None
-                     for name in set(targets)
-                     if (config := self.config.targets.get(name)) is not None
-                     and config.approvals}
-        if len(approvers) > 1:
-            raise BadBatchError("its targets ask different people for approval; start them "
-                                "separately")
+        if approvers_differ(self.config.targets, targets):
+            raise BadBatchError(f"{APPROVERS_DIFFER}; start them separately")
 
     async def rerun(
         self, subject: str, caller: Caller | None = None, dedupe_key: str | None = None,

@@ -18,7 +18,7 @@ import shutil
 import socket
 import string
 import tomllib
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -637,6 +637,18 @@ class ConfigWarning:
         return self.text
 
 
+APPROVERS_DIFFER = "its targets ask different people for approval"
+
+
+def approvers_differ(targets: Mapping[str, TargetConfig], names: Sequence[str]) -> bool:
+    """A batch is approved as a whole: do its targets that ask for approval ask different
+    people (so that nobody could approve it)?"""
+    approvers = {tuple(config.approvers) if config.approvers is not None else None
+                 for name in set(names)
+                 if (config := targets.get(name)) is not None and config.approvals}
+    return len(approvers) > 1
+
+
 class Starter(Section):
     """What a trigger (a schedule, a webhook) starts: one target with args, or a batch."""
 
@@ -666,12 +678,15 @@ class Starter(Section):
         return [self.target] if self.target is not None else list(self.batch or ())
 
     def unknown_target(self, key: str, targets: Mapping[str, TargetConfig]) -> str | None:
-        """What is wrong with the targets it names, given the configured `targets`."""
+        """What is wrong with the targets it names, given the configured `targets`: one not
+        configured, or a batch nobody could approve."""
+        kind = "target" if self.target is not None else "batch"
         for target in self.starts():
             if target not in targets:
                 known = ", ".join(sorted(targets)) or "none configured"
-                kind = "target" if self.target is not None else "batch"
                 return f"{key}.{kind}: '{echo(target)}' is not a configured target ({known})"
+        if approvers_differ(targets, self.starts()):
+            return f"{key}.{kind}: {APPROVERS_DIFFER}, so nobody could approve it"
         return None
 
 

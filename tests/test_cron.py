@@ -125,3 +125,15 @@ def invalid(tmp_path, schedule) -> str:
     with pytest.raises(ValidationError) as caught:
         make_config(tmp_path, targets=TARGETS, schedules={"nightly": schedule})
     return format_errors(caught.value)
+
+
+def test_a_scheduled_batch_nobody_could_approve_is_refused_when_the_config_is_read(tmp_path):
+    targets = {**TARGETS,
+               "deploy": python_target("print(1)", approvals=1, approvers=["@lead:x.org"]),
+               "migrate": python_target("print(1)", approvals=1, approvers=["@dba:x.org"])}
+    with pytest.raises(ValidationError) as caught:
+        make_config(tmp_path, targets=targets,
+                    schedules={"nightly": {"cron": "0 3 * * *",
+                                           "batch": ["deploy", "migrate"]}})
+    assert ("schedules.nightly.batch: its targets ask different people for approval, so "
+            "nobody could approve it") in format_errors(caught.value)
