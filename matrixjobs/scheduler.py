@@ -32,6 +32,7 @@ from matrixjobs.errors import (
 from matrixjobs.logs import Outage
 from matrixjobs.models import Batch, Job, ScheduleState, Trigger, TriggerKind
 from matrixjobs.store import Store
+from matrixjobs.supervisor import stop_if_cancelled
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,8 @@ class Scheduler:
                 outage.failed("schedules: a step failed; trying again every %gs", RETRY_S)
                 await self._sleep(RETRY_S)
                 continue
+            finally:
+                stop_if_cancelled()
             outage.worked()
             await self._sleep(self.next_slot() - self._clock())
 

@@ -13,6 +13,16 @@ from matrixjobs.store.health import troubled
 log = logging.getLogger(__name__)
 
 
+def stop_if_cancelled() -> None:
+    """End a loop whose cancel a library lost: Python 3.11's asyncio.wait_for returns the
+    result when the awaited thing completes at the moment of the cancel (psycopg_pool
+    waits for a connection that way), so a stop that cancelled every loop just as the
+    store came back found this one asleep again, and waited for it for ever."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 class Supervisor:
     def __init__(self) -> None:
         self._tasks: list[asyncio.Task[None]] = []
@@ -29,6 +39,8 @@ class Supervisor:
                 except Exception:
                     outage.failed("%s failed; trying again every %gs", name, seconds)
                     continue
+                finally:
+                    stop_if_cancelled()
                 outage.worked()
 
         self._tasks.append(asyncio.create_task(loop(), name=name))
