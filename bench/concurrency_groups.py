@@ -21,6 +21,7 @@ Rounds alternate plain and grouped, so drift on a noisy machine hits both alike.
 
 Usage: python bench/concurrency_groups.py [--jobs 5000] [--workers 4] [--waiting 1000]
            [--rounds 3] [--backend sqlite|postgresql] [--url postgresql://127.0.0.1:5432]
+           [--kinds plain,grouped]
 
 The last line printed is JSON only: {"plain": jobs/s, "grouped": jobs/s, "ratio": …}.
 """
@@ -96,8 +97,10 @@ async def one_run(n: int, workers: int, waiting: int, grouped: bool, url: str | 
         app = App(config(Path(tmp), workers, grouped, url), handlers=registry)
         await app.start()
         try:
+            # No concurrency keyword for the plain run: it also runs on matrixjobs from
+            # before groups (PYTHONPATH=an older checkout), the A/B that says "unchanged".
             hold = JobSpec(type="hold", data={}, name="hold",
-                           concurrency="g" if grouped else None)
+                           **({"concurrency": "g"} if grouped else {}))
             await app.queue.enqueue_many([hold] * (1 + (waiting if grouped else 0)))
             while not await app.store.list_jobs([Status.PROCESSING], limit=1):
                 await asyncio.sleep(POLL_S)
@@ -146,14 +149,21 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--backend", choices=["sqlite", "postgresql"], default="sqlite")
     parser.add_argument("--url", default=SERVER, help="the PostgreSQL server (no database)")
+    parser.add_argument("--kinds", default="plain,grouped",
+                        help="which runs: plain (also on an older matrixjobs), grouped")
     args = parser.parse_args()
+    kinds = [kind for kind in ("plain", "grouped") if kind in args.kinds.split(",")]
     logging.basicConfig(level=logging.WARNING)
-    results: dict[str, list[float]] = {"plain": [], "grouped": []}
+    results: dict[str, list[float]] = {kind: [] for kind in kinds}
     for round_ in range(1, args.rounds + 1):
-        for kind in ("plain", "grouped"):
+        for kind in kinds:
             rate = measure(args, kind == "grouped")
             results[kind].append(rate)
             print(f"  round {round_} {kind:8} {rate:8.0f} jobs/s", flush=True)
+    if kinds != ["plain", "grouped"]:
+        print(json.dumps({kind: round(statistics.median(rates), 1)
+                          for kind, rates in results.items()}))
+        return
     plain, grouped = (statistics.median(results[kind]) for kind in ("plain", "grouped"))
     print(f"{args.jobs} ungrouped no-op jobs, {args.workers} workers, {args.backend}, median "
           f"of {args.rounds}: plain {plain:.0f} jobs/s, with a busy group and "
