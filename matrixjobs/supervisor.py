@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 from matrixjobs.logs import Outage, brief
 from matrixjobs.store.health import troubled
 
 log = logging.getLogger(__name__)
+
+# How long a cancelled task may take to end before it is cancelled again.
+RECANCEL_S = 0.5
 
 
 def stop_if_cancelled() -> None:
@@ -74,10 +78,20 @@ class Supervisor:
         self._tasks.append(asyncio.create_task(loop(), name=name))
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await cancel_all(self._tasks)
         self._tasks.clear()
+
+
+async def cancel_all(tasks: Sequence[asyncio.Task[Any]]) -> None:
+    """Cancel `tasks` and wait for them to end, cancelling again any that goes on: a
+    library may lose a cancel (see `stop_if_cancelled`), and a stop must not wait on it."""
+    pending = set(tasks)
+    while pending:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=RECANCEL_S)
+        if pending:
+            log.debug("cancelling again: %s", ", ".join(task.get_name() for task in pending))
 
 
 def _said(exc: BaseException) -> str:

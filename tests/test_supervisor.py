@@ -30,3 +30,21 @@ async def test_a_loop_whose_step_lost_the_cancel_still_ends_at_stop():
     await started.wait()
     await asyncio.wait_for(supervisor.stop(), 2.0)
     assert steps == 1
+
+
+@pytest.mark.timeout(10)
+async def test_a_kept_loop_that_lost_its_cancel_is_cancelled_again_at_stop():
+    started = asyncio.Event()
+
+    async def run_forever_losing_one_cancel() -> None:
+        started.set()
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            pass  # lost, as wait_for loses one
+        await asyncio.sleep(10)  # the second cancel ends it here
+
+    supervisor = Supervisor()
+    supervisor.keep("loser", run_forever_losing_one_cancel)
+    await started.wait()
+    await asyncio.wait_for(supervisor.stop(), 3.0)

@@ -45,7 +45,7 @@ from matrixjobs.matrix.sender import NETWORK_ERRORS, PERMANENT_ERRORS, NioSender
 from matrixjobs.matrix.session import Session
 from matrixjobs.models import ProgressMessage
 from matrixjobs.progress.subscription import Subscription
-from matrixjobs.supervisor import Supervisor
+from matrixjobs.supervisor import Supervisor, cancel_all
 
 log = logging.getLogger(__name__)
 
@@ -133,10 +133,7 @@ class MatrixBot:
         await self.client.close()
 
     async def _halt(self) -> None:
-        tasks = [*self._tasks, *self._handling]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_all([*self._tasks, *self._handling])
         await self._supervisor.stop()
         self._tasks.clear()
 
