@@ -5,6 +5,7 @@ moment of the cancel; psycopg_pool waits for a connection that way)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import pytest
 
@@ -38,10 +39,8 @@ async def test_a_kept_loop_that_lost_its_cancel_is_cancelled_again_at_stop():
 
     async def run_forever_losing_one_cancel() -> None:
         started.set()
-        try:
+        with contextlib.suppress(asyncio.CancelledError):  # lost, as wait_for loses one
             await asyncio.sleep(10)
-        except asyncio.CancelledError:
-            pass  # lost, as wait_for loses one
         await asyncio.sleep(10)  # the second cancel ends it here
 
     supervisor = Supervisor()
