@@ -11,6 +11,7 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import psycopg
 import pytest
@@ -23,6 +24,7 @@ from matrixjobs.audit import AuditAction, AuditQuery, Entry
 from matrixjobs.errors import ForbiddenError
 from matrixjobs.ops import audit_check
 from matrixjobs.policy import ADMIN, Caller, Place, Via
+from matrixjobs.store import sqlite as sqlite_store
 
 ALICE, BOB = "@alice:example.org", "@bob:example.org"
 ROOM = Place("!ops:example.org")
@@ -253,6 +255,30 @@ async def test_retention_removes_old_records_from_the_start_and_verify_still_pas
     verdict = await app.verify_audit()
     assert verdict.ok, verdict.problems
     assert verdict.first == before[-1].seq + 1
+
+
+async def test_sqlite_finds_a_time_by_bisection_and_never_dates_a_record_back(
+        store, monkeypatch):
+    """SQLite keeps no index on the records' time (a page less for every record): `since`
+    and retention bisect the chain, which holds because no record is dated before the one
+    it follows, even when the clock is set back."""
+    times = iter([*(100.0 + i for i in range(40)), 50.0, *(141.0 + i for i in range(20))])
+    monkeypatch.setattr(sqlite_store, "time",
+                        SimpleNamespace(time=lambda: next(times), monotonic=time.monotonic))
+    for number in range(60):
+        await store.append_audit(Entry(AuditAction.STARTED, ALICE, "room", f"j{number}"))
+    records = await store.audit_records(AuditQuery(limit=100))
+    assert [r.at for r in records[39:42]] == [139.0, 139.0, 141.0]  # the step back
+    for since in (0.0, 100.0, 120.5, 139.0, 140.0, 141.0, 159.0, 159.5, 1e12):
+        found = await store.audit_records(AuditQuery(since=since, limit=100))
+        assert found == [r for r in records if r.at >= since], since
+    both = await store.audit_records(AuditQuery(since=110.0, after=30, limit=100))
+    assert [r.seq for r in both] == list(range(31, 61))
+    assert await store.prune_audit(125.0) == 25
+    kept = await store.audit_records(AuditQuery(limit=100))
+    assert [r.seq for r in kept] == [*range(26, 61), 61]  # then the pruned record
+    records, head = await store.audit_chain()
+    assert audit_log.verify(records, head).ok
 
 
 # -- the API and the CLI ----------------------------------------------------------------------

@@ -16,6 +16,7 @@ import os
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import IO, Any
 
@@ -270,6 +271,12 @@ MIGRATIONS: list[str] = [
         WHERE name = 'audit';
     DROP TABLE audit_head;
     """,
+    # no index on the audit's time: `at` never decreases along the chain (`_audit`), so a
+    # time is found by bisecting seq (FIRST_SINCE); the index's page cost every record
+    # about a third of what the audit costs a submit (bench/audit_overhead.py)
+    """
+    DROP INDEX audit_at;
+    """,
 ]
 
 # The audit chain's head (seq, hash): the highest number the chain reached, which deleting
@@ -277,7 +284,19 @@ MIGRATIONS: list[str] = [
 INSERT_AUDIT = f"INSERT INTO audit ({audit_log.COLUMNS}) VALUES ({', '.join('?' * 12)})"
 AUDIT_HEAD = ("SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'audit'), 0), "
               "coalesce((SELECT hash FROM audit ORDER BY seq DESC LIMIT 1), "
-              f"'{audit_log.GENESIS}')")
+              f"'{audit_log.GENESIS}'), "
+              "coalesce((SELECT at FROM audit ORDER BY seq DESC LIMIT 1), 0)")
+# The seq of the first record at or after a time (one past the last if there is none), by
+# bisection: `at` never decreases along the chain. Each step probes the record at or after
+# its midpoint (retention leaves the chain's start missing), twice: SQLite lets a recursive
+# step name the recursive table once, outside any subquery.
+PROBE = "(SELECT at FROM audit WHERE seq >= (lo + hi) / 2 ORDER BY seq LIMIT 1) >= ?"
+FIRST_SINCE = (
+    "WITH RECURSIVE step(lo, hi) AS ("
+    "SELECT coalesce(min(seq), 1), coalesce(max(seq), 0) + 1 FROM audit UNION ALL "
+    f"SELECT CASE WHEN {PROBE} THEN lo ELSE (lo + hi) / 2 + 1 END, "
+    f"CASE WHEN {PROBE} THEN (lo + hi) / 2 ELSE hi END FROM step WHERE lo < hi) "
+    "SELECT lo FROM step WHERE lo = hi")
 
 log = logging.getLogger(__name__)
 
@@ -341,10 +360,10 @@ class SqliteStore(Store):
         self._lock_file: IO[str] | None = None
         self._lock = asyncio.Lock()
         self._unfinished = False
-        # The audit chain's last record (seq, hash) as committed, and as this transaction
-        # leaves it.
-        self._audit_head: tuple[int, str] | None = None
-        self._pending_head: tuple[int, str] | None = None
+        # The audit chain's last record (seq, hash, at) as committed, and as this
+        # transaction leaves it.
+        self._audit_head: tuple[int, str, float] | None = None
+        self._pending_head: tuple[int, str, float] | None = None
         self._unwritten: list[Record] = []  # this transaction's, written with its COMMIT
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -895,25 +914,35 @@ class SqliteStore(Store):
         """Inside a write transaction: `entry` as the chain's next record, written with the
         transaction's COMMIT (`_commit`). The head is read once and then kept as committed:
         this process alone writes the store (it holds its lock), and the record itself
-        moves the stored head (AUDIT_HEAD)."""
+        moves the stored head (AUDIT_HEAD). A record is never dated before the one it
+        follows (a clock set back), so a time is found by bisection (FIRST_SINCE)."""
         head = self._pending_head or self._audit_head
         if head is None:
             async with self.db.execute(AUDIT_HEAD) as cursor:
                 row = await cursor.fetchone()
             assert row is not None
-            head = (int(row[0]), str(row[1]))
-        record = audit_log.chained(entry, head[0] + 1, time.time(), head[1])
+            head = (int(row[0]), str(row[1]), float(row[2]))
+        record = audit_log.chained(entry, head[0] + 1, max(time.time(), head[2]), head[1])
         self._unwritten.append(record)
-        self._pending_head = (record.seq, record.hash)
+        self._pending_head = (record.seq, record.hash, record.at)
         return record
 
     async def append_audit(self, entry: Entry) -> Record:
         async with self._transaction():
             return await self._audit(entry)
 
+    async def _first_since(self, at: float) -> int:
+        async with self.db.execute(FIRST_SINCE, (at, at)) as cursor:
+            row = await cursor.fetchone()
+        assert row is not None
+        return int(row[0])
+
     async def audit_records(self, query: AuditQuery) -> list[Record]:
-        where, params = audit_log.audit_filter(query, "?")
         async with self._lock:
+            if query.since is not None:
+                first = await self._first_since(query.since)
+                query = replace(query, since=None, after=max(query.after or 0, first - 1))
+            where, params = audit_log.audit_filter(query, "?")
             rows = await self.db.execute_fetchall(
                 f"SELECT {audit_log.COLUMNS} FROM audit {where} ORDER BY seq DESC LIMIT ?",
                 (*params, query.limit))
@@ -929,8 +958,8 @@ class SqliteStore(Store):
     async def prune_audit(self, before: float) -> int:
         async with self._transaction():
             async with self.db.execute(
-                    f"SELECT {audit_log.COLUMNS} FROM audit WHERE at < ? ORDER BY seq DESC "
-                    "LIMIT 1", (before,)) as cursor:
+                    f"SELECT {audit_log.COLUMNS} FROM audit WHERE seq < ? ORDER BY seq DESC "
+                    "LIMIT 1", (await self._first_since(before),)) as cursor:
                 row = await cursor.fetchone()
             if row is None:
                 return 0
