@@ -913,8 +913,9 @@ class App:
             batches = await self.store.list_batches(ACTIVE, limit=limit)
             jobs = [job for job in await self.store.list_jobs(ACTIVE, limit=limit)
                     if job.batch_id is None]
+            running: dict[str, str | None] = {}  # one read a group, however many wait
             return [*(self.live(batch) for batch in batches),
-                    *[await self._explained(job, self.live(job)) for job in jobs]]
+                    *[await self._explained(job, self.live(job), running) for job in jobs]]
 
     async def log(self, job_id: str, caller: Caller | None = None) -> str:
         """A job's whole log as it stands ("" before its first output)."""
@@ -1017,20 +1018,25 @@ class App:
         async with self._reading():
             return await self.store.list_workers()
 
-    async def _explained(self, job: Job, event: JobProgressEvent) -> JobProgressEvent:
+    async def _explained(self, job: Job, event: JobProgressEvent,
+                         running: dict[str, str | None] | None = None) -> JobProgressEvent:
         """A pending job that waits for its concurrency group, or that no live worker can
-        take, says so in its message."""
+        take, says so in its message. `running`: each group's running job as read so far
+        for the same answer."""
         if job.status != Status.PENDING or event.message is not None:
             return event
-        reason = await self._group_wait(job) or await self._worker_wait(job)
+        reason = (await self._group_wait(job, {} if running is None else running)
+                  or await self._worker_wait(job))
         return event if reason is None else event.model_copy(update={"message": reason})
 
-    async def _group_wait(self, job: Job) -> str | None:
-        if job.concurrency is None:
+    async def _group_wait(self, job: Job, running: dict[str, str | None]) -> str | None:
+        group = job.concurrency
+        if group is None:
             return None
-        running = [other for other in await self.store.group_jobs(job.concurrency)
-                   if other.status is Status.PROCESSING]
-        return f"waiting: {job.concurrency} {running[0].id} is running" if running else None
+        if group not in running:
+            running[group] = next((other.id for other in await self.store.group_jobs(group)
+                                   if other.status is Status.PROCESSING), None)
+        return None if running[group] is None else f"waiting: {group} {running[group]} is running"
 
     async def _worker_wait(self, job: Job) -> str | None:
         if not job.runs_on or any(worker.takes(job.runs_on)

@@ -82,6 +82,26 @@ async def test_one_job_of_a_group_runs_at_a_time_and_the_next_says_why_it_waits(
     assert staging_start < first_end
 
 
+async def test_a_list_of_waiting_jobs_reads_each_group_once(tmp_path, database_url,
+                                                            running_app):
+    app = await running_app(config(tmp_path, database_url))
+    notes = tmp_path / "notes"
+    first = await app.submit("deploy", ["prod", str(notes)], caller=person())
+    await running(app, first.id)
+    waiting = [await app.submit("deploy", ["prod", str(notes)], caller=person())
+               for _ in range(5)]
+    reads = []
+    group_jobs = app.store.group_jobs
+
+    async def counted(group: str):
+        reads.append(group)
+        return await group_jobs(group)
+    app.store.group_jobs = counted
+    listed = {event.id: event.message for event in await app.active()}
+    assert {listed[job.id] for job in waiting} == {f"waiting: deploy-prod {first.id} is running"}
+    assert reads == ["deploy-prod"]
+
+
 async def test_skip_refuses_new_work_while_the_group_has_some(tmp_path, database_url,
                                                               running_app):
     app = await running_app(config(tmp_path, database_url, on_busy="skip"))
