@@ -247,6 +247,17 @@ MIGRATIONS: list[str] = [
         paused_at DOUBLE PRECISION
     );
     """,
+    # Waiting jobs in and out of groups apart, so neither search walks the other's: a busy
+    # group's backlog sat in jobs_pending's order among the ungrouped jobs, and every claim
+    # stepped over it (or, before the first ANALYZE, read and sorted it). The free-groups
+    # search on jobs_concurrency read every pending job before the first ANALYZE too.
+    """
+    DROP INDEX jobs_pending;
+    CREATE INDEX jobs_pending ON jobs ((concurrency IS NULL), priority DESC, id)
+        WHERE status = 'pending';
+    CREATE INDEX jobs_waiting_groups ON jobs (concurrency, priority DESC, id)
+        WHERE concurrency IS NOT NULL AND status = 'pending';
+    """,
 ]
 
 # Leases are timed by the database's clock, the one clock every host shares: a host whose
@@ -1167,8 +1178,8 @@ async def _free_groups(conn: psycopg.AsyncConnection[Any], now: float, limit: in
     the work of any claim that held the lock before (READ COMMITTED: one per statement).
     Groups seen busy here are left out before the LIMIT (the next statement asks again), or
     a busy group's waiting jobs would take every place and starve the other groups. The
-    groups are found by a skip-scan of the group index (a seek a group, a backlog stepped
-    over), and taken by their first due job's priority and age."""
+    groups are found by a skip-scan of jobs_waiting_groups (a seek a group, a backlog
+    stepped over), and taken by their first due job's priority and age."""
     rows = await _rows(
         conn, "WITH RECURSIVE pending_group(name) AS ((SELECT concurrency FROM jobs WHERE "
         "concurrency IS NOT NULL AND status = 'pending' ORDER BY concurrency LIMIT 1) "
