@@ -17,13 +17,18 @@ holding one on both sides leaves only what groups cost.
 
 jobs/s = N / (enqueue of the first chunk → the last of the N jobs committed completed).
 The ratio grouped/plain is the figure: 1.0 means groups cost ungrouped jobs nothing.
-Rounds alternate plain and grouped, so drift on a noisy machine hits both alike.
+Each round runs one plain and one grouped run back to back, which goes first taking
+turns. The figure is the median of the rounds' own ratios, not the ratio of the two
+medians: on a shared machine the load drifts by more than the effect between rounds
+(±15 % and more), and two adjacent runs see nearly the same load, so a round's ratio
+cancels the drift and the median drops the round a burst of load hit on one side only.
 
 Usage: python bench/concurrency_groups.py [--jobs 5000] [--workers 4] [--waiting 1000]
-           [--rounds 3] [--backend sqlite|postgresql] [--url postgresql://127.0.0.1:5432]
+           [--rounds 5] [--backend sqlite|postgresql] [--url postgresql://127.0.0.1:5432]
            [--kinds plain,grouped]
 
-The last line printed is JSON only: {"plain": jobs/s, "grouped": jobs/s, "ratio": …}.
+The last line printed is JSON only: {"plain": jobs/s, "grouped": jobs/s, "ratio": …}
+(plain and grouped: the medians of their runs; ratio: the median of the rounds' ratios).
 """
 
 from __future__ import annotations
@@ -146,7 +151,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--waiting", type=int, default=1000,
                         help="grouped jobs waiting behind the busy group")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--backend", choices=["sqlite", "postgresql"], default="sqlite")
     parser.add_argument("--url", default=SERVER, help="the PostgreSQL server (no database)")
     parser.add_argument("--kinds", default="plain,grouped",
@@ -156,7 +161,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     results: dict[str, list[float]] = {kind: [] for kind in kinds}
     for round_ in range(1, args.rounds + 1):
-        for kind in kinds:
+        for kind in kinds if round_ % 2 else kinds[::-1]:
             rate = measure(args, kind == "grouped")
             results[kind].append(rate)
             print(f"  round {round_} {kind:8} {rate:8.0f} jobs/s", flush=True)
@@ -165,11 +170,14 @@ def main() -> None:
                           for kind, rates in results.items()}))
         return
     plain, grouped = (statistics.median(results[kind]) for kind in ("plain", "grouped"))
+    ratio = statistics.median(g / p for p, g in zip(results["plain"], results["grouped"],
+                                                    strict=True))
     print(f"{args.jobs} ungrouped no-op jobs, {args.workers} workers, {args.backend}, median "
           f"of {args.rounds}: plain {plain:.0f} jobs/s, with a busy group and "
-          f"{args.waiting} waiting {grouped:.0f} jobs/s, ratio {grouped / plain:.2f}")
+          f"{args.waiting} waiting {grouped:.0f} jobs/s, ratio {ratio:.2f} (median of the "
+          "rounds' ratios)")
     print(json.dumps({"plain": round(plain, 1), "grouped": round(grouped, 1),
-                      "ratio": round(grouped / plain, 3), "backend": args.backend,
+                      "ratio": round(ratio, 3), "backend": args.backend,
                       "jobs": args.jobs, "workers": args.workers, "waiting": args.waiting,
                       "rounds": args.rounds}))
 
