@@ -277,6 +277,14 @@ MIGRATIONS: list[str] = [
     """
     DROP INDEX audit_at;
     """,
+    # waiting jobs ordered within their group, ungrouped ones (NULL) together first: the
+    # claim's ungrouped arm seeks to them instead of stepping over every waiting grouped
+    # job (a busy group's backlog, read at every claim: 223 vs 65 µs a claim with 1,000
+    # waiting behind a running one)
+    """
+    DROP INDEX jobs_pending;
+    CREATE INDEX jobs_pending ON jobs(concurrency, priority DESC, id) WHERE status = 'pending';
+    """,
 ]
 
 # The audit chain's head (seq, hash): the highest number the chain reached, which deleting
