@@ -534,11 +534,13 @@ class TargetConfig(Section):
     def _concurrency(cls, value: str | None) -> str | None:
         if value is not None:
             try:
-                fields = [name for _, name, _, _ in string.Formatter().parse(value)
-                          if name is not None]
+                fields = [(name, spec, conversion) for _, name, spec, conversion
+                          in string.Formatter().parse(value) if name is not None]
             except ValueError as exc:
                 raise ValueError(f"is not a group name template: {exc}") from None
-            if any(not name.isdigit() for name in fields):
+            # No format spec or conversion: "{0:d}" fails on every submit, and "{0:>{1}}"
+            # would let an argument choose how long the name grows.
+            if any(not name.isdigit() or spec or conversion for name, spec, conversion in fields):
                 raise ValueError("may name only the job's arguments, as {0}, {1}…")
         return value
 
