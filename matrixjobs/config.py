@@ -1156,6 +1156,22 @@ def _database_url_problem(value: str, from_env: bool) -> str | None:
     if password is not None and not from_env:
         return ("must not hold a password (the config file is meant to be shareable): put "
                 "the whole URL in MATRIXJOBS_DATABASE_URL instead")
+    return _libpq_problem(value, password)
+
+
+def _libpq_problem(value: str, password: str | None) -> str | None:
+    """Why libpq cannot read `value`, its quotes masked: its parse errors quote the part
+    they choke on (a password with a space in it) or the whole URL."""
+    from psycopg import ProgrammingError  # only where a URL is given: the CLI's client
+    from psycopg.conninfo import conninfo_to_dict  # reads configs without a database
+
+    try:
+        conninfo_to_dict(value)
+    except ProgrammingError as exc:
+        reason = re.sub(r'"[^"]*"', '"…"', " ".join(str(exc).split()))
+        for secret in {password or "", unquote(password or "")} - {""}:
+            reason = reason.replace(secret, "…")
+        return f"libpq cannot read it ({reason}); {DATABASE_URL_HELP}"
     return None
 
 
