@@ -710,6 +710,11 @@ class PostgresStore(Store):
         async with self._transaction() as conn:
             await _upsert_message(conn, message, now)
 
+    async def key_subject(self, key: str) -> tuple[bool, str | None]:
+        rows = await self._fetch("SELECT subject_id FROM processed_events WHERE event_id = %s",
+                                 (key,))
+        return (True, rows[0][0]) if rows else (False, None)
+
     async def message_subject(self, room_id: str, event_id: str) -> str | None:
         return await self._scalar(
             "SELECT subject_id FROM progress_messages WHERE event_id = %s AND room_id = %s",

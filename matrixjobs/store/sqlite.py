@@ -1041,6 +1041,12 @@ class SqliteStore(Store):
                  message.reply_to, message.edits, int(message.final), now),
             )
 
+    async def key_subject(self, key: str) -> tuple[bool, str | None]:
+        async with self._lock:
+            rows = await self.db.execute_fetchall(
+                "SELECT subject_id FROM processed_events WHERE event_id = ?", (key,))
+        return (True, rows[0][0]) if rows else (False, None)
+
     async def message_subject(self, room_id: str, event_id: str) -> str | None:
         # No index on event_id: asked once per reaction, over rows that retention bounds.
         async with self._lock:
