@@ -33,6 +33,7 @@ from matrixjobs.audit import SERVICE, AuditAction, AuditQuery, Entry, Record, Ve
 from matrixjobs.config import APPROVERS_DIFFER, USER_RE, Config, ScheduleConfig, approvers_differ
 from matrixjobs.errors import (
     AlreadyFinishedError,
+    AlreadySubmittedError,
     BadArgumentsError,
     BadBatchError,
     ForbiddenError,
@@ -354,7 +355,7 @@ class App:
 
     async def _enqueue(self, specs: Sequence[JobSpec], dedupe_key: str | None,
                        show: ProgressMessage | None, audit: Entry | None) -> list[Job]:
-        await self._group_free(specs)
+        await self._group_free(specs, dedupe_key)
         with self._storing():
             jobs = await self.queue.enqueue_many(specs, dedupe_key, show, audit)
         self._queued(jobs, audit, held=_held(jobs[0].approval) if jobs else False)
@@ -362,7 +363,7 @@ class App:
 
     async def _enqueue_batch(self, name: str, specs: Sequence[JobSpec], dedupe_key: str | None,
                              show: ProgressMessage | None, audit: Entry | None) -> Batch:
-        await self._group_free(specs)
+        await self._group_free(specs, dedupe_key)
         with self._storing():
             batch, jobs = await self.queue.enqueue_batch(name, specs, dedupe_key, show, audit)
         self._queued(jobs, audit, held=_held(batch.approval))
@@ -386,15 +387,20 @@ class App:
         target = self.config.targets.get(str(job.data.get("target")))
         return "queue" if target is None else target.on_busy
 
-    async def _group_free(self, specs: Sequence[JobSpec]) -> None:
+    async def _group_free(self, specs: Sequence[JobSpec], dedupe_key: str | None) -> None:
         """Refuse new work whose concurrency group has work, where on_busy says "skip".
         (Two nodes asked at the same moment may both queue one: they still never run
-        at once.)"""
+        at once.) A repeat of `dedupe_key` answers with what it started, as any repeat
+        does: the group is likely busy with that very work."""
         for spec in specs:
             if spec.concurrency is None or self._on_busy(spec) != "skip":
                 continue
             busy = await self._read(self.store.group_jobs, spec.concurrency)
             if busy:
+                if dedupe_key is not None:
+                    used, subject = await self._read(self.store.key_subject, dedupe_key)
+                    if used:
+                        raise AlreadySubmittedError(dedupe_key, subject)
                 raise GroupBusyError(f"{spec.concurrency} is busy: {busy[0].id} is "
                                      f"{STATUS_WORD[busy[0].status]}; not started")
 

@@ -121,7 +121,8 @@ def values(record: Record) -> tuple[Any, ...]:
 @dataclass(frozen=True, slots=True)
 class AuditQuery:
     """Which records to read: after a seq or since a time, by whom, what, on which target;
-    at most `limit`, the newest of those."""
+    at most `limit`: the first of those after `after` when it is given (a follower asking
+    again with the last seq it saw misses none), else the newest."""
 
     after: int | None = None
     since: float | None = None
@@ -129,6 +130,11 @@ class AuditQuery:
     action: str | None = None
     target: str | None = None
     limit: int = 100
+
+    @property
+    def forward(self) -> bool:
+        """Whether the first `limit` records after `after` are asked for, not the newest."""
+        return self.after is not None
 
 
 def audit_filter(query: AuditQuery, placeholder: str) -> tuple[str, list[Any]]:

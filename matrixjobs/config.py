@@ -534,11 +534,13 @@ class TargetConfig(Section):
     def _concurrency(cls, value: str | None) -> str | None:
         if value is not None:
             try:
-                fields = [name for _, name, _, _ in string.Formatter().parse(value)
-                          if name is not None]
+                fields = [(name, spec, conversion) for _, name, spec, conversion
+                          in string.Formatter().parse(value) if name is not None]
             except ValueError as exc:
                 raise ValueError(f"is not a group name template: {exc}") from None
-            if any(not name.isdigit() for name in fields):
+            # No format spec or conversion: "{0:d}" fails on every submit, and "{0:>{1}}"
+            # would let an argument choose how long the name grows.
+            if any(not name.isdigit() or spec or conversion for name, spec, conversion in fields):
                 raise ValueError("may name only the job's arguments, as {0}, {1}…")
         return value
 
@@ -1154,6 +1156,22 @@ def _database_url_problem(value: str, from_env: bool) -> str | None:
     if password is not None and not from_env:
         return ("must not hold a password (the config file is meant to be shareable): put "
                 "the whole URL in MATRIXJOBS_DATABASE_URL instead")
+    return _libpq_problem(value, password)
+
+
+def _libpq_problem(value: str, password: str | None) -> str | None:
+    """Why libpq cannot read `value`, its quotes masked: its parse errors quote the part
+    they choke on (a password with a space in it) or the whole URL."""
+    from psycopg import ProgrammingError  # only where a URL is given: the CLI's client
+    from psycopg.conninfo import conninfo_to_dict  # reads configs without a database
+
+    try:
+        conninfo_to_dict(value)
+    except ProgrammingError as exc:
+        reason = re.sub(r'"[^"]*"', '"…"', " ".join(str(exc).split()))
+        for secret in {password or "", unquote(password or "")} - {""}:
+            reason = reason.replace(secret, "…")
+        return f"libpq cannot read it ({reason}); {DATABASE_URL_HELP}"
     return None
 
 

@@ -7,7 +7,7 @@ import logging
 import secrets
 
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from matrixjobs.errors import (
@@ -107,6 +107,15 @@ async def on_http_error(request: Request, exc: Exception) -> Response:
                 405: f"{request.method} is not allowed on {request.url.path}"}
     message = messages.get(exc.status_code, str(exc.detail))
     return error_response(exc.status_code, code, message, headers=exc.headers)
+
+
+async def on_disconnect(request: Request, exc: Exception) -> Response:
+    """The client went away before its body was read: nobody hears the answer, and it is
+    no bug of ours (a forge's delivery timed out, a connection dropped)."""
+    assert isinstance(exc, ClientDisconnect)
+    log.info("API %s %s: the client went away before sending its whole request",
+             request.method, request.url.path)
+    return error_response(400, "client_disconnected", "the request's body was cut short")
 
 
 async def on_unexpected_error(request: Request, exc: Exception) -> Response:

@@ -123,7 +123,9 @@ AUDIT_PARAMETERS = (
     {"name": "action", "in": "query", "schema": {"enum": list(AuditAction)}},
     {"name": "target", "in": "query", "schema": {"type": "string"},
      "description": "only records about this target"},
-    {"name": "limit", "in": "query", "description": "at most this many (the newest)",
+    {"name": "limit", "in": "query",
+     "description": "at most this many: the first after `after` when it is given, else the "
+                    "newest",
      "schema": {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT,
                 "default": DEFAULT_LIMIT}},
 )
@@ -348,8 +350,10 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
     ("GET", "/v1/audit"): Operation(
         "The audit log", parameters=AUDIT_PARAMETERS,
         description=("Who did what, from where: the newest `limit` records that match, "
-                     "oldest first. Append-only: no endpoint edits or deletes records. "
-                     "Follow it by asking again with `after` = the last `seq` seen."),
+                     "oldest first; with `after`, the first `limit` after that record. "
+                     "Append-only: no endpoint edits or deletes records. Follow it by asking "
+                     "again with `after` = the last `seq` seen (a full page: ask again at "
+                     "once)."),
         responses={200: answer("records, oldest first", {
             "type": "object", "required": ["records"],
             "properties": {"records": {"type": "array", "items": ref("AuditRecord")}}}),

@@ -238,8 +238,9 @@ class Endpoints:
                                          "revoked": True}))
 
     async def audit(self, request: Request) -> Response:
-        """The audit log's records, oldest first: the newest `limit` that match; a person
-        sees their own."""
+        """The audit log's records, oldest first: the newest `limit` that match (with
+        `after`, the first `limit` after it, so a follower misses none); a person sees their
+        own."""
         query = audit_query(request)
         caller = caller_of(request)
         if not caller.admin:

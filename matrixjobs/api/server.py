@@ -23,6 +23,7 @@ from pydantic import SecretStr
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
+from starlette.requests import ClientDisconnect
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.types import ASGIApp
 
@@ -32,6 +33,7 @@ from matrixjobs.api.errors import (
     ApiError,
     on_api_error,
     on_core_error,
+    on_disconnect,
     on_http_error,
     on_unexpected_error,
 )
@@ -100,6 +102,7 @@ def build_asgi_app(
             ApiError: on_api_error,
             MatrixJobsError: on_core_error,
             HTTPException: on_http_error,
+            ClientDisconnect: on_disconnect,
             Exception: on_unexpected_error,
         },
         lifespan=lifespan,

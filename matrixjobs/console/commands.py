@@ -208,13 +208,15 @@ async def cmd_audit(api: ApiClient, args: argparse.Namespace, mode: Mode) -> int
         params = {**filters, "limit": str(args.limit)}
         if after is not None:
             params["after"] = str(after)
-        for record in await api.audit(params):
+        records = await api.audit(params)
+        for record in records:
             print(json.dumps(record) if mode is Mode.JSON else audit_line(record), flush=True)
             after = record["seq"]
         if not args.follow:
             return EXIT_OK
-        after = 0 if after is None else after
-        await asyncio.sleep(args.poll)
+        if after is None or len(records) < args.limit:  # else more wait: ask again now
+            after = 0 if after is None else after
+            await asyncio.sleep(args.poll)
 
 
 def audit_line(record: dict[str, Any]) -> str:

@@ -287,6 +287,10 @@ class Store(abc.ABC):
     async def save_message(self, message: ProgressMessage, now: float) -> None: ...
 
     @abc.abstractmethod
+    async def key_subject(self, key: str) -> tuple[bool, str | None]:
+        """Whether the dedupe key `key` was used, and the job or batch it started."""
+
+    @abc.abstractmethod
     async def message_subject(self, room_id: str, event_id: str) -> str | None:
         """The job or batch whose progress message is `event_id` in `room_id`, if any."""
 

@@ -29,7 +29,7 @@ class Copied:
 async def copy_store(source: SqliteStore, target: PostgresStore) -> Copied:
     rows = {table: await _read(source, table, columns) for table, columns in TABLES}
     last_ids = {table: await _last_id(source, table) for table in NUMBERED_TABLES}
-    [head] = await source.db.execute_fetchall(AUDIT_HEAD)
+    [(seq, hash_, _at)] = await source.db.execute_fetchall(AUDIT_HEAD)
     try:
         async with target.pool.connection() as conn, conn.transaction():
             await _refuse_data(conn, target.where)
@@ -39,7 +39,7 @@ async def copy_store(source: SqliteStore, target: PostgresStore) -> Copied:
                 await _continue_after(conn, table, last)
             # The audit chain goes on from where it ended.
             await conn.execute("UPDATE audit_head SET seq = %s, hash = %s WHERE id = 1",
-                               tuple(head))
+                               (seq, hash_))
             # The service that ran them is stopped: their leases are over, so the first
             # node to start recovers them at once instead of after the copied lease.
             await conn.execute("UPDATE jobs SET lease_expires_at = 0 "

@@ -645,9 +645,11 @@ class PostgresStore(Store):
     async def audit_records(self, query: AuditQuery) -> list[Record]:
         where, params = audit_log.audit_filter(query, "%s")
         rows = await self._fetch(
-            f"SELECT {audit_log.COLUMNS} FROM audit {where} ORDER BY seq DESC LIMIT %s",
+            f"SELECT {audit_log.COLUMNS} FROM audit {where} "
+            f"ORDER BY seq {'ASC' if query.forward else 'DESC'} LIMIT %s",
             (*params, query.limit))
-        return [audit_log.record_of(row) for row in reversed(rows)]
+        records = [audit_log.record_of(row) for row in rows]
+        return records if query.forward else records[::-1]
 
     async def audit_chain(self) -> tuple[list[Record], tuple[int, str]]:
         async with self.pool.connection() as conn, conn.transaction():
@@ -730,6 +732,11 @@ class PostgresStore(Store):
     async def save_message(self, message: ProgressMessage, now: float) -> None:
         async with self._transaction() as conn:
             await _upsert_message(conn, message, now)
+
+    async def key_subject(self, key: str) -> tuple[bool, str | None]:
+        rows = await self._fetch("SELECT subject_id FROM processed_events WHERE event_id = %s",
+                                 (key,))
+        return (True, rows[0][0]) if rows else (False, None)
 
     async def message_subject(self, room_id: str, event_id: str) -> str | None:
         return await self._scalar(

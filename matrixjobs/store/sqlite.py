@@ -946,15 +946,17 @@ class SqliteStore(Store):
         return int(row[0])
 
     async def audit_records(self, query: AuditQuery) -> list[Record]:
+        forward = query.forward
         async with self._lock:
             if query.since is not None:
                 first = await self._first_since(query.since)
                 query = replace(query, since=None, after=max(query.after or 0, first - 1))
             where, params = audit_log.audit_filter(query, "?")
             rows = await self.db.execute_fetchall(
-                f"SELECT {audit_log.COLUMNS} FROM audit {where} ORDER BY seq DESC LIMIT ?",
-                (*params, query.limit))
-        return [audit_log.record_of(tuple(row)) for row in reversed(list(rows))]
+                f"SELECT {audit_log.COLUMNS} FROM audit {where} "
+                f"ORDER BY seq {'ASC' if forward else 'DESC'} LIMIT ?", (*params, query.limit))
+        records = [audit_log.record_of(tuple(row)) for row in rows]
+        return records if forward else records[::-1]
 
     async def audit_chain(self) -> tuple[list[Record], tuple[int, str]]:
         async with self._lock:
@@ -1046,6 +1048,12 @@ class SqliteStore(Store):
                 (message.subject_id, message.room_id, message.event_id, message.requester,
                  message.reply_to, message.edits, int(message.final), now),
             )
+
+    async def key_subject(self, key: str) -> tuple[bool, str | None]:
+        async with self._lock:
+            rows = await self.db.execute_fetchall(
+                "SELECT subject_id FROM processed_events WHERE event_id = ?", (key,))
+        return (True, rows[0][0]) if rows else (False, None)
 
     async def message_subject(self, room_id: str, event_id: str) -> str | None:
         # No index on event_id: asked once per reaction, over rows that retention bounds.
