@@ -50,6 +50,7 @@ from matrixjobs.logs import mask, redact
 from matrixjobs.metrics import Metrics
 from matrixjobs.models import (
     BATCH_PREFIX,
+    HELD_UNTIL,
     JOB_PREFIX,
     Approval,
     Batch,
@@ -193,6 +194,7 @@ class App:
         self._supervisor.every("store-probe", STORE_PROBE_S, self._probe_store)
         if self.role == "run":
             await self.end_approvals()  # what expired while the service was down
+            self._supervisor.once("superseded-left", self._supersede_left)
             self._supervisor.every("approvals", APPROVAL_SWEEP_S, self.end_approvals)
         if self.scheduler is not None:
             self._supervisor.keep("schedules", self.scheduler.run)
@@ -355,7 +357,7 @@ class App:
 
     async def _enqueue(self, specs: Sequence[JobSpec], dedupe_key: str | None,
                        show: ProgressMessage | None, audit: Entry | None) -> list[Job]:
-        await self._group_free(specs, dedupe_key)
+        await self._group_free(specs, dedupe_key, audit)
         with self._storing():
             jobs = await self.queue.enqueue_many(specs, dedupe_key, show, audit)
         self._queued(jobs, audit, held=_held(jobs[0].approval) if jobs else False)
@@ -363,7 +365,7 @@ class App:
 
     async def _enqueue_batch(self, name: str, specs: Sequence[JobSpec], dedupe_key: str | None,
                              show: ProgressMessage | None, audit: Entry | None) -> Batch:
-        await self._group_free(specs, dedupe_key)
+        await self._group_free(specs, dedupe_key, audit)
         with self._storing():
             batch, jobs = await self.queue.enqueue_batch(name, specs, dedupe_key, show, audit)
         self._queued(jobs, audit, held=_held(batch.approval))
@@ -387,11 +389,13 @@ class App:
         target = self.config.targets.get(str(job.data.get("target")))
         return "queue" if target is None else target.on_busy
 
-    async def _group_free(self, specs: Sequence[JobSpec], dedupe_key: str | None) -> None:
-        """Refuse new work whose concurrency group has work, where on_busy says "skip".
-        (Two nodes asked at the same moment may both queue one: they still never run
-        at once.) A repeat of `dedupe_key` answers with what it started, as any repeat
-        does: the group is likely busy with that very work."""
+    async def _group_free(self, specs: Sequence[JobSpec], dedupe_key: str | None,
+                          audit: Entry | None) -> None:
+        """Refuse new work whose concurrency group has work, where on_busy says "skip",
+        and record the refusal with `audit`'s who and where. (Two nodes asked at the same
+        moment may both queue one: they still never run at once.) A repeat of
+        `dedupe_key` answers with what it started, as any repeat does: the group is likely
+        busy with that very work."""
         for spec in specs:
             if spec.concurrency is None or self._on_busy(spec) != "skip":
                 continue
@@ -401,8 +405,24 @@ class App:
                     used, subject = await self._read(self.store.key_subject, dedupe_key)
                     if used:
                         raise AlreadySubmittedError(dedupe_key, subject)
-                raise GroupBusyError(f"{spec.concurrency} is busy: {busy[0].id} is "
-                                     f"{STATUS_WORD[busy[0].status]}; not started")
+                reason = (f"{spec.concurrency} is busy: {busy[0].id} is "
+                          f"{STATUS_WORD[busy[0].status]}; not started")
+                await self._record_refusal(None if audit is None else replace(
+                    audit, action=AuditAction.REFUSED, subject=None, detail={
+                        "action": "rerun" if audit.action is AuditAction.RERUN else "run",
+                        "rule": "concurrency", "reason": reason}))
+                raise GroupBusyError(reason)
+
+    async def _supersede_left(self) -> None:
+        """Cancel what a stop between queueing a cancel-older job and its cancels (which
+        follow in a task of their own) left queued or running before it; recorded as
+        the service's doing."""
+        for group in await self._read(self.store.active_groups):
+            newest = max((job for job in await self._read(self.store.group_jobs, group)
+                          if job.run_after < HELD_UNTIL), key=lambda job: int(job.id[1:]),
+                         default=None)
+            if newest is not None and self._on_busy(newest) == "cancel-older":
+                await self._supersede(newest, Entry(AuditAction.CANCELLED, SERVICE, SERVICE))
 
     async def _supersede(self, job: Job, audit: Entry | None) -> None:
         """Cancel the running and queued jobs of `job`'s group that came before it (GitHub's

@@ -14,6 +14,7 @@ from conftest import on_backend
 from fleet import api, free_port, node_config, python_command, start, wait_for
 from helpers import final_state, make_config, python_target
 
+from matrixjobs.app import App
 from matrixjobs.audit import AuditQuery
 from matrixjobs.config import Config
 from matrixjobs.errors import BadArgumentsError, GroupBusyError
@@ -111,6 +112,9 @@ async def test_skip_refuses_new_work_while_the_group_has_some(tmp_path, database
                                              r"(queued|running); not started$"):
         await app.submit("deploy", ["prod", str(notes)], caller=person())
     await app.submit("deploy", ["staging", str(notes)], caller=person())
+    [refused] = await app.audit(AuditQuery(action="refused"))
+    assert (refused.actor, refused.target, json.loads(refused.detail)["rule"]) == (
+        ALICE, "deploy", "concurrency")
     assert (await final_state(app, first.id)).status is Status.COMPLETED
     again = await app.submit("deploy", ["prod", str(notes)], caller=person())
     assert (await final_state(app, again.id)).status is Status.COMPLETED
@@ -130,6 +134,25 @@ async def test_cancel_older_cancels_the_running_and_queued_ones_and_records_why(
     cancels = [record for record in await app.audit(AuditQuery(action="cancelled"))]
     assert {(r.subject, r.actor, json.loads(r.detail)["superseded_by"]) for r in cancels} >= {
         (first.id, ALICE, third.id), (second.id, ALICE, third.id)}
+
+
+async def test_cancels_a_stop_left_undone_are_made_at_the_next_start(tmp_path, database_url,
+                                                                      running_app):
+    """The cancels follow the queueing in a task of their own: a stop between the two
+    leaves the older job queued, and the next start cancels it."""
+    notes = tmp_path / "notes"
+    busy = config(tmp_path, database_url, on_busy="cancel-older")
+    idle = busy.model_copy(update={"queue": busy.queue.model_copy(update={"workers": 0})})
+    async with App(idle) as before:
+        older = await before.submit("deploy", ["prod", str(notes)])
+        before._supervisor.once = lambda *_: None  # stopped before its cancels ran
+        newer = await before.submit("deploy", ["prod", str(notes)], caller=person())
+    app = await running_app(busy)
+    assert (await final_state(app, older.id)).status is Status.CANCELLED
+    assert (await final_state(app, newer.id)).status is Status.COMPLETED
+    [cancel] = await app.audit(AuditQuery(action="cancelled"))
+    assert (cancel.subject, cancel.actor, json.loads(cancel.detail)) == (
+        older.id, "service", {"superseded_by": newer.id})
 
 
 async def test_a_group_named_by_an_argument_needs_that_argument(tmp_path, database_url,

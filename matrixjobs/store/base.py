@@ -307,6 +307,10 @@ class Store(abc.ABC):
         first."""
 
     @abc.abstractmethod
+    async def active_groups(self) -> list[str]:
+        """The concurrency groups with running or queued jobs."""
+
+    @abc.abstractmethod
     async def unsent_messages(self) -> list[ProgressMessage]:
         """Progress messages of work no command asked for (a webhook's, a schedule's) that
         no bot has sent yet, oldest first."""

@@ -764,6 +764,12 @@ class PostgresStore(Store):
             "('pending', 'processing') ORDER BY status = 'pending', id", (group,))
         return [job_from_row(row) for row in rows]
 
+    async def active_groups(self) -> list[str]:
+        rows = await self._fetch(
+            "SELECT DISTINCT concurrency FROM jobs WHERE concurrency IS NOT NULL AND "
+            "status IN ('pending', 'processing') ORDER BY concurrency")
+        return [str(row[0]) for row in rows]
+
     async def unsent_messages(self) -> list[ProgressMessage]:
         rows = await self._fetch(
             f"SELECT {MESSAGE_COLUMNS} FROM progress_messages WHERE NOT final "

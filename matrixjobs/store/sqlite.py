@@ -1086,6 +1086,13 @@ class SqliteStore(Store):
                 "('pending', 'processing') ORDER BY status = 'pending', id", (group,))
         return [job_from_row(row) for row in rows]
 
+    async def active_groups(self) -> list[str]:
+        async with self._lock:
+            rows = await self.db.execute_fetchall(
+                "SELECT DISTINCT concurrency FROM jobs WHERE concurrency IS NOT NULL AND "
+                "status IN ('pending', 'processing') ORDER BY concurrency")
+        return [str(row[0]) for row in rows]
+
     async def unsent_messages(self) -> list[ProgressMessage]:
         async with self._lock:
             rows = await self.db.execute_fetchall(
