@@ -43,21 +43,16 @@ def config(tmp_path, url, **schedules):
 
 
 @pytest.fixture
-async def quiet_app():
+def quiet_app(running_app):
     """Factory: a running App on the test's clock whose schedules only the test's own
     nodes run, a step when the test says."""
-    apps: list[App] = []
 
     async def start(config, clock: Clock) -> App:
         app = App(config, clock=clock)
         app.scheduler = None
-        await app.start()
-        apps.append(app)
-        return app
+        return await running_app(app)
 
-    yield start
-    for app in apps:
-        await app.stop()
+    return start
 
 
 def node(app: App, clock: Clock, **schedules) -> Scheduler:
