@@ -89,6 +89,11 @@ class AlreadySubmittedError(MatrixJobsError):
         self.subject_id = subject_id
 
 
+class SlotHeldError(MatrixJobsError):
+    """A schedule's slot may start nothing: the schedule was paused (or the slot dealt
+    with) after the loop looked. The message says which."""
+
+
 class ShuttingDownError(MatrixJobsError):
     """The service is stopping and takes no new work."""
 

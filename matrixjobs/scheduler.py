@@ -5,6 +5,8 @@ Every node runs it. A slot's work is started with the dedupe key
 "schedule:NAME:<slot epoch>": the store keeps such keys unique, so of the nodes racing
 for a slot one starts the work and the others learn which job it started. The
 `schedules` table keeps what all nodes share: the last slot dealt with, its job, a pause.
+The transaction that starts a slot's work reads the pause again and records the slot
+(Store.add_jobs): a pause committed after the loop looked still stops the slot.
 
 The loop sleeps until the next slot of any schedule (at most MAX_SLEEP_S: the wall clock
 may be set, or the host suspended, meanwhile). A slot reached more than LATE_S after its
@@ -27,6 +29,7 @@ from matrixjobs.errors import (
     AlreadySubmittedError,
     MatrixJobsError,
     ShuttingDownError,
+    SlotHeldError,
     StoreUnavailableError,
 )
 from matrixjobs.logs import Outage
@@ -115,28 +118,30 @@ class Scheduler:
                      name, when)
             await self._store.schedule_done(name, slot, None)
             return
-        await self._store.schedule_done(name, slot, await self._fire(name, config, slot, when))
+        await self._fire(name, config, slot, when)
 
-    async def _fire(self, name: str, config: ScheduleConfig, slot: float,
-                    when: str) -> str | None:
-        """Start the slot's work; the job or batch it started (here or on another node)."""
+    async def _fire(self, name: str, config: ScheduleConfig, slot: float, when: str) -> None:
+        """Start the slot's work; the store records the slot in the same transaction."""
         try:
             item = await self._start(
                 Trigger(TriggerKind.SCHEDULE, name, slot=slot,
                         timezone=config.timezone), target=config.target,
                 batch=config.batch or (), args=config.args, room=config.room,
                 dedupe_key=dedupe_key(name, slot))
-        except AlreadySubmittedError as exc:
-            return exc.subject_id  # another node was first
+        except AlreadySubmittedError:
+            return  # another node was first, and recorded the slot
+        except SlotHeldError as exc:
+            log.info("schedule %s: the %s run was not started: %s", name, when, exc)
+            return
         except (StoreUnavailableError, ShuttingDownError):
             raise  # the loop tries again, or ends
         except MatrixJobsError as exc:
             # Refused for good (a busy group that skips, a batch too large): the slot is
             # over; trying again each few seconds would only say it again.
             log.warning("schedule %s: the %s run was not started: %s", name, when, exc)
-            return None
+            await self._store.schedule_done(name, slot, None)
+            return
         log.info("schedule %s: the %s run started %s", name, when, item.id)
-        return item.id
 
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):

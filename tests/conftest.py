@@ -79,11 +79,14 @@ def on_backend(config: Config, url: str | None) -> Config:
 
 @pytest.fixture
 async def running_app(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
-    """Factory: `app = await running_app(config_or_none, handlers=...)`; stopped at teardown."""
+    """Factory: `app = await running_app(config_or_none, handlers=...)`, or
+    `running_app(app)` to start an App the test built (and changed) itself; stopped at
+    teardown."""
     apps: list[App] = []
 
-    async def start(config: Config | None = None, **kwargs: Any) -> App:
-        app = App(config or make_config(tmp_path), **kwargs)
+    async def start(config: Config | App | None = None, **kwargs: Any) -> App:
+        app = config if isinstance(config, App) else App(config or make_config(tmp_path),
+                                                         **kwargs)
         await app.start()
         apps.append(app)
         return app
@@ -97,14 +100,18 @@ async def running_app(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
 async def api_service(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
     """Factory: `app, client = await api_service(token=None, targets=…, **sections)`: a
     running service with its API, and an HTTP client carrying the token (if one is given
-    it is the service's too); all stopped at teardown."""
+    it is the service's too); all stopped at teardown. `api_service(config=…)` serves a
+    config the test made itself (one read from a file, say) as it is."""
     apps: list[App] = []
     clients: list[httpx2.AsyncClient] = []
 
-    async def start(token: str | None = None, **sections: Any) -> tuple[App, httpx2.AsyncClient]:
-        api = {"listen": "127.0.0.1:0", **({"token": token} if token else {}),
-               **sections.pop("api", {})}
-        app = build_service(make_config(tmp_path / f"s{len(apps)}", api=api, **sections))
+    async def start(token: str | None = None, config: Config | None = None,
+                    **sections: Any) -> tuple[App, httpx2.AsyncClient]:
+        if config is None:
+            api = {"listen": "127.0.0.1:0", **({"token": token} if token else {}),
+                   **sections.pop("api", {})}
+            config = make_config(tmp_path / f"s{len(apps)}", api=api, **sections)
+        app = build_service(config)
         apps.append(app)
         await app.start()
         [server] = [c for c in app.components if isinstance(c, ApiServer)]

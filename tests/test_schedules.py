@@ -9,6 +9,7 @@ import itertools
 import logging
 import sqlite3
 
+import psycopg
 import pytest
 from conftest import on_backend
 from helpers import make_config, python_target
@@ -43,21 +44,16 @@ def config(tmp_path, url, **schedules):
 
 
 @pytest.fixture
-async def quiet_app():
+def quiet_app(running_app):
     """Factory: a running App on the test's clock whose schedules only the test's own
     nodes run, a step when the test says."""
-    apps: list[App] = []
 
     async def start(config, clock: Clock) -> App:
         app = App(config, clock=clock)
         app.scheduler = None
-        await app.start()
-        apps.append(app)
-        return app
+        return await running_app(app)
 
-    yield start
-    for app in apps:
-        await app.stop()
+    return start
 
 
 def node(app: App, clock: Clock, **schedules) -> Scheduler:
@@ -150,6 +146,55 @@ async def test_a_paused_schedule_starts_nothing_and_its_resume_runs_no_held_slot
     assert [(r.action, r.target, r.detail) for r in records] == [
         ("schedule_paused", "docs", '{"schedule":"tick"}'),
         ("schedule_resumed", "docs", '{"schedule":"tick"}')]
+
+
+@pytest.mark.parametrize("batch", [False, True])
+async def test_a_pause_committed_after_the_loops_read_still_stops_the_slot(
+        tmp_path, database_url, quiet_app, monkeypatch, batch):
+    """The race docs/schedules.md once owned to: the loop read the schedule running, a
+    pause committed, then the loop fired. The slot's own transaction reads the pause."""
+    clock = Clock(T0)
+    tick = {"cron": "* * * * *", **({"batch": ["docs"]} if batch else {"target": "docs"})}
+    app = await quiet_app(config(tmp_path, database_url, tick=tick), clock)
+    loop = node(app, clock, tick=tick)
+    await loop.step()
+    read, seen = app.store.schedule_states, []
+
+    async def read_then_paused():
+        seen.extend(await read())
+        monkeypatch.setattr(app.store, "schedule_states", read)  # the pause reads too
+        await app.pause_schedule("tick", Caller(ALICE, Via.API))  # after the loop's read
+        return seen
+
+    monkeypatch.setattr(app.store, "schedule_states", read_then_paused)
+    clock.now = T0 + MINUTE + 0.1
+    await loop.step()
+    assert [state.paused for state in seen] == [False]  # what the loop acted on
+    assert await scheduled_jobs(app) == [] and await app.batches() == []
+    [state] = await read()
+    assert (state.paused_by, state.last_job) == (ALICE, None)
+
+
+async def test_a_slot_waits_for_a_pause_under_way_on_postgresql_and_then_starts_nothing(
+        tmp_path, pg_url, quiet_app):
+    """Another node's pause not yet committed when the slot's transaction reads the
+    schedule: the read waits for it (the row is locked), then sees it."""
+    clock = Clock(T0)
+    app = await quiet_app(config(tmp_path, pg_url, tick=EVERY_MINUTE), clock)
+    loop = node(app, clock, tick=EVERY_MINUTE)
+    await loop.step()
+    async with await psycopg.AsyncConnection.connect(pg_url) as other:
+        await other.execute("UPDATE schedules SET paused_by = %s, paused_at = %s "
+                            "WHERE name = 'tick'", (BOB, T0 + MINUTE))
+        clock.now = T0 + MINUTE + 0.1
+        step = asyncio.create_task(loop.step())
+        await asyncio.sleep(0.5)
+        assert not step.done()  # waiting for the pause's transaction
+        await other.commit()
+        await asyncio.wait_for(step, 10)
+    assert await scheduled_jobs(app) == []
+    [state] = await app.store.schedule_states()
+    assert (state.paused_by, state.last_job) == (BOB, None)
 
 
 async def test_pausing_twice_records_once_and_resuming_what_runs_records_nothing(

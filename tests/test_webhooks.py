@@ -6,6 +6,7 @@ else answers with why nothing ran, and runs nothing."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import re
 import time
@@ -21,13 +22,11 @@ from matrix_people import Person, bot_messages
 from service_process import Service
 from webhook_deliveries import SECRET, SHA, fixture, headers, payload
 
-from matrixjobs.api import ApiServer
 from matrixjobs.app import App
 from matrixjobs.audit import AuditQuery
 from matrixjobs.config import load_config, toml_list, toml_string
 from matrixjobs.errors import ConfigError
 from matrixjobs.models import Status
-from matrixjobs.service import build_service
 
 ENV = {"MATRIXJOBS_WEBHOOK_SITE_SECRET": SECRET}
 # The target prints its arguments: the test reads them back from the job's log.
@@ -73,28 +72,18 @@ Start = Callable[..., Any]
 
 
 @pytest.fixture
-async def hook_service(tmp_path: Path) -> AsyncIterator[Start]:
+def hook_service(tmp_path: Path, api_service: Start) -> Start:
     """Factory: `app, client = await hook_service(hook={...}, targets=…, api=…)`: the
     service from a config file and ENV, and an HTTP client without any token."""
-    apps: list[App] = []
-    clients: list[httpx2.AsyncClient] = []
+    count = itertools.count()
 
     async def start(hook: dict[str, Any], **more: Any) -> tuple[App, httpx2.AsyncClient]:
-        directory = tmp_path / f"s{len(apps)}"
+        directory = tmp_path / f"s{next(count)}"
         directory.mkdir()
         path = write_config(directory, hook, **more)
-        app = build_service(load_config(path, ENV))
-        apps.append(app)
-        await app.start()
-        [server] = [c for c in app.components if isinstance(c, ApiServer)]
-        clients.append(httpx2.AsyncClient(base_url=server.url, timeout=20.0))
-        return app, clients[-1]
+        return await api_service(config=load_config(path, ENV))
 
-    yield start
-    for client in clients:
-        await client.aclose()
-    for app in apps:
-        await app.stop()
+    return start
 
 
 async def deliver(client: httpx2.AsyncClient, provider: str, name: str, event: str,
@@ -377,7 +366,7 @@ def test_the_secret_never_reaches_the_log(tmp_path: Path) -> None:
 
 @pytest.mark.timeout(120)
 async def test_a_push_posts_its_progress_message_in_the_configured_room(
-        synapse: Any, tmp_path: Path) -> None:
+        synapse: Any, tmp_path: Path, api_service: Start) -> None:
     """With a real Synapse: the bot posts the started job's progress message in the
     webhook's room, saying what started it, and keeps it current until it ends."""
     n = uuid.uuid4().hex[:8]
@@ -389,27 +378,22 @@ async def test_a_push_posts_its_progress_message_in_the_configured_room(
                    "room": room},
         matrix={"homeserver": synapse.base_url, "user_id": bot["user_id"], "rate_per_s": 0.0},
         access={"allowed_users": [alice.user_id]})
-    app = build_service(load_config(path, {**ENV, "MATRIXJOBS_PASSWORD": "bot-password"}))
-    await app.start()
-    try:
-        await app.ready()
-        [server] = [c for c in app.components if isinstance(c, ApiServer)]
-        async with httpx2.AsyncClient(base_url=server.url, timeout=20) as client:
-            answer = await deliver(client, "github", "github_push", "push")
-        assert answer.status_code == 201, answer.text
-        await final_state(app, answer.json()["id"])
-        deadline = time.monotonic() + 60
-        while True:
-            events = await asyncio.to_thread(alice.timeline, room)
-            messages, strays = bot_messages(events, bot["user_id"])
-            assert strays == []
-            done = [m for m in messages if m.current.startswith("✅")]
-            if done:
-                break
-            assert time.monotonic() < deadline, [m.current for m in messages]
-            await asyncio.sleep(0.3)
-        [message] = messages
-        assert "🪝 push to main by alice (3f2c1ab)" in message.current.splitlines()
-        assert "deploy" in message.current.splitlines()[0]
-    finally:
-        await app.stop()
+    app, client = await api_service(config=load_config(
+        path, {**ENV, "MATRIXJOBS_PASSWORD": "bot-password"}))
+    await app.ready()
+    answer = await deliver(client, "github", "github_push", "push")
+    assert answer.status_code == 201, answer.text
+    await final_state(app, answer.json()["id"])
+    deadline = time.monotonic() + 60
+    while True:
+        events = await asyncio.to_thread(alice.timeline, room)
+        messages, strays = bot_messages(events, bot["user_id"])
+        assert strays == []
+        done = [m for m in messages if m.current.startswith("✅")]
+        if done:
+            break
+        assert time.monotonic() < deadline, [m.current for m in messages]
+        await asyncio.sleep(0.3)
+    [message] = messages
+    assert "🪝 push to main by alice (3f2c1ab)" in message.current.splitlines()
+    assert "deploy" in message.current.splitlines()[0]

@@ -54,9 +54,13 @@ SYNC_TIMEOUT_MS = 30_000
 SYNC_FILTER = {"room": {"timeline": {"limit": 50}}}
 GAP_LIMIT = 200
 MAX_BACKOFF_S = 60.0
-# How often the store is asked for work that a webhook or schedule started on another node
-# (work queued on this one wakes the bot at once).
-UNSENT_EVERY_S = 2.0
+# How often the store is asked for work that a webhook or schedule started, whatever woke
+# the bot. Its progress events wake it at once: work queued here, and (PostgreSQL) work
+# another node queued, which the remote feed publishes as soon as the store announces it.
+# This look only covers announcements lost while the listener reconnected (work the feed's
+# full read finds waiting is not published): rare enough that 5 s, the feed's own period
+# (remote.RESYNC_S), is soon enough.
+UNSENT_EVERY_S = 5.0
 # At shutdown, how long the last states may take to send (daemon.STOP_SLACK_S covers it).
 FLUSH_S = 10.0
 
@@ -335,7 +339,8 @@ class MatrixBot:
         async for event in self._events:
             if self.scheduler.tracks(event.id):
                 self.scheduler.update(event)
-            elif event.trigger is not None and not event.terminal:
+            elif event.trigger is not None:
+                # Ended too: work another node ran may be heard of first at its end.
                 self._unsent.set()
 
     async def _show_unsent(self) -> None:

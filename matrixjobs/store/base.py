@@ -107,7 +107,12 @@ class Store(abc.ABC):
         """Add jobs. With `dedupe_key`, raise AlreadySubmittedError if that key was used
         before. `show` (its subject_id is ignored) records where a single job's progress
         is to be shown. Key, jobs, message and the `audit` record (about the first job)
-        are written in one transaction."""
+        are written in one transaction.
+
+        Work of a schedule's slot (its trigger names the slot) is refused with
+        SlotHeldError if the schedule is paused or the slot was dealt with, as committed
+        when the transaction reads it; else the slot is recorded as dealt with, with what
+        it started, in the same transaction. So a pause committed first always wins."""
 
     @abc.abstractmethod
     async def add_batch(

@@ -33,7 +33,12 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from matrixjobs import audit as audit_log
 from matrixjobs.audit import AuditQuery, Entry, Record
-from matrixjobs.errors import AlreadySubmittedError, StoreError, TokenExistsError
+from matrixjobs.errors import (
+    AlreadySubmittedError,
+    SlotHeldError,
+    StoreError,
+    TokenExistsError,
+)
 from matrixjobs.models import (
     HELD_UNTIL,
     INTERRUPTED_BY_STOP,
@@ -47,6 +52,7 @@ from matrixjobs.models import (
     ProgressMessage,
     ScheduleState,
     Status,
+    Trigger,
     Worker,
     batch_id,
     job_id,
@@ -65,6 +71,7 @@ from matrixjobs.store.rows import (
     RUNNING_BY_OWNER,
     SCHEDULE_COLUMNS,
     SCHEDULE_DONE,
+    SCHEDULE_OF_SLOT,
     SCHEDULE_PAUSE,
     SCHEDULE_RESUME,
     WORKER_COLUMNS,
@@ -80,6 +87,8 @@ from matrixjobs.store.rows import (
     number_of,
     recount,
     schedule_from_row,
+    schedule_slot,
+    slot_held,
     token_exists,
     trigger_text,
     with_running,
@@ -439,9 +448,11 @@ class PostgresStore(Store):
     ) -> list[Job]:
         async with self._transaction() as conn:
             await _claim_key(conn, dedupe_key, now)
+            slot = await _hold_slot(conn, specs)
             jobs = await _insert_jobs(conn, specs, None, now)
             subject = jobs[0].id if len(jobs) == 1 else None
             await _record_key(conn, dedupe_key, subject)
+            await _record_slot(conn, slot, subject)
             await _insert_message(conn, show, subject, now)
             if audit is not None:
                 await _audit(conn, audit.about(jobs[0].id))
@@ -457,6 +468,7 @@ class PostgresStore(Store):
         trigger = specs[0].trigger if specs else None
         async with self._transaction() as conn:
             await _claim_key(conn, dedupe_key, now)
+            slot = await _hold_slot(conn, specs)
             [(number,)] = await _rows(
                 conn, "INSERT INTO batches (name, status, total, created_at, requester, "
                 "approval, trigger_info) VALUES (%s, %s, %s, %s, %s, %s, %s) RETURNING id",
@@ -465,6 +477,7 @@ class PostgresStore(Store):
             )
             jobs = await _insert_jobs(conn, specs, number, now, approval)
             await _record_key(conn, dedupe_key, batch_id(number))
+            await _record_slot(conn, slot, batch_id(number))
             await _insert_message(conn, show, batch_id(number), now)
             if audit is not None:
                 await _audit(conn, audit.about(batch_id(number)))
@@ -1064,6 +1077,26 @@ async def _record_key(
     if key is not None and subject is not None:
         await conn.execute("UPDATE processed_events SET subject_id = %s WHERE event_id = %s",
                            (subject, key))
+
+
+async def _hold_slot(conn: psycopg.AsyncConnection[Any],
+                     specs: Sequence[JobSpec]) -> Trigger | None:
+    """Work a schedule's slot starts: refuse it if the schedule is paused or the slot was
+    dealt with, as committed now. The row stays locked until the slot is recorded, so a
+    pause given meanwhile waits, and holds the next slot."""
+    slot = schedule_slot(specs)
+    if slot is None:
+        return None
+    rows = await _rows(conn, SCHEDULE_OF_SLOT.format(p="%s") + " FOR UPDATE", (slot.name,))
+    if reason := slot_held(slot, schedule_from_row(rows[0]) if rows else None):
+        raise SlotHeldError(reason)
+    return slot
+
+
+async def _record_slot(conn: psycopg.AsyncConnection[Any], slot: Trigger | None,
+                       subject: str | None) -> None:
+    if slot is not None:
+        await conn.execute(SCHEDULE_DONE.format(p="%s"), (slot.name, slot.slot, subject))
 
 
 async def _insert_message(

@@ -20,6 +20,7 @@ from matrixjobs.models import (
     ScheduleState,
     Status,
     Trigger,
+    TriggerKind,
     Worker,
     batch_id,
     job_id,
@@ -128,6 +129,31 @@ SCHEDULE_RESUME = (
     "UPDATE schedules SET paused_by = NULL, paused_at = NULL, last_slot = " + LATER_SLOT +
     " WHERE name = {p} AND paused_by IS NOT NULL"
 )
+
+
+# A slot's schedule, read in the transaction that starts the slot's work (PostgreSQL adds
+# FOR UPDATE: a pause under way is waited for, then seen).
+SCHEDULE_OF_SLOT = f"SELECT {SCHEDULE_COLUMNS} FROM schedules WHERE name = {{p}}"
+
+
+def schedule_slot(specs: Sequence[JobSpec]) -> Trigger | None:
+    """The schedule's slot this work is for, if a schedule's slot starts it."""
+    trigger = specs[0].trigger if specs else None
+    if trigger is None or trigger.kind is not TriggerKind.SCHEDULE or trigger.slot is None:
+        return None
+    return trigger
+
+
+def slot_held(slot: Trigger, state: ScheduleState | None) -> str | None:
+    """Why `slot` may start nothing now (None: it may): its schedule is paused, or the
+    slot was dealt with (passed while paused, skipped)."""
+    if state is None:
+        return None
+    if state.paused:
+        return f"schedule {slot.name} is paused by {state.paused_by}"
+    if state.last_slot is not None and slot.slot is not None and slot.slot <= state.last_slot:
+        return f"schedule {slot.name}'s slot was dealt with meanwhile"
+    return None
 
 
 def schedule_from_row(row: Sequence[Any]) -> ScheduleState:

@@ -24,7 +24,12 @@ import aiosqlite
 
 from matrixjobs import audit as audit_log
 from matrixjobs.audit import AuditQuery, Entry, Record
-from matrixjobs.errors import AlreadySubmittedError, StoreError, TokenExistsError
+from matrixjobs.errors import (
+    AlreadySubmittedError,
+    SlotHeldError,
+    StoreError,
+    TokenExistsError,
+)
 from matrixjobs.models import (
     HELD_UNTIL,
     INTERRUPTED_BY_STOP,
@@ -38,6 +43,7 @@ from matrixjobs.models import (
     ProgressMessage,
     ScheduleState,
     Status,
+    Trigger,
     Worker,
     batch_id,
     job_id,
@@ -54,6 +60,7 @@ from matrixjobs.store.rows import (
     RUNNING_BY_OWNER,
     SCHEDULE_COLUMNS,
     SCHEDULE_DONE,
+    SCHEDULE_OF_SLOT,
     SCHEDULE_PAUSE,
     SCHEDULE_RESUME,
     WORKER_COLUMNS,
@@ -69,6 +76,8 @@ from matrixjobs.store.rows import (
     number_of,
     recount,
     schedule_from_row,
+    schedule_slot,
+    slot_held,
     token_exists,
     trigger_text,
     with_running,
@@ -557,9 +566,11 @@ class SqliteStore(Store):
     ) -> list[Job]:
         async with self._transaction():
             await self._claim_key(dedupe_key, specs, now)
+            slot = await self._hold_slot(specs)
             jobs = await self._insert_jobs(specs, None, now)
             subject = jobs[0].id if len(jobs) == 1 else None
             await self._record_key(dedupe_key, subject)
+            await self._record_slot(slot, subject)
             await self._insert_message(show, subject, now)
             if audit is not None:
                 await self._audit(audit.about(jobs[0].id))
@@ -574,6 +585,7 @@ class SqliteStore(Store):
         trigger = specs[0].trigger if specs else None
         async with self._transaction():
             await self._claim_key(dedupe_key, specs, now)
+            slot = await self._hold_slot(specs)
             cursor = await self.db.execute(
                 "INSERT INTO batches (name, status, total, created_at, requester, approval, "
                 "trigger_info) VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -584,6 +596,7 @@ class SqliteStore(Store):
             assert number is not None
             jobs = await self._insert_jobs(specs, number, now, approval)
             await self._record_key(dedupe_key, batch_id(number))
+            await self._record_slot(slot, batch_id(number))
             await self._insert_message(show, batch_id(number), now)
             if audit is not None:
                 await self._audit(audit.about(batch_id(number)))
@@ -610,6 +623,21 @@ class SqliteStore(Store):
             await self.db.execute(
                 "UPDATE processed_events SET subject_id = ? WHERE event_id = ?", (subject, key)
             )
+
+    async def _hold_slot(self, specs: Sequence[JobSpec]) -> Trigger | None:
+        """Inside the adding transaction: refuse the work of a schedule's slot if the
+        schedule is paused or the slot was dealt with, as committed now."""
+        slot = schedule_slot(specs)
+        if slot is None:
+            return None
+        rows = await self.db.execute_fetchall(SCHEDULE_OF_SLOT.format(p="?"), (slot.name,))
+        if reason := slot_held(slot, schedule_from_row(tuple(rows[0])) if rows else None):
+            raise SlotHeldError(reason)
+        return slot
+
+    async def _record_slot(self, slot: Trigger | None, subject: str | None) -> None:
+        if slot is not None:
+            await self.db.execute(SCHEDULE_DONE.format(p="?"), (slot.name, slot.slot, subject))
 
     async def _insert_message(
         self, show: ProgressMessage | None, subject: str | None, now: float
