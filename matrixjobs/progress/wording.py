@@ -32,6 +32,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from zoneinfo import ZoneInfo
 
+from matrixjobs.cron import Cron
 from matrixjobs.fleet import WorkerState
 from matrixjobs.models import Approval, Status
 from matrixjobs.progress.events import ApprovalInfo, JobProgressEvent, TriggerInfo
@@ -228,12 +229,14 @@ def schedule(info: ScheduleInfo) -> str:
 
 
 def schedule_when(info: ScheduleInfo) -> str:
-    """'next 2026-03-29 03:00 CEST' (its wall clock), or 'paused by @bob'."""
+    """'next 2026-03-29 03:00 CEST' (its wall clock; to the second when its cron has a
+    seconds field, :00 too, so its runs line up), or 'paused by @bob'."""
     if info.paused:
         return f"paused by {info.paused_by}"
     if info.next_run is None:
         return "no next run"
-    return f"next {wall_clock(info.next_run, info.timezone)}"
+    seconds = Cron.parse(info.cron, info.timezone).to_the_second
+    return f"next {wall_clock(info.next_run, info.timezone, seconds=seconds)}"
 
 
 def schedule_last(info: ScheduleInfo) -> str:
@@ -245,10 +248,11 @@ def schedule_last(info: ScheduleInfo) -> str:
     return f"last {info.last_job} {STATUS_WORD[info.last_status]}"
 
 
-def wall_clock(moment: datetime, zone: str) -> str:
-    """'2026-03-29 03:00 CEST' as `zone`'s clocks show it."""
+def wall_clock(moment: datetime, zone: str, *, seconds: bool = False) -> str:
+    """'2026-03-29 03:00 CEST' as `zone`'s clocks show it ('03:00:10' with `seconds`)."""
     local = moment.astimezone(ZoneInfo(zone))
-    return f"{local:%Y-%m-%d %H:%M} {local.tzname()}"
+    shown = local.strftime("%Y-%m-%d %H:%M:%S" if seconds else "%Y-%m-%d %H:%M")
+    return f"{shown} {local.tzname()}"
 
 
 def _cut(text: str, limit: int = 60) -> str:
