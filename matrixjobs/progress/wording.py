@@ -261,10 +261,16 @@ def _cut(text: str, limit: int = 60) -> str:
 
 
 # -- a webhook's answers ----------------------------------------------------------------------
+# What the sender named (an event, a ref, a branch or tag) is quoted, so an empty or spaced
+# one still reads ("ref '' is neither…", "event 'Note Hook'…"); the config's lists are not.
+
+
+def _sent(text: str) -> str:
+    return f"'{_cut(text)}'"
 
 
 def hook_ignored_event(event: str, takes: Sequence[str]) -> str:
-    return f"ignored: event {_cut(event)} is not in events ({', '.join(takes)})"
+    return f"ignored: event {_sent(event)} is not in events ({', '.join(takes)})"
 
 
 def hook_ignored_ref(kind: str, name: str, patterns: Sequence[str]) -> str:
@@ -272,16 +278,16 @@ def hook_ignored_ref(kind: str, name: str, patterns: Sequence[str]) -> str:
     webhook takes only the other kind."""
     if not patterns:
         only = "tags" if kind == "branch" else "branches"
-        return f"ignored: {kind} {_cut(name)}: this webhook takes {only} only"
-    return f"ignored: {kind} {_cut(name)} matches none of {', '.join(patterns)}"
+        return f"ignored: {kind} {_sent(name)}: this webhook takes {only} only"
+    return f"ignored: {kind} {_sent(name)} matches none of {', '.join(patterns)}"
 
 
 def hook_ignored_deletion(kind: str, name: str) -> str:
-    return f"ignored: the push deleted {kind} {_cut(name)}"
+    return f"ignored: the push deleted {kind} {_sent(name)}"
 
 
 def hook_ignored_other_ref(ref: str) -> str:
-    return f"ignored: ref {_cut(ref)} is neither a branch nor a tag"
+    return f"ignored: ref {_sent(ref)} is neither a branch nor a tag"
 
 
 def hook_pong(name: str, starts: Sequence[str], takes: Sequence[str]) -> str:
