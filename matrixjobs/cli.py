@@ -103,7 +103,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def describe(config: Config) -> str:
-    targets = ", ".join(sorted(config.targets)) or "none"
+    targets, webhooks, schedules = (", ".join(sorted(names)) or "none" for names in (
+        config.targets, config.webhooks, config.schedules))
     matrix = config.matrix.user_id if config.matrix else "off (no [matrix] section)"
     api = "off"
     if config.api.enabled:
@@ -111,7 +112,8 @@ def describe(config: Config) -> str:
         api = f"{config.api.listen} ({token})"
     return (
         f"config OK\n  store: {describe_store(config.store)}\n  workers: {config.queue.workers}\n"
-        f"  targets: {targets}\n  matrix: {matrix}\n  api: {api}"
+        f"  targets: {targets}\n  webhooks: {webhooks}\n  schedules: {schedules}\n"
+        f"  matrix: {matrix}\n  api: {api}"
     )
 
 

@@ -65,6 +65,11 @@ class Cron:
         return cron
 
     @property
+    def to_the_second(self) -> bool:
+        """Whether it has a seconds field (its slots may fall between whole minutes)."""
+        return len(self.fields) == 6
+
+    @property
     def wildcard(self) -> bool:
         """Whether the minute or hour is a wildcard: cron's rule for a repeated hour."""
         minute, hour = self.fields[-5:-3]

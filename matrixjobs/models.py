@@ -179,6 +179,10 @@ class ScheduleState:
     last_job: str | None = None  # the job or batch its latest fired slot started
     paused_by: str | None = None
     paused_at: float | None = None
+    # What last_slot was read from: the cron expression and its time zone (None: recorded
+    # by a matrixjobs that did not keep them).
+    cron: str | None = None
+    timezone: str | None = None
 
     @property
     def paused(self) -> bool:

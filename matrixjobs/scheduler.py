@@ -12,7 +12,9 @@ The loop sleeps until the next slot of any schedule (at most MAX_SLEEP_S: the wa
 may be set, or the host suspended, meanwhile). A slot reached more than LATE_S after its
 time (the node was down, the store out) was missed: `missed = "latest"` starts the
 latest missed slot once, `"skip"` waits for the next. A new schedule starts nothing for
-the slots before it was first seen.
+the slots before it was first seen, nor does one whose cron or time zone changed since its
+last slot (the store keeps what that slot was read from) for the slots before a node
+with the new config started.
 """
 
 from __future__ import annotations
@@ -55,6 +57,11 @@ class Starter(Protocol):
 
 def dedupe_key(name: str, slot: float) -> str:
     return f"schedule:{name}:{int(slot)}"
+
+
+def _basis(config: ScheduleConfig) -> tuple[str, str]:
+    """What a schedule's slots are read from: its cron (spaces evened) and time zone."""
+    return " ".join(config.cron.split()), config.timezone
 
 
 class Scheduler:
@@ -108,7 +115,9 @@ class Scheduler:
         config, cron = self._schedules[name]
         if state is None or state.last_slot is None:
             # First seen: it starts with the next slot.
-            await self._store.schedule_done(name, slot, None)
+            await self._store.rebase_schedule(name, slot, *_basis(config))
+            return
+        if name not in self._seen and await self._changed(name, config, slot, state):
             return
         if state.paused or slot <= state.last_slot:
             return  # paused, or dealt with by another node
@@ -119,6 +128,23 @@ class Scheduler:
             await self._store.schedule_done(name, slot, None)
             return
         await self._fire(name, config, slot, when)
+
+    async def _changed(self, name: str, config: ScheduleConfig, slot: float,
+                       state: ScheduleState) -> bool:
+        """At this node's start: whether the cron or zone changed since the last slot was
+        read. If so its slots so far are dealt with: the slot now latest was never one of
+        the schedule as it ran, so it is not a missed run; the next slot is its first."""
+        basis = _basis(config)
+        if (state.cron, state.timezone) == basis:
+            return False
+        if state.cron is None:  # recorded before matrixjobs kept the cron: as it was
+            await self._store.rebase_schedule(name, state.last_slot or slot, *basis)
+            return False
+        log.info("schedule %s: changed from '%s %s' to '%s %s' since its last slot; it "
+                 "starts afresh from its next slot (no missed run)", name, state.cron,
+                 state.timezone, *basis)
+        await self._store.rebase_schedule(name, slot, *basis)
+        return True
 
     async def _fire(self, name: str, config: ScheduleConfig, slot: float, when: str) -> None:
         """Start the slot's work; the store records the slot in the same transaction."""

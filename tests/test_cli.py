@@ -108,6 +108,29 @@ def test_check_config_accepts_a_good_config(tmp_path):
     assert not (tmp_path / "state").exists()
 
 
+def test_check_config_names_the_webhooks_and_schedules_as_it_names_the_targets(tmp_path):
+    config = write(tmp_path, GOOD_CONFIG + """
+    [webhooks.site]
+    provider = "generic"
+    target = "hello"
+
+    [schedules.nightly]
+    cron = "30 2 * * *"
+    target = "hello"
+
+    [schedules.hourly]
+    cron = "@hourly"
+    target = "hello"
+    """)
+    write(tmp_path, "MATRIXJOBS_WEBHOOK_SITE_SECRET=s3cret-enough-for-a-test\n", ".env")
+    result = cli(tmp_path, "check-config", "--config", str(config))
+    assert result.returncode == 0, result.stderr
+    assert "  webhooks: site\n" in result.stdout
+    assert "  schedules: hourly, nightly\n" in result.stdout
+    bare = cli(tmp_path, "check-config", "--config", str(write(tmp_path, GOOD_CONFIG)))
+    assert "webhooks: none" in bare.stdout and "schedules: none" in bare.stdout
+
+
 def test_check_config_accepts_the_example_config(tmp_path):
     example = Path(__file__).resolve().parent.parent / "config.example.toml"
     result = cli(tmp_path, "check-config", "--config", str(example))

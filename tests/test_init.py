@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import pty
 import select
@@ -14,11 +15,14 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from containment import needs_bwrap
 
 from matrixjobs.cli import build_parser, main
 from matrixjobs.config import load_config
 from matrixjobs.ops import init
 from matrixjobs.ops.commands import cmd_init
+from matrixjobs.ops.doctor import check_containment
+from matrixjobs.ops.report import Mark, Report
 
 # Quotes, backslashes, '$' and '#' would each break a naive .env or TOML writer.
 PASSWORD = "pa'ss\"wo\\rd $HOME #not-a-comment"
@@ -60,10 +64,21 @@ def test_writes_a_config_without_secrets_and_a_private_env(tmp_path):
     assert loaded.matrix.homeserver == "https://matrix.example.org"
     assert loaded.matrix.rooms == ["#ops:example.org", "!abc:example.org"]
     assert loaded.access.allowed_users == ["@alice:example.org", "@*:ops.example.org"]
-    assert loaded.store.path == tmp_path / "matrixjobs.db"
+    assert loaded.store.path == tmp_path / "state" / "matrixjobs.db"
     assert loaded.warnings() == []
     checked = cli(tmp_path, "check-config", "--config", "config.toml")
     assert checked.returncode == 0 and checked.stderr == "", checked.stderr
+
+
+def test_doctor_finds_nothing_to_warn_of_in_a_fresh_config(tmp_path):
+    """The starter config's store has a directory of its own, so its targets' jobs (in
+    the config's directory) see nothing beside the store, before its first start too."""
+    needs_bwrap()  # without the sandbox nothing is hidden, and nothing is said of it
+    assert cli(tmp_path, "init", *FLAGS, "--password", PASSWORD).returncode == 0
+    report = Report(io.StringIO())
+    check_containment(report, load_config(tmp_path / "config.toml", environ={}))
+    warned = [f.text for f in report.findings if f.mark is not Mark.OK]
+    assert not [text for text in warned if "store" in text], warned
 
 
 def test_the_example_targets_run(tmp_path):

@@ -127,6 +127,62 @@ async def test_missed_skip_starts_nothing_after_a_gap_and_goes_on_at_the_next_sl
     assert job.trigger.slot == T0 + 11 * MINUTE
 
 
+HOUR = 60 * MINUTE
+
+
+async def test_a_changed_cron_starts_afresh_at_restart_without_a_missed_run(
+        tmp_path, database_url, quiet_app, caplog):
+    """The operator's trial: 30 2 * * * becomes 0 3 * * *, restarted at 14:00. Today's
+    03:00 was never a slot of the schedule as it ran: nothing was missed."""
+    clock = Clock(T0)  # 08:00 UTC
+    app = await quiet_app(config(tmp_path, database_url), clock)
+    await node(app, clock, nightly={"cron": "30 2 * * *", "target": "docs"}).step()
+    clock.now = T0 + 6 * HOUR  # 14:00
+    changed = {"cron": "0 3 * * *", "target": "docs"}
+    restarted = node(app, clock, nightly=changed)
+    with caplog.at_level(logging.INFO, "matrixjobs.scheduler"):
+        await restarted.step()
+    assert await scheduled_jobs(app, "nightly") == []
+    [said] = [r.getMessage() for r in caplog.records if "changed" in r.getMessage()]
+    assert "'30 2 * * * UTC' to '0 3 * * * UTC'" in said
+    clock.now = T0 + 19 * HOUR + 0.1  # tomorrow's 03:00
+    await restarted.step()
+    [job] = await scheduled_jobs(app, "nightly")
+    assert job.trigger.slot == T0 + 19 * HOUR
+    [state] = await app.store.schedule_states()
+    assert (state.cron, state.timezone) == ("0 3 * * *", "UTC")
+
+
+async def test_a_changed_time_zone_starts_afresh_too_and_an_unchanged_one_runs_the_missed(
+        tmp_path, database_url, quiet_app):
+    clock = Clock(T0)
+    app = await quiet_app(config(tmp_path, database_url), clock)
+    await node(app, clock, nightly={"cron": "0 3 * * *", "target": "docs"}).step()
+    clock.now = T0 + 25 * HOUR  # tomorrow 09:00 UTC: its 03:00 was missed
+    berlin = {"cron": "0 3 * * *", "timezone": "Europe/Berlin", "target": "docs"}
+    await node(app, clock, nightly=berlin).step()
+    assert await scheduled_jobs(app, "nightly") == []
+    clock.now += 24 * HOUR  # unchanged since: the day's 03:00 Berlin was missed, runs once
+    await node(app, clock, nightly=berlin).step()
+    [job] = await scheduled_jobs(app, "nightly")
+    assert job.trigger.slot == T0 + 42 * HOUR  # 03:00 CET = 02:00 UTC, two days on
+
+
+async def test_a_schedule_recorded_before_its_cron_was_kept_runs_its_missed_slot(
+        tmp_path, database_url, quiet_app):
+    """A row an older matrixjobs wrote says nothing of its cron: it is taken as unchanged
+    (as before), not as changed."""
+    clock = Clock(T0)
+    app = await quiet_app(config(tmp_path, database_url), clock)
+    await app.store.schedule_done("tick", T0, None)  # as the older version recorded it
+    clock.now = T0 + 10 * MINUTE + 40
+    await node(app, clock, tick=EVERY_MINUTE).step()
+    [job] = await scheduled_jobs(app)
+    assert job.trigger.slot == T0 + 10 * MINUTE
+    [state] = await app.store.schedule_states()
+    assert state.cron == "* * * * *"
+
+
 async def test_a_paused_schedule_starts_nothing_and_its_resume_runs_no_held_slot(
         tmp_path, database_url, quiet_app):
     clock = Clock(T0)

@@ -53,6 +53,26 @@ async def test_the_api_lists_pauses_and_resumes_schedules(api_service):
         ("schedule_paused", "api", "deploy"), ("schedule_resumed", "api", "deploy")]
 
 
+async def test_the_body_less_posts_refuse_a_body_they_would_ignore(api_service):
+    """A pause told {"paused": false} must not pause: pause, resume, cancel, approve and
+    rerun take no body, and refuse one with fields as other endpoints refuse unknown
+    fields. No body, or {}, is what every client sends."""
+    _, client = await api_service(token=TOKEN, targets=TARGETS, schedules=SCHEDULES)
+    told = await client.post("/v1/schedules/ship/pause", json={"paused": False})
+    assert (told.status_code, told.json()["error"]["code"]) == (400, "bad_body")
+    assert "paused: unknown field" in told.json()["error"]["message"]
+    assert not (await client.get("/v1/schedules")).json()["schedules"][1]["paused"]
+    garbled = await client.post("/v1/schedules/ship/resume", content=b"{")
+    assert (garbled.status_code, garbled.json()["error"]["code"]) == (400, "bad_json")
+    assert (await client.post("/v1/schedules/ship/pause", json={})).status_code == 200
+    assert (await client.post("/v1/schedules/ship/resume")).status_code == 200
+    for action in ("cancel", "approve", "rerun"):
+        for kind in ("jobs/j999", "batches/b999"):
+            answer = await client.post(f"/v1/{kind}/{action}", json={"reason": "x"})
+            assert (answer.status_code, answer.json()["error"]["code"]) == (400, "bad_body")
+            assert (await client.post(f"/v1/{kind}/{action}")).status_code == 404
+
+
 async def test_the_cli_lists_as_json_and_lines_and_pauses_by_name(api_service):
     app, _ = await api_service(token=TOKEN, targets=TARGETS, schedules=SCHEDULES)
     [server] = [c for c in app.components if isinstance(c, ApiServer)]

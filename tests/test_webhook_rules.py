@@ -111,15 +111,17 @@ TAGS = {"tags": ["v*"]}
     ({}, "refs/tags/anything", SHA, None),
     (BRANCHES, "refs/heads/main", SHA, None),
     (BRANCHES, "refs/heads/release/1.2/hotfix", SHA, None),  # '*' crosses '/'
-    (BRANCHES, "refs/heads/Main", SHA, "ignored: branch Main matches none of main, release/*"),
-    (BRANCHES, "refs/tags/v1", SHA, "ignored: tag v1: this webhook takes branches only"),
+    (BRANCHES, "refs/heads/Main", SHA, "ignored: branch 'Main' matches none of main, release/*"),
+    (BRANCHES, "refs/tags/v1", SHA, "ignored: tag 'v1': this webhook takes branches only"),
     (TAGS, "refs/tags/v1.2", SHA, None),
-    (TAGS, "refs/heads/main", SHA, "ignored: branch main: this webhook takes tags only"),
+    (TAGS, "refs/heads/main", SHA, "ignored: branch 'main': this webhook takes tags only"),
     (BRANCHES | TAGS, "refs/tags/v2", SHA, None),
-    (BRANCHES | TAGS, "refs/tags/nightly", SHA, "ignored: tag nightly matches none of v*"),
-    (BRANCHES, "refs/heads/main", None, "ignored: the push deleted branch main"),
-    ({}, "refs/notes/commits", SHA, "ignored: ref refs/notes/commits is neither a branch "
+    (BRANCHES | TAGS, "refs/tags/nightly", SHA, "ignored: tag 'nightly' matches none of v*"),
+    (BRANCHES, "refs/heads/main", None, "ignored: the push deleted branch 'main'"),
+    ({}, "refs/notes/commits", SHA, "ignored: ref 'refs/notes/commits' is neither a branch "
                                     "nor a tag"),
+    ({}, "", SHA, "ignored: ref '' is neither a branch nor a tag"),
+    (BRANCHES, "refs/heads/", SHA, "ignored: branch '' matches none of main, release/*"),
 ])
 def test_what_a_push_starts(keys: dict[str, Any], ref: str, sha: str | None,
                             reason: str | None) -> None:
@@ -128,11 +130,11 @@ def test_what_a_push_starts(keys: dict[str, Any], ref: str, sha: str | None,
 
 @pytest.mark.parametrize(("keys", "event", "reason"), [
     ({}, "push", None),
-    ({}, "issues", "ignored: event issues is not in events (push)"),
+    ({}, "issues", "ignored: event 'issues' is not in events (push)"),
     ({"provider": "generic", "events": ["push", "release"]}, "release", None),
     ({"provider": "gitlab"}, "Tag Push Hook", None),
     ({"provider": "gitlab"}, "Note Hook",
-     "ignored: event Note Hook is not in events (Push Hook, Tag Push Hook)"),
+     "ignored: event 'Note Hook' is not in events (Push Hook, Tag Push Hook)"),
 ])
 def test_which_events_a_webhook_takes(keys: dict[str, Any], event: str,
                                       reason: str | None) -> None:

@@ -201,7 +201,7 @@ async def test_an_event_not_in_events_is_acknowledged_and_ignored(hook_service: 
     answer = await deliver(client, "github", "github_issues", "issues")
     assert answer.status_code == 202
     assert answer.json() == {"outcome": "ignored",
-                             "message": "ignored: event issues is not in events (push)"}
+                             "message": "ignored: event 'issues' is not in events (push)"}
     assert await app.jobs(limit=10) == []
 
 
@@ -211,14 +211,14 @@ async def test_a_branch_matching_none_of_the_globs_is_ignored_with_the_reason(
                                       "branches": ["main", "release/*"]})
     answer = await deliver(client, "github", "github_push_feature", "push")
     assert answer.status_code == 202
-    assert answer.json()["message"] == ("ignored: branch feature/x matches none of main, "
+    assert answer.json()["message"] == ("ignored: branch 'feature/x' matches none of main, "
                                         "release/*")
     tag = await deliver(client, "github", "github_tag_push", "push")
     assert (tag.status_code, tag.json()["message"]) == (
-        202, "ignored: tag v1.2: this webhook takes branches only")
+        202, "ignored: tag 'v1.2': this webhook takes branches only")
     gone = await deliver(client, "github", "github_delete", "push")
     assert (gone.status_code, gone.json()["message"]) == (
-        202, "ignored: the push deleted branch old")
+        202, "ignored: the push deleted branch 'old'")
     assert await app.jobs(limit=10) == []
 
 
@@ -236,7 +236,7 @@ async def test_a_tag_filter_runs_matching_tags_only(provider: str, name: str, ev
     assert await job_args(app, answer.json()["id"]) == str(["v1.2", SHA])
     branch = await deliver(client, provider, PUSH_FIXTURE[provider], PUSH_EVENT[provider])
     assert (branch.status_code, branch.json()["message"]) == (
-        202, "ignored: branch main: this webhook takes tags only")
+        202, "ignored: branch 'main': this webhook takes tags only")
 
 
 async def test_a_ping_is_answered_and_runs_nothing(hook_service: Start) -> None:

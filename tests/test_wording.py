@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 import pytest
@@ -13,6 +14,7 @@ from matrixjobs.mcp.server import describe
 from matrixjobs.models import Batch, Job, Status, Trigger, TriggerKind
 from matrixjobs.progress import wording
 from matrixjobs.progress.events import JobProgressEvent, ProgressInfo, batch_event, job_event
+from matrixjobs.schedules import ScheduleInfo
 
 NOW = 1_700_000_000.0
 
@@ -137,3 +139,24 @@ def test_the_room_the_cli_and_the_dashboard_say_what_started_triggered_work():
     assert line in detail_text(event)
     assert texts(event, NOW)["startedBy"] == line
     assert texts(job(), NOW)["startedBy"] == ""
+
+
+def listed(cron: str, next_run: str) -> ScheduleInfo:
+    return ScheduleInfo(
+        name="tick", cron=cron, timezone="Europe/Berlin",
+        next_run=datetime.fromisoformat(next_run), target="docs", batch=None, args=[],
+        room=None, missed="latest", paused=False, paused_by=None, paused_at=None,
+        last_run=None, last_job=None, last_status=None)
+
+
+@pytest.mark.parametrize(("cron", "next_run", "text"), [
+    ("*/10 * * * * *", "2027-01-15T09:00:10+01:00", "next 2027-01-15 09:00:10 CET"),
+    ("*/10 * * * * *", "2027-01-15T09:00:00+01:00", "next 2027-01-15 09:00:00 CET"),
+    ("0 3 * * *", "2027-01-16T03:00:00+01:00", "next 2027-01-16 03:00 CET"),
+    ("@hourly", "2027-01-15T10:00:00+01:00", "next 2027-01-15 10:00 CET"),
+])
+def test_a_schedule_with_a_seconds_field_lists_its_next_run_to_the_second(cron, next_run,
+                                                                        text):
+    info = listed(cron, next_run)
+    assert wording.schedule_when(info) == text
+    assert text in wording.schedule(info)

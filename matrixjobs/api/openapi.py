@@ -155,16 +155,21 @@ SUBMIT_ERRORS = {
 STORE_UNAVAILABLE = error("the store cannot be read or written now (`store_unavailable`: "
                           "disk full, locked or unreachable); `Retry-After` says when to "
                           "try again", 503) | {"headers": RETRY_AFTER}
-CANCEL_ERRORS = {403: FORBIDDEN, 404: NOT_FOUND, 409: error("it had already finished", 409),
-                 503: STORE_UNAVAILABLE}
+# What the endpoints that take no body answer to one with fields.
+NO_BODY = error("a body with fields (the endpoint takes none: send no body, or {})", 400)
+NO_BODY_OR_QUERY = error("a body with fields (the endpoint takes none: send no body, or "
+                         "{}), or a query parameter", 400)
+CANCEL_ERRORS = {400: NO_BODY, 403: FORBIDDEN, 404: NOT_FOUND,
+                 409: error("it had already finished", 409), 503: STORE_UNAVAILABLE}
 RERUN_ERRORS = {
+    400: NO_BODY,
     403: FORBIDDEN,
     404: error("no such job or batch, or its target is no longer configured", 404),
     422: error("its arguments (or operations) are no longer allowed", 422),
     503: error("the service is shutting down, or the store cannot take new work now "
                "(store_unavailable, with Retry-After)", 503) | {"headers": RETRY_AFTER},
 }
-JUDGE_ERRORS = {403: FORBIDDEN, 404: NOT_FOUND,
+JUDGE_ERRORS = {400: NO_BODY, 403: FORBIDDEN, 404: NOT_FOUND,
                 409: error("it waits for no approval (any more): `not_awaiting_approval`",
                            409),
                 503: STORE_UNAVAILABLE}
@@ -338,15 +343,17 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         parameters=(SCHEDULE_NAME,),
         description=("Its slots start nothing until it is resumed. Who may: whoever may run "
                      "every target it starts. Pausing a paused schedule changes nothing."),
-        responses={200: answer("the schedule now", ref("ScheduleInfo")), 400: BAD_QUERY,
-                   403: FORBIDDEN, 404: SCHEDULE_NOT_FOUND, 503: STORE_UNAVAILABLE}),
+        responses={200: answer("the schedule now", ref("ScheduleInfo")),
+                   400: NO_BODY_OR_QUERY, 403: FORBIDDEN, 404: SCHEDULE_NOT_FOUND,
+                   503: STORE_UNAVAILABLE}),
     ("POST", "/v1/schedules/{name}/resume"): Operation(
         "Resume a paused schedule",
         parameters=(SCHEDULE_NAME,),
         description=("It goes on from its next slot: the slots the pause held back do not "
                      "run."),
-        responses={200: answer("the schedule now", ref("ScheduleInfo")), 400: BAD_QUERY,
-                   403: FORBIDDEN, 404: SCHEDULE_NOT_FOUND, 503: STORE_UNAVAILABLE}),
+        responses={200: answer("the schedule now", ref("ScheduleInfo")),
+                   400: NO_BODY_OR_QUERY, 403: FORBIDDEN, 404: SCHEDULE_NOT_FOUND,
+                   503: STORE_UNAVAILABLE}),
     ("GET", "/v1/audit"): Operation(
         "The audit log", parameters=AUDIT_PARAMETERS,
         description=("Who did what, from where: the newest `limit` records that match, "

@@ -74,6 +74,12 @@ class Deny(Body):
     reason: StrictStr | None = Field(default=None, max_length=MAX_REASON)
 
 
+class NoBody(Body):
+    """What an endpoint that takes no body reads: none, or {} (a client that always sends
+    JSON); a field is refused, as unknown fields are everywhere, not ignored (a pause told
+    {"paused": false} must not pause)."""
+
+
 class Endpoints:
     def __init__(self, app: App, streams: OpenStreams) -> None:
         self.app = app
@@ -147,6 +153,7 @@ class Endpoints:
 
     async def cancel_job(self, request: Request) -> Response:
         subject = subject_of(request, JOB_PREFIX)
+        await read_body(request, NoBody, optional=True)
         cancelled = await self.app.cancel(subject, caller_of(request))
         return event_response(event_of(cancelled, time.time()))
 
@@ -182,6 +189,7 @@ class Endpoints:
 
     async def cancel_batch(self, request: Request) -> Response:
         subject = subject_of(request, BATCH_PREFIX)
+        await read_body(request, NoBody, optional=True)
         cancelled = await self.app.cancel(subject, caller_of(request))
         return event_response(event_of(cancelled, time.time()))
 
@@ -202,6 +210,7 @@ class Endpoints:
 
     async def _approve(self, request: Request, prefix: str) -> Response:
         subject = subject_of(request, prefix)
+        await read_body(request, NoBody, optional=True)
         judged = await self.app.approve(subject, caller_of(request))
         return event_response(self.app.live(judged))
 
@@ -257,6 +266,7 @@ class Endpoints:
 
     async def _rerun(self, request: Request, prefix: str, collection: str) -> Response:
         subject = subject_of(request, prefix)
+        await read_body(request, NoBody, optional=True)
         rerun = await self.app.rerun(subject, caller=caller_of(request))
         return created(event_of(rerun, time.time()), f"/v1/{collection}/{rerun.id}")
 
@@ -303,11 +313,13 @@ class Endpoints:
 
     async def pause_schedule(self, request: Request) -> Response:
         known_query(request)
+        await read_body(request, NoBody, optional=True)
         info = await self.app.pause_schedule(request.path_params["name"], caller_of(request))
         return json_response(info.to_json())
 
     async def resume_schedule(self, request: Request) -> Response:
         known_query(request)
+        await read_body(request, NoBody, optional=True)
         info = await self.app.resume_schedule(request.path_params["name"], caller_of(request))
         return json_response(info.to_json())
 

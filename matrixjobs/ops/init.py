@@ -285,9 +285,10 @@ user_id = {toml_string(answers.user_id)}
 allowed_users = {toml_list(answers.allowed_users)}
 
 [store]
-# The job queue (SQLite). Under systemd with StateDirectory=, a relative path
-# lands in $STATE_DIRECTORY.
-path = "matrixjobs.db"
+# The job queue (SQLite), in a directory of its own: jobs run in this file's
+# directory and would see whatever lies beside the store. Under systemd with
+# StateDirectory=, a relative path lands in $STATE_DIRECTORY.
+path = "state/matrixjobs.db"
 
 [api]
 # The HTTP API behind `matrixjobs status` and MCP clients. Any local account can

@@ -32,6 +32,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from zoneinfo import ZoneInfo
 
+from matrixjobs.cron import Cron
 from matrixjobs.fleet import WorkerState
 from matrixjobs.models import Approval, Status
 from matrixjobs.progress.events import ApprovalInfo, JobProgressEvent, TriggerInfo
@@ -228,12 +229,14 @@ def schedule(info: ScheduleInfo) -> str:
 
 
 def schedule_when(info: ScheduleInfo) -> str:
-    """'next 2026-03-29 03:00 CEST' (its wall clock), or 'paused by @bob'."""
+    """'next 2026-03-29 03:00 CEST' (its wall clock; to the second when its cron has a
+    seconds field, :00 too, so its runs line up), or 'paused by @bob'."""
     if info.paused:
         return f"paused by {info.paused_by}"
     if info.next_run is None:
         return "no next run"
-    return f"next {wall_clock(info.next_run, info.timezone)}"
+    seconds = Cron.parse(info.cron, info.timezone).to_the_second
+    return f"next {wall_clock(info.next_run, info.timezone, seconds=seconds)}"
 
 
 def schedule_last(info: ScheduleInfo) -> str:
@@ -245,10 +248,11 @@ def schedule_last(info: ScheduleInfo) -> str:
     return f"last {info.last_job} {STATUS_WORD[info.last_status]}"
 
 
-def wall_clock(moment: datetime, zone: str) -> str:
-    """'2026-03-29 03:00 CEST' as `zone`'s clocks show it."""
+def wall_clock(moment: datetime, zone: str, *, seconds: bool = False) -> str:
+    """'2026-03-29 03:00 CEST' as `zone`'s clocks show it ('03:00:10' with `seconds`)."""
     local = moment.astimezone(ZoneInfo(zone))
-    return f"{local:%Y-%m-%d %H:%M} {local.tzname()}"
+    shown = local.strftime("%Y-%m-%d %H:%M:%S" if seconds else "%Y-%m-%d %H:%M")
+    return f"{shown} {local.tzname()}"
 
 
 def _cut(text: str, limit: int = 60) -> str:
@@ -257,10 +261,16 @@ def _cut(text: str, limit: int = 60) -> str:
 
 
 # -- a webhook's answers ----------------------------------------------------------------------
+# What the sender named (an event, a ref, a branch or tag) is quoted, so an empty or spaced
+# one still reads ("ref '' is neither…", "event 'Note Hook'…"); the config's lists are not.
+
+
+def _sent(text: str) -> str:
+    return f"'{_cut(text)}'"
 
 
 def hook_ignored_event(event: str, takes: Sequence[str]) -> str:
-    return f"ignored: event {_cut(event)} is not in events ({', '.join(takes)})"
+    return f"ignored: event {_sent(event)} is not in events ({', '.join(takes)})"
 
 
 def hook_ignored_ref(kind: str, name: str, patterns: Sequence[str]) -> str:
@@ -268,16 +278,16 @@ def hook_ignored_ref(kind: str, name: str, patterns: Sequence[str]) -> str:
     webhook takes only the other kind."""
     if not patterns:
         only = "tags" if kind == "branch" else "branches"
-        return f"ignored: {kind} {_cut(name)}: this webhook takes {only} only"
-    return f"ignored: {kind} {_cut(name)} matches none of {', '.join(patterns)}"
+        return f"ignored: {kind} {_sent(name)}: this webhook takes {only} only"
+    return f"ignored: {kind} {_sent(name)} matches none of {', '.join(patterns)}"
 
 
 def hook_ignored_deletion(kind: str, name: str) -> str:
-    return f"ignored: the push deleted {kind} {_cut(name)}"
+    return f"ignored: the push deleted {kind} {_sent(name)}"
 
 
 def hook_ignored_other_ref(ref: str) -> str:
-    return f"ignored: ref {_cut(ref)} is neither a branch nor a tag"
+    return f"ignored: ref {_sent(ref)} is neither a branch nor a tag"
 
 
 def hook_pong(name: str, starts: Sequence[str], takes: Sequence[str]) -> str:

@@ -105,10 +105,12 @@ def shared_state(config: Config, runner: Runner) -> list[str]:
     found = []
     for name, target in sorted(config.targets.items()):
         cwd = (target.cwd or Path.cwd()).resolve()
+        inside = cwd == state or state in cwd.parents
         if target.command is None or runner.state_hidden_whole(cwd):
             continue
-        why = (f"runs in {cwd}, inside the store's directory"
-               if cwd == state or state in cwd.parents
+        if not inside and not state.exists():
+            continue  # not made yet (doctor before the first start): made holding ours only
+        why = (f"runs in {cwd}, inside the store's directory" if inside
                else f"runs beside {state}, which holds more than the store")
         found.append(f"targets.{name} {why}: its jobs see the files there but the store's "
                      "and the keys'; give the store a directory of its own ([store] path)")

@@ -247,6 +247,12 @@ class Store(abc.ABC):
         older slot never replaces a newer one."""
 
     @abc.abstractmethod
+    async def rebase_schedule(self, name: str, slot: float, cron: str, timezone: str) -> None:
+        """Record that the schedule's slots are read from `cron` in `timezone` (first seen,
+        or changed since its last slot), and `slot` dealt with: it starts with the next.
+        An older slot never replaces a newer one; a pause stays."""
+
+    @abc.abstractmethod
     async def pause_schedule(self, name: str, paused_by: str | None, passed: float,
                              audit: Entry) -> bool:
         """Pause (`paused_by`: who) or resume (None) a schedule, with the `audit` record;

@@ -73,6 +73,7 @@ from matrixjobs.store.rows import (
     SCHEDULE_DONE,
     SCHEDULE_OF_SLOT,
     SCHEDULE_PAUSE,
+    SCHEDULE_REBASE,
     SCHEDULE_RESUME,
     WORKER_COLUMNS,
     approval_table,
@@ -270,6 +271,12 @@ MIGRATIONS: list[str] = [
         WHERE concurrency IS NOT NULL AND status = 'pending';
     CREATE INDEX jobs_running_groups ON jobs (concurrency)
         WHERE concurrency IS NOT NULL AND status = 'processing';
+    """,
+    # what a schedule's last slot was read from: a cron or zone changed since is a
+    # schedule new from its next slot, not one whose "missed" slot runs at start
+    """
+    ALTER TABLE schedules ADD COLUMN cron TEXT;
+    ALTER TABLE schedules ADD COLUMN timezone TEXT;
     """,
 ]
 
@@ -725,6 +732,10 @@ class PostgresStore(Store):
     async def schedule_done(self, name: str, slot: float, subject_id: str | None) -> None:
         async with self._transaction() as conn:
             await conn.execute(SCHEDULE_DONE.format(p="%s"), (name, slot, subject_id))
+
+    async def rebase_schedule(self, name: str, slot: float, cron: str, timezone: str) -> None:
+        async with self._transaction() as conn:
+            await conn.execute(SCHEDULE_REBASE.format(p="%s"), (name, slot, cron, timezone))
 
     async def pause_schedule(self, name: str, paused_by: str | None, passed: float,
                              audit: Entry) -> bool:

@@ -107,7 +107,7 @@ AWAITING_APPROVAL = (
 )
 
 
-SCHEDULE_COLUMNS = "name, last_slot, last_job, paused_by, paused_at"
+SCHEDULE_COLUMNS = "name, last_slot, last_job, paused_by, paused_at, cron, timezone"
 # A schedule's slot dealt with ({p}: the driver's placeholder): an older slot (a node that
 # was late) never replaces a newer one, and a skipped slot (no job) keeps the last job.
 SCHEDULE_DONE = (
@@ -115,6 +115,14 @@ SCHEDULE_DONE = (
     "ON CONFLICT (name) DO UPDATE SET last_slot = excluded.last_slot, "
     "last_job = coalesce(excluded.last_job, schedules.last_job) "
     "WHERE schedules.last_slot IS NULL OR schedules.last_slot <= excluded.last_slot"
+)
+# A schedule's slots read from a cron and zone (a schedule first seen, or whose cron or zone
+# changed), with slots up to the given one dealt with.
+SCHEDULE_REBASE = (
+    "INSERT INTO schedules (name, last_slot, cron, timezone) VALUES ({p}, {p}, {p}, {p}) "
+    "ON CONFLICT (name) DO UPDATE SET cron = excluded.cron, timezone = excluded.timezone, "
+    "last_slot = CASE WHEN schedules.last_slot > excluded.last_slot THEN schedules.last_slot "
+    "ELSE excluded.last_slot END"
 )
 # The later of a stored slot and {p}.
 LATER_SLOT = "CASE WHEN last_slot > {p} THEN last_slot ELSE {p} END"
@@ -157,9 +165,10 @@ def slot_held(slot: Trigger, state: ScheduleState | None) -> str | None:
 
 
 def schedule_from_row(row: Sequence[Any]) -> ScheduleState:
-    name, last_slot, last_job, paused_by, paused_at = row
+    name, last_slot, last_job, paused_by, paused_at, cron, timezone = row
     return ScheduleState(name, None if last_slot is None else float(last_slot), last_job,
-                         paused_by, None if paused_at is None else float(paused_at))
+                         paused_by, None if paused_at is None else float(paused_at),
+                         cron, timezone)
 
 
 def approvals_of(rows: Sequence[Sequence[Any]]) -> list[tuple[str, Approval]]:

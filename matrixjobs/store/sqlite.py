@@ -62,6 +62,7 @@ from matrixjobs.store.rows import (
     SCHEDULE_DONE,
     SCHEDULE_OF_SLOT,
     SCHEDULE_PAUSE,
+    SCHEDULE_REBASE,
     SCHEDULE_RESUME,
     WORKER_COLUMNS,
     approval_table,
@@ -293,6 +294,12 @@ MIGRATIONS: list[str] = [
     """
     DROP INDEX jobs_pending;
     CREATE INDEX jobs_pending ON jobs(concurrency, priority DESC, id) WHERE status = 'pending';
+    """,
+    # what a schedule's last slot was read from: a cron or zone changed since is a
+    # schedule new from its next slot, not one whose "missed" slot runs at start
+    """
+    ALTER TABLE schedules ADD COLUMN cron TEXT;
+    ALTER TABLE schedules ADD COLUMN timezone TEXT;
     """,
 ]
 
@@ -1051,6 +1058,10 @@ class SqliteStore(Store):
     async def schedule_done(self, name: str, slot: float, subject_id: str | None) -> None:
         async with self._transaction():
             await self.db.execute(SCHEDULE_DONE.format(p="?"), (name, slot, subject_id))
+
+    async def rebase_schedule(self, name: str, slot: float, cron: str, timezone: str) -> None:
+        async with self._transaction():
+            await self.db.execute(SCHEDULE_REBASE.format(p="?"), (name, slot, cron, timezone))
 
     async def pause_schedule(self, name: str, paused_by: str | None, passed: float,
                              audit: Entry) -> bool:
