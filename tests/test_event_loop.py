@@ -140,6 +140,7 @@ def test_a_log_reader_that_stops_reading_never_freezes_the_service(tmp_path):
     """stderr is a pipe nobody reads (a hung journald): it fills after 64 KiB of log. Jobs
     that log tracebacks keep running, the API keeps answering, SIGTERM still stops it."""
     import os
+    import shutil
     import signal
     import subprocess
     import tempfile
@@ -190,6 +191,7 @@ def test_a_log_reader_that_stops_reading_never_freezes_the_service(tmp_path):
         if service.poll() is None:
             service.kill()
             service.wait()
+        shutil.rmtree(socket_dir, ignore_errors=True)
     log = service.stderr.read().decode()
     service.stderr.close()
     assert "RuntimeError: the handler crashed" in log  # what fitted in the pipe
