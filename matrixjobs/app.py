@@ -409,7 +409,8 @@ class App:
                           f"{STATUS_WORD[busy[0].status]}; not started")
                 await self._record_refusal(None if audit is None else replace(
                     audit, action=AuditAction.REFUSED, subject=None, detail={
-                        "action": "rerun" if audit.action is AuditAction.RERUN else "run",
+                        "action": str(Action.RERUN if audit.action is AuditAction.RERUN
+                                      else Action.RUN),
                         "rule": "concurrency", "reason": reason}))
                 raise GroupBusyError(reason)
 
